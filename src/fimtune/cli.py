@@ -182,10 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    if not getattr(ns, "func", None):
-        target = {"data": "data"}.get(ns.command or "")
-        parser.parse_args([target, "--help"] if target else ["--help"])
-        return EXIT_USER_ERROR
+    if not getattr(ns, "func", None):  # a group without its subcommand: show its help
+        helper = {"data": lambda: parser.parse_args(["data", "--help"])}.get(ns.command or "")
+        if helper is None:
+            parser.print_help()
+            return EXIT_USER_ERROR
+        helper()
     try:
         return ns.func(ns)
     except FimtuneError as e:

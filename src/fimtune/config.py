@@ -271,7 +271,11 @@ def type_name(tp: Any) -> str:
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     full = f"{where}{key}"
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    close = (
+        difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        or [v for v in valid if key.startswith(v) or v.startswith(key)]
+        or difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
+    )
     hint = f" (did you mean '{where}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
     return ConfigError(f"unknown config key '{full}'{hint}")
 

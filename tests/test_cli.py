@@ -1,0 +1,51 @@
+"""The CLI shell: help without torch, one-line user errors with exit code 2, --debug."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fimtune.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fimtune", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from fimtune.cli import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "usage: fimtune" in out and out.strip().endswith("NO-TORCH")
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_config_lists_fields_with_help(capsys):
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "train.learning_rate" in out and "Peak learning rate" in out
+
+
+def test_config_resolves_overrides(capsys):
+    assert main(["config", "lora.r=32"]) == 0
+    assert "r: 32" in capsys.readouterr().out
+
+
+def test_user_error_is_one_line_and_exit_2():
+    res = run_cli("config", "lora.rank=3")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["error: unknown config key 'lora.rank' (did you mean 'lora.r'?)"]
+
+
+def test_debug_shows_traceback():
+    res = run_cli("config", "lora.rank=3", "--debug")
+    assert res.returncode != 0 and "Traceback" in res.stderr and "ConfigError" in res.stderr
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert "fimtune" in capsys.readouterr().out

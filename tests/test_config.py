@@ -1,0 +1,103 @@
+"""Typed config: YAML + overrides, errors that name the key, help from field docstrings."""
+
+from pathlib import Path
+
+import pytest
+
+from fimtune.config import (
+    CorpusConfig,
+    RunConfig,
+    describe,
+    field_docs,
+    load_config,
+    load_run_config,
+    save_config,
+)
+from fimtune.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_and_overrides():
+    cfg = load_run_config(None, ["train.max_steps=7", "lora.r=16", "fim.spm_rate=0.25", "output_dir=x/y"])
+    assert (cfg.train.max_steps, cfg.lora.r, cfg.fim.spm_rate, cfg.output_dir) == (7, 16, 0.25, "x/y")
+    assert cfg.packing.seq_length == RunConfig().packing.seq_length
+
+
+def test_list_and_optional_overrides():
+    cfg = load_run_config(None, ["lora.target_modules=q_proj,v_proj", "train.max_steps=null"])
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.max_steps is None
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("lora.rank=8", "did you mean 'lora.r'"),
+        ("trian.max_steps=3", "did you mean 'train'"),
+        ("train.max_step=3", "did you mean 'train.max_steps'"),
+        ("train.max_steps=abc", "must be an integer"),
+        ("fim.unit=word", "must be one of token, char"),
+        ("train.gradient_checkpointing=maybe", "must be true or false"),
+        ("lora=3", "is a section"),
+        ("max_steps", "key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("'", "'")):
+        load_run_config(None, [override])
+
+
+def test_yaml_unknown_key_names_file_and_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  learning_rte: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(p)
+    assert str(p) in str(e.value) and "train.learning_rate" in str(e.value)
+
+
+def test_yaml_not_a_mapping_and_missing(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_run_config(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
+    cfg = load_run_config(path)
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_run_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"seed-starcoderbase-1b.yaml", "qlora-starcoderbase-1b.yaml"} <= names
+
+
+def test_seed_preset_is_the_model_card():
+    cfg = load_run_config(Path(__file__).parents[1] / "configs" / "seed-starcoderbase-1b.yaml")
+    assert cfg.model.name_or_path == "bigcode/starcoderbase-1b" and cfg.model.dtype == "fp32"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (4, 8, 0.1)
+    assert set(cfg.lora.target_modules) == {"c_proj", "c_attn", "q_attn", "c_fc"}
+    assert (cfg.fim.fim_rate, cfg.fim.spm_rate, cfg.packing.seq_length) == (0.5, 0.5, 2048)
+    t = cfg.train
+    assert (t.max_steps, t.batch_size, t.learning_rate, t.warmup_steps, t.weight_decay) == (100, 4, 5e-4, 30, 0.01)
+    assert t.lr_scheduler == "cosine"
+    assert (cfg.data.hf, cfg.data.text_column, cfg.data.validation_size) == ("smangrul/hf-stack-v1", "content", 4000)
+
+
+def test_every_field_has_help():
+    for key, _tp, _default, doc in describe(RunConfig):
+        assert doc, f"{key} has no docstring"
+    assert all(field_docs(CorpusConfig).values())
+    assert set(field_docs(CorpusConfig)) == {f for f in CorpusConfig.__dataclass_fields__}
+
+
+def test_load_config_generic_dataclass(tmp_path):
+    p = tmp_path / "corpus.yaml"
+    p.write_text("near_dedup_threshold: 0.9\nsplit_by: repo\n")
+    cfg = load_config(CorpusConfig, p)
+    assert (cfg.near_dedup_threshold, cfg.split_by) == (0.9, "repo")
