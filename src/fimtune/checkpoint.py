@@ -1,0 +1,159 @@
+"""Atomic checkpoints and exact resume.
+
+A run folder after two saves::
+
+    runs/mine/
+      config.yaml           the resolved config
+      tokenizer/            the tokenizer, FIM tokens included
+      metrics.jsonl         one JSON object per log/eval event
+      checkpoints/
+        step-000050/        adapter/ + state/  (written as .tmp-*, fsynced, then renamed)
+        step-000100/
+      adapter -> checkpoints/step-000100/adapter    (relative links, swapped with os.replace)
+      state   -> checkpoints/step-000100/state
+
+A checkpoint folder appears complete or not at all (rename is atomic), and the links move
+to it only afterwards, so a crash at any moment leaves the previous checkpoint readable.
+`state/` holds the optimizer, scheduler, RNG states and the data position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fimtune.errors import FimtuneError
+
+CHECKPOINTS = "checkpoints"
+KEEP_LAST = 2
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` (and the folders) to disk."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(root))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _link(run_dir: Path, name: str, target: Path) -> None:
+    """Point ``run_dir/name`` at ``target`` (relative), replacing the old link atomically."""
+    tmp = run_dir / f".{name}.link-tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(target.relative_to(run_dir))
+    os.replace(tmp, run_dir / name)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    save_adapter: Any,
+    optimizer: Any,
+    scheduler: Any,
+    data_state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `checkpoints/step-N/{adapter,state}` atomically and point `adapter`, `state` at it.
+
+    ``save_adapter(folder)`` writes the PEFT adapter (``model.save_pretrained``).
+    """
+    ckpt_root = run_dir / CHECKPOINTS
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_adapter(tmp / "adapter")
+        (tmp / "state").mkdir(parents=True)
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+            tmp / "state" / "training_state.pt",
+        )
+        meta = {"step": step, "data": data_state, **(extra or {})}
+        (tmp / "state" / "trainer_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        fsync_tree(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _link(run_dir, "adapter", final / "adapter")
+    _link(run_dir, "state", final / "state")
+    _fsync_dir(run_dir)
+    prune(run_dir, keep=KEEP_LAST)
+    return final
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (temporary leftovers are ignored)."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints and any temporary leftovers."""
+    root = run_dir / CHECKPOINTS
+    for p in checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint that `state` points to, else the newest complete one."""
+    link = run_dir / "state"
+    if link.is_symlink() and (link.resolve() / "trainer_state.json").is_file():
+        return link.resolve().parent
+    found = [p for p in checkpoints(run_dir) if (p / "state" / "trainer_state.json").is_file()]
+    return found[-1] if found else None
+
+
+def load_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer_state.json, training_state.pt) of checkpoint folder ``ckpt``."""
+    try:
+        meta = json.loads((ckpt / "state" / "trainer_state.json").read_text(encoding="utf-8"))
+        tensors = torch.load(ckpt / "state" / "training_state.pt", map_location="cpu", weights_only=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise FimtuneError(
+            f"checkpoint '{ckpt}' is unreadable ({e}); delete it to resume from the one before"
+        ) from None
+    return meta, tensors

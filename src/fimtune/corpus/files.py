@@ -1,0 +1,257 @@
+"""Files -> documents: walking folders, reading files, and counting every file left out.
+
+A :class:`Tally` belongs to one source and counts what it saw and why each skipped
+file or folder was skipped (the reasons of :mod:`fimtune.corpus.filters`). Folders
+are walked in sorted order (the "path order" dedup keeps the first of), symlinked
+folders are never followed (no loops), and file sizes are checked with `stat` before
+a file is read, so a 50 MB file is never read whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from fimtune.config import CorpusConfig
+from fimtune.corpus.filters import (
+    decode,
+    dir_reason,
+    quality_reason,
+    secret_name_reason,
+    size_reason,
+    suffix_reason,
+)
+from fimtune.corpus.languages import NOTEBOOK_SUFFIX, language_of
+from fimtune.corpus.notebooks import MalformedNotebook, notebook_to_code
+
+GITIGNORE = ".gitignore"
+GIT_MARKER = ".git"  # a folder (or, in worktrees and submodules, a file)
+VIRTUALENV_MARKER = "pyvenv.cfg"
+SAVED_DATASET_MARKER = "dataset_dict.json"  # what `DatasetDict.save_to_disk` writes
+
+
+@dataclass
+class Document:
+    """One usable file (or table row), before dedup."""
+
+    repo_id: str
+    file_path: str
+    language: str
+    content: str
+
+
+@dataclass
+class Tally:
+    """What one source held: files seen, bytes read, and why files and folders were skipped."""
+
+    files_seen: int = 0
+    bytes_read: int = 0
+    usable: int = 0
+    skipped_files: Counter = field(default_factory=Counter)
+    skipped_dirs: Counter = field(default_factory=Counter)
+    on_file: Callable[[], None] | None = None
+    """Called once per file seen (the progress bar)."""
+
+    def seen(self) -> None:
+        self.files_seen += 1
+        if self.on_file:
+            self.on_file()
+
+    def skip(self, reason: str) -> None:
+        """Count a skipped file; returns None so readers can `return tally.skip(...)`."""
+        self.skipped_files[reason] += 1
+
+    def skip_dir(self, reason: str) -> None:
+        self.skipped_dirs[reason] += 1
+
+
+# --------------------------------------------------------------------------------------
+# Walking a folder
+# --------------------------------------------------------------------------------------
+
+
+def walk_folder(
+    root: str, repo_id: str, tally: Tally, respect_gitignore: bool = True
+) -> Iterator[tuple[str, str, str]]:
+    """(repo_id, path relative to its repo, absolute path) of each candidate file, in sorted order.
+
+    A subfolder holding `.git` is a repository of its own: its files get its name as
+    repo_id and paths relative to it, and the `.gitignore` files above it stop applying.
+    Skipped folders go to ``tally.skipped_dirs`` (never listed); files matched by a
+    `.gitignore`, broken symlinks and symlink loops go to ``tally.skipped_files``.
+    """
+    yield from _walk(root, "", [], tally, respect_gitignore, (repo_id, ""))
+
+
+def _walk(
+    path: str, rel: str, specs: list, tally: Tally, respect_gitignore: bool, repo: tuple[str, str]
+) -> Iterator[tuple[str, str, str]]:
+    try:
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        tally.skip_dir("unreadable")
+        return
+    names = {e.name for e in entries}
+    if rel and GIT_MARKER in names:  # a nested repository
+        repo, specs = (os.path.basename(path), rel), []
+    if respect_gitignore and GITIGNORE in names:
+        specs = [*specs, (rel, _load_gitignore(os.path.join(path, GITIGNORE)))]
+    repo_id, repo_rel = repo
+    for entry in entries:
+        entry_rel = f"{rel}/{entry.name}" if rel else entry.name
+        kind = _entry_kind(entry)
+        if kind == "dir":
+            reason = _dir_reason(entry, entry_rel, specs)
+            if reason:
+                tally.skip_dir(reason)
+            else:
+                yield from _walk(entry.path, entry_rel, specs, tally, respect_gitignore, repo)
+            continue
+        if kind == "symlink_dir":
+            tally.skip_dir("symlink_dir")
+            continue
+        tally.seen()
+        if kind in ("broken_symlink", "symlink_loop"):
+            tally.skip(kind)
+        elif specs and gitignored(specs, entry_rel, is_dir=False):
+            tally.skip("gitignore")
+        else:
+            yield repo_id, entry_rel[len(repo_rel) + 1 :] if repo_rel else entry_rel, entry.path
+
+
+def _dir_reason(entry: os.DirEntry, rel: str, specs: list) -> str | None:
+    reason = dir_reason(
+        entry.name,
+        has_pyvenv_cfg=os.path.isfile(os.path.join(entry.path, VIRTUALENV_MARKER)),
+        is_saved_dataset=os.path.isfile(os.path.join(entry.path, SAVED_DATASET_MARKER)),
+    )
+    if not reason and specs and gitignored(specs, rel, is_dir=True):
+        reason = "gitignore"
+    return reason
+
+
+def _entry_kind(entry: os.DirEntry) -> str:
+    """`dir`, `file` (anything else, even a FIFO: reading decides), `symlink_dir`, `broken_symlink`, `symlink_loop`."""
+    if not entry.is_symlink():
+        return "dir" if entry.is_dir(follow_symlinks=False) else "file"
+    try:
+        st = os.stat(entry.path)
+    except FileNotFoundError:
+        return "broken_symlink"
+    except OSError as e:
+        return "symlink_loop" if e.errno == errno.ELOOP else "file"
+    return "symlink_dir" if stat.S_ISDIR(st.st_mode) else "file"
+
+
+def _load_gitignore(path: str):
+    import pathspec
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return pathspec.GitIgnoreSpec.from_lines(f.read().splitlines())
+    except OSError:
+        return pathspec.GitIgnoreSpec.from_lines([])
+
+
+def gitignored(specs: list, rel: str, is_dir: bool) -> bool:
+    """Whether the `.gitignore` files above ``rel`` exclude it (the deepest deciding one wins).
+
+    ``specs`` holds (folder relative path, compiled spec) from the root down.
+    """
+    ignored = False
+    for base, spec in specs:
+        sub = rel[len(base) + 1 :] if base else rel
+        result = spec.check_file(sub + "/" if is_dir else sub).include
+        if result is not None:
+            ignored = result
+    return ignored
+
+
+# --------------------------------------------------------------------------------------
+# Reading one file
+# --------------------------------------------------------------------------------------
+
+
+def read_file(path: str, rel: str, repo_id: str, cfg: CorpusConfig, tally: Tally) -> Document | None:
+    """The document of the file at ``path`` (shown as ``rel``), or None with the reason counted."""
+    name = rel.rsplit("/", 1)[-1]
+    reason = suffix_reason(name) or (None if cfg.keep_secrets else secret_name_reason(name))
+    language = language_of(rel)
+    if not reason and language is None:
+        reason = "unknown_language"
+    if reason:
+        return tally.skip(reason)
+    data, reason = _read_bytes(path, cfg.max_file_size)
+    if reason:
+        return tally.skip(reason)
+    tally.bytes_read += len(data)
+    text, reason = decode(data)
+    if reason:
+        return tally.skip(reason)
+    if name.lower().endswith(NOTEBOOK_SUFFIX):
+        try:
+            text, language = notebook_to_code(text, keep_markdown=cfg.notebook_markdown)
+        except MalformedNotebook:
+            return tally.skip("malformed_notebook")
+    return accept(Document(repo_id, rel, language, text), cfg, tally)
+
+
+def _read_bytes(path: str, max_file_size: int) -> tuple[bytes, str | None]:
+    """The bytes of a regular file, or a reason: stat first, so big files are never read."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return b"", "broken_symlink" if os.path.islink(path) else "unreadable"
+    except OSError as e:
+        return b"", "symlink_loop" if e.errno == errno.ELOOP else "unreadable"
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a device never ends
+        return b"", "unreadable"
+    reason = size_reason(st.st_size, max_file_size)
+    if reason:
+        return b"", reason
+    try:
+        with open(path, "rb") as f:
+            # Read at most one byte past the limit: the file may have grown since stat.
+            data = f.read(max_file_size + 1) if max_file_size else f.read()
+    except OSError:
+        return b"", "unreadable"
+    return (b"", "too_large") if max_file_size and len(data) > max_file_size else (data, None)
+
+
+def accept(doc: Document, cfg: CorpusConfig, tally: Tally) -> Document | None:
+    """``doc`` when its language is selected and its content passes the quality filters."""
+    if cfg.languages and doc.language not in {lang.lower() for lang in cfg.languages}:
+        return tally.skip("language_not_selected")
+    reason = quality_reason(
+        doc.content,
+        max_line_length=cfg.max_line_length,
+        max_mean_line_length=cfg.max_mean_line_length,
+        min_alnum_fraction=cfg.min_alnum_fraction,
+        skip_autogenerated=cfg.skip_autogenerated,
+        keep_secrets=cfg.keep_secrets,
+    )
+    if reason:
+        return tally.skip(reason)
+    tally.usable += 1
+    doc.file_path, doc.repo_id, doc.language = printable(doc.file_path), printable(doc.repo_id), printable(doc.language)
+    return doc
+
+
+def printable(name: str) -> str:
+    """``name`` as valid UTF-8: bytes that were not (kept by `os` as surrogates) become U+FFFD.
+
+    >>> printable("caf\\udce9.py")
+    'caf\\ufffd.py'
+    """
+    if name.isascii():
+        return name
+    try:
+        data = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape, not from `os`
+        data = name.encode("utf-8", "surrogatepass")
+    return data.decode("utf-8", "replace")

@@ -1,0 +1,177 @@
+"""File name -> language, and how each language writes a line comment.
+
+A file whose language is unknown is not code we want to learn from (LICENSE, data
+files, lock files): the scanner counts it as `unknown_language` and skips it.
+
+    >>> language_of("src/app/main.py"), language_of("web/App.TSX"), language_of("Dockerfile")
+    ('python', 'typescript', 'dockerfile')
+    >>> language_of("notes/LICENSE") is None
+    True
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+NOTEBOOK_SUFFIX = ".ipynb"
+UNKNOWN = "unknown"
+
+EXTENSION_LANGUAGES: dict[str, str] = {
+    # Python and notebooks
+    ".py": "python",
+    ".pyi": "python",
+    ".pyx": "cython",
+    ".pxd": "cython",
+    NOTEBOOK_SUFFIX: "python",  # the kernel's language wins when the notebook names one
+    # C family and systems
+    ".c": "c",
+    ".h": "c",
+    ".cc": "cpp",
+    ".cpp": "cpp",
+    ".cxx": "cpp",
+    ".hpp": "cpp",
+    ".hh": "cpp",
+    ".hxx": "cpp",
+    ".cu": "cuda",
+    ".cuh": "cuda",
+    ".m": "objective-c",
+    ".mm": "objective-cpp",
+    ".rs": "rust",
+    ".go": "go",
+    ".zig": "zig",
+    ".swift": "swift",
+    # JVM and .NET
+    ".java": "java",
+    ".kt": "kotlin",
+    ".kts": "kotlin",
+    ".scala": "scala",
+    ".groovy": "groovy",
+    ".gradle": "groovy",
+    ".clj": "clojure",
+    ".cs": "csharp",
+    ".fs": "fsharp",
+    # Web
+    ".js": "javascript",
+    ".mjs": "javascript",
+    ".cjs": "javascript",
+    ".jsx": "javascript",
+    ".ts": "typescript",
+    ".mts": "typescript",
+    ".tsx": "typescript",
+    ".vue": "vue",
+    ".svelte": "svelte",
+    ".html": "html",
+    ".htm": "html",
+    ".css": "css",
+    ".scss": "scss",
+    ".sass": "sass",
+    ".less": "less",
+    ".php": "php",
+    # Scripting
+    ".rb": "ruby",
+    ".pl": "perl",
+    ".pm": "perl",
+    ".lua": "lua",
+    ".r": "r",
+    ".jl": "julia",
+    ".sh": "shell",
+    ".bash": "shell",
+    ".zsh": "shell",
+    ".fish": "shell",
+    ".ps1": "powershell",
+    ".bat": "batchfile",
+    ".ex": "elixir",
+    ".exs": "elixir",
+    ".erl": "erlang",
+    ".hs": "haskell",
+    ".ml": "ocaml",
+    ".mli": "ocaml",
+    ".dart": "dart",
+    ".nim": "nim",
+    # Data, config and build
+    ".sql": "sql",
+    ".proto": "protobuf",
+    ".graphql": "graphql",
+    ".json": "json",
+    ".jsonc": "json",
+    ".yaml": "yaml",
+    ".yml": "yaml",
+    ".toml": "toml",
+    ".ini": "ini",
+    ".cfg": "ini",
+    ".xml": "xml",
+    ".cmake": "cmake",
+    ".mk": "makefile",
+    ".tf": "hcl",
+    ".hcl": "hcl",
+    ".bzl": "starlark",
+    ".dockerfile": "dockerfile",
+    # Prose that lives beside code
+    ".md": "markdown",
+    ".mdx": "markdown",
+    ".rst": "restructuredtext",
+    ".tex": "tex",
+    ".txt": "text",
+}
+
+FILENAME_LANGUAGES: dict[str, str] = {
+    "Makefile": "makefile",
+    "GNUmakefile": "makefile",
+    "Dockerfile": "dockerfile",
+    "CMakeLists.txt": "cmake",
+    "Jenkinsfile": "groovy",
+    "Gemfile": "ruby",
+    "Rakefile": "ruby",
+    "Vagrantfile": "ruby",
+    "BUILD": "starlark",
+    "BUILD.bazel": "starlark",
+    "WORKSPACE": "starlark",
+}
+
+LINE_COMMENTS: dict[str, str] = {
+    "python": "#",
+    "r": "#",
+    "julia": "#",
+    "ruby": "#",
+    "perl": "#",
+    "shell": "#",
+    "scala": "//",
+    "javascript": "//",
+    "typescript": "//",
+    "csharp": "//",
+    "fsharp": "//",
+    "cpp": "//",
+    "c": "//",
+    "rust": "//",
+    "go": "//",
+    "java": "//",
+    "kotlin": "//",
+    "sql": "--",
+    "haskell": "--",
+    "lua": "--",
+}
+DEFAULT_LINE_COMMENT = "#"
+
+
+def language_of(path: str) -> str | None:
+    """The language of a file from its name (case-insensitive suffix), or None when unknown.
+
+    >>> language_of("a/b/CMakeLists.txt"), language_of("kernels/x.cu"), language_of("data.csv")
+    ('cmake', 'cuda', None)
+    """
+    name = posixpath.basename(path)
+    if name in FILENAME_LANGUAGES:
+        return FILENAME_LANGUAGES[name]
+    dot = name.rfind(".")
+    if dot <= 0:  # no suffix, or a dot-file such as `.bashrc`
+        return None
+    return EXTENSION_LANGUAGES.get(name[dot:].lower())
+
+
+def line_comment(language: str) -> str:
+    """The line-comment marker of ``language`` (`#` when not known).
+
+    >>> line_comment("scala"), line_comment("python"), line_comment("brainfuck")
+    ('//', '#', '#')
+    """
+    return LINE_COMMENTS.get(language, DEFAULT_LINE_COMMENT)

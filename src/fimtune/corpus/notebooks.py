@@ -1,0 +1,108 @@
+r"""Jupyter notebooks -> the code a copilot should learn from.
+
+The recipe's rule (hf-stack-v1): keep code cells only, and drop cells that start with
+`!` (shell commands) or contain `%%capture`. Unlike the recipe, which ran cells into
+each other, cells are joined by a blank line. Markdown cells may be kept as comments.
+
+    >>> nb = r'''{"metadata": {"kernelspec": {"language": "python"}}, "cells": [
+    ...   {"cell_type": "markdown", "source": ["# Title\n", "Some prose"]},
+    ...   {"cell_type": "code", "source": "!pip install peft"},
+    ...   {"cell_type": "code", "source": ["import peft\n", "print(peft)"]}]}'''
+    >>> notebook_to_code(nb)
+    ('import peft\nprint(peft)\n', 'python')
+    >>> print(notebook_to_code(nb, keep_markdown=True)[0], end="")
+    # # Title
+    # Some prose
+    <BLANKLINE>
+    import peft
+    print(peft)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fimtune.corpus.languages import line_comment
+
+SHELL_PREFIX = "!"
+CAPTURE_MAGIC = "%%capture"
+DEFAULT_LANGUAGE = "python"
+CELL_SEPARATOR = "\n\n"
+
+
+class MalformedNotebook(ValueError):
+    """The text is not a notebook we can read (bad JSON, no cell list, odd cells)."""
+
+
+def notebook_to_code(raw: str, keep_markdown: bool = False) -> tuple[str, str]:
+    """(code, language) of a notebook's JSON text; raises :class:`MalformedNotebook`.
+
+    Code is "" when no cell is left, so the caller counts the notebook as empty.
+    """
+    nb = _parse(raw)
+    language = notebook_language(nb)
+    parts = []
+    for cell in nb["cells"]:
+        kind, source = _cell(cell)
+        if kind == "code" and keep_code_cell(source):
+            parts.append(source.strip("\n"))
+        elif kind == "markdown" and keep_markdown and source.strip():
+            parts.append(as_comment(source.strip("\n"), line_comment(language)))
+    code = CELL_SEPARATOR.join(p for p in parts if p.strip())
+    return (code + "\n" if code else ""), language
+
+
+def keep_code_cell(source: str) -> bool:
+    """The recipe's rule: no shell cells (`!...`), no `%%capture` cells, no blank cells.
+
+    >>> keep_code_cell("!ls"), keep_code_cell("%%capture\\n!pip install x"), keep_code_cell("x = 1")
+    (False, False, True)
+    """
+    stripped = source.lstrip()
+    return bool(stripped) and not stripped.startswith(SHELL_PREFIX) and CAPTURE_MAGIC not in source
+
+
+def as_comment(text: str, marker: str = "#") -> str:
+    """Each line of ``text`` behind a line-comment ``marker`` (blank lines get the bare marker).
+
+    >>> as_comment("Title\\n\\nprose", "//")
+    '// Title\\n//\\n// prose'
+    """
+    return "\n".join(f"{marker} {line}".rstrip() for line in text.split("\n"))
+
+
+def notebook_language(nb: dict[str, Any]) -> str:
+    """The kernel's language (kernelspec, then language_info), lower-cased; `python` by default.
+
+    >>> notebook_language({"metadata": {"language_info": {"name": "R"}}}), notebook_language({})
+    ('r', 'python')
+    """
+    meta = nb.get("metadata") if isinstance(nb.get("metadata"), dict) else {}
+    for section, key in (("kernelspec", "language"), ("language_info", "name")):
+        value = (meta.get(section) or {}).get(key) if isinstance(meta.get(section), dict) else None
+        if isinstance(value, str) and value.strip():
+            return value.strip().lower()
+    return DEFAULT_LANGUAGE
+
+
+def _parse(raw: str) -> dict[str, Any]:
+    try:
+        nb = json.loads(raw)
+    except ValueError as e:
+        raise MalformedNotebook(f"not JSON: {e}") from None
+    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
+        raise MalformedNotebook("no list of cells (nbformat 4 is expected)")
+    return nb
+
+
+def _cell(cell: Any) -> tuple[str, str]:
+    """(cell_type, source as one string) of a cell; its source may be a list of lines."""
+    if not isinstance(cell, dict):
+        raise MalformedNotebook("a cell is not an object")
+    source = cell.get("source", "")
+    if isinstance(source, list) and all(isinstance(s, str) for s in source):
+        source = "".join(source)
+    if not isinstance(source, str):
+        raise MalformedNotebook("a cell's source is neither text nor a list of lines")
+    return str(cell.get("cell_type", "")), source

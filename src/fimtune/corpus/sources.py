@@ -1,0 +1,349 @@
+"""What the user named -> sources of documents: folders, git repos, packages, Hub datasets, tables.
+
+Every input is checked before any file is read (a missing path, an uninstalled
+package or an unreachable Hub fails in seconds), then :func:`iter_documents` reads
+one source at a time. Git URLs are cloned with `git clone --depth 1` into a temporary
+folder that lives as long as the caller's :class:`~contextlib.ExitStack`.
+
+    >>> is_git_url("https://github.com/huggingface/peft"), is_git_url("git@github.com:a/b.git")
+    (True, True)
+    >>> repo_name("https://github.com/huggingface/peft.git"), repo_name("git@host:team/tool")
+    ('peft', 'tool')
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from fimtune.config import CorpusConfig
+from fimtune.corpus.files import Document, Tally, accept, read_file, walk_folder
+from fimtune.corpus.filters import path_dirs_reason, secret_name_reason, size_reason, suffix_reason
+from fimtune.corpus.languages import NOTEBOOK_SUFFIX, UNKNOWN, language_of
+from fimtune.corpus.notebooks import MalformedNotebook, notebook_to_code
+from fimtune.errors import DataError
+
+GIT_URL_PREFIXES = ("http://", "https://", "git://", "ssh://", "file://", "git@")
+TABLE_SUFFIXES = (".parquet", ".jsonl", ".json")
+CLONE_TIMEOUT_S = 900
+TABLE_BATCH_ROWS = 1024
+PATH_COLUMNS = ("file_path", "path", "max_stars_repo_path")
+REPO_COLUMNS = ("repo_id", "repo_name", "max_stars_repo_name")
+LANGUAGE_COLUMNS = ("language", "lang")
+PACKAGE_METADATA_DIRS = (".dist-info/", ".egg-info/")
+
+
+@dataclass
+class Source:
+    """One input: `folder`, `git` (a local repo or a clone), `package`, `hub` or `table`."""
+
+    kind: str
+    label: str
+    """What the user wrote: a path, URL, package name or dataset id."""
+    repo_id: str
+    root: str = ""
+    """Folder to walk (folder, git, editable package) or file to read (table)."""
+    tally: Tally = field(default_factory=Tally)
+
+    def summary(self) -> dict[str, Any]:
+        t = self.tally
+        return {
+            "kind": self.kind,
+            "source": self.label,
+            "repo_id": self.repo_id,
+            "files_seen": t.files_seen,
+            "usable": t.usable,
+            "bytes_read": t.bytes_read,
+            "skipped_files": dict(sorted(t.skipped_files.items())),
+            "skipped_dirs": dict(sorted(t.skipped_dirs.items())),
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Resolving inputs
+# --------------------------------------------------------------------------------------
+
+
+def resolve_sources(paths: list[str], packages: list[str], hf: list[str], stack: ExitStack) -> list[Source]:
+    """Check every input and turn it into a :class:`Source`, in the order given; clones live as long as ``stack``.
+
+    The cheap checks run first, so a typo fails before a long clone.
+    """
+    local = {i: resolve_path(p, stack) for i, p in enumerate(paths) if not is_git_url(p)}
+    tail = [resolve_package(name) for name in packages] + [resolve_hub(dataset_id) for dataset_id in hf]
+    cloned = {i: resolve_path(p, stack) for i, p in enumerate(paths) if is_git_url(p)}
+    return [local[i] if i in local else cloned[i] for i in range(len(paths))] + tail
+
+
+def is_git_url(text: str) -> bool:
+    """Whether ``text`` names a repository to clone: a URL, `git@host:...`, or a `.git` name that is no local path."""
+    return text.startswith(GIT_URL_PREFIXES) or (text.endswith(".git") and not os.path.lexists(text))
+
+
+def repo_name(url_or_path: str) -> str:
+    """The repository's name: the last path component, without `.git`."""
+    tail = url_or_path.rstrip("/").replace(":", "/").rsplit("/", 1)[-1]
+    return tail[: -len(".git")] if tail.endswith(".git") and len(tail) > len(".git") else tail
+
+
+def resolve_path(text: str, stack: ExitStack) -> Source:
+    """A folder, a git repo (local, bare, or URL) or a parquet/jsonl/json file."""
+    if is_git_url(text):
+        return Source("git", text, repo_name(text), clone(text, stack))
+    path = Path(text).expanduser()
+    try:
+        path.stat()
+    except FileNotFoundError:
+        hint = "is a broken symlink" if path.is_symlink() else "does not exist"
+        raise DataError(f"source '{text}' {hint}") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"source '{text}' is a symlink loop") from None
+        raise DataError(f"cannot read source '{text}': {e.strerror}") from None
+    name = path.resolve().name
+    if os.path.isdir(path):
+        if (path / "HEAD").is_file() and (path / "objects").is_dir():  # a bare repository: check it out
+            return Source("git", text, repo_name(name), clone(path.resolve().as_uri(), stack))
+        kind = "git" if (path / ".git").exists() else "folder"
+        return Source(kind, text, name, str(path))
+    if path.suffix.lower() in TABLE_SUFFIXES and os.path.isfile(path):
+        return Source("table", text, path.stem, str(path))
+    raise DataError(
+        f"source '{text}' is neither a folder, a git repo nor a .parquet/.jsonl/.json file; pass the folder that holds it"
+    )
+
+
+def clone(url: str, stack: ExitStack) -> str:
+    """`git clone --depth 1` into a temporary folder removed when ``stack`` closes."""
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="fimtune-clone-"))
+    dest = os.path.join(tmp, repo_name(url) or "repo")
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}  # fail instead of asking for a password
+    cmd = ["git", "clone", "--depth", "1", "--quiet", url, dest]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=CLONE_TIMEOUT_S)
+    except FileNotFoundError:
+        raise DataError(f"cannot clone '{url}': git is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise DataError(
+            f"cloning '{url}' took more than {CLONE_TIMEOUT_S} s; clone it yourself and pass the folder"
+        ) from None
+    if res.returncode != 0:
+        lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+        detail = lines[-1] if lines else f"exit code {res.returncode}"
+        raise DataError(f"cannot clone '{url}': {detail}")
+    return dest
+
+
+def resolve_package(name: str) -> Source:
+    """An installed distribution: its file list, or its project folder when installed editable."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError(
+            f"package '{name}' is not installed here (pip install {name}), so --package cannot read it"
+        ) from None
+    folder = editable_folder(dist)
+    if folder:
+        return Source("package", name, name, folder)
+    if not dist.files:
+        raise DataError(f"package '{name}' has no file list (no RECORD in its metadata); pass its folder instead")
+    return Source("package", name, name)
+
+
+def editable_folder(dist: Any) -> str | None:
+    """The project folder of an editable install (PEP 610 `direct_url.json`), else None."""
+    try:
+        info = json.loads(dist.read_text("direct_url.json") or "{}")
+    except (OSError, ValueError):
+        return None
+    url = info.get("url", "") if isinstance(info, dict) else ""
+    if not (info.get("dir_info") or {}).get("editable") or not url.startswith("file://"):
+        return None
+    folder = unquote(urlparse(url).path)
+    return folder if os.path.isdir(folder) else None
+
+
+def resolve_hub(dataset_id: str) -> Source:
+    """A Hub dataset: fail in seconds when the Hub does not answer (unless HF_HUB_OFFLINE asks for the cache)."""
+    from fimtune.hub import hub_reachable
+
+    if not _hub_offline() and not hub_reachable():
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        raise DataError(
+            f"--hf {dataset_id}: the Hugging Face Hub ({endpoint}) is not reachable. Download the dataset where "
+            "you have network and pass its parquet/jsonl files, or set HF_HUB_OFFLINE=1 to use a cached copy"
+        )
+    return Source("hub", dataset_id, dataset_id)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+# --------------------------------------------------------------------------------------
+# Reading sources
+# --------------------------------------------------------------------------------------
+
+
+def iter_documents(source: Source, cfg: CorpusConfig) -> Iterator[Document]:
+    """The usable documents of ``source`` in path order; ``source.tally`` counts the rest."""
+    if source.kind in ("folder", "git") or (source.kind == "package" and source.root):
+        for repo_id, rel, path in walk_folder(source.root, source.repo_id, source.tally, cfg.respect_gitignore):
+            doc = read_file(path, rel, repo_id, cfg, source.tally)
+            if doc:
+                yield doc
+    elif source.kind == "package":
+        yield from _package_documents(source, cfg)
+    elif source.kind == "hub":
+        yield from table_documents(_hub_rows(source.label, cfg.text_column), source, cfg)
+    else:
+        yield from table_documents(_file_rows(source.root, cfg.text_column), source, cfg)
+
+
+def _package_documents(source: Source, cfg: CorpusConfig) -> Iterator[Document]:
+    import importlib.metadata
+
+    dist = importlib.metadata.distribution(source.label)
+    tally = source.tally
+    for f in sorted(dist.files or [], key=lambda p: p.as_posix()):
+        rel = f.as_posix()
+        tally.seen()
+        if rel.startswith(("../", "/")) or any(d in rel for d in PACKAGE_METADATA_DIRS):
+            tally.skip("package_metadata")
+            continue
+        reason = path_dirs_reason(rel)
+        if reason:
+            tally.skip(reason)
+            continue
+        doc = read_file(str(dist.locate_file(f)), rel, source.repo_id, cfg, tally)
+        if doc:
+            yield doc
+
+
+def table_documents(rows: Iterable[Any], source: Source, cfg: CorpusConfig) -> Iterator[Document]:
+    """Documents from table rows: text in ``cfg.text_column``; path, repo and language columns when present."""
+    tally = source.tally
+    for i, row in enumerate(rows):
+        tally.seen()
+        doc = _row_document(i, row, source, cfg)
+        if doc:
+            yield doc
+
+
+def _row_document(i: int, row: Any, source: Source, cfg: CorpusConfig) -> Document | None:
+    tally = source.tally
+    text = row.get(cfg.text_column) if isinstance(row, dict) else None
+    if not isinstance(text, str):
+        return tally.skip("malformed_row")
+    path = _first_str(row, PATH_COLUMNS) or f"row-{i:07d}"
+    name = path.rsplit("/", 1)[-1]
+    reason = suffix_reason(name) or (None if cfg.keep_secrets else secret_name_reason(name))
+    if reason:
+        return tally.skip(reason)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # lone surrogates, from JSON escapes
+        return tally.skip("undecodable")
+    tally.bytes_read += size
+    reason = size_reason(size, cfg.max_file_size) or ("binary" if "\0" in text else None)
+    if reason:
+        return tally.skip(reason)
+    language = (_first_str(row, LANGUAGE_COLUMNS) or language_of(path) or UNKNOWN).lower()
+    if path.lower().endswith(NOTEBOOK_SUFFIX) and text.lstrip().startswith("{"):
+        try:
+            text, language = notebook_to_code(text, keep_markdown=cfg.notebook_markdown)
+        except MalformedNotebook:
+            return tally.skip("malformed_notebook")
+    repo_id = _first_str(row, REPO_COLUMNS) or source.repo_id
+    return accept(Document(repo_id, path, language, text), cfg, tally)
+
+
+def _first_str(row: dict[str, Any], columns: tuple[str, ...]) -> str | None:
+    for col in columns:
+        value = row.get(col)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _hub_rows(dataset_id: str, text_column: str) -> Iterator[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, split="train")
+    except Exception as e:  # datasets raises many types (unknown id, gated, missing cache, no train split)
+        hint = "; HF_HUB_OFFLINE is set, so only a cached copy can load" if _hub_offline() else ""
+        raise DataError(f"--hf {dataset_id}: could not load its train split ({type(e).__name__}: {e}){hint}") from None
+    _check_column(text_column, ds.column_names, f"--hf {dataset_id}")
+    for batch in ds.iter(batch_size=TABLE_BATCH_ROWS):
+        yield from _batch_rows(batch)
+
+
+def _file_rows(path: str, text_column: str) -> Iterator[Any]:
+    if path.lower().endswith(".parquet"):
+        yield from _parquet_rows(path, text_column)
+    else:
+        yield from _json_rows(path, text_column)
+
+
+def _parquet_rows(path: str, text_column: str) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise DataError(f"cannot read parquet file '{path}': {e}") from None
+    names = pf.schema_arrow.names
+    _check_column(text_column, names, f"'{path}'")
+    wanted = [c for c in (text_column, *PATH_COLUMNS, *REPO_COLUMNS, *LANGUAGE_COLUMNS) if c in names]
+    for batch in pf.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=list(dict.fromkeys(wanted))):
+        yield from batch.to_pylist()
+
+
+def _json_rows(path: str, text_column: str) -> Iterator[Any]:
+    """Rows of a JSON Lines file, or of a .json file holding one array of objects."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(1024).lstrip()
+        f.seek(0)
+        if head.startswith("["):
+            try:
+                rows = json.load(f)
+            except ValueError as e:
+                raise DataError(f"'{path}' is not valid JSON: {e}") from None
+            lines: Iterable[Any] = rows if isinstance(rows, list) else [rows]
+        else:
+            lines = (_json_line(line) for line in f if line.strip())
+        checked = False
+        for row in lines:
+            if not checked and isinstance(row, dict):
+                _check_column(text_column, list(row), f"'{path}'")
+                checked = True
+            yield row  # a malformed line is None: counted as `malformed_row`
+
+
+def _json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def _batch_rows(batch: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
+    keys = list(batch)
+    yield from (dict(zip(keys, values, strict=True)) for values in zip(*(batch[k] for k in keys), strict=True))
+
+
+def _check_column(text_column: str, columns: list[str], where: str) -> None:
+    if text_column not in columns:
+        raise DataError(f"{where} has no column '{text_column}' (columns: {', '.join(columns)}); set --text-column")

@@ -1,0 +1,302 @@
+"""Load a base model, add FIM tokens, attach LoRA: the only place that knows model families.
+
+base (Hub id | folder | .gguf | embedded) -> dtype / attention / 4-bit or 8-bit
+  -> FIM tokens: reuse the tokenizer's, else add them, resize, train only the new rows
+  -> PEFT LoRA on the family's target modules (warn about names that match nothing)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fimtune.config import LoraConfig, ModelConfig
+from fimtune.errors import FimtuneError
+from fimtune.hub import ModelSource, hub_error, load_tokenizer, offline_path, resolve_model
+
+log = logging.getLogger(__name__)
+
+# LoRA targets by `config.model_type` (the recipe's for GPTBigCode); anything else: all-linear.
+DEFAULT_TARGETS: dict[str, list[str]] = {"gpt_bigcode": ["c_proj", "c_attn", "q_attn", "c_fc"]}
+
+# Config values of models a person may want to plan for offline (`fimtune train --dry-run`).
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "bigcode/starcoderbase-1b": {
+        "model_type": "gpt_bigcode",
+        "n_embd": 2048,
+        "n_layer": 24,
+        "n_head": 16,
+        "n_inner": 8192,
+        "n_positions": 8192,
+        "vocab_size": 49152,
+        "multi_query": True,
+        "activation_function": "gelu_pytorch_tanh",
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    },
+}
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CACHE_ENV = "FIMTUNE_CACHE"
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPUs."""
+    if choice != "auto":
+        return DTYPES[choice]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def default_attn_implementation(device: torch.device) -> str:
+    """FlashAttention-2 when installed on a CUDA device, else PyTorch SDPA."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "fimtune"))
+
+
+def materialize_gguf(src: ModelSource) -> Path:
+    """Dequantize a GGUF model once into a plain transformers folder (safetensors), cached.
+
+    transformers dequantizes GGUF weights at every load (about 15 s for SmolLM2-135M on a
+    CPU); the cached folder loads in about a second and is what later loads use.
+    """
+    gguf = Path(src.name_or_path) / str(src.gguf_file)
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM
+
+    log.info("dequantizing %s once into %s", gguf, out)
+    model = AutoModelForCausalLM.from_pretrained(src.name_or_path, gguf_file=src.gguf_file, dtype=torch.float32)
+    # The weights are plain tensors once dequantized: drop the GGUF marker so they save normally.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    load_tokenizer(_label(src)).save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _label(src: ModelSource) -> str:
+    return str(Path(src.name_or_path) / src.gguf_file) if src.gguf_file else src.name_or_path
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """The base causal LM on ``device``: dtype, attention and quantization from ``cfg``."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
+    src = resolve_model(cfg.name_or_path)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": cfg.attn_implementation or default_attn_implementation(device),
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if cfg.quantization != "none":
+        kwargs["quantization_config"] = quantization_config(cfg.quantization, device)
+        kwargs["device_map"] = {"": device.index or 0}
+    path = str(materialize_gguf(src)) if src.gguf_file else src.name_or_path
+    local = Path(path).exists()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path if local else offline_path(path), **kwargs)
+    except OSError as e:
+        if local:
+            raise FimtuneError(f"could not load model from '{path}': {e}") from None
+        raise hub_error(cfg.name_or_path, e) from None
+    return model if cfg.quantization != "none" else model.to(device)
+
+
+def quantization_config(kind: str, device: torch.device) -> Any:
+    """bitsandbytes config for QLoRA: 4-bit NF4 with double quantization, or 8-bit."""
+    if device.type != "cuda":
+        raise FimtuneError(
+            f"model.quantization={kind} needs a CUDA GPU (bitsandbytes); on this {device.type} use quantization=none"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FimtuneError("model.quantization needs bitsandbytes: pip install 'fimtune[gpu]'")
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# FIM tokens and LoRA
+# --------------------------------------------------------------------------------------
+
+
+def add_token_rows(model: Any, tokenizer: Any, added: list[str]) -> list[int]:
+    """Resize the embeddings for tokens added to ``tokenizer``; return the new rows' ids."""
+    if not added:
+        return []
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        # Mean-resizing starts the new rows at the mean of the old ones (transformers' default).
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return [tokenizer.convert_tokens_to_ids(t) for t in added]
+
+
+def module_names(model: Any) -> list[str]:
+    """Distinct last components of the names of modules that hold a weight."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if getattr(m, "weight", None) is not None}
+    return sorted(names)
+
+
+def resolve_target_modules(model: Any, targets: list[str] | None) -> list[str] | str:
+    """The LoRA targets for ``model``: the family's default or the user's, checked.
+
+    Names that match no module are named in a warning beside the names that exist
+    (the recipe's `q_attn` matches nothing in StarCoderBase-1B); if none match, an error.
+    """
+    if targets is None:
+        targets = DEFAULT_TARGETS.get(getattr(model.config, "model_type", ""))
+        if targets is None:
+            return "all-linear"
+    if targets in (["all-linear"], "all-linear"):
+        return "all-linear"
+    existing = module_names(model)
+    missing = [t for t in targets if t not in existing]
+    matched = [t for t in dict.fromkeys(targets) if t in existing]
+    if not matched:
+        raise FimtuneError(
+            f"lora.target_modules={','.join(targets)} matches no module of this model; "
+            f"its modules are: {', '.join(existing)}"
+        )
+    if missing:
+        warnings.warn(
+            f"lora.target_modules: {', '.join(missing)} {'matches' if len(missing) == 1 else 'match'} no module "
+            "and is ignored "
+            f"(modules here: {', '.join(existing)})",
+            stacklevel=2,
+        )
+    return matched
+
+
+def tied_embeddings(model: Any) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def attach_lora(model: Any, cfg: LoraConfig, new_token_ids: list[int]) -> Any:
+    """Wrap ``model`` with PEFT LoRA; added tokens' rows train too (only those rows when tied)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    extra: dict[str, Any] = {}
+    if new_token_ids:
+        if tied_embeddings(model):
+            extra["trainable_token_indices"] = new_token_ids
+        else:  # PEFT ties only tied heads to the trainable-token rows: train both matrices
+            extra["modules_to_save"] = [
+                _child_name(model, model.get_input_embeddings()),
+                _child_name(model, model.get_output_embeddings()),
+            ]
+    peft_cfg = PeftLoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=resolve_target_modules(model, cfg.target_modules),
+        bias=cfg.bias,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        **extra,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def _child_name(model: Any, module: Any) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name.rsplit(".", 1)[-1]
+    raise FimtuneError("could not find the embedding module by name")
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+# --------------------------------------------------------------------------------------
+# Planning without weights (`fimtune train --dry-run`)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What a run will train, computed on the meta device (no weights, no network)."""
+
+    model_type: str
+    trainable: int
+    total: int
+    vocab_size: int
+    added_tokens: list[str]
+
+
+def model_config(name_or_path: str) -> Any:
+    """A model's config without its weights: shipped values, a local folder, or the Hub cache."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if name_or_path in KNOWN_CONFIGS:
+        values = dict(KNOWN_CONFIGS[name_or_path])
+        return CONFIG_MAPPING[values.pop("model_type")](**values)
+    src = resolve_model(name_or_path)
+    if src.gguf_file:  # GGUF metadata only: no weights are read
+        return AutoConfig.from_pretrained(src.name_or_path, gguf_file=src.gguf_file)
+    try:
+        return AutoConfig.from_pretrained(src.name_or_path if src.is_local else offline_path(src.name_or_path))
+    except OSError as e:
+        raise hub_error(name_or_path, e) from None
+
+
+def plan(model_cfg: ModelConfig, lora_cfg: LoraConfig, fim_tokens_to_add: list[str] | None = None) -> Plan:
+    """Build the model on the meta device, attach LoRA, count what trains."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(model_cfg.name_or_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    added = list(fim_tokens_to_add or [])
+    vocab = config.vocab_size
+    ids = list(range(vocab, vocab + len(added)))
+    if added:
+        model.resize_token_embeddings(vocab + len(added), mean_resizing=False)
+    peft_model = attach_lora(model, lora_cfg, ids)
+    trainable, total = count_parameters(peft_model)
+    return Plan(getattr(config, "model_type", "?"), trainable, total, vocab, added)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,251 @@
+"""Tokenize a split once per (dataset content, tokenizer) pair; cache the token arrays on disk.
+
+    split (datasets.Dataset, text column) --fast tokenizer, batched--> $FIMTUNE_CACHE/tokens/<data>-<tok>/
+        tokens.bin    int32 [n_tokens]     every document's ids, concatenated (no separators)
+        offsets.npy   int64 [n_docs + 1]   document d is tokens[offsets[d]:offsets[d + 1]]
+        meta.json     counts, characters, chars per token, both fingerprints
+
+Training, evaluation and `fimtune data inspect` share the cache; the arrays are
+memory-mapped on load. The folder is written to a temporary name and renamed, so a
+reader never sees half a cache.
+
+Documents are tokenized as plain text: no BOS/EOS added (the packer adds the separator),
+and a literal ``<|endoftext|>`` or ``<fim_prefix>`` inside a source file stays text rather
+than becoming a control token (the recipe's tokenizer call would turn it into one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fimtune.errors import FimtuneError
+
+CACHE_ENV = "FIMTUNE_CACHE"
+CACHE_FORMAT = "fimtune-tokens-v1"  # bump when the files or the encoding options change
+HASH_ROWS = 65536  # rows gathered at a time when hashing a shuffled or selected split
+BATCH_DOCS = 512  # documents per encode_batch call (the Rust side spreads them over cores)
+TOKEN_DTYPE = np.int32
+OFFSET_DTYPE = np.int64
+
+
+def cache_root() -> Path:
+    """``$FIMTUNE_CACHE/tokens``, by default ``~/.cache/fimtune/tokens``."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "fimtune")).expanduser() / "tokens"
+
+
+# --------------------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------------------
+
+
+def dataset_fingerprint(ds: Any, column: str) -> str:
+    """A hash of the text column's content, in the order the dataset shows its rows (exact, fast).
+
+    Hashes Arrow buffers, not Python strings; a selection or shuffle is followed through
+    the dataset's indices. A rebuilt corpus with the same files hits the cache, a changed
+    file misses it.
+    """
+    lengths, data = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
+    strings = ds.data.table.column(column)
+    if ds._indices is None:
+        chunks = strings.chunks
+    else:  # datasets' row mapping after select/shuffle: hash the rows it shows, in its order
+        rows = ds._indices.table.column(0)
+        chunks = (strings.take(rows.slice(i, HASH_ROWS)) for i in range(0, len(rows), HASH_ROWS))
+    for chunk in chunks:
+        for piece in getattr(chunk, "chunks", [chunk]):
+            _hash_strings(lengths, data, piece)
+    key = f"{CACHE_FORMAT}\0{column}\0{ds.num_rows}\0{lengths.hexdigest()}\0{data.hexdigest()}"
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+def _hash_strings(lengths: Any, data: Any, chunk: Any) -> None:
+    """Feed the visible rows of an Arrow string array to two hashes: their lengths, their bytes.
+
+    Two streams, so that how Arrow cuts the rows into chunks does not change the result.
+    """
+    import pyarrow as pa
+
+    if pa.types.is_null(chunk.type):  # a column with no strings at all (e.g. an empty split)
+        return
+    if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
+        raise FimtuneError(f"the text column holds {chunk.type}, not strings")
+    dtype = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+    _, offsets_buf, data_buf = chunk.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=dtype)[chunk.offset : chunk.offset + len(chunk) + 1]
+    lengths.update(np.diff(offsets).astype(np.int64).tobytes())
+    if data_buf is not None and len(offsets):
+        data.update(memoryview(data_buf)[int(offsets[0]) : int(offsets[-1])])
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of the serialized fast tokenizer: model, normalizer, pre-tokenizer and added tokens."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(CACHE_FORMAT.encode())
+    h.update(_backend(tokenizer).to_str().encode())
+    return h.hexdigest()
+
+
+def _backend(tokenizer: Any) -> Any:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise FimtuneError(f"{type(tokenizer).__name__} is not a fast tokenizer: fimtune needs a `tokenizers` one")
+    return backend
+
+
+# --------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _plain_text(backend: Any) -> Iterator[Any]:
+    """Encode special-token strings found in the text as ordinary text, for the duration."""
+    before = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        yield backend
+    finally:
+        backend.encode_special_tokens = before
+
+
+def encode_flat(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """All ``texts`` encoded as plain text, no special tokens: (ids int32 concatenated, lengths int64)."""
+    with _plain_text(_backend(tokenizer)) as backend:
+        encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e) for e in encodings), dtype=OFFSET_DTYPE, count=len(encodings))
+    ids = np.fromiter(
+        itertools.chain.from_iterable(e.ids for e in encodings), dtype=TOKEN_DTYPE, count=int(lengths.sum())
+    )
+    return ids, lengths
+
+
+def encode_batch(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
+    """Each of ``texts`` encoded as in the cache (plain text, no special tokens)."""
+    ids, lengths = encode_flat(tokenizer, texts)
+    return np.split(ids, np.cumsum(lengths)[:-1]) if len(texts) else []
+
+
+# --------------------------------------------------------------------------------------
+# The cached split
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizedSplit:
+    """A split's token ids: ``tokens[offsets[d]:offsets[d + 1]]`` is document ``d``."""
+
+    tokens: np.ndarray  # int32 [n_tokens], memory-mapped from the cache
+    offsets: np.ndarray  # int64 [n_docs + 1]
+    chars: int
+    path: Path
+    from_cache: bool
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def chars_per_token(self) -> float:
+        return self.chars / max(1, self.n_tokens)
+
+    def doc(self, d: int) -> np.ndarray:
+        return self.tokens[self.offsets[d] : self.offsets[d + 1]]
+
+
+def tokenize_split(
+    ds: Any, tokenizer: Any, column: str = "content", *, progress: bool = True, cache_dir: Path | None = None
+) -> TokenizedSplit:
+    """The token arrays of split ``ds``: from the cache, else tokenized once and cached."""
+    if column not in ds.column_names:
+        raise FimtuneError(f"the dataset has no column '{column}' (columns: {', '.join(ds.column_names)})")
+    root = cache_dir or cache_root()
+    folder = root / f"{dataset_fingerprint(ds, column)}-{tokenizer_fingerprint(tokenizer)}"
+    if not (folder / "meta.json").is_file():
+        _write_cache(ds, tokenizer, column, folder, progress)
+        return _load_cache(folder, from_cache=False)
+    return _load_cache(folder, from_cache=True)
+
+
+def _write_cache(ds: Any, tokenizer: Any, column: str, folder: Path, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    lengths, chars = [np.zeros(1, OFFSET_DTYPE)], 0
+    bar = tqdm(total=ds.num_rows, desc="tokenizing", unit="file", disable=not progress, dynamic_ncols=True)
+    try:
+        with (tmp / "tokens.bin").open("wb") as f:
+            for batch in ds.select_columns([column]).iter(batch_size=BATCH_DOCS):
+                texts = [t or "" for t in batch[column]]
+                ids, lens = encode_flat(tokenizer, texts)
+                f.write(ids.tobytes())
+                lengths.append(lens)
+                chars += sum(map(len, texts))
+                bar.update(len(texts))
+            f.flush()
+            os.fsync(f.fileno())
+        offsets = np.cumsum(np.concatenate(lengths), dtype=OFFSET_DTYPE)
+        np.save(tmp / "offsets.npy", offsets)
+        meta = {
+            "format": CACHE_FORMAT,
+            "n_docs": len(offsets) - 1,
+            "n_tokens": int(offsets[-1]),
+            "chars": chars,
+            "chars_per_token": chars / max(1, int(offsets[-1])),
+            "column": column,
+            "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        _publish(tmp, folder)
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Rename the finished temporary folder into place (another process may have won the race)."""
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if not (folder / "meta.json").is_file():
+            raise
+
+
+def _load_cache(folder: Path, from_cache: bool) -> TokenizedSplit:
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    offsets = np.load(folder / "offsets.npy")
+    n = int(meta["n_tokens"])
+    tokens = (
+        np.memmap(folder / "tokens.bin", dtype=TOKEN_DTYPE, mode="r", shape=(n,)) if n else np.zeros(0, TOKEN_DTYPE)
+    )
+    return TokenizedSplit(tokens, offsets, int(meta["chars"]), folder, from_cache)
+
+
+class TextColumn:
+    """A split's texts by slice (``texts[lo:hi] -> list[str]``), for `fim.unit: char`."""
+
+    def __init__(self, ds: Any, column: str = "content") -> None:
+        self._ds, self._column = ds.select_columns([column]), column
+
+    def __len__(self) -> int:
+        return self._ds.num_rows
+
+    def __getitem__(self, key: slice) -> list[str]:
+        return [t or "" for t in self._ds[key][self._column]]

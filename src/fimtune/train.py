@@ -1,0 +1,396 @@
+"""`fimtune train`: setup -> fit -> validate, an explicit loop on `accelerate.Accelerator`.
+
+Each optimizer step, in this order: learning rate (scheduler) -> validation / checkpoint
+-> micro-steps (forward, loss / label tokens of the whole step, backward) -> clip -> step
+-> log. The loss of every micro-batch is a *sum* over its label tokens divided by the
+label tokens of the whole accumulation window (all processes), so a step's gradient is
+the mean over its tokens however they fall into micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fimtune import checkpoint
+from fimtune.config import RunConfig, save_config
+from fimtune.errors import FimtuneError
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    train_rows: Any
+    make_eval_rows: Any
+    max_steps: int
+    tokens_per_step: int
+
+
+def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices, none on norms, biases and embeddings rows (1-D)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_accelerator(cfg: RunConfig) -> Any:
+    from accelerate import Accelerator
+
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=mp)
+
+
+def setup(cfg: RunConfig) -> Setup:
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    from fimtune.dataset import training_rows
+    from fimtune.model import add_token_rows, attach_lora, load_base_model
+    from fimtune.tokens import ensure_fim_tokens
+
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    tokenizer = _fresh_tokenizer(cfg.model.name_or_path)
+    fim_tokens, added = ensure_fim_tokens(tokenizer)
+    model = load_base_model(cfg.model, accelerator.device)
+    new_ids = add_token_rows(model, tokenizer, added)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.model.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, cfg.train.gradient_checkpointing)
+    model = attach_lora(model, cfg.lora, new_ids)
+
+    train_rows, make_eval_rows, n_rows = training_rows(cfg, tokenizer, fim_tokens, accelerator)
+    world = accelerator.num_processes
+    rows_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world
+    max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * n_rows / rows_per_step))
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.learning_rate)
+    scheduler = get_scheduler(
+        cfg.train.lr_scheduler if cfg.train.lr_scheduler != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=cfg.train.warmup_steps,
+        num_training_steps=max_steps,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return Setup(
+        accelerator,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        train_rows,
+        make_eval_rows,
+        max_steps,
+        rows_per_step * cfg.packing.seq_length,
+    )
+
+
+def _fresh_tokenizer(name: str) -> Any:
+    """A private copy of the (cached) tokenizer: adding FIM tokens must not leak."""
+    import copy
+
+    from fimtune.hub import load_tokenizer
+
+    return copy.deepcopy(load_tokenizer(name))
+
+
+# --------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------
+
+
+def forward_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits (batch, seq, vocab) of packed rows; attention stays inside each document.
+
+    ``use_cache=False`` matters: transformers builds the block-diagonal mask of packed rows
+    from position ids only when no KV cache exists.
+    """
+    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    return model(**kwargs).logits
+
+
+def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropy over label tokens, number of label tokens)."""
+    logits = forward_logits(model, batch)
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def validate(s: Setup, max_batches: int | None) -> dict[str, float]:
+    """Mean validation loss per label token (all processes), with perplexity."""
+    s.model.eval()
+    total = torch.zeros(2, device=s.accelerator.device, dtype=torch.float64)
+    for i, batch in enumerate(s.make_eval_rows()):
+        if max_batches is not None and i >= max_batches:
+            break
+        loss, n = summed_loss(s.model, _to_device(batch, s.accelerator.device))
+        total += torch.tensor([loss.item(), n], device=total.device, dtype=torch.float64)
+    s.model.train()
+    total = s.accelerator.reduce(total, reduction="sum")
+    if total[1] == 0:
+        return {}
+    mean = float(total[0] / total[1])
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), "val_tokens": int(total[1])}
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Fit
+# --------------------------------------------------------------------------------------
+
+
+def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    """Train per ``cfg``; return the run folder.
+
+    ``stop_after`` ends the run after that step with a checkpoint, as an interruption would
+    (the schedule still spans ``max_steps``); ``fit(cfg, resume=True)`` continues it.
+    """
+    run_dir = Path(cfg.output_dir)
+    prepare_run_dir(run_dir, resume)
+    s = setup(cfg)
+    acc, tc = s.accelerator, cfg.train
+    start_step = 0
+    if resume:
+        start_step = restore(s, run_dir)
+    if acc.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+        s.tokenizer.save_pretrained(run_dir / "tokenizer")
+    acc.wait_for_everyone()
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=acc.is_main_process)
+    bar = _progress(start_step, s.max_steps, disable=not acc.is_main_process)
+    s.model.train()
+    t_last, tokens_since = time.perf_counter(), 0
+    for step in range(start_step, s.max_steps):
+        if tc.eval_every and step % tc.eval_every == 0:
+            metrics.write({"step": step, **validate(s, tc.eval_batches)})
+        batches = [next(s.train_rows) for _ in range(tc.gradient_accumulation_steps)]
+        batches = [_to_device(b, acc.device) for b in batches]
+        n_tokens = _global_label_tokens(acc, batches)
+        step_loss = 0.0
+        for i, batch in enumerate(batches):
+            ctx = acc.no_sync(s.model) if i < len(batches) - 1 else _nullcontext()
+            with ctx, acc.autocast():
+                loss, _ = summed_loss(s.model, batch)
+                # DDP averages gradients over processes: scale so the result is the global mean.
+                acc.backward(loss * acc.num_processes / n_tokens)
+            step_loss += loss.item()
+        if not math.isfinite(step_loss):
+            raise FimtuneError(
+                f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept in {run_dir} "
+                "(lower train.learning_rate or use model.dtype=fp32)"
+            )
+        grad_norm = acc.clip_grad_norm_(s.model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
+        s.optimizer.step()
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        tokens_since += s.tokens_per_step
+        done = step + 1
+        loss_mean = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum")) / n_tokens
+        if done % tc.log_every == 0 or done == s.max_steps:
+            dt = time.perf_counter() - t_last
+            rec = {
+                "step": done,
+                "loss": loss_mean,
+                "lr": s.scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens_since / dt,
+            }
+            if grad_norm is not None:
+                rec["grad_norm"] = float(grad_norm)
+            metrics.write(rec)
+            t_last, tokens_since = time.perf_counter(), 0
+        bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{s.scheduler.get_last_lr()[0]:.2e}")
+        bar.update(1)
+        if (tc.save_every and done % tc.save_every == 0) or done in (s.max_steps, stop_after):
+            save(s, run_dir, done)
+        if done == stop_after:
+            bar.close()
+            return run_dir
+    bar.close()
+    final = validate(s, tc.eval_batches)
+    metrics.write({"step": s.max_steps, **final})
+    if acc.is_main_process and final:
+        print(f"validation loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f}) after {s.max_steps} steps")
+    acc.wait_for_everyone()
+    return run_dir
+
+
+def _global_label_tokens(acc: Any, batches: list[dict[str, torch.Tensor]]) -> int:
+    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    return max(1, int(acc.reduce(torch.tensor(local, device=acc.device), "sum")))
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _progress(start: int, total: int, disable: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", disable=disable, dynamic_ncols=True)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run needs an empty folder; a resumed one needs a checkpoint."""
+    if resume:
+        if checkpoint.latest_checkpoint(run_dir) is None:
+            raise FimtuneError(f"--resume: '{run_dir}' holds no checkpoint to resume from")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FimtuneError(f"output_dir '{run_dir}' is not empty: pass --resume to continue it, or output_dir=NEW_DIR")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def save(s: Setup, run_dir: Path, step: int) -> None:
+    acc = s.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        model = acc.unwrap_model(s.model)
+        checkpoint.save_checkpoint(
+            run_dir, step, model.save_pretrained, s.optimizer, s.scheduler, s.train_rows.state_dict()
+        )
+    acc.wait_for_everyone()
+
+
+def restore(s: Setup, run_dir: Path) -> int:
+    """Load adapter weights, optimizer, scheduler, RNG and data position; return the step."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    meta, state = checkpoint.load_state(ckpt)
+    weights = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    set_peft_model_state_dict(s.accelerator.unwrap_model(s.model), weights)
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    checkpoint.set_rng_state(state["rng"])
+    s.train_rows.load_state_dict(meta["data"])
+    return int(meta["step"])
+
+
+class MetricsLog:
+    """Append-only `metrics.jsonl` (and TensorBoard when installed)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.tb = _tensorboard(path.parent) if enabled else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled or len(record) <= 1:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+# --------------------------------------------------------------------------------------
+# The plan (`--dry-run`): no weights, no data
+# --------------------------------------------------------------------------------------
+
+# Sustained training throughput assumed for the duration estimate, FLOP/s, by device class.
+ASSUMED_FLOPS = {"cuda-bf16": 150e12, "cuda-fp16": 100e12, "cuda-fp32": 20e12, "cpu": 0.1e12}
+
+
+def describe_plan(cfg: RunConfig) -> str:
+    """What `fimtune train` will do: trainable parameters, tokens per step, device, dtype, duration."""
+    import os
+
+    from fimtune.model import KNOWN_CONFIGS, plan, resolve_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    added: list[str] = []
+    if cfg.model.name_or_path not in KNOWN_CONFIGS:  # shipped configs are of models with FIM tokens
+        from fimtune.hub import load_tokenizer
+        from fimtune.tokens import missing_fim_tokens
+
+        added = missing_fim_tokens(load_tokenizer(cfg.model.name_or_path))
+    p = plan(cfg.model, cfg.lora, added)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world * cfg.packing.seq_length
+    steps = cfg.train.max_steps
+    flops_per_token = (6 if cfg.train.gradient_checkpointing else 4) * p.total  # frozen base: no weight grads
+    klass = (
+        "cpu"
+        if device.type == "cpu"
+        else f"cuda-{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float16', 'fp16').replace('float32', 'fp32')}"
+    )
+    lines = [
+        f"model            {cfg.model.name_or_path} ({p.model_type}, {p.total:,} parameters)",
+        f"trainable        {p.trainable:,} ({100 * p.trainable / p.total:.3f}%)  LoRA r={cfg.lora.r}"
+        + (f" + rows of added tokens {', '.join(added)}" if added else ""),
+        f"device           {device.type} x{world}, weights {str(dtype).removeprefix('torch.')}, "
+        f"mixed precision {cfg.train.mixed_precision}, quantization {cfg.model.quantization}",
+        f"tokens per step  {tokens_per_step:,} ({cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} "
+        f"x {world} x {cfg.packing.seq_length})",
+    ]
+    if steps:
+        seconds = steps * tokens_per_step * flops_per_token / (ASSUMED_FLOPS.get(klass, 20e12) * world)
+        lines.append(f"steps            {steps} ({steps * tokens_per_step:,} tokens)")
+        lines.append(
+            f"estimated time   {_duration(seconds)} (assuming {ASSUMED_FLOPS.get(klass, 20e12) / 1e12:g} TFLOP/s "
+            f"sustained per {klass} device, {flops_per_token / 1e9:.2f} GFLOP per token)"
+        )
+    lines.append(f"output_dir       {cfg.output_dir}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,68 @@
+"""Notebooks: code cells only, the recipe's drop rule, markdown as comments, malformed ones counted."""
+
+import json
+
+import pytest
+from corpus_helpers import code, notebook, write
+
+from fimtune.config import CorpusConfig
+from fimtune.corpus.notebooks import MalformedNotebook, keep_code_cell, notebook_to_code
+from fimtune.corpus.sources import Source, iter_documents
+
+CELLS = [
+    ("markdown", "# Training\nWe fine-tune."),
+    ("code", "!pip install peft"),
+    ("code", "%%capture\nimport noisy"),
+    ("code", "import torch\nmodel = torch.nn.Linear(2, 2)"),
+    ("raw", "raw text"),
+    ("code", "   "),
+    ("code", "print(model)"),
+]
+
+
+def test_code_cells_only_shell_and_capture_dropped():
+    content, language = notebook_to_code(notebook(CELLS))
+    assert content == "import torch\nmodel = torch.nn.Linear(2, 2)\n\nprint(model)\n"
+    assert language == "python"
+
+
+def test_markdown_kept_as_comments_with_the_flag():
+    content, _ = notebook_to_code(notebook(CELLS), keep_markdown=True)
+    assert content.startswith("# # Training\n# We fine-tune.\n\nimport torch\n")
+    assert "!pip" not in content and "raw text" not in content
+
+
+def test_kernel_language_and_its_comment_marker():
+    content, language = notebook_to_code(notebook([("markdown", "Notes"), ("code", "val x = 1")], "Scala"), True)
+    assert language == "scala" and content == "// Notes\n\nval x = 1\n"
+
+
+def test_source_as_plain_string():
+    nb = json.dumps({"cells": [{"cell_type": "code", "source": "x = 1"}]})
+    assert notebook_to_code(nb) == ("x = 1\n", "python")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["{not json", "[]", json.dumps({"cells": "x"}), json.dumps({"cells": [1]}), json.dumps({"cells": [{"source": 3}]})],
+)
+def test_malformed(raw):
+    with pytest.raises(MalformedNotebook):
+        notebook_to_code(raw)
+
+
+def test_recipe_rule():
+    assert not keep_code_cell("!nvidia-smi")
+    assert not keep_code_cell("x = 1\n%%capture")
+    assert keep_code_cell("x = 1  # !not a shell cell")
+
+
+def test_notebooks_in_a_folder(tmp_path):
+    write(tmp_path, "good.ipynb", notebook([("code", code("nb"))]))
+    write(tmp_path, "broken.ipynb", '{"cells": [')
+    write(tmp_path, "shell_only.ipynb", notebook([("code", "!ls"), ("markdown", "hi")]))
+    source = Source("folder", str(tmp_path), "nbs", str(tmp_path))
+    docs = list(iter_documents(source, CorpusConfig()))
+    assert [(d.file_path, d.language) for d in docs] == [("good.ipynb", "python")]
+    assert docs[0].content == code("nb")
+    assert source.tally.skipped_files == {"malformed_notebook": 1, "empty": 1}

@@ -1,0 +1,169 @@
+"""Walking real folders: skipped folders, .gitignore, symlinks, odd files, sizes, counts."""
+
+import os
+from pathlib import Path
+
+import pytest
+from corpus_helpers import code, write
+
+from fimtune.config import CorpusConfig
+from fimtune.corpus.files import Tally
+from fimtune.corpus.sources import Source, iter_documents
+
+
+def scan_folder(root: Path, **fields) -> tuple[dict[str, str], Tally]:
+    """{file_path: content} of the usable files under ``root``, and the tally."""
+    source = Source("folder", str(root), root.name, str(root))
+    docs = {d.file_path: d.content for d in iter_documents(source, CorpusConfig(**fields))}
+    return docs, source.tally
+
+
+def test_skipped_folders_are_counted_and_never_listed(tmp_path):
+    for folder in (".git", "__pycache__", "node_modules", ".venv", "venv", "App.xcodeproj", "src/__pycache__"):
+        write(tmp_path, f"{folder}/x.py", code("x"))
+    write(tmp_path, "myenv/pyvenv.cfg", "home = /usr/bin\n")
+    write(tmp_path, "myenv/lib/site.py", code("site"))
+    write(tmp_path, "src/ok.py", code("ok"))
+    docs, tally = scan_folder(tmp_path)
+    assert list(docs) == ["src/ok.py"]
+    assert tally.skipped_dirs == {"git": 1, "pycache": 2, "node_modules": 1, "virtualenv": 3, "xcodeproj": 1}
+    assert tally.files_seen == 1  # files under skipped folders are never listed
+
+
+def test_nested_gitignore_with_negation(tmp_path):
+    write(tmp_path, ".gitignore", "*.gen.py\nbuild/\n/top_only.py\n")
+    write(tmp_path, "a.gen.py", code("a"))
+    write(tmp_path, "build/b.py", code("b"))
+    write(tmp_path, "top_only.py", code("t"))
+    write(tmp_path, "sub/top_only.py", code("t2"))
+    write(tmp_path, "sub/.gitignore", "!keep.gen.py\nlocal.py\n")
+    write(tmp_path, "sub/keep.gen.py", code("keep"))
+    write(tmp_path, "sub/drop.gen.py", code("drop"))
+    write(tmp_path, "sub/local.py", code("local"))
+    write(tmp_path, "local.py", code("local_top"))  # sub/.gitignore does not reach up
+    docs, tally = scan_folder(tmp_path)
+    assert sorted(docs) == ["local.py", "sub/keep.gen.py", "sub/top_only.py"]
+    assert tally.skipped_files["gitignore"] == 4  # a.gen.py, top_only.py, sub/drop.gen.py, sub/local.py
+    assert tally.skipped_dirs["gitignore"] == 1  # build/
+    docs, _ = scan_folder(tmp_path, respect_gitignore=False)
+    assert "build/b.py" in docs and "a.gen.py" in docs
+
+
+def test_binary_undecodable_blocked_empty_unknown(tmp_path):
+    write(tmp_path, "ok.py", code("ok"))
+    write(tmp_path, "nul.py", b"x = 1\x00\x00")
+    write(tmp_path, "latin1.py", b"name = 'caf\xe9'\n")
+    write(tmp_path, "img.PNG", b"\x89PNG")
+    write(tmp_path, "weights.safetensors", b"{}")
+    write(tmp_path, "empty.py", "")
+    write(tmp_path, "blank.py", "\n\n   \n")
+    write(tmp_path, "LICENSE", "MIT License\n")
+    docs, tally = scan_folder(tmp_path)
+    assert list(docs) == ["ok.py"]
+    assert tally.skipped_files == {
+        "binary": 1,
+        "undecodable": 1,
+        "blocked_suffix": 2,
+        "empty": 2,
+        "unknown_language": 1,
+    }
+    assert tally.files_seen == 8 and tally.usable == 1
+
+
+def test_huge_file_is_never_read(tmp_path):
+    write(tmp_path, "ok.py", code("ok"))
+    with open(tmp_path / "huge.py", "wb") as f:
+        f.truncate(50_000_000)  # sparse
+    docs, tally = scan_folder(tmp_path)
+    assert list(docs) == ["ok.py"] and tally.skipped_files["too_large"] == 1
+    assert tally.bytes_read == len(code("ok").encode())  # only ok.py was read
+    docs, _ = scan_folder(tmp_path, max_file_size=10)
+    assert docs == {}
+
+
+def test_secret_files_excluded_unless_kept(tmp_path):
+    write(tmp_path, "ok.py", code("ok"))
+    write(tmp_path, ".env", "API_KEY=abc\n")
+    write(tmp_path, "deploy/key.pem", "-----BEGIN PRIVATE KEY-----\nMIIE\n")
+    write(tmp_path, "settings.py", "AWS_KEY = 'AKIA" + "IOSFODNN7EXAMPLE'\nregion = 'eu-west-1'\n")
+    docs, tally = scan_folder(tmp_path)
+    assert list(docs) == ["ok.py"] and tally.skipped_files["secret"] == 3
+    docs, _ = scan_folder(tmp_path, keep_secrets=True)
+    assert "settings.py" in docs  # .env and .pem have no known language either way
+
+
+def test_language_selection(tmp_path):
+    write(tmp_path, "a.py", code("a"))
+    write(tmp_path, "b.rs", 'fn main() {\n    println!("hello world from rust");\n}\n')
+    docs, tally = scan_folder(tmp_path, languages=["Rust"])
+    assert list(docs) == ["b.rs"] and tally.skipped_files["language_not_selected"] == 1
+
+
+def test_symlinks(tmp_path):
+    root = tmp_path / "root"
+    write(root, "real/a.py", code("a"))
+    write(tmp_path, "outside/b.py", code("b"))
+    os.symlink(tmp_path / "outside", root / "linked_dir")  # not followed
+    os.symlink(root, root / "real" / "loop_dir")  # a cycle, not followed
+    os.symlink(tmp_path / "outside" / "b.py", root / "linked_file.py")  # followed
+    os.symlink(root / "missing.py", root / "broken.py")
+    os.symlink("self.py", root / "self.py")  # a symlink loop
+    docs, tally = scan_folder(root)
+    assert sorted(docs) == ["linked_file.py", "real/a.py"]
+    assert tally.skipped_dirs == {"symlink_dir": 2}
+    assert tally.skipped_files == {"broken_symlink": 1, "symlink_loop": 1}
+
+
+def test_fifo_is_counted_as_unreadable_and_does_not_block(tmp_path):
+    write(tmp_path, "ok.py", code("ok"))
+    os.mkfifo(tmp_path / "pipe.py")
+    docs, tally = scan_folder(tmp_path)
+    assert list(docs) == ["ok.py"] and tally.skipped_files["unreadable"] == 1
+
+
+def test_file_that_fails_to_read_is_counted(tmp_path):
+    """A read error is counted, not fatal. As root, chmod 000 still reads, so the failing file
+    is /proc/self/mem (a regular file whose read at offset 0 fails with EIO)."""
+    write(tmp_path, "ok.py", code("ok"))
+    if os.geteuid() != 0:
+        write(tmp_path, "secret_perms.py", code("p")).chmod(0)
+    elif os.path.exists("/proc/self/mem"):
+        os.symlink("/proc/self/mem", tmp_path / "mem.py")
+    else:
+        pytest.skip("running as root without /proc: no way to make a file unreadable")
+    docs, tally = scan_folder(tmp_path)
+    assert list(docs) == ["ok.py"] and tally.skipped_files["unreadable"] == 1
+
+
+def test_walk_order_is_sorted_path_order(tmp_path):
+    for name in ("b.py", "a/z.py", "a/b.py", "C.py"):
+        write(tmp_path, name, code(name.replace("/", "_").replace(".", "_")))
+    docs, _ = scan_folder(tmp_path)
+    assert list(docs) == ["C.py", "a/b.py", "a/z.py", "b.py"]
+
+
+def test_non_utf8_file_name_becomes_a_valid_path(tmp_path):
+    write(tmp_path, "ok.py", code("ok"))
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.py"), "w") as f:
+        f.write(code("cafe"))
+    docs, _ = scan_folder(tmp_path)
+    assert sorted(docs) == ["caf\ufffd.py", "ok.py"]
+
+
+def test_nested_repos_get_their_own_repo_id(tmp_path):
+    write(tmp_path, ".gitignore", "*.tmp.py\n")
+    write(tmp_path, "top.py", code("top"))
+    write(tmp_path, "projects/alpha/.git/HEAD", "ref: refs/heads/main\n")
+    write(tmp_path, "projects/alpha/src/a.py", code("a"))
+    write(tmp_path, "projects/alpha/kept.tmp.py", code("kept"))  # the outer .gitignore stops at a repo
+    source = Source("folder", str(tmp_path), "home", str(tmp_path))
+    docs = [(d.repo_id, d.file_path) for d in iter_documents(source, CorpusConfig())]
+    assert docs == [("alpha", "kept.tmp.py"), ("alpha", "src/a.py"), ("home", "top.py")]
+
+
+def test_saved_dataset_folders_are_skipped(tmp_path):
+    write(tmp_path, "a.py", code("a"))
+    write(tmp_path, "data/mine/dataset_dict.json", '{"splits": ["train", "validation"]}')
+    write(tmp_path, "data/mine/train/state.json", '{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    docs, tally = scan_folder(tmp_path)
+    assert list(docs) == ["a.py"] and tally.skipped_dirs == {"saved_dataset": 1}

@@ -1,0 +1,142 @@
+"""Sources: packages, parquet/jsonl/json tables, git repos (local, bare, file:// URL), the Hub offline."""
+
+import json
+import os
+import subprocess
+import time
+from contextlib import ExitStack
+
+import pytest
+from corpus_helpers import GIT_ENV, code, git_repo, notebook, write
+
+from fimtune.config import CorpusConfig
+from fimtune.corpus.sources import is_git_url, iter_documents, repo_name, resolve_hub, resolve_package, resolve_path
+from fimtune.errors import DataError
+
+
+def docs_of(source, **fields):
+    return list(iter_documents(source, CorpusConfig(**fields)))
+
+
+def test_package_source_reads_its_file_list():
+    source = resolve_package("pathspec")
+    docs = docs_of(source)
+    paths = [d.file_path for d in docs]
+    assert "pathspec/__init__.py" in paths and all(p.startswith("pathspec/") for p in paths)
+    assert paths == sorted(paths)
+    assert {d.repo_id for d in docs} == {"pathspec"} and {d.language for d in docs} == {"python"}
+    assert source.tally.skipped_files["package_metadata"] >= 3  # METADATA, RECORD, WHEEL, ...
+    assert "pycache" in source.tally.skipped_files  # the .pyc files
+
+
+def test_missing_package():
+    with pytest.raises(DataError, match="package 'no-such-package-xyz' is not installed"):
+        resolve_package("no-such-package-xyz")
+
+
+def test_jsonl_table(tmp_path):
+    rows = [
+        {"repo_id": "org/a", "file_path": "src/x.py", "content": code("x")},
+        {"file_path": "y.rs", "content": 'fn main() {\n    println!("hello from the rust side");\n}\n'},
+        {"content": code("z")},
+        {"file_path": "img.png", "content": "png"},
+        {"content": None},
+        {"content": "\x00binary"},
+    ]
+    path = tmp_path / "files.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n\n", encoding="utf-8")
+    source = resolve_path(str(path), ExitStack())
+    docs = docs_of(source)
+    assert [(d.repo_id, d.file_path, d.language) for d in docs] == [
+        ("org/a", "src/x.py", "python"),
+        ("files", "y.rs", "rust"),
+        ("files", "row-0000002", "unknown"),
+    ]
+    assert source.tally.skipped_files == {"blocked_suffix": 1, "malformed_row": 2, "binary": 1}
+
+
+def test_json_array_with_notebook_rows(tmp_path):
+    rows = [{"path": "nb.ipynb", "text": notebook([("code", "!ls"), ("code", code("nb"))])}]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    docs = docs_of(resolve_path(str(path), ExitStack()), text_column="text")
+    assert [(d.file_path, d.content) for d in docs] == [("nb.ipynb", code("nb"))]
+
+
+def test_parquet_table_and_missing_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "stack.parquet"
+    pq.write_table(
+        pa.table({"repo_id": ["r1", "r2"], "file_path": ["a.py", "b.py"], "content": [code("a"), code("b")]}), path
+    )
+    docs = docs_of(resolve_path(str(path), ExitStack()))
+    assert [(d.repo_id, d.file_path) for d in docs] == [("r1", "a.py"), ("r2", "b.py")]
+    with pytest.raises(DataError, match="has no column 'text'.*--text-column"):
+        docs_of(resolve_path(str(path), ExitStack()), text_column="text")
+
+
+def test_missing_path_and_unsupported_file(tmp_path):
+    with pytest.raises(DataError, match="does-not-exist' does not exist"):
+        resolve_path(str(tmp_path / "does-not-exist"), ExitStack())
+    write(tmp_path, "main.py", code("m"))
+    with pytest.raises(DataError, match="pass the folder that holds it"):
+        resolve_path(str(tmp_path / "main.py"), ExitStack())
+
+
+def test_symlink_loop_and_broken_link_as_sources(tmp_path):
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    with pytest.raises(DataError, match="loop' is a symlink loop"):
+        resolve_path(str(tmp_path / "loop"), ExitStack())
+    os.symlink(tmp_path / "nothing", tmp_path / "dangling")
+    with pytest.raises(DataError, match="dangling' is a broken symlink"):
+        resolve_path(str(tmp_path / "dangling"), ExitStack())
+
+
+def test_local_git_repo_is_a_folder_with_its_name(tmp_path):
+    repo = git_repo(tmp_path / "myrepo", {"a.py": code("a")})
+    source = resolve_path(str(repo), ExitStack())
+    assert (source.kind, source.repo_id) == ("git", "myrepo")
+    assert [d.file_path for d in docs_of(source)] == ["a.py"]
+    assert source.tally.skipped_dirs == {"git": 1}
+
+
+def test_clone_by_file_url_and_bare_repo(tmp_path):
+    repo = git_repo(tmp_path / "upstream", {"pkg/a.py": code("a"), "pkg/b.py": code("b")})
+    with ExitStack() as stack:
+        source = resolve_path(repo.as_uri(), stack)
+        clone_root = source.root
+        assert (source.kind, source.repo_id) == ("git", "upstream")
+        assert [d.file_path for d in docs_of(source)] == ["pkg/a.py", "pkg/b.py"]
+        log = subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=clone_root, capture_output=True, text=True)
+        assert log.stdout.strip() == "1"  # --depth 1
+    assert not os.path.exists(clone_root)  # removed with the stack
+    bare = tmp_path / "bare.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(bare)], check=True, env={**os.environ, **GIT_ENV})
+    with ExitStack() as stack:
+        source = resolve_path(str(bare), stack)
+        assert source.repo_id == "bare" and len(docs_of(source)) == 2
+
+
+def test_clone_failure_names_the_url(tmp_path):
+    url = (tmp_path / "nowhere").as_uri()
+    with pytest.raises(DataError, match=f"cannot clone '{url}'"), ExitStack() as stack:
+        resolve_path(url, stack)
+
+
+def test_git_url_names():
+    assert is_git_url("https://github.com/a/b") and is_git_url("file:///tmp/x") and not is_git_url("./code")
+    assert is_git_url("example.com:team/tool.git") and not is_git_url(".")
+    assert repo_name("https://github.com/huggingface/peft.git") == "peft"
+    assert repo_name("git@github.com:huggingface/peft.git") == "peft"
+    assert repo_name("https://host/x/tool/") == "tool"
+
+
+def test_hub_offline_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.monotonic()
+    with pytest.raises(DataError, match="smangrul/hf-stack-v1: the Hugging Face Hub .* is not reachable"):
+        resolve_hub("smangrul/hf-stack-v1")
+    assert time.monotonic() - start < 5

@@ -1,0 +1,98 @@
+"""Model loading, FIM token rows and LoRA attachment on tiny GPTBigCode and Llama models."""
+
+import warnings
+
+import pytest
+import torch
+
+from fimtune.config import LoraConfig, ModelConfig
+from fimtune.errors import FimtuneError
+from fimtune.model import (
+    attach_lora,
+    count_parameters,
+    load_base_model,
+    plan,
+    quantization_config,
+    resolve_dtype,
+    resolve_target_modules,
+)
+from tests import tiny
+
+
+def test_seed_recipe_trainable_parameters_offline():
+    # 694,272 x r for StarCoderBase-1B with c_proj, c_attn, c_fc (q_attn matches nothing).
+    with pytest.warns(UserWarning, match="q_attn matches no module"):
+        p = plan(
+            ModelConfig(name_or_path="bigcode/starcoderbase-1b"),
+            LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["c_proj", "c_attn", "q_attn", "c_fc", "c_proj"]),
+        )
+    assert p.trainable == 2_777_088
+    assert p.model_type == "gpt_bigcode"
+
+
+def test_default_targets_by_family():
+    assert resolve_target_modules(tiny.llama(64), None) == "all-linear"
+    with pytest.warns(UserWarning, match="q_attn"):
+        assert resolve_target_modules(tiny.gpt_bigcode(64), None) == ["c_proj", "c_attn", "c_fc"]
+
+
+def test_targets_that_match_nothing_are_an_error_naming_the_modules():
+    with pytest.raises(FimtuneError, match="matches no module.*q_proj"):
+        resolve_target_modules(tiny.llama(64), ["c_attn", "nope"])
+
+
+@pytest.mark.parametrize("make", [tiny.gpt_bigcode, tiny.llama], ids=["gpt_bigcode", "llama"])
+def test_only_lora_and_new_token_rows_train(make):
+    model = make(64)
+    model.resize_token_embeddings(68)
+    new_ids = [64, 65, 66, 67]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = attach_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0), new_ids)
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or "trainable_tokens" in n or "modules_to_save" in n for n in names)
+    trainable, total = count_parameters(peft_model)
+    assert 0 < trainable < total
+
+
+def test_qlora_on_cpu_is_a_clear_error():
+    with pytest.raises(FimtuneError, match="needs a CUDA GPU"):
+        quantization_config("4bit", torch.device("cpu"))
+
+
+def test_dtype_resolution_on_cpu():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_local_folder_model_loads(tmp_path, tiny_tokenizer):
+    model = tiny.llama(len(tiny_tokenizer))
+    tiny.save_model_folder(model, tiny_tokenizer, tmp_path / "m")
+    loaded = load_base_model(ModelConfig(name_or_path=str(tmp_path / "m")), torch.device("cpu"))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FimtuneError, match="no config.json"):
+        load_base_model(ModelConfig(name_or_path=str(tmp_path / "empty")), torch.device("cpu"))
+    with pytest.raises(FimtuneError, match="does not exist"):
+        load_base_model(ModelConfig(name_or_path=str(tmp_path / "x.gguf")), torch.device("cpu"))
+
+
+def test_unreachable_hub_id_fails_fast(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    t = time.perf_counter()
+    with pytest.raises(FimtuneError, match="local copy|hf download"):
+        load_base_model(ModelConfig(name_or_path="nobody/no-such-model"), torch.device("cpu"))
+    assert time.perf_counter() - t < 20
+
+
+@pytest.mark.slow
+def test_embedded_model_loads_from_gguf():
+    model = load_base_model(ModelConfig(name_or_path="embedded"), torch.device("cpu"))
+    assert model.config.model_type == "llama" and model.config.vocab_size == 49152
+    assert model.dtype == torch.float32

@@ -1,0 +1,220 @@
+"""Packing: the vectorized join equals per-document FIM, conservation, position ids, resume, eval."""
+
+from __future__ import annotations
+
+import doctest
+
+import numpy as np
+import pytest
+
+from fimtune import packing
+from fimtune.config import RunConfig
+from fimtune.errors import FimtuneError
+from fimtune.fim import FimTokens, permute, token_line_starts, unpermute
+from fimtune.packing import (
+    Documents,
+    EvalRows,
+    PackSpec,
+    TrainRows,
+    is_conserved,
+    line_cut_points,
+    pack_epoch,
+    pack_spec,
+    stack_rows,
+)
+
+T = FimTokens(prefix=1, middle=2, suffix=3, pad=4)
+SEP = 0
+SEQ = 32
+NEWLINE_ID = 7  # in these synthetic documents, token 7 holds a newline
+
+
+def synthetic_docs(n: int = 120, seed: int = 0, max_len: int = 60) -> Documents:
+    """Documents of ids 5..99 (never a FIM id or the separator), empty and 1-token ones included."""
+    rng = np.random.default_rng(seed)
+    lengths = np.concatenate([[0, 1, 3, 0], rng.integers(0, max_len, size=n - 4)])
+    tokens = rng.integers(5, 100, size=int(lengths.sum())).astype(np.int32)
+    mask = np.zeros(100, dtype=bool)
+    mask[NEWLINE_ID] = True
+    return Documents(tokens, np.concatenate([[0], np.cumsum(lengths)]), newline_mask=mask)
+
+
+def doc_list(docs: Documents) -> list[list[int]]:
+    return [docs.tokens[a:b].tolist() for a, b in zip(docs.offsets[:-1], docs.offsets[1:], strict=True)]
+
+
+def spec(**kw) -> PackSpec:
+    return PackSpec(tokens=T, separator=SEP, seq_length=SEQ, **kw)
+
+
+def test_docstring_examples():
+    assert doctest.testmod(packing).failed == 0
+
+
+@pytest.mark.parametrize("spans", ["uniform", "line"])
+def test_join_equals_permute_of_each_document_then_separator(spans):
+    docs = synthetic_docs()
+    points = line_cut_points(docs.tokens, docs.offsets, docs.newline_mask) if spans == "line" else None
+    ep = pack_epoch(docs, spec(spans=spans), epoch=3, points=points)
+    rng = np.random.default_rng([0, 3, packing.FIM_STREAM])  # the epoch's FIM generator
+    expected = []
+    for doc in doc_list(docs):
+        cut_points = token_line_starts(np.array(doc, dtype=np.int64), docs.newline_mask) if spans == "line" else None
+        expected += permute(doc, rng, T, 0.5, 0.5, cut_points=cut_points) + [SEP]
+    assert ep.ids.tolist() == expected
+
+
+def test_line_cut_points_match_per_document_ones():
+    docs = synthetic_docs()
+    points, first, count = line_cut_points(docs.tokens, docs.offsets, docs.newline_mask)
+    for d, doc in enumerate(doc_list(docs)):
+        own = token_line_starts(np.array(doc, dtype=np.int64), docs.newline_mask) + docs.offsets[d]
+        assert points[first[d] : first[d] + count[d]].tolist() == own.tolist()
+
+
+def test_conservation():
+    docs = synthetic_docs(300)
+    ep = pack_epoch(docs, spec(), epoch=0)
+    s = ep.stats
+    assert is_conserved(ep.ids, ep.rows, ep.tail)
+    assert s.tail == len(ep.tail) == s.tokens - s.rows * SEQ and 0 <= s.tail < SEQ
+    expected = np.bincount(docs.tokens, minlength=100)  # documents + 3 FIM tokens per FIM'd one + separators
+    expected[[T.prefix, T.suffix, T.middle]] += s.fim
+    expected[SEP] += s.documents
+    assert np.array_equal(np.bincount(np.concatenate([ep.rows.ravel(), ep.tail]), minlength=100), expected)
+    assert not is_conserved(ep.ids, ep.rows, ep.tail[:-1]) or s.tail == 0
+
+
+def test_rows_are_the_stream_cut_in_order_then_shuffled():
+    docs = synthetic_docs()
+    plain = pack_epoch(docs, spec(shuffle=False), 0)
+    shuffled = pack_epoch(docs, spec(shuffle=True), 0)
+    assert [plain.row(k)["input_ids"].tolist() for k in range(len(plain))] == plain.rows.tolist()
+    served = [shuffled.row(k)["input_ids"].tolist() for k in range(len(shuffled))]
+    assert served != plain.rows.tolist() and sorted(served) == sorted(plain.rows.tolist())
+
+
+def test_seed_exact_rows_hold_ids_and_labels_only():
+    ep = pack_epoch(synthetic_docs(), spec(boundary_aware=False), 0)
+    row = ep.row(0)
+    assert set(row) == {"input_ids", "labels"}
+    assert row["input_ids"].dtype == np.int64 and row["input_ids"].shape == (SEQ,)
+    assert np.array_equal(row["labels"], row["input_ids"]) and row["labels"] is not row["input_ids"]
+
+
+def test_position_ids_restart_at_every_document_and_row_start():
+    ep = pack_epoch(synthetic_docs(), spec(), 0)
+    for k in range(len(ep)):
+        row = ep.row(k)
+        ids, pos = row["input_ids"].tolist(), row["position_ids"].tolist()
+        expected = [0]
+        for i in range(1, SEQ):  # a document starts right after a separator
+            expected.append(0 if ids[i - 1] == SEP else expected[-1] + 1)
+        assert pos == expected
+
+
+def test_epochs_redraw_fim_and_reshuffle():
+    docs = synthetic_docs()
+    e0, e1 = pack_epoch(docs, spec(), 0), pack_epoch(docs, spec(), 1)
+    assert e0.ids.tolist() != e1.ids.tolist()
+    assert pack_epoch(docs, spec(), 1).ids.tolist() == e1.ids.tolist()
+    assert pack_epoch(docs, spec(seed=1), 0).ids.tolist() != e0.ids.tolist()
+
+
+def take(rows, n):
+    return [next(rows) for _ in range(n)]
+
+
+def same_rows(a, b):
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True)
+    )
+
+
+@pytest.mark.parametrize("stop_at", [0, 5, "end_of_epoch", "after_boundary"])
+def test_resume_equals_uninterrupted_iteration(stop_at):
+    docs = synthetic_docs()
+    per_epoch = TrainRows(docs, spec()).rows_per_epoch(0)
+    k = {"end_of_epoch": per_epoch, "after_boundary": per_epoch + 3}.get(stop_at, stop_at)
+    reference = take(TrainRows(docs, spec()), k + 2 * per_epoch)  # into the third epoch
+    first = TrainRows(docs, spec())
+    take(first, k)
+    state = first.state_dict()
+    resumed = TrainRows(docs, spec())
+    resumed.load_state_dict(dict(state))
+    assert same_rows(take(resumed, 2 * per_epoch), reference[k:])
+    assert resumed.epoch > state["epoch"]  # the resumed run crossed an epoch boundary
+
+
+def test_training_runs_forever_and_counts_epochs():
+    rows = TrainRows(synthetic_docs(), spec())
+    n = rows.rows_per_epoch(0)
+    take(rows, n)
+    assert rows.state_dict() == {"epoch": 0, "offset": n}
+    next(rows)
+    assert rows.state_dict() == {"epoch": 1, "offset": 1}
+
+
+def test_processes_share_an_epoch_without_overlap():
+    docs = synthetic_docs()
+    r0, r1 = TrainRows(docs, spec(), rank=0, world_size=2), TrainRows(docs, spec(), rank=1, world_size=2)
+    n = r0.rows_per_epoch(0)
+    a, b = take(r0, n), take(r1, n)
+    ep = pack_epoch(docs, spec(), 0)
+    assert [r["input_ids"].tolist() for r in a] == [ep.row(2 * k)["input_ids"].tolist() for k in range(n)]
+    assert [r["input_ids"].tolist() for r in b] == [ep.row(2 * k + 1)["input_ids"].tolist() for k in range(n)]
+
+
+def test_eval_iterates_once_per_loop():
+    rows = EvalRows(synthetic_docs(), spec(shuffle=False))
+    first, second = list(rows), list(rows)
+    assert len(first) == len(rows) == rows.stats.rows > 0
+    assert same_rows(first, second)
+    assert [r["input_ids"].tolist() for r in first] == rows.packed.rows.tolist()
+
+
+def test_too_few_rows_is_a_clear_error():
+    docs = Documents(np.arange(5, 15, dtype=np.int32), np.array([0, 10]))
+    with pytest.raises(FimtuneError, match="seq_length"):
+        next(TrainRows(docs, spec()))
+    assert list(EvalRows(docs, spec())) == []
+
+
+def test_char_unit_packs_whole_texts(tiny_tokenizer):
+    from fimtune.tokenization import encode_flat
+
+    texts = ["def f(x):\n    return x * 2\n", "", "class A:\n    pass\n", "print('héllo')\n"] * 10
+    ids, lengths = encode_flat(tiny_tokenizer, texts)
+    docs = Documents(ids, np.concatenate([[0], np.cumsum(lengths)]), texts=texts)
+    docs.encode = lambda t: encode_flat(tiny_tokenizer, t)
+    ep = pack_epoch(docs, spec(unit="char", spans="line", shuffle=False), 0)
+    assert 0 < ep.stats.fim < ep.stats.documents
+    bounds = np.append(ep.doc_starts, len(ep.ids))
+    for d, text in enumerate(texts):
+        joined = ep.ids[bounds[d] : bounds[d + 1]].tolist()
+        assert joined[-1] == SEP
+        assert tiny_tokenizer.decode(unpermute(joined[:-1], T)) == text
+
+
+def test_builders_read_the_run_config():
+    cfg = RunConfig()
+    cfg.packing.seq_length, cfg.packing.mode, cfg.fim.spm_rate, cfg.seed = 16, "seed_exact", 1.0, 3
+    s = pack_spec(cfg, T, SEP)
+    assert (s.seq_length, s.boundary_aware, s.spm_rate, s.seed, s.shuffle) == (16, False, 1.0, 3, True)
+    assert pack_spec(cfg, T, SEP, shuffle=False).shuffle is False
+
+
+def test_stack_rows():
+    ep = pack_epoch(synthetic_docs(), spec(), 0)
+    batch = stack_rows([ep.row(0), ep.row(1)])
+    assert {k: v.shape for k, v in batch.items()} == {k: (2, SEQ) for k in ("input_ids", "labels", "position_ids")}
+
+
+@pytest.mark.parametrize("unit", ["token", "char"])
+def test_an_empty_split_packs_to_nothing(unit):
+    docs = Documents(
+        np.zeros(0, np.int32), np.zeros(1, np.int64), texts=[], encode=lambda t: (np.zeros(0), np.zeros(0))
+    )
+    ep = pack_epoch(docs, spec(unit=unit), 0)
+    assert (ep.stats.documents, ep.stats.tokens, ep.stats.rows, len(ep.tail)) == (0, 0, 0, 0)
+    assert list(EvalRows(docs, spec(unit=unit))) == []

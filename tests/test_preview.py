@@ -1,0 +1,65 @@
+"""`fimtune data inspect`: end to end through the CLI, on the embedded tokenizer and a small corpus."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from fimtune.cli import main
+from fimtune.config import load_run_config
+from fimtune.errors import DataError
+from fimtune.preview import inspect_dataset
+
+EMBEDDED_ADDED = "<fim_prefix>=49152, <fim_middle>=49153, <fim_suffix>=49154, <fim_pad>=49155"
+
+
+@pytest.fixture
+def embedded(embedded_tokenizer):
+    """Requires the embedded model; `inspect_dataset` loads the same (cached) tokenizer."""
+    return embedded_tokenizer
+
+
+def test_cli_inspect_end_to_end(embedded, tiny_dataset_dir, token_cache, capsys):
+    assert main(["data", "inspect", str(tiny_dataset_dir), "--model", "embedded", "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"training WILL ADD 4 special tokens: {EMBEDDED_ADDED}" in out
+    assert "separator  <|endoftext|> (id 0)" in out
+    assert re.search(r"\d\.\d\d chars per token", out)
+    assert re.search(r"(\d+) of 60 documents FIM'd .*SPM \d+, PSM \d+; plain \d+", out)
+    assert re.search(r"seq_length 2048: [1-9]\d* rows, \d+ tail tokens dropped", out)
+    assert out.count("─── sample") == 1 and "⟦<|endoftext|>⟧" in out  # brackets: stdout is not a terminal
+    assert any(p.is_dir() for p in token_cache.iterdir())  # tokens cached for training to reuse
+
+
+def test_inspect_uses_the_run_config(embedded, tiny_dataset_dir, token_cache):
+    cfg = load_run_config(None, ["fim.fim_rate=1.0", "fim.spm_rate=1.0"])
+    out = inspect_dataset(tiny_dataset_dir, "embedded", 2, cfg)
+    assert "60 of 60 documents FIM'd (100.0%): SPM 60, PSM 0; plain 0" in out
+    assert out.count("─── sample") == 2
+    assert "⟦<fim_prefix>⟧⟦<fim_suffix>⟧" in out  # SPM opens with both
+
+
+def test_inspect_validation_split_and_colour(embedded, tiny_dataset_dir, token_cache):
+    cfg = load_run_config(None, ["packing.seq_length=1024"])  # documents are about 300 tokens long
+    out = inspect_dataset(tiny_dataset_dir, "embedded", 3, cfg, split="validation", color=True)
+    assert "[validation]: 12 documents" in out and "rows shuffled" not in out
+    assert "\x1b[" in out and "⟦" not in out
+
+
+def test_too_small_for_one_row_says_what_to_do(embedded, tiny_dataset_dir, token_cache):
+    cfg = load_run_config(None, ["packing.seq_length=100000"])
+    out = inspect_dataset(tiny_dataset_dir, "embedded", 3, cfg, split="validation")
+    assert "no full row" in out and "packing.seq_length=" in out and "─── sample" not in out
+
+
+def test_not_a_dataset_folder(tmp_path, capsys):
+    assert main(["data", "inspect", str(tmp_path), "--model", "embedded"]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+    with pytest.raises(DataError, match="does not exist"):
+        inspect_dataset(tmp_path / "nope", "embedded", 1, load_run_config())
+
+
+def test_unknown_split(tiny_dataset_dir):
+    with pytest.raises(DataError, match="no split 'test'"):
+        inspect_dataset(tiny_dataset_dir, "embedded", 1, load_run_config(), split="test")

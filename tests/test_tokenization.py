@@ -1,0 +1,123 @@
+"""Tokenization: plain text, no special tokens, cached once per (content, tokenizer), atomic."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pytest
+
+from fimtune import tokenization
+from fimtune.errors import FimtuneError
+from fimtune.tokenization import (
+    TextColumn,
+    cache_root,
+    dataset_fingerprint,
+    encode_batch,
+    tokenize_split,
+    tokenizer_fingerprint,
+)
+from tests.conftest import corpus_texts
+
+
+@pytest.fixture
+def texts():
+    return corpus_texts(40)
+
+
+def split(texts):
+    return datasets.Dataset.from_dict({"content": texts, "id": [str(i) for i in range(len(texts))]})
+
+
+def test_documents_round_trip(tiny_tokenizer, texts, tmp_path):
+    out = tokenize_split(split(texts), tiny_tokenizer, cache_dir=tmp_path, progress=False)
+    assert out.n_docs == len(texts) and out.n_tokens == len(out.tokens)
+    assert out.tokens.dtype == np.int32 and out.offsets.dtype == np.int64
+    for d, text in enumerate(texts):
+        assert tiny_tokenizer.decode(out.doc(d)) == text
+    assert out.chars == sum(map(len, texts))
+    assert out.chars_per_token == pytest.approx(out.chars / out.n_tokens)
+
+
+def test_plain_text_no_special_tokens(embedded_tokenizer, tmp_path):
+    text = "s = '<|endoftext|>' + '<|im_start|>'\n"
+    out = tokenize_split(split([text]), embedded_tokenizer, cache_dir=tmp_path, progress=False)
+    ids = out.doc(0).tolist()
+    assert ids == encode_batch(embedded_tokenizer, [text])[0].tolist()
+    assert not set(ids) & set(embedded_tokenizer.all_special_ids)  # no BOS, no control token from the text
+    assert embedded_tokenizer.decode(ids) == text
+    assert embedded_tokenizer.backend_tokenizer.encode_special_tokens is False  # restored
+
+
+def test_second_call_hits_the_cache(tiny_tokenizer, texts, tmp_path, monkeypatch):
+    ds = split(texts)
+    first = tokenize_split(ds, tiny_tokenizer, cache_dir=tmp_path, progress=False)
+    mtime = (first.path / "tokens.bin").stat().st_mtime_ns
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("re-tokenized")
+
+    monkeypatch.setattr(tokenization, "encode_flat", no_encoding)
+    again = tokenize_split(split(texts), tiny_tokenizer, cache_dir=tmp_path, progress=False)
+    assert (first.from_cache, again.from_cache) == (False, True)
+    assert again.path == first.path and (again.path / "tokens.bin").stat().st_mtime_ns == mtime
+    assert isinstance(again.tokens, np.memmap)
+    assert np.array_equal(again.tokens, first.tokens) and np.array_equal(again.offsets, first.offsets)
+
+
+def test_cache_is_written_atomically(tiny_tokenizer, texts, tmp_path):
+    out = tokenize_split(split(texts), tiny_tokenizer, cache_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.path.name]  # no temporary folder left
+    assert sorted(p.name for p in out.path.iterdir()) == ["meta.json", "offsets.npy", "tokens.bin"]
+
+
+def test_cache_key_follows_content_and_tokenizer(tiny_tokenizer, tiny_tokenizer_without_fim, texts):
+    key = dataset_fingerprint(split(texts), "content")
+    assert dataset_fingerprint(split(list(texts)), "content") == key  # rebuilt, same files: same key
+    assert dataset_fingerprint(split([*texts[:-1], texts[-1] + "#"]), "content") != key
+    shuffled = split(texts).shuffle(seed=0)  # an indices mapping over the same table
+    assert dataset_fingerprint(shuffled, "content") != key
+    assert dataset_fingerprint(shuffled.flatten_indices(), "content") == dataset_fingerprint(shuffled, "content")
+    assert dataset_fingerprint(split(texts).select(range(5, 10)), "content") == dataset_fingerprint(
+        split(texts[5:10]), "content"
+    )
+    assert tokenizer_fingerprint(tiny_tokenizer) != tokenizer_fingerprint(tiny_tokenizer_without_fim)
+    before = tokenizer_fingerprint(tiny_tokenizer_without_fim)
+    tiny_tokenizer_without_fim.add_special_tokens({"extra_special_tokens": ["<fim_prefix>"]})
+    assert tokenizer_fingerprint(tiny_tokenizer_without_fim) != before  # added tokens are part of the key
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FIMTUNE_CACHE", str(tmp_path))
+    assert cache_root() == tmp_path / "tokens"
+    monkeypatch.delenv("FIMTUNE_CACHE")
+    assert cache_root().parts[-3:] == (".cache", "fimtune", "tokens")
+
+
+def test_default_cache_location(tiny_tokenizer, texts, token_cache):
+    out = tokenize_split(split(texts), tiny_tokenizer, progress=False)
+    assert out.path.parent == token_cache
+
+
+def test_empty_split(tiny_tokenizer, tmp_path):
+    out = tokenize_split(split([]), tiny_tokenizer, cache_dir=tmp_path, progress=False)
+    assert (out.n_docs, out.n_tokens, out.chars_per_token) == (0, 0, 0.0)
+    assert tokenize_split(split([]), tiny_tokenizer, cache_dir=tmp_path, progress=False).from_cache
+
+
+def test_missing_column_is_a_clear_error(tiny_tokenizer, tmp_path):
+    with pytest.raises(FimtuneError, match="no column 'text'"):
+        tokenize_split(split(["x"]), tiny_tokenizer, "text", cache_dir=tmp_path)
+
+
+def test_text_column_slices(texts):
+    col = TextColumn(split(texts))
+    assert len(col) == len(texts) and col[3:6] == texts[3:6]
+
+
+def test_fingerprint_ignores_how_arrow_chunks_the_rows(texts):
+    import pyarrow as pa
+
+    one = split(texts)
+    table = pa.Table.from_batches(pa.Table.from_pydict({"content": texts}).to_batches(max_chunksize=7))
+    assert table.column("content").num_chunks > 1
+    assert dataset_fingerprint(datasets.Dataset(table), "content") == dataset_fingerprint(one, "content")

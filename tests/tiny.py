@@ -1,0 +1,54 @@
+"""Tiny random causal LMs (2 layers) of the two families the product meets most: GPTBigCode and Llama."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def gpt_bigcode(vocab_size: int, seed: int = 0, tie: bool = True):
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTBigCodeConfig(
+        vocab_size=vocab_size,
+        n_positions=256,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_inner=64,
+        multi_query=True,
+        tie_word_embeddings=tie,
+        bos_token_id=0,
+        eos_token_id=0,
+        initializer_range=0.2,
+    )
+    return GPTBigCodeForCausalLM(cfg).eval()
+
+
+def llama(vocab_size: int, seed: int = 0, tie: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=0,
+        eos_token_id=0,
+        initializer_range=0.2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def save_model_folder(model, tokenizer, path: Path) -> Path:
+    """A local transformers folder (config + safetensors + tokenizer) that `model.name_or_path` can name."""
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
