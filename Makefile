@@ -24,6 +24,8 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/fimtune data build --package peft --package accelerate --out $(DEMO_DIR)/data --overwrite
+	rm -rf $(DEMO_DIR)/run
+	$(VENV)/bin/fimtune train --config configs/smollm2-demo.yaml data.path=$(DEMO_DIR)/data output_dir=$(DEMO_DIR)/run
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

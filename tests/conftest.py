@@ -111,3 +111,15 @@ def token_cache(tmp_path, monkeypatch) -> Path:
     """A private token cache for one test ($FIMTUNE_CACHE)."""
     monkeypatch.setenv("FIMTUNE_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "tokens"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

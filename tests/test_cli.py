@@ -49,3 +49,14 @@ def test_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert "fimtune" in capsys.readouterr().out
+
+
+def test_overrides_may_follow_options(capsys):
+    assert main(["config", "--debug", "lora.r=32", "train.max_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "r: 32" in out and "max_steps: 3" in out
+
+
+def test_unknown_option_is_an_argparse_error():
+    res = run_cli("config", "--no-such-flag")
+    assert res.returncode == 2 and "unrecognized arguments: --no-such-flag" in res.stderr

@@ -194,3 +194,59 @@ def test_dry_run_prints_the_seed_plan_offline():
     assert res.returncode == 0, res.stderr
     assert "2,777,088" in res.stdout and "tokens per step  8,192" in res.stdout
     assert "q_attn matches no module" in res.stderr
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    extra = ("train.max_steps=4", "train.eval_every=0", "lora.dropout=0.0")
+    plain = quiet_fit(run_config(tmp_path, base, repetitive_data, "plain", *extra))
+    ckpt = quiet_fit(run_config(tmp_path, base, repetitive_data, "ckpt", *extra, "train.gradient_checkpointing=true"))
+    a = [r["loss"] for r in metrics(plain) if "loss" in r]
+    b = [r["loss"] for r in metrics(ckpt) if "loss" in r]
+    assert len(a) == 4 and a == pytest.approx(b, rel=1e-4)
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    """Loss normalised by the label tokens of the whole step: 2 x 2 rows == 1 x 4 rows."""
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    extra = ("train.max_steps=3", "train.eval_every=0", "lora.dropout=0.0")
+    big = quiet_fit(run_config(tmp_path, base, repetitive_data, "big", *extra))
+    acc = quiet_fit(
+        run_config(
+            tmp_path, base, repetitive_data, "acc", *extra, "train.batch_size=2", "train.gradient_accumulation_steps=2"
+        )
+    )
+    a = [r["loss"] for r in metrics(big) if "loss" in r]
+    b = [r["loss"] for r in metrics(acc) if "loss" in r]
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_qlora_trains_on_cuda(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    pytest.importorskip("bitsandbytes")
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    run = quiet_fit(run_config(tmp_path, base, repetitive_data, "q", "model.quantization=4bit", "train.max_steps=3"))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics(run) if "loss" in r)
+
+
+@pytest.mark.slow
+def test_embedded_model_learns_an_installed_package(tmp_path):
+    """SmolLM2 (the embedded default) on a corpus built from installed source: validation loss falls."""
+    from fimtune.cli import main
+
+    assert main(["data", "build", "--package", "pathspec", "--out", str(tmp_path / "data"), "--quiet"]) == 0
+    cfg = load_run_config(
+        Path(__file__).parents[1] / "configs" / "smollm2-demo.yaml",
+        [
+            f"data.path={tmp_path / 'data'}",
+            f"output_dir={tmp_path / 'run'}",
+            "packing.seq_length=256",
+            "train.max_steps=24",
+            "train.eval_every=24",
+            "train.eval_batches=4",
+            "train.save_every=0",
+        ],
+    )
+    run = quiet_fit(cfg)
+    vals = [r["val_loss"] for r in metrics(run) if "val_loss" in r]
+    assert len(vals) >= 2 and vals[-1] < vals[0]

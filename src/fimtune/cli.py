@@ -126,6 +126,24 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from fimtune.evaluate.run import main as evaluate
+
+    return evaluate(ns)
+
+
+def cmd_complete(ns: argparse.Namespace) -> int:
+    from fimtune.generate import main as complete
+
+    return complete(ns)
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from fimtune.serve.app import main as serve
+
+    return serve(ns)
+
+
 def cmd_config(ns: argparse.Namespace) -> int:
     if ns.config or ns.overrides:
         import yaml
@@ -210,6 +228,55 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="print the plan and exit (no weights, no data)")
     train.set_defaults(func=cmd_train)
 
+    ev = sub.add_parser(
+        "eval",
+        parents=[common],
+        help="base vs tuned: held-out loss, infill exact match, HumanEval",
+        description="Compare a run's tuned model with its base (adapters disabled) on the same data.",
+    )
+    ev.add_argument("run", help="a run folder written by `fimtune train`")
+    ev.add_argument("--tasks", default="loss,infill,humaneval", help="comma-separated: loss, infill, humaneval")
+    ev.add_argument("--limit", type=int, help="at most this many HumanEval problems (and loss batches)")
+    ev.add_argument("--holes", type=int, default=200, help="infill holes cut in held-out files")
+    ev.add_argument("--batch-size", type=int, default=8, help="generation batch size")
+    ev.add_argument("--samples", type=int, default=1, help="HumanEval samples per problem (pass@k for k <= samples)")
+    ev.add_argument("--out", help="report folder (default: RUN/eval)")
+    ev.set_defaults(func=cmd_eval)
+
+    comp = sub.add_parser(
+        "complete",
+        parents=[common],
+        help="one fill-in-the-middle completion in the terminal",
+        description="Complete the code between a prefix and a suffix with a run folder or a base model.",
+    )
+    comp.add_argument("target", help="a run folder, or a base model (`embedded`, Hub id, folder, .gguf)")
+    src = comp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prefix", help="the code before the cursor")
+    src.add_argument("--prefix-file", help="a file holding the code before the cursor")
+    suf = comp.add_mutually_exclusive_group()
+    suf.add_argument("--suffix", default="", help="the code after the cursor")
+    suf.add_argument("--suffix-file", help="a file holding the code after the cursor")
+    comp.add_argument("--max-new-tokens", type=int, default=128)
+    comp.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    comp.add_argument("--top-p", type=float, default=0.95)
+    comp.add_argument("--mode", choices=["psm", "spm"], default="psm", help="prompt layout")
+    comp.add_argument("--single-line", action="store_true", help="stop at the first newline")
+    comp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    comp.set_defaults(func=cmd_complete)
+
+    srv = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve completions to editors over HTTP (TGI, OpenAI and llama.cpp /infill shapes)",
+        description="Serve a run folder (or a base model) to editors.",
+    )
+    srv.add_argument("target", help="a run folder, or a base model (`embedded`, Hub id, folder, .gguf)")
+    srv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="another run's adapter")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
+    srv.set_defaults(func=cmd_serve)
+
     config = sub.add_parser("config", parents=[common], help="list config fields, or print a resolved config")
     config.add_argument("--config", help="a YAML run config to resolve")
     config.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -229,7 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*deprecated.*")
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow options (`inspect DIR --n 1 fim.spm_rate=1`): argparse
+    # fills a positional list only once, so collect the stragglers here.
+    if extra:
+        if hasattr(ns, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            ns.overrides = [*ns.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(ns, "func", None):  # a group without its subcommand: show its help
         helper = {"data": lambda: parser.parse_args(["data", "--help"])}.get(ns.command or "")
         if helper is None:

@@ -300,3 +300,61 @@ def plan(model_cfg: ModelConfig, lora_cfg: LoraConfig, fim_tokens_to_add: list[s
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------
+# Loading for inference: a run folder (base + adapter) or a base model alone
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    """A model ready for inference: the PEFT model of a run (or a plain base model) and its tokenizer."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    run_dir: Path | None = None
+
+
+def is_run_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "config.yaml").is_file() and (p / "adapter" / "adapter_config.json").is_file()
+
+
+def load_for_inference(
+    target: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> Loaded:
+    """A run folder (base + adapter, FIM tokens included) or a base model (`embedded`, a Hub id, ...).
+
+    A base model that lacks FIM tokens gets them added (untrained rows), so prompts can be built.
+    """
+    from fimtune.tokens import ensure_fim_tokens
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if is_run_dir(target):
+        return load_run(Path(target), device, dtype)
+    from copy import deepcopy
+
+    tokenizer = deepcopy(load_tokenizer(str(target)))
+    _, added = ensure_fim_tokens(tokenizer)
+    model = load_base_model(ModelConfig(name_or_path=str(target)), device, dtype)
+    add_token_rows(model, tokenizer, added)
+    return Loaded(model.eval(), tokenizer, str(target))
+
+
+def load_run(run_dir: Path, device: torch.device, dtype: torch.dtype | None = None) -> Loaded:
+    """The base model of a run with its adapter attached (PEFT), and the run's tokenizer."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from fimtune.config import load_run_config
+
+    cfg = load_run_config(run_dir / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    base = load_base_model(cfg.model, device, dtype)
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        # The added rows' trained values come from the adapter; the start values do not matter.
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    return Loaded(model.eval(), tokenizer, run_dir.name, run_dir)

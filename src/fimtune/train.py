@@ -55,7 +55,16 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def make_accelerator(cfg: RunConfig) -> Any:
+    """An Accelerator for ``cfg``; a run in a process that already trained (tests, notebooks) starts afresh.
+
+    Accelerate keeps its state in process-wide singletons and refuses a second run with
+    another precision; the process-group part (PartialState) is kept.
+    """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
     mp = cfg.train.mixed_precision
     if mp == "auto":
@@ -185,9 +194,7 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     prepare_run_dir(run_dir, resume)
     s = setup(cfg)
     acc, tc = s.accelerator, cfg.train
-    start_step = 0
-    if resume:
-        start_step = restore(s, run_dir)
+    start_step = restore(s, run_dir) if resume else 0
     if acc.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
         s.tokenizer.save_pretrained(run_dir / "tokenizer")
@@ -195,46 +202,20 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=acc.is_main_process)
     bar = _progress(start_step, s.max_steps, disable=not acc.is_main_process)
     s.model.train()
-    t_last, tokens_since = time.perf_counter(), 0
+    train_seconds, tokens_since = 0.0, 0  # since the last log; validation time excluded
     for step in range(start_step, s.max_steps):
         if tc.eval_every and step % tc.eval_every == 0:
             metrics.write({"step": step, **validate(s, tc.eval_batches)})
-        batches = [next(s.train_rows) for _ in range(tc.gradient_accumulation_steps)]
-        batches = [_to_device(b, acc.device) for b in batches]
-        n_tokens = _global_label_tokens(acc, batches)
-        step_loss = 0.0
-        for i, batch in enumerate(batches):
-            ctx = acc.no_sync(s.model) if i < len(batches) - 1 else _nullcontext()
-            with ctx, acc.autocast():
-                loss, _ = summed_loss(s.model, batch)
-                # DDP averages gradients over processes: scale so the result is the global mean.
-                acc.backward(loss * acc.num_processes / n_tokens)
-            step_loss += loss.item()
-        if not math.isfinite(step_loss):
-            raise FimtuneError(
-                f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept in {run_dir} "
-                "(lower train.learning_rate or use model.dtype=fp32)"
-            )
-        grad_norm = acc.clip_grad_norm_(s.model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
-        s.optimizer.step()
-        s.scheduler.step()
-        s.optimizer.zero_grad(set_to_none=True)
-        tokens_since += s.tokens_per_step
-        done = step + 1
-        loss_mean = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum")) / n_tokens
+        t_step = time.perf_counter()
+        loss, grad_norm = train_step(s, tc, run_dir, step)
+        step_seconds = time.perf_counter() - t_step
+        train_seconds, tokens_since, done = train_seconds + step_seconds, tokens_since + s.tokens_per_step, step + 1
+        lr = s.scheduler.get_last_lr()[0]
         if done % tc.log_every == 0 or done == s.max_steps:
-            dt = time.perf_counter() - t_last
-            rec = {
-                "step": done,
-                "loss": loss_mean,
-                "lr": s.scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens_since / dt,
-            }
-            if grad_norm is not None:
-                rec["grad_norm"] = float(grad_norm)
-            metrics.write(rec)
-            t_last, tokens_since = time.perf_counter(), 0
-        bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{s.scheduler.get_last_lr()[0]:.2e}")
+            rec = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens_since / train_seconds}
+            metrics.write(rec if grad_norm is None else {**rec, "grad_norm": grad_norm})
+            train_seconds, tokens_since = 0.0, 0
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{s.tokens_per_step / step_seconds:,.0f}")
         bar.update(1)
         if (tc.save_every and done % tc.save_every == 0) or done in (s.max_steps, stop_after):
             save(s, run_dir, done)
@@ -248,6 +229,32 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
         print(f"validation loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f}) after {s.max_steps} steps")
     acc.wait_for_everyone()
     return run_dir
+
+
+def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> tuple[float, float | None]:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches: (mean loss, grad norm)."""
+    acc = s.accelerator
+    batches = [_to_device(next(s.train_rows), acc.device) for _ in range(tc.gradient_accumulation_steps)]
+    n_tokens = _global_label_tokens(acc, batches)
+    step_loss = 0.0
+    for i, batch in enumerate(batches):
+        ctx = acc.no_sync(s.model) if i < len(batches) - 1 else _nullcontext()
+        with ctx, acc.autocast():
+            loss, _ = summed_loss(s.model, batch)
+            # DDP averages gradients over processes: scale so the result is the global mean.
+            acc.backward(loss * acc.num_processes / n_tokens)
+        step_loss += loss.item()
+    if not math.isfinite(step_loss):
+        raise FimtuneError(
+            f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept in {run_dir} "
+            "(lower train.learning_rate or use model.dtype=fp32)"
+        )
+    grad_norm = acc.clip_grad_norm_(s.model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    loss_mean = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum")) / n_tokens
+    return loss_mean, None if grad_norm is None else float(grad_norm)
 
 
 def _global_label_tokens(acc: Any, batches: list[dict[str, torch.Tensor]]) -> int:
@@ -285,9 +292,13 @@ def save(s: Setup, run_dir: Path, step: int) -> None:
     acc.wait_for_everyone()
     if acc.is_main_process:
         model = acc.unwrap_model(s.model)
-        checkpoint.save_checkpoint(
-            run_dir, step, model.save_pretrained, s.optimizer, s.scheduler, s.train_rows.state_dict()
-        )
+
+        def save_adapter(folder: Path) -> None:
+            # Added token rows are saved by their trainable-token adapter (or modules_to_save):
+            # never the whole resized embedding matrix (113 MB for SmolLM2) in every checkpoint.
+            model.save_pretrained(folder, save_embedding_layers=False)
+
+        checkpoint.save_checkpoint(run_dir, step, save_adapter, s.optimizer, s.scheduler, s.train_rows.state_dict())
     acc.wait_for_everyone()
 
 

@@ -1,0 +1,422 @@
+"""Completions: FIM prompts, context fitting, sampling, stopping and post-processing.
+
+Prompt layouts (the training layouts, cut at the cursor; the model writes the middle)::
+
+    PSM   <fim_prefix> prefix <fim_suffix> suffix <fim_middle>   -> middle
+    SPM   <fim_prefix> <fim_suffix> suffix <fim_middle> prefix   -> middle
+
+Long contexts are fitted to ``max_input_tokens`` by dropping the far ends: the start of
+the prefix and the end of the suffix; the text nearest the cursor is kept. Other files
+given as context go before the prefix and are trimmed first. With ``trim_step`` > 1 the
+cuts move in whole steps, so that the prompt's start stays put while a person types
+(what lets the server reuse its KV cache; see :mod:`fimtune.serve.decoding`).
+
+Generation stops at the end-of-text token, at any FIM token, at a user stop string, or
+(single-line mode) at the first newline after some text.
+
+``fimtune complete RUN --prefix TEXT`` prints one completion (:func:`main`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from fimtune.errors import FimtuneError
+from fimtune.fim import FimTokens
+
+SUFFIX_SHARE = 4  # when both sides are too long, the suffix keeps at least 1/4 of the budget
+FIM_OVERHEAD = 3  # the three FIM tokens of a prompt
+DEFAULT_MAX_INPUT_TOKENS = 2048
+REPLACEMENT_CHAR = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class GenerationParams:
+    """How to complete: length, sampling and stopping."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    single_line: bool = False
+    mode: Literal["psm", "spm"] = "psm"
+    max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS
+    trim_step: int = 1  # long contexts are cut in multiples of this many tokens
+    seed: int | None = None  # sampling seed (None: random)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass
+class Completion:
+    """One completion: the text for the hole, token counts and why it ended."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+    cached_tokens: int = 0  # prompt tokens whose KV cache came from an earlier request
+
+
+class FimPrompter:
+    """Builds FIM prompts from text and knows which token ids end a completion."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        from fimtune.tokens import document_separator_id, find_fim_tokens
+
+        names = find_fim_tokens(tokenizer)
+        if names is None:
+            raise FimtuneError("this tokenizer has no FIM tokens: serve a run folder, or a model trained with FIM")
+        vocab = tokenizer.get_vocab()
+        pad = vocab.get(names.pad, document_separator_id(tokenizer)) if names.pad else document_separator_id(tokenizer)
+        self.tokenizer = tokenizer
+        self.names = names
+        self.fim = FimTokens(
+            prefix=vocab[names.prefix], middle=vocab[names.middle], suffix=vocab[names.suffix], pad=pad
+        )
+        ends = {document_separator_id(tokenizer), self.fim.prefix, self.fim.middle, self.fim.suffix, self.fim.pad}
+        if tokenizer.eos_token_id is not None:
+            ends.add(int(tokenizer.eos_token_id))
+        self.end_ids = sorted(ends)
+
+    def encode(self, text: str) -> list[int]:
+        """Code as plain text, as training saw it: a `<fim_prefix>` written in the code is text, not a token."""
+        from fimtune.tokenization import encode_batch
+
+        return encode_batch(self.tokenizer, [text])[0].tolist() if text else []
+
+    def encode_formatted(self, text: str) -> list[int]:
+        """A prompt a client formatted itself: special-token strings in it are the special tokens."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def build(
+        self,
+        prefix: str,
+        suffix: str,
+        mode: str = "psm",
+        max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS,
+        context: str = "",
+        trim_step: int = 1,
+    ) -> list[int]:
+        """Prompt ids for the hole between ``prefix`` and ``suffix``, fitted to ``max_input_tokens``.
+
+        ``context`` (other files) goes before the prefix and gets only the room the hole leaves.
+        """
+        budget = max_input_tokens - FIM_OVERHEAD
+        p, s = fit_context(self.encode(prefix), self.encode(suffix), budget, trim_step)
+        if context:
+            p = trim_start(self.encode(context), budget - len(p) - len(s), trim_step) + p
+        f = self.fim
+        if mode == "spm":
+            return [f.prefix, f.suffix, *s, f.middle, *p]
+        return [f.prefix, *p, f.suffix, *s, f.middle]
+
+    def split(self, text: str) -> tuple[str, str] | None:
+        """(prefix, suffix) of a prompt already in this model's PSM or SPM form, else None.
+
+        With StarCoder names, ``<fim_prefix>a<fim_suffix>b<fim_middle>`` gives ``('a', 'b')``.
+        """
+        p, s, m = self.names.prefix, self.names.suffix, self.names.middle
+        if any(text.count(t) != 1 for t in (p, s, m)) or not text.startswith(p):
+            return None
+        if text.endswith(m) and text.index(s) < text.index(m):  # PSM
+            prefix, suffix = text[len(p) : -len(m)].split(s)
+            return prefix, suffix
+        if text.startswith(p + s):  # SPM
+            suffix, prefix = text[len(p + s) :].split(m)
+            return prefix, suffix
+        return None
+
+    def template(self) -> dict[str, str]:
+        """The prompt layouts, for clients (`/info`)."""
+        n = self.names
+        return {
+            "psm": f"{n.prefix}{{prefix}}{n.suffix}{{suffix}}{n.middle}",
+            "spm": f"{n.prefix}{n.suffix}{{suffix}}{n.middle}{{prefix}}",
+        }
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def trim_start(ids: list[int], room: int, step: int = 1) -> list[int]:
+    """Drop tokens from the start of ``ids`` until it fits ``room``, in whole ``step`` s.
+
+    >>> trim_start([1, 2, 3, 4, 5], 4, step=2)
+    [3, 4, 5]
+    """
+    if len(ids) <= room:
+        return ids
+    return ids[min(len(ids), _round_up(len(ids) - max(room, 0), step)) :]
+
+
+def fit_context(prefix: list[int], suffix: list[int], budget: int, step: int = 1) -> tuple[list[int], list[int]]:
+    """Keep the end of ``prefix`` and the start of ``suffix`` within ``budget`` tokens.
+
+    Cuts move in whole ``step`` s (the kept suffix length rounds down, the prefix's dropped
+    length rounds up), so a prefix that grows by a token rarely moves either cut.
+
+    >>> fit_context([1, 2, 3, 4, 5, 6], [7, 8, 9, 10], 6)
+    ([2, 3, 4, 5, 6], [7])
+    >>> fit_context([1, 2], [7, 8, 9, 10], 6)
+    ([1, 2], [7, 8, 9, 10])
+    >>> fit_context(list(range(20)), list(range(20, 30)), 16, step=4)
+    ([8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [20, 21, 22, 23])
+    """
+    if budget <= 0:
+        raise FimtuneError(f"max_input_tokens leaves no room for the prompt (budget {budget})")
+    if len(prefix) + len(suffix) <= budget:
+        return prefix, suffix
+    keep_suffix = min(len(suffix), max(budget - len(prefix), budget // SUFFIX_SHARE))
+    if keep_suffix < len(suffix):
+        keep_suffix = max(keep_suffix // step * step, min(budget // SUFFIX_SHARE, keep_suffix))
+    return trim_start(prefix, budget - keep_suffix, step), suffix[:keep_suffix]
+
+
+# --------------------------------------------------------------------------------------
+# Stopping and streaming
+# --------------------------------------------------------------------------------------
+
+
+def postprocess(text: str, params: GenerationParams) -> tuple[str, bool]:
+    """Cut ``text`` at the first stop string (or, single-line, a newline after some text): (text, stopped).
+
+    Single-line mode keeps newlines that come before any text, so a completion may start
+    on the next line (after `def f():` the answer is often `\\n    return ...`).
+
+    >>> postprocess("\\n    return x\\ny = 1", GenerationParams(single_line=True))
+    ('\\n    return x', True)
+    """
+    cuts = [i for i in (text.find(s) for s in params.stop if s) if i >= 0]
+    if params.single_line:
+        start = len(text) - len(text.lstrip())
+        newline = text.find("\n", start)
+        if newline >= 0:
+            cuts.append(newline)
+    if not cuts:
+        return text, False
+    return text[: min(cuts)], True
+
+
+def holdback(text: str, stops: list[str]) -> int:
+    """How many trailing characters of ``text`` may still turn into a stop string (or a character).
+
+    >>> holdback("x = 1\\n", ["\\n#", "\\n\\n"])
+    1
+    """
+    held = len(text) - len(text.rstrip(REPLACEMENT_CHAR))
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:n]):
+                held = n
+                break
+    return held
+
+
+class TextTracker:
+    """Decodes one row's new tokens as they come: the text so far, and whether a stop string ended it."""
+
+    def __init__(self, prompter: FimPrompter, params: GenerationParams) -> None:
+        self.prompter = prompter
+        self.params = params
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters handed out by `push` and `flush`
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a generated (non-end) token; return the new text that is safe to show."""
+        self.ids.append(token)
+        self.text, self.stopped = postprocess(self.prompter.decode(self.ids), self.params)
+        end = len(self.text) if self.stopped else len(self.text) - holdback(self.text, self.params.stop)
+        piece = self.text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+    def flush(self) -> str:
+        """The text held back so far (at the end of generation)."""
+        piece, self.sent = self.text[self.sent :], len(self.text)
+        return piece
+
+
+# --------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------
+
+
+def pick_tokens(
+    logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V]: argmax, or temperature/top-k/top-p sampling."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True)
+        probs = ordered.softmax(dim=-1)
+        # drop a token when the tokens before it already hold top_p of the mass (the first always stays)
+        drop = probs.cumsum(dim=-1) - probs > params.top_p
+        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------
+# Batched completion with `generate` (evaluation, `fimtune complete`)
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def complete_batch(
+    model: Any, prompter: FimPrompter, holes: list[tuple[str, str]], params: GenerationParams
+) -> list[Completion]:
+    """Complete each (prefix, suffix) hole; the batch is left-padded and generated at once."""
+    prompts = [prompter.build(p, s, params.mode, params.max_input_tokens, trim_step=params.trim_step) for p, s in holes]
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    pad = prompter.fim.pad
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    sample = params.temperature > 0
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=params.max_new_tokens,
+        do_sample=sample,
+        temperature=params.temperature if sample else None,
+        top_p=params.top_p if sample else None,
+        top_k=params.top_k if sample else None,
+        eos_token_id=prompter.end_ids,
+        pad_token_id=pad,
+    )
+    return [_completion(prompter, row[width:].tolist(), len(p), params) for row, p in zip(out, prompts, strict=True)]
+
+
+def _completion(prompter: FimPrompter, new: list[int], n_prompt: int, params: GenerationParams) -> Completion:
+    ends = set(prompter.end_ids)
+    end = next((i for i, t in enumerate(new) if t in ends), None)
+    body = new if end is None else new[:end]
+    text = prompter.tokenizer.decode(body, skip_special_tokens=False)
+    text, stopped = postprocess(text, params)
+    reason = "stop" if end is not None or stopped else "length"
+    return Completion(text, n_prompt, len(body) + (end is not None), reason)
+
+
+# --------------------------------------------------------------------------------------
+# Loading for completion (safetensors only) and `fimtune complete`
+# --------------------------------------------------------------------------------------
+
+
+def require_safetensors(folder: Path, what: str) -> None:
+    """Refuse a weights folder that holds pickled weights (.bin, .pt) but no safetensors.
+
+    Pickle files can run code when loaded; fimtune loads safetensors only.
+    """
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or any(folder.glob("*.gguf")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise FimtuneError(
+            f"{what} '{folder}' holds only pickled weights ({', '.join(pickled)}); fimtune loads safetensors only: "
+            "convert them (e.g. load and `save_pretrained(DIR, safe_serialization=True)` where you trust them)"
+        )
+
+
+def check_weights(target: str | Path) -> None:
+    """Check that ``target`` (a run folder or a base model) and its base load from safetensors."""
+    from fimtune.hub import EMBEDDED, local_snapshot
+    from fimtune.model import is_run_dir
+
+    base = str(target)
+    if is_run_dir(target):
+        from fimtune.config import load_run_config
+
+        adapter = Path(target) / "adapter"
+        require_safetensors(adapter, "adapter folder")
+        if not (adapter / "adapter_model.safetensors").is_file():
+            raise FimtuneError(f"adapter folder '{adapter}' has no adapter_model.safetensors")
+        base = load_run_config(Path(target) / "config.yaml").model.name_or_path
+    if base == EMBEDDED or base.endswith(".gguf"):
+        return
+    path = Path(base).expanduser()
+    if path.is_dir():
+        require_safetensors(path, "model folder")
+    elif base.count("/") == 1 and (snap := local_snapshot(base)) is not None:
+        require_safetensors(snap, f"cached Hub model {base}")
+
+
+def merge_adapter(model: Any, name: str | None = None) -> None:
+    """Fold the LoRA weights of adapter ``name`` (default: the active one) into the base weights.
+
+    A merged model runs at the base model's speed (unmerged LoRA layers cost ~2x on a CPU).
+    """
+    if hasattr(model, "merge_adapter"):
+        model.merge_adapter(adapter_names=[name] if name else None)
+
+
+def _read_text(text: str | None, path: str | None, flag: str) -> str:
+    if path is None:
+        return text or ""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise FimtuneError(f"{flag} {path}: cannot read it as UTF-8 text ({e.__class__.__name__})") from None
+
+
+def params_from_args(ns: Any) -> GenerationParams:
+    """`fimtune complete` flags -> :class:`GenerationParams`, checked."""
+    params = GenerationParams(
+        max_new_tokens=ns.max_new_tokens,
+        temperature=ns.temperature,
+        top_p=ns.top_p,
+        top_k=getattr(ns, "top_k", 0) or 0,
+        stop=list(ns.stop or []),
+        single_line=ns.single_line,
+        mode=ns.mode,
+        max_input_tokens=getattr(ns, "max_input_tokens", None) or DEFAULT_MAX_INPUT_TOKENS,
+    )
+    checks = [
+        (params.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+        (params.temperature >= 0, "--temperature must be 0 (greedy) or more"),
+        (0 < params.top_p <= 1, "--top-p must be in (0, 1]"),
+        (params.top_k >= 0, "--top-k must be 0 (off) or more"),
+        (params.max_input_tokens > FIM_OVERHEAD, f"--max-input-tokens must be more than {FIM_OVERHEAD}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise FimtuneError(message)
+    return params
+
+
+def main(ns: Any) -> int:
+    """`fimtune complete`: print one completion of the hole between --prefix and --suffix."""
+    from fimtune.model import load_for_inference
+
+    prefix = _read_text(ns.prefix, ns.prefix_file, "--prefix-file")
+    suffix = _read_text(ns.suffix, ns.suffix_file, "--suffix-file")
+    params = params_from_args(ns)
+    check_weights(ns.target)
+    loaded = load_for_inference(ns.target)
+    merge_adapter(loaded.model)
+    [done] = complete_batch(loaded.model, FimPrompter(loaded.tokenizer), [(prefix, suffix)], params)
+    print(done.text)
+    print(
+        f"[{done.prompt_tokens} prompt tokens, {done.completion_tokens} new tokens, {done.finish_reason}]",
+        file=sys.stderr,
+    )
+    return 0
