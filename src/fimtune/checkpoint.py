@@ -110,6 +110,11 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(ckpt_root)
+    except Exception as e:  # disk full, quota, permissions (safetensors raises its own type for these)
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise FimtuneError(f"could not write checkpoint step {step} in '{ckpt_root}' ({e}); {kept}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -116,12 +117,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
     cfg = load_run_config(ns.config, ns.overrides)
     from fimtune.train import describe_plan
 
-    print(describe_plan(cfg))
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one plan, not one per process
+        print(describe_plan(cfg))
     if ns.dry_run:
         return 0
     from fimtune.train import fit
 
-    run_dir = fit(cfg, resume=ns.resume)
+    run_dir = fit(cfg, resume=ns.resume, stop_after=ns.stop_after)
     print(f"run folder: {run_dir}")
     return 0
 
@@ -142,6 +144,14 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from fimtune.serve.app import main as serve
 
     return serve(ns)
+
+
+def cmd_merge(ns: argparse.Namespace) -> int:
+    from fimtune.merge import merge_run
+
+    out = merge_run(Path(ns.run), Path(ns.out), overwrite=ns.overwrite)
+    print(f"merged model written to {out} (loads with AutoModelForCausalLM.from_pretrained)")
+    return 0
 
 
 def cmd_config(ns: argparse.Namespace) -> int:
@@ -226,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10 output_dir=runs/x")
     train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     train.add_argument("--dry-run", action="store_true", help="print the plan and exit (no weights, no data)")
+    train.add_argument(
+        "--stop-after", type=int, metavar="STEP", help="stop after this step with a checkpoint; --resume continues"
+    )
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser(
@@ -259,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--max-new-tokens", type=int, default=128)
     comp.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     comp.add_argument("--top-p", type=float, default=0.95)
+    comp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    comp.add_argument("--max-input-tokens", type=int, default=2048, help="fit the prompt to this many tokens")
     comp.add_argument("--mode", choices=["psm", "spm"], default="psm", help="prompt layout")
     comp.add_argument("--single-line", action="store_true", help="stop at the first newline")
     comp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -275,7 +290,34 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8080)
     srv.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
+    srv.add_argument(
+        "--mode",
+        choices=["auto", "psm", "spm"],
+        default="auto",
+        help="prompt layout (auto: SPM if the run trained on it)",
+    )
+    srv.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32 on CPU)")
+    srv.add_argument("--quantize", choices=["int8"], help="CPU: int8 weights, ~2x faster tokens (one model only)")
+    srv.add_argument("--threads", type=int, help="CPU threads for generation (default: torch's choice)")
+    lim = srv.add_argument_group("limits (shown in GET /info)")
+    lim.add_argument("--max-input-tokens", type=int, help="prompt tokens; FIM prompts are fitted (default 2048)")
+    lim.add_argument("--max-new-tokens", type=int, help="new tokens a request may ask for (default 256)")
+    lim.add_argument("--max-body-bytes", type=int, help="request body size (default 1000000)")
+    lim.add_argument("--timeout", type=float, help="seconds a request may take, queue included (default 60)")
+    lim.add_argument("--queue-size", type=int, help="requests waiting before 503 + Retry-After (default 32)")
+    lim.add_argument("--max-batch-size", type=int, help="requests generated together (default 8)")
     srv.set_defaults(func=cmd_serve)
+
+    merge = sub.add_parser(
+        "merge",
+        parents=[common],
+        help="merge a run's LoRA adapter into its base: a plain transformers model",
+        description="Write a standalone model (weights with LoRA merged, FIM tokens, tokenizer) to --out.",
+    )
+    merge.add_argument("run", help="a run folder written by `fimtune train`")
+    merge.add_argument("--out", required=True, help="output folder (written atomically)")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    merge.set_defaults(func=cmd_merge)
 
     config = sub.add_parser("config", parents=[common], help="list config fields, or print a resolved config")
     config.add_argument("--config", help="a YAML run config to resolve")

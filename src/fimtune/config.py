@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import os
 import textwrap
 import types
 import typing
@@ -428,5 +429,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write ``cfg`` as YAML (the resolved config of a run)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write ``cfg`` as YAML (the resolved config of a run), atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)

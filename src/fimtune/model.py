@@ -343,8 +343,13 @@ def load_for_inference(
     return Loaded(model.eval(), tokenizer, str(target))
 
 
-def load_run(run_dir: Path, device: torch.device, dtype: torch.dtype | None = None) -> Loaded:
-    """The base model of a run with its adapter attached (PEFT), and the run's tokenizer."""
+def load_run(
+    run_dir: Path, device: torch.device, dtype: torch.dtype | None = None, model_cfg: ModelConfig | None = None
+) -> Loaded:
+    """The base model of a run with its adapter attached (PEFT), and the run's tokenizer.
+
+    ``model_cfg`` replaces the run's model section (e.g. to load a QLoRA base unquantized).
+    """
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -352,7 +357,7 @@ def load_run(run_dir: Path, device: torch.device, dtype: torch.dtype | None = No
 
     cfg = load_run_config(run_dir / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
-    base = load_base_model(cfg.model, device, dtype)
+    base = load_base_model(model_cfg or cfg.model, device, dtype)
     if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
         # The added rows' trained values come from the adapter; the start values do not matter.
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)

@@ -370,7 +370,11 @@ class TrainRows:
 
 
 class EvalRows:
-    """Evaluation rows: each ``for`` loop runs over the split's packed rows once (FIM drawn once, epoch 0)."""
+    """Evaluation rows: each ``for`` loop runs over the split's packed rows once (FIM drawn once, epoch 0).
+
+    With ``world_size`` > 1, process ``rank`` takes rows ``rank, rank + world_size, ...``: together the
+    processes cover every row exactly once (the caller sums losses and token counts across them).
+    """
 
     def __init__(self, docs: Documents, spec: PackSpec, rank: int = 0, world_size: int = 1) -> None:
         self.packed = pack_epoch(docs, spec, 0, _line_points(docs, spec))
@@ -381,11 +385,12 @@ class EvalRows:
         return self.packed.stats
 
     def __len__(self) -> int:
-        return len(self.packed) // self.world_size
+        """Rows of this process: every row is evaluated once, so counts may differ by one across ranks."""
+        return len(range(self.rank, len(self.packed), self.world_size))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for k in range(len(self)):
-            yield self.packed.row(k * self.world_size + self.rank)
+        for k in range(self.rank, len(self.packed), self.world_size):
+            yield self.packed.row(k)
 
 
 def _line_points(docs: Documents, spec: PackSpec) -> tuple | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +70,12 @@ def make_accelerator(cfg: RunConfig) -> Any:
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mp)
+    # cpu=True on machines without CUDA: several processes (`accelerate launch --multi_gpu`,
+    # torchrun) then form a gloo process group instead of running alone.
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
 
 
-def setup(cfg: RunConfig) -> Setup:
+def setup(cfg: RunConfig, accelerator: Any) -> Setup:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -80,7 +83,6 @@ def setup(cfg: RunConfig) -> Setup:
     from fimtune.model import add_token_rows, attach_lora, load_base_model
     from fimtune.tokens import ensure_fim_tokens
 
-    accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     tokenizer = _fresh_tokenizer(cfg.model.name_or_path)
     fim_tokens, added = ensure_fim_tokens(tokenizer)
@@ -161,11 +163,14 @@ def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
 def validate(s: Setup, max_batches: int | None) -> dict[str, float]:
     """Mean validation loss per label token (all processes), with perplexity."""
     s.model.eval()
+    # The unwrapped model: no DDP hooks, so processes may run different numbers of batches.
+    model = s.accelerator.unwrap_model(s.model)
     total = torch.zeros(2, device=s.accelerator.device, dtype=torch.float64)
     for i, batch in enumerate(s.make_eval_rows()):
         if max_batches is not None and i >= max_batches:
             break
-        loss, n = summed_loss(s.model, _to_device(batch, s.accelerator.device))
+        with s.accelerator.autocast():
+            loss, n = summed_loss(model, _to_device(batch, s.accelerator.device))
         total += torch.tensor([loss.item(), n], device=total.device, dtype=torch.float64)
     s.model.train()
     total = s.accelerator.reduce(total, reduction="sum")
@@ -191,15 +196,20 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     (the schedule still spans ``max_steps``); ``fit(cfg, resume=True)`` continues it.
     """
     run_dir = Path(cfg.output_dir)
-    prepare_run_dir(run_dir, resume)
-    s = setup(cfg)
+    accelerator = make_accelerator(cfg)
+    from_checkpoint = prepare_run_dir(run_dir, resume)  # every process checks before any writes
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    s = setup(cfg, accelerator)
     acc, tc = s.accelerator, cfg.train
-    start_step = restore(s, run_dir) if resume else 0
+    start_step = restore(s, run_dir) if from_checkpoint else 0
     if acc.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
         s.tokenizer.save_pretrained(run_dir / "tokenizer")
     acc.wait_for_everyone()
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=acc.is_main_process)
+    metrics.truncate(start_step)  # events logged after the checkpoint by an interrupted run
     bar = _progress(start_step, s.max_steps, disable=not acc.is_main_process)
     s.model.train()
     train_seconds, tokens_since = 0.0, 0  # since the last log; validation time excluded
@@ -276,27 +286,34 @@ def _progress(start: int, total: int, disable: bool) -> Any:
     return tqdm(total=total, initial=start, desc="train", unit="step", disable=disable, dynamic_ncols=True)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    """A new run needs an empty folder; a resumed one needs a checkpoint."""
+def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
+    """Check the run folder; return whether to restore a checkpoint.
+
+    A new run needs an empty folder. ``--resume`` needs a checkpoint, or a run interrupted
+    before its first one (an empty folder, or its config.yaml is there): that starts over.
+    """
     if resume:
-        if checkpoint.latest_checkpoint(run_dir) is None:
-            raise FimtuneError(f"--resume: '{run_dir}' holds no checkpoint to resume from")
-        return
+        if checkpoint.latest_checkpoint(run_dir) is not None:
+            return True
+        if not run_dir.exists() or not any(run_dir.iterdir()) or (run_dir / "config.yaml").is_file():
+            return False
+        raise FimtuneError(f"--resume: '{run_dir}' holds no checkpoint to resume from")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FimtuneError(f"output_dir '{run_dir}' is not empty: pass --resume to continue it, or output_dir=NEW_DIR")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    return False
 
 
 def save(s: Setup, run_dir: Path, step: int) -> None:
     acc = s.accelerator
     acc.wait_for_everyone()
+    state_dict = acc.get_state_dict(s.model)  # collective: gathers shards under FSDP / ZeRO-3
     if acc.is_main_process:
         model = acc.unwrap_model(s.model)
 
         def save_adapter(folder: Path) -> None:
-            # Added token rows are saved by their trainable-token adapter (or modules_to_save):
-            # never the whole resized embedding matrix (113 MB for SmolLM2) in every checkpoint.
-            model.save_pretrained(folder, save_embedding_layers=False)
+            # PEFT keeps only the adapter's keys. Added token rows are saved by their trainable-token
+            # adapter (or modules_to_save), never the whole resized embedding matrix in every checkpoint.
+            model.save_pretrained(folder, state_dict=state_dict, save_embedding_layers=False)
 
         checkpoint.save_checkpoint(run_dir, step, save_adapter, s.optimizer, s.scheduler, s.train_rows.state_dict())
     acc.wait_for_everyone()
@@ -324,6 +341,22 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
         self.tb = _tensorboard(path.parent) if enabled else None
+
+    def truncate(self, step: int) -> None:
+        """Keep the events before ``step`` (and the training log of ``step`` itself); atomic."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by a crash
+                continue
+            if rec.get("step", 0) < step or (rec.get("step") == step and "loss" in rec):
+                kept.append(line + "\n")
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled or len(record) <= 1:

@@ -1,0 +1,95 @@
+"""Training under `accelerate launch` with 2 CPU processes (gloo), without code changes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import tiny
+from tests.conftest import STARCODER_SPECIALS, corpus_texts, train_tiny_tokenizer, write_dataset_dir
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    tok = train_tiny_tokenizer(STARCODER_SPECIALS)
+    tiny.save_model_folder(tiny.llama(len(tok)), tok, root / "base")
+    texts = corpus_texts(12, lines_per_doc=12)[:10]
+    write_dataset_dir(root / "data", texts * 4, texts[:4])
+    return root
+
+
+def train(root: Path, name: str, processes: int, batch_size: int, *flags: str) -> Path:
+    args = [
+        "train",
+        f"model.name_or_path={root / 'base'}",
+        f"data.path={root / 'data'}",
+        f"output_dir={root / name}",
+        "packing.seq_length=64",
+        f"train.batch_size={batch_size}",
+        "train.max_steps=6",
+        "train.eval_every=3",
+        "train.log_every=1",
+        "train.save_every=0",
+        "lora.dropout=0",
+        *flags,
+    ]
+    if processes == 1:
+        cmd = [sys.executable, "-m", "fimtune", *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "0",
+            "-m",
+            "fimtune",
+            *args,
+        ]
+    env = {**os.environ, "FIMTUNE_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return root / name
+
+
+def records(run: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def test_two_processes_match_one_with_the_same_global_batch(setup_dirs):
+    one = train(setup_dirs, "one", 1, 4)
+    two = train(setup_dirs, "two", 2, 2)
+    for key in ("loss", "val_loss"):
+        a, b = records(one, key), records(two, key)
+        assert a.keys() == b.keys() and len(a) >= 3
+        assert list(b.values()) == pytest.approx(list(a.values()), rel=1e-5)
+    # Only rank 0 writes: one metrics line per event, one checkpoint, no stray files.
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == len(
+        (one / "metrics.jsonl").read_text().splitlines()
+    )
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_two_process_checkpoint_resumes_exactly(setup_dirs):
+    whole = train(setup_dirs, "whole", 2, 2)
+    train(setup_dirs, "parted", 2, 2, "--stop-after", "3")
+    parted = train(setup_dirs, "parted", 2, 2, "--resume")
+    assert records(parted, "loss") == pytest.approx(records(whole, "loss"), rel=1e-6)
+    assert records(parted, "val_loss") == pytest.approx(records(whole, "val_loss"), rel=1e-6)

@@ -1,0 +1,136 @@
+"""Faults during training: SIGKILL at random moments, a NaN loss, a full disk while saving."""
+
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fimtune import checkpoint
+from fimtune.errors import FimtuneError
+from tests.test_train import model_dir, quiet_fit, repetitive_data, run_config  # noqa: F401
+
+ROOT = Path(__file__).parents[1]
+
+
+def cli_args(tmp_path: Path, base: Path, data: Path, name: str, steps: int) -> list[str]:
+    return [
+        "train",
+        f"model.name_or_path={base}",
+        f"data.path={data}",
+        f"output_dir={tmp_path / name}",
+        "packing.seq_length=64",
+        "train.batch_size=4",
+        f"train.max_steps={steps}",
+        "train.eval_every=5",
+        "train.log_every=1",
+        "train.save_every=1",
+        "lora.dropout=0.1",
+    ]
+
+
+def logged_steps(metrics: Path) -> int:
+    if not metrics.is_file():
+        return 0
+    steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if x.endswith("}")]
+    return max(steps, default=0)
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    steps = 100
+    env = {**os.environ, "FIMTUNE_CACHE": os.environ["FIMTUNE_CACHE"], "OMP_NUM_THREADS": "1"}
+    whole_cmd = [sys.executable, "-m", "fimtune", *cli_args(tmp_path, base, repetitive_data, "whole", steps)]
+    subprocess.run(whole_cmd, cwd=ROOT, env=env, capture_output=True, timeout=600, check=True)
+    whole = tmp_path / "whole"
+    rng = random.Random(0)
+    kills, metrics = 0, tmp_path / "killed" / "metrics.jsonl"
+    for attempt in range(5):
+        cmd = [sys.executable, "-m", "fimtune", *cli_args(tmp_path, base, repetitive_data, "killed", steps)]
+        if attempt:
+            cmd.append("--resume")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Let it train a random number of steps (a checkpoint is written after every step), then kill it
+        # a random fraction of a step later: sometimes mid-step, sometimes mid-checkpoint.
+        target, deadline = logged_steps(metrics) + rng.randint(2, 12), time.monotonic() + 120
+        while proc.poll() is None and logged_steps(metrics) < target and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.15))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills == 5, "the run finished before it could be killed: give it more steps"
+    res = subprocess.run(
+        [sys.executable, "-m", "fimtune", *cli_args(tmp_path, base, repetitive_data, "killed", steps), "--resume"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = adapter(whole), adapter(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in losses if "loss" in r) == list(range(1, steps + 1))  # no step twice
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    cfg = run_config(
+        tmp_path,
+        base,
+        repetitive_data,
+        "nan",
+        "train.learning_rate=1e12",
+        "train.max_grad_norm=0",
+        "train.save_every=1",
+        "train.eval_every=0",
+        "train.max_steps=30",
+    )
+    with pytest.raises(FimtuneError, match=r"loss became (nan|inf) at step (\d+)") as err:
+        quiet_fit(cfg)
+    failed = int(str(err.value).split("at step ")[1].split(";")[0])
+    last = checkpoint.latest_checkpoint(tmp_path / "nan")
+    assert last is not None and last.name == f"step-{failed - 1:06d}"
+    assert all(torch.isfinite(t).all() for t in adapter(tmp_path / "nan").values())
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    args = cli_args(tmp_path, base, repetitive_data, "disk", 4)
+    quiet_fit(run_config(tmp_path, base, repetitive_data, "disk", *args[1:], "train.max_steps=4", "train.save_every=2"))
+    run = tmp_path / "disk"
+    before = {p.name for p in checkpoint.checkpoints(run)}
+    state_size = (run / "state" / "training_state.pt").stat().st_size
+    small = max(p.stat().st_size for p in run.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
+    limit = small + 4096
+    assert limit < state_size, "the fake disk limit must stop the checkpoint, not the rest"
+
+    def fill_disk():  # files may grow to `limit` bytes, then writes fail with EFBIG like a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    cmd = [sys.executable, "-m", "fimtune", *args, "train.max_steps=8", "train.save_every=2", "--resume"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=fill_disk)
+    assert res.returncode == 2
+    assert "could not write checkpoint step 6" in res.stderr and "is intact" in res.stderr
+    assert {p.name for p in checkpoint.checkpoints(run)} == before
+    assert checkpoint.latest_checkpoint(run).name == "step-000004"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert adapter(run)  # still loads

@@ -1,0 +1,234 @@
+"""Completion engine: FIM prompts, context fitting, stopping, sampling, the decoder and its KV-cache reuse."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fimtune.generate import (
+    Completion,
+    FimPrompter,
+    GenerationParams,
+    TextTracker,
+    complete_batch,
+    fit_context,
+    pick_tokens,
+    postprocess,
+)
+from fimtune.serve.decoding import Decoder, Row
+from tests import tiny
+from tests.conftest import code_samples
+
+SOURCE = code_samples()[0]
+BUDGET = 200  # the tiny GPTBigCode has 256 positions
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine those threads spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(family: str, tokenizer):
+    model = {"gpt_bigcode": tiny.gpt_bigcode, "llama": tiny.llama}[family](len(tokenizer))
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def holes(n: int) -> list[tuple[str, str]]:
+    return [(SOURCE[: 150 + 41 * i], SOURCE[300 + 29 * i : 500 + 17 * i]) for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------
+
+
+def test_psm_and_spm_layouts_and_split(tiny_tokenizer):
+    pr = FimPrompter(tiny_tokenizer)
+    f = pr.fim
+    p, s = pr.encode("def f(x):\n    "), pr.encode("\nprint(f(1))\n")
+    assert pr.build("def f(x):\n    ", "\nprint(f(1))\n") == [f.prefix, *p, f.suffix, *s, f.middle]
+    assert pr.build("def f(x):\n    ", "\nprint(f(1))\n", "spm") == [f.prefix, f.suffix, *s, f.middle, *p]
+    assert pr.split("<fim_prefix>a = <fim_suffix>\nb<fim_middle>") == ("a = ", "\nb")
+    assert pr.split("<fim_prefix><fim_suffix>\nb<fim_middle>a = ") == ("a = ", "\nb")
+    assert pr.split("a = 1") is None and pr.split("<fim_prefix>a<fim_middle>") is None
+    psm = pr.template()["psm"].format(prefix="a = ", suffix="\nb")
+    assert pr.encode_formatted(psm) == pr.build("a = ", "\nb")
+
+
+def test_fim_token_text_in_code_stays_text(tiny_tokenizer):
+    pr = FimPrompter(tiny_tokenizer)
+    ids = pr.build("s = '<fim_middle>'", "")
+    assert ids.count(pr.fim.middle) == 1 and ids[-1] == pr.fim.middle
+
+
+@pytest.mark.parametrize("step", [1, 16, 64])
+def test_fit_context_keeps_the_text_nearest_the_cursor(step):
+    rng = random.Random(step)
+    for _ in range(200):
+        prefix, suffix = list(range(rng.randrange(400))), list(range(1000, 1000 + rng.randrange(400)))
+        budget = rng.randrange(20, 300)
+        p, s = fit_context(prefix, suffix, budget, step)
+        assert len(p) + len(s) <= budget
+        assert p == prefix[len(prefix) - len(p) :] and s == suffix[: len(s)]
+        if len(prefix) + len(suffix) <= budget:
+            assert (p, s) == (prefix, suffix)
+        if 0 < len(p) < len(prefix):  # dropped in whole steps (or all of it)
+            assert (len(prefix) - len(p)) % step == 0
+
+
+def test_a_growing_prefix_rarely_moves_the_window_start():
+    suffix = list(range(1000, 1100))
+    starts = {fit_context(list(range(n)), suffix, BUDGET, 64)[0][0] for n in range(300, 428)}
+    assert len(starts) <= 3  # 128 keystrokes of one token, the start moved twice at most
+
+
+def test_context_files_are_trimmed_before_the_hole(tiny_tokenizer):
+    pr = FimPrompter(tiny_tokenizer)
+    prefix, suffix = "def f(x):\n    ", "\nprint(f(1))\n"
+    plain = pr.build(prefix, suffix, max_input_tokens=BUDGET)
+    ids = pr.build(prefix, suffix, max_input_tokens=BUDGET, context=SOURCE)
+    assert len(plain) < len(ids) <= BUDGET
+    assert ids[-len(plain) + 1 :] == plain[1:]  # the hole is whole; the context's end sits before the prefix
+
+
+# --------------------------------------------------------------------------------------
+# Stopping and sampling
+# --------------------------------------------------------------------------------------
+
+
+def test_postprocess_stops():
+    assert postprocess("a\nb<stop>c", GenerationParams(stop=["<stop>"])) == ("a\nb", True)
+    assert postprocess("a\nb", GenerationParams(single_line=True)) == ("a", True)
+    assert postprocess("a<s>b\nc", GenerationParams(stop=["\n", "<s>"])) == ("a", True)
+    assert postprocess("abc", GenerationParams(stop=["x"])) == ("abc", False)
+
+
+def test_streamed_pieces_never_show_a_stop_string(tiny_tokenizer):
+    pr = FimPrompter(tiny_tokenizer)
+    params = GenerationParams(stop=["\n\n"])
+    tracker = TextTracker(pr, params)
+    pieces = []
+    for token in pr.encode("x = 1\n\ny = 2"):
+        pieces.append(tracker.push(token))
+        if tracker.stopped:
+            break
+    assert tracker.stopped and tracker.text == "x = 1"
+    assert "".join(pieces) == "x = 1" and not any("\n" in p for p in pieces)
+
+
+def test_pick_tokens():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0], [5.0, 0.0, 0.0, 0.0]])
+    assert pick_tokens(logits, GenerationParams()).tolist() == [1, 0]
+    assert pick_tokens(logits, GenerationParams(temperature=1.0, top_k=1)).tolist() == [1, 0]
+    assert pick_tokens(logits, GenerationParams(temperature=1.0, top_p=0.01)).tolist() == [1, 0]
+
+    def draws(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [pick_tokens(logits, GenerationParams(temperature=1.0, top_k=2), gen).tolist() for _ in range(20)]
+
+    assert draws(1) == draws(1)
+    assert {d[0] for d in draws(2)} == {1, 2}  # top-2: both near-ties are drawn, never 0 or 3
+
+
+# --------------------------------------------------------------------------------------
+# The decoder against `generate`
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])
+def test_decoder_is_greedy_generate_alone_and_batched(tiny_tokenizer, family):
+    model, pr = tiny_model(family, tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=16, max_input_tokens=BUDGET, stop=["\n\n\n"])
+    expected = [complete_batch(model, pr, [h], params)[0] for h in holes(5)]
+    rows = [Row(pr.build(p, s, max_input_tokens=BUDGET), params) for p, s in holes(5)]
+    decoder = Decoder(model, pr)
+    alone = [decoder.run([row])[0] for row in rows]
+    batched = decoder.run(rows)
+    for done in (alone, batched):
+        assert [(c.text, c.completion_tokens, c.finish_reason) for c in done] == [
+            (c.text, c.completion_tokens, c.finish_reason) for c in expected
+        ]
+
+
+@pytest.mark.parametrize("mode", ["spm", "psm"])
+def test_kv_cache_reuse_gives_the_same_greedy_output_and_feeds_few_tokens(tiny_tokenizer, mode):
+    model, pr = tiny_model("llama", tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=8, mode=mode, max_input_tokens=BUDGET, trim_step=16)
+    reusing, fresh = Decoder(model, pr), Decoder(model, pr, cache_slots=0)
+    suffix, fed = SOURCE[2000:2300], []
+    cursor = [1500 + 4 * i for i in range(12)] + [1530, 1520]  # typing, then deleting
+    for end in cursor:
+        prompt = pr.build(SOURCE[:end], suffix, mode, BUDGET, trim_step=16)
+        before = reusing.stats.fed_tokens
+        a = reusing.run([Row(prompt, params)])[0]
+        fed.append(reusing.stats.fed_tokens - before)
+        assert a.text == fresh.run([Row(prompt, params)])[0].text
+        assert a.cached_tokens == len(prompt) - fed[-1]
+    if mode == "spm":  # the suffix comes first: only the typed tokens (and a moved window) are fed
+        assert sorted(fed[1:])[len(fed) // 2] <= 4 and fed[0] > 150
+    else:  # the suffix follows the prefix: it is fed again each time
+        assert min(fed[1:]) > 40
+    assert reusing.stats.cached_tokens > fresh.stats.cached_tokens == 0
+
+
+class EndsAfter(torch.nn.Module):
+    """A model whose end token wins once ``n`` tokens were generated after a ``prompt_len`` prompt."""
+
+    def __init__(self, inner, prompt_len: int, n: int, end: int) -> None:
+        super().__init__()
+        self.inner, self.config, self.last, self.end = inner, inner.config, prompt_len - 1 + n, end
+
+    def forward(self, input_ids, position_ids, cache=None, logits_to_keep=0, **kw):
+        out = self.inner(input_ids=input_ids, position_ids=position_ids, cache=cache, logits_to_keep=logits_to_keep)
+        if int(position_ids.max()) >= self.last:
+            out.logits[..., self.end] = 1e4
+        return out
+
+
+def test_end_token_and_cancellation_stop_a_row(tiny_tokenizer):
+    model, pr = tiny_model("llama", tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    prompt = pr.build("def f(x):\n", "", max_input_tokens=BUDGET)
+    params = GenerationParams(max_new_tokens=20)
+    free = Decoder(model, pr).run([Row(prompt, params)])[0]
+    ended = Decoder(EndsAfter(model, len(prompt), 5, pr.fim.middle), pr).run([Row(prompt, params)])[0]
+    assert (ended.completion_tokens, ended.finish_reason) == (6, "stop")
+    assert free.text.startswith(ended.text) and free.completion_tokens == 20
+    streamed = []
+    steps = iter(range(100))
+    row = Row(prompt, params, on_token=lambda t, text, end: streamed.append(t), should_stop=lambda: next(steps) >= 3)
+    cut = Decoder(model, pr).run([row])[0]
+    assert cut.completion_tokens == len(streamed) < 20
+
+
+def test_complete_command_prints_the_completion(tmp_path, tiny_tokenizer, capsys):
+    from fimtune.cli import main
+
+    model = tiny_model("llama", tiny_tokenizer)
+    folder = tiny.save_model_folder(model, tiny_tokenizer, tmp_path / "base")
+    (tmp_path / "prefix.py").write_text("def f(x):\n    ")
+    args = [
+        "complete",
+        str(folder),
+        "--prefix-file",
+        str(tmp_path / "prefix.py"),
+        "--suffix",
+        "\n",
+        "--max-new-tokens",
+        "6",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    expected: Completion = complete_batch(
+        model, FimPrompter(tiny_tokenizer), [("def f(x):\n    ", "\n")], GenerationParams(max_new_tokens=6)
+    )[0]
+    assert out.out == expected.text + "\n"
+    assert "new tokens" in out.err
+    assert main(["complete", str(folder), "--prefix-file", str(tmp_path / "missing.py")]) == 2
+    assert "--prefix-file" in capsys.readouterr().err
