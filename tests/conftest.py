@@ -113,6 +113,13 @@ def token_cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache" / "tokens"
 
 
+@pytest.fixture
+def repetitive_data(tmp_path) -> Path:
+    """A small corpus that repeats itself, so a tiny model's loss must fall quickly."""
+    texts = corpus_texts(12, lines_per_doc=12)[:10]
+    return write_dataset_dir(tmp_path / "data", texts * 4, texts[:3])
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` run only where CUDA is available."""
     import torch

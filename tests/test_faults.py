@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from fimtune import checkpoint
 from fimtune.errors import FimtuneError
-from tests.test_train import model_dir, quiet_fit, repetitive_data, run_config  # noqa: F401
+from tests.runs import model_dir, quiet_fit, run_config
 
 ROOT = Path(__file__).parents[1]
 

@@ -17,7 +17,7 @@ from fimtune.generate import (
     pick_tokens,
     postprocess,
 )
-from fimtune.serve.decoding import Decoder, Row
+from fimtune.serve.decoding import Decoder, Row, common_prefix
 from tests import tiny
 from tests.conftest import code_samples
 
@@ -157,6 +157,18 @@ def test_decoder_is_greedy_generate_alone_and_batched(tiny_tokenizer, family):
         ]
 
 
+def test_the_kv_buffers_grow_past_their_first_size(tiny_tokenizer):
+    from fimtune.serve.decoding import MIN_CACHE_ROOM
+
+    model, pr = tiny_model("llama", tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=MIN_CACHE_ROOM, max_input_tokens=150)
+    two = holes(2)
+    expected = [c.text for c in complete_batch(model, pr, two, params)]
+    rows = [Row(pr.build(p, s, max_input_tokens=150), params) for p, s in two]
+    assert [Decoder(model, pr).run([row])[0].text for row in rows] == expected
+    assert [c.text for c in Decoder(model, pr).run(rows)] == expected
+
+
 @pytest.mark.parametrize("mode", ["spm", "psm"])
 def test_kv_cache_reuse_gives_the_same_greedy_output_and_feeds_few_tokens(tiny_tokenizer, mode):
     model, pr = tiny_model("llama", tiny_tokenizer), FimPrompter(tiny_tokenizer)
@@ -232,3 +244,14 @@ def test_complete_command_prints_the_completion(tmp_path, tiny_tokenizer, capsys
     assert "new tokens" in out.err
     assert main(["complete", str(folder), "--prefix-file", str(tmp_path / "missing.py")]) == 2
     assert "--prefix-file" in capsys.readouterr().err
+
+
+def test_doctests():
+    import doctest
+
+    from fimtune import generate
+    from fimtune.serve import decoding
+
+    for module in (generate, decoding):
+        assert doctest.testmod(module).failed == 0
+    assert common_prefix([1, 2], [1, 2, 3]) == 2

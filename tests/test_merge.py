@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fimtune.cli import main
 from fimtune.model import load_run
-from tests.test_train import model_dir, quiet_fit, repetitive_data, run_config  # noqa: F401
+from tests.runs import model_dir, quiet_fit, run_config
 
 
 @pytest.mark.parametrize(("family", "fim_in_vocab"), [("gpt_bigcode", False), ("llama", True)])

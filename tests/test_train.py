@@ -1,9 +1,7 @@
 """The training loop end to end on tiny GPTBigCode and Llama models, on real files."""
 
-import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -11,53 +9,9 @@ import torch
 
 from fimtune.config import load_run_config
 from fimtune.dataset import training_rows
-from fimtune.train import fit, forward_logits
+from fimtune.train import forward_logits
 from tests import tiny
-from tests.conftest import corpus_texts, write_dataset_dir
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def repetitive_data(tmp_path) -> Path:
-    """A small corpus that repeats itself, so a tiny model's loss must fall quickly."""
-    texts = corpus_texts(12, lines_per_doc=12)[:10]
-    return write_dataset_dir(tmp_path / "data", texts * 4, texts[:3])
-
-
-def model_dir(tmp_path: Path, tokenizer, family: str) -> Path:
-    make = {"gpt_bigcode": tiny.gpt_bigcode, "llama": tiny.llama}[family]
-    return tiny.save_model_folder(make(len(tokenizer)), tokenizer, tmp_path / f"base-{family}")
-
-
-def run_config(tmp_path, base: Path, data: Path, name: str = "run", *extra: str):
-    return load_run_config(
-        None,
-        [
-            f"output_dir={tmp_path / name}",
-            f"model.name_or_path={base}",
-            f"data.path={data}",
-            "packing.seq_length=64",
-            "train.batch_size=4",
-            "train.max_steps=40",
-            "train.learning_rate=2e-2",
-            "train.warmup_steps=2",
-            "train.eval_every=10",
-            "train.log_every=1",
-            "train.save_every=10",
-            "lora.r=8",
-            "lora.alpha=16",
-            *extra,
-        ],
-    )
-
-
-def quiet_fit(cfg, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fit(cfg, **kw)
+from tests.runs import metrics, model_dir, quiet_fit, run_config
 
 
 @pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])
