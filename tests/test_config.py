@@ -101,3 +101,13 @@ def test_load_config_generic_dataclass(tmp_path):
     p.write_text("near_dedup_threshold: 0.9\nsplit_by: repo\n")
     cfg = load_config(CorpusConfig, p)
     assert (cfg.near_dedup_threshold, cfg.split_by) == (0.9, "repo")
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes >= 2 and cfg.distributed_type is not None
