@@ -155,6 +155,11 @@ def cmd_merge(ns: argparse.Namespace) -> int:
 
 
 def cmd_config(ns: argparse.Namespace) -> int:
+    if ns.markdown:
+        from fimtune.config import reference_markdown
+
+        print(reference_markdown(), end="")
+        return 0
     if ns.config or ns.overrides:
         import yaml
 
@@ -321,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", parents=[common], help="list config fields, or print a resolved config")
     config.add_argument("--config", help="a YAML run config to resolve")
+    config.add_argument("--markdown", action="store_true", help="the field reference as Markdown (the README's)")
     config.add_argument("overrides", nargs="*", help="key=value overrides")
     config.set_defaults(func=cmd_config)
     return parser

@@ -257,6 +257,27 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
     return rows
 
 
+def reference_markdown() -> str:
+    """The config reference as Markdown tables, one per section, from the field docstrings."""
+    lines: list[str] = []
+    section = None
+    for key, tp, default, doc in describe(RunConfig):
+        head = key.split(".")[0] if "." in key else "run"
+        if head != section:
+            section = head
+            title = "top level" if head == "run" else f"`{head}`"
+            lines += ["", f"#### {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        lines.append(_row(key, tp, default, doc))
+    lines += ["", "#### `fimtune data build` flags", "", "| flag | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default, doc in describe(CorpusConfig):
+        lines.append(_row("--" + key.replace("_", "-"), tp, default, doc))
+    return "\n".join(lines).strip() + "\n"
+
+
+def _row(key: str, tp: str, default: str, doc: str) -> str:
+    return f"| `{key}` | `{tp.replace('|', '&#124;')}` | `{default}` | {doc.replace('|', '&#124;')} |"
+
+
 def type_name(tp: Any) -> str:
     """A short human name for a type hint: `int`, `list[str] | None`, `cosine|linear`."""
     origin = typing.get_origin(tp)
