@@ -111,3 +111,7 @@ def test_shipped_accelerate_configs_load(path):
 
     cfg = load_config_from_file(str(path))
     assert cfg.num_processes >= 2 and cfg.distributed_type is not None
+
+
+def test_bare_no_is_the_string_not_false():
+    assert load_run_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"

@@ -17,7 +17,8 @@ from fimtune.generate import (
     pick_tokens,
     postprocess,
 )
-from fimtune.serve.decoding import Decoder, Row, common_prefix
+from fimtune.serve.decoding import Decoder, Row
+from fimtune.serve.kvcache import MIN_CACHE_ROOM, Drafter, common_prefix
 from tests import tiny
 from tests.conftest import code_samples
 
@@ -158,8 +159,6 @@ def test_decoder_is_greedy_generate_alone_and_batched(tiny_tokenizer, family):
 
 
 def test_the_kv_buffers_grow_past_their_first_size(tiny_tokenizer):
-    from fimtune.serve.decoding import MIN_CACHE_ROOM
-
     model, pr = tiny_model("llama", tiny_tokenizer), FimPrompter(tiny_tokenizer)
     params = GenerationParams(max_new_tokens=MIN_CACHE_ROOM, max_input_tokens=150)
     two = holes(2)
@@ -173,7 +172,7 @@ def test_the_kv_buffers_grow_past_their_first_size(tiny_tokenizer):
 def test_kv_cache_reuse_gives_the_same_greedy_output_and_feeds_few_tokens(tiny_tokenizer, mode):
     model, pr = tiny_model("llama", tiny_tokenizer), FimPrompter(tiny_tokenizer)
     params = GenerationParams(max_new_tokens=8, mode=mode, max_input_tokens=BUDGET, trim_step=16)
-    reusing, fresh = Decoder(model, pr), Decoder(model, pr, cache_slots=0)
+    reusing, fresh = Decoder(model, pr), Decoder(model, pr, cache_slots=0, max_draft=0)
     suffix, fed = SOURCE[2000:2300], []
     cursor = [1500 + 4 * i for i in range(12)] + [1530, 1520]  # typing, then deleting
     for end in cursor:
@@ -188,6 +187,36 @@ def test_kv_cache_reuse_gives_the_same_greedy_output_and_feeds_few_tokens(tiny_t
     else:  # the suffix follows the prefix: it is fed again each time
         assert min(fed[1:]) > 40
     assert reusing.stats.cached_tokens > fresh.stats.cached_tokens == 0
+
+
+def test_typing_along_the_suggestion_is_checked_in_few_forwards(tiny_tokenizer):
+    model, pr = tiny_model("llama", tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    with torch.no_grad():  # never end on its own: every request generates max_new_tokens
+        model.get_output_embeddings().weight[pr.end_ids] = 0.0
+    params = GenerationParams(max_new_tokens=24)
+    drafting, plain = Decoder(model, pr), Decoder(model, pr, cache_slots=0, max_draft=0)
+    first = pr.build(SOURCE[:1500], SOURCE[1600:1900], "spm", BUDGET, trim_step=16)
+    ids: list[int] = []
+    drafting.run([Row(first, params, lambda t, text, end: ids.append(t))])
+    typed = first + ids[:6]  # the person types the first 6 suggested tokens
+    forwards, accepted = drafting.stats.forwards, drafting.stats.accepted_tokens
+    second = drafting.run([Row(typed, params)])[0]
+    assert second.text == plain.run([Row(typed, params)])[0].text
+    assert second.text.startswith(pr.decode(ids[6:]))  # the rest of the suggestion, then more
+    # The 18 suggested tokens left come in a few forwards (drafts of 4, 6, 8 tokens + the model's own
+    # each time); the 6 tokens past the old suggestion take a forward each.
+    assert drafting.stats.accepted_tokens - accepted >= 14
+    assert drafting.stats.forwards - forwards <= 4 + 6
+
+
+def test_drafts_come_from_earlier_occurrences():
+    d = Drafter(previous=[5, 6, 7, 8, 9])
+    d.extend([1, 2, 3, 1, 2])
+    assert d.propose(4) == []  # (3, 1, 2) was never followed by anything
+    d.extend([3])
+    assert d.propose(4) == [1, 2, 3]  # (1, 2, 3) was followed by 1, 2, 3 in this sequence
+    d.extend([5, 6, 7])
+    assert d.propose(2) == [8, 9]  # (5, 6, 7) came from the previous request
 
 
 class EndsAfter(torch.nn.Module):
@@ -250,8 +279,25 @@ def test_doctests():
     import doctest
 
     from fimtune import generate
-    from fimtune.serve import decoding
+    from fimtune.serve import kvcache
 
-    for module in (generate, decoding):
+    for module in (generate, kvcache):
         assert doctest.testmod(module).failed == 0
     assert common_prefix([1, 2], [1, 2, 3]) == 2
+
+
+def test_int8_weights_decode_each_row_as_alone(tiny_tokenizer):
+    from fimtune.serve.quantize import Int8Linear, quantize_int8
+
+    model, pr = tiny_model("llama", tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    layer = model.model.layers[0].mlp.up_proj
+    q = Int8Linear(layer)
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(q(x).float(), layer(x), rtol=0.05, atol=0.05)
+    model = quantize_int8(model)
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2 * 7 + 1  # 2 layers x 7, and the head
+    params = GenerationParams(max_new_tokens=10, max_input_tokens=BUDGET)
+    rows = [Row(pr.build(p, s, max_input_tokens=BUDGET), params) for p, s in holes(3)]
+    alone = [Decoder(model, pr).run([row])[0].text for row in rows]
+    assert alone == [c.text for c in Decoder(model, pr).run(rows)]
+    assert alone == [c.text for c in complete_batch(model, pr, holes(3), params)]

@@ -47,6 +47,7 @@ def test_quickstart_runs(tmp_path, tiny_tokenizer):
     from tests import tiny
 
     base = tiny.save_model_folder(tiny.llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "base")
+    (tmp_path / "configs").symlink_to(ROOT / "configs")  # the commands run from a checkout's root
     commands = quickstart_commands()
     assert [c[0] for c in commands] == ["data", "data", "train", "eval", "complete", "merge", "serve"]
     for args in commands:

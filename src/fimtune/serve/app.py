@@ -1,0 +1,232 @@
+"""`fimtune serve`: completions for editors over HTTP (FastAPI + uvicorn).
+
+::
+
+    POST /generate  /generate_stream  /     TGI: llm-vscode sends PSM `inputs` holding the FIM tokens
+    POST /v1/completions   GET /v1/models   OpenAI: the FIM prompt is built here from `prompt` + `suffix`
+    POST /infill                            llama.cpp: `input_extra` files become context before the prefix
+    GET  /info  /health  /metrics           template, limits, models; liveness; Prometheus text
+
+Prompts in the model's FIM form are rebuilt in the server's prompt layout (SPM for runs
+trained on SPM) and fitted to `max_input_tokens`, so the KV cache of the last request can be
+reused (:mod:`fimtune.serve.decoding`). Handlers tokenize and wait; the engine's worker
+thread generates (:mod:`fimtune.serve.engine`). Bound to 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from fimtune import __version__
+from fimtune.errors import FimtuneError
+from fimtune.serve import schemas as s
+from fimtune.serve import shapes
+from fimtune.serve.engine import Engine, Limits
+from fimtune.serve.http import CONTENT_TYPE, ApiError, Gate, error_response, read_json
+from fimtune.serve.service import Service
+
+log = logging.getLogger(__name__)
+
+ROUTES = {
+    "/",
+    "/generate",
+    "/generate_stream",
+    "/v1/completions",
+    "/v1/models",
+    "/infill",
+    "/info",
+    "/health",
+    "/metrics",
+}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def create_app(engine: Engine, prompter: Any, mode: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app around a loaded engine; the engine's worker runs while the app does."""
+    svc = Service(engine, prompter, mode, ROUTES)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="fimtune", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service = svc
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _internal_error)
+    app.add_middleware(Gate, metrics=svc.metrics, api_key=api_key)
+    _add_routes(app, svc)
+    return app
+
+
+async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+    return error_response(request.url.path, err)
+
+
+async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+    log.error("internal error on %s: %r", request.url.path, err)
+    return error_response(request.url.path, ApiError(500, f"internal error: {type(err).__name__}", None, "internal"))
+
+
+def _add_routes(app: FastAPI, svc: Service) -> None:
+    limit = svc.limits.max_body_bytes
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Any:
+        return await shapes.tgi(svc, request, await read_json(request, s.TgiRequest, limit), stream=False)
+
+    @app.post("/generate_stream")
+    async def generate_stream(request: Request) -> Any:
+        return await shapes.tgi(svc, request, await read_json(request, s.TgiRequest, limit), stream=True)
+
+    @app.post("/")
+    async def tgi_root(request: Request) -> Any:
+        req = await read_json(request, s.TgiRequest, limit)
+        return await shapes.tgi(svc, request, req, stream=req.stream)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await shapes.completions(svc, request, await read_json(request, s.CompletionRequest, limit))
+
+    @app.get("/v1/models")
+    async def models() -> s.ModelList:
+        return model_list(svc)
+
+    @app.post("/infill")
+    async def infill(request: Request) -> Any:
+        return await shapes.infill(svc, request, await read_json(request, s.InfillRequest, limit))
+
+    @app.get("/info")
+    async def info() -> dict[str, Any]:
+        return server_info(svc)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = svc.engine.alive()
+        return JSONResponse({"status": "ok" if ok else "stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(svc.metrics.render(engine_gauges(svc.engine)), media_type=CONTENT_TYPE)
+
+
+def model_list(svc: Service) -> s.ModelList:
+    base = svc.engine.base_name
+    cards = [
+        s.ModelCard(id=name, created=svc.started, root=base, parent=None if adapter is None else base)
+        for name, adapter in svc.engine.models.items()
+    ]
+    return s.ModelList(data=cards)
+
+
+def server_info(svc: Service) -> dict[str, Any]:
+    """TGI's `/info` fields, plus the FIM template, models and limits."""
+    engine, lim, names = svc.engine, svc.limits, svc.prompter.names
+    param = next(engine.model.parameters())
+    template = svc.prompter.template()
+    return {
+        "model_id": engine.default_model,
+        "model_dtype": str(param.dtype).removeprefix("torch."),
+        "model_device_type": param.device.type,
+        "router": "fimtune",
+        "version": __version__,
+        "max_input_tokens": lim.max_input_tokens,
+        "max_total_tokens": lim.max_input_tokens + lim.max_new_tokens,
+        "max_concurrent_requests": lim.queue_size,
+        "max_batch_size": lim.max_batch_size,
+        "max_stop_sequences": lim.max_stop_sequences,
+        "max_best_of": 1,
+        "models": list(engine.models),
+        "default_model": engine.default_model,
+        "base_model": engine.base_name,
+        "adapters": [name for name, adapter in engine.models.items() if adapter is not None],
+        "fim": {
+            "family": names.family,
+            "prefix": names.prefix,
+            "suffix": names.suffix,
+            "middle": names.middle,
+            "pad": names.pad,
+            "mode": svc.mode,
+            "template": template[svc.mode],
+            "templates": template,
+            "end_token_ids": svc.prompter.end_ids,
+        },
+        "limits": lim.as_dict(),
+    }
+
+
+def engine_gauges(engine: Engine) -> dict[str, tuple[str, str, Any]]:
+    st, c = engine.decoder.stats, engine.counters
+    return {
+        "fimtune_generated_tokens_total": ("counter", "Tokens generated.", st.generated_tokens),
+        "fimtune_prompt_tokens_total": ("counter", "Prompt tokens of completed requests.", st.prompt_tokens),
+        "fimtune_prompt_tokens_cached_total": ("counter", "Prompt tokens reused from the KV cache.", st.cached_tokens),
+        "fimtune_draft_tokens_total": ("counter", "Guessed tokens checked (greedy drafts).", st.draft_tokens),
+        "fimtune_draft_tokens_accepted_total": ("counter", "Guessed tokens the model agreed with.", st.accepted_tokens),
+        "fimtune_forwards_total": ("counter", "Model forwards.", st.forwards),
+        "fimtune_batches_total": ("counter", "Batches generated.", st.batches),
+        "fimtune_rejected_total": ("counter", "Requests refused with 503 (queue full).", c.rejected),
+        "fimtune_cancelled_total": ("counter", "Requests cancelled (client gone).", c.cancelled),
+        "fimtune_timeouts_total": ("counter", "Requests past their timeout.", c.timeouts),
+        "fimtune_queue_depth": ("gauge", "Requests waiting for the engine.", engine.queue_depth()),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# `fimtune serve`
+# --------------------------------------------------------------------------------------
+
+
+def limits_from_args(ns: Any) -> Limits:
+    """Limits from `fimtune serve` flags (a flag left out keeps the default), checked."""
+    lim = Limits()
+    for name in ("max_body_bytes", "max_input_tokens", "max_new_tokens", "queue_size", "max_batch_size"):
+        value = getattr(ns, name, None)
+        if value is not None:
+            if value < 1:
+                raise FimtuneError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+            setattr(lim, name, value)
+    timeout = getattr(ns, "timeout", None)
+    if timeout is not None:
+        if timeout <= 0:
+            raise FimtuneError(f"--timeout must be more than 0 seconds (got {timeout})")
+        lim.timeout_s = timeout
+    if lim.max_input_tokens <= 8:
+        raise FimtuneError("--max-input-tokens must be more than 8 (the FIM tokens and some code)")
+    return lim
+
+
+def main(ns: Any) -> int:
+    """`fimtune serve TARGET`: load the model and adapters, then serve until interrupted."""
+    import uvicorn
+
+    from fimtune.model import DTYPES
+    from fimtune.serve.engine import load_engine
+
+    limits = limits_from_args(ns)
+    if ns.host not in LOOPBACK_HOSTS:
+        log.warning(
+            "binding to %s: other machines can reach this server%s", ns.host, "" if ns.api_key else "; use --api-key"
+        )
+    dtype = DTYPES.get(getattr(ns, "dtype", None) or "")
+    if getattr(ns, "threads", None):
+        import torch
+
+        torch.set_num_threads(ns.threads)
+    mode = getattr(ns, "mode", None) or "auto"
+    engine, prompter, mode = load_engine(
+        ns.target, ns.adapter, limits, mode, dtype, quantize=getattr(ns, "quantize", None)
+    )
+    app = create_app(engine, prompter, mode, ns.api_key)
+    print(f"serving {', '.join(engine.models)} ({mode.upper()} prompts) on http://{ns.host}:{ns.port}", flush=True)
+    uvicorn.run(app, host=ns.host, port=ns.port, log_level="info")
+    return 0

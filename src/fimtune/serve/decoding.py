@@ -1,0 +1,225 @@
+"""Token-by-token decoding: one request with KV-cache reuse and drafts, or a left-padded batch.
+
+One request (the editor's case) takes the KV cache of an earlier one (:mod:`.kvcache`) and
+feeds only the tokens after their common prefix. Greedy requests also feed a draft, the
+tokens the :class:`~.kvcache.Drafter` guesses come next, in the same forward, and keep the
+longest part of it the model agrees with, plus the model's own next token::
+
+    feed      [ new prompt tokens | pending token ]  d1  d2  d3  d4         (draft d1..d4)
+    argmax                                            d1  d2  x   .  .
+    keep      d1 d2, then x is the next pending token; the cache is cropped after d2
+
+On a CPU a forward of a few tokens costs about one of a single token (reading the
+weights dominates), so a right guess saves whole decoding steps, and a wrong one costs
+little. The output is greedy decoding's (up to floating-point rounding of the wider forward).
+
+Several requests at once are left-padded and decoded together, without reuse or drafts;
+a row that finishes leaves the batch (its cache rows are dropped).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fimtune.generate import Completion, FimPrompter, GenerationParams, TextTracker, pick_tokens
+from fimtune.serve.kvcache import DEFAULT_CACHE_SLOTS, CacheSlot, Drafter, PromptCache, crop_cache, new_cache
+
+MAX_DRAFT = 8  # draft tokens checked per forward
+
+TokenCallback = Callable[[int, str, bool], None]  # (token id, text piece, is an end token)
+
+
+@dataclass
+class Row:
+    """One request for the decoder: prompt ids, parameters, where new text goes, when to give up."""
+
+    prompt: list[int]
+    params: GenerationParams
+    on_token: TokenCallback | None = None
+    should_stop: Callable[[], bool] = lambda: False  # cancelled, or past its deadline
+
+
+@dataclass
+class DecodeStats:
+    """Token counts since start-up (read by `/metrics` and the tests)."""
+
+    prompt_tokens: int = 0
+    fed_tokens: int = 0  # prompt tokens run through the model
+    cached_tokens: int = 0  # prompt tokens whose KV came from an earlier request
+    generated_tokens: int = 0
+    draft_tokens: int = 0  # guessed tokens checked
+    accepted_tokens: int = 0  # guessed tokens the model agreed with
+    forwards: int = 0
+    batches: int = 0
+    largest_batch: int = 0
+
+
+class _RowState:
+    """One row's progress: new tokens, text, stop decisions, streaming."""
+
+    def __init__(self, row: Row, prompter: FimPrompter, cached: int = 0) -> None:
+        self.row = row
+        self.ends = set(prompter.end_ids)
+        self.tracker = TextTracker(prompter, row.params)
+        self.cached = cached
+        self.n_new = 0
+        self.reason = "length"
+
+    def accept(self, token: int) -> bool:
+        """Take the next token; True when the row is finished (the token is then not fed back)."""
+        self.n_new += 1
+        if token in self.ends:
+            self.reason = "stop"
+            self._emit(token, "", True)
+            return True
+        piece = self.tracker.push(token)
+        self._emit(token, piece, False)
+        if self.tracker.stopped:
+            self.reason = "stop"
+            return True
+        return self.n_new >= self.row.params.max_new_tokens or self.row.should_stop()
+
+    def _emit(self, token: int, piece: str, end: bool) -> None:
+        if self.row.on_token is not None:
+            self.row.on_token(token, piece, end)
+
+    def completion(self) -> Completion:
+        return Completion(self.tracker.text, len(self.row.prompt), self.n_new, self.reason, self.cached)
+
+
+class Decoder:
+    """Runs rows through a causal LM (a PEFT model or a plain one); owns the prompt caches."""
+
+    def __init__(
+        self, model: Any, prompter: FimPrompter, cache_slots: int = DEFAULT_CACHE_SLOTS, max_draft: int = MAX_DRAFT
+    ) -> None:
+        self.model = model
+        self.prompter = prompter
+        self.caches = PromptCache(cache_slots)
+        self.max_draft = max_draft
+        self.stats = DecodeStats()
+        self.step_hook: Callable[[], None] | None = None  # called before each forward (tests slow it down)
+        forward = inspect.signature(_base_forward(model)).parameters
+        self.cache_kw = "cache" if "cache" in forward else "past_key_values"
+        self.keep_logits = "logits_to_keep" in forward
+        self.device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def run(self, rows: list[Row], adapter: str | None = None) -> list[Completion]:
+        """Complete every row (greedy/sampling parameters are those of the first row)."""
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
+        if len(rows) == 1:
+            return [self._run_one(rows[0], adapter)]
+        return self._run_batch(rows)
+
+    def _forward(
+        self, ids: list[list[int]], positions: torch.Tensor, cache: Any, mask: torch.Tensor | None = None, keep: int = 1
+    ) -> torch.Tensor:
+        """Logits [B, keep, V] of the last ``keep`` positions of ``ids`` [B, T], fed after what ``cache`` holds."""
+        if self.step_hook is not None:
+            self.step_hook()
+        self.stats.forwards += 1
+        kwargs: dict[str, Any] = {self.cache_kw: cache, "use_cache": True, "position_ids": positions}
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        if self.keep_logits:
+            kwargs["logits_to_keep"] = keep
+        out = self.model(input_ids=torch.tensor(ids, device=self.device), **kwargs)
+        return out.logits[:, -keep:, :]
+
+    def _run_one(self, row: Row, adapter: str | None) -> Completion:
+        slot, reused, previous = self.caches.take(adapter, row.prompt)
+        slot = slot or CacheSlot(adapter, [], new_cache())
+        state = _RowState(row, self.prompter, reused)
+        self._count_prompt(row.prompt, reused)
+        drafter = Drafter(previous) if row.params.greedy and self.max_draft > 0 else None
+        if drafter is not None:
+            drafter.extend(row.prompt[:reused])
+        generator = _generator(row.params, self.device)
+        feed = row.prompt[reused:]  # tokens known but not yet in the cache
+        while not row.should_stop():
+            draft = self._draft(drafter, feed, state)
+            start = len(slot.tokens)
+            positions = torch.arange(start, start + len(feed) + len(draft), device=self.device)[None]
+            logits = self._forward([feed + draft], positions, slot.cache, keep=len(draft) + 1)[0]
+            # greedy: the model's pick after each fed position; sampling: one pick, no draft
+            picks = logits.argmax(-1).tolist() if drafter else [int(pick_tokens(logits[-1:], row.params, generator)[0])]
+            agreed = next((i for i, t in enumerate(draft) if picks[i] != t), len(draft))
+            self.stats.accepted_tokens += agreed
+            slot.tokens += feed + draft[:agreed]
+            crop_cache(slot.cache, len(slot.tokens))
+            if drafter is not None:
+                drafter.extend(draft[:agreed])
+                drafter.adapt(len(draft), agreed)
+            if any(state.accept(t) for t in [*draft[:agreed], picks[agreed]]):
+                break
+            feed = [picks[agreed]]
+        # Only a slot whose cache matches its tokens goes back (an exception above drops it).
+        self.caches.put(slot)
+        self.stats.generated_tokens += state.n_new
+        return state.completion()
+
+    def _draft(self, drafter: Drafter | None, feed: list[int], state: _RowState) -> list[int]:
+        if drafter is None:
+            return []
+        drafter.extend(feed)
+        room = state.row.params.max_new_tokens - state.n_new - 1  # the model's own pick comes after
+        draft = drafter.propose(min(drafter.length, self.max_draft, room))
+        self.stats.draft_tokens += len(draft)
+        return draft
+
+    def _run_batch(self, rows: list[Row]) -> list[Completion]:
+        states = [_RowState(r, self.prompter) for r in rows]
+        for r in rows:
+            self._count_prompt(r.prompt, 0)
+        width = max(len(r.prompt) for r in rows)
+        pad = self.prompter.fim.pad
+        ids = [[pad] * (width - len(r.prompt)) + r.prompt for r in rows]
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = new_cache()
+        logits = self._forward(ids, positions, cache, mask)[:, -1]
+        active = list(range(len(rows)))  # row index of each batch line
+        next_pos = mask.sum(-1)  # [B] the next position of each line
+        generator = _generator(rows[0].params, self.device)
+        while active:
+            tokens = pick_tokens(logits, rows[0].params, generator)
+            keep = [i for i, k in enumerate(active) if not states[k].accept(int(tokens[i]))]
+            if not keep:
+                break
+            if len(keep) < len(active):  # finished lines leave the batch
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
+                active = [active[i] for i in keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
+            logits = self._forward(tokens[:, None].tolist(), next_pos[:, None], cache, mask)[:, -1]
+            next_pos = next_pos + 1
+        self.stats.generated_tokens += sum(s.n_new for s in states)
+        return [s.completion() for s in states]
+
+    def _count_prompt(self, prompt: list[int], reused: int) -> None:
+        self.stats.prompt_tokens += len(prompt)
+        self.stats.cached_tokens += reused
+        self.stats.fed_tokens += len(prompt) - reused
+
+
+def _base_forward(model: Any) -> Callable[..., Any]:
+    """The forward of the transformers model inside a PEFT wrapper (where the cache keyword is named)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.forward
+
+
+def _generator(params: GenerationParams, device: torch.device) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed if params.seed is not None else time.monotonic_ns())
+    return generator

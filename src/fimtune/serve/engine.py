@@ -1,0 +1,408 @@
+"""The engine: one worker thread owns the model; a bounded queue feeds it batches.
+
+::
+
+    request handler (event loop)              worker thread
+    job = Job(prompt, params, adapter)
+    engine.submit(job)   ---- queue ---->     wait for a job, then up to `batch_wait_ms` for more;
+      (full: QueueFull -> 503)                take the queued jobs with the first one's key
+                                              (adapter, sampling), at most `max_batch_size`;
+                                              merge that adapter's LoRA into the weights (on a switch);
+                                              Decoder.run(rows)
+    await job.result() / job.events  <----    token / done / error events (call_soon_threadsafe)
+
+Generation never runs on the event loop. A job whose client went away is cancelled: the
+worker checks it before every forward and drops the row. Adapters are fixed at start-up:
+requests name one of the loaded models, never a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fimtune.errors import FimtuneError
+from fimtune.generate import (
+    Completion,
+    FimPrompter,
+    GenerationParams,
+    check_weights,
+    require_safetensors,
+)
+from fimtune.serve.decoding import Decoder, Row
+
+log = logging.getLogger(__name__)
+
+BASE_MODEL = "base"  # the public name of the base model when a run's adapter is the default
+RESERVED_NAMES = (BASE_MODEL, "default")
+
+
+@dataclass
+class Limits:
+    """What one request may ask for; shown in `/info`, each set by a `fimtune serve` flag."""
+
+    max_body_bytes: int = 1_000_000
+    max_input_tokens: int = 2048
+    max_new_tokens: int = 256
+    max_stop_sequences: int = 16
+    timeout_s: float = 60.0
+    queue_size: int = 32
+    max_batch_size: int = 8
+    batch_wait_ms: float = 2.0
+    cache_slots: int = 4
+    trim_step: int = 64  # FIM contexts are cut in steps of this many tokens, so the cache stays reusable
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class QueueFull(Exception):
+    """The queue holds `queue_size` jobs already."""
+
+
+class JobCancelled(Exception):
+    """The client went away (or the server is stopping)."""
+
+
+class JobTimeout(Exception):
+    """The job ran past the per-request timeout."""
+
+
+@dataclass
+class Event:
+    """What the worker tells a job's handler: a token, the completion, or an error."""
+
+    kind: str  # "token" | "done" | "error"
+    token: int = 0
+    text: str = ""
+    end: bool = False  # an end token (EOS, FIM token)
+    completion: Completion | None = None
+    error: Exception | None = None
+
+
+class Job:
+    """One request on its way through the engine; created on the event loop."""
+
+    def __init__(
+        self, prompt: list[int], params: GenerationParams, adapter: str | None, timeout_s: float, stream: bool = False
+    ) -> None:
+        self.prompt = prompt
+        self.params = params
+        self.adapter = adapter
+        self.stream = stream
+        self.deadline = time.monotonic() + timeout_s
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.stop_reason: str | None = None  # "cancelled" | "timeout", once the worker gave up on it
+        self._cancelled = threading.Event()
+        sampling = ("greedy",) if params.greedy else (params.temperature, params.top_p, params.top_k, params.seed)
+        self.key = (adapter, *sampling)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def should_stop(self) -> bool:
+        """Whether the worker should drop this job now (records why)."""
+        if self._cancelled.is_set():
+            self.stop_reason = "cancelled"
+        elif time.monotonic() > self.deadline:
+            self.stop_reason = "timeout"
+        return self.stop_reason is not None
+
+    def row(self) -> Row:
+        return Row(self.prompt, self.params, self._on_token if self.stream else None, self.should_stop)
+
+    def _post(self, event: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    def _on_token(self, token: int, text: str, end: bool) -> None:
+        self._post(Event("token", token=token, text=text, end=end))
+
+    def finish(self, completion: Completion) -> None:
+        self._post(Event("done", completion=completion))
+
+    def fail(self, error: Exception) -> None:
+        self._post(Event("error", error=error))
+
+    async def events_until_done(self) -> AsyncIterator[Event]:
+        """Every event, the last being `done` or `error`."""
+        while True:
+            event = await self.events.get()
+            yield event
+            if event.kind != "token":
+                return
+
+
+@dataclass
+class EngineCounters:
+    """Jobs that did not end with a completion (for `/metrics`)."""
+
+    rejected: int = 0
+    cancelled: int = 0
+    timeouts: int = 0
+    errors: int = 0
+
+
+class Engine:
+    """The model, its adapters, the queue and the worker thread."""
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        models: dict[str, str | None],
+        default_model: str,
+        limits: Limits,
+        base_name: str | None = None,
+    ) -> None:
+        self.decoder = decoder
+        self.model = decoder.model
+        self.models = models  # public name -> PEFT adapter name (None: the base model)
+        self.default_model = default_model
+        self.base_name = base_name or default_model  # the base model's name or path
+        self.limits = limits
+        self.counters = EngineCounters()
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._paused = False
+        self._stopping = False
+        self._merged: str | None = None  # the adapter folded into the weights now
+        self._running: list[Job] = []
+        self._thread: threading.Thread | None = None
+
+    # ---- life cycle and queue (event loop side) -------------------------------------
+
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="fimtune-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            pending, self._queue = list(self._queue), deque()
+            self._cond.notify_all()
+        for job in pending:
+            job.fail(JobCancelled())
+        for job in list(self._running):  # the batch in flight stops at its next token
+            job.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout=self.limits.timeout_s)
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; :class:`QueueFull` when `queue_size` jobs wait already."""
+        with self._cond:
+            if len(self._queue) >= self.limits.queue_size:
+                self.counters.rejected += 1
+                raise QueueFull()
+            self._queue.append(job)
+            self._cond.notify_all()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def adapter_of(self, model: str | None) -> str | None:
+        """The PEFT adapter behind a public model name (KeyError when unknown)."""
+        return self.models[model or self.default_model]
+
+    def pause(self) -> None:
+        """Hold the worker before its next batch (jobs still queue up); for tests and maintenance."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    # ---- worker thread --------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._run(batch)
+
+    def _next_batch(self) -> list[Job] | None:
+        """Wait for a job, give others `batch_wait_ms` to arrive, take those with its key."""
+        limits = self.limits
+        with self._cond:
+            while not self._stopping and (self._paused or not self._queue):
+                self._cond.wait()
+            deadline = time.monotonic() + limits.batch_wait_ms / 1000
+            while not self._stopping and len(self._queue) < limits.max_batch_size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if self._stopping:
+                return None
+            key = self._queue[0].key
+            batch = [job for job in self._queue if job.key == key][: limits.max_batch_size]
+            for job in batch:
+                self._queue.remove(job)
+            return batch
+
+    def _run(self, batch: list[Job]) -> None:
+        live = [job for job in batch if not job.should_stop()]
+        for job in batch:
+            if job.stop_reason is not None:
+                self._give_up(job)
+        if not live:
+            return
+        self._running = live
+        try:
+            with self._use_adapter(live[0].adapter):
+                results = self.decoder.run([job.row() for job in live], live[0].adapter)
+        except Exception as e:  # a failed batch must not stop the worker
+            log.exception("generation failed")
+            self.counters.errors += len(live)
+            for job in live:
+                job.fail(e)
+            return
+        finally:
+            self._running = []
+        for job, completion in zip(live, results, strict=True):
+            if job.stop_reason is not None:
+                self._give_up(job)
+            else:
+                job.finish(completion)
+
+    def _give_up(self, job: Job) -> None:
+        if job.stop_reason == "timeout":
+            self.counters.timeouts += 1
+            job.fail(JobTimeout())
+        else:
+            self.counters.cancelled += 1
+            job.fail(JobCancelled())
+
+    @contextlib.contextmanager
+    def _use_adapter(self, adapter: str | None) -> Iterator[None]:
+        """Fold ``adapter`` into the weights (unfolding the previous one); None runs the base model."""
+        if not hasattr(self.model, "merge_adapter"):  # a plain model: nothing to choose
+            yield
+            return
+        if adapter != self._merged:
+            if self._merged is not None:
+                self.model.unmerge_adapter()
+            if adapter is not None:
+                self.model.set_adapter(adapter)
+                self.model.merge_adapter(adapter_names=[adapter])
+            self._merged = adapter
+        if adapter is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield
+
+
+# --------------------------------------------------------------------------------------
+# Loading: the target (a run folder or a base model) and the extra adapters
+# --------------------------------------------------------------------------------------
+
+
+def parse_adapters(specs: list[str]) -> dict[str, Path]:
+    """`NAME=PATH` flags -> {name: adapter folder}; PATH is a run folder or an adapter folder."""
+    from fimtune.model import is_run_dir
+
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise FimtuneError(f"--adapter {spec!r}: expected NAME=PATH (a run folder or its adapter folder)")
+        if not name.replace("-", "_").isidentifier() or name in RESERVED_NAMES or name in adapters:
+            raise FimtuneError(
+                f"--adapter {spec!r}: NAME must be letters, digits, - or _, unique, and not {' or '.join(RESERVED_NAMES)}"
+            )
+        folder = Path(path) / "adapter" if is_run_dir(path) else Path(path)
+        if not (folder / "adapter_config.json").is_file():
+            raise FimtuneError(f"--adapter {spec!r}: {folder} has no adapter_config.json (give a run folder)")
+        require_safetensors(folder, "adapter folder")
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise FimtuneError(f"--adapter {spec!r}: {folder} has no adapter_model.safetensors")
+        adapters[name] = folder
+    return adapters
+
+
+def attach_adapters(model: Any, adapters: dict[str, Path]) -> Any:
+    """Load each adapter into one PEFT model (wrapping a plain model with the first)."""
+    from peft import PeftModel
+
+    for name, folder in adapters.items():
+        try:
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(folder), adapter_name=name)
+            else:
+                model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise FimtuneError(f"--adapter {name}: cannot load {folder} onto this model ({e})") from None
+    return model.eval()
+
+
+def prompt_mode(choice: str, run_dir: Path | None) -> str:
+    """`auto`: SPM for a run that trained on SPM examples (its cache reuse is far better), else PSM."""
+    if choice != "auto":
+        return choice
+    if run_dir is None:
+        return "psm"
+    from fimtune.config import load_run_config
+
+    fim = load_run_config(run_dir / "config.yaml").fim
+    return "spm" if fim.fim_rate > 0 and fim.spm_rate > 0 else "psm"
+
+
+def load_engine(
+    target: str,
+    adapter_specs: list[str],
+    limits: Limits,
+    mode: str = "auto",
+    dtype: Any = None,
+    device: Any = None,
+    quantize: str | None = None,
+) -> tuple[Engine, FimPrompter, str]:
+    """Load the model and adapters (safetensors only): (engine, prompter for the handlers, prompt mode).
+
+    ``quantize="int8"`` (CPU) merges the run's adapter and serves that model alone.
+    """
+    import copy
+
+    from fimtune.model import load_for_inference
+
+    adapters = parse_adapters(adapter_specs)
+    check_weights(target)
+    loaded = load_for_inference(target, device=device, dtype=dtype)
+    models: dict[str, str | None] = {loaded.name: "default" if loaded.run_dir else None}
+    if loaded.run_dir:
+        models[BASE_MODEL] = None
+    for name in adapters:
+        if name in models:
+            raise FimtuneError(f"--adapter {name}: the name is taken by the served model; pick another")
+        models[name] = name
+    model = attach_adapters(loaded.model, adapters)
+    if quantize == "int8":
+        if adapters:
+            raise FimtuneError("--quantize int8 serves one model: drop --adapter, or serve without --quantize")
+        from fimtune.serve.quantize import quantize_int8
+
+        model = quantize_int8(model)
+        models = {loaded.name: None}
+    # The handlers encode on the event loop while the worker decodes: each gets its own tokenizer.
+    decoder = Decoder(model, FimPrompter(copy.deepcopy(loaded.tokenizer)), limits.cache_slots)
+    base_name = _base_name(loaded.run_dir) if loaded.run_dir else loaded.name
+    engine = Engine(decoder, models, loaded.name, limits, base_name)
+    return engine, FimPrompter(loaded.tokenizer), prompt_mode(mode, loaded.run_dir)
+
+
+def _base_name(run_dir: Path) -> str:
+    from fimtune.config import load_run_config
+
+    return load_run_config(run_dir / "config.yaml").model.name_or_path

@@ -1,0 +1,202 @@
+"""HTTP plumbing shared by the routes: JSON errors, bounded body reading, auth, metrics, SSE.
+
+Every error is JSON and names the field at fault. TGI routes answer TGI's shape,
+``{"error": str, "error_type": str, "field": str}``; OpenAI and llama.cpp routes answer
+OpenAI's, ``{"error": {"message", "type", "param", "code"}}``.
+
+Metrics are Prometheus' text format, written by hand::
+
+    # TYPE fimtune_requests_total counter
+    fimtune_requests_total{route="/generate",status="200"} 12
+    # TYPE fimtune_request_duration_seconds histogram
+    fimtune_request_duration_seconds_bucket{route="/generate",le="0.1"} 3
+    ...
+    fimtune_request_duration_seconds_bucket{route="/generate",le="+Inf"} 12
+    fimtune_request_duration_seconds_sum{route="/generate"} 4.2
+    fimtune_request_duration_seconds_count{route="/generate"} 12
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+import time
+from collections import Counter, defaultdict
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+OPENAI_STYLE = ("/v1/", "/infill")
+OPEN_ROUTES = ("/health",)  # answered without the API key
+TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+STATUS_CLIENT_GONE = 499  # nginx's "client closed request": recorded in metrics, never seen by a client
+
+Body = TypeVar("Body", bound=BaseModel)
+
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status, message, the field at fault."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        kind: str = "validation",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.kind = kind
+        self.headers = headers
+
+
+def error_body(path: str, err: ApiError) -> dict[str, Any]:
+    if path.startswith(OPENAI_STYLE):
+        kind = "invalid_request_error" if err.status < 500 else err.kind
+        return {"error": {"message": err.message, "type": kind, "param": err.field, "code": err.status}}
+    return {"error": err.message, "error_type": err.kind, "field": err.field}
+
+
+def error_response(path: str, err: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(path, err), status_code=err.status, headers=err.headers)
+
+
+async def read_json(request: Request, schema: type[Body], max_bytes: int) -> Body:
+    """The request body parsed into ``schema``; 413 past ``max_bytes``, 400 for bad JSON, 422 for bad fields."""
+    too_large = ApiError(
+        413, f"the body is larger than the server's limit of {max_bytes} bytes (max_body_bytes)", "body", "too_large"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    try:
+        data = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON ({e})", "body", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "the body must be a JSON object", "body")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if not _is_type_tag(str(p))) or "body"
+        raise ApiError(422, f"{where}: {first['msg']}", where) from None
+
+
+def _is_type_tag(part: str) -> bool:
+    """Pydantic puts the union member tried in an error's location (`prompt.list[str]`): not a field."""
+    return part in TYPE_TAGS or part.startswith(("list[", "dict[", "function-"))
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event: ``data: {json}`` and a blank line."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class Gate:
+    """ASGI middleware for every HTTP request: the API key, then timing into :class:`Metrics`."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, api_key: str | None = None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, start, status = scope["path"], time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.expected is not None and path not in OPEN_ROUTES and not self._authorized(scope):
+                denied = ApiError(
+                    401,
+                    "missing or wrong API key: send `Authorization: Bearer KEY`",
+                    "authorization",
+                    "authentication_error",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+                await error_response(path, denied)(scope, receive, send_status)
+                return
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.observe(path, status, time.perf_counter() - start)
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(given, self.expected or b"")
+
+
+class Metrics:
+    """Request counts by route and status, and a latency histogram by route (thread-safe)."""
+
+    def __init__(self, routes: set[str]) -> None:
+        self.routes = routes  # other paths count as "other", so a scanner cannot grow the label set
+        self._lock = threading.Lock()
+        self._requests: Counter[tuple[str, int]] = Counter()
+        self._buckets: defaultdict[str, list[int]] = defaultdict(lambda: [0] * len(LATENCY_BUCKETS))
+        self._sums: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        route = path if path in self.routes else "other"
+        with self._lock:
+            self._requests[route, status] += 1
+            buckets = self._buckets[route]
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    buckets[i] += 1
+            self._sums[route] += seconds
+            self._counts[route] += 1
+
+    def render(self, gauges: dict[str, tuple[str, str, Any]]) -> str:
+        """The text format; ``gauges`` maps a metric name to (type, help, value)."""
+        lines = [
+            "# HELP fimtune_requests_total HTTP requests by route and status.",
+            "# TYPE fimtune_requests_total counter",
+        ]
+        with self._lock:
+            for (route, status), n in sorted(self._requests.items()):
+                lines.append(f'fimtune_requests_total{{route="{route}",status="{status}"}} {n}')
+            lines += [
+                "# HELP fimtune_request_duration_seconds Time from request to the end of the response.",
+                "# TYPE fimtune_request_duration_seconds histogram",
+            ]
+            for route in sorted(self._counts):
+                lines += self._histogram(route)
+        for name, (kind, help_text, value) in gauges.items():
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+    def _histogram(self, route: str) -> list[str]:
+        name = "fimtune_request_duration_seconds"
+        lines = [
+            f'{name}_bucket{{route="{route}",le="{bound}"}} {n}'
+            for bound, n in zip(LATENCY_BUCKETS, self._buckets[route], strict=True)
+        ]
+        lines.append(f'{name}_bucket{{route="{route}",le="+Inf"}} {self._counts[route]}')
+        lines.append(f'{name}_sum{{route="{route}"}} {self._sums[route]:.6f}')
+        lines.append(f'{name}_count{{route="{route}"}} {self._counts[route]}')
+        return lines

@@ -1,0 +1,208 @@
+"""Request and response bodies of the three API shapes editors speak (pydantic models).
+
+- TGI (llm-vscode / llm-ls): ``POST /generate``, ``/generate_stream``, ``/``.
+- OpenAI completions (Continue, ...): ``POST /v1/completions``, ``GET /v1/models``.
+- llama.cpp (llama.vim, ...): ``POST /infill``.
+
+Unknown fields are ignored (clients send many we do not use); known ones are type-checked
+and range-checked here, and checked against the server's limits in :mod:`fimtune.serve.app`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Defaults of the APIs themselves, when a request does not say.
+TGI_DEFAULT_NEW_TOKENS = 100
+OPENAI_DEFAULT_MAX_TOKENS = 16
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+LLAMACPP_DEFAULT_TEMPERATURE = 0.8
+LLAMACPP_DEFAULT_TOP_K = 40
+LLAMACPP_DEFAULT_TOP_P = 0.95
+MAX_PROMPTS = 16  # OpenAI `prompt` may be a list; at most this many per request
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- TGI -------------------------------------------------------------------------------
+
+
+class TgiParameters(_Body):
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    do_sample: bool = False
+    return_full_text: bool | None = False
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    truncate: int | None = Field(None, ge=1)
+    details: bool = False
+    adapter_id: str | None = None  # TGI's multi-LoRA field: one of GET /v1/models
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _no_null(cls, v: Any) -> Any:
+        return [] if v is None else v
+
+    def sampling(self) -> bool:
+        """TGI samples when asked to, or when any sampling parameter differs from its neutral value."""
+        return (
+            self.do_sample
+            or self.temperature not in (None, 1.0)
+            or self.top_p not in (None, 1.0)
+            or self.top_k not in (None, 0)
+        )
+
+
+class TgiRequest(_Body):
+    inputs: str
+    parameters: TgiParameters = Field(default_factory=TgiParameters)
+    stream: bool = False
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _null_parameters(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+class TgiToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = None
+    special: bool = False
+
+
+class TgiDetails(BaseModel):
+    finish_reason: str  # "length" | "eos_token"
+    generated_tokens: int
+    seed: int | None = None
+
+
+class TgiResponse(BaseModel):
+    generated_text: str
+    details: TgiDetails | None = None
+
+
+class TgiStreamEvent(BaseModel):
+    index: int
+    token: TgiToken
+    generated_text: str | None = None
+    details: TgiDetails | None = None
+
+
+# ---- OpenAI ----------------------------------------------------------------------------
+
+
+class CompletionRequest(_Body):
+    model: str | None = None
+    prompt: str | list[str]
+    suffix: str | None = None
+    max_tokens: int | None = Field(OPENAI_DEFAULT_MAX_TOKENS, ge=1)
+    temperature: float | None = Field(OPENAI_DEFAULT_TEMPERATURE, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 or 0: off
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+    seed: int | None = None
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not 1 <= len(v) <= MAX_PROMPTS:
+            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts")
+        return v
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CachedTokens(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: CachedTokens | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "fimtune"
+    root: str
+    parent: str | None = None
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+# ---- llama.cpp -------------------------------------------------------------------------
+
+
+class InfillExtra(_Body):
+    filename: str = ""
+    text: str = ""
+
+
+class InfillRequest(_Body):
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[InfillExtra] = Field(default_factory=list)
+    prompt: str = ""  # llama.vim: the current line up to the cursor, after input_prefix
+    n_predict: int = Field(-1, ge=-1)  # -1: up to the server's max_new_tokens
+    temperature: float = LLAMACPP_DEFAULT_TEMPERATURE  # <= 0: greedy
+    top_k: int = LLAMACPP_DEFAULT_TOP_K
+    top_p: float = Field(LLAMACPP_DEFAULT_TOP_P, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list)
+    stream: bool = False
+    seed: int | None = None
+    model: str | None = None
+
+    @field_validator("n_predict")
+    @classmethod
+    def _not_zero(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("n_predict must be -1 (server limit) or at least 1")
+        return v
+
+
+class InfillResponse(BaseModel):
+    content: str
+    stop: bool = True
+    model: str
+    stop_type: str  # "eos" | "limit"
+    tokens_predicted: int
+    tokens_evaluated: int
+    tokens_cached: int
+    timings: dict[str, int | float]

@@ -1,0 +1,174 @@
+"""What the routes share: building jobs from requests (limits checked, fields named) and waiting for them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from starlette.requests import Request
+
+from fimtune.generate import Completion, FimPrompter, GenerationParams
+from fimtune.serve.engine import Engine, Job, JobCancelled, JobTimeout, Limits, QueueFull
+from fimtune.serve.http import STATUS_CLIENT_GONE, ApiError, Metrics
+
+DISCONNECT_POLL_S = 0.05  # how often a waiting handler checks that its client is still there
+TIMEOUT_GRACE_S = 1.0  # a handler gives up this long after the job's deadline (the worker should first)
+RETRY_AFTER_S = 1
+
+
+class Service:
+    """What the routes share: the engine, the prompt builder, the limits, the metrics."""
+
+    def __init__(self, engine: Engine, prompter: FimPrompter, mode: str, routes: set[str]) -> None:
+        self.engine = engine
+        self.prompter = prompter
+        self.mode = mode
+        self.limits: Limits = engine.limits
+        self.metrics = Metrics(routes)
+        self.started = int(time.time())
+
+    # ---- building jobs ------------------------------------------------------------------
+
+    def params(
+        self,
+        max_new_tokens: int,
+        field: str,
+        temperature: float,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        stop_field: str = "stop",
+    ) -> GenerationParams:
+        """Generation parameters, checked against the limits (each error names its field)."""
+        lim = self.limits
+        if max_new_tokens > lim.max_new_tokens:
+            raise ApiError(
+                422,
+                f"{field}={max_new_tokens} is more than the server allows ({lim.max_new_tokens}, max_new_tokens)",
+                field,
+            )
+        stop = [x for x in stop or [] if x]
+        if len(stop) > lim.max_stop_sequences:
+            raise ApiError(422, f"{stop_field}: at most {lim.max_stop_sequences} stop strings", stop_field)
+        return GenerationParams(
+            max_new_tokens=max_new_tokens,
+            temperature=max(temperature, 0.0),
+            top_p=top_p or 1.0,
+            top_k=max(top_k or 0, 0),
+            stop=stop,
+            mode=self.mode,  # type: ignore[arg-type]
+            max_input_tokens=lim.max_input_tokens,
+            trim_step=lim.trim_step,
+            seed=seed,
+        )
+
+    def model(self, name: str | None, field: str) -> tuple[str, str | None]:
+        """(public name, PEFT adapter) of a requested model; 404 naming ``field`` when unknown."""
+        name = name or self.engine.default_model
+        if name not in self.engine.models:
+            served = ", ".join(self.engine.models)
+            raise ApiError(404, f"{field}={name!r} is not served here (models: {served})", field, "not_found")
+        return name, self.engine.models[name]
+
+    def fim_prompt(self, prefix: str, suffix: str, context: str = "") -> list[int]:
+        lim = self.limits
+        return self.prompter.build(prefix, suffix, self.mode, lim.max_input_tokens, context, lim.trim_step)
+
+    def formatted_prompt(self, text: str, field: str, truncate: int | None = None) -> list[int]:
+        """Ids of a prompt the client formatted: a FIM prompt is rebuilt and fitted, other text must fit."""
+        parts = self.prompter.split(text)
+        if parts is not None:
+            return self.fim_prompt(*parts)
+        ids = self.prompter.encode_formatted(text)
+        if truncate:
+            ids = ids[-truncate:]
+        limit = self.limits.max_input_tokens
+        if len(ids) > limit:
+            raise ApiError(
+                422,
+                f"{field} is {len(ids)} tokens, more than the server allows ({limit}, max_input_tokens); "
+                "send less, or a FIM prompt (those are fitted)",
+                field,
+            )
+        if not ids:
+            raise ApiError(422, f"{field} is empty", field)
+        return ids
+
+    # ---- running jobs -------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], params: GenerationParams, adapter: str | None, stream: bool = False) -> Job:
+        job = Job(prompt, params, adapter, self.limits.timeout_s, stream)
+        try:
+            self.engine.submit(job)
+        except QueueFull:
+            raise ApiError(
+                503,
+                f"the server is busy (its queue of {self.limits.queue_size} is full); retry shortly",
+                None,
+                "overloaded",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
+        return job
+
+    async def result(self, request: Request, job: Job) -> Completion:
+        """Wait for ``job``; cancel it when the client goes away or the deadline passes."""
+        task = asyncio.ensure_future(_final(job))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    job.cancel()
+                    raise ApiError(STATUS_CLIENT_GONE, "the client closed the request", None, "cancelled")
+                if time.monotonic() > job.deadline + TIMEOUT_GRACE_S:
+                    job.cancel()
+                    raise JobTimeout()
+        except (JobTimeout, JobCancelled) as e:
+            raise job_error(e, self.limits) from None
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def results(self, request: Request, jobs: list[Job]) -> list[Completion]:
+        try:
+            return [await self.result(request, job) for job in jobs]
+        finally:
+            for job in jobs:
+                job.cancel()  # no-op for finished jobs; drops the rest when one failed
+
+
+async def _final(job: Job) -> Completion:
+    async for event in job.events_until_done():
+        if event.kind == "error":
+            raise event.error or JobCancelled()
+        if event.kind == "done" and event.completion is not None:
+            return event.completion
+    raise JobCancelled()
+
+
+def job_error(e: Exception, limits: Limits) -> ApiError:
+    """The HTTP error for a job that ended without a completion."""
+    if isinstance(e, JobTimeout):
+        return ApiError(
+            408,
+            f"generation ran past the server's timeout of {limits.timeout_s:g} s (timeout_s); ask for fewer tokens",
+            "timeout_s",
+            "timeout",
+        )
+    if isinstance(e, JobCancelled):
+        return ApiError(503, "the request was cancelled (server stopping)", None, "cancelled")
+    return ApiError(500, f"generation failed: {type(e).__name__}", None, "generation_error")
+
+
+def submit_all(svc: Service, prompts: list[list[int]], params: GenerationParams, adapter: str | None) -> list[Job]:
+    jobs: list[Job] = []
+    try:
+        for prompt in prompts:
+            jobs.append(svc.submit(prompt, params, adapter))
+    except ApiError:
+        for job in jobs:
+            job.cancel()
+        raise
+    return jobs

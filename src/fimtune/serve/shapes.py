@@ -1,0 +1,201 @@
+"""The three API shapes editors speak: TGI, OpenAI completions, llama.cpp infill (handlers and streams).
+
+Streams are server-sent events. Each stream's generator cancels its job when it ends, so a
+client that goes away mid-stream (Starlette cancels the generator) stops its generation.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request
+
+from fimtune.generate import Completion
+from fimtune.serve import schemas as s
+from fimtune.serve.engine import Job, JobCancelled
+from fimtune.serve.http import ApiError, sse
+from fimtune.serve.service import Service, job_error, submit_all
+
+EXTRA_FILE_HEADER = "# {filename}\n"  # how an `input_extra` file starts in the context
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# --------------------------------------------------------------------------------------
+# TGI
+# --------------------------------------------------------------------------------------
+
+
+async def tgi(svc: Service, request: Request, req: s.TgiRequest, stream: bool) -> Any:
+    p = req.parameters
+    temperature = (1.0 if p.temperature is None else p.temperature) if p.sampling() else 0.0
+    new_tokens = p.max_new_tokens or min(s.TGI_DEFAULT_NEW_TOKENS, svc.limits.max_new_tokens)
+    params = svc.params(
+        new_tokens, "parameters.max_new_tokens", temperature, p.top_p, p.top_k, p.stop, p.seed, "parameters.stop"
+    )
+    _, adapter = svc.model(p.adapter_id, "parameters.adapter_id")
+    prompt = svc.formatted_prompt(req.inputs, "inputs", p.truncate)
+    head = req.inputs if p.return_full_text else ""
+    job = svc.submit(prompt, params, adapter, stream)
+    if stream:
+        return StreamingResponse(tgi_events(svc, job, head, p), media_type="text/event-stream", headers=SSE_HEADERS)
+    done = await svc.result(request, job)
+    out = s.TgiResponse(generated_text=head + done.text, details=tgi_details(done, p) if p.details else None)
+    return JSONResponse(out.model_dump(exclude_none=not p.details))
+
+
+def tgi_details(done: Completion, p: s.TgiParameters) -> s.TgiDetails:
+    reason = "length" if done.finish_reason == "length" else "eos_token"
+    return s.TgiDetails(finish_reason=reason, generated_tokens=done.completion_tokens, seed=p.seed)
+
+
+async def tgi_events(svc: Service, job: Job, head: str, p: s.TgiParameters) -> AsyncIterator[str]:
+    """TGI's stream: one event per token; the last carries `generated_text` (held back one event for that)."""
+    held: s.TgiToken | None = None
+    sent, index = "", 0
+    try:
+        async for event in job.events_until_done():
+            if event.kind == "token":
+                if held is not None:
+                    yield sse(s.TgiStreamEvent(index=index, token=held).model_dump())
+                    index += 1
+                held = s.TgiToken(id=event.token, text=event.text, special=event.end)
+                sent += event.text
+            elif event.kind == "done" and event.completion is not None:
+                done = event.completion
+                last = held or s.TgiToken(id=job.prompt[-1], text="", special=True)
+                last.text += done.text[len(sent) :] if done.text.startswith(sent) else ""
+                details = tgi_details(done, p) if p.details else None
+                final = s.TgiStreamEvent(index=index, token=last, generated_text=head + done.text, details=details)
+                yield sse(final.model_dump())
+            else:
+                err = job_error(event.error or JobCancelled(), svc.limits)
+                yield sse({"error": err.message, "error_type": err.kind})
+    finally:
+        job.cancel()  # the client went away mid-stream (or we are done: then a no-op)
+
+
+# --------------------------------------------------------------------------------------
+# OpenAI
+# --------------------------------------------------------------------------------------
+
+
+async def completions(svc: Service, request: Request, req: s.CompletionRequest) -> Any:
+    name, adapter = svc.model(req.model, "model")
+    temperature = s.OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+    max_tokens = req.max_tokens or s.OPENAI_DEFAULT_MAX_TOKENS
+    params = svc.params(max_tokens, "max_tokens", temperature, req.top_p, req.top_k, req.stops(), req.seed)
+    if req.suffix is not None:  # Continue & co: the FIM prompt is ours to build
+        prompts = [svc.fim_prompt(text, req.suffix) for text in req.prompts()]
+    else:
+        prompts = [svc.formatted_prompt(text, "prompt") for text in req.prompts()]
+    meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name}
+    if req.stream:
+        if len(prompts) > 1:
+            raise ApiError(422, "prompt: streaming takes one prompt", "prompt")
+        job = svc.submit(prompts[0], params, adapter, stream=True)
+        return StreamingResponse(openai_events(svc, job, meta), media_type="text/event-stream", headers=SSE_HEADERS)
+    done = await svc.results(request, submit_all(svc, prompts, params, adapter))
+    echo = req.prompts() if req.echo else [""] * len(done)
+    choices = [
+        s.CompletionChoice(index=i, text=head + c.text, finish_reason=c.finish_reason)
+        for i, (head, c) in enumerate(zip(echo, done, strict=True))
+    ]
+    return s.CompletionResponse(**meta, choices=choices, usage=usage(done))
+
+
+def usage(done: list[Completion]) -> s.Usage:
+    prompt, new = sum(c.prompt_tokens for c in done), sum(c.completion_tokens for c in done)
+    cached = s.CachedTokens(cached_tokens=sum(c.cached_tokens for c in done))
+    return s.Usage(prompt_tokens=prompt, completion_tokens=new, total_tokens=prompt + new, prompt_tokens_details=cached)
+
+
+async def openai_events(svc: Service, job: Job, meta: dict[str, Any]) -> AsyncIterator[str]:
+    """`data: {chunk}` per piece of text, a last chunk with `finish_reason` and usage, then `data: [DONE]`."""
+
+    def chunk(text: str, reason: str | None = None, **extra: Any) -> str:
+        choice = s.CompletionChoice(index=0, text=text, finish_reason=reason)
+        return sse(s.CompletionResponse(**meta, choices=[choice], **extra).model_dump(exclude_none=True))
+
+    sent = ""
+    try:
+        async for event in job.events_until_done():
+            if event.kind == "token" and event.text:
+                sent += event.text
+                yield chunk(event.text)
+            elif event.kind == "done" and event.completion is not None:
+                done = event.completion
+                rest = done.text[len(sent) :] if done.text.startswith(sent) else ""
+                yield chunk(rest, done.finish_reason, usage=usage([done]))
+            elif event.kind == "error":
+                err = job_error(event.error or JobCancelled(), svc.limits)
+                yield sse({"error": {"message": err.message, "type": err.kind, "param": err.field, "code": err.status}})
+        yield sse("[DONE]")
+    finally:
+        job.cancel()
+
+
+# --------------------------------------------------------------------------------------
+# llama.cpp
+# --------------------------------------------------------------------------------------
+
+
+def extra_context(req: s.InfillRequest) -> str:
+    """`input_extra` files as `# filename` blocks (the prompt trims them first when too long)."""
+    blocks = []
+    for extra in req.input_extra:
+        text = extra.text if extra.text.endswith("\n") or not extra.text else extra.text + "\n"
+        blocks.append((EXTRA_FILE_HEADER.format(filename=extra.filename) if extra.filename else "") + text)
+    return "".join(blocks)
+
+
+async def infill(svc: Service, request: Request, req: s.InfillRequest) -> Any:
+    name, adapter = svc.model(req.model, "model")
+    n_predict = req.n_predict if req.n_predict > 0 else svc.limits.max_new_tokens
+    params = svc.params(n_predict, "n_predict", req.temperature, req.top_p, req.top_k, req.stop, req.seed)
+    prompt = svc.fim_prompt(req.input_prefix + req.prompt, req.input_suffix, extra_context(req))
+    job = svc.submit(prompt, params, adapter, req.stream)
+    started = time.perf_counter()
+    if req.stream:
+        return StreamingResponse(
+            infill_events(svc, job, name, started), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+    return infill_response(await svc.result(request, job), name, started)
+
+
+def infill_response(done: Completion, name: str, started: float) -> s.InfillResponse:
+    return s.InfillResponse(
+        content=done.text,
+        model=name,
+        stop_type="limit" if done.finish_reason == "length" else "eos",
+        tokens_predicted=done.completion_tokens,
+        tokens_evaluated=done.prompt_tokens,
+        tokens_cached=done.cached_tokens,
+        timings={
+            "prompt_n": done.prompt_tokens - done.cached_tokens,
+            "predicted_n": done.completion_tokens,
+            "total_ms": round((time.perf_counter() - started) * 1000, 3),
+        },
+    )
+
+
+async def infill_events(svc: Service, job: Job, name: str, started: float) -> AsyncIterator[str]:
+    """llama.cpp's stream: `{"content": piece, "stop": false}` chunks, then the full response with `stop: true`."""
+    sent = ""
+    try:
+        async for event in job.events_until_done():
+            if event.kind == "token" and event.text:
+                sent += event.text
+                yield sse({"content": event.text, "stop": False})
+            elif event.kind == "done" and event.completion is not None:
+                final = infill_response(event.completion, name, started)
+                final.content = final.content[len(sent) :] if final.content.startswith(sent) else ""
+                yield sse(final.model_dump())
+            elif event.kind == "error":
+                err = job_error(event.error or JobCancelled(), svc.limits)
+                yield sse({"error": {"message": err.message, "type": err.kind, "code": err.status}})
+    finally:
+        job.cancel()

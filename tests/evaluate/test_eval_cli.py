@@ -1,0 +1,56 @@
+"""`fimtune eval` end to end on a tiny trained run: report.json, report.md, plots, the printed table."""
+
+from __future__ import annotations
+
+import json
+
+from fimtune.cli import main
+
+PLOTS = ("loss_curves.png", "loss.png", "infill.png", "humaneval.png")
+
+
+def estimates(node):
+    """Every {value, lo, hi, n} figure inside a report."""
+    if isinstance(node, dict):
+        if {"value", "lo", "hi", "n"} <= node.keys():
+            yield node
+        else:
+            for v in node.values():
+                yield from estimates(v)
+
+
+def test_eval_writes_the_report(tiny_run, token_cache, capsys):
+    code = main(["eval", str(tiny_run), "--tasks", "loss,infill,humaneval", "--limit", "2", "--holes", "6"])
+    assert code == 0
+    out = tiny_run / "eval"
+    for name in ("report.json", "report.md", *PLOTS, "infill_samples.jsonl", "humaneval_samples.jsonl"):
+        assert (out / name).is_file(), name
+    for plot in PLOTS:
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "report.json").read_text())
+    tasks = report["tasks"]
+    assert list(tasks) == ["loss", "infill", "humaneval"] and all(t["wall_s"] > 0 for t in tasks.values())
+    assert tasks["loss"]["formats"]["psm"]["rows"] == 2  # --limit 2: rows per format
+    assert tasks["infill"]["holes"] == 6 and tasks["infill"]["kinds"]["all"]["n"] == 6
+    assert {"line", "block", "span"} <= tasks["infill"]["kinds"].keys()
+    assert tasks["humaneval"]["problems"] == 2 and tasks["humaneval"]["tuned"]["pass@1"]["n"] == 2
+    figures = list(estimates(tasks))
+    assert len(figures) > 40 and all(f["n"] > 0 for f in figures)
+    rates = [f for f in figures if f["interval"] == "wilson"]
+    assert rates and all(0.0 <= f["lo"] <= f["value"] <= f["hi"] <= 1.0 for f in rates)
+    md = (out / "report.md").read_text()
+    assert "| infill | all exact match | 6 holes |" in md and "humaneval | pass@1 | 2 problems" in md
+    assert "![loss_curves.png](loss_curves.png)" in md and "Wall time:" in md
+    printed = capsys.readouterr().out
+    assert "base [95% CI]" in printed and "wall time:" in printed and "left_to_right loss" in printed
+    samples = [json.loads(line) for line in (out / "infill_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and {"middle", "base_completion", "tuned_completion"} <= samples[0].keys()
+
+
+def test_eval_rejects_bad_input(tmp_path, tiny_run, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    assert main(["eval", str(tiny_run), "--tasks", "loss,speed"]) == 2
+    assert "choose among loss, infill, humaneval" in capsys.readouterr().err
+    assert main(["eval", str(tiny_run), "--holes", "0"]) == 2
+    assert "--holes must be at least 1" in capsys.readouterr().err

@@ -1,0 +1,48 @@
+"""Batched generation for evaluation: order kept, rows stopped early, prompts fitted; HumanEval prompts."""
+
+from __future__ import annotations
+
+import torch
+from tests import tiny
+
+from fimtune.evaluate.humaneval import PlainPrompter, load_problems
+from fimtune.evaluate.variants import _TextStop, fit_params, generate
+from fimtune.generate import FimPrompter, GenerationParams
+from fimtune.tokens import document_separator_id
+
+HOLES = [("def add(a, b):\n    return ", "\n"), ("x = 1\n", ""), ("import os\n\ndef main():\n", "\n\nmain()\n")]
+
+
+def test_batching_keeps_the_input_order(tiny_tokenizer):
+    model = tiny.llama(len(tiny_tokenizer))
+    prompter = FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=6)
+    one = [c.text for c in generate(model, prompter, HOLES, params, batch_size=1)]
+    seen = []
+    three = [c.text for c in generate(model, prompter, HOLES, params, batch_size=3, progress=seen.append)]
+    assert one == three and seen == [3]
+
+
+def test_rows_stop_at_stop_strings_or_a_predicate(tiny_tokenizer):
+    head, rows = tiny_tokenizer.encode("AB"), [tiny_tokenizer.encode(t) for t in ("x = 1\ny", "x = 1 + 2")]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([head + r + [0] * (width - len(r)) for r in rows])  # 0: <|endoftext|>, as padding
+    assert _TextStop(tiny_tokenizer, len(head), ["\n"], None)(ids, None).tolist() == [True, False]
+    assert _TextStop(tiny_tokenizer, len(head), [], lambda t: "+" in t)(ids, None).tolist() == [False, True]
+
+
+def test_params_fit_a_short_context(tiny_tokenizer):
+    model = tiny.llama(len(tiny_tokenizer))  # 256 positions
+    fitted = fit_params(model, GenerationParams(max_new_tokens=320, max_input_tokens=1024))
+    assert fitted.max_new_tokens + fitted.max_input_tokens <= 256 and fitted.max_new_tokens == 128
+    same = GenerationParams(max_new_tokens=32, max_input_tokens=128)
+    assert fit_params(model, same) is same
+
+
+def test_humaneval_prompts_are_plain_left_to_right(tiny_tokenizer):
+    prompt = load_problems(1)[0]["prompt"].rstrip()
+    ids = PlainPrompter(tiny_tokenizer).build(prompt, "", "psm", 64, trim_step=1)
+    fim = FimPrompter(tiny_tokenizer).fim
+    assert ids[0] == document_separator_id(tiny_tokenizer) and len(ids) == 64
+    assert not {fim.prefix, fim.suffix, fim.middle} & set(ids)
+    assert tiny_tokenizer.decode(ids[1:]) == prompt[-len(tiny_tokenizer.decode(ids[1:])) :]  # the end is kept

@@ -1,0 +1,127 @@
+"""Hole cutting on real Python source: determinism, the three kinds, windows; syntax-aware truncation."""
+
+from __future__ import annotations
+
+import ast
+
+import numpy as np
+import pytest
+from eval_helpers import whole_files
+
+from fimtune.evaluate.holes import (
+    SPAN_MAX_CHARS,
+    SPAN_MIN_CHARS,
+    SourceFile,
+    cut_block,
+    cut_line,
+    draw_holes,
+)
+from fimtune.evaluate.syntax import MAX_BLOCK_LINES, block_candidates, parses, truncate_block
+
+
+@pytest.fixture(scope="module")
+def files():
+    return [SourceFile(f"mod{i}.py", "python", text) for i, text in enumerate(whole_files())]
+
+
+def test_holes_are_deterministic_and_of_every_kind(files):
+    a, b = draw_holes(files, 30, seed=0), draw_holes(files, 30, seed=0)
+    assert [h.describe() for h in a] == [h.describe() for h in b]
+    assert [h.describe() for h in draw_holes(files, 30, seed=1)] != [h.describe() for h in a]
+    assert [h.kind for h in a[:6]] == ["line", "block", "span"] * 2
+    assert len({(h.file.path, h.start, h.end) for h in a}) == 30  # distinct
+    for h in a:  # prefix + middle + suffix is the file, whatever the kind
+        assert h.prefix + h.middle + h.suffix == h.file.text and h.middle.strip()
+
+
+def test_line_holes_are_one_whole_line(files):
+    for h in (h for h in draw_holes(files, 30, seed=2) if h.kind == "line"):
+        assert "\n" not in h.middle
+        assert h.prefix == "" or h.prefix.endswith("\n")
+        assert h.suffix == "" or h.suffix.startswith("\n")
+
+
+def test_block_holes_are_whole_lines_of_one_syntactic_unit(files):
+    blocks = [h for h in draw_holes(files, 60, seed=3) if h.kind == "block"]
+    assert {h.unit for h in blocks} == {"body", "statement"}
+    for h in blocks:
+        assert h.prefix.endswith("\n") and h.middle.endswith("\n")
+        assert 2 <= h.middle.count("\n") <= MAX_BLOCK_LINES
+        lines = h.middle.splitlines()
+        indent = len(lines[0]) - len(lines[0].lstrip())
+        # The hole, dedented, is valid Python on its own: a complete unit.
+        ast.parse("\n".join(line[indent:] for line in lines))
+
+
+def test_block_candidates_find_bodies_and_compound_statements():
+    src = (
+        "def f(xs):\n"
+        "    total = 0\n"
+        "    for x in xs:\n"
+        "        if x > 0:\n"
+        "            total += x\n"
+        "    return total  # done\n"
+        "\n"
+        "def g(): return 1\n"
+    )
+    found = {(b.node_type, b.first_row, b.last_row) for b in block_candidates(src, "python")}
+    # The body of f, the for block, the if block; the one-line g and the commented last line are not cut.
+    assert ("for_statement", 2, 4) in found and ("if_statement", 3, 4) in found
+    assert not any(row == 7 for _, row, _ in found)
+    assert block_candidates("def f(:\n    pass\n", "python") == []  # files that do not parse give no block
+    assert cut_block(src, "cobol", np.random.default_rng(0)) is None
+
+
+def test_span_holes_have_bounded_length(files):
+    spans = [h for h in draw_holes(files, 60, seed=4) if h.kind == "span"]
+    assert spans and all(SPAN_MIN_CHARS <= len(h.middle) <= SPAN_MAX_CHARS for h in spans)
+
+
+def test_window_keeps_lines_near_the_hole(python_source):
+    f = SourceFile("textwrap.py", "python", python_source)
+    start, end = cut_line(python_source, np.random.default_rng(7))
+    from fimtune.evaluate.holes import Hole
+
+    prefix, suffix = Hole("line", f, start, end).window(before=3, after=2)
+    assert python_source[:start].endswith(prefix) and prefix.count("\n") <= 3
+    assert python_source[end:].startswith(suffix) and suffix.count("\n") <= 2
+
+
+def test_files_without_grammar_give_line_and_span_holes_only():
+    f = SourceFile("notes.txt", None, "first line of text\nsecond line here\nthird one\n" * 5)
+    kinds = {h.kind for h in draw_holes([f], 9, seed=0)}
+    assert kinds == {"line", "span"}
+
+
+# --------------------------------------------------------------------------------------
+# Syntax-aware truncation
+# --------------------------------------------------------------------------------------
+
+PREFIX = "def total(xs):\n    s = 0\n"
+SUFFIX = "    return s\n\nprint(total([1, 2]))\n"
+
+
+def test_truncation_keeps_the_first_statement_of_a_statement_hole():
+    gen = "    for x in xs:\n        s += x\n    return s\n\nprint(total([1, 2]))\n"
+    assert truncate_block(gen, PREFIX, SUFFIX, "statement", "python") == "    for x in xs:\n        s += x\n"
+
+
+def test_truncation_keeps_a_whole_body_and_stops_at_the_dedent():
+    prefix, suffix = "def total(xs):\n", "\nprint(total([1, 2]))\n"
+    gen = "    s = 0\n    for x in xs:\n        s += x\n    return s\ndef other():\n    pass\n"
+    assert (
+        truncate_block(gen, prefix, suffix, "body", "python")
+        == "    s = 0\n    for x in xs:\n        s += x\n    return s\n"
+    )
+
+
+def test_truncation_drops_an_unfinished_last_line():
+    gen = "    for x in xs:\n        s += x\n        s += (x"
+    kept = truncate_block(gen, PREFIX, SUFFIX, "statement", "python")
+    assert kept == "    for x in xs:\n        s += x\n"
+    assert parses(PREFIX + kept + SUFFIX, "python")
+
+
+def test_truncation_keeps_the_text_when_nothing_parses():
+    gen = "    for x in xs\n        s += x\n"  # a syntax error on the first line
+    assert truncate_block(gen, PREFIX, SUFFIX, "statement", "python") == gen

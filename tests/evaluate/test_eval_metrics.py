@@ -1,0 +1,62 @@
+"""Infill metrics: exact match, edit similarity, parse rate; scoring a real hole."""
+
+from __future__ import annotations
+
+import pytest
+
+from fimtune.evaluate.holes import Hole, SourceFile
+from fimtune.evaluate.infill import edit_similarity, exact_match, held_out_files, parse_rate, score, summarise
+
+
+def test_exact_match_ignores_whitespace_only():
+    assert exact_match("  return   a+b \n", "return a+b")
+    assert exact_match("if x:\n\treturn 1\n", "if x:\n    return 1")
+    assert not exact_match("return a + b", "return a+b")  # tokens differ, not only whitespace
+    assert not exact_match("", "x")
+
+
+def test_edit_similarity_values():
+    assert edit_similarity("abcd", "abcd") == 1.0
+    assert edit_similarity("abcd", "wxyz") == 0.0
+    assert edit_similarity("abcd", "abce") == pytest.approx(0.75)  # 2 * 3 matches / 8 characters
+    assert edit_similarity("ab", "abcd") == pytest.approx(2 * 2 / 6)
+    assert edit_similarity("x  =  1", "x = 1") == 1.0
+
+
+def test_parse_rate_counts_only_checkable_files():
+    assert parse_rate([True, True, False, None]) == (2, 3)
+    assert parse_rate([None, None]) == (0, 0)
+
+
+def test_score_and_summary_on_a_real_hole():
+    text = "def f(x):\n    y = x + 1\n    return y\n"
+    f = SourceFile("f.py", "python", text)
+    hole = Hole("line", f, 10, 23)
+    assert hole.middle == "    y = x + 1"
+    originals = {f.path: True}
+
+    def original(sf):
+        return originals[sf.path]
+
+    right, wrong, broken = (score(hole, c, original) for c in ("    y = x + 1", "    y = x - 1", "    y = (x"))
+    assert (right["exact_match"], right["parses"]) == (True, True)
+    # Whitespace does not change exact match, but a lost indentation breaks the file.
+    assert score(hole, "y = x + 1", original)["exact_match"] and not score(hole, "y = x + 1", original)["parses"]
+    assert (wrong["exact_match"], wrong["parses"]) == (False, True)
+    assert broken["parses"] is False
+    s = summarise([right, wrong, broken])
+    assert s["exact_match"]["value"] == pytest.approx(1 / 3, abs=1e-4) and s["exact_match"]["n"] == 3
+    assert s["parse_rate"]["value"] == pytest.approx(2 / 3, abs=1e-4)
+    assert 0.0 <= s["edit_similarity"]["lo"] <= s["edit_similarity"]["value"] <= s["edit_similarity"]["hi"] <= 1.0
+    # A file that did not parse to begin with is not counted for the parse rate.
+    assert score(hole, "y = x + 1", lambda sf: False)["parses"] is None
+
+
+def test_held_out_files_skip_empty_files_and_find_languages():
+    import datasets
+
+    split = datasets.Dataset.from_dict(
+        {"content": ["x = 1\n", "", "s = '<fim_prefix>'\n", "int x;\n"], "file_path": ["a.py", "b.py", "c.py", "d.c"]}
+    )
+    files = held_out_files(split, "content")
+    assert [(f.path, f.language) for f in files] == [("a.py", "python"), ("c.py", "python"), ("d.c", "c")]

@@ -1,0 +1,70 @@
+"""The sandbox: right and wrong programs, endless loops, runaway memory, writes outside its folder."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+from fimtune.evaluate.humaneval import load_problems, program
+from fimtune.evaluate.sandbox import run_program, run_programs
+
+TIMEOUT_S = 1.0
+MEMORY_MB = 256
+
+
+def test_correct_and_wrong_humaneval_solutions():
+    problems = load_problems(3)
+    assert len(load_problems()) == 164
+    right = [program(p, p["canonical_solution"]) for p in problems]
+    wrong = [program(p, "    return None\n") for p in problems]
+    results = run_programs(right + wrong, timeout_s=5.0, memory_mb=MEMORY_MB)
+    assert [r.status for r in results] == ["passed"] * 3 + ["failed"] * 3
+    assert "AssertionError" in results[3].output
+
+
+def test_an_endless_loop_is_killed_fast():
+    t = time.perf_counter()
+    r = run_program("while True:\n    pass\n", timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB)
+    assert r.status == "timeout" and not r.passed
+    assert time.perf_counter() - t < TIMEOUT_S + 2.0
+
+
+def test_a_sleeping_child_process_group_is_killed():
+    r = run_program("import time\ntime.sleep(60)\n", timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB)
+    assert r.status == "timeout" and r.seconds < TIMEOUT_S + 2.0
+
+
+def test_unbounded_allocation_fails_and_the_parent_survives():
+    r = run_program("x = []\nwhile True:\n    x.append(bytearray(10**7))\n", timeout_s=5.0, memory_mb=MEMORY_MB)
+    assert r.status == "failed" and "MemoryError" in r.output
+    assert run_program("print('still here')").output == "still here\n"
+
+
+def test_writes_outside_its_folder_leave_no_file(tmp_path):
+    outside = [tmp_path / f"escape-{uuid.uuid4().hex}.txt", f"/tmp/fimtune-escape-{uuid.uuid4().hex}.txt"]
+    attempts = [
+        f"open({str(outside[0])!r}, 'w').write('x')",
+        f"import pathlib\npathlib.Path({outside[1]!r}).write_text('x')",
+        f"import os\nos.close(os.open({outside[1]!r}, os.O_WRONLY | os.O_CREAT))",
+        f"import io\nio.FileIO({outside[1]!r}, 'w')",
+        f"import os\nos.makedirs({str(tmp_path / 'made')!r})",
+        f"open('../../{os.path.basename(outside[1])}', 'w')",
+    ]
+    for src in attempts:
+        r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
+        assert r.status == "failed" and "PermissionError" in r.output, src
+    assert not any(os.path.exists(p) for p in outside) and not (tmp_path / "made").exists()
+
+
+def test_destructive_functions_are_refused_and_the_folder_is_private(tmp_path):
+    victim = tmp_path / "keep.txt"
+    victim.write_text("keep")
+    for src in (f"import os\nos.remove({str(victim)!r})", f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
+                "import subprocess\nsubprocess.run(['true'])", "import os\nos.system('true')"):  # fmt: skip
+        r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
+        assert r.status == "failed" and "PermissionError" in r.output, src
+    assert victim.read_text() == "keep"
+    # Inside its own folder a program may write and read; it sees a clean environment.
+    r = run_program("import os\nopen('a.txt', 'w').write('hi')\nprint(open('a.txt').read(), sorted(os.environ))")
+    assert r.passed and r.output.startswith("hi ") and "HOME" in r.output and "FIMTUNE_CACHE" not in r.output

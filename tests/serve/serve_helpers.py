@@ -1,0 +1,91 @@
+"""Helpers for the server tests: a tiny never-ending model, adapters, a real uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import torch
+
+from fimtune.serve.engine import Limits
+
+STARTUP_POLLS = 1000  # x 10 ms
+TEST_LIMITS = dict(max_input_tokens=200, max_new_tokens=64, max_body_bytes=20_000, timeout_s=20.0, trim_step=16)
+
+
+def never_ending(model, tokenizer):
+    """Zero the output rows of the end tokens: their logit is 0 while some other token's is higher."""
+    from fimtune.generate import FimPrompter
+
+    with torch.no_grad():
+        model.get_output_embeddings().weight[FimPrompter(tokenizer).end_ids] = 0.0
+    return model
+
+
+def save_adapter(base: Path, folder: Path, seed: int) -> Path:
+    """A random (non-zero) LoRA adapter on ``base``, saved as safetensors."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), cfg).save_pretrained(folder)
+    return folder
+
+
+def make_app(run: Path, adapters: list[str] | None = None, api_key: str | None = None, **limits):
+    from fimtune.serve.app import create_app
+    from fimtune.serve.engine import load_engine
+
+    engine, prompter, mode = load_engine(str(run), adapters or [], Limits(**{**TEST_LIMITS, **limits}), "auto")
+    return create_app(engine, prompter, mode, api_key)
+
+
+@contextlib.contextmanager
+def running(app) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a thread on an ephemeral loopback port; yield its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(STARTUP_POLLS):
+        if server.started or not thread.is_alive():
+            break
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def sse_events(response: httpx.Response) -> list[dict | str]:
+    """The `data:` payloads of a server-sent-event stream (JSON decoded, `[DONE]` kept as text)."""
+    out: list[dict | str] = []
+    for line in response.iter_lines():
+        if line.startswith("data:"):
+            payload = line[len("data:") :].strip()
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def error_field(body: dict) -> str | None:
+    """The field an error names, in either error shape (TGI or OpenAI)."""
+    err = body["error"]
+    return err["param"] if isinstance(err, dict) else body["field"]
+
+
+def wait_until(condition, polls: int = 500, delay: float = 0.01) -> None:
+    for _ in range(polls):
+        if condition():
+            return
+        time.sleep(delay)
+    raise AssertionError("condition not reached")

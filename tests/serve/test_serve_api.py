@@ -1,0 +1,177 @@
+"""Each API shape against a real server on a tiny run: TGI, OpenAI, llama.cpp infill, info, models, metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from serve_helpers import TEST_LIMITS, sse_events
+
+from fimtune.generate import FimPrompter, GenerationParams, complete_batch
+
+PREFIX = "def add(a, b):\n    "
+SUFFIX = "\n\nprint(add(1, 2))\n"
+PSM_INPUTS = f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>"
+# What llm-vscode (llm-ls, TGI backend) sends, byte for byte in shape.
+LLM_VSCODE_BODY = {
+    "inputs": PSM_INPUTS,
+    "parameters": {"max_new_tokens": 60, "temperature": 0.2, "top_p": 0.95, "return_full_text": False},
+}
+GREEDY = {"max_new_tokens": 12, "do_sample": False}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run):
+    """Greedy completions from `generate` on the run, as the server builds its prompts (SPM, fitted)."""
+    from fimtune.generate import merge_adapter
+    from fimtune.model import load_for_inference
+
+    loaded = load_for_inference(tiny_run, torch.device("cpu"))
+    merge_adapter(loaded.model)
+    prompter = FimPrompter(loaded.tokenizer)
+
+    def complete(prefix: str, suffix: str, n: int) -> str:
+        params = GenerationParams(
+            max_new_tokens=n, mode="spm", max_input_tokens=TEST_LIMITS["max_input_tokens"], trim_step=16
+        )
+        return complete_batch(loaded.model, prompter, [(prefix, suffix)], params)[0].text
+
+    return complete
+
+
+def test_llm_vscode_body_gets_a_completion(client):
+    r = client.post("/generate", json=LLM_VSCODE_BODY)
+    assert r.status_code == 200, r.text
+    assert set(r.json()) == {"generated_text"} and r.json()["generated_text"]
+
+
+def test_tgi_generate_is_greedy_generate_on_the_fim_prompt(client, reference):
+    r = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": GREEDY})
+    assert r.json()["generated_text"] == reference(PREFIX, SUFFIX, 12)
+    full = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": {**GREEDY, "return_full_text": True}})
+    assert full.json()["generated_text"] == PSM_INPUTS + r.json()["generated_text"]
+    details = client.post("/", json={"inputs": PSM_INPUTS, "parameters": {**GREEDY, "details": True}}).json()
+    assert details["details"] == {"finish_reason": "length", "generated_tokens": 12, "seed": None}
+
+
+@pytest.mark.parametrize("route,body", [("/generate_stream", {}), ("/", {"stream": True})])
+def test_tgi_stream_sends_token_events_then_the_text(client, route, body):
+    expected = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": GREEDY}).json()["generated_text"]
+    with client.stream("POST", route, json={"inputs": PSM_INPUTS, "parameters": GREEDY, **body}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert len(events) == 12
+    assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+    assert events[-1]["generated_text"] == expected
+    assert "".join(e["token"]["text"] for e in events) == expected
+    assert {"id", "text", "logprob", "special"} <= set(events[0]["token"])
+
+
+def test_stop_strings_cut_the_text(client):
+    whole = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": {**GREEDY, "max_new_tokens": 30}})
+    text = whole.json()["generated_text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = text[: text.index(stop)]
+    params = {**GREEDY, "max_new_tokens": 30, "stop": [stop]}
+    assert client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": params}).json()["generated_text"] == cut
+    with client.stream("POST", "/generate_stream", json={"inputs": PSM_INPUTS, "parameters": params}) as r:
+        events = sse_events(r)
+    assert "".join(e["token"]["text"] for e in events) == cut == events[-1]["generated_text"]
+    oa = client.post("/v1/completions", json={"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 30, "temperature": 0})
+    oa_cut = client.post(
+        "/v1/completions",
+        json={"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 30, "temperature": 0, "stop": stop},
+    )
+    assert oa.json()["choices"][0]["text"] == text  # same hole, same prompt, whichever API
+    assert oa_cut.json()["choices"][0] == {"index": 0, "text": cut, "logprobs": None, "finish_reason": "stop"}
+
+
+def test_openai_completion_builds_the_fim_prompt_from_prompt_and_suffix(client, reference):
+    body = {"model": "run", "prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 10, "temperature": 0}
+    out = client.post("/v1/completions", json=body).json()
+    assert out["object"] == "text_completion" and out["model"] == "run"
+    assert out["choices"][0]["text"] == reference(PREFIX, SUFFIX, 10)
+    assert out["choices"][0]["finish_reason"] == "length"
+    usage = out["usage"]
+    assert usage["completion_tokens"] == 10 and usage["total_tokens"] == usage["prompt_tokens"] + 10
+
+
+def test_continue_style_streaming_request(client):
+    body = {
+        "model": "run",
+        "prompt": PREFIX,
+        "suffix": SUFFIX,
+        "max_tokens": 10,
+        "temperature": 0.01,
+        "top_p": 1,
+        "stop": ["\n\n\n", "\ndef "],
+        "stream": True,
+    }
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" and c["model"] == "run" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "".join(c["choices"][0]["text"] for c in chunks)
+
+
+def test_models_pick_the_adapter(client):
+    names = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert names == ["run", "base", "other"]
+    texts = {
+        name: client.post(
+            "/v1/completions",
+            json={"model": name, "prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 8, "temperature": 0},
+        ).json()["choices"][0]["text"]
+        for name in names
+    }
+    assert len(set(texts.values())) == 3  # three sets of weights, three answers
+    again = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": {**GREEDY, "max_new_tokens": 8}})
+    assert again.json()["generated_text"] == texts["run"]  # switching back restores the run's adapter
+    tgi_other = {"inputs": PSM_INPUTS, "parameters": {**GREEDY, "max_new_tokens": 8, "adapter_id": "other"}}
+    assert client.post("/generate", json=tgi_other).json()["generated_text"] == texts["other"]
+    unknown = client.post("/v1/completions", json={"model": "/etc/passwd", "prompt": "x", "suffix": ""})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+
+
+def test_infill_puts_extra_files_before_the_prefix(client, server):
+    engine = server[1]
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 6, "temperature": 0}
+    plain = client.post("/infill", json=body).json()
+    assert set(plain) >= {"content", "stop", "tokens_predicted", "tokens_evaluated"} and plain["tokens_predicted"] == 6
+    extra = {**body, "input_extra": [{"filename": "util.py", "text": "def helper():\n    return 1\n"}]}
+    before = engine.decoder.stats.prompt_tokens
+    with_extra = client.post("/infill", json=extra).json()
+    assert with_extra["tokens_evaluated"] > plain["tokens_evaluated"]
+    assert engine.decoder.stats.prompt_tokens - before == with_extra["tokens_evaluated"]
+    with client.stream("POST", "/infill", json={**body, "stream": True}) as r:
+        events = sse_events(r)
+    assert events[-1]["stop"] is True and all(e["stop"] is False for e in events[:-1])
+    assert "".join(e["content"] for e in events) == plain["content"]
+
+
+def test_long_extra_context_is_trimmed_first(client):
+    huge = [{"filename": f"f{i}.py", "text": "x = 1\n" * 40} for i in range(10)]
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": huge, "n_predict": 4, "temperature": 0}
+    out = client.post("/infill", json=body).json()
+    assert out["tokens_evaluated"] <= TEST_LIMITS["max_input_tokens"]
+    plain = client.post("/infill", json={**body, "input_extra": []}).json()
+    assert out["tokens_evaluated"] > plain["tokens_evaluated"]
+
+
+def test_info_health_and_metrics(client):
+    info = client.get("/info").json()
+    assert info["fim"]["mode"] == "spm" and info["fim"]["prefix"] == "<fim_prefix>"
+    assert info["fim"]["template"] == "<fim_prefix><fim_suffix>{suffix}<fim_middle>{prefix}"
+    assert info["fim"]["templates"]["psm"] == "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+    assert info["limits"]["max_new_tokens"] == 64 and info["max_input_tokens"] == 200
+    assert info["models"] == ["run", "base", "other"] and info["adapters"] == ["run", "other"]
+    assert client.get("/health").json() == {"status": "ok"}
+    client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": GREEDY})
+    text = client.get("/metrics").text
+    assert 'fimtune_requests_total{route="/generate",status="200"}' in text
+    assert 'fimtune_request_duration_seconds_bucket{route="/generate",le="+Inf"}' in text
+    assert "# TYPE fimtune_request_duration_seconds histogram" in text
+    generated = next(line for line in text.splitlines() if line.startswith("fimtune_generated_tokens_total "))
+    assert int(generated.split()[1]) >= 12

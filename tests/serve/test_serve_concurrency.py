@@ -1,0 +1,145 @@
+"""Concurrency: batching gives each request its own answer, a full queue says 503, gone clients cancel,
+timeouts, the event loop stays free, and the KV cache is reused across keystrokes."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from serve_helpers import error_field, make_app, running, wait_until
+
+SLOW_STEP_S = 0.05
+
+
+def psm(prefix: str, suffix: str = "\n") -> str:
+    return f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+
+
+@pytest.fixture
+def slow(server):
+    """Each forward of the server's engine takes SLOW_STEP_S more (restored afterwards)."""
+    decoder = server[1].decoder
+    decoder.step_hook = lambda: time.sleep(SLOW_STEP_S)
+    yield server[1]
+    decoder.step_hook = None
+
+
+def requests_of_many_shapes() -> list[tuple[str, dict]]:
+    """Different prompts, lengths, stops and adapters, all greedy."""
+    out = []
+    for i in range(8):
+        prefix = f"def f{i}(x):\n" + "    y = x\n" * i
+        params = {"max_new_tokens": 4 + 3 * i, "do_sample": False, "stop": ["\n\n"] if i % 3 == 0 else []}
+        if i % 4 == 3:
+            params["adapter_id"] = "other"
+        out.append(("/generate", {"inputs": psm(prefix), "parameters": params}))
+    out.append(("/v1/completions", {"prompt": "import os\n", "suffix": "\n", "max_tokens": 9, "temperature": 0}))
+    out.append(("/infill", {"input_prefix": "class A:\n", "input_suffix": "", "n_predict": 7, "temperature": 0}))
+    return out
+
+
+def answer(body: dict) -> str:
+    """The completion text of any of the three shapes."""
+    if "choices" in body:
+        return body["choices"][0]["text"]
+    return body.get("generated_text", body.get("content"))
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
+    url, engine = server
+    calls = requests_of_many_shapes()
+    with httpx.Client(base_url=url, timeout=30) as c:
+        alone = [c.post(route, json=body).json() for route, body in calls]
+        batches_before = engine.decoder.stats.batches
+        engine.pause()  # let every request queue up, then batch them
+        try:
+            with ThreadPoolExecutor(len(calls)) as pool:
+                futures = [pool.submit(c.post, route, json=body) for route, body in calls]
+                wait_until(lambda: engine.queue_depth() == len(calls))
+                engine.resume()
+                together = [f.result().json() for f in futures]
+        finally:
+            engine.resume()
+    assert [answer(r) for r in together] == [answer(r) for r in alone]
+    assert engine.decoder.stats.largest_batch >= 5
+    # greedy + run adapter, greedy + other adapter: two batches for ten requests
+    assert engine.decoder.stats.batches - batches_before == 2
+
+
+def test_full_queue_answers_503_with_retry_after(tiny_run):
+    app = make_app(tiny_run, queue_size=1)
+    engine = app.state.service.engine
+    body = {"inputs": psm("x = "), "parameters": {"max_new_tokens": 3}}
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(1) as pool:
+        engine.pause()
+        first = pool.submit(c.post, "/generate", json=body)
+        wait_until(lambda: engine.queue_depth() == 1)
+        second = c.post("/generate", json=body)
+        oa = c.post("/v1/completions", json={"prompt": "x", "suffix": ""})
+        engine.resume()
+        assert second.status_code == 503 and second.headers["retry-after"] == "1"
+        assert second.json()["error_type"] == "overloaded"
+        assert oa.status_code == 503 and "busy" in oa.json()["error"]["message"]
+        assert first.result().status_code == 200
+        assert "fimtune_rejected_total 2" in c.get("/metrics").text
+
+
+def test_timeout_is_408_naming_timeout_s(tiny_run):
+    app = make_app(tiny_run, timeout_s=0.5)
+    app.state.service.engine.decoder.step_hook = lambda: time.sleep(SLOW_STEP_S)
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/generate", json={"inputs": psm("x = "), "parameters": {"max_new_tokens": 60}})
+        assert r.status_code == 408 and error_field(r.json()) == "timeout_s"
+        assert app.state.service.engine.counters.timeouts == 1
+
+
+def test_a_client_that_goes_away_cancels_its_generation(server, slow):
+    url, engine = server
+    body = {"inputs": psm("def g():\n"), "parameters": {"max_new_tokens": 60}}
+    cancelled, generated = engine.counters.cancelled, engine.decoder.stats.generated_tokens
+    with httpx.Client(base_url=url, timeout=0.4) as c, pytest.raises(httpx.ReadTimeout):
+        c.post("/generate", json=body)
+    wait_until(lambda: engine.counters.cancelled == cancelled + 1)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        with c.stream("POST", "/generate_stream", json=body) as r:
+            next(r.iter_lines())  # the first token arrived; now hang up
+        wait_until(lambda: engine.counters.cancelled == cancelled + 2)
+    assert engine.decoder.stats.generated_tokens - generated < 60  # two 60-token jobs were cut short
+
+
+def test_generation_does_not_block_the_event_loop(server, slow):
+    url, engine = server
+    body = {"inputs": psm("def h():\n"), "parameters": {"max_new_tokens": 30}}
+    with httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(1) as pool:
+        long = pool.submit(c.post, "/generate", json=body)
+        wait_until(lambda: engine.decoder.stats.generated_tokens > 0 and not long.done())
+        start = time.perf_counter()
+        assert c.get("/health").status_code == 200 and c.get("/info").status_code == 200
+        assert time.perf_counter() - start < 30 * SLOW_STEP_S / 2
+        assert long.result().status_code == 200
+
+
+def test_keystrokes_reuse_the_kv_cache_and_answer_as_without(client, server):
+    """An editor's requests as a person types: each answer as from a fresh cache, few tokens fed."""
+    engine = server[1]
+    source = (
+        "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n"
+    )
+    suffix = "\n\nprint(mean([1, 2, 3]))\n"
+    cursor = 40
+    texts, fed = [], []
+    for step in range(6):
+        prefix = source[: cursor + 3 * step]
+        body = {"inputs": psm(prefix, suffix), "parameters": {"max_new_tokens": 5}}
+        before = engine.decoder.stats.fed_tokens
+        texts.append(client.post("/generate", json=body).json()["generated_text"])
+        fed.append(engine.decoder.stats.fed_tokens - before)
+    engine.decoder.caches.clear()
+    for step in range(6):  # the same requests, each on an empty cache
+        prefix = source[: cursor + 3 * step]
+        body = {"inputs": psm(prefix, suffix), "parameters": {"max_new_tokens": 5}}
+        assert client.post("/generate", json=body).json()["generated_text"] == texts[step]
+        engine.decoder.caches.clear()
+    assert max(fed[1:]) <= 6 < fed[0]  # after the first request, only the few typed tokens are fed

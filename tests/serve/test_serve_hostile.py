@@ -1,0 +1,118 @@
+"""Bad input never gets a 500: fuzzed request bodies, invalid UTF-8, oversized bodies, wrong keys."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from serve_helpers import make_app, running
+
+ROUTES = ["/generate", "/generate_stream", "/", "/v1/completions", "/infill"]
+FIELDS = {
+    "/generate": ["inputs", "parameters", "stream"],
+    "/generate_stream": ["inputs", "parameters"],
+    "/": ["inputs", "parameters", "stream"],
+    "/v1/completions": ["model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "stop", "stream", "n"],
+    "/infill": ["input_prefix", "input_suffix", "input_extra", "n_predict", "temperature", "stream", "prompt"],
+}
+PARAMS = ["max_new_tokens", "temperature", "top_p", "do_sample", "return_full_text", "stop", "top_k", "seed"]
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=40),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@st.composite
+def bodies(draw, route: str):
+    keys = draw(st.lists(st.sampled_from(FIELDS[route] + ["junk"]), unique=True, max_size=6))
+    body = {k: draw(values) for k in keys}
+    if "parameters" in body and draw(st.booleans()):
+        body["parameters"] = {k: draw(values) for k in draw(st.lists(st.sampled_from(PARAMS), unique=True))}
+    return body
+
+
+@pytest.fixture(scope="module")
+def fuzz_url(tiny_run, other_adapter):
+    # Small output limits keep each fuzzed generation short; the checks are about status codes.
+    app = make_app(tiny_run, [f"other={other_adapter}"], max_new_tokens=8, api_key=None)
+    with running(app) as url:
+        yield url
+
+
+def assert_not_5xx(response: httpx.Response) -> None:
+    assert response.status_code < 500 or response.status_code == 503, response.text[:500]
+    if response.status_code >= 400:
+        body = response.json()
+        assert "error" in body, body
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_bodies_get_no_500(fuzz_url, route, data):
+    body = data.draw(bodies(route))
+    with httpx.Client(base_url=fuzz_url, timeout=60) as c:
+        assert_not_5xx(c.post(route, json=body))
+
+
+GENERIC = [
+    (b"\xff\xfe\xfa not utf-8", "invalid UTF-8"),
+    (b'{"inputs": "x", ', "truncated JSON"),
+    (b"[1, 2, 3]", "not an object"),
+    (b"x" * 200_000, "oversized body"),
+]
+SPECIFIC = {
+    "/generate": [
+        {"inputs": "x", "parameters": {"max_new_tokens": -5}},
+        {"inputs": "x", "parameters": {"max_new_tokens": 10**12}},
+        {"inputs": "x", "parameters": {"temperature": -1.0}},
+        {"inputs": 5},
+    ],
+    "/generate_stream": [{"inputs": "x", "parameters": {"top_p": 7.5}}, {"parameters": {}}],
+    "/": [{"inputs": "x", "parameters": {"max_new_tokens": 10**12}}, {"inputs": ["x"]}],
+    "/v1/completions": [
+        {"prompt": "x", "model": "no-such-adapter"},
+        {"prompt": "x", "max_tokens": -3},
+        {"prompt": "x", "max_tokens": 10**12},
+        {"prompt": "x", "temperature": "hot"},
+    ],
+    "/infill": [
+        {"input_prefix": "x", "n_predict": 10**12},
+        {"input_prefix": "x", "input_extra": "not a list"},
+        {"input_prefix": 5},
+    ],  # llama.cpp reads temperature <= 0 as greedy: not an error
+}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_hand_picked_bad_input_gets_a_clear_4xx(fuzz_url, route):
+    cases = GENERIC + [(json.dumps(b).encode(), json.dumps(b)[:60]) for b in SPECIFIC[route]]
+    with httpx.Client(base_url=fuzz_url, timeout=60) as c:
+        for raw, what in cases:
+            r = c.post(route, content=raw, headers={"content-type": "application/json"})
+            assert 400 <= r.status_code < 500, (route, what, r.status_code, r.text[:300])
+            assert "error" in r.json(), (route, what, r.text[:300])
+
+
+def test_wrong_api_key_is_401_json(tiny_run):
+    with running(make_app(tiny_run, api_key="s3cret")) as url, httpx.Client(base_url=url, timeout=30) as c:
+        for route in ROUTES:
+            r = c.post(
+                route,
+                json={"inputs": "x", "prompt": "x", "input_prefix": "x"},
+                headers={"Authorization": "Bearer wrong"},
+            )
+            assert r.status_code == 401 and "error" in r.json()
+        assert c.get("/health").status_code == 200

@@ -1,0 +1,99 @@
+"""Limits, bad requests and auth: every refusal is a 4xx JSON error naming the field, never a 500."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from serve_helpers import TEST_LIMITS, error_field, make_app, running
+
+PSM = "<fim_prefix>def f(x):\n    <fim_suffix>\n<fim_middle>"
+
+
+@pytest.mark.parametrize(
+    "route,body,status,field",
+    [
+        ("/generate", {"inputs": PSM, "parameters": {"max_new_tokens": 65}}, 422, "parameters.max_new_tokens"),
+        ("/v1/completions", {"prompt": "x", "suffix": "", "max_tokens": 1000}, 422, "max_tokens"),
+        ("/infill", {"input_prefix": "x", "n_predict": 65}, 422, "n_predict"),
+        ("/infill", {"input_prefix": "x", "n_predict": 0}, 422, "n_predict"),
+        ("/generate", {"inputs": "x = 1\n" * 300}, 422, "inputs"),  # not a FIM prompt: too long is an error
+        ("/v1/completions", {"prompt": "x = 1\n" * 300}, 422, "prompt"),
+        ("/generate", {"inputs": PSM, "parameters": {"stop": ["a"] * 17}}, 422, "parameters.stop"),
+        ("/generate", {"parameters": {}}, 422, "inputs"),
+        ("/generate", {"inputs": 5}, 422, "inputs"),
+        ("/generate", {"inputs": PSM, "parameters": {"temperature": "hot"}}, 422, "parameters.temperature"),
+        ("/generate", {"inputs": PSM, "parameters": {"top_p": 2}}, 422, "parameters.top_p"),
+        ("/generate", {"inputs": PSM, "parameters": {"max_new_tokens": 0}}, 422, "parameters.max_new_tokens"),
+        ("/generate", {"inputs": PSM, "parameters": {"adapter_id": "nope"}}, 404, "parameters.adapter_id"),
+        ("/v1/completions", {"prompt": 5}, 422, "prompt"),
+        ("/v1/completions", {"prompt": "x", "temperature": -1}, 422, "temperature"),
+        ("/v1/completions", {"prompt": "x", "n": 2}, 422, "n"),
+        ("/v1/completions", {"prompt": ["a", "b"], "suffix": "", "stream": True}, 422, "prompt"),
+        ("/infill", {"input_extra": [{"filename": 3}]}, 422, "input_extra.0.filename"),
+        ("/generate", [1, 2], 422, "body"),
+    ],
+)
+def test_bad_requests_name_the_field(client, route, body, status, field):
+    r = client.post(route, json=body)
+    assert r.status_code == status, r.text
+    assert error_field(r.json()) == field
+
+
+def test_a_long_fim_prompt_is_fitted_not_refused(client):
+    long_psm = "<fim_prefix>" + "x = 1\n" * 300 + "<fim_suffix>" + "y = 2\n" * 300 + "<fim_middle>"
+    r = client.post("/generate", json={"inputs": long_psm, "parameters": {"max_new_tokens": 2, "details": True}})
+    assert r.status_code == 200 and r.json()["details"]["generated_tokens"] == 2
+
+
+def test_bad_json_and_large_bodies(client):
+    r = client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and error_field(r.json()) == "body"
+    big = {"inputs": "x" * (TEST_LIMITS["max_body_bytes"] + 1)}
+    r = client.post("/generate", json=big)
+    assert r.status_code == 413 and error_field(r.json()) == "body"
+
+    def chunks():  # no Content-Length: the server counts while reading
+        for _ in range(30):
+            yield b" " * 1000
+
+    r = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+
+
+def test_api_key_guards_every_route_but_health(tiny_run):
+    with running(make_app(tiny_run, api_key="sekrit")) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/health").status_code == 200
+        for method, path in [("GET", "/info"), ("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/generate")]:
+            r = c.request(method, path, json={"inputs": PSM})
+            assert r.status_code == 401 and error_field(r.json()) == "authorization", path
+        wrong = c.get("/info", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        ok = c.post(
+            "/generate",
+            json={"inputs": PSM, "parameters": {"max_new_tokens": 2}},
+            headers={"Authorization": "Bearer sekrit"},
+        )
+        assert ok.status_code == 200 and ok.json()["generated_text"]
+
+
+def test_pickled_weights_are_refused(tmp_path, tiny_run):
+    import shutil
+
+    from fimtune.errors import FimtuneError
+    from fimtune.serve.engine import parse_adapters
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_run / "adapter", pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(FimtuneError, match="only pickled weights"):
+        parse_adapters([f"p={pickled}"])
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "adapter")
+    shutil.copytree(pickled, run / "adapter")
+    with pytest.raises(FimtuneError, match="only pickled weights"):
+        make_app(run)
+    with pytest.raises(FimtuneError, match="NAME=PATH"):
+        parse_adapters(["no-equals-sign"])
+    with pytest.raises(FimtuneError, match="not base or default"):
+        parse_adapters([f"base={tiny_run}"])
