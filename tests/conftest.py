@@ -120,6 +120,17 @@ def repetitive_data(tmp_path) -> Path:
     return write_dataset_dir(tmp_path / "data", texts * 4, texts[:3])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine those threads spin."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` run only where CUDA is available."""
     import torch

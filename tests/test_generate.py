@@ -27,12 +27,8 @@ BUDGET = 200  # the tiny GPTBigCode has 256 positions
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine those threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Tiny models run on one thread here (see tests/conftest.py)."""
 
 
 def tiny_model(family: str, tokenizer):

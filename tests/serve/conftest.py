@@ -11,18 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from serve_helpers import make_app, never_ending, running, save_adapter
 from tests import tiny
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine those threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Tiny models run on one thread here (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
