@@ -297,3 +297,23 @@ def test_int8_weights_decode_each_row_as_alone(tiny_tokenizer):
     alone = [Decoder(model, pr).run([row])[0].text for row in rows]
     assert alone == [c.text for c in Decoder(model, pr).run(rows)]
     assert alone == [c.text for c in complete_batch(model, pr, holes(3), params)]
+
+
+def test_complete_compare_base_prints_base_and_tuned(tmp_path, tiny_tokenizer, repetitive_data, token_cache, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from fimtune.cli import main
+    from tests.runs import model_dir, quiet_fit, run_config
+
+    base_dir = model_dir(tmp_path, tiny_tokenizer, "llama")
+    run = quiet_fit(run_config(tmp_path, base_dir, repetitive_data, "run", "train.max_steps=3", "train.eval_every=0"))
+    capsys.readouterr()
+    assert main(["complete", str(run), "--prefix", "def f(x):\n    ", "--max-new-tokens", "5", "--compare-base"]) == 0
+    out = capsys.readouterr().out
+    assert "--- base" in out and f"--- tuned ({run})" in out
+    base_text = out.split("\n", 1)[1].split("--- tuned")[0][:-1]
+    plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    [expected] = complete_batch(
+        plain, FimPrompter(tiny_tokenizer), [("def f(x):\n    ", "")], GenerationParams(max_new_tokens=5)
+    )
+    assert base_text == expected.text

@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--mode", choices=["psm", "spm"], default="psm", help="prompt layout")
     comp.add_argument("--single-line", action="store_true", help="stop at the first newline")
     comp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    comp.add_argument(
+        "--compare-base", action="store_true", help="also print the base model's completion (run folders)"
+    )
     comp.set_defaults(func=cmd_complete)
 
     srv = sub.add_parser(

@@ -406,8 +406,15 @@ def main(ns: Any) -> int:
     params = params_from_args(ns)
     check_weights(ns.target)
     loaded = load_for_inference(ns.target)
+    prompter = FimPrompter(loaded.tokenizer)
+    if getattr(ns, "compare_base", False) and hasattr(loaded.model, "disable_adapter"):
+        with loaded.model.disable_adapter():  # before merging: the base is the weights without the adapter
+            [base] = complete_batch(loaded.model, prompter, [(prefix, suffix)], params)
+        print(f"--- base ({loaded.model.peft_config['default'].base_model_name_or_path or 'adapter disabled'}) ---")
+        print(base.text)
+        print(f"--- tuned ({ns.target}) ---")
     merge_adapter(loaded.model)
-    [done] = complete_batch(loaded.model, FimPrompter(loaded.tokenizer), [(prefix, suffix)], params)
+    [done] = complete_batch(loaded.model, prompter, [(prefix, suffix)], params)
     print(done.text)
     print(
         f"[{done.prompt_tokens} prompt tokens, {done.completion_tokens} new tokens, {done.finish_reason}]",
