@@ -29,29 +29,26 @@ def tiny_run(tmp_path_factory, eval_dataset_dir) -> Path:
     """A run folder trained for a few steps: a tiny Llama whose tokenizer lacked FIM tokens (like SmolLM2)."""
     import os
 
+    import torch
     from tests.test_train import model_dir, quiet_fit, run_config
 
     tmp = tmp_path_factory.mktemp("eval-run")
-    old = os.environ.get("FIMTUNE_CACHE")
+    old, threads = os.environ.get("FIMTUNE_CACHE"), torch.get_num_threads()
     os.environ["FIMTUNE_CACHE"] = str(tmp / "cache")
+    torch.set_num_threads(1)  # session-scoped: set up before the one-thread fixture applies
     try:
         base = model_dir(tmp, train_tiny_tokenizer(["<|endoftext|>"]), "llama")
         cfg = run_config(tmp, base, eval_dataset_dir, "run", "train.max_steps=16", "train.eval_every=8",
                          "train.save_every=0", "lora.dropout=0.0")  # fmt: skip
         return quiet_fit(cfg)
     finally:
+        torch.set_num_threads(threads)
         if old is None:
             os.environ.pop("FIMTUNE_CACHE", None)
         else:
             os.environ["FIMTUNE_CACHE"] = old
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread avoids thread contention (2x faster here)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Every evaluation test runs tiny models on one torch thread (see tests/conftest.py)."""
