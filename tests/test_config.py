@@ -74,7 +74,20 @@ def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
 
 def test_shipped_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"seed-starcoderbase-1b.yaml", "qlora-starcoderbase-1b.yaml"} <= names
+    assert {"seed-starcoderbase-1b.yaml", "starcoderbase-1b.yaml", "qlora-starcoderbase-1b.yaml"} <= names
+
+
+def test_fast_preset_is_the_recipe_on_the_fast_path():
+    seed = load_run_config(Path(__file__).parents[1] / "configs" / "seed-starcoderbase-1b.yaml")
+    fast = load_run_config(Path(__file__).parents[1] / "configs" / "starcoderbase-1b.yaml")
+    assert (fast.model.dtype, fast.model.attn_implementation) == ("bf16", "varlen")
+    assert (fast.train.compile, fast.train.loss_chunk_tokens, fast.train.mixed_precision) == (True, 4096, "bf16")
+    assert fast.packing.mode == "boundary_aware"
+    for section in ("fim", "data"):
+        assert getattr(fast, section) == getattr(seed, section), section
+    assert (fast.lora.r, fast.lora.alpha, fast.lora.dropout) == (seed.lora.r, seed.lora.alpha, seed.lora.dropout)
+    same = ("max_steps", "batch_size", "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay")
+    assert all(getattr(fast.train, k) == getattr(seed.train, k) for k in same)
 
 
 def test_seed_preset_is_the_model_card():

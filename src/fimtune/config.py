@@ -123,7 +123,9 @@ class ModelConfig:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Weights dtype: `auto` picks bf16, then fp16 on GPUs, fp32 on CPUs."""
     attn_implementation: str | None = None
-    """`sdpa`, `flash_attention_2` or `eager`; default: SDPA, FlashAttention-2 when installed."""
+    """`sdpa`, `flash_attention_2`, `varlen` (PyTorch's FlashAttention kernel for packed documents) or
+    `eager`; default: for training on CUDA GPUs FlashAttention-2 when installed, else `varlen`
+    (which has no attention dropout: it is turned off, with a warning); otherwise SDPA."""
     quantization: Literal["none", "4bit", "8bit"] = "none"
     """QLoRA: load the base in 4-bit NF4 or 8-bit through bitsandbytes (CUDA only)."""
     trust_remote_code: bool = False
@@ -192,6 +194,12 @@ class TrainConfig:
     """Autocast regime: `auto` picks bf16 on GPUs that have it, none on CPUs."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    compile: bool | None = None
+    """`torch.compile` each transformer block (a minute or so once, then faster steps);
+    default: on CUDA GPUs, except for quantized models."""
+    loss_chunk_tokens: int | None = None
+    """Compute the loss this many tokens at a time, so the (tokens x vocabulary) logits never
+    exist at once (0: all at once); default: 4096 on CUDA GPUs, 0 on CPUs."""
     eval_every: int = 50
     """Validation loss every this many steps (0: only at the end)."""
     eval_batches: int | None = None

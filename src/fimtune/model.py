@@ -59,11 +59,26 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def default_attn_implementation(device: torch.device) -> str:
-    """FlashAttention-2 when installed on a CUDA device, else PyTorch SDPA."""
+def default_attn_implementation(device: torch.device, training: bool = False) -> str:
+    """FlashAttention-2 when installed on a CUDA device; for training there, else PyTorch's
+    variable-length FlashAttention (`varlen`); else PyTorch SDPA."""
+    from fimtune.fast import varlen_supported
+
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if training and varlen_supported(device):
+        return "varlen"
     return "sdpa"
+
+
+def attn_implementation(choice: str | None, device: torch.device, training: bool = False) -> str:
+    """The name transformers is given: ``varlen`` is registered under fimtune's own name."""
+    choice = choice or default_attn_implementation(device, training)
+    if choice == "varlen":
+        from fimtune.fast import register_varlen
+
+        return register_varlen()
+    return choice
 
 
 def cache_dir() -> Path:
@@ -105,7 +120,9 @@ def _label(src: ModelSource) -> str:
     return str(Path(src.name_or_path) / src.gguf_file) if src.gguf_file else src.name_or_path
 
 
-def load_base_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+def load_base_model(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None = None, training: bool = False
+) -> Any:
     """The base causal LM on ``device``: dtype, attention and quantization from ``cfg``."""
     from transformers import AutoModelForCausalLM
 
@@ -113,7 +130,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype |
     src = resolve_model(cfg.name_or_path)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
-        "attn_implementation": cfg.attn_implementation or default_attn_implementation(device),
+        "attn_implementation": attn_implementation(cfg.attn_implementation, device, training),
         "trust_remote_code": cfg.trust_remote_code,
     }
     if cfg.quantization != "none":

@@ -10,6 +10,7 @@ the mean over its tokens however they fall into micro-batches.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -25,6 +26,7 @@ from fimtune.config import RunConfig, save_config
 from fimtune.errors import FimtuneError
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------
@@ -43,6 +45,7 @@ class Setup:
     make_eval_rows: Any
     max_steps: int
     tokens_per_step: int
+    loss_chunk: int = 0  # tokens per chunk of the loss (0: all logits at once)
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
@@ -77,38 +80,23 @@ def make_accelerator(cfg: RunConfig) -> Any:
 
 def setup(cfg: RunConfig, accelerator: Any) -> Setup:
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     from fimtune.dataset import training_rows
-    from fimtune.model import add_token_rows, attach_lora, load_base_model
+    from fimtune.model import add_token_rows, load_base_model
     from fimtune.tokens import ensure_fim_tokens
 
     set_seed(cfg.seed)
     tokenizer = _fresh_tokenizer(cfg.model.name_or_path)
     fim_tokens, added = ensure_fim_tokens(tokenizer)
-    model = load_base_model(cfg.model, accelerator.device)
+    model = load_base_model(cfg.model, accelerator.device, training=True)
     new_ids = add_token_rows(model, tokenizer, added)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if cfg.model.quantization != "none":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, cfg.train.gradient_checkpointing)
-    model = attach_lora(model, cfg.lora, new_ids)
+    model, loss_chunk = prepare_model(model, cfg, accelerator, new_ids)
 
     train_rows, make_eval_rows, n_rows = training_rows(cfg, tokenizer, fim_tokens, accelerator)
     world = accelerator.num_processes
     rows_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world
     max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * n_rows / rows_per_step))
-
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.learning_rate)
-    scheduler = get_scheduler(
-        cfg.train.lr_scheduler if cfg.train.lr_scheduler != "constant" else "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=cfg.train.warmup_steps,
-        num_training_steps=max_steps,
-    )
+    optimizer, scheduler = make_optimizer(model, cfg, accelerator.device, max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     return Setup(
         accelerator,
@@ -120,7 +108,52 @@ def setup(cfg: RunConfig, accelerator: Any) -> Setup:
         make_eval_rows,
         max_steps,
         rows_per_step * cfg.packing.seq_length,
+        loss_chunk,
     )
+
+
+def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: list[int]) -> tuple[Any, int]:
+    """A loaded base model made ready to train: checkpointing, k-bit preparation, LoRA, the fast
+    path (attention dropout off under `varlen`, LoRA inputs uncast, compiled blocks);
+    returns it with the loss chunk (tokens; 0: whole logits)."""
+    from fimtune.fast import VARLEN, disable_attention_dropout, speed_up
+    from fimtune.model import attach_lora
+
+    tc = cfg.train
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.model.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, tc.gradient_checkpointing)
+    model = attach_lora(model, cfg.lora, new_token_ids)
+    if getattr(model.config, "_attn_implementation", None) == VARLEN and (p := disable_attention_dropout(model)):
+        log.warning(
+            "attention dropout %g is off: the varlen kernel has none (model.attn_implementation=sdpa keeps it)", p
+        )
+    cuda = accelerator.device.type == "cuda"
+    want_compile = tc.compile if tc.compile is not None else cuda and cfg.model.quantization == "none"
+    for note in speed_up(model, compile=want_compile, autocast=accelerator.mixed_precision in ("bf16", "fp16")):
+        log.info(note)
+    return model, tc.loss_chunk_tokens if tc.loss_chunk_tokens is not None else (4096 if cuda else 0)
+
+
+def make_optimizer(model: Any, cfg: RunConfig, device: torch.device, max_steps: int) -> tuple[Any, Any]:
+    """AdamW (fused on CUDA) over the trainable parameters, and the warmup + decay schedule."""
+    from transformers import get_scheduler
+
+    tc = cfg.train
+    optimizer = torch.optim.AdamW(
+        param_groups(model, tc.weight_decay), lr=tc.learning_rate, fused=(device.type == "cuda") or None
+    )
+    scheduler = get_scheduler(
+        tc.lr_scheduler if tc.lr_scheduler != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=tc.warmup_steps,
+        num_training_steps=max_steps,
+    )
+    return optimizer, scheduler
 
 
 def _fresh_tokenizer(name: str) -> Any:
@@ -141,22 +174,43 @@ def forward_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits (batch, seq, vocab) of packed rows; attention stays inside each document.
 
     ``use_cache=False`` matters: transformers builds the block-diagonal mask of packed rows
-    from position ids only when no KV cache exists.
+    from position ids only when no KV cache exists. Under `varlen` attention the documents'
+    boundaries go to the kernel instead (as cumulative lengths).
     """
-    kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
+    from fimtune.fast import VARLEN, varlen_kwargs
+
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
+    if getattr(_config(model), "_attn_implementation", None) == VARLEN:
+        kwargs.update(varlen_kwargs(batch))
     return model(**kwargs).logits
 
 
-def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over label tokens, number of label tokens)."""
-    logits = forward_logits(model, batch)
+def _config(model: Any) -> Any:
+    return getattr(getattr(model, "module", model), "config", None)
+
+
+def summed_loss(model: Any, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropy over label tokens, number of label tokens).
+
+    ``chunk`` > 0: the head and the loss run that many tokens at a time (same value).
+    """
     labels = batch["labels"][:, 1:]
+    n = int((labels != IGNORE_INDEX).sum())
+    if chunk:
+        from fimtune.fast import chunked_cross_entropy, head_bypassed
+
+        with head_bypassed(model) as head:
+            hidden = forward_logits(model, batch)  # hidden states: the head is bypassed
+        # The label of position t is token t + 1; the last position of each row has none.
+        shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)
+        return chunked_cross_entropy(hidden.flatten(0, 1), head, shifted.flatten(), chunk), n
+    logits = forward_logits(model, batch)
     loss = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return loss, int((labels != IGNORE_INDEX).sum())
+    return loss, n
 
 
 @torch.no_grad()
@@ -170,7 +224,7 @@ def validate(s: Setup, max_batches: int | None) -> dict[str, float]:
         if max_batches is not None and i >= max_batches:
             break
         with s.accelerator.autocast():
-            loss, n = summed_loss(model, _to_device(batch, s.accelerator.device))
+            loss, n = summed_loss(model, _to_device(batch, s.accelerator.device), s.loss_chunk)
         total += torch.tensor([loss.item(), n], device=total.device, dtype=torch.float64)
     s.model.train()
     total = s.accelerator.reduce(total, reduction="sum")
@@ -250,7 +304,7 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> tuple[float, floa
     for i, batch in enumerate(batches):
         ctx = acc.no_sync(s.model) if i < len(batches) - 1 else _nullcontext()
         with ctx, acc.autocast():
-            loss, _ = summed_loss(s.model, batch)
+            loss, _ = summed_loss(s.model, batch, s.loss_chunk)
             # DDP averages gradients over processes: scale so the result is the global mean.
             acc.backward(loss * acc.num_processes / n_tokens)
         step_loss += loss.item()

@@ -1,0 +1,358 @@
+"""LoRA training throughput on the StarCoderBase-1B shape (random weights): the recipe's regime,
+naive bf16, fimtune's own training step, QLoRA. Figures go to RESULTS.md.
+
+    python benchmarks/train_throughput.py --json out.json            # a CUDA GPU: every variant
+    python benchmarks/train_throughput.py --variants c,c-ckpt         # some of them
+    python benchmarks/train_throughput.py --shape tiny --steps 2      # a smoke run on a CPU (tests)
+
+Every variant trains LoRA r=4 (alpha 8, dropout 0.1) on c_attn, c_proj and c_fc with AdamW,
+batch 4 x 2048 tokens, on a fresh model (same seed, same random weights):
+
+(a) recipe   the seed's regime: fp32 weights, SDPA, gradient checkpointing; a plain PEFT loop
+             (`model(input_ids, labels=...)`, `loss.backward()`, `optimizer.step()`)
+(b) naive    fp32 weights under bf16 autocast, SDPA; the same plain PEFT loop
+(c) fimtune  `fimtune.train.prepare_model` + `fimtune.train.train_step`, defaults for a CUDA
+             GPU: bf16 weights + autocast, `varlen` FlashAttention, the loss in chunks of
+             4096 tokens, compiled blocks, fused AdamW; rows of one document (the work of a/b)
+c-docs       (c) on rows packed from several documents (the boundary-aware packer's output)
+c-ckpt       (c) with gradient checkpointing
+c-eager      (c) without torch.compile (what compiling buys)
+qlora        (c) on a 4-bit NF4 base (bitsandbytes, double quantization), gradient
+             checkpointing, no compile
+
+TFLOP/s counts 4.9 GFLOP per token for the 1B shape (../shared/DESIGN.md): the forward, and the
+backward through activations (no weight gradients of the frozen base). Before (c) trains, its
+loss on a fixed batch is checked against plain transformers (SDPA, full logits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+GFLOP_PER_TOKEN = {"starcoderbase-1b": 4.9, "tiny": None}
+TARGETS = ["c_attn", "c_proj", "c_fc"]
+ALL = ["c", "c-docs", "b", "a", "c-ckpt", "c-eager", "qlora"]
+
+
+def model_config(shape: str) -> Any:
+    from transformers import GPTBigCodeConfig
+
+    from fimtune.model import KNOWN_CONFIGS
+
+    if shape == "tiny":
+        return GPTBigCodeConfig(
+            vocab_size=512, n_positions=256, n_embd=64, n_layer=2, n_head=4, n_inner=128, multi_query=True
+        )
+    values = {k: v for k, v in KNOWN_CONFIGS["bigcode/starcoderbase-1b"].items() if k != "model_type"}
+    return GPTBigCodeConfig(**values)
+
+
+def random_model(shape: str, device: torch.device, dtype: torch.dtype, attn: str) -> Any:
+    """The same random weights every time (initialised in fp32 on ``device``, then cast)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config(shape), dtype=torch.float32, attn_implementation=attn)
+    return model.to(dtype)
+
+
+def batches(vocab: int, batch: int, length: int, device: torch.device, docs: bool, seed: int = 1):
+    """Endless random packed batches; with ``docs`` the rows hold documents of code-file lengths."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(5, vocab, (batch, length), generator=g)
+        if docs:
+            rows = []
+            for _ in range(batch):
+                lengths: list[int] = []
+                while sum(lengths) < length:  # log-normal lengths, median ~400 tokens, as source files
+                    lengths.append(max(8, int(math.exp(6.0 + 1.0 * torch.randn(1, generator=g).item()))))
+                lengths[-1] -= sum(lengths) - length
+                rows.append(torch.cat([torch.arange(n) for n in lengths if n > 0]))
+            pos = torch.stack(rows)
+        else:
+            pos = torch.arange(length).expand(batch, length).clone()
+        yield {"input_ids": ids.to(device), "position_ids": pos.to(device), "labels": ids.clone().to(device)}
+
+
+def run_config(args: argparse.Namespace, *extra: str) -> Any:
+    from fimtune.config import load_run_config
+
+    return load_run_config(
+        None,
+        [
+            "lora.r=4",
+            "lora.alpha=8",
+            "lora.dropout=0.1",
+            f"lora.target_modules=[{','.join(TARGETS)}]",
+            f"train.batch_size={args.batch}",
+            f"packing.seq_length={args.length}",
+            "train.learning_rate=5e-4",
+            "train.weight_decay=0.01",
+            "train.warmup_steps=30",
+            "train.max_steps=100",
+            *extra,
+        ],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# (a), (b): plain PEFT loops
+# --------------------------------------------------------------------------------------
+
+
+def plain_peft(args: argparse.Namespace, device: torch.device, autocast: bool, checkpointing: bool) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    model = random_model(args.shape, device, torch.float32, "sdpa")
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS, task_type="CAUSAL_LM")
+    )
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.01)
+    data = batches(model.config.vocab_size, args.batch, args.length, device, docs=False)
+
+    def step() -> float:
+        b = next(data)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=b["input_ids"], labels=b["labels"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return timed(step, args, device)
+
+
+# --------------------------------------------------------------------------------------
+# (c) and friends: fimtune's own step
+# --------------------------------------------------------------------------------------
+
+
+def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -> dict:
+    from fimtune.model import attn_implementation
+    from fimtune.train import Setup, make_accelerator, make_optimizer, prepare_model, train_step
+
+    extra = ["train.mixed_precision=bf16" if device.type == "cuda" else "train.mixed_precision=no"]
+    if variant == "c-ckpt":
+        extra.append("train.gradient_checkpointing=true")
+    if variant == "c-eager":
+        extra.append("train.compile=false")
+    if variant == "qlora":
+        extra += ["model.quantization=4bit", "train.gradient_checkpointing=true"]
+    if args.compile is not None and variant != "c-eager":
+        extra.append(f"train.compile={str(args.compile).lower()}")
+    cfg = run_config(args, *extra)
+    acc = make_accelerator(cfg)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    attn = attn_implementation(None, device, training=True)
+    result: dict[str, Any] = {"attention": attn}
+    if variant == "qlora":
+        model = quantized_model(args, device, dtype)
+    else:
+        model = random_model(args.shape, device, dtype, attn)
+    if variant in ("c", "c-docs"):
+        result["check"] = check_loss(model, args, device, docs=variant == "c-docs")
+    model, chunk = prepare_model(model, cfg, acc, [])
+    result["loss_chunk_tokens"] = chunk
+    optimizer, scheduler = make_optimizer(model, cfg, device, 100)
+    model, optimizer = acc.prepare(model, optimizer)
+    data = batches(model.config.vocab_size, args.batch, args.length, device, docs=variant == "c-docs")
+    s = Setup(acc, model, None, optimizer, scheduler, data, None, 100, args.batch * args.length, chunk)
+    counter = iter(range(10**6))
+    model.train()
+
+    def step() -> float:
+        loss, _ = train_step(s, cfg.train, Path("."), next(counter))
+        return loss
+
+    return {**result, **timed(step, args, device)}
+
+
+def quantized_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
+    """The random model saved once, loaded back through fimtune in 4-bit NF4."""
+    from fimtune.config import ModelConfig
+    from fimtune.model import load_base_model
+
+    folder = Path(tempfile.mkdtemp(prefix="fimtune-bench-"))
+    random_model(args.shape, device, dtype, "sdpa").save_pretrained(folder, safe_serialization=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return load_base_model(ModelConfig(name_or_path=str(folder), quantization="4bit"), device, training=True)
+
+
+@torch.no_grad()
+def check_loss(model: Any, args: argparse.Namespace, device: torch.device, docs: bool) -> dict:
+    """fimtune's loss (its attention, chunked head) against plain transformers (SDPA, full logits)."""
+    from fimtune.train import summed_loss
+
+    b = next(batches(model.config.vocab_size, args.batch, args.length, device, docs=docs, seed=7))
+    model.eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        fast, n = summed_loss(model, b, 4096)
+        fast = fast.item() / n
+        impl = model.config._attn_implementation
+        model.set_attn_implementation("sdpa")
+        pos = {"position_ids": b["position_ids"]} if docs else {}
+        logits = model(input_ids=b["input_ids"], use_cache=False, **pos).logits.float()
+        ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten()).item()
+        del logits
+        model.set_attn_implementation(impl)
+    model.train()
+    return {"loss_fimtune": fast, "loss_transformers": ref, "rel_diff": abs(fast - ref) / ref}
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step: Any, args: argparse.Namespace, device: torch.device) -> dict:
+    """Warm-up steps (compilation happens there), then timed steps: median seconds per step."""
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    times, losses = [], []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        losses.append(step())
+        sync(device)
+        times.append(time.perf_counter() - t)
+    sec = statistics.median(times)
+    tokens = args.batch * args.length
+    out = {
+        "tokens_per_s": tokens / sec,
+        "step_ms": 1000 * sec,
+        "step_ms_min": 1000 * min(times),
+        "step_ms_max": 1000 * max(times),
+        "warmup_s": warmup_s,
+        "last_loss": losses[-1],
+    }
+    if GFLOP_PER_TOKEN.get(args.shape):
+        out["tflops"] = tokens / sec * GFLOP_PER_TOKEN[args.shape] / 1000
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    if name == "a":
+        return plain_peft(args, device, autocast=False, checkpointing=True)
+    if name == "b":
+        return plain_peft(args, device, autocast=device.type == "cuda", checkpointing=False)
+    if name == "qlora" and device.type != "cuda":
+        return {"skipped": "needs a CUDA GPU (bitsandbytes)"}
+    return fimtune_step(args, device, name)
+
+
+def versions(device: torch.device) -> dict:
+    import accelerate
+    import peft
+    import transformers
+
+    v = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    }
+    try:
+        import bitsandbytes
+
+        v["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(ALL), help=f"comma-separated, of {','.join(ALL)}")
+    p.add_argument("--shape", choices=sorted(GFLOP_PER_TOKEN), default="starcoderbase-1b")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+    p.add_argument("--json", type=Path, help="write the figures here too")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    warnings.filterwarnings("ignore")
+    report: dict[str, Any] = {"versions": versions(device), "shape": args.shape, "batch": args.batch,
+                              "length": args.length, "results": {}}
+    print(json.dumps(report["versions"]), flush=True)
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        t = time.perf_counter()
+        try:
+            res = run_variant(name, args, device)
+        except Exception as e:  # one failing variant must not lose the others
+            traceback.print_exc()
+            res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            if device.type == "cuda":
+                res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        res["wall_s"] = time.perf_counter() - t
+        report["results"][name] = res
+        print(name, json.dumps(res), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+    print_table(report)
+    return 0
+
+
+def print_table(report: dict) -> None:
+    res = report["results"]
+    print(f"\n{'variant':<8} {'tokens/s':>10} {'TFLOP/s':>8} {'peak GiB':>9} {'step ms':>8} {'warm-up s':>9}  note")
+    for name, r in res.items():
+        if "tokens_per_s" not in r:
+            print(f"{name:<8} {r.get('error') or r.get('skipped')}")
+            continue
+        note = ""
+        if "check" in r:
+            note = f"loss vs transformers: {r['check']['rel_diff']:.1e} rel"
+        print(
+            f"{name:<8} {r['tokens_per_s']:>10,.0f} {r.get('tflops', float('nan')):>8.1f} "
+            f"{r.get('peak_gib', float('nan')):>9.2f} {r['step_ms']:>8.1f} {r['warmup_s']:>9.1f}  {note}"
+        )
+    c = res.get("c", {}).get("tokens_per_s")
+    for base in ("a", "b"):
+        other = res.get(base, {}).get("tokens_per_s")
+        if c and other:
+            print(f"(c)/({base}) = {c / other:.2f}x")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

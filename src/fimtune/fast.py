@@ -1,0 +1,340 @@
+"""The fast training path: document-masked FlashAttention, a chunked loss, regional compile.
+
+What a LoRA step on a GPU spends its time on, and what this module does about it::
+
+    attention over packed rows   FlashAttention's variable-length kernel (PyTorch's own,
+                                 `torch.nn.attention.varlen`): documents never see each
+                                 other and no (T x T) mask is built or read
+    the loss                     the vocabulary projection and cross-entropy a chunk of
+                                 tokens at a time: (tokens x vocab) logits never exist in
+                                 fp32 at once; for a frozen head the gradient is made in
+                                 the same pass (one matmul saved)
+    LoRA in bf16 autocast        no cast of every LoRA input to fp32 (PEFT's default
+                                 when adapters are fp32); autocast casts the tiny weights
+    everything else              `torch.compile` of each transformer block (one compile
+                                 serves all blocks): layer norms, GELU, dropout, residual
+                                 adds fuse into few kernels
+
+Each piece computes the same function as the plain path (tests compare them on the CPU);
+:func:`speed_up` applies them to a model about to train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import inspect
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+VARLEN = "fimtune_varlen"  # the name registered with transformers' AttentionInterface
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------
+# Document-masked attention through PyTorch's variable-length FlashAttention
+# --------------------------------------------------------------------------------------
+
+
+def varlen_supported(device: torch.device) -> bool:
+    """Whether PyTorch's variable-length FlashAttention runs on ``device`` (CUDA, Ampere or newer)."""
+    return (
+        device.type == "cuda"
+        and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+        and torch.cuda.get_device_capability(device)[0] >= 8
+    )
+
+
+def register_varlen() -> str:
+    """Register :func:`varlen_attention` with transformers (idempotent); return its name.
+
+    Its mask function is SDPA's: inference (a KV cache, padded batches) takes the SDPA
+    path with that mask; training passes ``cu_seq_lens_q`` and takes the kernel.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, sdpa_mask)
+    return VARLEN
+
+
+def cu_seq_lens(position_ids: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """Cumulative document lengths over the flattened rows (int32, starts at 0, ends at batch * length).
+
+    A document starts where the position id is 0 and at every row start; without position
+    ids each row is one document.
+
+    >>> cu_seq_lens(torch.tensor([[0, 1, 2, 0, 1], [3, 4, 0, 1, 2]]), 2, 5, torch.device("cpu")).tolist()
+    [0, 3, 5, 7, 10]
+    """
+    if position_ids is None:
+        return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+    starts = position_ids.reshape(batch, length) == 0
+    starts[:, 0] = True
+    flat = torch.nonzero(starts.flatten()).flatten()
+    end = torch.tensor([batch * length], device=flat.device, dtype=flat.dtype)
+    return torch.cat([flat, end]).to(device=device, dtype=torch.int32)
+
+
+def varlen_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The keyword arguments that take a packed batch through :func:`varlen_attention`.
+
+    The maximum length is the row length, always: a fixed value keeps compiled blocks from
+    recompiling for every batch (the kernel only uses it to size its grid).
+    """
+    ids = batch["input_ids"]
+    b, t = ids.shape
+    cu = cu_seq_lens(batch.get("position_ids"), b, t, ids.device)
+    torch._dynamo.maybe_mark_dynamic(cu, 0)  # the document count changes every batch: no recompiles
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": t, "max_length_k": t}
+
+
+def varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: q [B, H, T, D], k/v [B, Hkv, T, D] -> [B, T, H, D].
+
+    With ``cu_seq_lens_q`` (packed training rows) each document attends causally to itself
+    only; without it (generation, padded batches), SDPA with transformers' mask.
+    """
+    if cu_seq_lens_q is None or query.shape[2] != key.shape[2]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    b, h, t, d = query.shape
+    q = query.transpose(1, 2).reshape(b * t, h, d)
+    k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
+    v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
+    max_len = int(max_length_q or t)
+    if q.is_cuda:
+        out = _flash_varlen(q, k, v, cu_seq_lens_q, max_len, scaling)
+    else:  # the reference: SDPA per document (tests, CPUs)
+        out = _sdpa_per_document(q, k, v, cu_seq_lens_q, scaling)
+    return out.view(b, t, h, d), None
+
+
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _flash_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None
+) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = _varlen_params()
+    kwargs: dict[str, Any] = {"scale": scale} if "scale" in params else {}
+    if "window_size" in params:  # torch >= 2.11: causal is a window (everything left, nothing right)
+        kwargs["window_size"] = (-1, 0)
+    else:  # torch 2.10
+        kwargs["is_causal"] = True
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # multi-query / grouped heads: repeat them (FlashAttention reads them once per head anyway)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def _sdpa_per_document(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    outs = []
+    bounds = cu.tolist()
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        qs, ks, vs = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))
+        if groups > 1:
+            ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+# --------------------------------------------------------------------------------------
+# The loss a chunk of tokens at a time
+# --------------------------------------------------------------------------------------
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``labels``, chunk by chunk.
+
+    The head is frozen, so its only gradient is the one of ``hidden``: it is computed in the
+    forward pass, chunk by chunk ((softmax - one-hot) @ weight), and kept, instead of the logits.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        kind = hidden.device.type
+        # The matmuls run in the autocast dtype when autocast is on (hidden states leave the
+        # final norm in fp32 there), else in the hidden states' dtype.
+        compute = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+        weight = weight.to(compute)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start : start + chunk].to(compute), labels[start : start + chunk]
+            logits = (h @ weight.T).float()
+            valid = y != IGNORE_INDEX
+            target = torch.where(valid, y, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, target[:, None])[:, 0]
+            total += ((lse - picked) * valid).sum()
+            if grad is not None:
+                probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+                probs.scatter_add_(1, target[:, None], -torch.ones_like(probs[:, :1]))
+                probs.mul_(valid[:, None])
+                grad[start : start + chunk] = probs.to(compute) @ weight
+        ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
+        ctx.had_grad = grad is not None
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        if not ctx.had_grad:
+            return None, None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Sum over label tokens of the cross-entropy of ``head(hidden)`` against ``labels``.
+
+    ``hidden`` [N, H] and ``labels`` [N] are aligned (the label of position i is the token
+    that follows it; -100 is ignored). A frozen plain linear head takes the fused path; any
+    other head (trainable rows of added tokens, a bias) recomputes each chunk's logits in
+    the backward pass, so memory stays one chunk's logits in either case.
+    """
+    weight = getattr(head, "weight", None)
+    if (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and weight is not None
+        and not weight.requires_grad
+        and weight.shape[0] > 0
+    ):
+        return _FrozenHeadCrossEntropy.apply(hidden, weight, labels, chunk)
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        h, y = hidden[start : start + chunk], labels[start : start + chunk]
+        total = total + (checkpoint(piece, h, y, use_reentrant=False) if hidden.requires_grad else piece(h, y))
+    return total
+
+
+@contextlib.contextmanager
+def head_bypassed(model: Any) -> Iterator[torch.nn.Module]:
+    """Within the block the model's output head is the identity (its forward returns hidden
+    states in place of logits); yields the real head. Works through DDP and PEFT wrappers."""
+    inner = model
+    while hasattr(inner, "module") and isinstance(getattr(inner, "module", None), torch.nn.Module):
+        inner = inner.module  # DDP
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    head = base.get_output_embeddings()
+    name = next(n for n, m in base.named_children() if m is head)
+    setattr(base, name, torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        setattr(base, name, head)
+
+
+# --------------------------------------------------------------------------------------
+# Putting it together
+# --------------------------------------------------------------------------------------
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated decoder blocks (transformers' `GradientCheckpointingLayer`s, outermost only)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks: list[torch.nn.Module] = []
+    seen: set[int] = set()
+    for _, m in model.named_modules():
+        if isinstance(m, GradientCheckpointingLayer) and id(m) not in seen:
+            blocks.append(m)
+            seen.update(id(s) for s in m.modules())
+    return blocks
+
+
+def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """`torch.compile` each decoder block in place (regional compilation); return how many.
+
+    Identical blocks share one compiled graph, so compiling costs about one block's time.
+    """
+    blocks = transformer_blocks(model)
+    # One graph serves all blocks, but training and evaluation, checkpointing and a last short
+    # batch each add a variant: leave room, so no block silently falls back to eager.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
+def skip_lora_input_casts(model: torch.nn.Module) -> int:
+    """Stop PEFT from casting every LoRA input to the adapter's dtype; return the layers changed.
+
+    Only under autocast: it casts the (tiny) adapter weights to the input's dtype instead of
+    copying each (tokens x hidden) input to fp32 and back.
+    """
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "cast_input_dtype_enabled"):
+            m.cast_input_dtype_enabled = False
+            n += 1
+    return n
+
+
+def disable_attention_dropout(model: torch.nn.Module) -> float:
+    """Set attention-probability dropout to 0 (the varlen kernel has none); return the old rate.
+
+    GPTBigCode configs (StarCoder) carry `attn_pdrop=0.1`; Llama-style ones 0.
+    """
+    old = 0.0
+    for m in model.modules():
+        for name in ("attn_dropout", "attention_dropout"):
+            value = getattr(m, name, None)
+            if isinstance(value, float) and value > 0:
+                old = max(old, value)
+                setattr(m, name, 0.0)
+    config = getattr(model, "config", None)
+    for name in ("attn_pdrop", "attention_dropout"):
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+    return old
+
+
+def speed_up(model: torch.nn.Module, compile: bool, autocast: bool) -> list[str]:
+    """Apply the fast path's model changes to a PEFT model about to train; return what was done."""
+    done = []
+    if autocast and (n := skip_lora_input_casts(model)):
+        done.append(f"LoRA inputs stay in the autocast dtype ({n} layers)")
+    if compile and (n := compile_blocks(model)):
+        done.append(f"torch.compile on {n} blocks")
+    return done

@@ -1,0 +1,191 @@
+"""The fast training path computes what the plain path computes: attention, loss, gradients, compiled blocks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fimtune import fast
+from fimtune.train import IGNORE_INDEX, forward_logits, summed_loss
+from tests import tiny
+from tests.runs import metrics, model_dir, quiet_fit, run_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def packed_batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two rows of 24 tokens: documents of 7+11+6 and 24 tokens; some labels ignored."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (2, 24), generator=g)
+    pos = torch.stack([torch.cat([torch.arange(7), torch.arange(11), torch.arange(6)]), torch.arange(24)])
+    labels = ids.clone()
+    labels[0, :3] = IGNORE_INDEX
+    labels[1, 10:12] = IGNORE_INDEX
+    return {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+
+def lora(model, dropout=0.0):
+    from fimtune.config import LoraConfig
+    from fimtune.model import attach_lora
+
+    return attach_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout), [])
+
+
+def test_cu_seq_lens_mark_every_document_and_row():
+    pos = torch.tensor([[0, 1, 2, 0, 1], [3, 4, 0, 1, 2]])
+    assert fast.cu_seq_lens(pos, 2, 5, torch.device("cpu")).tolist() == [0, 3, 5, 7, 10]
+    assert fast.cu_seq_lens(None, 3, 4, torch.device("cpu")).tolist() == [0, 4, 8, 12]
+    assert fast.cu_seq_lens(pos, 2, 5, torch.device("cpu")).dtype == torch.int32
+
+
+@pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])
+def test_varlen_attention_matches_sdpa_on_packed_rows(tiny_tokenizer, family):
+    make = {"gpt_bigcode": tiny.gpt_bigcode, "llama": tiny.llama}[family]
+    batch = packed_batch(len(tiny_tokenizer))
+    model = make(len(tiny_tokenizer))
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        want = forward_logits(model, batch)
+        model.set_attn_implementation(fast.register_varlen())
+        got = forward_logits(model, batch)
+        # Without cumulative lengths (generation) the same function takes SDPA with transformers' mask.
+        plain = model(input_ids=batch["input_ids"]).logits
+        model.set_attn_implementation("sdpa")
+        plain_sdpa = model(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(plain, plain_sdpa, rtol=0, atol=0)
+    assert not torch.allclose(plain, want, atol=1e-3)  # the documents really are separated
+
+
+def full_loss(hidden, head, labels):
+    return F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_chunked_cross_entropy_equals_the_full_loss_and_gradient(trainable_head):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(trainable_head)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    labels[[0, 5, 36]] = IGNORE_INDEX
+    want = full_loss(hidden, head, labels)
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    got = fast.chunked_cross_entropy(hidden, head, labels, chunk=8)
+    (got_grad,) = torch.autograd.grad(got * 3.0, hidden)  # a scaled loss scales the gradient
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, 3.0 * want_grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.chunked_cross_entropy(hidden, head, labels, 5), want, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_is_close():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 80, bias=False).requires_grad_(False)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    labels = torch.randint(0, 80, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = full_loss(hidden, head, labels)
+        got = fast.chunked_cross_entropy(hidden, head, labels, chunk=16)
+    (gw,) = torch.autograd.grad(want, hidden)
+    (gg,) = torch.autograd.grad(got, hidden)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0.5)
+    assert F.cosine_similarity(gw.flatten(), gg.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize(("family", "tie"), [("gpt_bigcode", True), ("llama", False)])
+def test_chunked_loss_of_a_lora_model_matches_the_plain_loss(tiny_tokenizer, family, tie):
+    make = {"gpt_bigcode": tiny.gpt_bigcode, "llama": tiny.llama}[family]
+    batch = packed_batch(len(tiny_tokenizer))
+
+    def run(chunk):
+        model = lora(make(len(tiny_tokenizer), tie=tie))
+        loss, n = summed_loss(model, batch, chunk)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), n, grads, model
+
+    want, n_want, grads_want, _ = run(0)
+    got, n_got, grads_got, model = run(7)
+    assert n_got == n_want == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert grads_got.keys() == grads_want.keys() and grads_got
+    for k in grads_want:
+        torch.testing.assert_close(grads_got[k], grads_want[k], rtol=1e-4, atol=1e-6)
+    # The head is back in place after the loss.
+    assert isinstance(model.get_base_model().get_output_embeddings(), torch.nn.Linear)
+
+
+def test_added_token_rows_train_through_the_chunked_loss(tiny_tokenizer):
+    """A trainable-token head (added FIM rows) takes the recomputing path; its rows get the same gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    batch = packed_batch(len(tiny_tokenizer))
+
+    def run(chunk):
+        model = tiny.gpt_bigcode(len(tiny_tokenizer))
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, trainable_token_indices=[5, 6, 7]))
+        loss, _ = summed_loss(model, batch, chunk)
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    want, gw = run(0)
+    got, gg = run(9)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    token_grads = [k for k in gw if "trainable_tokens" in k]
+    assert token_grads and all(gw[k].abs().sum() > 0 for k in token_grads)
+    for k in gw:
+        torch.testing.assert_close(gg[k], gw[k], rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_blocks_and_uncast_lora_inputs_give_the_same_step(tiny_tokenizer):
+    batch = packed_batch(len(tiny_tokenizer))
+
+    def run(speed):
+        model = lora(tiny.gpt_bigcode(len(tiny_tokenizer)))
+        if speed:
+            assert len(fast.transformer_blocks(model)) == 2
+            fast.skip_lora_input_casts(model)
+            assert fast.compile_blocks(model, backend="eager") == 2
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = summed_loss(model, batch, 8)
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    want, gw = run(False)
+    got, gg = run(True)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0.2)
+    assert any(g.abs().sum() > 0 for g in gw.values())
+    for k in gw:
+        if gw[k].abs().sum() == 0:  # lora_A of a fresh adapter: lora_B is zero
+            assert gg[k].abs().sum() == 0, k
+        else:
+            assert F.cosine_similarity(gw[k].flatten(), gg[k].flatten(), dim=0) > 0.98, k
+
+
+def test_fit_with_the_fast_path_on_the_cpu_matches_the_plain_fit(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")  # no attention dropout, which varlen lacks
+    common = ("train.max_steps=6", "train.eval_every=3", "packing.mode=boundary_aware")
+    plain = quiet_fit(run_config(tmp_path, base, repetitive_data, "plain", *common))
+    quick = quiet_fit(
+        run_config(
+            tmp_path,
+            base,
+            repetitive_data,
+            "fast",
+            *common,
+            "model.attn_implementation=varlen",
+            "train.loss_chunk_tokens=48",
+        )
+    )
+    a = [r.get("loss", r.get("val_loss")) for r in metrics(plain)]
+    b = [r.get("loss", r.get("val_loss")) for r in metrics(quick)]
+    assert len(a) == len(b) > 6
+    assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_varlen_turns_attention_dropout_off(tiny_tokenizer):
+    model = lora(tiny.gpt_bigcode(len(tiny_tokenizer)))
+    assert model.config.attn_pdrop == pytest.approx(0.1)
+    assert fast.disable_attention_dropout(model) == pytest.approx(0.1)
+    attn = model.get_base_model().transformer.h[0].attn
+    assert attn.attn_dropout == 0.0 and model.config.attn_pdrop == 0.0
+    assert fast.disable_attention_dropout(model) == 0.0
