@@ -16,6 +16,7 @@ batch 4 x 2048 tokens, on a fresh model (same seed, same random weights):
              4096 tokens, compiled blocks, fused AdamW; rows of one document (the work of a/b)
 c-docs       (c) on rows packed from several documents (the boundary-aware packer's output)
 c-ckpt       (c) with gradient checkpointing
+c-mb2        (c) in two micro-batches of 2 rows (gradient accumulation): half the activations
 c-eager      (c) without torch.compile (what compiling buys)
 qlora        (c) on a 4-bit NF4 base (bitsandbytes, double quantization), gradient
              checkpointing, no compile
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 GFLOP_PER_TOKEN = {"starcoderbase-1b": 4.9, "tiny": None}
 TARGETS = ["c_attn", "c_proj", "c_fc"]
-ALL = ["c", "c-docs", "b", "a", "c-ckpt", "c-eager", "qlora"]
+ALL = ["c", "b", "a", "c-ckpt", "qlora", "c-mb2", "c-docs", "c-eager"]
 
 
 def model_config(shape: str) -> Any:
@@ -154,8 +155,12 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     from fimtune.train import Setup, make_accelerator, make_optimizer, prepare_model, train_step
 
     extra = ["train.mixed_precision=bf16" if device.type == "cuda" else "train.mixed_precision=no"]
+    rows = args.batch
     if variant == "c-ckpt":
         extra.append("train.gradient_checkpointing=true")
+    if variant == "c-mb2":
+        rows = args.batch // 2
+        extra += [f"train.batch_size={rows}", "train.gradient_accumulation_steps=2"]
     if variant == "c-eager":
         extra.append("train.compile=false")
     if variant == "qlora":
@@ -177,7 +182,7 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     result["loss_chunk_tokens"] = chunk
     optimizer, scheduler = make_optimizer(model, cfg, device, 100)
     model, optimizer = acc.prepare(model, optimizer)
-    data = batches(model.config.vocab_size, args.batch, args.length, device, docs=variant == "c-docs")
+    data = batches(model.config.vocab_size, rows, args.length, device, docs=variant == "c-docs")
     s = Setup(acc, model, None, optimizer, scheduler, data, None, 100, args.batch * args.length, chunk)
     counter = iter(range(10**6))
     model.train()

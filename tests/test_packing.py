@@ -218,3 +218,40 @@ def test_an_empty_split_packs_to_nothing(unit):
     ep = pack_epoch(docs, spec(unit=unit), 0)
     assert (ep.stats.documents, ep.stats.tokens, ep.stats.rows, len(ep.tail)) == (0, 0, 0, 0)
     assert list(EvalRows(docs, spec(unit=unit))) == []
+
+
+@pytest.mark.parametrize("max_tokens", [1, 4, 7, 60])
+def test_split_documents_cuts_near_equal_pieces(max_tokens):
+    docs = synthetic_docs()
+    pieces = packing.split_documents(docs.offsets, max_tokens)
+    assert pieces[0] == 0 and pieces[-1] == docs.offsets[-1]
+    lengths = np.diff(pieces)
+    assert (lengths >= 0).all() and (lengths <= max_tokens).all()
+    assert set(docs.offsets.tolist()) <= set(pieces.tolist())  # every document boundary is a piece boundary
+    k = 0  # the first piece of the current document
+    for a, b in zip(docs.offsets[:-1], docs.offsets[1:], strict=True):
+        n = max(1, -(-(b - a) // max_tokens))  # as few pieces as fit (an empty document: one empty piece)
+        inside = lengths[k : k + n]
+        assert pieces[k] == a and inside.sum() == b - a
+        assert inside.max() - inside.min() <= 1  # near-equal, no stub at the end
+        k += n
+    assert k == len(lengths)
+    with pytest.raises(FimtuneError, match="piece_tokens"):
+        packing.split_documents(docs.offsets, 0)
+
+
+def test_pieces_are_fimmed_as_documents_of_their_own(tiny_tokenizer, token_cache):
+    from datasets import Dataset
+
+    texts = ["".join(f"line {i} of file {f}\n" for i in range(40)) for f in range(6)]
+    cfg = RunConfig()
+    cfg.fim.fim_rate, cfg.fim.piece_tokens, cfg.packing.seq_length = 1.0, 50, 64
+    docs = packing.documents(Dataset.from_dict({"content": texts}), tiny_tokenizer, cfg, progress=False)
+    whole = packing.documents(Dataset.from_dict({"content": texts}), tiny_tokenizer, RunConfig(), progress=False)
+    assert np.array_equal(docs.tokens, whole.tokens)
+    assert len(docs.offsets) > len(whole.offsets) and np.diff(docs.offsets).max() <= 50
+    ep = pack_epoch(docs, pack_spec(cfg, T, SEP, shuffle=False), 0)
+    assert ep.stats.documents == ep.stats.fim == len(docs.offsets) - 1
+    cfg.fim.unit = "char"
+    with pytest.raises(FimtuneError, match="fim.unit=token"):
+        packing.documents(Dataset.from_dict({"content": texts}), tiny_tokenizer, cfg, progress=False)

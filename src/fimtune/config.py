@@ -100,6 +100,10 @@ class FimConfig:
     """`token`: cut between tokens (the recipe); `char`: cut characters and re-tokenize."""
     spans: Literal["uniform", "line"] = "uniform"
     """`uniform`: cut points anywhere; `line`: cut points at line starts (whole-line middles)."""
+    piece_tokens: int = 0
+    """Cut documents into near-equal pieces of at most this many tokens, then FIM each piece as a
+    document of its own (0: whole documents, the recipe; token unit only). Pieces well under
+    `packing.seq_length` mostly sit whole in one row, prefix, suffix and middle together."""
 
 
 @dataclass

@@ -145,6 +145,22 @@ def _doc_blocks(offsets: np.ndarray, block_tokens: int) -> Iterator[tuple[int, i
         d0 = d1
 
 
+def split_documents(offsets: np.ndarray, max_tokens: int) -> np.ndarray:
+    """Offsets of the pieces of every document cut into near-equal pieces of at most ``max_tokens``.
+
+    >>> split_documents(np.array([0, 10, 13, 13]), 4).tolist()
+    [0, 3, 6, 10, 13, 13]
+    """
+    if max_tokens < 1:
+        raise FimtuneError(f"fim.piece_tokens={max_tokens}: a piece needs at least 1 token (0 turns pieces off)")
+    lengths = np.diff(offsets)
+    pieces = np.maximum(1, -(-lengths // max_tokens))  # ceil, and one (empty) piece for an empty document
+    doc = np.repeat(np.arange(len(lengths)), pieces)
+    k = np.arange(len(doc)) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # piece index in its document
+    starts = offsets[:-1][doc] + (lengths[doc] * k) // pieces[doc]
+    return np.concatenate([starts, offsets[-1:]]).astype(np.int64)
+
+
 def line_cut_points(tokens: np.ndarray, offsets: np.ndarray, newline_mask: np.ndarray) -> tuple:
     """Every document's cut points at line starts (see :func:`fimtune.fim.token_line_starts`).
 
@@ -440,7 +456,12 @@ def documents(ds: Any, tokenizer: Any, cfg: RunConfig, column: str = "content", 
     from fimtune.tokens import newline_mask
 
     split = tokenize_split(ds, tokenizer, column, progress=progress)
-    docs = Documents(split.tokens, split.offsets, chars=split.chars)
+    offsets = split.offsets
+    if cfg.fim.piece_tokens:
+        if cfg.fim.unit != "token":
+            raise FimtuneError("fim.piece_tokens works with fim.unit=token")
+        offsets = split_documents(offsets, cfg.fim.piece_tokens)
+    docs = Documents(split.tokens, offsets, chars=split.chars)
     if cfg.fim.unit == "token" and cfg.fim.spans == "line":
         docs.newline_mask = newline_mask(tokenizer)
     if cfg.fim.unit == "char":
