@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/latency.py                          # embedded SmolLM2-135M, fp32
     .venv/bin/python benchmarks/latency.py --threads 1 --quantize int8
     .venv/bin/python benchmarks/latency.py --target runs/mine --json
+    python benchmarks/latency.py --device cuda --shape starcoderbase-1b --json latency.json   # GPU: latency_gpu.py
 
 Scenarios, each beside plain `model.generate` on the same prompt ids, in the same process:
 
@@ -307,8 +308,31 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--requests", type=int, default=REQUESTS, help="requests in the replay")
     parser.add_argument("--engine-only", action="store_true", help="skip the replay's plain-generate baseline")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--json", nargs="?", const="-", metavar="PATH", help="print the report as JSON (GPU mode: write it to PATH)"
+    )
+    gpu = parser.add_argument_group("GPU mode (latency_gpu.py): a model shape with random weights")
+    gpu.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU mode")
+    gpu.add_argument("--shape", choices=["starcoderbase-1b", "tiny"], help="model shape (default with cuda: 1B)")
+    gpu.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer (default: .gpu/tokenizer, else embedded)")
+    gpu.add_argument("--budget-s", type=float, default=220.0, help="rows are skipped once this is spent")
+    gpu.add_argument("--no-cuda-graphs", action="store_true", help="the engine decodes eagerly")
+    gpu.add_argument(
+        "--batch-wait-variants",
+        type=lambda text: [float(x) for x in text.split(",") if x],
+        default=[10.0, 25.0],
+        metavar="MS,MS",
+        help="server runs again with these batching waits (default: 10,25)",
+    )
     args = parser.parse_args()
+    if args.device == "cuda" or args.shape:
+        import latency_gpu
+
+        args.shape = args.shape or "starcoderbase-1b"
+        report = latency_gpu.run(args)
+        if args.json == "-":
+            print(json.dumps(report, indent=2, default=str))
+        return 0 if not report["errors"] else 1
     report = run(args)
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0

@@ -305,7 +305,9 @@ def versions(device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--variants", default=",".join(ALL), help=f"comma-separated, of {','.join(ALL)}")
     p.add_argument("--shape", choices=sorted(GFLOP_PER_TOKEN), default="starcoderbase-1b")
     p.add_argument("--batch", type=int, default=4)
@@ -314,14 +316,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
     p.add_argument("--json", type=Path, help="write the figures here too")
+    p.add_argument("--budget-s", type=float, default=None, help="skip the variants left once this many seconds passed")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     warnings.filterwarnings("ignore")
-    report: dict[str, Any] = {"versions": versions(device), "shape": args.shape, "batch": args.batch,
-                              "length": args.length, "results": {}}
+    report: dict[str, Any] = {
+        "versions": versions(device),
+        "shape": args.shape,
+        "batch": args.batch,
+        "length": args.length,
+        "results": {},
+    }
     print(json.dumps(report["versions"]), flush=True)
+    start = time.perf_counter()
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         t = time.perf_counter()
+        if args.budget_s is not None and t - start > args.budget_s:
+            report["results"][name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
+            continue
         try:
             res = run_variant(name, args, device)
         except Exception as e:  # one failing variant must not lose the others

@@ -161,7 +161,9 @@ def test_compiled_blocks_and_uncast_lora_inputs_give_the_same_step(tiny_tokenize
             assert F.cosine_similarity(gw[k].flatten(), gg[k].flatten(), dim=0) > 0.98, k
 
 
-def test_fit_with_the_fast_path_on_the_cpu_matches_the_plain_fit(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+def test_fit_with_the_fast_path_on_the_cpu_matches_the_plain_fit(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache
+):
     base = model_dir(tmp_path, tiny_tokenizer, "llama")  # no attention dropout, which varlen lacks
     common = ("train.max_steps=6", "train.eval_every=3", "packing.mode=boundary_aware")
     plain = quiet_fit(run_config(tmp_path, base, repetitive_data, "plain", *common))

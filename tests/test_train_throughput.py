@@ -11,9 +11,25 @@ ROOT = Path(__file__).parents[1]
 def test_train_throughput_benchmark_runs_every_variant_on_a_tiny_shape(tmp_path):
     out = tmp_path / "train.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/train_throughput.py", "--shape", "tiny", "--length", "64", "--warmup", "1",
-         "--steps", "1", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""},
+        [
+            sys.executable,
+            "benchmarks/train_throughput.py",
+            "--shape",
+            "tiny",
+            "--length",
+            "64",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"OMP_NUM_THREADS": "1", "PATH": ""},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())

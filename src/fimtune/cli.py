@@ -307,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32 on CPU)")
     srv.add_argument("--quantize", choices=["int8"], help="CPU: int8 weights, ~2x faster tokens (one model only)")
     srv.add_argument("--threads", type=int, help="CPU threads for generation (default: torch's choice)")
+    srv.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="GPU: decode eagerly (default: static KV cache + compiled steps replayed as CUDA graphs)",
+    )
     lim = srv.add_argument_group("limits (shown in GET /info)")
     lim.add_argument("--max-input-tokens", type=int, help="prompt tokens; FIM prompts are fitted (default 2048)")
     lim.add_argument("--max-new-tokens", type=int, help="new tokens a request may ask for (default 256)")

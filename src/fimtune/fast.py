@@ -217,7 +217,9 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         return grad * grad_out.to(grad.dtype), None, None, None
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int
+) -> torch.Tensor:
     """Sum over label tokens of the cross-entropy of ``head(hidden)`` against ``labels``.
 
     ``hidden`` [N, H] and ``labels`` [N] are aligned (the label of position i is the token

@@ -161,6 +161,7 @@ def server_info(svc: Service) -> dict[str, Any]:
             "end_token_ids": svc.prompter.end_ids,
         },
         "limits": lim.as_dict(),
+        "cuda_graphs_active": engine.decoder.static is not None,
     }
 
 
@@ -200,6 +201,8 @@ def limits_from_args(ns: Any) -> Limits:
         if timeout <= 0:
             raise FimtuneError(f"--timeout must be more than 0 seconds (got {timeout})")
         lim.timeout_s = timeout
+    if getattr(ns, "no_cuda_graphs", False):
+        lim.cuda_graphs = False
     if lim.max_input_tokens <= 8:
         raise FimtuneError("--max-input-tokens must be more than 8 (the FIM tokens and some code)")
     return lim
@@ -227,6 +230,9 @@ def main(ns: Any) -> int:
         ns.target, ns.adapter, limits, mode, dtype, quantize=getattr(ns, "quantize", None)
     )
     app = create_app(engine, prompter, mode, ns.api_key)
-    print(f"serving {', '.join(engine.models)} ({mode.upper()} prompts) on http://{ns.host}:{ns.port}", flush=True)
+    graphs = ", CUDA-graph decoding (compiled at start-up)" if engine.decoder.static is not None else ""
+    print(
+        f"serving {', '.join(engine.models)} ({mode.upper()} prompts{graphs}) on http://{ns.host}:{ns.port}", flush=True
+    )
     uvicorn.run(app, host=ns.host, port=ns.port, log_level="info")
     return 0

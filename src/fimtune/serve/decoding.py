@@ -15,20 +15,32 @@ little. The output is greedy decoding's (up to floating-point rounding of the wi
 
 Several requests at once are left-padded and decoded together, without reuse or drafts;
 a row that finishes leaves the batch (its cache rows are dropped).
+
+On a CUDA device the decoder uses :mod:`.static` instead (given as ``static``): a static
+cache and a compiled one-token step replayed as a CUDA graph, for one request or a batch
+(no reuse, no drafts: a step costs ~1 ms there, and launching kernels was the cost). Its rows
+stop, stream and cancel through the same :class:`_RowState`.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fimtune.generate import Completion, FimPrompter, GenerationParams, TextTracker, pick_tokens
 from fimtune.serve.kvcache import DEFAULT_CACHE_SLOTS, CacheSlot, Drafter, PromptCache, crop_cache, new_cache
+from fimtune.serve.static import copy_to_host
+
+if TYPE_CHECKING:
+    from fimtune.serve.static import StaticDecoding
+
+log = logging.getLogger(__name__)
 
 MAX_DRAFT = 8  # draft tokens checked per forward
 
@@ -97,9 +109,15 @@ class Decoder:
     """Runs rows through a causal LM (a PEFT model or a plain one); owns the prompt caches."""
 
     def __init__(
-        self, model: Any, prompter: FimPrompter, cache_slots: int = DEFAULT_CACHE_SLOTS, max_draft: int = MAX_DRAFT
+        self,
+        model: Any,
+        prompter: FimPrompter,
+        cache_slots: int = DEFAULT_CACHE_SLOTS,
+        max_draft: int = MAX_DRAFT,
+        static: StaticDecoding | None = None,
     ) -> None:
         self.model = model
+        self.static = static  # the CUDA fast path (None: eager decoding, as on a CPU)
         self.prompter = prompter
         self.caches = PromptCache(cache_slots)
         self.max_draft = max_draft
@@ -115,17 +133,42 @@ class Decoder:
         """Complete every row (greedy/sampling parameters are those of the first row)."""
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
+        static = self.static
+        if static is not None and static.fits(
+            len(rows), max(len(r.prompt) for r in rows), max(r.params.max_new_tokens for r in rows)
+        ):
+            states = [_RowState(r, self.prompter) for r in rows]
+            try:
+                return self._run_static(static, rows, states)
+            except Exception:
+                # Decode eagerly from now on; this batch too, unless some of its tokens went out already.
+                log.exception("the CUDA-graph decoding failed; decoding eagerly from now on")
+                self.static = None
+                if any(s.n_new for s in states):
+                    raise
         if len(rows) == 1:
             return [self._run_one(rows[0], adapter)]
         return self._run_batch(rows)
+
+    def warmup(self) -> float:
+        """Compile the fast path's steps before the first request (seconds; 0 without it).
+
+        A failure turns the fast path off (logged): the server then decodes eagerly.
+        """
+        if self.static is None:
+            return 0.0
+        try:
+            return self.static.warmup()
+        except Exception:
+            log.exception("compiling the CUDA-graph decoding failed; decoding eagerly")
+            self.static = None
+            return 0.0
 
     def _forward(
         self, ids: list[list[int]], positions: torch.Tensor, cache: Any, mask: torch.Tensor | None = None, keep: int = 1
     ) -> torch.Tensor:
         """Logits [B, keep, V] of the last ``keep`` positions of ``ids`` [B, T], fed after what ``cache`` holds."""
-        if self.step_hook is not None:
-            self.step_hook()
-        self.stats.forwards += 1
+        self._hook()
         kwargs: dict[str, Any] = {self.cache_kw: cache, "use_cache": True, "position_ids": positions}
         if mask is not None:
             kwargs["attention_mask"] = mask
@@ -204,6 +247,34 @@ class Decoder:
             next_pos = next_pos + 1
         self.stats.generated_tokens += sum(s.n_new for s in states)
         return [s.completion() for s in states]
+
+    def _run_static(self, static: StaticDecoding, rows: list[Row], states: list[_RowState]) -> list[Completion]:
+        """The rows in a static-cache bucket: eager prefill, then one compiled step per token."""
+        self._hook()
+        session, logits = static.start([r.prompt for r in rows])
+        for r in rows:
+            self._count_prompt(r.prompt, 0)
+        live = list(range(len(rows)))  # rows still generating (finished ones ride along, ignored)
+        generator = _generator(rows[0].params, self.device)
+        while True:
+            tokens = pick_tokens(logits, rows[0].params, generator)
+            picks = copy_to_host(tokens)
+            self._hook()
+            # The next step goes to the GPU before the host has these tokens: it runs while the
+            # rows below take them (stop strings, streaming). After the last token it is wasted.
+            following = session.step(tokens)
+            tokens_now = picks()
+            live = [i for i in live if not states[i].accept(tokens_now[i])]
+            if not live:
+                break
+            logits = following
+        self.stats.generated_tokens += sum(s.n_new for s in states)
+        return [s.completion() for s in states]
+
+    def _hook(self) -> None:
+        if self.step_hook is not None:
+            self.step_hook()
+        self.stats.forwards += 1
 
     def _count_prompt(self, prompt: list[int], reused: int) -> None:
         self.stats.prompt_tokens += len(prompt)

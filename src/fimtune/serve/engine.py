@@ -59,6 +59,7 @@ class Limits:
     batch_wait_ms: float = 2.0
     cache_slots: int = 4
     trim_step: int = 64  # FIM contexts are cut in steps of this many tokens, so the cache stays reusable
+    cuda_graphs: bool = True  # on a CUDA device: static KV cache + decoding steps replayed as CUDA graphs
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,6 +178,8 @@ class Engine:
         self._merged: str | None = None  # the adapter folded into the weights now
         self._running: list[Job] = []
         self._thread: threading.Thread | None = None
+        self.ready = threading.Event()  # set once the worker has warmed up (compiled the CUDA graphs)
+        self.warmup_s = 0.0
 
     # ---- life cycle and queue (event loop side) -------------------------------------
 
@@ -229,8 +232,23 @@ class Engine:
     # ---- worker thread --------------------------------------------------------------
 
     def _work(self) -> None:
+        self._warm_up()
         while (batch := self._next_batch()) is not None:
             self._run(batch)
+
+    def _warm_up(self) -> None:
+        """Compile the GPU fast path here, before the first batch (requests queue up meanwhile).
+
+        With the default model's adapter merged: its graphs are the ones used most.
+        """
+        try:
+            if self.decoder.static is not None:
+                with self._use_adapter(self.models[self.default_model]):
+                    self.warmup_s = self.decoder.warmup()
+        except Exception:  # the worker must start all the same (the decoder falls back to eager)
+            log.exception("warming up the decoder failed")
+        finally:
+            self.ready.set()
 
     def _next_batch(self) -> list[Job] | None:
         """Wait for a job, give others `batch_wait_ms` to arrive, take those with its key."""
@@ -371,7 +389,8 @@ def load_engine(
 ) -> tuple[Engine, FimPrompter, str]:
     """Load the model and adapters (safetensors only): (engine, prompter for the handlers, prompt mode).
 
-    ``quantize="int8"`` (CPU) merges the run's adapter and serves that model alone.
+    ``quantize="int8"`` (CPU) merges the run's adapter and serves that model alone. On a CUDA
+    device the decoder uses static caches and CUDA graphs unless ``limits.cuda_graphs`` is off.
     """
     import copy
 
@@ -395,8 +414,13 @@ def load_engine(
 
         model = quantize_int8(model)
         models = {loaded.name: None}
+    static = None
+    if limits.cuda_graphs:
+        from fimtune.serve.static import static_decoding
+
+        static = static_decoding(model, limits.max_input_tokens + limits.max_new_tokens, limits.max_batch_size)
     # The handlers encode on the event loop while the worker decodes: each gets its own tokenizer.
-    decoder = Decoder(model, FimPrompter(copy.deepcopy(loaded.tokenizer)), limits.cache_slots)
+    decoder = Decoder(model, FimPrompter(copy.deepcopy(loaded.tokenizer)), limits.cache_slots, static=static)
     base_name = _base_name(loaded.run_dir) if loaded.run_dir else loaded.name
     engine = Engine(decoder, models, loaded.name, limits, base_name)
     return engine, FimPrompter(loaded.tokenizer), prompt_mode(mode, loaded.run_dir)

@@ -1,0 +1,633 @@
+"""Completion latency on a GPU: StarCoderBase-1B's shape, random bf16 weights (`latency.py --device cuda`).
+
+    python benchmarks/latency.py --device cuda --shape starcoderbase-1b --json $OUT/latency.json
+    python benchmarks/latency.py --device cpu --shape tiny --json -     # a smoke run of this code on a CPU
+
+Nothing is downloaded: the model is built from its config on the GPU with random weights; the
+tokenizer is SmolLM2's (49,152 tokens, like StarCoder's) plus the StarCoder FIM tokens: from
+`--tokenizer DIR` or `.gpu/tokenizer` (saved here with `load_tokenizer("embedded").save_pretrained`,
+and carried), else the embedded package's; where none loads, a BPE trained here on the standard
+library (the model keeps StarCoder's 49,152 rows). The end tokens' output rows are zeroed, so that every request
+generates its 32 tokens (the rows report the mean). Rows, in this order:
+
+    generate          plain `model.generate`, greedy, a 1,024-token PSM prompt cut from textwrap.py,
+                      32 new tokens, batch 1
+    engine warm-up    compiling the engine's decode step, one graph per batch bucket (1, 4, 16)
+    engine            `Decoder.run` on the same prompt: static cache + CUDA graphs  (target p50 <= 50 ms)
+    engine bN         per bucket: prefill of N prompts, and one decoding step      (diagnostics)
+    server ...        uvicorn on 127.0.0.1, 16 clients x 10 OpenAI `/v1/completions` FIM requests
+                      (1,024 + 32 tokens each; target p95 <= 200 ms) with the server's defaults; then
+                      variants: longer batching waits, a shorter thread switch interval (GIL)
+    generate static   `generate(cache_implementation="static")`: transformers compiles its own step
+                      (the first calls; their time is its warm-up)
+
+Each row is its own try: a failure is printed and recorded, and the next row runs. The JSON file
+is rewritten after every row, so a run cut short keeps what it measured. Rows are skipped once
+`--budget-s` is spent (the run should fit 4 minutes, compiling included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import textwrap
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from latency import percentile, serve_in_thread
+
+SHAPES = {"starcoderbase-1b": "bigcode/starcoderbase-1b", "tiny": None}
+STARCODER_1B = {  # fimtune.model.KNOWN_CONFIGS' values, for when that module cannot be imported here
+    "n_embd": 2048,
+    "n_layer": 24,
+    "n_head": 16,
+    "n_inner": 8192,
+    "n_positions": 8192,
+    "vocab_size": 49152,
+    "multi_query": True,
+    "activation_function": "gelu_pytorch_tanh",
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+TINY = {**STARCODER_1B, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128, "n_positions": 2048}
+STARCODER_SPECIALS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+SAVED_TOKENIZER = Path(__file__).resolve().parent.parent / ".gpu" / "tokenizer"  # SmolLM2's, saved (carried)
+PROMPT_TOKENS = 1024
+NEW_TOKENS = 32
+MAX_NEW_TOKENS = 64  # the server's limit (the static cache holds 1,024 + 64 tokens a row)
+RUNS = 20
+WARMUP_RUNS = 3
+CLIENTS = 16
+REQUESTS_PER_CLIENT = 10
+MAX_BATCH = 16
+BUCKET_STEPS = 16  # decoding steps timed per bucket
+BUDGET_S = 220.0
+TARGETS = {"engine": ("p50_ms", 50.0), "server": ("p95_ms", 200.0)}
+SWITCH_INTERVAL_DEFAULT_S = 0.005  # Python's: how long a thread may keep the GIL while another waits
+SWITCH_INTERVAL_VARIANT_S = 0.001  # the engine's worker gets the GIL back sooner from the event loop
+PREFIX_CHARS, SUFFIX_CHARS = 8000, 3000  # more text than 1,024 tokens: the server fits it
+
+
+# --------------------------------------------------------------------------------------
+# Report: rows printed as they come, the JSON file rewritten after each
+# --------------------------------------------------------------------------------------
+
+
+class Report:
+    def __init__(self, path: str | None, machine: dict[str, Any]) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"machine": machine, "rows": [], "errors": {}, "skipped": []}
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.data["rows"].append(row)
+        print(format_row(row), flush=True)
+        self.save()
+
+    def fail(self, name: str, error: BaseException) -> None:
+        traceback.print_exc()
+        self.data["errors"][name] = f"{type(error).__name__}: {error}"[:2000]
+        print(f"!! {name} failed: {type(error).__name__}: {error}", flush=True)
+        self.save()
+
+    def save(self) -> None:
+        if not self.path or self.path == "-":
+            return
+        tmp = Path(f"{self.path}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+
+def attempt(report: Report, name: str, fn: Any, deadline: float, need_s: float = 0.0) -> Any:
+    """Run one row: its result, or None when it failed or the budget is spent (recorded either way)."""
+    left = deadline - time.monotonic()
+    if left < need_s:
+        report.data["skipped"].append(name)
+        print(f"-- {name}: skipped ({left:.0f} s of the budget left)", flush=True)
+        report.save()
+        return None
+    print(f"-- {name} ...", flush=True)
+    try:
+        return fn()
+    except Exception as e:  # one row's failure must not lose the others
+        report.fail(name, e)
+        return None
+
+
+def stats_ms(seconds: list[float]) -> dict[str, float]:
+    ms = [1000 * s for s in seconds]
+    return {
+        "p50_ms": percentile(ms, 0.5),
+        "p90_ms": percentile(ms, 0.9),
+        "p95_ms": percentile(ms, 0.95),
+        "max_ms": max(ms),
+        "runs": len(ms),
+    }
+
+
+def format_row(row: dict[str, Any]) -> str:
+    def ms(key: str) -> str:
+        return f"{row[key]:8.1f}" if key in row else f"{'-':>8}"
+
+    tokens = f"{row['new_tokens_mean']:5.1f}" if "new_tokens_mean" in row else f"{'-':>5}"
+    seconds = f"{row['seconds']:6.1f}" if "seconds" in row else f"{'-':>6}"
+    return (
+        f"{row['scenario']:<26} {ms('p50_ms')} {ms('p90_ms')} {ms('p95_ms')} {tokens} {seconds}  {row.get('note', '')}"
+    )
+
+
+HEADER = f"{'scenario':<26} {'p50 ms':>8} {'p90 ms':>8} {'p95 ms':>8} {'new':>5} {'s':>6}  note"
+
+
+# --------------------------------------------------------------------------------------
+# Setup: the model, the tokenizer, the prompt
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    model: Any
+    tokenizer: Any
+    prompter: Any
+    ids: list[int]  # the 1,024-token PSM prompt
+    text: str
+    cursor: int
+    tokenizer_source: str
+
+
+def tokenizer(folder: str | None) -> tuple[Any, str]:
+    """The SmolLM2 tokenizer with FIM tokens added, else one trained here: (tokenizer, where from).
+
+    From ``folder`` (a saved tokenizer: `.gpu/tokenizer` when there), else the embedded model's
+    (its package is large, and missing on GPU machines).
+    """
+    from fimtune.tokens import ensure_fim_tokens
+
+    if folder is None and SAVED_TOKENIZER.is_dir():
+        folder = str(SAVED_TOKENIZER)
+    try:
+        if folder is not None:
+            from transformers import AutoTokenizer
+
+            tok, source = AutoTokenizer.from_pretrained(folder), f"{folder} + FIM tokens"
+        else:
+            from fimtune.hub import load_tokenizer
+
+            tok, source = copy.deepcopy(load_tokenizer("embedded")), "embedded SmolLM2 + FIM tokens"
+        ensure_fim_tokens(tok)
+        return tok, source
+    except Exception as e:
+        print(f"!! tokenizer unavailable ({type(e).__name__}: {e}); training a BPE here", flush=True)
+        return trained_tokenizer(), "BPE trained on the standard library (fallback)"
+
+
+def trained_tokenizer(vocab_size: int = 8000) -> Any:
+    import argparse as a
+    import dataclasses
+    import json.decoder
+    import shlex
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [Path(m.__file__).read_text() for m in (textwrap, a, dataclasses, json.decoder, shlex, string)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=STARCODER_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=STARCODER_SPECIALS[0])
+
+
+def model_config(shape: str) -> dict[str, Any]:
+    if shape == "tiny":
+        return dict(TINY)
+    try:
+        from fimtune.model import KNOWN_CONFIGS
+
+        values = dict(KNOWN_CONFIGS[SHAPES[shape]])
+    except ImportError:
+        values = dict(STARCODER_1B)
+    values.pop("model_type", None)
+    return values
+
+
+def build(args: argparse.Namespace) -> Setup:
+    import torch
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    from fimtune.generate import FimPrompter
+
+    tok, source = tokenizer(args.tokenizer)
+    values = model_config(args.shape)
+    values["vocab_size"] = max(len(tok), values["vocab_size"])
+    config = GPTBigCodeConfig(**values)
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(args.device):  # weights made and initialised on the GPU: seconds, not a minute
+            model = GPTBigCodeForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model = model.to(device=args.device, dtype=torch.bfloat16).eval()
+    model.set_attn_implementation("sdpa")
+    prompter = FimPrompter(tok)
+    with torch.no_grad():  # random weights would end early now and then: never end, generate all 32
+        model.get_output_embeddings().weight[prompter.end_ids] = 0.0
+    text = Path(textwrap.__file__).read_text()
+    while len(text) < 3 * PREFIX_CHARS:
+        text += text
+    cursor = text.index("\n", PREFIX_CHARS) + 1
+    ids = prompter.build(text[:cursor], text[cursor:], "psm", PROMPT_TOKENS)
+    if len(ids) != PROMPT_TOKENS:
+        raise RuntimeError(f"the prompt has {len(ids)} tokens, not {PROMPT_TOKENS}")
+    return Setup(model, tok, prompter, ids, text, cursor, source)
+
+
+def machine(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "device": args.device,
+        "shape": args.shape,
+        "dtype": "bf16",
+        "prompt_tokens": PROMPT_TOKENS,
+        "new_tokens": NEW_TOKENS,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------
+
+
+def run_generate(s: Setup, runs: int, **extra: Any) -> tuple[list[float], list[list[int]]]:
+    """Greedy `model.generate` on the prompt: (seconds per run, new tokens per run)."""
+    import torch
+
+    seconds, outputs = [], []
+    ids = torch.tensor([s.ids], device=s.model.device)
+    for _ in range(runs):
+        sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = s.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=s.prompter.end_ids,
+                pad_token_id=s.prompter.fim.pad,
+                **extra,
+            )
+        new = out[0, len(s.ids) :].tolist()
+        seconds.append(time.perf_counter() - start)
+        outputs.append(new)
+    return seconds, outputs
+
+
+def generate_row(s: Setup, name: str, **extra: Any) -> tuple[dict[str, Any], list[int]]:
+    began = time.perf_counter()
+    warm, _ = run_generate(s, WARMUP_RUNS, **extra)
+    seconds, outputs = run_generate(s, RUNS, **extra)
+    row = {
+        "scenario": name,
+        **stats_ms(seconds),
+        "new_tokens_mean": statistics.mean(len(o) for o in outputs),
+        "warmup_s": sum(warm),
+        "first_call_s": warm[0],
+        "seconds": time.perf_counter() - began,
+        "note": f"first call {warm[0]:.1f} s",
+    }
+    return row, outputs[0]
+
+
+def make_engine(s: Setup, args: argparse.Namespace) -> Any:
+    from fimtune.generate import FimPrompter
+    from fimtune.serve.decoding import Decoder
+    from fimtune.serve.engine import Engine, Limits
+    from fimtune.serve.static import StaticDecoding, static_decoding
+
+    limits = Limits(
+        max_input_tokens=PROMPT_TOKENS,
+        max_new_tokens=MAX_NEW_TOKENS,
+        max_batch_size=MAX_BATCH,
+        queue_size=4 * CLIENTS,
+        timeout_s=120.0,
+        trim_step=1,
+        cuda_graphs=not args.no_cuda_graphs,
+    )
+    static, length = None, limits.max_input_tokens + limits.max_new_tokens
+    if limits.cuda_graphs and args.device == "cuda":
+        static = static_decoding(s.model, length, limits.max_batch_size)
+        if static is None:
+            raise RuntimeError("static_decoding() gave no fast path for this model")
+    elif limits.cuda_graphs:  # the CPU smoke run: the same code, through dynamo without inductor
+        static = StaticDecoding(s.model, length, limits.max_batch_size, backend="eager")
+    decoder = Decoder(s.model, FimPrompter(copy.deepcopy(s.tokenizer)), limits.cache_slots, static=static)
+    name = f"{args.shape}-random"
+    return Engine(decoder, {name: None}, name, limits)
+
+
+def warmup_row(engine: Any) -> dict[str, Any]:
+    from torch._dynamo.utils import counters
+
+    began = time.perf_counter()
+    logs = _set_logs(graph_breaks=True, recompiles=True, perf_hints=True)  # why a graph would be skipped
+    try:
+        seconds = engine.decoder.warmup()
+    finally:
+        if logs:
+            _set_logs()
+    static = engine.decoder.static
+    if static is None:
+        raise RuntimeError("the warm-up failed and turned the fast path off (see the log above)")
+    skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
+    breaks = sum(counters["graph_break"].values())
+    by_bucket = {str(k): round(v, 1) for k, v in static.warmup_by_bucket.items()}
+    return {
+        "scenario": "engine warm-up (compile)",
+        "seconds": time.perf_counter() - began,
+        "warmup_s": seconds,
+        "by_bucket_s": by_bucket,
+        "graph_breaks": breaks,
+        "cudagraph_skips": skips,
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "note": f"buckets {by_bucket} s; graph breaks {breaks}; cudagraph skips {skips}",
+    }
+
+
+def engine_row(s: Setup, engine: Any, expected: list[int] | None) -> dict[str, Any]:
+    from fimtune.generate import GenerationParams
+    from fimtune.serve.decoding import Row
+
+    decoder, params = engine.decoder, GenerationParams(max_new_tokens=NEW_TOKENS)
+    static_before = decoder.static.batches if decoder.static is not None else 0
+    seconds, outputs = [], []
+    for i in range(WARMUP_RUNS + RUNS):
+        got: list[int] = []
+        sync()
+        start = time.perf_counter()
+        decoder.run([Row(s.ids, params, on_token=lambda t, piece, end, got=got: got.append(t))])
+        if i >= WARMUP_RUNS:
+            seconds.append(time.perf_counter() - start)
+            outputs.append(got)
+    agree = _common_prefix(outputs[0], expected) if expected is not None else None
+    used = (decoder.static.batches - static_before) if decoder.static is not None else 0
+    met = percentile([1000 * x for x in seconds], 0.5) <= TARGETS["engine"][1]
+    return {
+        "scenario": "engine (CUDA graphs)" if decoder.static is not None else "engine (eager)",
+        **stats_ms(seconds),
+        "new_tokens_mean": statistics.mean(len(o) for o in outputs),
+        "fast_path_batches": used,
+        "same_tokens_as_generate": agree,
+        "target_p50_ms": TARGETS["engine"][1],
+        "target_met": met,
+        "note": f"target p50 <= 50 ms: {'met' if met else 'MISSED'}; first {agree} tokens as generate's",
+    }
+
+
+def bucket_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
+    """Per bucket: the eager prefill of N prompts, and a compiled decoding step (diagnostics)."""
+    static, rows = engine.decoder.static, []
+    for size in static.buckets:
+        times: dict[str, list[float]] = {"prefill": [], "step": []}
+        for _ in range(3):
+            sync()
+            start = time.perf_counter()
+            session, logits = static.start([s.ids] * size)
+            tokens = logits.argmax(-1)
+            sync()
+            times["prefill"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for _ in range(BUCKET_STEPS):
+                tokens = session.step(tokens).argmax(-1)
+            sync()
+            times["step"].append((time.perf_counter() - start) / BUCKET_STEPS)
+        prefill, step = 1000 * min(times["prefill"]), 1000 * min(times["step"])
+        rows.append(
+            {
+                "scenario": f"engine b{size}: prefill/step",
+                "prefill_ms": prefill,
+                "step_ms": step,
+                "note": f"prefill {size} x {PROMPT_TOKENS}: {prefill:.1f} ms; one step: {step:.2f} ms",
+            }
+        )
+    return rows
+
+
+def request_body(s: Setup, client: int, request: int) -> dict[str, Any]:
+    """An OpenAI FIM request; each client's cursor moves through the file (different prompts)."""
+    cursor = s.cursor + (client * 211 + request * 37) % (len(s.text) - s.cursor - SUFFIX_CHARS)
+    cursor = s.text.index("\n", cursor) + 1 if "\n" in s.text[cursor:] else cursor
+    return {
+        "prompt": s.text[max(0, cursor - PREFIX_CHARS) : cursor],
+        "suffix": s.text[cursor : cursor + SUFFIX_CHARS],
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+    }
+
+
+def load(s: Setup, url: str, clients: int, per_client: int) -> tuple[list[float], list[dict], list[str]]:
+    """``clients`` threads, each sending ``per_client`` requests one after another: (seconds, usages, errors)."""
+    import httpx
+
+    def one_client(c: int) -> tuple[list[float], list[dict], list[str]]:
+        seconds, usages, errors = [], [], []
+        with httpx.Client(base_url=url, timeout=120) as http:
+            for r in range(per_client):
+                start = time.perf_counter()
+                try:
+                    resp = http.post("/v1/completions", json=request_body(s, c, r))
+                    resp.raise_for_status()
+                    seconds.append(time.perf_counter() - start)
+                    usages.append(resp.json()["usage"])
+                except Exception as e:
+                    errors.append(f"{type(e).__name__}: {e}"[:300])
+        return seconds, usages, errors
+
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one_client, range(clients)))
+    return [x for r in results for x in r[0]], [x for r in results for x in r[1]], [x for r in results for x in r[2]]
+
+
+def server_rows(s: Setup, engine: Any, args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
+    from fimtune.serve.app import create_app
+
+    app = create_app(engine, s.prompter, "psm")
+    url, server = serve_in_thread(app)
+    rows = []
+    try:
+        began = time.perf_counter()
+        if not engine.ready.wait(timeout=max(1.0, deadline - time.monotonic())):
+            raise RuntimeError("the engine's worker did not finish its warm-up in time")
+        ready_s = time.perf_counter() - began
+        load(s, url, CLIENTS, 1)  # one untimed request per client: connections, first batches
+        default_wait, default_switch = engine.limits.batch_wait_ms, sys.getswitchinterval()
+        # (batching wait ms, Python's thread switch interval s): the server's defaults, then variants
+        variants = [(default_wait, default_switch)] + [(ms, default_switch) for ms in args.batch_wait_variants]
+        variants.append((default_wait, SWITCH_INTERVAL_VARIANT_S))
+        for wait_ms, switch_s in variants:
+            if time.monotonic() > deadline - 10:
+                print(f"-- server, batch wait {wait_ms:g} ms: skipped (budget)", flush=True)
+                continue
+            engine.limits.batch_wait_ms = wait_ms
+            sys.setswitchinterval(switch_s)
+            try:
+                rows.append(server_run(s, engine, url, wait_ms, switch_s, ready_s))
+            finally:
+                engine.limits.batch_wait_ms = default_wait
+                sys.setswitchinterval(default_switch)
+    finally:
+        server.should_exit = True
+    return rows
+
+
+def server_run(s: Setup, engine: Any, url: str, wait_ms: float, switch_s: float, ready_s: float) -> dict[str, Any]:
+    stats = engine.decoder.stats
+    batches, forwards = stats.batches, stats.forwards
+    began = time.perf_counter()
+    seconds, usages, errors = load(s, url, CLIENTS, REQUESTS_PER_CLIENT)
+    wall = time.perf_counter() - began
+    switch = "" if abs(switch_s - SWITCH_INTERVAL_DEFAULT_S) < 1e-6 else f", switch {1000 * switch_s:g}ms"
+    row: dict[str, Any] = {
+        "scenario": f"server 16 clients, wait {wait_ms:g}ms{switch}",
+        "batch_wait_ms": wait_ms,
+        "switch_interval_ms": 1000 * switch_s,
+        "requests": CLIENTS * REQUESTS_PER_CLIENT,
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "seconds": wall,
+        "worker_ready_s": ready_s,
+        "batches": stats.batches - batches,
+        "forwards": stats.forwards - forwards,
+        "cuda_graphs_active": engine.decoder.static is not None,
+    }
+    if seconds:
+        row |= stats_ms(seconds)
+        row["new_tokens_mean"] = statistics.mean(u["completion_tokens"] for u in usages)
+        row["prompt_tokens_mean"] = statistics.mean(u["prompt_tokens"] for u in usages)
+        row["tokens_per_s"] = sum(u["completion_tokens"] for u in usages) / wall
+        row["mean_batch"] = len(seconds) / max(1, row["batches"])
+        met = row["p95_ms"] <= TARGETS["server"][1] and not errors
+        row["target_met"] = met
+        row["note"] = (
+            f"target p95 <= 200 ms: {'met' if met else 'MISSED'}; errors {len(errors)}; "
+            f"mean batch {row['mean_batch']:.1f}; prompt {row['prompt_tokens_mean']:.0f} tokens"
+        )
+    else:
+        row["note"] = f"no request succeeded: {errors[:1]}"
+    return row
+
+
+def _set_logs(**kinds: bool) -> bool:
+    import torch
+
+    try:
+        torch._logging.set_logs(**kinds)
+        return True
+    except Exception as e:  # a torch without these log kinds: go on without them
+        print(f"(torch logs not set: {e})", flush=True)
+        return False
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    deadline = time.monotonic() + args.budget_s
+    report = Report(args.json, machine(args))
+    print(json.dumps(report.data["machine"]), flush=True)
+    print(HEADER, flush=True)
+    setup_began = time.perf_counter()
+    s = attempt(report, "setup", lambda: build(args), deadline)
+    if s is None:
+        return report.data
+    report.data["machine"]["tokenizer"] = s.tokenizer_source
+    report.data["machine"]["vocab_size"] = s.model.config.vocab_size
+    report.add({"scenario": "setup (model on the GPU)", "seconds": time.perf_counter() - setup_began})
+
+    expected = None
+    result = attempt(report, "generate", lambda: generate_row(s, "generate (plain)"), deadline, 30)
+    if result is not None:
+        report.add(result[0])
+        expected = result[1]
+    engine = attempt(report, "engine setup", lambda: make_engine(s, args), deadline)
+    if engine is not None:
+        if engine.decoder.static is not None:
+            row = attempt(report, "engine warm-up", lambda: warmup_row(engine), deadline)
+            if row is not None:
+                report.add(row)
+        row = attempt(report, "engine", lambda: engine_row(s, engine, expected), deadline, 5)
+        if row is not None:
+            report.add(row)
+        if engine.decoder.static is not None:
+            for row in attempt(report, "engine buckets", lambda: bucket_rows(s, engine), deadline, 10) or []:
+                report.add(row)
+        for row in attempt(report, "server", lambda: server_rows(s, engine, args, deadline), deadline, 15) or []:
+            report.add(row)
+    result = attempt(
+        report,
+        "generate static",
+        lambda: generate_row(s, "generate (static cache)", cache_implementation="static"),
+        deadline,
+        45,
+    )
+    if result is not None:
+        report.add(result[0])
+    summary(report)
+    return report.data
+
+
+def summary(report: Report) -> None:
+    m = report.data["machine"]
+    print(
+        f"\n{m['gpu']}  torch {m['torch']} (CUDA {m['cuda']})  transformers {m['transformers']}  {m.get('tokenizer')}"
+    )
+    print(HEADER)
+    for row in report.data["rows"]:
+        print(format_row(row))
+    for name, error in report.data["errors"].items():
+        print(f"FAILED {name}: {error[:300]}")
+    for name in report.data["skipped"]:
+        print(f"SKIPPED {name} (budget)")
+    sys.stdout.flush()
