@@ -17,6 +17,8 @@ batch 4 x 2048 tokens, on a fresh model (same seed, same random weights):
 c-docs       (c) on rows packed from several documents (the boundary-aware packer's output)
 c-ckpt       (c) with gradient checkpointing
 c-mb2        (c) in two micro-batches of 2 rows (gradient accumulation): half the activations
+c-mem        (c) keeping half of the activations (`train.activation_memory=0.5`)
+c-nodrop     (c) with LoRA dropout 0 (what the recipe's dropout costs)
 c-eager      (c) without torch.compile (what compiling buys)
 qlora        (c) on a 4-bit NF4 base (bitsandbytes, double quantization), gradient
              checkpointing, no compile
@@ -48,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 GFLOP_PER_TOKEN = {"starcoderbase-1b": 4.9, "tiny": None}
 TARGETS = ["c_attn", "c_proj", "c_fc"]
-ALL = ["c", "b", "a", "c-ckpt", "qlora", "c-mb2", "c-docs", "c-eager"]
+ALL = ["c", "b", "a", "c-ckpt", "qlora", "c-mb2", "c-docs", "c-eager", "c-mem", "c-nodrop"]
 
 
 def model_config(shape: str) -> Any:
@@ -163,6 +165,10 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         extra += [f"train.batch_size={rows}", "train.gradient_accumulation_steps=2"]
     if variant == "c-eager":
         extra.append("train.compile=false")
+    if variant == "c-mem":
+        extra.append("train.activation_memory=0.5")
+    if variant == "c-nodrop":
+        extra.append("lora.dropout=0.0")
     if variant == "qlora":
         extra += ["model.quantization=4bit", "train.gradient_checkpointing=true"]
     if args.compile is not None and variant != "c-eager":
@@ -279,6 +285,7 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
         return plain_peft(args, device, autocast=device.type == "cuda", checkpointing=False)
     if name == "qlora" and device.type != "cuda":
         return {"skipped": "needs a CUDA GPU (bitsandbytes)"}
+    torch._dynamo.reset()  # compile afresh: a variant's settings must not reuse another's graphs
     return fimtune_step(args, device, name)
 
 

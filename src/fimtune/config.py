@@ -201,6 +201,9 @@ class TrainConfig:
     compile: bool | None = None
     """`torch.compile` each transformer block (a minute or so once, then faster steps);
     default: on CUDA GPUs, except for quantized models."""
+    activation_memory: float = 1.0
+    """With `compile`: the share of the activations compiled blocks keep for the backward pass;
+    below 1 the compiler recomputes the cheapest others (less memory, a little more compute)."""
     loss_chunk_tokens: int | None = None
     """Compute the loss this many tokens at a time, so the (tokens x vocabulary) logits never
     exist at once (0: all at once); default: 4096 on CUDA GPUs, 0 on CPUs."""

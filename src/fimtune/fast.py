@@ -124,7 +124,12 @@ def varlen_attention(
     v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
     max_len = int(max_length_q or t)
     if q.is_cuda:
-        out = _flash_varlen(q, k, v, cu_seq_lens_q, max_len, scaling)
+        dtype = q.dtype
+        if dtype not in (torch.float16, torch.bfloat16):  # FlashAttention takes half precision only
+            # (fp32 activations: k-bit models keep norms and embeddings in fp32)
+            half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+            q, k, v = q.to(half), k.to(half), v.to(half)
+        out = _flash_varlen(q, k, v, cu_seq_lens_q, max_len, scaling).to(dtype)
     else:  # the reference: SDPA per document (tests, CPUs)
         out = _sdpa_per_document(q, k, v, cu_seq_lens_q, scaling)
     return out.view(b, t, h, d), None
@@ -332,11 +337,19 @@ def disable_attention_dropout(model: torch.nn.Module) -> float:
     return old
 
 
-def speed_up(model: torch.nn.Module, compile: bool, autocast: bool) -> list[str]:
+def speed_up(model: torch.nn.Module, compile: bool, autocast: bool, activation_memory: float = 1.0) -> list[str]:
     """Apply the fast path's model changes to a PEFT model about to train; return what was done."""
     done = []
     if autocast and (n := skip_lora_input_casts(model)):
         done.append(f"LoRA inputs stay in the autocast dtype ({n} layers)")
-    if compile and (n := compile_blocks(model)):
-        done.append(f"torch.compile on {n} blocks")
+    if compile:
+        import torch._functorch.config as functorch_config
+
+        # Below 1 the compiler's partitioner recomputes the cheapest activations in the backward
+        # pass until the saved ones fit this share of what it would keep (a process-wide setting).
+        functorch_config.activation_memory_budget = activation_memory
+        if activation_memory < 1.0:
+            done.append(f"compiled blocks keep {activation_memory:.0%} of their activations")
+        if n := compile_blocks(model):
+            done.append(f"torch.compile on {n} blocks")
     return done
