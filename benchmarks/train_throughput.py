@@ -17,7 +17,7 @@ batch 4 x 2048 tokens, on a fresh model (same seed, same random weights):
 c-docs       (c) on rows packed from several documents (the boundary-aware packer's output)
 c-ckpt       (c) with gradient checkpointing
 c-mb2        (c) in two micro-batches of 2 rows (gradient accumulation): half the activations
-c-mem        (c) keeping half of the activations (`train.activation_memory=0.5`)
+c-mem        (c) keeping a share of the activations (`train.activation_memory`, 0.5 by default)
 c-nodrop     (c) with LoRA dropout 0 (what the recipe's dropout costs)
 c-eager      (c) without torch.compile (what compiling buys)
 qlora        (c) on a 4-bit NF4 base (bitsandbytes, double quantization), gradient
@@ -166,7 +166,7 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     if variant == "c-eager":
         extra.append("train.compile=false")
     if variant == "c-mem":
-        extra.append("train.activation_memory=0.5")
+        extra.append(f"train.activation_memory={args.activation_memory}")
     if variant == "c-nodrop":
         extra.append("lora.dropout=0.0")
     if variant == "qlora":
@@ -197,7 +197,26 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         loss, _ = train_step(s, cfg.train, Path("."), next(counter))
         return loss
 
-    return {**result, **timed(step, args, device)}
+    result.update(timed(step, args, device))
+    if args.profile and device.type == "cuda":
+        result["profile"] = profile(step, args.profile / f"profile-{variant}.txt")
+    return result
+
+
+def profile(step: Any, path: Path, steps: int = 2) -> str:
+    """Two more steps under torch.profiler: the kernels by GPU time, to ``path``; returns the path."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    print(table[:6000], flush=True)
+    return str(path)
 
 
 def quantized_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
@@ -323,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--compile", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
     p.add_argument("--json", type=Path, help="write the figures here too")
+    p.add_argument("--activation-memory", type=float, default=0.5, help="c-mem: train.activation_memory")
+    p.add_argument("--profile", type=Path, help="on CUDA: profile two more steps of each fimtune variant into DIR")
     p.add_argument("--budget-s", type=float, default=None, help="skip the variants left once this many seconds passed")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

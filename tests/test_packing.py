@@ -252,6 +252,13 @@ def test_pieces_are_fimmed_as_documents_of_their_own(tiny_tokenizer, token_cache
     assert len(docs.offsets) > len(whole.offsets) and np.diff(docs.offsets).max() <= 50
     ep = pack_epoch(docs, pack_spec(cfg, T, SEP, shuffle=False), 0)
     assert ep.stats.documents == ep.stats.fim == len(docs.offsets) - 1
-    cfg.fim.unit = "char"
-    with pytest.raises(FimtuneError, match="fim.unit=token"):
-        packing.documents(Dataset.from_dict({"content": texts}), tiny_tokenizer, cfg, progress=False)
+    # The char unit cuts pieces of whole lines and re-tokenizes them; FIM then works on their texts.
+    cfg.fim.unit, cfg.fim.spans = "char", "line"
+    chars = packing.documents(Dataset.from_dict({"content": texts}), tiny_tokenizer, cfg, progress=False)
+    assert "".join(chars.texts) == "".join(texts) and len(chars.texts) > len(texts)
+    assert all(t.endswith("\n") for t in chars.texts)
+    per_token = whole.chars / len(whole.tokens)
+    assert max(len(t) for t in chars.texts) <= 50 * per_token + 1
+    assert chars.offsets[-1] == len(chars.tokens) and len(chars.offsets) == len(chars.texts) + 1
+    ep = pack_epoch(chars, pack_spec(cfg, T, SEP, shuffle=False), 0)
+    assert ep.stats.documents == ep.stats.fim == len(chars.texts)

@@ -101,9 +101,11 @@ class FimConfig:
     spans: Literal["uniform", "line"] = "uniform"
     """`uniform`: cut points anywhere; `line`: cut points at line starts (whole-line middles)."""
     piece_tokens: int = 0
-    """Cut documents into near-equal pieces of at most this many tokens, then FIM each piece as a
-    document of its own (0: whole documents, the recipe; token unit only). Pieces well under
-    `packing.seq_length` mostly sit whole in one row, prefix, suffix and middle together."""
+    """Cut documents into pieces of at most about this many tokens, then FIM each piece as a
+    document of its own (0: whole documents, the recipe). Token unit: near-equal pieces of at
+    most this many tokens; char unit: pieces of whole lines, of the corpus's characters per token
+    times this many characters. Pieces well under `packing.seq_length` mostly sit whole in one
+    row, prefix, suffix and middle together."""
 
 
 @dataclass

@@ -456,17 +456,40 @@ def documents(ds: Any, tokenizer: Any, cfg: RunConfig, column: str = "content", 
     from fimtune.tokens import newline_mask
 
     split = tokenize_split(ds, tokenizer, column, progress=progress)
-    offsets = split.offsets
-    if cfg.fim.piece_tokens:
-        if cfg.fim.unit != "token":
-            raise FimtuneError("fim.piece_tokens works with fim.unit=token")
-        offsets = split_documents(offsets, cfg.fim.piece_tokens)
-    docs = Documents(split.tokens, offsets, chars=split.chars)
+    docs = Documents(split.tokens, split.offsets, chars=split.chars)
     if cfg.fim.unit == "token" and cfg.fim.spans == "line":
         docs.newline_mask = newline_mask(tokenizer)
     if cfg.fim.unit == "char":
         docs.texts, docs.encode = TextColumn(ds, column), lambda texts: encode_flat(tokenizer, texts)
+    if cfg.fim.piece_tokens and cfg.fim.unit == "token":
+        docs.offsets = split_documents(docs.offsets, cfg.fim.piece_tokens)
+    elif cfg.fim.piece_tokens:  # char unit: pieces of whole lines, re-tokenized
+        chars_per_token = split.chars / max(1, len(split.tokens))
+        texts = split_texts(docs.texts[0 : len(docs.texts)], max(1, round(cfg.fim.piece_tokens * chars_per_token)))
+        ids, lengths = encode_flat(tokenizer, texts)
+        docs = Documents(ids, np.concatenate([[0], np.cumsum(lengths)]), texts=texts, encode=docs.encode)
+        docs.chars = split.chars
     return docs
+
+
+def split_texts(texts: list[str], max_chars: int) -> list[str]:
+    """Each text cut at line ends into pieces of at most ``max_chars`` characters (a longer line is a
+    piece of its own); an empty text stays one empty piece.
+
+    >>> split_texts(["a\\nbb\\nccc\\n", ""], 5)
+    ['a\\nbb\\n', 'ccc\\n', '']
+    """
+    pieces: list[str] = []
+    for text in texts:
+        current, size = [], 0
+        for line in text.splitlines(keepends=True):
+            if current and size + len(line) > max_chars:
+                pieces.append("".join(current))
+                current, size = [], 0
+            current.append(line)
+            size += len(line)
+        pieces.append("".join(current))
+    return pieces
 
 
 def train_rows(
