@@ -487,9 +487,7 @@ def server_rows(s: Setup, engine: Any, args: argparse.Namespace, deadline: float
         default_wait, default_switch = engine.limits.batch_wait_ms, sys.getswitchinterval()
         # (batching wait ms, Python's thread switch interval s): the server's defaults, then variants
         variants = [(default_wait, default_switch)] + [(ms, default_switch) for ms in args.batch_wait_variants]
-        # The engine sets a 1 ms switch interval on a GPU; the other value shows what it buys (or would).
-        other = SWITCH_INTERVAL_DEFAULT_S if default_switch < SWITCH_INTERVAL_DEFAULT_S else SWITCH_INTERVAL_VARIANT_S
-        variants.append((default_wait, other))
+        variants.append((default_wait, SWITCH_INTERVAL_VARIANT_S))
         for wait_ms, switch_s in variants:
             if time.monotonic() > deadline - 10:
                 print(f"-- server, batch wait {wait_ms:g} ms: skipped (budget)", flush=True)

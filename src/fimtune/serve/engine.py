@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -42,7 +41,6 @@ from fimtune.serve.decoding import Decoder, Row
 
 log = logging.getLogger(__name__)
 
-GPU_SWITCH_INTERVAL_S = 0.001  # Python's thread switch interval while serving on a GPU
 BASE_MODEL = "base"  # the public name of the base model when a run's adapter is the default
 RESERVED_NAMES = (BASE_MODEL, "default")
 
@@ -186,10 +184,6 @@ class Engine:
     # ---- life cycle and queue (event loop side) -------------------------------------
 
     def start(self) -> None:
-        if self.decoder.static is not None and sys.getswitchinterval() > GPU_SWITCH_INTERVAL_S:
-            # A GPU step is ~2 ms: with Python's default 5 ms GIL switch interval the decoding thread
-            # and the event loop wait on each other (16 clients: p95 387 -> 249 ms at 1 ms, RESULTS.md).
-            sys.setswitchinterval(GPU_SWITCH_INTERVAL_S)
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="fimtune-engine", daemon=True)
         self._thread.start()
