@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fimtune data build --package peft --package accelerate --out $(DEMO_DIR)/data --overwrite
 	rm -rf $(DEMO_DIR)/run
 	$(VENV)/bin/fimtune train --config configs/smollm2-demo.yaml data.path=$(DEMO_DIR)/data output_dir=$(DEMO_DIR)/run
-	$(VENV)/bin/fimtune eval $(DEMO_DIR)/run --limit 10 --holes 30
+	$(VENV)/bin/fimtune eval $(DEMO_DIR)/run --limit 6 --holes 30
 	$(VENV)/bin/fimtune complete $(DEMO_DIR)/run --prefix 'def add(a, b):' --suffix '    return result' --max-new-tokens 32 --compare-base
 	@echo "Serve it to your editor: $(VENV)/bin/fimtune serve $(DEMO_DIR)/run --port 8080"
 
