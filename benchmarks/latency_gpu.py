@@ -5,9 +5,9 @@
 
 Nothing is downloaded: the model is built from its config on the GPU with random weights; the
 tokenizer is SmolLM2's (49,152 tokens, like StarCoder's) plus the StarCoder FIM tokens: from
-`--tokenizer DIR` or `.gpu/tokenizer` (saved here with `load_tokenizer("embedded").save_pretrained`,
-and carried), else the embedded package's; where none loads, a BPE trained here on the standard
-library (the model keeps StarCoder's 49,152 rows). The end tokens' output rows are zeroed, so that every request
+`--tokenizer DIR` (default `.gpu/tokenizer` when present: a copy saved with
+`load_tokenizer("embedded").save_pretrained`, for machines without the embedded package), else the
+embedded package's. The end tokens' output rows are zeroed, so that every request
 generates its 32 tokens (the rows report the mean). Rows, in this order:
 
     generate          plain `model.generate`, greedy, a 1,024-token PSM prompt cut from textwrap.py,
@@ -45,21 +45,7 @@ from typing import Any
 
 from latency import percentile, serve_in_thread
 
-SHAPES = {"starcoderbase-1b": "bigcode/starcoderbase-1b", "tiny": None}
-STARCODER_1B = {  # fimtune.model.KNOWN_CONFIGS' values, for when that module cannot be imported here
-    "n_embd": 2048,
-    "n_layer": 24,
-    "n_head": 16,
-    "n_inner": 8192,
-    "n_positions": 8192,
-    "vocab_size": 49152,
-    "multi_query": True,
-    "activation_function": "gelu_pytorch_tanh",
-    "bos_token_id": 0,
-    "eos_token_id": 0,
-}
-TINY = {**STARCODER_1B, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128, "n_positions": 2048}
-STARCODER_SPECIALS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+TINY = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128, "n_positions": 2048}  # on top of the 1B values
 SAVED_TOKENIZER = Path(__file__).resolve().parent.parent / ".gpu" / "tokenizer"  # SmolLM2's, saved (carried)
 PROMPT_TOKENS = 1024
 NEW_TOKENS = 32
@@ -185,45 +171,18 @@ def tokenizer(folder: str | None) -> tuple[Any, str]:
         ensure_fim_tokens(tok)
         return tok, source
     except Exception as e:
-        print(f"!! tokenizer unavailable ({type(e).__name__}: {e}); training a BPE here", flush=True)
-        return trained_tokenizer(), "BPE trained on the standard library (fallback)"
-
-
-def trained_tokenizer(vocab_size: int = 8000) -> Any:
-    import argparse as a
-    import dataclasses
-    import json.decoder
-    import shlex
-    import string
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [Path(m.__file__).read_text() for m in (textwrap, a, dataclasses, json.decoder, shlex, string)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=STARCODER_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=STARCODER_SPECIALS[0])
+        raise SystemExit(
+            f"no tokenizer ({type(e).__name__}: {e}): pass --tokenizer DIR, a folder holding SmolLM2's "
+            "(`load_tokenizer('embedded').save_pretrained(DIR)` where the embedded model is installed)"
+        ) from None
 
 
 def model_config(shape: str) -> dict[str, Any]:
-    if shape == "tiny":
-        return dict(TINY)
-    try:
-        from fimtune.model import KNOWN_CONFIGS
+    from fimtune.model import KNOWN_CONFIGS
 
-        values = dict(KNOWN_CONFIGS[SHAPES[shape]])
-    except ImportError:
-        values = dict(STARCODER_1B)
+    values = dict(KNOWN_CONFIGS["bigcode/starcoderbase-1b"])
     values.pop("model_type", None)
-    return values
+    return {**values, **TINY} if shape == "tiny" else values
 
 
 def build(args: argparse.Namespace) -> Setup:

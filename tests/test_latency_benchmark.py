@@ -1,0 +1,31 @@
+"""The GPU latency benchmark's code runs end to end on a tiny shape on the CPU (on a GPU it measures the 1B one)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
+    out = tmp_path / "latency.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/latency.py", "--device", "cpu", "--shape", "tiny", "--budget-s", "60",
+         "--batch-wait-variants", "", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert not report["errors"], report["errors"]
+    rows = {r["scenario"]: r for r in report["rows"]}
+    engine = next(r for name, r in rows.items() if name.startswith("engine (CUDA graphs)"))
+    plain = rows["generate (plain)"]
+    # The fast path (compiled here with the eager backend) generates what plain `generate` does.
+    assert engine["new_tokens_mean"] == plain["new_tokens_mean"] == 32
+    assert engine["same_tokens_as_generate"] == 32
+    served = [r for name, r in rows.items() if name.startswith("server 16 clients")]
+    assert served and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
