@@ -20,6 +20,7 @@ Generation stops at the end-of-text token, at any FIM token, at a user stop stri
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -275,11 +276,35 @@ def pick_tokens(
 # --------------------------------------------------------------------------------------
 
 
+class TextStop:
+    """A transformers ``StoppingCriteria``: row r is done once its new text (after the first
+    ``width`` tokens) holds one of ``stops`` or ``done(text)`` holds."""
+
+    def __init__(self, tokenizer: Any, width: int, stops: list[str], done: Callable[[str], bool] | None) -> None:
+        self.tokenizer, self.width, self.stops, self.done = tokenizer, width, stops, done
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=False)
+        flags = [any(s in t for s in self.stops) or (self.done is not None and self.done(t)) for t in texts]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def complete_batch(
-    model: Any, prompter: FimPrompter, holes: list[tuple[str, str]], params: GenerationParams
+    model: Any,
+    prompter: FimPrompter,
+    holes: list[tuple[str, str]],
+    params: GenerationParams,
+    done: Callable[[str], bool] | None = None,
 ) -> list[Completion]:
-    """Complete each (prefix, suffix) hole; the batch is left-padded and generated at once."""
+    """Complete each (prefix, suffix) hole; the batch is left-padded and generated at once.
+
+    A row stops generating once its new text holds a stop string (a newline, single-line) or
+    ``done(new_text)`` holds, so a batch ends with its last row rather than at ``max_new_tokens``;
+    the text is cut at the stop afterwards.
+    """
+    from transformers import StoppingCriteriaList
+
     prompts = [prompter.build(p, s, params.mode, params.max_input_tokens, trim_step=params.trim_step) for p, s in holes]
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
@@ -287,9 +312,12 @@ def complete_batch(
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     sample = params.temperature > 0
+    stops = [*params.stop, *(["\n"] if params.single_line else [])]
+    criteria = [TextStop(prompter.tokenizer, width, stops, done)] if stops or done is not None else []
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
+        stopping_criteria=StoppingCriteriaList(criteria),
         max_new_tokens=params.max_new_tokens,
         do_sample=sample,
         temperature=params.temperature if sample else None,

@@ -6,8 +6,8 @@ import torch
 from tests import tiny
 
 from fimtune.evaluate.humaneval import PlainPrompter, load_problems
-from fimtune.evaluate.variants import _TextStop, fit_params, generate
-from fimtune.generate import FimPrompter, GenerationParams
+from fimtune.evaluate.variants import fit_params, generate
+from fimtune.generate import FimPrompter, GenerationParams, TextStop
 from fimtune.tokens import document_separator_id
 
 HOLES = [("def add(a, b):\n    return ", "\n"), ("x = 1\n", ""), ("import os\n\ndef main():\n", "\n\nmain()\n")]
@@ -27,8 +27,8 @@ def test_rows_stop_at_stop_strings_or_a_predicate(tiny_tokenizer):
     head, rows = tiny_tokenizer.encode("AB"), [tiny_tokenizer.encode(t) for t in ("x = 1\ny", "x = 1 + 2")]
     width = max(len(r) for r in rows)
     ids = torch.tensor([head + r + [0] * (width - len(r)) for r in rows])  # 0: <|endoftext|>, as padding
-    assert _TextStop(tiny_tokenizer, len(head), ["\n"], None)(ids, None).tolist() == [True, False]
-    assert _TextStop(tiny_tokenizer, len(head), [], lambda t: "+" in t)(ids, None).tolist() == [False, True]
+    assert TextStop(tiny_tokenizer, len(head), ["\n"], None)(ids, None).tolist() == [True, False]
+    assert TextStop(tiny_tokenizer, len(head), [], lambda t: "+" in t)(ids, None).tolist() == [False, True]
 
 
 def test_params_fit_a_short_context(tiny_tokenizer):
@@ -46,3 +46,17 @@ def test_humaneval_prompts_are_plain_left_to_right(tiny_tokenizer):
     assert ids[0] == document_separator_id(tiny_tokenizer) and len(ids) == 64
     assert not {fim.prefix, fim.suffix, fim.middle} & set(ids)
     assert tiny_tokenizer.decode(ids[1:]) == prompt[-len(tiny_tokenizer.decode(ids[1:])) :]  # the end is kept
+
+
+def test_complete_batch_stops_each_row_at_its_stop(tiny_tokenizer):
+    from fimtune.generate import complete_batch
+
+    model, prompter = tiny.llama(len(tiny_tokenizer)), FimPrompter(tiny_tokenizer)
+    holes = HOLES * 3
+    full = complete_batch(model, prompter, holes, GenerationParams(max_new_tokens=40))
+    stop = full[0].text[4:6]  # a stop string that the first row reaches early
+    assert len(stop) == 2
+    cut = complete_batch(model, prompter, holes, GenerationParams(max_new_tokens=40, stop=[stop]))
+    assert [c.text for c in cut] == [c.text.split(stop)[0] for c in full]
+    assert all(c.completion_tokens <= f.completion_tokens for c, f in zip(cut, full, strict=True))
+    assert cut[0].finish_reason == "stop" and cut[0].completion_tokens < full[0].completion_tokens

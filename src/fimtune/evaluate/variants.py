@@ -4,10 +4,8 @@ A run loads as a ``peft.PeftModel``: *tuned* is the model as loaded (adapter mer
 speed), *base* is the same model inside ``disable_adapter()`` (LoRA off, added token rows at
 their base values). Both see exactly the same prompts.
 
-Generation goes through :func:`fimtune.generate.complete_batch`; here prompts are sorted
-by length before batching (less left padding), and a stopping criterion ends each row as
-soon as its new text holds a stop string (or a newline, for single-line completions), so
-a batch ends when its last row does rather than at ``max_new_tokens``.
+Generation goes through :func:`fimtune.generate.complete_batch` (which ends each row at its
+stop strings); here prompts are sorted by length before batching (less left padding).
 """
 
 from __future__ import annotations
@@ -16,8 +14,6 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
-
-import torch
 
 from fimtune.generate import Completion, FimPrompter, GenerationParams, complete_batch
 
@@ -77,40 +73,6 @@ def fit_params(model: Any, params: GenerationParams) -> GenerationParams:
     return replace(params, max_new_tokens=new, max_input_tokens=max(MIN_INPUT_TOKENS, limit - new))
 
 
-class _TextStop:
-    """A ``StoppingCriteria``: row r is done once its new text holds a stop string or ``done(text)`` holds."""
-
-    def __init__(self, tokenizer: Any, width: int, stops: list[str], done: Callable[[str], bool] | None) -> None:
-        self.tokenizer, self.width, self.stops, self.done = tokenizer, width, stops, done
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=False)
-        flags = [any(s in t for s in self.stops) or (self.done is not None and self.done(t)) for t in texts]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
-
-
-class StopOnText:
-    """``model`` for :func:`complete_batch`, with generation ending per row at stop strings.
-
-    ``complete_batch`` cuts its text at stop strings afterwards; this only saves the tokens
-    a row would generate past them (and past the point where ``done(new_text)`` holds).
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, stops: list[str], done: Callable[[str], bool] | None = None) -> None:
-        self.model, self.tokenizer, self.stops, self.done = model, tokenizer, stops, done
-
-    def parameters(self) -> Iterator[torch.nn.Parameter]:
-        return self.model.parameters()
-
-    def generate(self, **kwargs: Any) -> torch.Tensor:
-        from transformers import StoppingCriteriaList
-
-        if not self.stops and self.done is None:
-            return self.model.generate(**kwargs)
-        stop = _TextStop(self.tokenizer, kwargs["input_ids"].shape[1], self.stops, self.done)
-        return self.model.generate(**kwargs, stopping_criteria=StoppingCriteriaList([stop]))
-
-
 def generate(
     model: Any,
     prompter: FimPrompter,
@@ -126,13 +88,11 @@ def generate(
     ``done(new_text)`` may end a row early (the caller post-processes the text anyway).
     """
     params = fit_params(model, params)
-    stops = [*params.stop, *(["\n"] if params.single_line else [])]
-    runner = StopOnText(model, prompter.tokenizer, stops, done)
     order = sorted(range(len(holes)), key=lambda i: len(holes[i][0]) + len(holes[i][1]))
     out: list[Completion | None] = [None] * len(holes)
     for lo in range(0, len(order), batch_size):
         chunk = order[lo : lo + batch_size]
-        for i, c in zip(chunk, complete_batch(runner, prompter, [holes[i] for i in chunk], params), strict=True):
+        for i, c in zip(chunk, complete_batch(model, prompter, [holes[i] for i in chunk], params, done), strict=True):
             out[i] = c
         if progress is not None:
             progress(len(chunk))
