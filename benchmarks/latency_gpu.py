@@ -177,24 +177,18 @@ def tokenizer(folder: str | None) -> tuple[Any, str]:
         ) from None
 
 
-def model_config(shape: str) -> dict[str, Any]:
-    from fimtune.model import KNOWN_CONFIGS
-
-    values = dict(KNOWN_CONFIGS["bigcode/starcoderbase-1b"])
-    values.pop("model_type", None)
-    return {**values, **TINY} if shape == "tiny" else values
-
-
 def build(args: argparse.Namespace) -> Setup:
     import torch
-    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+    from transformers import GPTBigCodeForCausalLM
 
     from fimtune.generate import FimPrompter
+    from fimtune.model import model_config
 
     tok, source = tokenizer(args.tokenizer)
-    values = model_config(args.shape)
-    values["vocab_size"] = max(len(tok), values["vocab_size"])
-    config = GPTBigCodeConfig(**values)
+    config = model_config("bigcode/starcoderbase-1b")
+    for key, value in (TINY if args.shape == "tiny" else {}).items():
+        setattr(config, key, value)
+    config.vocab_size = max(len(tok), config.vocab_size)
     torch.manual_seed(0)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)

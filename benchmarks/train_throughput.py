@@ -50,20 +50,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 GFLOP_PER_TOKEN = {"starcoderbase-1b": 4.9, "tiny": None}
 TARGETS = ["c_attn", "c_proj", "c_fc"]
+TINY = {"vocab_size": 512, "n_positions": 256, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128}
 ALL = ["c", "b", "a", "c-ckpt", "qlora", "c-mb2", "c-docs", "c-eager", "c-mem", "c-nodrop"]
 
 
 def model_config(shape: str) -> Any:
-    from transformers import GPTBigCodeConfig
+    """StarCoderBase-1B's config (fimtune's shipped values), or a tiny one of the same family."""
+    from fimtune.model import model_config as known_config
 
-    from fimtune.model import KNOWN_CONFIGS
-
-    if shape == "tiny":
-        return GPTBigCodeConfig(
-            vocab_size=512, n_positions=256, n_embd=64, n_layer=2, n_head=4, n_inner=128, multi_query=True
-        )
-    values = {k: v for k, v in KNOWN_CONFIGS["bigcode/starcoderbase-1b"].items() if k != "model_type"}
-    return GPTBigCodeConfig(**values)
+    config = known_config("bigcode/starcoderbase-1b")
+    for key, value in (TINY if shape == "tiny" else {}).items():
+        setattr(config, key, value)
+    return config
 
 
 def random_model(shape: str, device: torch.device, dtype: torch.dtype, attn: str) -> Any:

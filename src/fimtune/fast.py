@@ -288,6 +288,17 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
+RECOMPILE_LIMIT = 64  # graphs dynamo keeps per compiled function before it runs it eagerly
+
+
+def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
+    """Let dynamo keep at least ``limit`` graphs of one function (past its limit it silently runs
+    the function eagerly); the setting's name changed across torch versions."""
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+
+
 def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
     """`torch.compile` each decoder block in place (regional compilation); return how many.
 
@@ -296,9 +307,7 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
     blocks = transformer_blocks(model)
     # One graph serves all blocks, but training and evaluation, checkpointing and a last short
     # batch each add a variant: leave room, so no block silently falls back to eager.
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    raise_recompile_limit()
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)

@@ -24,7 +24,6 @@ stop, stream and cancel through the same :class:`_RowState`.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ import torch
 
 from fimtune.generate import Completion, FimPrompter, GenerationParams, TextTracker, pick_tokens
 from fimtune.serve.kvcache import DEFAULT_CACHE_SLOTS, CacheSlot, Drafter, PromptCache, crop_cache, new_cache
-from fimtune.serve.static import copy_to_host
+from fimtune.serve.static import copy_to_host, forward_keywords
 
 if TYPE_CHECKING:
     from fimtune.serve.static import StaticDecoding
@@ -123,9 +122,7 @@ class Decoder:
         self.max_draft = max_draft
         self.stats = DecodeStats()
         self.step_hook: Callable[[], None] | None = None  # called before each forward (tests slow it down)
-        forward = inspect.signature(_base_forward(model)).parameters
-        self.cache_kw = "cache" if "cache" in forward else "past_key_values"
-        self.keep_logits = "logits_to_keep" in forward
+        self.cache_kw, self.keep_logits = forward_keywords(model)
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
@@ -280,12 +277,6 @@ class Decoder:
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_tokens += reused
         self.stats.fed_tokens += len(prompt) - reused
-
-
-def _base_forward(model: Any) -> Callable[..., Any]:
-    """The forward of the transformers model inside a PEFT wrapper (where the cache keyword is named)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.forward
 
 
 def _generator(params: GenerationParams, device: torch.device) -> torch.Generator | None:

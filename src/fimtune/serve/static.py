@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from fimtune.fast import raise_recompile_limit
 from fimtune.serve.kvcache import new_cache
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ BUCKET_GROWTH = 4  # batch-size buckets: 1, 4, 16, ..., then max_batch_size
 WARMUP_STEPS = 3  # CUDA graph trees: one warm-up run, one recording, then replays
 WARMUP_PROMPT_TOKENS = 16
 SLOT_ALIGN = 64  # cache slots are a multiple of this (fused attention kernels want aligned masks)
-RECOMPILE_LIMIT = 64  # graphs of one step function: a bucket x an adapter state (merged, disabled, ...)
 MASK_KINDS = ("sdpa", "eager")  # attention implementations whose 4D mask format is known here
 
 
@@ -91,9 +91,7 @@ class StaticDecoding:
         self.buckets = batch_buckets(max_batch_size)
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        forward = inspect.signature(self.model.forward).parameters
-        self.cache_kw = "cache" if "cache" in forward else "past_key_values"  # transformers 5.24 renamed it
-        self.keep_logits = "logits_to_keep" in forward
+        self.cache_kw, self.keep_logits = forward_keywords(self.model)
         self.open, self.shut, self.mask_dtype = _mask_values(self.model.config._attn_implementation, self.dtype)
         self._buckets: dict[int, _Bucket] = {}
         self._step = _compiled(self._forward_one, backend, mode)
@@ -214,6 +212,16 @@ def base_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def forward_keywords(model: Any) -> tuple[str, bool]:
+    """(the cache keyword of ``model``'s forward, whether it takes ``logits_to_keep``).
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache``; the PEFT wrapper's forward
+    takes ``**kwargs``, so the inner model's signature is read.
+    """
+    forward = inspect.signature(base_model(model).forward).parameters
+    return ("cache" if "cache" in forward else "past_key_values"), "logits_to_keep" in forward
+
+
 def _mask_values(attn: str | None, dtype: torch.dtype) -> tuple[Any, Any, torch.dtype]:
     """(open, shut, mask dtype) in the 4D mask format of attention ``attn``: booleans for SDPA, biases for eager."""
     if attn == "sdpa":
@@ -226,9 +234,7 @@ def _mask_values(attn: str | None, dtype: torch.dtype) -> tuple[Any, Any, torch.
 def _compiled(fn: Callable[..., torch.Tensor], backend: str | None, mode: str | None) -> Callable[..., torch.Tensor]:
     if backend is None:
         return fn
-    config = torch._dynamo.config
-    if getattr(config, "recompile_limit", RECOMPILE_LIMIT) < RECOMPILE_LIMIT:  # past it, dynamo runs fn eagerly
-        config.recompile_limit = RECOMPILE_LIMIT
+    raise_recompile_limit()  # graphs of one step function: a bucket x an adapter state (merged, disabled, ...)
     options: dict[str, Any] = {"backend": backend, "dynamic": False}  # one graph per bucket shape
     if backend == "inductor" and mode:
         options["mode"] = mode
