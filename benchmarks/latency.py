@@ -318,6 +318,14 @@ def main() -> int:
     gpu.add_argument("--budget-s", type=float, default=220.0, help="rows are skipped once this is spent")
     gpu.add_argument("--no-cuda-graphs", action="store_true", help="the engine decodes eagerly")
     gpu.add_argument(
+        "--graphs",
+        type=lambda text: [x for x in text.split(",") if x],
+        default=["trees", "captured"],
+        metavar="KIND,KIND",
+        help="the engine's CUDA graphs, each measured in turn: trees (compiler's), captured (default: both)",
+    )
+    gpu.add_argument("--no-generate-static", action="store_true", help="skip generate(cache_implementation=static)")
+    gpu.add_argument(
         "--batch-wait-variants",
         type=lambda text: [float(x) for x in text.split(",") if x],
         default=[10.0, 25.0],

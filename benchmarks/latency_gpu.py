@@ -15,9 +15,13 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
     engine warm-up    compiling the engine's decode step, one graph per batch bucket (1, 4, 16)
     engine            `Decoder.run` on the same prompt: static cache + CUDA graphs  (target p50 <= 50 ms)
     engine bN         per bucket: prefill of N prompts, and one decoding step      (diagnostics)
+    attention bN      (CUDA) one step's attention over all layers' caches, replayed as a CUDA graph:
+                      fimtune's grouped SDPA against transformers' SDPA, which repeats StarCoder's
+                      single key/value head 16 times                              (diagnostics)
     server ...        uvicorn on 127.0.0.1, 16 clients x 10 OpenAI `/v1/completions` FIM requests
-                      (1,024 + 32 tokens each; target p95 <= 200 ms) with the server's defaults; then
-                      variants: longer batching waits, a shorter thread switch interval (GIL)
+                      (1,024 + 32 tokens each; target p95 <= 200 ms) with the server's defaults
+                      (continuous batching); then variants: each batch run to its end (the earlier
+                      engine), longer batching waits
     generate static   `generate(cache_implementation="static")`: transformers compiles its own step
                       (the first calls; their time is its warm-up)
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -58,8 +63,7 @@ MAX_BATCH = 16
 BUCKET_STEPS = 16  # decoding steps timed per bucket
 BUDGET_S = 220.0
 TARGETS = {"engine": ("p50_ms", 50.0), "server": ("p95_ms", 200.0)}
-SWITCH_INTERVAL_DEFAULT_S = 0.005  # Python's: how long a thread may keep the GIL while another waits
-SWITCH_INTERVAL_VARIANT_S = 0.001  # the engine's worker gets the GIL back sooner from the event loop
+ATTENTION_REPLAYS = 50
 PREFIX_CHARS, SUFFIX_CHARS = 8000, 3000  # more text than 1,024 tokens: the server fits it
 
 
@@ -276,7 +280,7 @@ def generate_row(s: Setup, name: str, **extra: Any) -> tuple[dict[str, Any], lis
     return row, outputs[0]
 
 
-def make_engine(s: Setup, args: argparse.Namespace) -> Any:
+def make_engine(s: Setup, args: argparse.Namespace, graphs: str = "trees") -> Any:
     from fimtune.generate import FimPrompter
     from fimtune.serve.decoding import Decoder
     from fimtune.serve.engine import Engine, Limits
@@ -293,7 +297,7 @@ def make_engine(s: Setup, args: argparse.Namespace) -> Any:
     )
     static, length = None, limits.max_input_tokens + limits.max_new_tokens
     if limits.cuda_graphs and args.device == "cuda":
-        static = static_decoding(s.model, length, limits.max_batch_size)
+        static = static_decoding(s.model, length, limits.max_batch_size, graphs=graphs)
         if static is None:
             raise RuntimeError("static_decoding() gave no fast path for this model")
     elif limits.cuda_graphs:  # the CPU smoke run: the same code, through dynamo without inductor
@@ -320,7 +324,7 @@ def warmup_row(engine: Any) -> dict[str, Any]:
     breaks = sum(counters["graph_break"].values())
     by_bucket = {str(k): round(v, 1) for k, v in static.warmup_by_bucket.items()}
     return {
-        "scenario": "engine warm-up (compile)",
+        "scenario": f"engine warm-up, {_graphs(engine)}",
         "seconds": time.perf_counter() - began,
         "warmup_s": seconds,
         "by_bucket_s": by_bucket,
@@ -350,7 +354,7 @@ def engine_row(s: Setup, engine: Any, expected: list[int] | None) -> dict[str, A
     used = (decoder.static.batches - static_before) if decoder.static is not None else 0
     met = percentile([1000 * x for x in seconds], 0.5) <= TARGETS["engine"][1]
     return {
-        "scenario": "engine (CUDA graphs)" if decoder.static is not None else "engine (eager)",
+        "scenario": f"engine (CUDA graphs, {_graphs(engine)})" if decoder.static is not None else "engine (eager)",
         **stats_ms(seconds),
         "new_tokens_mean": statistics.mean(len(o) for o in outputs),
         "fast_path_batches": used,
@@ -365,7 +369,7 @@ def bucket_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
     """Per bucket: the eager prefill of N prompts, and a compiled decoding step (diagnostics)."""
     static, rows = engine.decoder.static, []
     for size in static.buckets:
-        times: dict[str, list[float]] = {"prefill": [], "step": []}
+        times: dict[str, list[float]] = {"prefill": [], "step": [], "host": []}
         for _ in range(3):
             sync()
             start = time.perf_counter()
@@ -373,21 +377,89 @@ def bucket_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
             tokens = logits.argmax(-1)
             sync()
             times["prefill"].append(time.perf_counter() - start)
-            start = time.perf_counter()
+            start, host = time.perf_counter(), 0.0
             for _ in range(BUCKET_STEPS):
-                tokens = session.step(tokens).argmax(-1)
+                call = time.perf_counter()
+                logits = session.step(tokens)
+                host += time.perf_counter() - call
+                tokens = logits.argmax(-1)
             sync()
             times["step"].append((time.perf_counter() - start) / BUCKET_STEPS)
-        prefill, step = 1000 * min(times["prefill"]), 1000 * min(times["step"])
+            times["host"].append(host / BUCKET_STEPS)
+        prefill, step, host = (1000 * min(times[k]) for k in ("prefill", "step", "host"))
         rows.append(
             {
-                "scenario": f"engine b{size}: prefill/step",
+                "scenario": f"engine b{size}: prefill/step, {_graphs(engine)}",
                 "prefill_ms": prefill,
                 "step_ms": step,
-                "note": f"prefill {size} x {PROMPT_TOKENS}: {prefill:.1f} ms; one step: {step:.2f} ms",
+                "host_ms": host,
+                "note": f"prefill {size} x {PROMPT_TOKENS}: {prefill:.1f} ms; one step: {step:.2f} ms "
+                f"(host {host:.2f} ms in the call)",
             }
         )
     return rows
+
+
+def attention_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
+    """One decoding step's attention, every layer with its own cache, captured in a CUDA graph:
+    fimtune's grouped SDPA against transformers' SDPA (key/value heads repeated). Diagnostics."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from fimtune.serve.static import grouped_sdpa, kv_groups
+
+    config, length = s.model.config, engine.decoder.static.max_length
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    dim, groups = config.hidden_size // heads, kv_groups(config)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = groups, True
+    rows = []
+    for batch in (1, MAX_BATCH):
+        opts = {"device": "cuda", "dtype": torch.bfloat16}
+        query = torch.randn(batch, heads, 1, dim, **opts)
+        caches = [[torch.randn(batch, heads // groups, length, dim, **opts) for _ in range(2)] for _ in range(layers)]
+        mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device="cuda")
+        mask[..., : PROMPT_TOKENS + NEW_TOKENS // 2] = True
+        times = {}
+        for name, fn in (("grouped", grouped_sdpa), ("repeated", sdpa_attention_forward)):
+            step = functools.partial(_attention_step, fn, module, query, caches, mask, dim**-0.5)
+            times[name] = _graph_ms(step, ATTENTION_REPLAYS)
+        rows.append(
+            {
+                "scenario": f"attention b{batch}: {layers} layers",
+                "grouped_ms": times["grouped"],
+                "repeated_ms": times["repeated"],
+                "note": f"grouped SDPA {times['grouped']:.3f} ms, heads repeated {times['repeated']:.3f} ms a step",
+            }
+        )
+    return rows
+
+
+def _attention_step(fn: Any, module: Any, query: Any, caches: list, mask: Any, scale: float) -> None:
+    for key, value in caches:
+        fn(module, query, key, value, mask, scaling=scale)
+
+
+def _graph_ms(step: Any, replays: int) -> float:
+    """Milliseconds a replay of ``step`` captured as a CUDA graph takes (after a warm-up run)."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / replays
 
 
 def request_body(s: Setup, client: int, request: int) -> dict[str, Any]:
@@ -437,37 +509,35 @@ def server_rows(s: Setup, engine: Any, args: argparse.Namespace, deadline: float
             raise RuntimeError("the engine's worker did not finish its warm-up in time")
         ready_s = time.perf_counter() - began
         load(s, url, CLIENTS, 1)  # one untimed request per client: connections, first batches
-        default_wait, default_switch = engine.limits.batch_wait_ms, sys.getswitchinterval()
-        # (batching wait ms, Python's thread switch interval s): the server's defaults, then variants
-        variants = [(default_wait, default_switch)] + [(ms, default_switch) for ms in args.batch_wait_variants]
-        variants.append((default_wait, SWITCH_INTERVAL_VARIANT_S))
-        for wait_ms, switch_s in variants:
+        default_wait, default_joins = engine.limits.batch_wait_ms, engine.limits.continuous_batching
+        # (batching wait ms, continuous batching): the server's defaults, then variants
+        variants = [(default_wait, default_joins), (default_wait, False)]
+        variants += [(ms, default_joins) for ms in args.batch_wait_variants]
+        for wait_ms, joins in variants:
             if time.monotonic() > deadline - 10:
                 print(f"-- server, batch wait {wait_ms:g} ms: skipped (budget)", flush=True)
                 continue
-            engine.limits.batch_wait_ms = wait_ms
-            sys.setswitchinterval(switch_s)
+            engine.limits.batch_wait_ms, engine.limits.continuous_batching = wait_ms, joins
             try:
-                rows.append(server_run(s, engine, url, wait_ms, switch_s, ready_s))
+                rows.append(server_run(s, engine, url, wait_ms, joins, ready_s))
             finally:
-                engine.limits.batch_wait_ms = default_wait
-                sys.setswitchinterval(default_switch)
+                engine.limits.batch_wait_ms, engine.limits.continuous_batching = default_wait, default_joins
     finally:
         server.should_exit = True
     return rows
 
 
-def server_run(s: Setup, engine: Any, url: str, wait_ms: float, switch_s: float, ready_s: float) -> dict[str, Any]:
+def server_run(s: Setup, engine: Any, url: str, wait_ms: float, joins: bool, ready_s: float) -> dict[str, Any]:
     stats = engine.decoder.stats
-    batches, forwards = stats.batches, stats.forwards
+    batches, forwards, joined = stats.batches, stats.forwards, stats.joined
     began = time.perf_counter()
     seconds, usages, errors = load(s, url, CLIENTS, REQUESTS_PER_CLIENT)
     wall = time.perf_counter() - began
-    switch = "" if abs(switch_s - SWITCH_INTERVAL_DEFAULT_S) < 1e-6 else f", switch {1000 * switch_s:g}ms"
     row: dict[str, Any] = {
-        "scenario": f"server 16 clients, wait {wait_ms:g}ms{switch}",
+        "scenario": f"server 16, {_graphs(engine)}, wait {wait_ms:g}ms{'' if joins else ', no joins'}",
         "batch_wait_ms": wait_ms,
-        "switch_interval_ms": 1000 * switch_s,
+        "continuous_batching": joins,
+        "joined": stats.joined - joined,
         "requests": CLIENTS * REQUESTS_PER_CLIENT,
         "errors": len(errors),
         "error_samples": errors[:3],
@@ -482,16 +552,21 @@ def server_run(s: Setup, engine: Any, url: str, wait_ms: float, switch_s: float,
         row["new_tokens_mean"] = statistics.mean(u["completion_tokens"] for u in usages)
         row["prompt_tokens_mean"] = statistics.mean(u["prompt_tokens"] for u in usages)
         row["tokens_per_s"] = sum(u["completion_tokens"] for u in usages) / wall
-        row["mean_batch"] = len(seconds) / max(1, row["batches"])
+        row["mean_batch"] = (len(seconds) - row["joined"]) / max(1, row["batches"])
         met = row["p95_ms"] <= TARGETS["server"][1] and not errors
         row["target_met"] = met
         row["note"] = (
-            f"target p95 <= 200 ms: {'met' if met else 'MISSED'}; errors {len(errors)}; "
-            f"mean batch {row['mean_batch']:.1f}; prompt {row['prompt_tokens_mean']:.0f} tokens"
+            f"target p95 <= 200 ms: {'met' if met else 'MISSED'}; errors {len(errors)}; batches {row['batches']}, "
+            f"{row['joined']} joined in flight; prompt {row['prompt_tokens_mean']:.0f} tokens"
         )
     else:
         row["note"] = f"no request succeeded: {errors[:1]}"
     return row
+
+
+def _graphs(engine: Any) -> str:
+    static = engine.decoder.static
+    return "eager" if static is None else ("captured" if static.captured else "trees")
 
 
 def _set_logs(**kinds: bool) -> bool:
@@ -544,20 +619,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if result is not None:
         report.add(result[0])
         expected = result[1]
-    engine = attempt(report, "engine setup", lambda: make_engine(s, args), deadline)
-    if engine is not None:
+    for i, graphs in enumerate(args.graphs):
+        engine = attempt(report, f"engine setup, {graphs}", lambda g=graphs: make_engine(s, args, g), deadline)
+        if engine is None:
+            continue
         if engine.decoder.static is not None:
-            row = attempt(report, "engine warm-up", lambda: warmup_row(engine), deadline)
+            row = attempt(report, f"engine warm-up, {graphs}", lambda e=engine: warmup_row(e), deadline)
             if row is not None:
                 report.add(row)
-        row = attempt(report, "engine", lambda: engine_row(s, engine, expected), deadline, 5)
+        row = attempt(report, f"engine, {graphs}", lambda e=engine: engine_row(s, e, expected), deadline, 5)
         if row is not None:
             report.add(row)
         if engine.decoder.static is not None:
-            for row in attempt(report, "engine buckets", lambda: bucket_rows(s, engine), deadline, 10) or []:
+            for row in attempt(report, f"buckets, {graphs}", lambda e=engine: bucket_rows(s, e), deadline, 10) or []:
                 report.add(row)
-        for row in attempt(report, "server", lambda: server_rows(s, engine, args, deadline), deadline, 15) or []:
+            if args.device == "cuda" and i == 0:
+                for row in attempt(report, "attention", lambda e=engine: attention_rows(s, e), deadline, 10) or []:
+                    report.add(row)
+        rows = attempt(report, f"server, {graphs}", lambda e=engine: server_rows(s, e, args, deadline), deadline, 15)
+        for row in rows or []:
             report.add(row)
+    if args.no_generate_static:
+        return _finish(report)
     result = attempt(
         report,
         "generate static",
@@ -567,6 +650,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if result is not None:
         report.add(result[0])
+    return _finish(report)
+
+
+def _finish(report: Report) -> dict[str, Any]:
     summary(report)
     return report.data
 

@@ -312,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="GPU: decode eagerly (default: static KV cache + compiled steps replayed as CUDA graphs)",
     )
+    srv.add_argument(
+        "--no-continuous-batching",
+        action="store_true",
+        help="GPU: a batch runs to its end before the next starts (default: waiting requests join the batch in flight)",
+    )
     lim = srv.add_argument_group("limits (shown in GET /info)")
     lim.add_argument("--max-input-tokens", type=int, help="prompt tokens; FIM prompts are fitted (default 2048)")
     lim.add_argument("--max-new-tokens", type=int, help="new tokens a request may ask for (default 256)")

@@ -13,13 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from serve_helpers import make_app, running
+from serve_helpers import make_app, never_ending, running
 from tests import tiny
 from tests.conftest import code_samples
 
 from fimtune.generate import Completion, FimPrompter, GenerationParams, complete_batch
 from fimtune.serve.decoding import Decoder, Row
-from fimtune.serve.static import StaticDecoding, batch_buckets, static_decoding
+from fimtune.serve.static import GROUPED, StaticDecoding, batch_buckets, grouped_sdpa, kv_groups, static_decoding
 
 SOURCE = code_samples()[0]
 BUDGET = 200  # prompt tokens (the tiny GPTBigCode has 256 positions)
@@ -189,20 +189,113 @@ def test_server_with_the_fast_path_answers_as_the_eager_one(tiny_run, other_adap
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
-def test_no_cuda_graphs_flag():
+def test_no_cuda_graphs_and_no_continuous_batching_flags():
     from fimtune.cli import build_parser
     from fimtune.serve.app import limits_from_args
 
-    ns = build_parser().parse_args(["serve", "embedded", "--no-cuda-graphs"])
-    assert limits_from_args(ns).cuda_graphs is False
-    assert limits_from_args(build_parser().parse_args(["serve", "embedded"])).cuda_graphs is True
+    ns = build_parser().parse_args(["serve", "embedded", "--no-cuda-graphs", "--no-continuous-batching"])
+    assert limits_from_args(ns).cuda_graphs is False and limits_from_args(ns).continuous_batching is False
+    defaults = limits_from_args(build_parser().parse_args(["serve", "embedded"]))
+    assert defaults.cuda_graphs is True and defaults.continuous_batching is True
+
+
+class _Heads(torch.nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups, self.is_causal = groups, True
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_attention_is_sdpa_with_repeated_heads(kv_heads):
+    """One-token steps fold the query heads of a key/value head into its rows; the rest is SDPA's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    gen = torch.Generator().manual_seed(0)
+    heads, length = 8, 48
+    key, value = (torch.randn(3, kv_heads, length, 16, generator=gen) for _ in range(2))
+    mask = torch.ones(3, 1, 1, length, dtype=torch.bool)
+    mask[0, ..., :5] = False  # left padding
+    mask[1, ..., 10:30] = False  # a joined row's gap between its prompt and its new tokens
+    module = _Heads(heads // kv_heads)
+    for q_len, m in ((1, mask), (4, mask.expand(3, 1, 4, length)), (1, None)):
+        query = torch.randn(3, heads, q_len, 16, generator=gen)
+        ours, _ = grouped_sdpa(module, query, key, value, m, scaling=0.25)
+        theirs, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.25)
+        assert ours.shape == theirs.shape == (3, q_len, heads, 16)
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_grouped_attention_is_switched_on_for_grouped_sdpa_models_only(tiny_tokenizer):
+    mqa, gqa = tiny_model("gpt_bigcode", tiny_tokenizer), tiny_model("llama", tiny_tokenizer)
+    assert (kv_groups(mqa.config), kv_groups(gqa.config)) == (4, 2)
+    StaticDecoding(mqa, MAX_LENGTH, 4, backend=None)
+    StaticDecoding(gqa, MAX_LENGTH, 4, backend=None, grouped=False)
+    assert mqa.config._attn_implementation == GROUPED and gqa.config._attn_implementation == "sdpa"
+    eager = tiny_model("llama", tiny_tokenizer, "eager")
+    StaticDecoding(eager, MAX_LENGTH, 4, backend=None)
+    assert eager.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("backend", [None, "eager"])
+def test_rows_join_the_batch_in_flight_and_get_their_own_tokens(tiny_tokenizer, backend):
+    """A 200-token row decodes; a 60-token row joins (the bucket grows from 1 to 4), then a 150-token one."""
+    counters = fresh_dynamo()
+    model, pr = never_ending(tiny_model("gpt_bigcode", tiny_tokenizer), tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
+    assert all(c[1] == NEW for c in expected)  # no row ends early: the joins happen while the first decodes
+    done: dict[int, Completion] = {}
+    short, middle, long = (
+        Row(r.prompt, r.params, on_done=lambda c, i=i: done.__setitem__(i, c))
+        for i, r in enumerate(rows_for(pr, params))
+    )
+    rooms: list[int] = []
+
+    def join(room, fits):
+        rooms.append(room)
+        assert not fits(len(long.prompt) + 100, 1) and not fits(10, 10_000)  # longer than filled / no room after
+        return {2: [short], 5: [middle]}.get(len(rooms) - 1, [])
+
+    static = StaticDecoding(model, 256, 4, backend=backend)
+    decoder = Decoder(model, pr, static=static)
+    first = decoder.run([long], join=join)
+    assert summary(first) == expected[2:] and summary([done[i] for i in range(3)]) == expected
+    assert decoder.stats.joined == 2 and static.batches == 3 and sorted(static._buckets) == [1, 4]
+    assert rooms[:7] == [3, 3, 3, 2, 2, 2, 1]  # free rows of the largest bucket
+    assert decoder.stats.generated_tokens == sum(c.completion_tokens for c in done.values())
+    if backend is not None:  # bucket 1, then bucket 4 after the growth: no other graph
+        assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_requests_join_the_batch_in_flight_through_the_server(tiny_run, continuous):
+    app = make_app(tiny_run, max_batch_size=4, continuous_batching=continuous)
+    engine = app.state.service.engine
+    engine.decoder.static = StaticDecoding(engine.model, 264, 4, backend=None)
+    prompts = [f"<fim_prefix>def f{i}(x):\n<fim_suffix>\n<fim_middle>" for i in range(3)]
+    calls = [{"inputs": p, "parameters": {"max_new_tokens": n}} for p, n in zip(prompts, (40, 12, 10), strict=True)]
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert engine.ready.wait(60)
+        alone = [c.post("/generate", json=body).json() for body in calls]
+        assert engine.decoder.stats.joined == 0
+        engine.decoder.step_hook = lambda: time.sleep(0.01)
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(c.post, "/generate", json=calls[0])
+            time.sleep(0.15)  # the first request decodes
+            later = list(pool.map(lambda body: c.post("/generate", json=body), calls[1:]))
+            together = [first.result().json(), *(r.json() for r in later)]
+        metrics = c.get("/metrics").text
+    assert together == alone
+    assert engine.decoder.stats.joined == (2 if continuous else 0)
+    assert f"fimtune_joined_total {2 if continuous else 0}" in metrics
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_on_a_gpu_give_generate_tokens(tiny_tokenizer):
+@pytest.mark.parametrize("graphs", ["trees", "captured"])
+def test_cuda_graphs_on_a_gpu_give_generate_tokens(tiny_tokenizer, graphs):
     counters = fresh_dynamo()
     model, pr = tiny_model("gpt_bigcode", tiny_tokenizer).cuda(), FimPrompter(tiny_tokenizer)
-    static = static_decoding(model, MAX_LENGTH, 4)
+    static = static_decoding(model, MAX_LENGTH, 4, graphs=graphs)
     assert static is not None
     started = time.perf_counter()
     static.warmup()
@@ -213,3 +306,4 @@ def test_cuda_graphs_on_a_gpu_give_generate_tokens(tiny_tokenizer):
     assert summary([decoder.run([row])[0] for row in rows_for(pr, params)]) == expected
     assert summary(decoder.run(rows_for(pr, params))) == expected
     assert not counters["inductor"]["cudagraph_skips"]
+    assert static.captured == (graphs == "captured") and len(static._graphs) == (2 if static.captured else 0)

@@ -175,6 +175,7 @@ def engine_gauges(engine: Engine) -> dict[str, tuple[str, str, Any]]:
         "fimtune_draft_tokens_accepted_total": ("counter", "Guessed tokens the model agreed with.", st.accepted_tokens),
         "fimtune_forwards_total": ("counter", "Model forwards.", st.forwards),
         "fimtune_batches_total": ("counter", "Batches generated.", st.batches),
+        "fimtune_joined_total": ("counter", "Requests that joined a batch in flight.", st.joined),
         "fimtune_rejected_total": ("counter", "Requests refused with 503 (queue full).", c.rejected),
         "fimtune_cancelled_total": ("counter", "Requests cancelled (client gone).", c.cancelled),
         "fimtune_timeouts_total": ("counter", "Requests past their timeout.", c.timeouts),
@@ -203,6 +204,8 @@ def limits_from_args(ns: Any) -> Limits:
         lim.timeout_s = timeout
     if getattr(ns, "no_cuda_graphs", False):
         lim.cuda_graphs = False
+    if getattr(ns, "no_continuous_batching", False):
+        lim.continuous_batching = False
     if lim.max_input_tokens <= 8:
         raise FimtuneError("--max-input-tokens must be more than 8 (the FIM tokens and some code)")
     return lim

@@ -37,7 +37,7 @@ from fimtune.serve.kvcache import DEFAULT_CACHE_SLOTS, CacheSlot, Drafter, Promp
 from fimtune.serve.static import copy_to_host, forward_keywords
 
 if TYPE_CHECKING:
-    from fimtune.serve.static import StaticDecoding
+    from fimtune.serve.static import StaticDecoding, StaticSession
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,12 @@ class Row:
     params: GenerationParams
     on_token: TokenCallback | None = None
     should_stop: Callable[[], bool] = lambda: False  # cancelled, or past its deadline
+    on_done: Callable[[Completion], None] | None = None  # told the completion as soon as the row ends
+
+
+# Rows that may join a batch in flight: join(room, fits) -> at most `room` rows, each passing
+# fits(prompt tokens, max new tokens). Called between two decoding steps.
+Joiner = Callable[[int, Callable[[int, int], bool]], list[Row]]
 
 
 @dataclass
@@ -69,6 +75,7 @@ class DecodeStats:
     forwards: int = 0
     batches: int = 0
     largest_batch: int = 0
+    joined: int = 0  # rows that joined a batch in flight (continuous batching)
 
 
 class _RowState:
@@ -126,8 +133,13 @@ class Decoder:
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
-    def run(self, rows: list[Row], adapter: str | None = None) -> list[Completion]:
-        """Complete every row (greedy/sampling parameters are those of the first row)."""
+    def run(self, rows: list[Row], adapter: str | None = None, join: Joiner | None = None) -> list[Completion]:
+        """Complete every row (greedy/sampling parameters are those of the first row).
+
+        Each row's ``on_done`` hears its completion as soon as it ends. With ``join``, on the
+        static path, more rows (the same parameters) join the batch while it decodes; only
+        ``on_done`` tells their completions.
+        """
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
         static = self.static
@@ -136,16 +148,18 @@ class Decoder:
         ):
             states = [_RowState(r, self.prompter) for r in rows]
             try:
-                return self._run_static(static, rows, states)
+                return self._run_static(static, states, join)
             except Exception:
                 # Decode eagerly from now on; this batch too, unless some of its tokens went out already.
                 log.exception("the CUDA-graph decoding failed; decoding eagerly from now on")
                 self.static = None
                 if any(s.n_new for s in states):
                     raise
-        if len(rows) == 1:
-            return [self._run_one(rows[0], adapter)]
-        return self._run_batch(rows)
+        done = [self._run_one(rows[0], adapter)] if len(rows) == 1 else self._run_batch(rows)
+        for row, completion in zip(rows, done, strict=True):
+            if row.on_done is not None:
+                row.on_done(completion)
+        return done
 
     def warmup(self) -> float:
         """Compile the fast path's steps before the first request (seconds; 0 without it).
@@ -245,28 +259,71 @@ class Decoder:
         self.stats.generated_tokens += sum(s.n_new for s in states)
         return [s.completion() for s in states]
 
-    def _run_static(self, static: StaticDecoding, rows: list[Row], states: list[_RowState]) -> list[Completion]:
-        """The rows in a static-cache bucket: eager prefill, then one compiled step per token."""
+    def _run_static(
+        self, static: StaticDecoding, states: list[_RowState], join: Joiner | None = None
+    ) -> list[Completion]:
+        """The rows in a static-cache bucket: eager prefill, then one compiled step per token.
+
+        ``states[i]`` is the row in slot i; slots past them, and those of finished rows, decode
+        along unused until a joining row takes them.
+        """
         self._hook()
-        session, logits = static.start([r.prompt for r in rows])
-        for r in rows:
-            self._count_prompt(r.prompt, 0)
-        live = list(range(len(rows)))  # rows still generating (finished ones ride along, ignored)
-        generator = _generator(rows[0].params, self.device)
+        params = states[0].row.params
+        session, logits = static.start([s.row.prompt for s in states])
+        for state in states:
+            self._count_prompt(state.row.prompt, 0)
+        slots: list[_RowState | None] = [*states, *[None] * (session.size - len(states))]
+        first = list(states)
+        generator = _generator(params, self.device)
         while True:
-            tokens = pick_tokens(logits, rows[0].params, generator)
+            tokens = pick_tokens(logits, params, generator)
             picks = copy_to_host(tokens)
             self._hook()
             # The next step goes to the GPU before the host has these tokens: it runs while the
             # rows below take them (stop strings, streaming). After the last token it is wasted.
             following = session.step(tokens)
             tokens_now = picks()
-            live = [i for i in live if not states[i].accept(tokens_now[i])]
-            if not live:
-                break
+            for i, state in enumerate(slots):
+                if state is not None and state.accept(tokens_now[i]):
+                    slots[i] = None
+                    self._finish(state)
+            if all(state is None for state in slots):
+                break  # a new batch starts afresh, in the bucket its size needs
+            if join is not None:
+                following = self._admit(session, slots, following, join)
             logits = following
-        self.stats.generated_tokens += sum(s.n_new for s in states)
-        return [s.completion() for s in states]
+        return [s.completion() for s in first]
+
+    def _admit(
+        self, session: StaticSession, slots: list[_RowState | None], logits: torch.Tensor, join: Joiner
+    ) -> torch.Tensor:
+        """Let waiting rows join ``session`` in free slots (growing its bucket when needed); the logits
+        of the next pick, with each joined row's own."""
+        buckets = session.owner.buckets
+        busy = sum(state is not None for state in slots)
+        joining = join(buckets[-1] - busy, session.can_admit)
+        if not joining:
+            return logits
+        if busy + len(joining) > session.size:
+            size = next(size for size in buckets if size >= busy + len(joining))
+            rows = torch.tensor([*range(session.size), *[0] * (size - session.size)], device=self.device)
+            session.grow(size)
+            slots.extend([None] * (size - len(slots)))
+            logits = logits[rows]
+        free = [i for i, state in enumerate(slots) if state is None][: len(joining)]
+        self._hook()
+        first = session.admit([row.prompt for row in joining], free)
+        for i, row in zip(free, joining, strict=True):
+            slots[i] = _RowState(row, self.prompter)
+            self._count_prompt(row.prompt, 0)
+        self.stats.joined += len(joining)
+        logits[torch.tensor(free, device=self.device)] = first
+        return logits
+
+    def _finish(self, state: _RowState) -> None:
+        self.stats.generated_tokens += state.n_new
+        if state.row.on_done is not None:
+            state.row.on_done(state.completion())
 
     def _hook(self) -> None:
         if self.step_hook is not None:

@@ -8,8 +8,11 @@
       (full: QueueFull -> 503)                take the queued jobs with the first one's key
                                               (adapter, sampling), at most `max_batch_size`;
                                               merge that adapter's LoRA into the weights (on a switch);
-                                              Decoder.run(rows)
-    await job.result() / job.events  <----    token / done / error events (call_soon_threadsafe)
+                                              Decoder.run(rows, join): on the CUDA-graph path,
+                                              queued jobs with the batch's key join it between
+                                              steps (continuous batching)
+    await job.result() / job.events  <----    token / done / error events (call_soon_threadsafe),
+                                              each row's `done` as soon as it ends
 
 Generation never runs on the event loop. A job whose client went away is cancelled: the
 worker checks it before every forward and drops the row. Adapters are fixed at start-up:
@@ -24,7 +27,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ from fimtune.generate import (
     check_weights,
     require_safetensors,
 )
-from fimtune.serve.decoding import Decoder, Row
+from fimtune.serve.decoding import Decoder, Joiner, Row
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ class Limits:
     cache_slots: int = 4
     trim_step: int = 64  # FIM contexts are cut in steps of this many tokens, so the cache stays reusable
     cuda_graphs: bool = True  # on a CUDA device: static KV cache + decoding steps replayed as CUDA graphs
+    continuous_batching: bool = True  # with CUDA graphs: queued requests join the batch in flight
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +107,7 @@ class Job:
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.stop_reason: str | None = None  # "cancelled" | "timeout", once the worker gave up on it
+        self.ended = False  # the worker posted its `done` or `error` event
         self._cancelled = threading.Event()
         sampling = ("greedy",) if params.greedy else (params.temperature, params.top_p, params.top_k, params.seed)
         self.key = (adapter, *sampling)
@@ -118,8 +123,8 @@ class Job:
             self.stop_reason = "timeout"
         return self.stop_reason is not None
 
-    def row(self) -> Row:
-        return Row(self.prompt, self.params, self._on_token if self.stream else None, self.should_stop)
+    def row(self, on_done: Callable[[Completion], None] | None = None) -> Row:
+        return Row(self.prompt, self.params, self._on_token if self.stream else None, self.should_stop, on_done)
 
     def _post(self, event: Event) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
@@ -129,9 +134,11 @@ class Job:
         self._post(Event("token", token=token, text=text, end=end))
 
     def finish(self, completion: Completion) -> None:
+        self.ended = True
         self._post(Event("done", completion=completion))
 
     def fail(self, error: Exception) -> None:
+        self.ended = True
         self._post(Event("error", error=error))
 
     async def events_until_done(self) -> AsyncIterator[Event]:
@@ -277,23 +284,56 @@ class Engine:
                 self._give_up(job)
         if not live:
             return
-        self._running = live
+        self._running = list(live)
+        join = self._joiner(live[0].key) if self.limits.continuous_batching else None
         try:
             with self._use_adapter(live[0].adapter):
-                results = self.decoder.run([job.row() for job in live], live[0].adapter)
+                self.decoder.run([self._row(job) for job in live], live[0].adapter, join=join)
         except Exception as e:  # a failed batch must not stop the worker
             log.exception("generation failed")
-            self.counters.errors += len(live)
-            for job in live:
+            failed = [job for job in self._running if not job.ended]
+            self.counters.errors += len(failed)
+            for job in failed:
                 job.fail(e)
-            return
         finally:
             self._running = []
-        for job, completion in zip(live, results, strict=True):
-            if job.stop_reason is not None:
-                self._give_up(job)
-            else:
-                job.finish(completion)
+
+    def _row(self, job: Job) -> Row:
+        return job.row(on_done=lambda completion: self._end(job, completion))
+
+    def _end(self, job: Job, completion: Completion) -> None:
+        if job.stop_reason is not None:
+            self._give_up(job)
+        else:
+            job.finish(completion)
+
+    def _joiner(self, key: tuple) -> Joiner:
+        """Queued jobs for the batch in flight: in queue order, those with its key that fit, up to the
+        first that has another key or does not fit (that one waits for the next batch, so nothing starves)."""
+
+        def join(room: int, fits: Callable[[int, int], bool]) -> list[Row]:
+            if not self._queue or room <= 0:
+                return []
+            with self._cond:
+                if self._stopping or self._paused:
+                    return []
+                taken = []
+                for job in self._queue:
+                    if len(taken) == room or job.key != key or not fits(len(job.prompt), job.params.max_new_tokens):
+                        break
+                    taken.append(job)
+                for job in taken:
+                    self._queue.remove(job)
+            rows = []
+            for job in taken:
+                if job.should_stop():
+                    self._give_up(job)
+                else:
+                    self._running.append(job)
+                    rows.append(self._row(job))
+            return rows
+
+        return join
 
     def _give_up(self, job: Job) -> None:
         if job.stop_reason == "timeout":

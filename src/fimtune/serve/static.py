@@ -23,8 +23,24 @@ b's tokens (prompts are left-padded)::
               (b's padding)     |       at a time)      |
 
 CUDA graph trees replay into the same output memory, so each step's logits are cloned before
-the next replay, and `torch.compiler.cudagraph_mark_step_begin()` starts each step. Without
-CUDA (the tests) the same code runs with another compile backend (`"eager"`), or uncompiled.
+the next replay, and `torch.compiler.cudagraph_mark_step_begin()` starts each step. Or
+(``graphs="captured"``) the step is compiled without graph trees and captured here with
+`torch.cuda.graph`, one graph per bucket and adapter state: a replay is then one call, with none
+of the trees' checks of their inputs. Without CUDA (the tests) the same code runs with another
+compile backend (`"eager"`), or uncompiled.
+
+Continuous batching: a session's rows are slots of its bucket. Between two steps, new prompts
+join the batch in flight (:meth:`StaticSession.admit`): each is prefilled eagerly and written
+into a free slot's cache row at slots 0..w-1, with w no more than the slots filled so far, its
+mask shut after its prompt and open again from the next step's slot on (positions are per
+row, so the gap changes nothing). A session with too few free slots moves into the next bucket
+first (:meth:`StaticSession.grow`: its cache rows, mask and positions are copied over).
+
+Grouped-query attention (StarCoder's single key/value head, Llama's GQA) with a 4D mask makes
+transformers' SDPA path repeat the key/value heads to the query heads' number in every step:
+16 times StarCoder's whole cache, written and read again. :func:`grouped_sdpa` instead folds the
+query heads that share a key/value head into that head's query rows for one-token steps, so
+SDPA reads each cached key and value once.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from fimtune.fast import raise_recompile_limit
 from fimtune.serve.kvcache import new_cache
@@ -47,7 +64,63 @@ BUCKET_GROWTH = 4  # batch-size buckets: 1, 4, 16, ..., then max_batch_size
 WARMUP_STEPS = 3  # CUDA graph trees: one warm-up run, one recording, then replays
 WARMUP_PROMPT_TOKENS = 16
 SLOT_ALIGN = 64  # cache slots are a multiple of this (fused attention kernels want aligned masks)
-MASK_KINDS = ("sdpa", "eager")  # attention implementations whose 4D mask format is known here
+GROUPED = "fimtune_grouped_sdpa"  # the name of :func:`grouped_sdpa` in transformers' AttentionInterface
+MASK_KINDS = ("sdpa", GROUPED, "eager")
+GRAPH_KINDS = ("trees", "captured")  # attention implementations whose 4D mask format is known here
+
+
+def grouped_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except a one-token step of grouped-query attention with a mask.
+
+    There, query [B, H, 1, D] becomes [B, KV, H/KV, D] (query head h = kv * H/KV + j, as
+    transformers' `repeat_kv` pairs them), so each of the KV cached heads [B, KV, L, D] is read
+    once for its H/KV query rows; the mask [B, 1, 1, L] broadcasts over them. Returns [B, 1, H, D].
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    if (
+        q_len != 1
+        or kv_heads == heads
+        or attention_mask is None
+        or attention_mask.shape[1] != 1
+        or dropout > 0
+        or kwargs.get("position_bias") is not None
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    folded = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
+def register_grouped() -> str:
+    """Register :func:`grouped_sdpa` with transformers (idempotent), with SDPA's masks; its name."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(GROUPED, grouped_sdpa)
+    AttentionMaskInterface.register(GROUPED, sdpa_mask)
+    return GROUPED
+
+
+def kv_groups(config: Any) -> int:
+    """Query heads per key/value head (1: plain multi-head attention)."""
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    if getattr(config, "multi_query", False):
+        return heads
+    return heads // (getattr(config, "num_key_value_heads", None) or heads)
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -84,9 +157,21 @@ class StaticDecoding:
         max_batch_size: int,
         backend: str | None = "inductor",
         mode: str | None = "reduce-overhead",
+        grouped: bool = True,
+        graphs: str = "trees",
     ) -> None:
-        """``backend``: a torch.compile backend (`"eager"` on a CPU in tests), or None: no compiling."""
+        """``backend``: a torch.compile backend (`"eager"` on a CPU in tests), or None: no compiling.
+
+        ``grouped``: an SDPA model with grouped-query attention switches to :func:`grouped_sdpa`.
+        ``graphs`` (CUDA): `"trees"`, the compiler's CUDA graph trees (``mode``); or `"captured"`:
+        the step compiled without them and captured here, one `torch.cuda.CUDAGraph` per bucket and
+        adapter state, replayed with no per-call checks.
+        """
+        if graphs not in GRAPH_KINDS:
+            raise ValueError(f"graphs={graphs!r}: one of {', '.join(GRAPH_KINDS)}")
         self.model = base_model(model)
+        if grouped and self.model.config._attn_implementation == "sdpa" and kv_groups(self.model.config) > 1:
+            self.model.set_attn_implementation(register_grouped())
         self.max_length = -(-max_length // SLOT_ALIGN) * SLOT_ALIGN  # cache slots a row holds
         self.buckets = batch_buckets(max_batch_size)
         param = next(self.model.parameters())
@@ -94,7 +179,11 @@ class StaticDecoding:
         self.cache_kw, self.keep_logits = forward_keywords(self.model)
         self.open, self.shut, self.mask_dtype = _mask_values(self.model.config._attn_implementation, self.dtype)
         self._buckets: dict[int, _Bucket] = {}
-        self._step = _compiled(self._forward_one, backend, mode)
+        self.captured = graphs == "captured" and self.device.type == "cuda"
+        self._step = _compiled(self._forward_one, backend, None if self.captured else mode)
+        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}  # (bucket, state) -> graph, output
+        self._pool: Any = None  # one memory pool for every captured graph (they never run at once)
+        self._state = 0  # the adapter state of the session in flight (see `_adapter_state`)
         self.warmup_s = 0.0
         self.warmup_by_bucket: dict[int, float] = {}  # seconds per batch size (compiling, mostly)
         self.batches = 0  # batches started (warm-up included)
@@ -108,28 +197,22 @@ class StaticDecoding:
 
     @torch.inference_mode()
     def start(self, prompts: list[list[int]]) -> tuple[StaticSession, torch.Tensor]:
-        """Prefill ``prompts``: a session to step, and the logits [n, V] after each prompt."""
+        """Prefill ``prompts`` into the smallest bucket that holds them: a session to step, and
+        the logits [bucket size, V] after each prompt (rows past the prompts copy the first one's).
+        """
         self.batches += 1
+        if self.captured:
+            self._state = _adapter_state(self.model)
         n, width = len(prompts), max(len(p) for p in prompts)
         bucket = self._bucket(next(size for size in self.buckets if size >= n))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)
-        real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        positions = (real.cumsum(-1) - 1).clamp(min=0)
-        cache = new_cache()
-        kwargs: dict[str, Any] = {self.cache_kw: cache, "use_cache": True, "position_ids": positions}
-        if any(len(p) < width for p in prompts):  # padding to shut (else the plain causal mask)
-            kwargs["attention_mask"] = real
-        if self.keep_logits:
-            kwargs["logits_to_keep"] = 1
-        logits = self.model(input_ids=ids, **kwargs).logits[:, -1, :]
         rows = torch.tensor([*range(n), *[0] * (bucket.size - n)], device=self.device)  # padding rows copy row 0
         bucket.cache.reset()
-        for i, layer in enumerate(cache.layers):  # slots 0..width-1; advances the cache's length to width
-            bucket.cache.update(layer.keys[rows], layer.values[rows], i)
+        for layer in bucket.cache.layers:
+            layer.cumulative_length.fill_(width)  # the next step writes slot `width`
         bucket.mask.fill_(self.shut)
-        bucket.mask[:, 0, 0, :width] = torch.where(real[rows].bool(), self.open, self.shut)
-        bucket.positions.copy_(positions[rows, -1:])  # each step adds 1 first
-        return StaticSession(self, bucket, rows, n, width), logits
+        session = StaticSession(self, bucket, width)
+        logits = session._prefill(prompts, torch.arange(bucket.size, device=self.device), rows)
+        return session, logits
 
     def warmup(self, prompt_tokens: int = WARMUP_PROMPT_TOKENS, steps: int = WARMUP_STEPS) -> float:
         """Compile and record each bucket's step now, not at the first requests: the seconds it took."""
@@ -158,6 +241,35 @@ class StaticDecoding:
             )
         return self._buckets[size]
 
+    def _replay(self, b: _Bucket) -> torch.Tensor:
+        """One step of bucket ``b`` (its buffers filled): the logits [B, V], a copy the next replay keeps."""
+        if not self.captured:
+            torch.compiler.cudagraph_mark_step_begin()
+            return self._step(b.ids, b.positions, b.mask, b.cache).clone()
+        key = (b.size, self._state)
+        graph, out = self._graphs.get(key) or self._capture(b, key)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, b: _Bucket, key: tuple[int, int]) -> tuple[Any, torch.Tensor]:
+        """Compile (two runs on a side stream) and capture bucket ``b``'s step; the cache is left as it was."""
+        lengths = [layer.cumulative_length.clone() for layer in b.cache.layers]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(b.ids, b.positions, b.mask, b.cache)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._step(b.ids, b.positions, b.mask, b.cache)
+        for layer, length in zip(b.cache.layers, lengths, strict=True):  # the warm-up runs wrote a slot each
+            layer.cumulative_length.copy_(length)
+        self._graphs[key] = (graph, out)
+        return graph, out
+
     def _forward_one(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
         """The compiled region: one token per row -> logits [B, V]; writes its keys/values into ``cache``."""
         kwargs = {self.cache_kw: cache}
@@ -166,25 +278,113 @@ class StaticDecoding:
 
 
 class StaticSession:
-    """One batch being decoded in a bucket: feed one token per row, get the next logits."""
+    """One batch being decoded in a bucket, a row per slot: feed one token per slot, get the next logits.
 
-    def __init__(self, owner: StaticDecoding, bucket: _Bucket, rows: torch.Tensor, n: int, length: int) -> None:
-        self.owner, self.bucket, self.rows, self.n = owner, bucket, rows, n
-        self.length = length  # cache slots filled
+    Rows may join between steps (:meth:`admit`), moving the session to a larger bucket
+    (:meth:`grow`) when it has too few slots; the caller keeps track of which slots are free.
+    """
+
+    def __init__(self, owner: StaticDecoding, bucket: _Bucket, length: int) -> None:
+        self.owner, self.bucket = owner, bucket
+        self.length = length  # cache slots filled (or being filled by the step in flight)
+
+    @property
+    def size(self) -> int:
+        return self.bucket.size
+
+    def can_admit(self, prompt_tokens: int, new_tokens: int) -> bool:
+        """Whether a prompt joins now: it fits into the slots filled so far, and its new tokens after them."""
+        return prompt_tokens <= self.length and self.length + new_tokens <= self.owner.max_length
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed ``tokens`` [n] (one per row, on the device); the logits [n, V] after them."""
+        """Feed ``tokens`` [size] (one per slot, on the device); the logits [size, V] after them."""
         owner, b = self.owner, self.bucket
         if self.length >= owner.max_length:
             raise RuntimeError(f"the static cache holds {owner.max_length} tokens; check `fits` first")
-        b.ids.copy_(tokens[self.rows][:, None])
+        b.ids.copy_(tokens[:, None])
         b.positions.add_(1)
         b.mask[:, 0, 0, self.length] = owner.open
         self.length += 1
-        torch.compiler.cudagraph_mark_step_begin()
-        logits = owner._step(b.ids, b.positions, b.mask, b.cache)
-        return logits[: self.n].clone()  # the graph's output memory is overwritten by the next replay
+        return owner._replay(b)
+
+    @torch.inference_mode()
+    def admit(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Prefill ``prompts`` into ``slots`` (free ones; each prompt passed `can_admit`): their logits [n, V].
+
+        Their first new token goes into the next step, at the slot every row writes next.
+        """
+        if len(prompts) != len(slots) or not all(self.can_admit(len(p), 0) for p in prompts):
+            raise ValueError("each joining prompt needs a slot and must fit into the slots filled so far")
+        self.owner.batches += 1
+        index = torch.tensor(slots, device=self.owner.device)
+        self.bucket.mask[index] = self.owner.shut
+        return self._prefill(prompts, index, torch.arange(len(prompts), device=self.owner.device))
+
+    @torch.inference_mode()
+    def grow(self, size: int) -> None:
+        """Move into the bucket of ``size`` slots (one of the owner's, larger): slots keep their
+        numbers, the new ones copy slot 0 (their outputs are not used until a row joins there).
+        """
+        owner, old = self.owner, self.bucket
+        new = owner._bucket(size)
+        rows = torch.tensor([*range(old.size), *[0] * (size - old.size)], device=owner.device)
+        for source, target in zip(old.cache.layers, new.cache.layers, strict=True):
+            _initialize(target, source, size)
+            target.keys.copy_(source.keys[rows])
+            target.values.copy_(source.values[rows])
+            target.cumulative_length.copy_(source.cumulative_length)
+        new.mask.copy_(old.mask[rows])
+        new.positions.copy_(old.positions[rows])
+        self.bucket = new
+
+    def _prefill(self, prompts: list[list[int]], slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Prefill ``prompts`` (left-padded to one width w) eagerly; write prompt ``rows[i]``'s keys,
+        values, mask and last position into slot ``slots[i]`` (cache slots 0..w-1); its logits [len(rows), V].
+        """
+        owner, b = self.owner, self.bucket
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=owner.device)
+        real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=owner.device)
+        positions = (real.cumsum(-1) - 1).clamp(min=0)
+        cache = new_cache()
+        kwargs: dict[str, Any] = {owner.cache_kw: cache, "use_cache": True, "position_ids": positions}
+        if any(len(p) < width for p in prompts):  # padding to shut (else the plain causal mask)
+            kwargs["attention_mask"] = real
+        if owner.keep_logits:
+            kwargs["logits_to_keep"] = 1
+        logits = owner.model(input_ids=ids, **kwargs).logits[:, -1, :]
+        for layer, source in zip(b.cache.layers, cache.layers, strict=True):
+            if _initialize(layer, source, b.size):  # the bucket's first batch
+                layer.cumulative_length.fill_(self.length)
+            layer.keys[slots, :, :width] = source.keys[rows]
+            layer.values[slots, :, :width] = source.values[rows]
+        b.mask[slots, 0, 0, :width] = torch.where(real[rows].bool(), owner.open, owner.shut)
+        b.positions[slots] = positions[rows, -1:]  # each step adds 1 first
+        return logits[rows]
+
+
+def _initialize(layer: Any, like: Any, batch: int) -> bool:
+    """Allocate a StaticCache layer's tensors for ``batch`` rows, shaped as layer ``like``'s (False: it had them)."""
+    if layer.is_initialized:
+        return False
+    keys, values = like.keys, like.values
+    layer.lazy_initialization(
+        keys.new_empty((batch, keys.shape[1], 1, keys.shape[-1])),
+        values.new_empty((batch, values.shape[1], 1, values.shape[-1])),
+    )
+    return True
+
+
+def _adapter_state(model: torch.nn.Module) -> int:
+    """A fingerprint of the LoRA layers' state (merged adapters, disabled, active): a captured graph
+    replays the computation of the state it was captured in."""
+    state = [
+        (tuple(m.merged_adapters), bool(m.disable_adapters), tuple(m.active_adapters))
+        for m in model.modules()
+        if hasattr(m, "merged_adapters") and hasattr(m, "disable_adapters")
+    ]
+    return hash(tuple(state))
 
 
 def copy_to_host(tokens: torch.Tensor) -> Callable[[], list[int]]:
@@ -224,7 +424,7 @@ def forward_keywords(model: Any) -> tuple[str, bool]:
 
 def _mask_values(attn: str | None, dtype: torch.dtype) -> tuple[Any, Any, torch.dtype]:
     """(open, shut, mask dtype) in the 4D mask format of attention ``attn``: booleans for SDPA, biases for eager."""
-    if attn == "sdpa":
+    if attn in ("sdpa", GROUPED):
         return True, False, torch.bool
     if attn == "eager":
         return 0.0, torch.finfo(dtype).min, dtype
