@@ -307,3 +307,32 @@ def test_cuda_graphs_on_a_gpu_give_generate_tokens(tiny_tokenizer, graphs):
     assert summary(decoder.run(rows_for(pr, params))) == expected
     assert not counters["inductor"]["cudagraph_skips"]
     assert static.captured == (graphs == "captured") and len(static._graphs) == (2 if static.captured else 0)
+
+
+def test_a_failure_after_joins_fails_every_request_of_the_batch_and_the_server_goes_on(tiny_run):
+    app = make_app(tiny_run, max_batch_size=4)
+    engine = app.state.service.engine
+    engine.decoder.static = StaticDecoding(engine.model, 264, 4, backend=None)
+    body = {"inputs": "<fim_prefix>def f(x):\n<fim_suffix>\n<fim_middle>", "parameters": {"max_new_tokens": 30}}
+    forwards = iter(range(1000))
+
+    def hook():
+        time.sleep(0.01)
+        if engine.decoder.stats.joined and next(forwards) >= 8:  # a few steps after the joins
+            raise RuntimeError("the device went away")
+
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert engine.ready.wait(60)
+        engine.decoder.step_hook = hook
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(c.post, "/generate", json=body)
+            time.sleep(0.15)
+            later = list(pool.map(lambda b: c.post("/generate", json=b), [body, body]))
+        statuses = [first.result().status_code, *(r.status_code for r in later)]
+        errors = [first.result().json(), *(r.json() for r in later)]
+        engine.decoder.step_hook = None
+        after = c.post("/generate", json=body)
+    assert engine.decoder.stats.joined == 2
+    assert statuses == [500, 500, 500] and all("generation failed" in str(e) for e in errors), errors
+    assert engine.counters.errors == 3 and after.status_code == 200  # the worker lives on, eagerly
+    assert engine.decoder.static is None

@@ -125,7 +125,9 @@ class Service:
                 if time.monotonic() > job.deadline + TIMEOUT_GRACE_S:
                     job.cancel()
                     raise JobTimeout()
-        except (JobTimeout, JobCancelled) as e:
+        except ApiError:
+            raise
+        except Exception as e:  # timed out, cancelled, or the worker's generation failed (logged there)
             raise job_error(e, self.limits) from None
         finally:
             if not task.done():
