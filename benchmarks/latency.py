@@ -320,9 +320,10 @@ def main() -> int:
     gpu.add_argument(
         "--graphs",
         type=lambda text: [x for x in text.split(",") if x],
-        default=["trees", "captured"],
+        default=["trees", "captured", "captured+prefill"],
         metavar="KIND,KIND",
-        help="the engine's CUDA graphs, each measured in turn: trees (compiler's), captured (default: both)",
+        help="engine variants measured in turn: trees (the compiler's CUDA graphs), captured (per bucket), "
+        "KIND+prefill (that engine with its prefill compiled too); default: trees,captured,captured+prefill",
     )
     gpu.add_argument("--no-generate-static", action="store_true", help="skip generate(cache_implementation=static)")
     gpu.add_argument(

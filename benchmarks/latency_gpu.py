@@ -15,6 +15,9 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
     engine warm-up    compiling the engine's decode step, one graph per batch bucket (1, 4, 16)
     engine            `Decoder.run` on the same prompt: static cache + CUDA graphs  (target p50 <= 50 ms)
     engine bN         per bucket: prefill of N prompts, and one decoding step      (diagnostics)
+                      These rows come once per `--graphs` variant: `trees` (the compiler's CUDA
+                      graph trees), `captured` (graphs captured per bucket), `captured+prefill`
+                      (the same engine, its prefill compiled too)
     attention bN      (CUDA) one step's attention over all layers' caches, replayed as a CUDA graph:
                       fimtune's grouped SDPA against transformers' SDPA, which repeats StarCoder's
                       single key/value head 16 times                              (diagnostics)
@@ -130,11 +133,11 @@ def format_row(row: dict[str, Any]) -> str:
     tokens = f"{row['new_tokens_mean']:5.1f}" if "new_tokens_mean" in row else f"{'-':>5}"
     seconds = f"{row['seconds']:6.1f}" if "seconds" in row else f"{'-':>6}"
     return (
-        f"{row['scenario']:<26} {ms('p50_ms')} {ms('p90_ms')} {ms('p95_ms')} {tokens} {seconds}  {row.get('note', '')}"
+        f"{row['scenario']:<40} {ms('p50_ms')} {ms('p90_ms')} {ms('p95_ms')} {tokens} {seconds}  {row.get('note', '')}"
     )
 
 
-HEADER = f"{'scenario':<26} {'p50 ms':>8} {'p90 ms':>8} {'p95 ms':>8} {'new':>5} {'s':>6}  note"
+HEADER = f"{'scenario':<40} {'p50 ms':>8} {'p90 ms':>8} {'p95 ms':>8} {'new':>5} {'s':>6}  note"
 
 
 # --------------------------------------------------------------------------------------
@@ -566,7 +569,14 @@ def server_run(s: Setup, engine: Any, url: str, wait_ms: float, joins: bool, rea
 
 def _graphs(engine: Any) -> str:
     static = engine.decoder.static
-    return "eager" if static is None else ("captured" if static.captured else "trees")
+    if static is None:
+        return "eager"
+    return ("captured" if static.captured else "trees") + ("+prefill" if static.prefill_compiled else "")
+
+
+def prefill_row(engine: Any) -> dict[str, Any]:
+    seconds = engine.decoder.static.compile_prefill()
+    return {"scenario": f"prefill compile, {_graphs(engine)}", "seconds": seconds, "note": "dynamic shapes, 3 graphs"}
 
 
 def _set_logs(**kinds: bool) -> bool:
@@ -619,24 +629,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if result is not None:
         report.add(result[0])
         expected = result[1]
-    for i, graphs in enumerate(args.graphs):
-        engine = attempt(report, f"engine setup, {graphs}", lambda g=graphs: make_engine(s, args, g), deadline)
+    engines: dict[str, Any] = {}
+    for i, variant in enumerate(args.graphs):
+        graphs, _, prefill = variant.partition("+")
+        engine = engines.get(graphs)  # "+prefill": the same engine (its graphs compiled), prefill compiled too
         if engine is None:
-            continue
-        if engine.decoder.static is not None:
-            row = attempt(report, f"engine warm-up, {graphs}", lambda e=engine: warmup_row(e), deadline)
-            if row is not None:
-                report.add(row)
-        row = attempt(report, f"engine, {graphs}", lambda e=engine: engine_row(s, e, expected), deadline, 5)
+            engine = attempt(report, f"engine setup, {graphs}", lambda g=graphs: make_engine(s, args, g), deadline)
+            if engine is None:
+                continue
+            engines[graphs] = engine
+            if engine.decoder.static is not None:
+                row = attempt(report, f"engine warm-up, {graphs}", lambda e=engine: warmup_row(e), deadline)
+                if row is not None:
+                    report.add(row)
+        if prefill:
+            if engine.decoder.static is None:
+                continue
+            row = attempt(report, f"prefill compile, {graphs}", lambda e=engine: prefill_row(e), deadline, 10)
+            if row is None:
+                continue
+            report.add(row)
+        row = attempt(report, f"engine, {variant}", lambda e=engine: engine_row(s, e, expected), deadline, 5)
         if row is not None:
             report.add(row)
         if engine.decoder.static is not None:
-            for row in attempt(report, f"buckets, {graphs}", lambda e=engine: bucket_rows(s, e), deadline, 10) or []:
+            for row in attempt(report, f"buckets, {variant}", lambda e=engine: bucket_rows(s, e), deadline, 10) or []:
                 report.add(row)
             if args.device == "cuda" and i == 0:
                 for row in attempt(report, "attention", lambda e=engine: attention_rows(s, e), deadline, 10) or []:
                     report.add(row)
-        rows = attempt(report, f"server, {graphs}", lambda e=engine: server_rows(s, e, args, deadline), deadline, 15)
+        rows = attempt(report, f"server, {variant}", lambda e=engine: server_rows(s, e, args, deadline), deadline, 15)
         for row in rows or []:
             report.add(row)
     if args.no_generate_static:

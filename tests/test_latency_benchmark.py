@@ -14,19 +14,21 @@ ROOT = Path(__file__).parents[1]
 def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
     out = tmp_path / "latency.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/latency.py", "--device", "cpu", "--shape", "tiny", "--budget-s", "60",
-         "--batch-wait-variants", "", "--graphs", "trees", "--json", str(out)],
+        [sys.executable, "benchmarks/latency.py", "--device", "cpu", "--shape", "tiny", "--budget-s", "150",
+         "--batch-wait-variants", "", "--graphs", "trees,trees+prefill", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert not report["errors"], report["errors"]
     rows = {r["scenario"]: r for r in report["rows"]}
-    engine = next(r for name, r in rows.items() if name.startswith("engine (CUDA graphs"))
     plain = rows["generate (plain)"]
-    # The fast path (compiled here with the eager backend) generates what plain `generate` does.
-    assert engine["new_tokens_mean"] == plain["new_tokens_mean"] == 32
-    assert engine["same_tokens_as_generate"] == 32
+    # The fast path (compiled here with the eager backend), its prefill compiled or not, generates
+    # what plain `generate` does.
+    for variant in ("trees", "trees+prefill"):
+        engine = rows[f"engine (CUDA graphs, {variant})"]
+        assert engine["new_tokens_mean"] == plain["new_tokens_mean"] == 32
+        assert engine["same_tokens_as_generate"] == 32
     served = [r for name, r in rows.items() if name.startswith("server 16")]
-    assert len(served) == 2 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
-    assert [r["continuous_batching"] for r in served] == [True, False] and served[1]["joined"] == 0
+    assert len(served) == 4 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
+    assert [r["continuous_batching"] for r in served] == [True, False] * 2 and served[1]["joined"] == 0

@@ -83,6 +83,26 @@ def test_static_decoding_compiled_by_dynamo_has_no_graph_breaks(tiny_tokenizer, 
     check_against_generate(model, pr, "eager", GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET))
 
 
+@pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])
+def test_a_compiled_prefill_gives_the_same_tokens_with_one_graph_for_all_lengths(tiny_tokenizer, family):
+    counters = fresh_dynamo()
+    model, pr = tiny_model(family, tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
+    static = StaticDecoding(model, MAX_LENGTH, 4, backend="eager", compile_prefill=True)
+    static.warmup()
+    assert static.prefill_compiled and 0 < static.prefill_warmup_s < static.warmup_s
+    decoder = Decoder(model, pr, static=static)
+    assert summary([decoder.run([row])[0] for row in rows_for(pr, params)]) == expected
+    assert summary(decoder.run(rows_for(pr, params))) == expected
+    same = [Row(r.prompt, params) for r in rows_for(pr, params, 1) * 3]  # bucket 4, no padding
+    assert summary(decoder.run(same)) == expected[:1] * 3
+    # the prefill's graphs (one prompt; several; several padded), a step graph per bucket (1, 4);
+    # three prompt lengths and the warm-up's compiled nothing more
+    assert counters["stats"]["unique_graphs"] == 3 + 2, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 @pytest.mark.slow
 def test_static_decoding_compiled_by_inductor(tiny_tokenizer):
     """The GPU's compiler (`reduce-overhead` records CUDA graphs on a GPU only): ~30 s on 2 cores."""

@@ -56,7 +56,6 @@ import torch
 import torch.nn.functional as F
 
 from fimtune.fast import raise_recompile_limit
-from fimtune.serve.kvcache import new_cache
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +158,15 @@ class StaticDecoding:
         mode: str | None = "reduce-overhead",
         grouped: bool = True,
         graphs: str = "trees",
+        compile_prefill: bool = False,
     ) -> None:
         """``backend``: a torch.compile backend (`"eager"` on a CPU in tests), or None: no compiling.
 
         ``grouped``: an SDPA model with grouped-query attention switches to :func:`grouped_sdpa`.
         ``graphs`` (CUDA): `"trees"`, the compiler's CUDA graph trees (``mode``); or `"captured"`:
         the step compiled without them and captured here, one `torch.cuda.CUDAGraph` per bucket and
-        adapter state, replayed with no per-call checks.
+        adapter state, replayed with no per-call checks. ``compile_prefill``: the prefill is
+        compiled too (dynamic shapes: one graph for every prompt length) by :meth:`warmup`.
         """
         if graphs not in GRAPH_KINDS:
             raise ValueError(f"graphs={graphs!r}: one of {', '.join(GRAPH_KINDS)}")
@@ -184,6 +185,11 @@ class StaticDecoding:
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}  # (bucket, state) -> graph, output
         self._pool: Any = None  # one memory pool for every captured graph (they never run at once)
         self._state = 0  # the adapter state of the session in flight (see `_adapter_state`)
+        self._backend = backend
+        self.compile_prefill_at_warmup = compile_prefill and backend is not None
+        self.prefill_compiled = False
+        self.prefill_warmup_s = 0.0
+        self._prefill = self._forward_prefill
         self.warmup_s = 0.0
         self.warmup_by_bucket: dict[int, float] = {}  # seconds per batch size (compiling, mostly)
         self.batches = 0  # batches started (warm-up included)
@@ -216,6 +222,8 @@ class StaticDecoding:
 
     def warmup(self, prompt_tokens: int = WARMUP_PROMPT_TOKENS, steps: int = WARMUP_STEPS) -> float:
         """Compile and record each bucket's step now, not at the first requests: the seconds it took."""
+        if self.compile_prefill_at_warmup and not self.prefill_compiled:
+            self.compile_prefill(prompt_tokens)
         for size in self.buckets:
             began = time.perf_counter()
             session, logits = self.start([[0] * prompt_tokens] * size)
@@ -225,8 +233,40 @@ class StaticDecoding:
                 torch.cuda.synchronize(self.device)
             self.warmup_by_bucket[size] = time.perf_counter() - began
             log.info("CUDA-graph decoding: batch size %d ready in %.1f s", size, self.warmup_by_bucket[size])
-        self.warmup_s = sum(self.warmup_by_bucket.values())
+        self.warmup_s = self.prefill_warmup_s + sum(self.warmup_by_bucket.values())
         return self.warmup_s
+
+    @torch.inference_mode()
+    def compile_prefill(self, prompt_tokens: int = WARMUP_PROMPT_TOKENS) -> float:
+        """Compile the prefill (dynamic shapes) and run its three graphs once: one prompt, several of
+        one length, several padded to one length. The seconds it took."""
+        began = time.perf_counter()
+        self._prefill = torch.compile(self._forward_prefill, backend=self._backend or "inductor", dynamic=True)
+        one, short = [0] * prompt_tokens, [0] * (prompt_tokens // 2)
+        for prompts in ([one], [one, one], [one, short]):
+            self._prefill(*prefill_inputs(prompts, self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.prefill_compiled = True
+        self.prefill_warmup_s = time.perf_counter() - began
+        log.info("compiled prefill ready in %.1f s", self.prefill_warmup_s)
+        return self.prefill_warmup_s
+
+    def _forward_prefill(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Prompts [n, w] (``mask``: 1 on real tokens, None: no padding) -> (last logits [n, V],
+        each layer's (keys, values) [n, kv heads, w, head dim])."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        kwargs: dict[str, Any] = {self.cache_kw: cache, "use_cache": True, "position_ids": positions}
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        if self.keep_logits:
+            kwargs["logits_to_keep"] = 1
+        logits = self.model(input_ids=ids, **kwargs).logits[:, -1, :]
+        return logits, [(layer.keys, layer.values) for layer in cache.layers]
 
     def _bucket(self, size: int) -> _Bucket:
         if size not in self._buckets:
@@ -330,7 +370,7 @@ class StaticSession:
         new = owner._bucket(size)
         rows = torch.tensor([*range(old.size), *[0] * (size - old.size)], device=owner.device)
         for source, target in zip(old.cache.layers, new.cache.layers, strict=True):
-            _initialize(target, source, size)
+            _initialize(target, source.keys, source.values, size)
             target.keys.copy_(source.keys[rows])
             target.values.copy_(source.values[rows])
             target.cumulative_length.copy_(source.cumulative_length)
@@ -339,36 +379,40 @@ class StaticSession:
         self.bucket = new
 
     def _prefill(self, prompts: list[list[int]], slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Prefill ``prompts`` (left-padded to one width w) eagerly; write prompt ``rows[i]``'s keys,
-        values, mask and last position into slot ``slots[i]`` (cache slots 0..w-1); its logits [len(rows), V].
+        """Prefill ``prompts`` (left-padded to one width w); write prompt ``rows[i]``'s keys, values,
+        mask and last position into slot ``slots[i]`` (cache slots 0..w-1); its logits [len(rows), V].
         """
         owner, b = self.owner, self.bucket
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=owner.device)
-        real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=owner.device)
-        positions = (real.cumsum(-1) - 1).clamp(min=0)
-        cache = new_cache()
-        kwargs: dict[str, Any] = {owner.cache_kw: cache, "use_cache": True, "position_ids": positions}
-        if any(len(p) < width for p in prompts):  # padding to shut (else the plain causal mask)
-            kwargs["attention_mask"] = real
-        if owner.keep_logits:
-            kwargs["logits_to_keep"] = 1
-        logits = owner.model(input_ids=ids, **kwargs).logits[:, -1, :]
-        for layer, source in zip(b.cache.layers, cache.layers, strict=True):
-            if _initialize(layer, source, b.size):  # the bucket's first batch
+        ids, positions, mask = prefill_inputs(prompts, owner.device)
+        width = ids.shape[1]
+        logits, states = owner._prefill(ids, positions, mask)
+        for layer, (keys, values) in zip(b.cache.layers, states, strict=True):
+            if _initialize(layer, keys, values, b.size):  # the bucket's first batch
                 layer.cumulative_length.fill_(self.length)
-            layer.keys[slots, :, :width] = source.keys[rows]
-            layer.values[slots, :, :width] = source.values[rows]
-        b.mask[slots, 0, 0, :width] = torch.where(real[rows].bool(), owner.open, owner.shut)
+            layer.keys[slots, :, :width] = keys[rows]
+            layer.values[slots, :, :width] = values[rows]
+        real = ids.new_ones((len(rows), width), dtype=torch.bool) if mask is None else mask[rows].bool()
+        b.mask[slots, 0, 0, :width] = torch.where(real, owner.open, owner.shut)
         b.positions[slots] = positions[rows, -1:]  # each step adds 1 first
         return logits[rows]
 
 
-def _initialize(layer: Any, like: Any, batch: int) -> bool:
-    """Allocate a StaticCache layer's tensors for ``batch`` rows, shaped as layer ``like``'s (False: it had them)."""
+def prefill_inputs(
+    prompts: list[list[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Prompts left-padded to one width: (ids [n, w], positions [n, w], mask [n, w]: 1 on real
+    tokens, or None when no prompt is padded: the plain causal mask)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (real.cumsum(-1) - 1).clamp(min=0)
+    return ids, positions, (real if any(len(p) < width for p in prompts) else None)
+
+
+def _initialize(layer: Any, keys: torch.Tensor, values: torch.Tensor, batch: int) -> bool:
+    """Allocate a StaticCache layer's tensors for ``batch`` rows, shaped as ``keys``, ``values`` (False: it had them)."""
     if layer.is_initialized:
         return False
-    keys, values = like.keys, like.values
     layer.lazy_initialization(
         keys.new_empty((batch, keys.shape[1], 1, keys.shape[-1])),
         values.new_empty((batch, values.shape[1], 1, values.shape[-1])),
