@@ -25,7 +25,7 @@ def setup_dirs(tmp_path_factory):
     return root
 
 
-def train(root: Path, name: str, processes: int, batch_size: int, *flags: str) -> Path:
+def train(root: Path, name: str, processes: int, batch_size: int, *flags: str, script: Path | None = None) -> Path:
     args = [
         "train",
         f"model.name_or_path={root / 'base'}",
@@ -58,8 +58,7 @@ def train(root: Path, name: str, processes: int, batch_size: int, *flags: str) -
             "no",
             "--main_process_port",
             "0",
-            "-m",
-            "fimtune",
+            *(["-m", "fimtune"] if script is None else [str(script)]),
             *args,
         ]
     env = {**os.environ, "FIMTUNE_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
@@ -93,3 +92,39 @@ def test_two_process_checkpoint_resumes_exactly(setup_dirs):
     parted = train(setup_dirs, "parted", 2, 2, "--resume")
     assert records(parted, "loss") == pytest.approx(records(whole, "loss"), rel=1e-6)
     assert records(parted, "val_loss") == pytest.approx(records(whole, "val_loss"), rel=1e-6)
+
+
+# fimtune's CLI as if each process held only its part of the optimizer state (as under DeepSpeed ZeRO
+# or sharded FSDP): every process writes its own optimizer file, and reloads its own on resume.
+SPLIT_OPTIMIZER = """
+import sys
+import fimtune.engines
+fimtune.engines.optimizer_sharding = lambda accelerator: "split (test)"
+from fimtune.cli import main
+sys.exit(main())
+"""
+
+
+def test_two_process_split_optimizer_checkpoint_resumes_exactly(setup_dirs, tmp_path):
+    script = tmp_path / "split_optimizer.py"
+    script.write_text(SPLIT_OPTIMIZER)
+    # The uninterrupted DDP run of the test above when it ran first (the same settings), else a new one.
+    whole = setup_dirs / "whole"
+    if not (whole / "adapter").exists():
+        whole = train(setup_dirs, "whole-ddp", 2, 2)
+    train(setup_dirs, "parted-split", 2, 2, "--stop-after", "3", script=script)
+    state = setup_dirs / "parted-split" / "state"
+    assert {"optimizer-rank0.pt", "optimizer-rank1.pt"} <= {p.name for p in state.iterdir()}
+    assert json.loads((state / "trainer_state.json").read_text())["world_size"] == 2
+    parted = train(setup_dirs, "parted-split", 2, 2, "--resume", script=script)
+    assert records(parted, "loss") == pytest.approx(records(whole, "loss"), rel=1e-6)
+    assert records(parted, "val_loss") == pytest.approx(records(whole, "val_loss"), rel=1e-6)
+    res = subprocess.run(  # one process cannot take the parts of two
+        [sys.executable, str(script), "train", "--config", str(parted / "config.yaml"), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "FIMTUNE_CACHE": str(setup_dirs / "cache")},
+    )
+    assert res.returncode == 2 and "split (test) on 2 process(es)" in res.stderr

@@ -204,3 +204,91 @@ def test_embedded_model_learns_an_installed_package(tmp_path):
     run = quiet_fit(cfg)
     vals = [r["val_loss"] for r in metrics(run) if "val_loss" in r]
     assert len(vals) >= 2 and vals[-1] < vals[0]
+
+
+def test_optimizer_groups_leave_out_empty_ones(tiny_tokenizer):
+    from fimtune.config import LoraConfig
+    from fimtune.model import attach_lora
+    from fimtune.train import param_groups
+
+    model = attach_lora(tiny.llama(len(tiny_tokenizer)), LoraConfig(r=4, alpha=8, dropout=0.0), [])
+    groups = param_groups(model, 0.1)  # LoRA alone: matrices only, so no group without decay
+    assert [g["weight_decay"] for g in groups] == [0.1] and groups[0]["params"]
+    model.base_model.model.model.norm.weight.requires_grad_(True)
+    assert [len(g["params"]) for g in param_groups(model, 0.1)] == [len(groups[0]["params"]), 1]
+
+
+def test_checkpoint_with_an_empty_group_still_loads():
+    """A checkpoint written when `param_groups` still returned an empty no-decay group."""
+    from transformers import get_scheduler
+
+    from fimtune.train import drop_empty_groups
+
+    def optimizer_and_schedule(groups):
+        opt = torch.optim.AdamW(groups, lr=1e-2)
+        return opt, get_scheduler("cosine", opt, num_warmup_steps=1, num_training_steps=10)
+
+    w = torch.nn.Parameter(torch.ones(3, 3))
+    old_opt, old_sched = optimizer_and_schedule(
+        [{"params": [w], "weight_decay": 0.1}, {"params": [], "weight_decay": 0}]
+    )
+    for _ in range(3):
+        w.grad = torch.full_like(w, 0.5)
+        old_opt.step()
+        old_sched.step()
+    opt_state, sched_state = old_opt.state_dict(), old_sched.state_dict()
+    drop_empty_groups(opt_state, sched_state)
+    new_opt, new_sched = optimizer_and_schedule([{"params": [w], "weight_decay": 0.1}])
+    new_opt.load_state_dict(opt_state)
+    new_sched.load_state_dict(sched_state)
+    new_sched.step()
+    old_sched.step()
+    assert new_sched.get_last_lr() == old_sched.get_last_lr()[:1]
+    assert torch.equal(new_opt.state[w]["exp_avg"], old_opt.state[w]["exp_avg"])
+
+
+def test_resume_refuses_a_differently_split_optimizer_state(tmp_path):
+    from fimtune.errors import FimtuneError
+    from fimtune.train import check_same_sharding
+
+    split = {"optimizer_sharding": "DeepSpeed ZeRO-2", "world_size": 2}
+    check_same_sharding(tmp_path, {}, None, 4)  # whole state: any number of DDP processes
+    check_same_sharding(tmp_path, split, "DeepSpeed ZeRO-2", 2)
+    with pytest.raises(FimtuneError, match="DeepSpeed ZeRO-2 on 2 process.*DeepSpeed ZeRO-2 on 4 process"):
+        check_same_sharding(tmp_path, split, "DeepSpeed ZeRO-2", 4)
+    with pytest.raises(FimtuneError, match="under one process or DDP .* under FSDP on 2"):
+        check_same_sharding(tmp_path, {}, "FSDP", 2)
+    with pytest.raises(FimtuneError, match="number of processes it was trained with"):
+        check_same_sharding(tmp_path, split, None, 1)
+
+
+def test_an_adapter_without_weights_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from fimtune.errors import FimtuneError
+    from fimtune.train import check_not_empty
+
+    model = torch.nn.Linear(2, 2)
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    with pytest.raises(FimtuneError, match="without weights"):
+        check_not_empty(tmp_path / "empty.safetensors", model)
+    model.requires_grad_(False)
+    check_not_empty(tmp_path / "empty.safetensors", model)  # nothing trains: nothing to save
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "full.safetensors"))
+    check_not_empty(tmp_path / "full.safetensors", torch.nn.Linear(2, 2))
+
+
+def test_resume_refuses_an_adapter_that_does_not_fit(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    """PEFT loads the weights whose names match and ignores the rest: a resume must not start half-fresh."""
+    from safetensors.torch import load_file, save_file
+
+    from fimtune.errors import FimtuneError
+
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    cfg = run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=2", "train.eval_every=0")
+    quiet_fit(cfg, stop_after=1)
+    path = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
+    weights = load_file(str(path))
+    save_file({k.replace("layers.", "blocks."): v for k, v in weights.items()}, str(path))
+    with pytest.raises(FimtuneError, match=f"{len(weights)} of its {len(weights)} weights match no parameter"):
+        quiet_fit(cfg, resume=True)

@@ -15,6 +15,15 @@ A run folder after two saves::
 A checkpoint folder appears complete or not at all (rename is atomic), and the links move
 to it only afterwards, so a crash at any moment leaves the previous checkpoint readable.
 `state/` holds the optimizer, scheduler, RNG states and the data position.
+
+When each process holds only its part of the optimizer state (DeepSpeed ZeRO, sharded FSDP),
+every process writes its part into the same temporary folder and the main process completes
+and renames it once all have::
+
+    step-000050/state/
+      training_state.pt           scheduler, RNG (no optimizer)
+      optimizer-rank0.pt ...      optimizer-rank{N-1}.pt: each process's part
+      trainer_state.json          ... "world_size": N, "optimizer_sharding": "DeepSpeed ZeRO-2"
 """
 
 from __future__ import annotations
@@ -86,24 +95,34 @@ def save_checkpoint(
     scheduler: Any,
     data_state: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    optimizer_parts: int = 0,
 ) -> Path:
     """Write `checkpoints/step-N/{adapter,state}` atomically and point `adapter`, `state` at it.
 
     ``save_adapter(folder)`` writes the PEFT adapter (``model.save_pretrained``).
+    ``optimizer_parts`` > 0: ``optimizer`` is None and the processes have written that many parts of
+    it into :func:`pending_folder` (:func:`save_optimizer_part`), which this completes.
     """
     ckpt_root = run_dir / CHECKPOINTS
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:06d}"
-    tmp = ckpt_root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if optimizer_parts:
+        tmp = pending_folder(run_dir, step)
+    else:
+        tmp = ckpt_root / f".tmp-step-{step:06d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_adapter(tmp / "adapter")
-        (tmp / "state").mkdir(parents=True)
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-            tmp / "state" / "training_state.pt",
-        )
+        (tmp / "state").mkdir(parents=True, exist_ok=bool(optimizer_parts))
+        states = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+        if optimizer_parts:
+            _check_parts(tmp, optimizer_parts)
+        else:
+            states = {"optimizer": optimizer.state_dict(), **states}
+        torch.save(states, tmp / "state" / "training_state.pt")
         meta = {"step": step, "data": data_state, **(extra or {})}
+        if optimizer_parts:
+            meta["world_size"] = optimizer_parts
         (tmp / "state" / "trainer_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         fsync_tree(tmp)
         if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
@@ -112,9 +131,7 @@ def save_checkpoint(
         _fsync_dir(ckpt_root)
     except Exception as e:  # disk full, quota, permissions (safetensors raises its own type for these)
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise FimtuneError(f"could not write checkpoint step {step} in '{ckpt_root}' ({e}); {kept}") from e
+        raise FimtuneError(f"could not write checkpoint step {step} in '{ckpt_root}' ({e}); {_kept(run_dir)}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -123,6 +140,57 @@ def save_checkpoint(
     _fsync_dir(run_dir)
     prune(run_dir, keep=KEEP_LAST)
     return final
+
+
+def pending_folder(run_dir: Path, step: int) -> Path:
+    """The temporary folder every process writes its optimizer part of checkpoint ``step`` into."""
+    return run_dir / CHECKPOINTS / f".tmp-step-{step:06d}-parts"
+
+
+def start_pending(run_dir: Path, step: int) -> None:
+    """Create an empty :func:`pending_folder` (the main process, before any process writes to it)."""
+    folder = pending_folder(run_dir, step)
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "state").mkdir(parents=True)
+
+
+def optimizer_part_path(folder: Path, rank: int) -> Path:
+    return folder / "state" / f"optimizer-rank{rank}.pt"
+
+
+def save_optimizer_part(run_dir: Path, step: int, rank: int, optimizer: Any) -> None:
+    """Write process ``rank``'s part of the optimizer state into the pending checkpoint ``step``."""
+    path = optimizer_part_path(pending_folder(run_dir, step), rank)
+    try:
+        torch.save(optimizer.state_dict(), path)
+    except Exception as e:  # disk full, quota, permissions
+        raise FimtuneError(f"could not write checkpoint step {step}: '{path}' ({e}); {_kept(run_dir)}") from e
+
+
+def _kept(run_dir: Path) -> str:
+    previous = latest_checkpoint(run_dir)
+    return f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+
+
+def _check_parts(folder: Path, world_size: int) -> None:
+    missing = [r for r in range(world_size) if not optimizer_part_path(folder, r).is_file()]
+    if missing:
+        raise FimtuneError(
+            f"the optimizer state of process(es) {missing} is missing from '{folder / 'state'}': with a sharded "
+            "optimizer (DeepSpeed, FSDP) every process writes its part, so output_dir must be on a filesystem "
+            "all machines share"
+        )
+
+
+def read_optimizer_part(ckpt: Path, rank: int) -> dict[str, Any]:
+    """Process ``rank``'s part of the optimizer state in checkpoint folder ``ckpt``."""
+    path = optimizer_part_path(ckpt, rank)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise FimtuneError(
+            f"checkpoint '{ckpt}' is unreadable ({e}); delete it to resume from the one before"
+        ) from None
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

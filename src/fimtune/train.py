@@ -9,6 +9,7 @@ the mean over its tokens however they fall into micro-batches.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -49,13 +50,18 @@ class Setup:
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices, none on norms, biases and embeddings rows (1-D)."""
+    """AdamW groups: decay on matrices, none on norms, biases and embeddings rows (1-D).
+
+    An empty group is left out (LoRA alone has no 1-D parameters): DeepSpeed drops empty groups,
+    and the learning-rate schedule, built on the optimizer's groups, would then have one too many.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def make_accelerator(cfg: RunConfig) -> Any:
@@ -82,9 +88,11 @@ def setup(cfg: RunConfig, accelerator: Any) -> Setup:
     from accelerate.utils import set_seed
 
     from fimtune.dataset import training_rows
+    from fimtune.engines import configure_deepspeed, refuse_fsdp
     from fimtune.model import add_token_rows, load_base_model
     from fimtune.tokens import ensure_fim_tokens
 
+    refuse_fsdp(accelerator)
     set_seed(cfg.seed)
     tokenizer = _fresh_tokenizer(cfg.model.name_or_path)
     fim_tokens, added = ensure_fim_tokens(tokenizer)
@@ -97,6 +105,7 @@ def setup(cfg: RunConfig, accelerator: Any) -> Setup:
     rows_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world
     max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * n_rows / rows_per_step))
     optimizer, scheduler = make_optimizer(model, cfg, accelerator.device, max_steps)
+    configure_deepspeed(accelerator, cfg.train.batch_size, cfg.train.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     return Setup(
         accelerator,
@@ -116,6 +125,7 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
     """A loaded base model made ready to train: checkpointing, k-bit preparation, LoRA, the fast
     path (attention dropout off under `varlen`, LoRA inputs uncast, compiled blocks);
     returns it with the loss chunk (tokens; 0: whole logits)."""
+    from fimtune.engines import sharded_parameters
     from fimtune.fast import VARLEN, disable_attention_dropout, speed_up
     from fimtune.model import attach_lora
 
@@ -137,7 +147,17 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
     autocast = accelerator.mixed_precision in ("bf16", "fp16")
     for note in speed_up(model, want_compile, autocast, tc.activation_memory):
         log.info(note)
-    return model, tc.loss_chunk_tokens if tc.loss_chunk_tokens is not None else (4096 if cuda else 0)
+    chunk = tc.loss_chunk_tokens if tc.loss_chunk_tokens is not None else (4096 if cuda else 0)
+    if chunk and (engine := sharded_parameters(accelerator)):
+        # The chunked loss calls the output head outside the model's forward, where its weight is split.
+        log.info(
+            "the loss takes all logits at once (no chunks of %d tokens): under %s the output head is "
+            "whole only inside the model's forward",
+            chunk,
+            engine,
+        )
+        chunk = 0
+    return model, chunk
 
 
 def make_optimizer(model: Any, cfg: RunConfig, device: torch.device, max_steps: int) -> tuple[Any, Any]:
@@ -217,22 +237,35 @@ def summed_loss(model: Any, batch: dict[str, torch.Tensor], chunk: int = 0) -> t
 @torch.no_grad()
 def validate(s: Setup, max_batches: int | None) -> dict[str, float]:
     """Mean validation loss per label token (all processes), with perplexity."""
+    from fimtune.engines import eval_model, sharded_parameters
+
+    acc = s.accelerator
     s.model.eval()
-    # The unwrapped model: no DDP hooks, so processes may run different numbers of batches.
-    model = s.accelerator.unwrap_model(s.model)
-    total = torch.zeros(2, device=s.accelerator.device, dtype=torch.float64)
-    for i, batch in enumerate(s.make_eval_rows()):
-        if max_batches is not None and i >= max_batches:
+    # Under ZeRO-3 and FSDP every forward gathers parameters from all processes: all run as many
+    # forwards, those out of batches on a batch without labels (row counts differ by up to one).
+    lockstep = sharded_parameters(acc) is not None
+    model = eval_model(acc, s.model)
+    total = torch.zeros(2, device=acc.device, dtype=torch.float64)
+    batches = s.make_eval_rows()
+    for i in itertools.count():
+        batch = next(batches, None) if max_batches is None or i < max_batches else None
+        if lockstep and acc.reduce(torch.tensor(float(batch is not None), device=acc.device), "sum") > 0:
+            batch = batch if batch is not None else NO_LABELS_BATCH
+        if batch is None:
             break
-        with s.accelerator.autocast():
-            loss, n = summed_loss(model, _to_device(batch, s.accelerator.device), s.loss_chunk)
+        with acc.autocast():
+            loss, n = summed_loss(model, _to_device(batch, acc.device), s.loss_chunk)
         total += torch.tensor([loss.item(), n], device=total.device, dtype=torch.float64)
     s.model.train()
-    total = s.accelerator.reduce(total, reduction="sum")
+    total = acc.reduce(total, reduction="sum")
     if total[1] == 0:
         return {}
     mean = float(total[0] / total[1])
     return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), "val_tokens": int(total[1])}
+
+
+# One token, no label: a forward that adds nothing to the validation loss.
+NO_LABELS_BATCH = {"input_ids": [[0]], "labels": [[IGNORE_INDEX]]}
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -303,10 +336,14 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> tuple[float, floa
     n_tokens = _global_label_tokens(acc, batches)
     step_loss = 0.0
     for i, batch in enumerate(batches):
-        ctx = acc.no_sync(s.model) if i < len(batches) - 1 else _nullcontext()
+        last = i == len(batches) - 1
+        # The backward of the last micro-batch ends the window: DeepSpeed's engine then reduces,
+        # clips and steps (inside `acc.backward`; `optimizer.step()` below is a no-op there).
+        acc.sync_gradients = last
+        ctx = acc.no_sync(s.model) if not last else _nullcontext()
         with ctx, acc.autocast():
             loss, _ = summed_loss(s.model, batch, s.loss_chunk)
-            # DDP averages gradients over processes: scale so the result is the global mean.
+            # DDP (and DeepSpeed) average gradients over processes: scale so the result is the global mean.
             acc.backward(loss * acc.num_processes / n_tokens)
         step_loss += loss.item()
     if not math.isfinite(step_loss):
@@ -314,6 +351,7 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> tuple[float, floa
             f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept in {run_dir} "
             "(lower train.learning_rate or use model.dtype=fp32)"
         )
+    # Under DeepSpeed this clips nothing (its step did, by train.max_grad_norm) and returns the norm it saw.
     grad_norm = acc.clip_grad_norm_(s.model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
     s.optimizer.step()
     s.scheduler.step()
@@ -359,9 +397,20 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
 
 
 def save(s: Setup, run_dir: Path, step: int) -> None:
+    """Checkpoint ``step``: the main process writes it, except a split optimizer state (DeepSpeed ZeRO,
+    sharded FSDP), of which every process writes its part first."""
+    from fimtune.engines import optimizer_sharding
+
     acc = s.accelerator
     acc.wait_for_everyone()
     state_dict = acc.get_state_dict(s.model)  # collective: gathers shards under FSDP / ZeRO-3
+    sharding = optimizer_sharding(acc)
+    if sharding:
+        if acc.is_main_process:
+            checkpoint.start_pending(run_dir, step)
+        acc.wait_for_everyone()
+        checkpoint.save_optimizer_part(run_dir, step, acc.process_index, s.optimizer)
+        acc.wait_for_everyone()
     if acc.is_main_process:
         model = acc.unwrap_model(s.model)
 
@@ -369,9 +418,30 @@ def save(s: Setup, run_dir: Path, step: int) -> None:
             # PEFT keeps only the adapter's keys. Added token rows are saved by their trainable-token
             # adapter (or modules_to_save), never the whole resized embedding matrix in every checkpoint.
             model.save_pretrained(folder, state_dict=state_dict, save_embedding_layers=False)
+            check_not_empty(folder / "adapter_model.safetensors", model)
 
-        checkpoint.save_checkpoint(run_dir, step, save_adapter, s.optimizer, s.scheduler, s.train_rows.state_dict())
+        data = s.train_rows.state_dict()
+        if sharding:
+            extra = {"optimizer_sharding": sharding}
+            parts = acc.num_processes
+            checkpoint.save_checkpoint(run_dir, step, save_adapter, None, s.scheduler, data, extra, parts)
+        else:
+            checkpoint.save_checkpoint(run_dir, step, save_adapter, s.optimizer, s.scheduler, data)
     acc.wait_for_everyone()
+
+
+def check_not_empty(adapter_file: Path, model: Any) -> None:
+    """Refuse an adapter file without weights from a model that trains some (PEFT selects the adapter's
+    keys by module names, which FSDP's wrapped blocks change: PEFT 0.21 then writes none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_file), framework="pt") as f:
+        if f.keys() or not any(p.requires_grad for p in model.parameters()):
+            return
+    raise FimtuneError(
+        "PEFT wrote the adapter without weights (under FSDP it cannot match the names of FSDP-wrapped blocks): "
+        "train with configs/accelerate/deepspeed-zero3.yaml (parameters sharded too) or deepspeed-zero2.yaml"
+    )
 
 
 def restore(s: Setup, run_dir: Path) -> int:
@@ -379,15 +449,59 @@ def restore(s: Setup, run_dir: Path) -> int:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from fimtune.engines import load_optimizer_part, optimizer_sharding, whole_parameters
+
+    acc = s.accelerator
     ckpt = checkpoint.latest_checkpoint(run_dir)
     meta, state = checkpoint.load_state(ckpt)
+    sharding = optimizer_sharding(acc)
+    check_same_sharding(ckpt, meta, sharding, acc.num_processes)
     weights = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
-    set_peft_model_state_dict(s.accelerator.unwrap_model(s.model), weights)
-    s.optimizer.load_state_dict(state["optimizer"])
+    with whole_parameters(acc, s.model) as model:
+        loaded = set_peft_model_state_dict(model, weights)
+    if loaded.unexpected_keys:  # PEFT loads what matches by name, silently
+        raise FimtuneError(
+            f"the adapter of checkpoint '{ckpt}' does not fit this model: {len(loaded.unexpected_keys)} of its "
+            f"{len(weights)} weights match no parameter (e.g. {loaded.unexpected_keys[0]}); resume with the "
+            "run's own config.yaml and accelerate config"
+        )
+    if sharding:  # after the adapter: DeepSpeed's optimizer may read the parameters
+        load_optimizer_part(acc, s.optimizer, checkpoint.read_optimizer_part(ckpt, acc.process_index))
+    else:
+        drop_empty_groups(state["optimizer"], state["scheduler"])
+        s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
     checkpoint.set_rng_state(state["rng"])
     s.train_rows.load_state_dict(meta["data"])
     return int(meta["step"])
+
+
+def check_same_sharding(ckpt: Path, meta: dict[str, Any], sharding: str | None, world_size: int) -> None:
+    """Refuse a checkpoint whose optimizer state is split differently from this run's."""
+    saved, saved_world = meta.get("optimizer_sharding"), meta.get("world_size")
+    if saved == sharding and (sharding is None or saved_world == world_size):
+        return
+
+    def run(engine: str | None, world: int) -> str:
+        return f"{engine} on {world} process(es)" if engine else "one process or DDP (no split optimizer state)"
+
+    raise FimtuneError(
+        f"checkpoint '{ckpt}' was written under {run(saved, saved_world)} but this run is under "
+        f"{run(sharding, world_size)}: resume with the accelerate config and number of processes it was trained with"
+    )
+
+
+def drop_empty_groups(optimizer_state: dict[str, Any], scheduler_state: dict[str, Any]) -> None:
+    """Remove the empty parameter groups of a checkpoint written before :func:`param_groups` left them out,
+    from the optimizer state and the schedule's per-group lists (in place)."""
+    groups = optimizer_state["param_groups"]
+    keep = [i for i, g in enumerate(groups) if g["params"]]
+    if len(keep) == len(groups):
+        return
+    optimizer_state["param_groups"] = [groups[i] for i in keep]
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+        if isinstance(scheduler_state.get(key), list) and len(scheduler_state[key]) == len(groups):
+            scheduler_state[key] = [scheduler_state[key][i] for i in keep]
 
 
 class MetricsLog:

@@ -1,0 +1,102 @@
+"""Checkpoints whose optimizer state is split over processes: each writes its part, one completes it."""
+
+import json
+
+import pytest
+import torch
+
+from fimtune import checkpoint
+from fimtune.errors import FimtuneError
+
+
+def optimizer_after_a_step(seed: int) -> tuple[torch.nn.Parameter, torch.optim.Optimizer, object]:
+    """A real AdamW one step in; ``seed`` makes its state differ from another process's."""
+    w = torch.nn.Parameter(torch.randn(4, 4, generator=torch.Generator().manual_seed(seed)))
+    opt = torch.optim.AdamW([w], lr=1e-2)
+    w.grad = w.detach() * 0.5
+    opt.step()
+    return w, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def write_adapter(folder):
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+
+
+def write_split_checkpoint(run_dir, step, optimizers) -> None:
+    """What the main process and each process do in turn (`fimtune.train.save`), in one process."""
+    checkpoint.start_pending(run_dir, step)
+    for rank, opt in enumerate(optimizers):
+        checkpoint.save_optimizer_part(run_dir, step, rank, opt)
+    extra = {"optimizer_sharding": "FSDP"}
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizers[0], lambda s: 1.0)
+    checkpoint.save_checkpoint(run_dir, step, write_adapter, None, sched, {"offset": 3}, extra, len(optimizers))
+
+
+def test_split_optimizer_checkpoint_layout(tmp_path):
+    opts = [optimizer_after_a_step(seed)[1] for seed in (0, 1)]
+    write_split_checkpoint(tmp_path, 5, opts)
+    ckpt = checkpoint.latest_checkpoint(tmp_path)
+    assert ckpt.name == "step-000005" and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    files = sorted(p.name for p in (ckpt / "state").iterdir())
+    assert files == ["optimizer-rank0.pt", "optimizer-rank1.pt", "trainer_state.json", "training_state.pt"]
+    meta, state = checkpoint.load_state(ckpt)
+    assert meta["world_size"] == 2 and meta["optimizer_sharding"] == "FSDP" and meta["data"] == {"offset": 3}
+    assert "optimizer" not in state and {"scheduler", "rng"} <= state.keys()
+    for rank, opt in enumerate(opts):
+        part = checkpoint.read_optimizer_part(ckpt, rank)
+        assert torch.equal(part["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_a_missing_part_keeps_the_previous_checkpoint(tmp_path):
+    opts = [optimizer_after_a_step(seed)[1] for seed in (0, 1)]
+    write_split_checkpoint(tmp_path, 5, opts)
+    checkpoint.start_pending(tmp_path, 6)
+    checkpoint.save_optimizer_part(tmp_path, 6, 0, opts[0])  # process 1 wrote elsewhere (no shared filesystem)
+    sched = torch.optim.lr_scheduler.LambdaLR(opts[0], lambda s: 1.0)
+    with pytest.raises(FimtuneError, match=r"process\(es\) \[1\] is missing .* filesystem all machines share"):
+        checkpoint.save_checkpoint(tmp_path, 6, write_adapter, None, sched, {}, None, 2)
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step-000005"
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_whole_optimizer_checkpoint_layout_is_unchanged(tmp_path):
+    _, opt, sched = optimizer_after_a_step(0)
+    checkpoint.save_checkpoint(tmp_path, 1, write_adapter, opt, sched, {"offset": 0})
+    ckpt = checkpoint.latest_checkpoint(tmp_path)
+    assert sorted(p.name for p in (ckpt / "state").iterdir()) == ["trainer_state.json", "training_state.pt"]
+    assert json.loads((ckpt / "state" / "trainer_state.json").read_text()) == {"step": 1, "data": {"offset": 0}}
+    assert {"optimizer", "scheduler", "rng"} == checkpoint.load_state(ckpt)[1].keys()
+
+
+def _two_writers(rank: int, run_dir, store) -> None:
+    """One of two processes (gloo): each writes its own optimizer's part, then reloads exactly its own."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        w, opt, sched = optimizer_after_a_step(seed=rank)
+        if rank == 0:
+            checkpoint.start_pending(run_dir, 1)
+        dist.barrier()
+        checkpoint.save_optimizer_part(run_dir, 1, rank, opt)
+        dist.barrier()
+        if rank == 0:
+            checkpoint.save_checkpoint(run_dir, 1, write_adapter, None, sched, {}, {"optimizer_sharding": "x"}, 2)
+        dist.barrier()
+        fresh = torch.optim.AdamW([w], lr=1e-2)
+        fresh.load_state_dict(checkpoint.read_optimizer_part(checkpoint.latest_checkpoint(run_dir), rank))
+        mine = optimizer_after_a_step(seed=rank)[1].state_dict()["state"][0]["exp_avg"]
+        other = optimizer_after_a_step(seed=1 - rank)[1].state_dict()["state"][0]["exp_avg"]
+        assert torch.equal(fresh.state[w]["exp_avg"], mine) and not torch.equal(mine, other)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_write_and_reload_their_own_parts(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_writers, args=(tmp_path / "run", tmp_path / "store"), nprocs=2)
+    ckpt = checkpoint.latest_checkpoint(tmp_path / "run")
+    assert checkpoint.load_state(ckpt)[0]["world_size"] == 2

@@ -1,0 +1,103 @@
+"""What the loop does under DeepSpeed and FSDP, decided from accelerate's state (no deepspeed needed).
+
+The accelerators here are stand-ins carrying only the state these decisions read; the engines
+themselves run in the DeepSpeed CPU experiments described in fimtune/engines.py's module docstring.
+"""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+
+from fimtune.config import load_run_config
+from fimtune.engines import configure_deepspeed, optimizer_sharding, refuse_fsdp, sharded_parameters
+from fimtune.errors import FimtuneError
+from fimtune.train import prepare_model
+from tests import tiny
+
+
+def deepspeed(stage: int, processes: int = 2, **config) -> SimpleNamespace:
+    plugin = SimpleNamespace(zero_stage=stage, deepspeed_config=config)
+    return SimpleNamespace(
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+        distributed_type=DistributedType.DEEPSPEED,
+        num_processes=processes,
+        device=torch.device("cpu"),
+        mixed_precision="no",
+    )
+
+
+def fsdp(strategy: str, processes: int) -> SimpleNamespace:
+    plugin = SimpleNamespace(sharding_strategy=SimpleNamespace(name=strategy), reshard_after_forward=None)
+    return SimpleNamespace(
+        state=SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=plugin),
+        distributed_type=DistributedType.FSDP,
+        is_fsdp2=False,
+        num_processes=processes,
+    )
+
+
+def ddp(processes: int = 2) -> SimpleNamespace:
+    return SimpleNamespace(
+        state=SimpleNamespace(deepspeed_plugin=None),
+        distributed_type=DistributedType.MULTI_CPU,
+        num_processes=processes,
+        device=torch.device("cpu"),
+        mixed_precision="no",
+    )
+
+
+def test_deepspeed_gets_the_run_configs_batch_and_clipping():
+    acc = deepspeed(2, gradient_accumulation_steps=1, gradient_clipping=1.0, train_micro_batch_size_per_gpu="auto")
+    configure_deepspeed(acc, batch_size=4, max_grad_norm=0.5)
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["train_batch_size"] == 8
+    assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 0.5
+    configure_deepspeed(acc, batch_size=4, max_grad_norm=0)
+    assert ds["gradient_clipping"] == 0.0  # no clipping, as without DeepSpeed
+
+
+def test_deepspeed_accumulation_of_its_own_is_refused():
+    with pytest.raises(FimtuneError, match="train.gradient_accumulation_steps=8"):
+        configure_deepspeed(deepspeed(2, gradient_accumulation_steps=8), batch_size=4, max_grad_norm=1.0)
+
+
+def test_configure_deepspeed_leaves_other_engines_alone():
+    configure_deepspeed(ddp(), batch_size=4, max_grad_norm=1.0)  # no plugin: nothing to do
+
+
+@pytest.mark.parametrize(
+    ("acc", "split_optimizer", "split_parameters"),
+    [
+        (deepspeed(1, processes=1), "DeepSpeed ZeRO-1", None),
+        (deepspeed(2), "DeepSpeed ZeRO-2", None),
+        (deepspeed(3), "DeepSpeed ZeRO-3", "DeepSpeed ZeRO-3"),
+        (fsdp("FULL_SHARD", 2), "FSDP", "FSDP"),
+        (fsdp("SHARD_GRAD_OP", 2), "FSDP", "FSDP"),
+        (fsdp("NO_SHARD", 2), None, "FSDP"),
+        (fsdp("FULL_SHARD", 1), None, "FSDP"),
+        (ddp(), None, None),
+    ],
+)
+def test_which_engines_split_the_optimizer_and_the_parameters(acc, split_optimizer, split_parameters):
+    assert optimizer_sharding(acc) == split_optimizer
+    assert sharded_parameters(acc) == split_parameters
+
+
+def test_chunked_loss_falls_back_to_whole_logits_under_zero3(tiny_tokenizer, caplog):
+    cfg = load_run_config(None, ["model.name_or_path=x", "train.loss_chunk_tokens=16", "train.compile=false"])
+    with caplog.at_level(logging.INFO, logger="fimtune.train"):
+        _, chunk = prepare_model(tiny.llama(len(tiny_tokenizer)), cfg, deepspeed(3), [])
+    assert chunk == 0
+    assert any("DeepSpeed ZeRO-3" in r.getMessage() and "all logits" in r.getMessage() for r in caplog.records)
+    _, chunk = prepare_model(tiny.llama(len(tiny_tokenizer)), cfg, deepspeed(2), [])
+    assert chunk == 16  # ZeRO-2 keeps whole parameters: the chunked loss stays
+
+
+def test_fsdp_is_refused_before_anything_loads():
+    with pytest.raises(FimtuneError, match="FSDP does not work yet.*deepspeed-zero3.yaml"):
+        refuse_fsdp(fsdp("FULL_SHARD", 2))
+    refuse_fsdp(deepspeed(3))
+    refuse_fsdp(ddp())

@@ -1,0 +1,97 @@
+"""The scale-out check (benchmarks/scaleout_gpu.py): its plan, its reading of failed launches, and its
+CPU mode end to end (on a GPU it also launches FSDP and DeepSpeed; see its docstring)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+SCRIPT = ROOT / "benchmarks" / "scaleout_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def scaleout():
+    spec = importlib.util.spec_from_file_location("scaleout_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_plan_runs_every_engine_against_plain_and_chains_resume_after_stop(scaleout):
+    jobs = scaleout.plan_jobs(["plain", "fsdp", "zero2"], ["llama", "gpt_bigcode"], ["fp32", "bf16"])
+    names = {j.name for j in jobs}
+    assert {
+        f"llama-fp32-{e}-{k}" for e in ("plain", "fsdp", "zero2") for k in ("full", "stop", "resume", "ga2")
+    } <= names
+    # bf16 and GPTBigCode: `full` only; GPTBigCode in fp32 only.
+    assert {j.kind for j in jobs if j.precision == "bf16" or j.family == "gpt_bigcode"} == {"full"}
+    assert not [j for j in jobs if j.family == "gpt_bigcode" and j.precision == "bf16"]
+    by_name = {j.name: j for j in jobs}
+    assert by_name["llama-fp32-zero2-resume"].after == "llama-fp32-zero2-stop"
+    assert by_name["llama-fp32-zero2-ga2"].after == "llama-fp32-zero2-full"
+    assert by_name["llama-fp32-zero2-resume"].run_name == by_name["llama-fp32-zero2-stop"].run_name
+    ordered = sorted(jobs, key=lambda j: j.priority)
+    assert ordered[0].name == "llama-fp32-plain-stop" and ordered[-1].family == "gpt_bigcode"
+
+
+def test_jobs_that_do_not_fit_the_budget_are_skipped_not_launched(scaleout, tmp_path):
+    jobs = scaleout.plan_jobs(["plain", "zero3"], ["llama"], ["fp32"])
+    scaleout.schedule(jobs, {}, tmp_path, deadline=time.monotonic() + 5, workers=2)
+    assert {j.status for j in jobs} == {"skipped"}
+    assert all("budget" in j.note or "did not succeed" in j.note for j in jobs)
+    rows = scaleout.compare(jobs, tmp_path)
+    assert [r.status for r in rows] == ["skipped", "skipped"]
+
+
+LAUNCH_LOG = """\
+model            /tmp/base-llama (llama, 65,184 parameters)
+[rank0]: Traceback (most recent call last):
+[rank0]:   File "/work/src/fimtune/train.py", line 100, in setup
+[rank0]:     model, optimizer = accelerator.prepare(model, optimizer)
+[rank0]: ValueError: When using DeepSpeed, `accelerate.prepare()` requires you to pass at least one of ...
+E1126 02:06:44.370000 21587 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1)
+Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+"""
+
+
+def test_a_failed_launch_is_summed_up_by_the_worker_error_not_the_launcher_report(scaleout):
+    assert scaleout.last_error(LAUNCH_LOG).startswith("ValueError: When using DeepSpeed")
+    tail = scaleout.error_tail(LAUNCH_LOG)
+    assert "accelerator.prepare" in tail and "ChildFailedError" not in tail
+    plain = "Traceback (most recent call last):\n  File 'x'\nKeyError: 0\n"
+    assert scaleout.last_error(plain) == "KeyError: 0"
+
+
+@pytest.mark.slow
+def test_cpu_mode_runs_plain_full_resume_and_accumulation_and_writes_the_table(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--families", "llama", "--workers", "2", "--budget-s", "300"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"OMP_NUM_THREADS": "1", "PATH": "", "HOME": str(tmp_path)},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / "scaleout.json").read_text())
+    assert report["notes"] == ["no CUDA device: plain runs only (fp32)"]
+    (row,) = report["rows"]
+    assert (row["engine"], row["status"], row["steps"]) == ("plain", "ok", 6)
+    # Two micro-batches of 2 rows give the losses of one of 4; stop + resume gives the same adapter.
+    assert row["ga2_loss_diff"] < 1e-4
+    assert row["resume_ok"] and row["resume_adapter_diff"] < 1e-6
+    assert {j["kind"]: j["status"] for j in report["launches"]} == dict.fromkeys(
+        ("full", "stop", "resume", "ga2"), "ok"
+    )
+    table = (out / "scaleout.md").read_text()
+    assert "| plain | llama | fp32 | 6 |" in table and "| plain | llama | fp32 | 6 |" in proc.stdout
