@@ -23,8 +23,8 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
                       single key/value head 16 times                              (diagnostics)
     server ...        uvicorn on 127.0.0.1, 16 clients x 10 OpenAI `/v1/completions` FIM requests
                       (1,024 + 32 tokens each; target p95 <= 200 ms) with the server's defaults
-                      (continuous batching); then variants: each batch run to its end (the earlier
-                      engine), longer batching waits
+                      (each batch runs to its end); then variants: continuous batching with rows
+                      joining as they come, or 4 at a time (or after 20 ms); longer batching waits
     generate static   `generate(cache_implementation="static")`: transformers compiles its own step
                       (the first calls; their time is its warm-up)
 
@@ -512,34 +512,41 @@ def server_rows(s: Setup, engine: Any, args: argparse.Namespace, deadline: float
             raise RuntimeError("the engine's worker did not finish its warm-up in time")
         ready_s = time.perf_counter() - began
         load(s, url, CLIENTS, 1)  # one untimed request per client: connections, first batches
-        default_wait, default_joins = engine.limits.batch_wait_ms, engine.limits.continuous_batching
-        # (batching wait ms, continuous batching): the server's defaults, then variants
-        variants = [(default_wait, default_joins), (default_wait, False)]
-        variants += [(ms, default_joins) for ms in args.batch_wait_variants]
-        for wait_ms, joins in variants:
+        defaults = copy.copy(engine.limits)
+        # limits changed per run: the server's defaults (no joins), rows joining as they come, rows
+        # joining 4 at a time (or after 20 ms), then longer batching waits
+        joins = {"continuous_batching": True, "join_min_rows": 1, "join_wait_ms": 0.0}
+        variants: list[dict[str, Any]] = [{}, joins, {**joins, "join_min_rows": 4, "join_wait_ms": 20.0}]
+        variants += [{"batch_wait_ms": ms} for ms in args.batch_wait_variants]
+        for changes in variants:
             if time.monotonic() > deadline - 10:
-                print(f"-- server, batch wait {wait_ms:g} ms: skipped (budget)", flush=True)
+                print(f"-- server {changes}: skipped (budget)", flush=True)
                 continue
-            engine.limits.batch_wait_ms, engine.limits.continuous_batching = wait_ms, joins
+            for name, value in changes.items():
+                setattr(engine.limits, name, value)
             try:
-                rows.append(server_run(s, engine, url, wait_ms, joins, ready_s))
+                rows.append(server_run(s, engine, url, ready_s))
             finally:
-                engine.limits.batch_wait_ms, engine.limits.continuous_batching = default_wait, default_joins
+                for name in changes:
+                    setattr(engine.limits, name, getattr(defaults, name))
     finally:
         server.should_exit = True
     return rows
 
 
-def server_run(s: Setup, engine: Any, url: str, wait_ms: float, joins: bool, ready_s: float) -> dict[str, Any]:
-    stats = engine.decoder.stats
+def server_run(s: Setup, engine: Any, url: str, ready_s: float) -> dict[str, Any]:
+    stats, lim = engine.decoder.stats, engine.limits
     batches, forwards, joined = stats.batches, stats.forwards, stats.joined
     began = time.perf_counter()
     seconds, usages, errors = load(s, url, CLIENTS, REQUESTS_PER_CLIENT)
     wall = time.perf_counter() - began
+    joins = f"joins {lim.join_min_rows}/{lim.join_wait_ms:g}ms" if lim.continuous_batching else "no joins"
     row: dict[str, Any] = {
-        "scenario": f"server 16, {_graphs(engine)}, wait {wait_ms:g}ms{'' if joins else ', no joins'}",
-        "batch_wait_ms": wait_ms,
-        "continuous_batching": joins,
+        "scenario": f"server 16, {_graphs(engine)}, wait {lim.batch_wait_ms:g}ms, {joins}",
+        "batch_wait_ms": lim.batch_wait_ms,
+        "continuous_batching": lim.continuous_batching,
+        "join_min_rows": lim.join_min_rows,
+        "join_wait_ms": lim.join_wait_ms,
         "joined": stats.joined - joined,
         "requests": CLIENTS * REQUESTS_PER_CLIENT,
         "errors": len(errors),

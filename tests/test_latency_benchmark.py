@@ -30,5 +30,6 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
         assert engine["new_tokens_mean"] == plain["new_tokens_mean"] == 32
         assert engine["same_tokens_as_generate"] == 32
     served = [r for name, r in rows.items() if name.startswith("server 16")]
-    assert len(served) == 4 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
-    assert [r["continuous_batching"] for r in served] == [True, False] * 2 and served[1]["joined"] == 0
+    assert len(served) == 6 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
+    assert [r["continuous_batching"] for r in served] == [False, True, True] * 2 and served[0]["joined"] == 0
+    assert served[1]["join_min_rows"] == 1 and served[2]["join_min_rows"] == 4

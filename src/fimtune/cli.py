@@ -313,9 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU: decode eagerly (default: static KV cache + compiled steps replayed as CUDA graphs)",
     )
     srv.add_argument(
-        "--no-continuous-batching",
+        "--continuous-batching",
         action="store_true",
-        help="GPU: a batch runs to its end before the next starts (default: waiting requests join the batch in flight)",
+        help="GPU: waiting requests join the batch in flight (default: a batch runs to its end before the next)",
     )
     lim = srv.add_argument_group("limits (shown in GET /info)")
     lim.add_argument("--max-input-tokens", type=int, help="prompt tokens; FIM prompts are fitted (default 2048)")
@@ -324,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--timeout", type=float, help="seconds a request may take, queue included (default 60)")
     lim.add_argument("--queue-size", type=int, help="requests waiting before 503 + Retry-After (default 32)")
     lim.add_argument("--max-batch-size", type=int, help="requests generated together (default 8)")
+    lim.add_argument(
+        "--join-min-rows", type=int, help="GPU, --continuous-batching: rows join once this many wait (default 1)"
+    )
+    lim.add_argument(
+        "--join-wait-ms",
+        type=float,
+        help="GPU, --continuous-batching: ... or once the first waited this long (default 0)",
+    )
     srv.set_defaults(func=cmd_serve)
 
     merge = sub.add_parser(

@@ -191,7 +191,14 @@ def engine_gauges(engine: Engine) -> dict[str, tuple[str, str, Any]]:
 def limits_from_args(ns: Any) -> Limits:
     """Limits from `fimtune serve` flags (a flag left out keeps the default), checked."""
     lim = Limits()
-    for name in ("max_body_bytes", "max_input_tokens", "max_new_tokens", "queue_size", "max_batch_size"):
+    for name in (
+        "max_body_bytes",
+        "max_input_tokens",
+        "max_new_tokens",
+        "queue_size",
+        "max_batch_size",
+        "join_min_rows",
+    ):
         value = getattr(ns, name, None)
         if value is not None:
             if value < 1:
@@ -202,10 +209,15 @@ def limits_from_args(ns: Any) -> Limits:
         if timeout <= 0:
             raise FimtuneError(f"--timeout must be more than 0 seconds (got {timeout})")
         lim.timeout_s = timeout
+    join_wait = getattr(ns, "join_wait_ms", None)
+    if join_wait is not None:
+        if join_wait < 0:
+            raise FimtuneError(f"--join-wait-ms must be 0 or more (got {join_wait})")
+        lim.join_wait_ms = join_wait
     if getattr(ns, "no_cuda_graphs", False):
         lim.cuda_graphs = False
-    if getattr(ns, "no_continuous_batching", False):
-        lim.continuous_batching = False
+    if getattr(ns, "continuous_batching", False):
+        lim.continuous_batching = True
     if lim.max_input_tokens <= 8:
         raise FimtuneError("--max-input-tokens must be more than 8 (the FIM tokens and some code)")
     return lim

@@ -156,7 +156,7 @@ class StaticDecoding:
         max_batch_size: int,
         backend: str | None = "inductor",
         mode: str | None = "reduce-overhead",
-        grouped: bool = True,
+        grouped: bool = False,
         graphs: str = "trees",
         compile_prefill: bool = False,
     ) -> None:
