@@ -26,6 +26,7 @@ def deepspeed(stage: int, processes: int = 2, **config) -> SimpleNamespace:
         num_processes=processes,
         device=torch.device("cpu"),
         mixed_precision="no",
+        native_amp=False,
     )
 
 
@@ -46,6 +47,7 @@ def ddp(processes: int = 2) -> SimpleNamespace:
         num_processes=processes,
         device=torch.device("cpu"),
         mixed_precision="no",
+        native_amp=False,
     )
 
 
@@ -101,3 +103,17 @@ def test_fsdp_is_refused_before_anything_loads():
         refuse_fsdp(fsdp("FULL_SHARD", 2))
     refuse_fsdp(deepspeed(3))
     refuse_fsdp(ddp())
+
+
+def test_lora_inputs_keep_their_casts_without_torch_autocast(tiny_tokenizer, caplog):
+    """DeepSpeed runs bf16 without torch autocast (`native_amp` off): PEFT's casts of LoRA inputs stay."""
+    cfg = load_run_config(None, ["model.name_or_path=x", "train.compile=false"])
+    under_deepspeed = deepspeed(3)
+    under_deepspeed.mixed_precision = "bf16"  # as accelerate reports it under DeepSpeed's bf16
+    with caplog.at_level(logging.INFO, logger="fimtune.train"):
+        prepare_model(tiny.llama(len(tiny_tokenizer)), cfg, under_deepspeed, [])
+        assert not any("LoRA inputs" in r.getMessage() for r in caplog.records)
+        amp = ddp()
+        amp.native_amp = True
+        prepare_model(tiny.llama(len(tiny_tokenizer)), cfg, amp, [])
+    assert any("LoRA inputs stay in the autocast dtype" in r.getMessage() for r in caplog.records)

@@ -144,7 +144,8 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
         )
     cuda = accelerator.device.type == "cuda"
     want_compile = tc.compile if tc.compile is not None else cuda and cfg.model.quantization == "none"
-    autocast = accelerator.mixed_precision in ("bf16", "fp16")
+    # Torch autocast, which makes LoRA's input casts needless; not under DeepSpeed (bf16 weights instead).
+    autocast = bool(accelerator.native_amp)
     for note in speed_up(model, want_compile, autocast, tc.activation_memory):
         log.info(note)
     chunk = tc.loss_chunk_tokens if tc.loss_chunk_tokens is not None else (4096 if cuda else 0)
