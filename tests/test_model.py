@@ -73,6 +73,15 @@ def test_local_folder_model_loads(tmp_path, tiny_tokenizer):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
+def test_a_model_folder_with_pickled_weights_only_is_refused(tmp_path, tiny_tokenizer):
+    model = tiny.llama(len(tiny_tokenizer))
+    folder = tiny.save_model_folder(model, tiny_tokenizer, tmp_path / "m")
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # as older checkpoints ship
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FimtuneError, match="only pickled weights .*pytorch_model.bin.*safetensors only"):
+        load_base_model(ModelConfig(name_or_path=str(tmp_path / "m")), torch.device("cpu"))
+
+
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FimtuneError, match="no config.json"):

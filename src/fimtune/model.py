@@ -123,8 +123,14 @@ def _label(src: ModelSource) -> str:
 def load_base_model(
     cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None = None, training: bool = False
 ) -> Any:
-    """The base causal LM on ``device``: dtype, attention and quantization from ``cfg``."""
+    """The base causal LM on ``device``: dtype, attention and quantization from ``cfg``.
+
+    Weights load from safetensors only (pickled ones can run code): a folder with only `.bin`
+    files is refused with what to do.
+    """
     from transformers import AutoModelForCausalLM
+
+    from fimtune.generate import require_safetensors
 
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     src = resolve_model(cfg.name_or_path)
@@ -132,14 +138,17 @@ def load_base_model(
         "dtype": dtype,
         "attn_implementation": attn_implementation(cfg.attn_implementation, device, training),
         "trust_remote_code": cfg.trust_remote_code,
+        "use_safetensors": True,
     }
     if cfg.quantization != "none":
         kwargs["quantization_config"] = quantization_config(cfg.quantization, device)
         kwargs["device_map"] = {"": device.index or 0}
     path = str(materialize_gguf(src)) if src.gguf_file else src.name_or_path
     local = Path(path).exists()
+    where = path if local else offline_path(path)
+    require_safetensors(Path(where), "model folder")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path if local else offline_path(path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except OSError as e:
         if local:
             raise FimtuneError(f"could not load model from '{path}': {e}") from None
