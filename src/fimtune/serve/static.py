@@ -8,8 +8,9 @@ CUDA graph replays all of a step's kernels at once; it needs fixed shapes and fi
               the next bucket with copies of its first row (their outputs are dropped)
     cache     a transformers StaticCache per bucket, [B, kv heads, max_length, head dim] a layer,
               allocated once; rewound (`reset()`) for each batch
-    prefill   eager, on the n real rows into a DynamicCache (as on a CPU); its keys and values
-              are then written into slots 0..T-1 of the bucket's cache (T: the longest prompt)
+    prefill   eager (or compiled: ``compile_prefill``), on the n real rows into a DynamicCache;
+              its keys and values are then written into slots 0..T-1 of the bucket's cache
+              (T: the longest prompt)
     step      ids [B, 1], positions [B, 1], mask [B, 1, 1, max_length] -> logits [B, V]: three
               buffers filled in place, and a forward compiled with
               `torch.compile(mode="reduce-overhead")` (inductor kernels, replayed as CUDA graphs)
@@ -38,9 +39,10 @@ first (:meth:`StaticSession.grow`: its cache rows, mask and positions are copied
 
 Grouped-query attention (StarCoder's single key/value head, Llama's GQA) with a 4D mask makes
 transformers' SDPA path repeat the key/value heads to the query heads' number in every step:
-16 times StarCoder's whole cache, written and read again. :func:`grouped_sdpa` instead folds the
-query heads that share a key/value head into that head's query rows for one-token steps, so
-SDPA reads each cached key and value once.
+16 times StarCoder's whole cache, written and read again. :func:`grouped_sdpa` (``grouped=True``)
+instead folds the query heads that share a key/value head into that head's query rows for
+one-token steps, so SDPA reads each cached key and value once. It is off by default: on an H200
+it was slower (SDPA then runs one head's worth of thread blocks; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
