@@ -18,16 +18,21 @@ from fimtune.train import prepare_model
 from tests import tiny
 
 
-def deepspeed(stage: int, processes: int = 2, **config) -> SimpleNamespace:
-    plugin = SimpleNamespace(zero_stage=stage, deepspeed_config=config)
+def accelerator(kind: DistributedType, processes: int, deepspeed_plugin: object = None) -> SimpleNamespace:
+    """What fimtune reads of an Accelerator, for a CPU run without torch autocast."""
     return SimpleNamespace(
-        state=SimpleNamespace(deepspeed_plugin=plugin),
-        distributed_type=DistributedType.DEEPSPEED,
+        state=SimpleNamespace(deepspeed_plugin=deepspeed_plugin),
+        distributed_type=kind,
         num_processes=processes,
         device=torch.device("cpu"),
         mixed_precision="no",
         native_amp=False,
     )
+
+
+def deepspeed(stage: int, processes: int = 2, **config) -> SimpleNamespace:
+    plugin = SimpleNamespace(zero_stage=stage, deepspeed_config=config)
+    return accelerator(DistributedType.DEEPSPEED, processes, plugin)
 
 
 def fsdp(strategy: str, processes: int) -> SimpleNamespace:
@@ -41,14 +46,7 @@ def fsdp(strategy: str, processes: int) -> SimpleNamespace:
 
 
 def ddp(processes: int = 2) -> SimpleNamespace:
-    return SimpleNamespace(
-        state=SimpleNamespace(deepspeed_plugin=None),
-        distributed_type=DistributedType.MULTI_CPU,
-        num_processes=processes,
-        device=torch.device("cpu"),
-        mixed_precision="no",
-        native_amp=False,
-    )
+    return accelerator(DistributedType.MULTI_CPU, processes)
 
 
 def test_deepspeed_gets_the_run_configs_batch_and_clipping():

@@ -52,18 +52,24 @@ def varlen_supported(device: torch.device) -> bool:
     )
 
 
+def register_attention(name: str, attention: Any) -> str:
+    """Register an attention function with transformers under ``name``, with SDPA's mask function
+    (idempotent); return ``name``, for `attn_implementation` / `set_attn_implementation`."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
 def register_varlen() -> str:
     """Register :func:`varlen_attention` with transformers (idempotent); return its name.
 
     Its mask function is SDPA's: inference (a KV cache, padded batches) takes the SDPA
     path with that mask; training passes ``cu_seq_lens_q`` and takes the kernel.
     """
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    AttentionInterface.register(VARLEN, varlen_attention)
-    AttentionMaskInterface.register(VARLEN, sdpa_mask)
-    return VARLEN
+    return register_attention(VARLEN, varlen_attention)
 
 
 def cu_seq_lens(position_ids: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:

@@ -273,7 +273,6 @@ class Decoder:
         for state in states:
             self._count_prompt(state.row.prompt, 0)
         slots: list[_RowState | None] = [*states, *[None] * (session.size - len(states))]
-        first = list(states)
         generator = _generator(params, self.device)
         while True:
             tokens = pick_tokens(logits, params, generator)
@@ -292,7 +291,7 @@ class Decoder:
             if join is not None:
                 following = self._admit(session, slots, following, join)
             logits = following
-        return [s.completion() for s in first]
+        return [s.completion() for s in states]
 
     def _admit(
         self, session: StaticSession, slots: list[_RowState | None], logits: torch.Tensor, join: Joiner
@@ -306,10 +305,8 @@ class Decoder:
             return logits
         if busy + len(joining) > session.size:
             size = next(size for size in buckets if size >= busy + len(joining))
-            rows = torch.tensor([*range(session.size), *[0] * (size - session.size)], device=self.device)
-            session.grow(size)
             slots.extend([None] * (size - len(slots)))
-            logits = logits[rows]
+            logits = logits[session.grow(size)]
         free = [i for i, state in enumerate(slots) if state is None][: len(joining)]
         self._hook()
         first = session.admit([row.prompt for row in joining], free)

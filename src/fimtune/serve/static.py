@@ -57,7 +57,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fimtune.fast import raise_recompile_limit
+from fimtune.fast import raise_recompile_limit, register_attention
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ WARMUP_STEPS = 3  # CUDA graph trees: one warm-up run, one recording, then repla
 WARMUP_PROMPT_TOKENS = 16
 SLOT_ALIGN = 64  # cache slots are a multiple of this (fused attention kernels want aligned masks)
 GROUPED = "fimtune_grouped_sdpa"  # the name of :func:`grouped_sdpa` in transformers' AttentionInterface
-MASK_KINDS = ("sdpa", GROUPED, "eager")
-GRAPH_KINDS = ("trees", "captured")  # attention implementations whose 4D mask format is known here
+MASK_KINDS = ("sdpa", GROUPED, "eager")  # attention implementations whose 4D mask format is known here
+GRAPH_KINDS = ("trees", "captured")  # CUDA graphs: torch.compile's graph trees, or captured here
 
 
 def grouped_sdpa(
@@ -104,16 +104,6 @@ def grouped_sdpa(
     folded = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
-
-
-def register_grouped() -> str:
-    """Register :func:`grouped_sdpa` with transformers (idempotent), with SDPA's masks; its name."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    AttentionInterface.register(GROUPED, grouped_sdpa)
-    AttentionMaskInterface.register(GROUPED, sdpa_mask)
-    return GROUPED
 
 
 def kv_groups(config: Any) -> int:
@@ -174,7 +164,7 @@ class StaticDecoding:
             raise ValueError(f"graphs={graphs!r}: one of {', '.join(GRAPH_KINDS)}")
         self.model = base_model(model)
         if grouped and self.model.config._attn_implementation == "sdpa" and kv_groups(self.model.config) > 1:
-            self.model.set_attn_implementation(register_grouped())
+            self.model.set_attn_implementation(register_attention(GROUPED, grouped_sdpa))
         self.max_length = -(-max_length // SLOT_ALIGN) * SLOT_ALIGN  # cache slots a row holds
         self.buckets = batch_buckets(max_batch_size)
         param = next(self.model.parameters())
@@ -213,7 +203,7 @@ class StaticDecoding:
             self._state = _adapter_state(self.model)
         n, width = len(prompts), max(len(p) for p in prompts)
         bucket = self._bucket(next(size for size in self.buckets if size >= n))
-        rows = torch.tensor([*range(n), *[0] * (bucket.size - n)], device=self.device)  # padding rows copy row 0
+        rows = padded_rows(n, bucket.size, self.device)
         bucket.cache.reset()
         for layer in bucket.cache.layers:
             layer.cumulative_length.fill_(width)  # the next step writes slot `width`
@@ -364,13 +354,14 @@ class StaticSession:
         return self._prefill(prompts, index, torch.arange(len(prompts), device=self.owner.device))
 
     @torch.inference_mode()
-    def grow(self, size: int) -> None:
+    def grow(self, size: int) -> torch.Tensor:
         """Move into the bucket of ``size`` slots (one of the owner's, larger): slots keep their
         numbers, the new ones copy slot 0 (their outputs are not used until a row joins there).
+        Returns the old slot each new slot copies (to carry per-slot tensors over likewise).
         """
         owner, old = self.owner, self.bucket
         new = owner._bucket(size)
-        rows = torch.tensor([*range(old.size), *[0] * (size - old.size)], device=owner.device)
+        rows = padded_rows(old.size, size, owner.device)
         for source, target in zip(old.cache.layers, new.cache.layers, strict=True):
             _initialize(target, source.keys, source.values, size)
             target.keys.copy_(source.keys[rows])
@@ -379,6 +370,7 @@ class StaticSession:
         new.mask.copy_(old.mask[rows])
         new.positions.copy_(old.positions[rows])
         self.bucket = new
+        return rows
 
     def _prefill(self, prompts: list[list[int]], slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Prefill ``prompts`` (left-padded to one width w); write prompt ``rows[i]``'s keys, values,
@@ -397,6 +389,11 @@ class StaticSession:
         b.mask[slots, 0, 0, :width] = torch.where(real, owner.open, owner.shut)
         b.positions[slots] = positions[rows, -1:]  # each step adds 1 first
         return logits[rows]
+
+
+def padded_rows(n: int, size: int, device: torch.device) -> torch.Tensor:
+    """Row indices 0..n-1, then 0 up to ``size``: a batch padded to its bucket with copies of row 0."""
+    return torch.tensor([*range(n), *[0] * (size - n)], device=device)
 
 
 def prefill_inputs(
