@@ -27,7 +27,7 @@ def write_split_checkpoint(run_dir, step, optimizers) -> None:
     """What the main process and each process do in turn (`fimtune.train.save`), in one process."""
     checkpoint.start_pending(run_dir, step)
     for rank, opt in enumerate(optimizers):
-        checkpoint.save_optimizer_part(run_dir, step, rank, opt)
+        checkpoint.save_optimizer_part(run_dir, step, rank, opt.state_dict())
     extra = {"optimizer_sharding": "FSDP"}
     sched = torch.optim.lr_scheduler.LambdaLR(optimizers[0], lambda s: 1.0)
     checkpoint.save_checkpoint(run_dir, step, write_adapter, None, sched, {"offset": 3}, extra, len(optimizers))
@@ -52,7 +52,9 @@ def test_a_missing_part_keeps_the_previous_checkpoint(tmp_path):
     opts = [optimizer_after_a_step(seed)[1] for seed in (0, 1)]
     write_split_checkpoint(tmp_path, 5, opts)
     checkpoint.start_pending(tmp_path, 6)
-    checkpoint.save_optimizer_part(tmp_path, 6, 0, opts[0])  # process 1 wrote elsewhere (no shared filesystem)
+    checkpoint.save_optimizer_part(
+        tmp_path, 6, 0, opts[0].state_dict()
+    )  # process 1 wrote elsewhere (no shared filesystem)
     sched = torch.optim.lr_scheduler.LambdaLR(opts[0], lambda s: 1.0)
     with pytest.raises(FimtuneError, match=r"process\(es\) \[1\] is missing .* filesystem all machines share"):
         checkpoint.save_checkpoint(tmp_path, 6, write_adapter, None, sched, {}, None, 2)
@@ -79,7 +81,7 @@ def _two_writers(rank: int, run_dir, store) -> None:
         if rank == 0:
             checkpoint.start_pending(run_dir, 1)
         dist.barrier()
-        checkpoint.save_optimizer_part(run_dir, 1, rank, opt)
+        checkpoint.save_optimizer_part(run_dir, 1, rank, opt.state_dict())
         dist.barrier()
         if rank == 0:
             checkpoint.save_checkpoint(run_dir, 1, write_adapter, None, sched, {}, {"optimizer_sharding": "x"}, 2)

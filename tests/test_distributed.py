@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests import tiny
 from tests.conftest import STARCODER_SPECIALS, corpus_texts, train_tiny_tokenizer, write_dataset_dir
@@ -25,7 +26,15 @@ def setup_dirs(tmp_path_factory):
     return root
 
 
-def train(root: Path, name: str, processes: int, batch_size: int, *flags: str, script: Path | None = None) -> Path:
+def train(
+    root: Path,
+    name: str,
+    processes: int,
+    batch_size: int,
+    *flags: str,
+    script: Path | None = None,
+    launch: tuple[str, ...] = ("--multi_gpu", "--mixed_precision", "no"),
+) -> Path:
     args = [
         "train",
         f"model.name_or_path={root / 'base'}",
@@ -47,13 +56,11 @@ def train(root: Path, name: str, processes: int, batch_size: int, *flags: str, s
             sys.executable,
             "-m",
             "accelerate.commands.launch",
-            "--multi_gpu",
+            *launch,
             "--num_processes",
             str(processes),
             "--num_machines",
             "1",
-            "--mixed_precision",
-            "no",
             "--dynamo_backend",
             "no",
             "--main_process_port",
@@ -128,3 +135,93 @@ def test_two_process_split_optimizer_checkpoint_resumes_exactly(setup_dirs, tmp_
         env={**os.environ, "FIMTUNE_CACHE": str(setup_dirs / "cache")},
     )
     assert res.returncode == 2 and "split (test) on 2 process(es)" in res.stderr
+
+
+# accelerate (1.15) selects FSDP only for GPU-style process groups, but torch's FSDP2 (`fully_shard`)
+# runs on CPU processes over gloo: this makes fimtune's Accelerator the FSDP one it would be on GPUs,
+# with the FSDP settings the launcher put in the environment (from the shipped config).
+FSDP_ON_CPU = """
+import sys
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+import fimtune.train
+
+make_accelerator = fimtune.train.make_accelerator
+
+
+def fsdp_accelerator(cfg):
+    acc = make_accelerator(cfg)
+    plugin = FullyShardedDataParallelPlugin()
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    PartialState._shared_state["distributed_type"] = acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    return acc
+
+
+fimtune.train.make_accelerator = fsdp_accelerator
+from fimtune.cli import main
+sys.exit(main())
+"""
+FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp.yaml"
+
+
+@pytest.fixture(scope="module")
+def fsdp_dirs(tmp_path_factory):
+    """A tied-embeddings Llama whose tokenizer has no FIM tokens: LoRA plus the trained rows of the added
+    tokens, shared by the input and output embeddings (the case FSDP2 groups with most care)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    tok = train_tiny_tokenizer(["<|endoftext|>"])
+    tiny.save_model_folder(tiny.llama(len(tok), tie=True), tok, root / "base")
+    texts = corpus_texts(12, lines_per_doc=12)[:10]
+    write_dataset_dir(root / "data", texts * 4, texts[:4])
+    script = root / "fsdp_on_cpu.py"
+    script.write_text(FSDP_ON_CPU)
+    return root
+
+
+def adapter(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def fsdp(root: Path, name: str, mixed_precision: str, *flags: str) -> Path:
+    """A 2-process run under the shipped configs/accelerate/fsdp.yaml (FSDP2), 2 rows per process."""
+    launch = ("--config_file", str(FSDP_CONFIG), "--mixed_precision", mixed_precision)
+    script = root / "fsdp_on_cpu.py"
+    return train(root, name, 2, 2, f"train.mixed_precision={mixed_precision}", *flags, script=script, launch=launch)
+
+
+def test_fsdp2_matches_one_process_and_resumes_exactly(fsdp_dirs):
+    one = train(fsdp_dirs, "one", 1, 4)
+    whole = fsdp(fsdp_dirs, "fsdp", "no")
+    for key in ("loss", "val_loss"):
+        a, b = records(one, key), records(whole, key)
+        assert a.keys() == b.keys() and len(a) >= 3
+        assert list(b.values()) == pytest.approx(list(a.values()), rel=1e-5)
+    want, got = adapter(one), adapter(whole)
+    assert got.keys() == want.keys() and any("trainable_tokens_delta" in k for k in got)
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-6
+    assert sorted(p.name for p in whole.iterdir()) == sorted(p.name for p in one.iterdir())  # rank 0 writes
+
+    fsdp(fsdp_dirs, "parted", "no", "--stop-after", "3")
+    state = fsdp_dirs / "parted" / "state"
+    assert {"optimizer-rank0.pt", "optimizer-rank1.pt"} <= {p.name for p in state.iterdir()}
+    assert json.loads((state / "trainer_state.json").read_text())["optimizer_sharding"] == "FSDP"
+    parted = fsdp(fsdp_dirs, "parted", "no", "--resume")
+    assert records(parted, "loss") == records(whole, "loss")
+    assert records(parted, "val_loss") == records(whole, "val_loss")
+    resumed = adapter(parted)
+    assert all(torch.equal(resumed[k], got[k]) for k in got)
+
+
+def test_fsdp2_in_bf16_follows_one_process(fsdp_dirs):
+    """FSDP2 computes in bf16 by its mixed-precision policy (parameters cast once per gather), a single
+    process under bf16 autocast: the same training, up to bf16 round-off."""
+    one = train(fsdp_dirs, "one-bf16", 1, 4, "train.mixed_precision=bf16")
+    sharded = fsdp(fsdp_dirs, "fsdp-bf16", "bf16")
+    for key in ("loss", "val_loss"):
+        a, b = records(one, key), records(sharded, key)
+        assert a.keys() == b.keys()
+        assert list(b.values()) == pytest.approx(list(a.values()), abs=1e-2)

@@ -12,7 +12,13 @@ import torch
 from accelerate.utils import DistributedType
 
 from fimtune.config import load_run_config
-from fimtune.engines import configure_deepspeed, optimizer_sharding, refuse_fsdp, sharded_parameters
+from fimtune.engines import (
+    configure_deepspeed,
+    optimizer_sharding,
+    refuse_fsdp1,
+    sharded_parameters,
+    tied_embeddings_shown,
+)
 from fimtune.errors import FimtuneError
 from fimtune.train import prepare_model
 from tests import tiny
@@ -35,12 +41,12 @@ def deepspeed(stage: int, processes: int = 2, **config) -> SimpleNamespace:
     return accelerator(DistributedType.DEEPSPEED, processes, plugin)
 
 
-def fsdp(strategy: str, processes: int) -> SimpleNamespace:
+def fsdp(strategy: str, processes: int, version: int = 1) -> SimpleNamespace:
     plugin = SimpleNamespace(sharding_strategy=SimpleNamespace(name=strategy), reshard_after_forward=None)
     return SimpleNamespace(
         state=SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=plugin),
         distributed_type=DistributedType.FSDP,
-        is_fsdp2=False,
+        is_fsdp2=version == 2,
         num_processes=processes,
     )
 
@@ -78,6 +84,8 @@ def test_configure_deepspeed_leaves_other_engines_alone():
         (fsdp("SHARD_GRAD_OP", 2), "FSDP", "FSDP"),
         (fsdp("NO_SHARD", 2), None, "FSDP"),
         (fsdp("FULL_SHARD", 1), None, "FSDP"),
+        (fsdp("FULL_SHARD", 2, version=2), "FSDP", "FSDP"),
+        (fsdp("FULL_SHARD", 1, version=2), "FSDP", "FSDP"),  # DTensor states on one process too
         (ddp(), None, None),
     ],
 )
@@ -96,11 +104,35 @@ def test_chunked_loss_falls_back_to_whole_logits_under_zero3(tiny_tokenizer, cap
     assert chunk == 16  # ZeRO-2 keeps whole parameters: the chunked loss stays
 
 
-def test_fsdp_is_refused_before_anything_loads():
-    with pytest.raises(FimtuneError, match="FSDP does not work yet.*deepspeed-zero3.yaml"):
-        refuse_fsdp(fsdp("FULL_SHARD", 2))
-    refuse_fsdp(deepspeed(3))
-    refuse_fsdp(ddp())
+def test_fsdp1_is_refused_before_anything_loads():
+    with pytest.raises(FimtuneError, match="FSDP1.*fsdp_version: 2"):
+        refuse_fsdp1(fsdp("FULL_SHARD", 2))
+    refuse_fsdp1(fsdp("FULL_SHARD", 2, version=2))
+    refuse_fsdp1(deepspeed(3))
+    refuse_fsdp1(ddp())
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tied_embeddings_with_trained_token_rows_look_tied_to_fsdp2(tie):
+    """PEFT's wrappers of tied embeddings answer `weight` with a new tensor each: within the block both show
+    the one shared weight (accelerate then groups them together), and tie_weights ties their base layers."""
+    from fimtune.config import LoraConfig
+    from fimtune.model import attach_lora
+
+    model = attach_lora(tiny.llama(64, tie=tie), LoraConfig(r=2, alpha=4, dropout=0.0), [62, 63])
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    assert inp.weight is not out.weight  # what accelerate sees without the block
+    with tied_embeddings_shown(fsdp("FULL_SHARD", 2, version=2), model):
+        assert (inp.weight is out.weight) == tie
+        if tie:
+            base_in, base_out = inp.original_module, out.original_module
+            base_out.weight = torch.nn.Parameter(base_out.weight.detach().clone())  # as after a move to meta
+            model.tie_weights()
+            assert base_out.weight is base_in.weight
+    assert inp.weight is not out.weight and "tie_weights" not in model.__dict__
+    assert not any("weight" in m.__dict__ for m in (inp, out))
+    with tied_embeddings_shown(fsdp("FULL_SHARD", 2), model):  # FSDP1, DDP, ...: nothing changes
+        assert inp.weight is not out.weight
 
 
 def test_lora_inputs_keep_their_casts_without_torch_autocast(tiny_tokenizer, caplog):

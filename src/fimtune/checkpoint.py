@@ -158,11 +158,12 @@ def optimizer_part_path(folder: Path, rank: int) -> Path:
     return folder / "state" / f"optimizer-rank{rank}.pt"
 
 
-def save_optimizer_part(run_dir: Path, step: int, rank: int, optimizer: Any) -> None:
-    """Write process ``rank``'s part of the optimizer state into the pending checkpoint ``step``."""
+def save_optimizer_part(run_dir: Path, step: int, rank: int, state: dict[str, Any]) -> None:
+    """Write process ``rank``'s part of the optimizer state (its ``state_dict()``, plain tensors) into the
+    pending checkpoint ``step``."""
     path = optimizer_part_path(pending_folder(run_dir, step), rank)
     try:
-        torch.save(optimizer.state_dict(), path)
+        torch.save(state, path)
     except Exception as e:  # disk full, quota, permissions
         raise FimtuneError(f"could not write checkpoint step {step}: '{path}' ({e}); {_kept(run_dir)}") from e
 

@@ -88,11 +88,11 @@ def setup(cfg: RunConfig, accelerator: Any) -> Setup:
     from accelerate.utils import set_seed
 
     from fimtune.dataset import training_rows
-    from fimtune.engines import configure_deepspeed, refuse_fsdp
+    from fimtune.engines import configure_deepspeed, refuse_fsdp1, tied_embeddings_shown
     from fimtune.model import add_token_rows, load_base_model
     from fimtune.tokens import ensure_fim_tokens
 
-    refuse_fsdp(accelerator)
+    refuse_fsdp1(accelerator)
     set_seed(cfg.seed)
     tokenizer = _fresh_tokenizer(cfg.model.name_or_path)
     fim_tokens, added = ensure_fim_tokens(tokenizer)
@@ -106,7 +106,8 @@ def setup(cfg: RunConfig, accelerator: Any) -> Setup:
     max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * n_rows / rows_per_step))
     optimizer, scheduler = make_optimizer(model, cfg, accelerator.device, max_steps)
     configure_deepspeed(accelerator, cfg.train.batch_size, cfg.train.max_grad_norm)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    with tied_embeddings_shown(accelerator, model):
+        model, optimizer = accelerator.prepare(model, optimizer)
     return Setup(
         accelerator,
         model,
@@ -400,17 +401,17 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
 def save(s: Setup, run_dir: Path, step: int) -> None:
     """Checkpoint ``step``: the main process writes it, except a split optimizer state (DeepSpeed ZeRO,
     sharded FSDP), of which every process writes its part first."""
-    from fimtune.engines import optimizer_sharding
+    from fimtune.engines import adapter_state_dict, optimizer_part, optimizer_sharding
 
     acc = s.accelerator
     acc.wait_for_everyone()
-    state_dict = acc.get_state_dict(s.model)  # collective: gathers shards under FSDP / ZeRO-3
+    state_dict = adapter_state_dict(acc, s.model)  # collective: gathers shards under FSDP / ZeRO-3
     sharding = optimizer_sharding(acc)
     if sharding:
         if acc.is_main_process:
             checkpoint.start_pending(run_dir, step)
         acc.wait_for_everyone()
-        checkpoint.save_optimizer_part(run_dir, step, acc.process_index, s.optimizer)
+        checkpoint.save_optimizer_part(run_dir, step, acc.process_index, optimizer_part(s.optimizer))
         acc.wait_for_everyone()
     if acc.is_main_process:
         model = acc.unwrap_model(s.model)
@@ -433,15 +434,16 @@ def save(s: Setup, run_dir: Path, step: int) -> None:
 
 def check_not_empty(adapter_file: Path, model: Any) -> None:
     """Refuse an adapter file without weights from a model that trains some (PEFT selects the adapter's
-    keys by module names, which FSDP's wrapped blocks change: PEFT 0.21 then writes none)."""
+    keys by module names: under an engine that renamed the modules, as FSDP1 does, PEFT 0.21 writes none)."""
     from safetensors import safe_open
 
     with safe_open(str(adapter_file), framework="pt") as f:
         if f.keys() or not any(p.requires_grad for p in model.parameters()):
             return
     raise FimtuneError(
-        "PEFT wrote the adapter without weights (under FSDP it cannot match the names of FSDP-wrapped blocks): "
-        "train with configs/accelerate/deepspeed-zero3.yaml (parameters sharded too) or deepspeed-zero2.yaml"
+        "PEFT wrote the adapter without weights (it found none of the trainable parameters by name; an engine "
+        "that renames modules, as FSDP1 does, causes this): train with configs/accelerate/fsdp.yaml (FSDP2) "
+        "or deepspeed-zero3.yaml"
     )
 
 
