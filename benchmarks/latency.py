@@ -327,6 +327,12 @@ def main() -> int:
     )
     gpu.add_argument("--no-generate-static", action="store_true", help="skip generate(cache_implementation=static)")
     gpu.add_argument(
+        "--profile-step",
+        type=Path,
+        metavar="DIR",
+        help="profile decoding steps of the first --graphs variant (batch 1 and 16) into DIR",
+    )
+    gpu.add_argument(
         "--batch-wait-variants",
         type=lambda text: [float(x) for x in text.split(",") if x],
         default=[10.0, 25.0],

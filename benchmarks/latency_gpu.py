@@ -21,6 +21,9 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
     attention bN      (CUDA) one step's attention over all layers' caches, replayed as a CUDA graph:
                       fimtune's grouped SDPA against transformers' SDPA, which repeats StarCoder's
                       single key/value head 16 times                              (diagnostics)
+    profile bN        (--profile-step DIR) 16 decoding steps of the first variant under torch.profiler,
+                      at batch 1 and 16: kernel time per step against its wall time, kernels per
+                      step, the largest kernels' shares; whole tables in DIR  (diagnostics)
     server ...        uvicorn on 127.0.0.1, 16 clients x 10 OpenAI `/v1/completions` FIM requests
                       (1,024 + 32 tokens each; target p95 <= 200 ms) with the server's defaults
                       (each batch runs to its end); then variants: continuous batching with rows
@@ -403,6 +406,62 @@ def bucket_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def profile_rows(s: Setup, engine: Any, folder: Path) -> list[dict[str, Any]]:
+    """Where a decoding step's time goes, per bucket (1 and the largest): ``BUCKET_STEPS`` steps under
+    torch.profiler. On CUDA: the kernels' time per step (against the step's wall time: the rest is the
+    GPU waiting between kernels), kernels per step, and the kernels by share; on a CPU the same for
+    operators. The whole table goes to ``folder``. Diagnostics."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    static, rows = engine.decoder.static, []
+    cuda = torch.cuda.is_available() and next(s.model.parameters()).is_cuda
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    folder.mkdir(parents=True, exist_ok=True)
+    for size in sorted({static.buckets[0], static.buckets[-1]}):
+        session, logits = static.start([s.ids] * size)
+        tokens = logits.argmax(-1)
+        for _ in range(3):  # warm: the step's graph exists
+            tokens = session.step(tokens).argmax(-1)
+        sync()
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(BUCKET_STEPS):
+                tokens = session.step(tokens).argmax(-1)
+            sync()
+            wall_ms = 1000 * (time.perf_counter() - start) / BUCKET_STEPS
+        events = prof.key_averages()
+        if cuda:
+            timed = [e for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
+            us = {e.key: e.self_device_time_total for e in timed}
+        else:  # the CPU smoke run: operators (aten::...), not their Python wrappers
+            timed = [e for e in events if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
+            us = {e.key: e.self_cpu_time_total for e in timed}
+        total_us = sum(us.values())
+        busy_ms = total_us / 1000 / BUCKET_STEPS
+        per_step = sum(e.count for e in timed) / BUCKET_STEPS
+        top = sorted(us.items(), key=lambda kv: -kv[1])[:6]
+        shares = {name[:70]: round(100 * t / max(total_us, 1e-9), 1) for name, t in top}
+        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+        table = events.table(sort_by=sort, row_limit=60, max_name_column_width=100)
+        path = folder / f"profile-step-b{size}-{_graphs(engine)}.txt"
+        path.write_text(table)
+        what = "kernels" if cuda else "operators"
+        rows.append(
+            {
+                "scenario": f"profile b{size}: one step, {_graphs(engine)}",
+                "wall_ms": wall_ms,
+                "busy_ms": busy_ms,
+                "per_step": per_step,
+                "top_percent": shares,
+                "table": str(path),
+                "note": f"{what}: {busy_ms:.2f} ms a step of {wall_ms:.2f} (profiled), {per_step:.0f} a step; "
+                + ", ".join(f"{name[:40]} {pct}%" for name, pct in list(shares.items())[:3]),
+            }
+        )
+    return rows
+
+
 def attention_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
     """One decoding step's attention, every layer with its own cache, captured in a CUDA graph:
     fimtune's grouped SDPA against transformers' SDPA (key/value heads repeated). Diagnostics."""
@@ -664,6 +723,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 report.add(row)
             if args.device == "cuda" and i == 0:
                 for row in attempt(report, "attention", lambda e=engine: attention_rows(s, e), deadline, 10) or []:
+                    report.add(row)
+            if args.profile_step and i == 0:
+                profiled = attempt(
+                    report, "profile", lambda e=engine: profile_rows(s, e, args.profile_step), deadline, 10
+                )
+                for row in profiled or []:
                     report.add(row)
         rows = attempt(report, f"server, {variant}", lambda e=engine: server_rows(s, e, args, deadline), deadline, 15)
         for row in rows or []:

@@ -15,7 +15,8 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
     out = tmp_path / "latency.json"
     proc = subprocess.run(
         [sys.executable, "benchmarks/latency.py", "--device", "cpu", "--shape", "tiny", "--budget-s", "150",
-         "--batch-wait-variants", "", "--graphs", "trees,trees+prefill", "--json", str(out)],
+         "--batch-wait-variants", "", "--graphs", "trees,trees+prefill", "--json", str(out),
+         "--profile-step", str(tmp_path / "profile")],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -29,6 +30,10 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
         engine = rows[f"engine (CUDA graphs, {variant})"]
         assert engine["new_tokens_mean"] == plain["new_tokens_mean"] == 32
         assert engine["same_tokens_as_generate"] == 32
+    for size in (1, 16):  # the first variant's steps under the profiler: operators on a CPU
+        profiled = rows[f"profile b{size}: one step, trees"]
+        assert profiled["per_step"] > 10 and 0 < profiled["busy_ms"] <= profiled["wall_ms"]
+        assert "aten::mm" in Path(profiled["table"]).read_text()
     served = [r for name, r in rows.items() if name.startswith("server 16")]
     assert len(served) == 6 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
     assert [r["continuous_batching"] for r in served] == [False, True, True] * 2 and served[0]["joined"] == 0
