@@ -19,7 +19,8 @@ optimizer under an engine (fsdp.yaml: FSDP2, `fully_shard`), which changes this:
                        (:func:`whole_parameters`)
     FSDP2              parameters and their optimizer state are DTensors: a process saves its own
                        shards as plain tensors and puts them back into DTensors on resume
-                       (:func:`optimizer_part`, :func:`load_optimizer_part`)
+                       (:func:`optimizer_part`, :func:`load_optimizer_part`); tied embeddings whose
+                       added token rows PEFT trains stay one group (:func:`tied_embeddings_shown`)
     FSDP1              refused at start (:func:`refuse_fsdp1`): its flat parameters cannot hold LoRA's
                        fp32 weights beside a bf16 base, and PEFT (0.21) cannot find adapter weights
                        under its renamed (`_fsdp_wrapped_module`) blocks
