@@ -14,6 +14,7 @@ from accelerate.utils import DistributedType
 from fimtune.config import load_run_config
 from fimtune.engines import (
     configure_deepspeed,
+    optimizer_part,
     optimizer_sharding,
     refuse_fsdp1,
     sharded_parameters,
@@ -147,3 +148,16 @@ def test_lora_inputs_keep_their_casts_without_torch_autocast(tiny_tokenizer, cap
         amp.native_amp = True
         prepare_model(tiny.llama(len(tiny_tokenizer)), cfg, amp, [])
     assert any("LoRA inputs stay in the autocast dtype" in r.getMessage() for r in caplog.records)
+
+
+def test_optimizer_parts_keep_plain_and_engine_specific_states_as_they_are():
+    """Only FSDP2's DTensor states change (to their local shards: the 2-process FSDP2 tests in
+    test_distributed.py); a plain optimizer's state and DeepSpeed's own layout (no "state") are saved as is."""
+    w = torch.nn.Parameter(torch.ones(3, 2))
+    opt = torch.optim.AdamW([w])
+    w.grad = torch.full_like(w, 0.5)
+    opt.step()
+    part = optimizer_part(opt)
+    assert torch.equal(part["state"][0]["exp_avg"], opt.state[w]["exp_avg"])
+    deepspeed_like = SimpleNamespace(state_dict=lambda: {"base_optimizer_state": [1], "zero_stage": 2})
+    assert optimizer_part(deepspeed_like) == {"base_optimizer_state": [1], "zero_stage": 2}

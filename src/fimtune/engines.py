@@ -218,11 +218,12 @@ def whole_parameters(accelerator: Any, model: Any) -> Iterator[Any]:
 
 def optimizer_part(optimizer: Any) -> dict[str, Any]:
     """This process's optimizer state to save: its ``state_dict()``, with FSDP2's DTensor states (each a
-    shard of its parameter's state) as the plain local tensors they hold."""
+    shard of its parameter's state) as the plain local tensors they hold. DeepSpeed's optimizers have
+    state dicts of their own layout (no "state"): they are saved as they are."""
     from torch.distributed.tensor import DTensor
 
     state = optimizer.state_dict()
-    for per_param in state["state"].values():
+    for per_param in state.get("state", {}).values():
         for key, value in per_param.items():
             if isinstance(value, DTensor):
                 per_param[key] = value.to_local()
