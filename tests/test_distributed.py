@@ -187,10 +187,11 @@ def adapter(run: Path) -> dict:
 
 
 def fsdp(root: Path, name: str, mixed_precision: str, *flags: str) -> Path:
-    """A 2-process run under the shipped configs/accelerate/fsdp.yaml (FSDP2), 2 rows per process."""
+    """A 2-process run under the shipped configs/accelerate/fsdp.yaml (FSDP2), 2 micro-batches of 1 row per
+    process and step (the first without gradient reduction: FSDP2's requires_gradient_sync off)."""
     launch = ("--config_file", str(FSDP_CONFIG), "--mixed_precision", mixed_precision)
-    script = root / "fsdp_on_cpu.py"
-    return train(root, name, 2, 2, f"train.mixed_precision={mixed_precision}", *flags, script=script, launch=launch)
+    args = (f"train.mixed_precision={mixed_precision}", "train.gradient_accumulation_steps=2", *flags)
+    return train(root, name, 2, 1, *args, script=root / "fsdp_on_cpu.py", launch=launch)
 
 
 def test_fsdp2_matches_one_process_and_resumes_exactly(fsdp_dirs):
