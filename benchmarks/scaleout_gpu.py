@@ -1,17 +1,22 @@
-"""Does fimtune train the same under the shipped accelerate configs as alone? One GPU, tiny models.
+"""Does fimtune train the same under the shipped accelerate configs as alone? Tiny models.
 
     python3 benchmarks/scaleout_gpu.py --out /tmp/scaleout --budget-s 170   # a CUDA GPU: every engine
+    python3 benchmarks/scaleout_gpu.py --out /tmp/scaleout --processes 8    # 8 GPUs: every engine on 8
     python3 benchmarks/scaleout_gpu.py --out /tmp/scaleout --engines plain  # a CPU: the plain runs (tests)
+    python3 benchmarks/scaleout_gpu.py --out /tmp/scaleout --engines fsdp,zero3 --processes 2  # CPU processes
 
-Each engine is `accelerate launch --config_file configs/accelerate/<engine>.yaml --num_processes 1
--m fimtune train ...` (ddp, fsdp, deepspeed-zero2, deepspeed-zero3); `plain` is `python3 -m fimtune
-train ...` with the same settings on the same device, the reference. Per engine, on a 2-layer random
-Llama (and GPTBigCode, fp32 only) with LoRA, 6 steps of 4 rows x 64 tokens:
+Each engine is `accelerate launch --config_file configs/accelerate/<engine>.yaml --num_processes N
+-m fimtune train ...` (ddp, fsdp, deepspeed-zero2, deepspeed-zero3; N = --processes, default 1);
+`plain` is `python3 -m fimtune train ...` with the same settings and the same global batch on one
+device of the same kind, the reference. Without CUDA the engines run on CPU processes over gloo through
+tests/engines_on_cpu.py (FSDP2; DeepSpeed's CPU accelerator, when deepspeed is installed). Per engine,
+on a 2-layer random Llama (and GPTBigCode, fp32 only) with LoRA, 6 steps of 4 rows x 64 tokens per
+process (plain: 4 x N rows):
 
     full     runs to the end; its per-step losses and its adapter are compared with plain's
     stop     `--stop-after 3` (a checkpoint mid-way) ...
     resume   ... then `--resume`: must reach the adapter of `full` (and its losses)
-    ga2      2 micro-batches of 2 rows (train.gradient_accumulation_steps=2) against plain's 1 of 4:
+    ga2      2 micro-batches of 2 rows (train.gradient_accumulation_steps=2) against plain's 1 of 4 (x N):
              fimtune normalises by the label tokens of the whole step, so the losses must match
 
 Precisions, the same for an engine and its plain reference:
@@ -21,6 +26,8 @@ Precisions, the same for an engine and its plain reference:
     bf16     fimtune's GPU defaults (bf16 weights, bf16 autocast, `varlen` attention, the loss in
              chunks of 4096 tokens) with the shipped configs' `mixed_precision: bf16`: does it run,
              and how far the losses drift (a loose tolerance); `full` runs only
+With several processes GPTBigCode's own dropout is off (processes draw other masks than one process)
+and bf16 adapters are compared within 0.1 (DDP's own differs by ~0.05: the batch sums in another order).
 torch.compile is off everywhere (it costs a minute per launch and changes no numerics worth it here).
 
 Launches run concurrently (the models are tiny; a launch is mostly imports), each with its own
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -52,6 +60,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 CONFIGS = ROOT / "configs" / "accelerate"
+ENGINES_ON_CPU = ROOT / "tests" / "engines_on_cpu.py"  # FSDP and DeepSpeed on CPU processes (gloo)
 ENGINE_CONFIGS = {
     "ddp": "ddp.yaml",
     "fsdp": "fsdp.yaml",
@@ -69,6 +78,9 @@ SEQ_LENGTH = 64
 # Largest |difference| accepted, per precision: per-step training loss (nats) and adapter weights.
 LOSS_TOL = {"fp32": 1e-3, "bf16": 5e-2}
 ADAPTER_TOL = {"fp32": 1e-4, "bf16": 2e-2}
+# bf16 over several processes: the batch is summed in another order and LoRA's weights move by the
+# large learning rate below, so even DDP's adapter ends ~0.05 from plain's (2 CPU processes).
+MULTI_PROCESS_ADAPTER_TOL = {"fp32": 1e-4, "bf16": 1e-1}
 LAUNCH_TIMEOUT_S = 120  # one launch (imports ~10-20 s, a few tiny steps)
 MIN_LAUNCH_S = 30  # a launch is not started with less budget than this left
 TAIL_CHARS = 3000  # stderr kept per failed launch
@@ -81,8 +93,9 @@ LAUNCHER_ERROR = re.compile(r"ChildFailedError|CalledProcessError")  # the launc
 # --------------------------------------------------------------------------------------
 
 
-def prepare_inputs(work: Path, families: list[str]) -> dict[str, Path]:
-    """Model folders (one per family) and the dataset folder under ``work``."""
+def prepare_inputs(work: Path, families: list[str], dropout: bool = True) -> dict[str, Path]:
+    """Model folders (one per family) and the dataset folder under ``work``. ``dropout`` False turns
+    GPTBigCode's own dropout (0.1) off: processes draw different masks than one process does."""
     import datasets
     import transformers
 
@@ -96,6 +109,10 @@ def prepare_inputs(work: Path, families: list[str]) -> dict[str, Path]:
     paths = {}
     for family in families:
         model = {"llama": tiny.llama, "gpt_bigcode": tiny.gpt_bigcode}[family](len(tok))
+        if not dropout:
+            for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+                if hasattr(model.config, name):
+                    setattr(model.config, name, 0.0)
         paths[family] = tiny.save_model_folder(model, tok, work / f"base-{family}")
     texts = corpus_texts(12, lines_per_doc=12)[:10]
     paths["data"] = write_dataset_dir(work / "data", texts * 4, texts[:4])
@@ -115,6 +132,7 @@ class Job:
     family: str
     precision: str
     kind: str  # full | stop | resume | ga2
+    processes: int = 1  # the engine's processes; every run's global batch is BATCH_SIZE x this
     after: str | None = None  # a job that must have succeeded first
     priority: float = 0.0  # lower starts first
     status: str = "pending"  # pending | running | ok | failed | timeout | skipped
@@ -135,8 +153,11 @@ class Job:
 
 
 def overrides(job: Job, inputs: dict[str, Path], work: Path) -> list[str]:
-    """`fimtune train` arguments of ``job``: the same settings for every engine."""
+    """`fimtune train` arguments of ``job``: the same settings and global batch for every engine (plain
+    runs in one process what an engine splits over ``job.processes``)."""
     batch, accumulate = (BATCH_SIZE // 2, 2) if job.kind == "ga2" else (BATCH_SIZE, 1)
+    if job.engine == "plain":
+        batch *= job.processes
     args = [
         "train",
         f"model.name_or_path={inputs[job.family]}",
@@ -175,10 +196,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def command(job: Job, inputs: dict[str, Path], work: Path) -> list[str]:
+def command(job: Job, inputs: dict[str, Path], work: Path, cuda: bool = True) -> list[str]:
     args = ["-m", "fimtune", *overrides(job, inputs, work)]
     if job.engine == "plain":
         return [sys.executable, *args]
+    if not cuda and job.engine != "ddp":  # accelerate sets these engines up for GPUs only
+        args = [str(ENGINES_ON_CPU), *args[2:]]
     launch = [
         sys.executable,
         "-m",
@@ -186,7 +209,7 @@ def command(job: Job, inputs: dict[str, Path], work: Path) -> list[str]:
         "--config_file",
         str(CONFIGS / ENGINE_CONFIGS[job.engine]),
         "--num_processes",
-        "1",
+        str(job.processes),
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -214,7 +237,9 @@ def child_env(job: Job, work: Path) -> dict[str, str]:
 
 def run_job(job: Job, inputs: dict[str, Path], work: Path, timeout: float) -> Job:
     """Run ``job`` in its own process session (a timeout kills the launcher and its workers)."""
-    job.command = command(job, inputs, work)
+    import torch
+
+    job.command = command(job, inputs, work, cuda=torch.cuda.is_available())
     log = work / "logs" / f"{job.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -274,7 +299,7 @@ def error_tail(text: str) -> str:
     return before[-(TAIL_CHARS // 2) :] + "\n" + after[: TAIL_CHARS // 2]
 
 
-def plan_jobs(engines: list[str], families: list[str], precisions: list[str]) -> list[Job]:
+def plan_jobs(engines: list[str], families: list[str], precisions: list[str], processes: int = 1) -> list[Job]:
     """Every launch with its prerequisite: an engine that could not run `full` is not asked for
     `ga2`, and `resume` continues `stop`. First the Llama fp32 runs (stop before full: the
     stop -> resume chain is the longest), then bf16, then GPTBigCode (fp32, `full` only)."""
@@ -289,7 +314,7 @@ def plan_jobs(engines: list[str], families: list[str], precisions: list[str]) ->
             for i, engine in enumerate(e for e in ENGINES if e in engines):
                 for kind in ["stop", "full", "resume", "ga2"] if core else ["full"]:
                     after = {"resume": "stop", "ga2": "full"}.get(kind)
-                    job = Job(engine, family, precision, kind, priority=rank + order[kind] + 0.1 * i)
+                    job = Job(engine, family, precision, kind, processes, priority=rank + order[kind] + 0.1 * i)
                     job.after = f"{family}-{precision}-{engine}-{after}" if after else None
                     jobs.append(job)
     return jobs
@@ -388,6 +413,7 @@ class Row:
 
 
 def compare(jobs: list[Job], work: Path) -> list[Row]:
+    multi = any(j.processes > 1 for j in jobs)
     by_name = {j.name: j for j in jobs}
     rows = []
     for job in (j for j in jobs if j.kind == "full"):
@@ -395,7 +421,7 @@ def compare(jobs: list[Job], work: Path) -> list[Row]:
         row = Row(job.engine, fam, prec, seconds=round(job.seconds, 1) if job.status != "skipped" else None)
         runs = work / "runs"
         run, plain = runs / job.run_name, runs / f"{fam}-{prec}-plain-full"
-        tol, atol = LOSS_TOL[prec], ADAPTER_TOL[prec]
+        tol, atol = LOSS_TOL[prec], (MULTI_PROCESS_ADAPTER_TOL if multi else ADAPTER_TOL)[prec]
         mine = losses(run)
         row.steps, row.final_loss = len(mine), mine[max(mine)] if mine else None
         if job.status != "ok":
@@ -511,10 +537,12 @@ def device_name() -> str:
 def write_report(out: Path, report: dict[str, Any], rows: list[Row], jobs: list[Job]) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaleout.json").write_text(json.dumps(report, indent=2))
-    md = [f"# fimtune under accelerate configs, one device: {report['device']}", "", table(rows), ""]
+    processes = report["settings"]["processes"]
+    md = [f"# fimtune under accelerate configs, {processes} process(es): {report['device']}", "", table(rows), ""]
     md += [f"- {r.engine}/{r.family}/{r.precision}: {'; '.join(r.problems)}" for r in rows if r.problems]
     skipped = [f"- skipped {j.name}: {j.note}" for j in jobs if j.status == "skipped"]
-    md += skipped + ["", f"tolerances: loss {LOSS_TOL}, adapter {ADAPTER_TOL}", f"versions: {report['versions']}"]
+    tolerances = f"tolerances: loss {LOSS_TOL}, adapter {report['tolerances']['adapter']}"
+    md += skipped + ["", tolerances, f"versions: {report['versions']}"]
     md += [f"elapsed {report['elapsed_s']} s of a {report['budget_s']} s budget"]
     text = "\n".join(md) + "\n"
     (out / "scaleout.md").write_text(text)
@@ -535,7 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", default=None, help=f"comma list of {','.join(ENGINES)} (default: all on CUDA)")
     p.add_argument("--families", default=None, help=f"comma list of {','.join(FAMILIES)} (default: all)")
     p.add_argument("--precisions", default=None, help="comma list of fp32,bf16 (default: both on CUDA)")
-    p.add_argument("--workers", type=int, default=None, help="launches at a time (default: cores / 1.5, at most 12)")
+    p.add_argument("--processes", type=int, default=1, help="processes per engine launch (GPUs; CPU: gloo)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="launches at a time (default: cores / 1.5 / processes, at most 12)"
+    )
     p.add_argument("--work-dir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = p.parse_args(argv)
     t0 = time.monotonic()
@@ -544,20 +575,23 @@ def main(argv: list[str] | None = None) -> int:
     engines = _choose(args.engines, ENGINES if cuda else ["plain"], ENGINES)
     families = _choose(args.families, FAMILIES, FAMILIES)
     precisions = _choose(args.precisions, PRECISIONS if cuda else ["fp32"], PRECISIONS)
-    if not cuda and set(engines) - {"plain"}:
-        p.error("the engines other than plain need a CUDA GPU (fimtune asks Accelerate for the CPU without one)")
+    if args.processes < 1 or (cuda and args.processes > torch.cuda.device_count()):
+        p.error(f"--processes {args.processes}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if not cuda and {"zero2", "zero3"} & set(engines) and importlib.util.find_spec("deepspeed") is None:
+        p.error("the DeepSpeed engines need deepspeed (pip install deepspeed): on CPU processes it runs too")
     if "plain" not in engines:
         engines = ["plain", *engines]  # the reference
-    workers = args.workers or max(1, min(12, int((os.cpu_count() or 2) / 1.5)))
+    workers = args.workers or max(1, min(12, int((os.cpu_count() or 2) / 1.5 / args.processes)))
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="scaleout-"))
     work.mkdir(parents=True, exist_ok=True)
     notes = []
     if not cuda:
-        notes.append("no CUDA device: plain runs only (fp32)")
+        engines_note = "plain runs only" if engines == ["plain"] else "engines on CPU processes (gloo)"
+        notes.append(f"no CUDA device: {engines_note} ({','.join(precisions)})")
 
     print(f"device {device_name()}; {json.dumps(versions())}", flush=True)
-    inputs = prepare_inputs(work, families)
-    jobs = plan_jobs(engines, families, precisions)
+    inputs = prepare_inputs(work, families, dropout=args.processes == 1)
+    jobs = plan_jobs(engines, families, precisions, args.processes)
     print(f"{len(jobs)} launches, {workers} at a time, {deadline - time.monotonic():.0f} s left; work dir {work}")
     schedule(jobs, inputs, work, deadline, workers)
     rows = compare(jobs, work)
@@ -571,8 +605,9 @@ def main(argv: list[str] | None = None) -> int:
             "stop_after": STOP_AFTER,
             "batch_size": BATCH_SIZE,
             "seq_length": SEQ_LENGTH,
+            "processes": args.processes,
         },
-        "tolerances": {"loss": LOSS_TOL, "adapter": ADAPTER_TOL},
+        "tolerances": {"loss": LOSS_TOL, "adapter": MULTI_PROCESS_ADAPTER_TOL if args.processes > 1 else ADAPTER_TOL},
         "notes": notes,
         "rows": [asdict(r) for r in rows],
         "launches": [

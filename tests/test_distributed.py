@@ -137,32 +137,9 @@ def test_two_process_split_optimizer_checkpoint_resumes_exactly(setup_dirs, tmp_
     assert res.returncode == 2 and "split (test) on 2 process(es)" in res.stderr
 
 
-# accelerate (1.15) selects FSDP only for GPU-style process groups, but torch's FSDP2 (`fully_shard`)
-# runs on CPU processes over gloo: this makes fimtune's Accelerator the FSDP one it would be on GPUs,
-# with the FSDP settings the launcher put in the environment (from the shipped config).
-FSDP_ON_CPU = """
-import sys
-from accelerate.state import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-import fimtune.train
-
-make_accelerator = fimtune.train.make_accelerator
-
-
-def fsdp_accelerator(cfg):
-    acc = make_accelerator(cfg)
-    plugin = FullyShardedDataParallelPlugin()
-    if acc.mixed_precision != "no":
-        plugin.set_mixed_precision(acc.mixed_precision)
-    PartialState._shared_state["distributed_type"] = acc.state.distributed_type = DistributedType.FSDP
-    acc.state.fsdp_plugin = plugin
-    return acc
-
-
-fimtune.train.make_accelerator = fsdp_accelerator
-from fimtune.cli import main
-sys.exit(main())
-"""
+# FSDP on CPU processes: tests/engines_on_cpu.py makes fimtune's Accelerator the FSDP one it would be on
+# GPUs (accelerate selects FSDP only for GPU-style process groups; torch's FSDP2 runs over gloo).
+ENGINES_ON_CPU = ROOT / "tests" / "engines_on_cpu.py"
 FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp.yaml"
 
 
@@ -175,8 +152,6 @@ def fsdp_dirs(tmp_path_factory):
     tiny.save_model_folder(tiny.llama(len(tok), tie=True), tok, root / "base")
     texts = corpus_texts(12, lines_per_doc=12)[:10]
     write_dataset_dir(root / "data", texts * 4, texts[:4])
-    script = root / "fsdp_on_cpu.py"
-    script.write_text(FSDP_ON_CPU)
     return root
 
 
@@ -191,7 +166,7 @@ def fsdp(root: Path, name: str, mixed_precision: str, *flags: str) -> Path:
     process and step (the first without gradient reduction: FSDP2's requires_gradient_sync off)."""
     launch = ("--config_file", str(FSDP_CONFIG), "--mixed_precision", mixed_precision)
     args = (f"train.mixed_precision={mixed_precision}", "train.gradient_accumulation_steps=2", *flags)
-    return train(root, name, 2, 1, *args, script=root / "fsdp_on_cpu.py", launch=launch)
+    return train(root, name, 2, 1, *args, script=ENGINES_ON_CPU, launch=launch)
 
 
 def test_fsdp2_matches_one_process_and_resumes_exactly(fsdp_dirs):

@@ -41,6 +41,27 @@ def test_plan_runs_every_engine_against_plain_and_chains_resume_after_stop(scale
     assert ordered[0].name == "llama-fp32-plain-stop" and ordered[-1].family == "gpt_bigcode"
 
 
+def test_several_processes_split_the_global_batch_that_plain_runs_alone(scaleout, tmp_path):
+    jobs = {j.name: j for j in scaleout.plan_jobs(["plain", "fsdp", "ddp"], ["llama"], ["fp32"], processes=2)}
+    inputs = {"llama": tmp_path / "base", "data": tmp_path / "data"}
+
+    def batch(job):
+        args = scaleout.overrides(job, inputs, tmp_path)
+        return [a for a in args if a.startswith(("train.batch_size=", "train.gradient_accumulation_steps="))]
+
+    assert batch(jobs["llama-fp32-plain-full"]) == ["train.batch_size=8", "train.gradient_accumulation_steps=1"]
+    assert batch(jobs["llama-fp32-fsdp-full"]) == ["train.batch_size=4", "train.gradient_accumulation_steps=1"]
+    assert batch(jobs["llama-fp32-fsdp-ga2"]) == ["train.batch_size=2", "train.gradient_accumulation_steps=2"]
+    job = jobs["llama-fp32-fsdp-full"]
+    args = scaleout.overrides(job, inputs, tmp_path)
+    on_cpu = scaleout.command(job, inputs, tmp_path, cuda=False)  # FSDP set up on CPU processes
+    assert on_cpu[on_cpu.index("--num_processes") + 1] == "2"
+    assert on_cpu[-len(args) - 1 :] == [str(scaleout.ENGINES_ON_CPU), *args]
+    assert scaleout.command(job, inputs, tmp_path, cuda=True)[-len(args) - 2 :] == ["-m", "fimtune", *args]
+    ddp = scaleout.command(jobs["llama-fp32-ddp-full"], inputs, tmp_path, cuda=False)  # accelerate's gloo DDP
+    assert ddp[-len(args) - 2 : -len(args)] == ["-m", "fimtune"]
+
+
 def test_jobs_that_do_not_fit_the_budget_are_skipped_not_launched(scaleout, tmp_path):
     jobs = scaleout.plan_jobs(["plain", "zero3"], ["llama"], ["fp32"])
     scaleout.schedule(jobs, {}, tmp_path, deadline=time.monotonic() + 5, workers=2)
@@ -72,26 +93,34 @@ def test_a_failed_launch_is_summed_up_by_the_worker_error_not_the_launcher_repor
 
 
 @pytest.mark.slow
-def test_cpu_mode_runs_plain_full_resume_and_accumulation_and_writes_the_table(tmp_path):
+def test_cpu_mode_runs_plain_and_fsdp_on_two_processes_and_writes_the_table(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), "--families", "llama", "--workers", "2", "--budget-s", "300"],
+        [sys.executable, str(SCRIPT), "--out", str(out), "--families", "llama", "--workers", "2", "--budget-s", "400",
+         "--engines", "fsdp", "--processes", "2"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
         env={"OMP_NUM_THREADS": "1", "PATH": "", "HOME": str(tmp_path)},
-    )
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((out / "scaleout.json").read_text())
-    assert report["notes"] == ["no CUDA device: plain runs only (fp32)"]
-    (row,) = report["rows"]
-    assert (row["engine"], row["status"], row["steps"]) == ("plain", "ok", 6)
-    # Two micro-batches of 2 rows give the losses of one of 4; stop + resume gives the same adapter.
-    assert row["ga2_loss_diff"] < 1e-4
-    assert row["resume_ok"] and row["resume_adapter_diff"] < 1e-6
-    assert {j["kind"]: j["status"] for j in report["launches"]} == dict.fromkeys(
-        ("full", "stop", "resume", "ga2"), "ok"
-    )
+    assert report["notes"] == ["no CUDA device: engines on CPU processes (gloo) (fp32)"]
+    plain, fsdp = report["rows"]
+    for row in (plain, fsdp):
+        assert row["status"] == "ok" and row["steps"] == 6
+        # Two micro-batches of 2 rows give the losses of one of 4; stop + resume gives the same adapter.
+        assert row["ga2_loss_diff"] < 1e-4
+        assert row["resume_ok"] and row["resume_adapter_diff"] < 1e-6
+    # FSDP2 over 2 processes (4 rows each) against one process (8 rows): the same training.
+    assert fsdp["engine"] == "fsdp" and fsdp["loss_diff"] < 1e-5 and fsdp["adapter_vs_plain"] < 1e-5
+    assert {(j["engine"], j["kind"]): j["status"] for j in report["launches"]} == {
+        (e, k): "ok" for e in ("plain", "fsdp") for k in ("full", "stop", "resume", "ga2")
+    }
     table = (out / "scaleout.md").read_text()
-    assert "| plain | llama | fp32 | 6 |" in table and "| plain | llama | fp32 | 6 |" in proc.stdout
+    assert (
+        "2 process(es)" in table
+        and "| fsdp | llama | fp32 | 6 |" in table
+        and "| plain | llama | fp32 | 6 |" in proc.stdout
+    )
