@@ -223,10 +223,11 @@ def optimizer_part(optimizer: Any) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
     state = optimizer.state_dict()
-    for per_param in state.get("state", {}).values():
-        for key, value in per_param.items():
-            if isinstance(value, DTensor):
-                per_param[key] = value.to_local()
+    if "state" in state:  # new dicts: state_dict() shares each parameter's state dict with the optimizer
+        state["state"] = {
+            index: {key: value.to_local() if isinstance(value, DTensor) else value for key, value in per.items()}
+            for index, per in state["state"].items()
+        }
     return state
 
 
