@@ -411,11 +411,10 @@ def profile_rows(s: Setup, engine: Any, folder: Path) -> list[dict[str, Any]]:
     torch.profiler. On CUDA: the kernels' time per step (against the step's wall time: the rest is the
     GPU waiting between kernels), kernels per step, and the kernels by share; on a CPU the same for
     operators. The whole table goes to ``folder``. Diagnostics."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     static, rows = engine.decoder.static, []
-    cuda = torch.cuda.is_available() and next(s.model.parameters()).is_cuda
+    cuda = static.device.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     folder.mkdir(parents=True, exist_ok=True)
     for size in sorted({static.buckets[0], static.buckets[-1]}):

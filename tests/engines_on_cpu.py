@@ -47,14 +47,19 @@ def install() -> None:
         return acc
 
     def deepspeed_accelerator(cfg: Any) -> Any:
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState, GradientState
+        import accelerate
         from accelerate.utils import InitProcessGroupKwargs
 
-        AcceleratorState._reset_state(reset_partial_state=False)
-        GradientState._reset_state()
-        mp = "no" if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
-        return Accelerator(mixed_precision=mp, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+        real = accelerate.Accelerator  # fimtune's make_accelerator, with this Accelerator while it runs
+
+        def gloo_accelerator(*args: Any, cpu: bool = False, **kwargs: Any) -> Any:
+            return real(*args, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
+
+        accelerate.Accelerator = gloo_accelerator
+        try:
+            return make_accelerator(cfg)
+        finally:
+            accelerate.Accelerator = real
 
     if _flag("ACCELERATE_USE_FSDP"):
         fimtune.train.make_accelerator = fsdp_accelerator

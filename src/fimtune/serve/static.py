@@ -251,7 +251,7 @@ class StaticDecoding:
         each layer's (keys, values) [n, kv heads, w, head dim])."""
         from transformers import DynamicCache
 
-        cache = DynamicCache()
+        cache = DynamicCache()  # plain (not kvcache.new_cache's growing layers): copied out at once
         kwargs: dict[str, Any] = {self.cache_kw: cache, "use_cache": True, "position_ids": positions}
         if mask is not None:
             kwargs["attention_mask"] = mask
