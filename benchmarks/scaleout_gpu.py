@@ -21,20 +21,24 @@ process (plain: 4 x N rows):
              fimtune normalises by the label tokens of the whole step, so the losses must match
 
 Precisions, the same for an engine and its plain reference:
-    fp32     the mechanics: model.dtype=fp32, train.mixed_precision=no, `--mixed_precision no`, SDPA,
-             whole-logits loss (train.loss_chunk_tokens=0): differences are round-off, so tolerances
-             are tight (an optimizer step too many or a wrong gradient shows at once)
-    bf16     fimtune's GPU defaults (bf16 weights, bf16 autocast, `varlen` attention, the loss in
-             chunks of 4096 tokens) with the shipped configs' `mixed_precision: bf16`: does it run,
-             and how far the losses drift (a loose tolerance); `full` runs only
+    fp32     the mechanics: model.dtype=fp32, train.mixed_precision=no, `--mixed_precision no`, SDPA:
+             differences are round-off, so tolerances are tight (an optimizer step too many or a
+             wrong gradient shows at once)
+    bf16     fimtune's GPU defaults (bf16 weights, bf16 autocast, `varlen` attention) with the
+             shipped configs' `mixed_precision: bf16`: does it run, and how far the losses drift (a
+             loose tolerance); `full` runs only. On a CPU: fp32 weights under bf16 autocast, SDPA
+Both compute the loss in chunks of 64 tokens (train.loss_chunk_tokens; several chunks a micro-batch),
+as the GPU default does in chunks of 4096; FSDP and ZeRO-3 take the whole logits (the head's weight
+is split outside the model's forward), so those runs check the other path.
 With several processes GPTBigCode's own dropout is off (processes draw other masks than one process)
 and bf16 adapters are compared within 0.1 (DDP's own differs by ~0.05: the batch sums in another order).
-torch.compile is off everywhere (it costs a minute per launch and changes no numerics worth it here).
+torch.compile is off (it costs a minute per launch), except with --compile: bf16 runs then compile each
+block as on a GPU by default (train.compile), engines and plain alike.
 
 Launches run concurrently (the models are tiny; a launch is mostly imports), each with its own
 timeout, inside --budget-s: what does not fit is skipped and listed. One engine failing stops
 only the launches that need its runs. Results: a table on stdout, scaleout.json and scaleout.md
-(and the stderr tails of failed launches, failures.txt) in --out.
+(and the stderr tails of failed launches, failures.txt, with their whole output under logs/) in --out.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ MAX_STEPS = 6
 STOP_AFTER = 3
 BATCH_SIZE = 4  # rows per step; ga2 runs 2 micro-batches of BATCH_SIZE // 2
 SEQ_LENGTH = 64
+LOSS_CHUNK = 64  # tokens per piece of the chunked loss in bf16 runs
 # Largest |difference| accepted, per precision: per-step training loss (nats) and adapter weights.
 LOSS_TOL = {"fp32": 1e-3, "bf16": 5e-2}
 ADAPTER_TOL = {"fp32": 1e-4, "bf16": 2e-2}
@@ -83,10 +88,13 @@ ADAPTER_TOL = {"fp32": 1e-4, "bf16": 2e-2}
 # large learning rate below, so even DDP's adapter ends ~0.05 from plain's (2 CPU processes).
 MULTI_PROCESS_ADAPTER_TOL = {"fp32": 1e-4, "bf16": 1e-1}
 LAUNCH_TIMEOUT_S = 120  # one launch (imports ~10-20 s, a few tiny steps)
+COMPILE_LAUNCH_TIMEOUT_S = 300  # one launch that compiles its blocks
 MIN_LAUNCH_S = 30  # a launch is not started with less budget than this left
 TAIL_CHARS = 3000  # stderr kept per failed launch
 ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*:|^error:")
 LAUNCHER_ERROR = re.compile(r"ChildFailedError|CalledProcessError")  # the launcher's report of a worker's error
+# a rank's error that only says another rank went away (gloo, NCCL)
+PEER_GONE = re.compile(r"Connection reset by peer|Connection closed by peer|Broken pipe|communicator was aborted")
 
 
 # --------------------------------------------------------------------------------------
@@ -140,6 +148,8 @@ class Job:
     seconds: float = 0.0
     note: str = ""
     stderr_tail: str = ""
+    log: Path | None = None  # the launch's whole output
+    compile: bool = False  # train.compile
     command: list[str] = field(default_factory=list)
 
     @property
@@ -174,16 +184,18 @@ def overrides(job: Job, inputs: dict[str, Path], work: Path) -> list[str]:
         "train.eval_batches=4",
         "train.log_every=1",
         f"train.save_every={2 if job.kind == 'full' else 0}",  # full: checkpoints mid-run and trains on
-        "train.compile=false",
+        f"train.compile={str(job.compile).lower()}",
         "lora.r=8",
         "lora.alpha=16",
         "lora.dropout=0",
     ]
     if job.precision == "fp32":
         args += ["model.dtype=fp32", "train.mixed_precision=no", "model.attn_implementation=sdpa"]
-        args += ["train.loss_chunk_tokens=0"]
     else:
         args += ["model.dtype=auto", "train.mixed_precision=bf16"]
+    # The chunked loss calls the head after the wrapped model's forward (DDP, ZeRO-2; FSDP and ZeRO-3
+    # turn it off). 64 tokens: several chunks a micro-batch, where the GPU default of 4096 makes one.
+    args += [f"train.loss_chunk_tokens={LOSS_CHUNK}"]
     if job.kind == "stop":
         args += ["--stop-after", str(STOP_AFTER)]
     elif job.kind == "resume":
@@ -241,7 +253,7 @@ def run_job(job: Job, inputs: dict[str, Path], work: Path, timeout: float) -> Jo
     import torch
 
     job.command = command(job, inputs, work, cuda=torch.cuda.is_available())
-    log = work / "logs" / f"{job.name}.log"
+    log = job.log = work / "logs" / f"{job.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as err:
@@ -279,12 +291,16 @@ def _worker_lines(text: str) -> list[str]:
 
 
 def _error_index(lines: list[str]) -> int | None:
+    """The training process's last error line, except one that only reports another process gone (a
+    rank blocked in a collective when its peer failed): the peer's own error is the cause."""
     found = [i for i, line in enumerate(lines) if ERROR_LINE.match(line.strip()) and not LAUNCHER_ERROR.search(line)]
-    return found[-1] if found else None
+    causes = [i for i in found if not PEER_GONE.search(lines[i])]
+    return (causes or found)[-1] if found else None
 
 
 def last_error(text: str, width: int = 200) -> str:
-    """The last `SomethingError: message` line of the training process, cut to ``width``."""
+    """The training process's last `SomethingError: message` line (not a report of a peer gone), cut to
+    ``width``."""
     lines = _worker_lines(text)
     i = _error_index(lines)
     return "no error line" if i is None else lines[i].strip()[:width]
@@ -300,7 +316,9 @@ def error_tail(text: str) -> str:
     return before[-(TAIL_CHARS // 2) :] + "\n" + after[: TAIL_CHARS // 2]
 
 
-def plan_jobs(engines: list[str], families: list[str], precisions: list[str], processes: int = 1) -> list[Job]:
+def plan_jobs(
+    engines: list[str], families: list[str], precisions: list[str], processes: int = 1, compile: bool = False
+) -> list[Job]:
     """Every launch with its prerequisite: an engine that could not run `full` is not asked for
     `ga2`, and `resume` continues `stop`. First the Llama fp32 runs (stop before full: the
     stop -> resume chain is the longest), then bf16, then GPTBigCode (fp32, `full` only)."""
@@ -316,6 +334,7 @@ def plan_jobs(engines: list[str], families: list[str], precisions: list[str], pr
                 for kind in ["stop", "full", "resume", "ga2"] if core else ["full"]:
                     after = {"resume": "stop", "ga2": "full"}.get(kind)
                     job = Job(engine, family, precision, kind, processes, priority=rank + order[kind] + 0.1 * i)
+                    job.compile = compile and precision == "bf16"
                     job.after = f"{family}-{precision}-{engine}-{after}" if after else None
                     jobs.append(job)
     return jobs
@@ -342,7 +361,7 @@ def schedule(jobs: list[Job], inputs: dict[str, Path], work: Path, deadline: flo
                     continue
                 job.status = "running"
                 print(f"[{time.strftime('%H:%M:%S')}] start {job.name}", flush=True)
-                running[pool.submit(run_job, job, inputs, work, min(LAUNCH_TIMEOUT_S, left))] = job
+                running[pool.submit(run_job, job, inputs, work, min(COMPILE_LAUNCH_TIMEOUT_S if job.compile else LAUNCH_TIMEOUT_S, left))] = job
             if not running:
                 if any(j.status == "pending" for j in jobs):
                     continue  # only jobs whose prerequisite just settled: the next pass decides them
@@ -552,6 +571,10 @@ def write_report(out: Path, report: dict[str, Any], rows: list[Row], jobs: list[
         (out / "failures.txt").write_text(
             "".join(f"===== {j.name}: {j.note}\n$ {' '.join(j.command)}\n{j.stderr_tail}\n" for j in failed)
         )
+    for j in failed:  # every rank's whole output: the tail shows one error, the cause may be another rank's
+        if j.log is not None and j.log.is_file():
+            (out / "logs").mkdir(exist_ok=True)
+            shutil.copyfile(j.log, out / "logs" / j.log.name)
     return text
 
 
@@ -569,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=None, help="launches at a time (default: cores / 1.5 / processes, at most 12)"
     )
     p.add_argument("--work-dir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--compile", action="store_true", help="bf16 runs compile each block (train.compile=true)")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     deadline = t0 + args.budget_s
@@ -592,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"device {device_name()}; {json.dumps(versions())}", flush=True)
     inputs = prepare_inputs(work, families, dropout=args.processes == 1)
-    jobs = plan_jobs(engines, families, precisions, args.processes)
+    jobs = plan_jobs(engines, families, precisions, args.processes, args.compile)
     print(f"{len(jobs)} launches, {workers} at a time, {deadline - time.monotonic():.0f} s left; work dir {work}")
     schedule(jobs, inputs, work, deadline, workers)
     rows = compare(jobs, work)
@@ -607,12 +631,14 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": BATCH_SIZE,
             "seq_length": SEQ_LENGTH,
             "processes": args.processes,
+            "loss_chunk_tokens": LOSS_CHUNK,
+            "compile_bf16": args.compile,
         },
         "tolerances": {"loss": LOSS_TOL, "adapter": MULTI_PROCESS_ADAPTER_TOL if args.processes > 1 else ADAPTER_TOL},
         "notes": notes,
         "rows": [asdict(r) for r in rows],
         "launches": [
-            {k: v for k, v in asdict(j).items() if k != "stderr_tail"}
+            {k: v for k, v in asdict(j).items() if k not in ("stderr_tail", "log")}
             | {"name": j.name, "losses": losses(work / "runs" / j.run_name)}
             for j in jobs
         ],

@@ -105,6 +105,23 @@ def test_chunked_loss_falls_back_to_whole_logits_under_zero3(tiny_tokenizer, cap
     assert chunk == 16  # ZeRO-2 keeps whole parameters: the chunked loss stays
 
 
+def test_blocks_are_not_compiled_under_zero3(tiny_tokenizer, caplog):
+    """ZeRO-3's per-module parameter hooks run inside a compiled block: the compiler traces them and
+    recompiled every module on 2 CPU processes until its limit. ZeRO-2 keeps compiled blocks."""
+    from fimtune.fast import transformer_blocks
+
+    def compiled(model) -> list[bool]:
+        return [block._compiled_call_impl is not None for block in transformer_blocks(model)]
+
+    cfg = load_run_config(None, ["model.name_or_path=x", "train.compile=true"])
+    with caplog.at_level(logging.WARNING, logger="fimtune.train"):
+        model, _ = prepare_model(tiny.llama(len(tiny_tokenizer)), cfg, deepspeed(3), [])
+    assert compiled(model) == [False, False]
+    assert any("ZeRO-3" in r.getMessage() and "not compiled" in r.getMessage() for r in caplog.records)
+    model, _ = prepare_model(tiny.llama(len(tiny_tokenizer)), cfg, deepspeed(2), [])
+    assert compiled(model) == [True, True]
+
+
 def test_fsdp1_is_refused_before_anything_loads():
     with pytest.raises(FimtuneError, match="FSDP1.*fsdp_version: 2"):
         refuse_fsdp1(fsdp("FULL_SHARD", 2))

@@ -92,6 +92,32 @@ def test_a_failed_launch_is_summed_up_by_the_worker_error_not_the_launcher_repor
     assert scaleout.last_error(plain) == "KeyError: 0"
 
 
+def test_a_rank_that_only_saw_its_peer_go_does_not_hide_the_peers_error(scaleout):
+    log = (
+        "[rank1]: Traceback (most recent call last):\n"
+        "[rank1]: FileNotFoundError: [Errno 2] No such file or directory: 'state'\n"
+        "[rank0]: Traceback (most recent call last):\n"
+        "[rank0]:   File 'dtensor.py', line 1, in full_tensor\n"
+        "[rank0]: RuntimeError: [pair.cc:537] Read error [127.0.0.1]:51410: Connection reset by peer.\n"
+    )
+    assert scaleout.last_error(log).startswith("FileNotFoundError")
+    alone = "RuntimeError: [pair.cc:537] Read error [127.0.0.1]:51410: Connection reset by peer.\n"
+    assert scaleout.last_error(alone).startswith("RuntimeError")  # nothing better: the report itself
+
+
+def test_a_failed_launch_keeps_its_whole_output_in_the_report_folder(scaleout, tmp_path):
+    (job,) = [j for j in scaleout.plan_jobs(["plain"], ["llama"], ["fp32"]) if j.kind == "full"]
+    inputs = {"llama": tmp_path / "no-such-model", "data": tmp_path / "no-such-data"}
+    scaleout.run_job(job, inputs, tmp_path / "work", timeout=120)  # a real launch, which fails at once
+    assert job.status == "failed" and "no-such" in job.note
+    report = {"settings": {"processes": 1}, "device": "cpu", "tolerances": {"adapter": {}}, "versions": {},
+              "elapsed_s": 1, "budget_s": 1}  # fmt: skip
+    scaleout.write_report(tmp_path / "out", report, scaleout.compare([job], tmp_path / "work"), [job])
+    kept = (tmp_path / "out" / "logs" / f"{job.name}.log").read_text()
+    assert kept == job.log.read_text() and "no-such" in kept
+    assert job.name in (tmp_path / "out" / "failures.txt").read_text()
+
+
 @pytest.mark.slow
 def test_cpu_mode_runs_plain_and_fsdp_on_two_processes_and_writes_the_table(tmp_path):
     out = tmp_path / "out"

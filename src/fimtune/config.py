@@ -202,7 +202,7 @@ class TrainConfig:
     """Recompute activations in the backward pass to save memory."""
     compile: bool | None = None
     """`torch.compile` each transformer block (a minute or so once, then faster steps);
-    default: on CUDA GPUs, except for quantized models."""
+    default: on CUDA GPUs, except for quantized models; never under DeepSpeed ZeRO-3."""
     activation_memory: float = 1.0
     """With `compile`: the share of the activations compiled blocks keep for the backward pass;
     below 1 the compiler recomputes the cheapest others (less memory, a little more compute)."""

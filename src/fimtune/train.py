@@ -126,7 +126,7 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
     """A loaded base model made ready to train: checkpointing, k-bit preparation, LoRA, the fast
     path (attention dropout off under `varlen`, LoRA inputs uncast, compiled blocks);
     returns it with the loss chunk (tokens; 0: whole logits)."""
-    from fimtune.engines import sharded_parameters
+    from fimtune.engines import deepspeed_stage, sharded_parameters
     from fimtune.fast import VARLEN, disable_attention_dropout, speed_up
     from fimtune.model import attach_lora
 
@@ -145,6 +145,14 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
         )
     cuda = accelerator.device.type == "cuda"
     want_compile = tc.compile if tc.compile is not None else cuda and cfg.model.quantization == "none"
+    if want_compile and deepspeed_stage(accelerator) == 3:
+        # ZeRO-3 fetches and releases parameters in hooks on every module: compiled blocks trace them,
+        # and recompile at each module until the compiler gives up (64 times a frame).
+        (log.warning if tc.compile else log.info)(
+            "the blocks are not compiled: under DeepSpeed ZeRO-3 its per-module parameter hooks make "
+            "torch.compile recompile without end (ZeRO-2, FSDP2 and DDP compile)"
+        )
+        want_compile = False
     # Torch autocast, which makes LoRA's input casts needless; not under DeepSpeed (bf16 weights instead).
     autocast = bool(accelerator.native_amp)
     for note in speed_up(model, want_compile, autocast, tc.activation_memory):
