@@ -325,6 +325,11 @@ def main() -> int:
         help="engine variants measured in turn: trees (the compiler's CUDA graphs), captured (per bucket), "
         "KIND+prefill (that engine with its prefill compiled too); default: trees,captured,captured+prefill",
     )
+    gpu.add_argument(
+        "--clients-in-process",
+        action="store_true",
+        help="the server rows' 16 clients run as threads of the server's process (default: their own process)",
+    )
     gpu.add_argument("--no-generate-static", action="store_true", help="skip generate(cache_implementation=static)")
     gpu.add_argument(
         "--profile-step",
@@ -335,9 +340,9 @@ def main() -> int:
     gpu.add_argument(
         "--batch-wait-variants",
         type=lambda text: [float(x) for x in text.split(",") if x],
-        default=[10.0, 25.0],
+        default=[],
         metavar="MS,MS",
-        help="server runs again with these batching waits (default: 10,25)",
+        help="server runs again with these batching waits (batch_wait_ms; default: none)",
     )
     args = parser.parse_args()
     if args.device == "cuda" or args.shape:

@@ -26,8 +26,13 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
                       step, the largest kernels' shares; whole tables in DIR  (diagnostics)
     server ...        uvicorn on 127.0.0.1, 16 clients x 10 OpenAI `/v1/completions` FIM requests
                       (1,024 + 32 tokens each; target p95 <= 200 ms) with the server's defaults
-                      (each batch runs to its end); then variants: continuous batching with rows
-                      joining as they come, or 4 at a time (or after 20 ms); longer batching waits
+                      (each batch runs to its end; batching waits while requests arrive; prompts
+                      tokenized in threads on a GPU); then variants: the batching of runs 1-6 (a
+                      fixed 2 ms wait, prompts tokenized on the event loop); continuous batching
+                      with rows joining as they come, or 4 at a time (or after 20 ms); other
+                      batching waits (--batch-wait-variants).
+                      The clients are threads of another process (load_clients.py), as editors are;
+                      `--clients-in-process`: threads of the server's own process (runs 1-6)
     generate static   `generate(cache_implementation="static")`: transformers compiles its own step
                       (the first calls; their time is its warm-up)
 
@@ -45,11 +50,11 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import textwrap
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -535,27 +540,30 @@ def request_body(s: Setup, client: int, request: int) -> dict[str, Any]:
     }
 
 
-def load(s: Setup, url: str, clients: int, per_client: int) -> tuple[list[float], list[dict], list[str]]:
-    """``clients`` threads, each sending ``per_client`` requests one after another: (seconds, usages, errors)."""
-    import httpx
+def load(
+    s: Setup, url: str, clients: int, per_client: int, in_process: bool = False
+) -> tuple[list[float], list[dict], list[str]]:
+    """``clients`` clients, each sending ``per_client`` requests one after another: (seconds, usages,
+    errors). They run as threads of another process (load_clients.py), as editors would; or
+    (``in_process``) of this one, the server's, where they share its interpreter lock."""
+    from load_clients import run_clients
 
-    def one_client(c: int) -> tuple[list[float], list[dict], list[str]]:
-        seconds, usages, errors = [], [], []
-        with httpx.Client(base_url=url, timeout=120) as http:
-            for r in range(per_client):
-                start = time.perf_counter()
-                try:
-                    resp = http.post("/v1/completions", json=request_body(s, c, r))
-                    resp.raise_for_status()
-                    seconds.append(time.perf_counter() - start)
-                    usages.append(resp.json()["usage"])
-                except Exception as e:
-                    errors.append(f"{type(e).__name__}: {e}"[:300])
-        return seconds, usages, errors
-
-    with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(one_client, range(clients)))
-    return [x for r in results for x in r[0]], [x for r in results for x in r[1]], [x for r in results for x in r[2]]
+    bodies = [[request_body(s, c, r) for r in range(per_client)] for c in range(clients)]
+    if in_process:
+        got = run_clients(url, "/v1/completions", bodies)
+    else:
+        plan = json.dumps({"url": url, "path": "/v1/completions", "bodies": bodies})
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("load_clients.py"))],
+            input=plan,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"the client process failed: {proc.stderr[-1000:]}")
+        got = json.loads(proc.stdout)
+    return got["seconds"], got["usages"], got["errors"]
 
 
 def server_rows(s: Setup, engine: Any, args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
@@ -569,38 +577,49 @@ def server_rows(s: Setup, engine: Any, args: argparse.Namespace, deadline: float
         if not engine.ready.wait(timeout=max(1.0, deadline - time.monotonic())):
             raise RuntimeError("the engine's worker did not finish its warm-up in time")
         ready_s = time.perf_counter() - began
-        load(s, url, CLIENTS, 1)  # one untimed request per client: connections, first batches
-        defaults = copy.copy(engine.limits)
-        # limits changed per run: the server's defaults (no joins), rows joining as they come, rows
-        # joining 4 at a time (or after 20 ms), then longer batching waits
+        load(s, url, CLIENTS, 1, args.clients_in_process)  # one untimed request per client: first batches
+        svc = app.state.service
+        defaults, threads = copy.copy(engine.limits), svc.tokenize_in_threads
+        # limits changed per run: the server's defaults (no joins); the batching of runs 1-6 (a fixed
+        # wait from the first job, prompts tokenized on the event loop); rows joining as they come;
+        # rows joining 4 at a time (or after 20 ms); then other batching waits
+        fixed = {"batch_max_wait_ms": defaults.batch_wait_ms, "tokenize_in_threads": False}
         joins = {"continuous_batching": True, "join_min_rows": 1, "join_wait_ms": 0.0}
-        variants: list[dict[str, Any]] = [{}, joins, {**joins, "join_min_rows": 4, "join_wait_ms": 20.0}]
+        variants: list[dict[str, Any]] = [{}, fixed, joins, {**joins, "join_min_rows": 4, "join_wait_ms": 20.0}]
         variants += [{"batch_wait_ms": ms} for ms in args.batch_wait_variants]
         for changes in variants:
             if time.monotonic() > deadline - 10:
                 print(f"-- server {changes}: skipped (budget)", flush=True)
                 continue
             for name, value in changes.items():
-                setattr(engine.limits, name, value)
+                setattr(svc if name == "tokenize_in_threads" else engine.limits, name, value)
             try:
-                rows.append(server_run(s, engine, url, ready_s))
+                rows.append(server_run(s, engine, url, ready_s, args.clients_in_process, svc.tokenize_in_threads))
             finally:
+                svc.tokenize_in_threads = threads
                 for name in changes:
-                    setattr(engine.limits, name, getattr(defaults, name))
+                    if name != "tokenize_in_threads":
+                        setattr(engine.limits, name, getattr(defaults, name))
     finally:
         server.should_exit = True
     return rows
 
 
-def server_run(s: Setup, engine: Any, url: str, ready_s: float) -> dict[str, Any]:
+def server_run(
+    s: Setup, engine: Any, url: str, ready_s: float, in_process: bool = False, threads: bool = False
+) -> dict[str, Any]:
     stats, lim = engine.decoder.stats, engine.limits
     batches, forwards, joined = stats.batches, stats.forwards, stats.joined
     began = time.perf_counter()
-    seconds, usages, errors = load(s, url, CLIENTS, REQUESTS_PER_CLIENT)
+    seconds, usages, errors = load(s, url, CLIENTS, REQUESTS_PER_CLIENT, in_process)
     wall = time.perf_counter() - began
     joins = f"joins {lim.join_min_rows}/{lim.join_wait_ms:g}ms" if lim.continuous_batching else "no joins"
     row: dict[str, Any] = {
-        "scenario": f"server 16, {_graphs(engine)}, wait {lim.batch_wait_ms:g}ms, {joins}",
+        "scenario": f"server 16, {_graphs(engine)}, wait {lim.batch_wait_ms:g}/{lim.batch_max_wait_ms:g}ms, "
+        f"{joins}, tokenize {'threads' if threads else 'loop'}" + (", clients in-process" if in_process else ""),
+        "batch_max_wait_ms": lim.batch_max_wait_ms,
+        "tokenize_in_threads": threads,
+        "clients_in_process": in_process,
         "batch_wait_ms": lim.batch_wait_ms,
         "continuous_batching": lim.continuous_batching,
         "join_min_rows": lim.join_min_rows,

@@ -361,7 +361,8 @@ def schedule(jobs: list[Job], inputs: dict[str, Path], work: Path, deadline: flo
                     continue
                 job.status = "running"
                 print(f"[{time.strftime('%H:%M:%S')}] start {job.name}", flush=True)
-                running[pool.submit(run_job, job, inputs, work, min(COMPILE_LAUNCH_TIMEOUT_S if job.compile else LAUNCH_TIMEOUT_S, left))] = job
+                timeout = min(COMPILE_LAUNCH_TIMEOUT_S if job.compile else LAUNCH_TIMEOUT_S, left)
+                running[pool.submit(run_job, job, inputs, work, timeout)] = job
             if not running:
                 if any(j.status == "pending" for j in jobs):
                     continue  # only jobs whose prerequisite just settled: the next pass decides them

@@ -65,6 +65,30 @@ def test_fim_token_text_in_code_stays_text(tiny_tokenizer):
     assert ids.count(pr.fim.middle) == 1 and ids[-1] == pr.fim.middle
 
 
+def test_prompts_encode_as_the_training_cache_and_from_many_threads_at_once(tiny_tokenizer):
+    """The server tokenizes requests in a thread pool while its worker decodes: the prompter never
+    changes a tokenizer setting (once it flipped special-token parsing around each encode)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fimtune.tokenization import encode_batch
+
+    pr = FimPrompter(tiny_tokenizer)
+    texts = [f"def f{i}(x):\n    s = '<fim_middle>' * {i}\n" * (1 + i % 7) for i in range(64)]
+    assert [pr.encode(t) for t in texts] == [ids.tolist() for ids in encode_batch(tiny_tokenizer, texts)]
+    formatted = [f"<fim_prefix>{t}<fim_suffix>\n<fim_middle>" for t in texts]
+
+    def one(i: int) -> tuple[list[int], list[int], str]:
+        return pr.encode(texts[i]), pr.encode_formatted(formatted[i]), pr.decode(pr.encode(texts[i]))
+
+    alone = [one(i) for i in range(len(texts))]
+
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(5):
+            assert list(pool.map(one, range(len(texts)))) == alone
+    # in code the token's text is text; in a formatted prompt it is the token (4 in the code, 1 closing)
+    assert alone[3][0].count(pr.fim.middle) == 0 and alone[3][1].count(pr.fim.middle) == 4 + 1
+
+
 @pytest.mark.parametrize("step", [1, 16, 64])
 def test_fit_context_keeps_the_text_nearest_the_cursor(step):
     rng = random.Random(step)

@@ -325,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--queue-size", type=int, help="requests waiting before 503 + Retry-After (default 32)")
     lim.add_argument("--max-batch-size", type=int, help="requests generated together (default 8)")
     lim.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        help="a batch starts once requests stopped arriving this long (default 2) ...",
+    )
+    lim.add_argument("--batch-max-wait-ms", type=float, help="... or once its first waited this long (default 50)")
+    lim.add_argument(
         "--join-min-rows", type=int, help="GPU, --continuous-batching: rows join once this many wait (default 1)"
     )
     lim.add_argument(

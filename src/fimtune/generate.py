@@ -69,9 +69,17 @@ class Completion:
 
 
 class FimPrompter:
-    """Builds FIM prompts from text and knows which token ids end a completion."""
+    """Builds FIM prompts from text and knows which token ids end a completion.
+
+    Safe to use from several threads at once (the server tokenizes requests in a thread pool while
+    its worker decodes): it never changes a tokenizer's settings, but keeps two `tokenizers` backends,
+    one that reads special-token strings as text (code, as training saw it) and one that reads
+    them as the tokens (prompts a client formatted)."""
 
     def __init__(self, tokenizer: Any) -> None:
+        from tokenizers import Tokenizer
+
+        from fimtune.tokenization import fast_backend
         from fimtune.tokens import document_separator_id, find_fim_tokens
 
         names = find_fim_tokens(tokenizer)
@@ -81,6 +89,9 @@ class FimPrompter:
         pad = vocab.get(names.pad, document_separator_id(tokenizer)) if names.pad else document_separator_id(tokenizer)
         self.tokenizer = tokenizer
         self.names = names
+        self._formatted = fast_backend(tokenizer)
+        self._plain = Tokenizer.from_str(self._formatted.to_str())
+        self._plain.encode_special_tokens = True  # set once here, on a copy of its own
         self.fim = FimTokens(
             prefix=vocab[names.prefix], middle=vocab[names.middle], suffix=vocab[names.suffix], pad=pad
         )
@@ -91,13 +102,11 @@ class FimPrompter:
 
     def encode(self, text: str) -> list[int]:
         """Code as plain text, as training saw it: a `<fim_prefix>` written in the code is text, not a token."""
-        from fimtune.tokenization import encode_batch
-
-        return encode_batch(self.tokenizer, [text])[0].tolist() if text else []
+        return self._plain.encode(text, add_special_tokens=False).ids if text else []
 
     def encode_formatted(self, text: str) -> list[int]:
         """A prompt a client formatted itself: special-token strings in it are the special tokens."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        return self._formatted.encode(text, add_special_tokens=False).ids if text else []
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

@@ -94,11 +94,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of the serialized fast tokenizer: model, normalizer, pre-tokenizer and added tokens."""
     h = hashlib.blake2b(digest_size=16)
     h.update(CACHE_FORMAT.encode())
-    h.update(_backend(tokenizer).to_str().encode())
+    h.update(fast_backend(tokenizer).to_str().encode())
     return h.hexdigest()
 
 
-def _backend(tokenizer: Any) -> Any:
+def fast_backend(tokenizer: Any) -> Any:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise FimtuneError(f"{type(tokenizer).__name__} is not a fast tokenizer: fimtune needs a `tokenizers` one")
@@ -123,7 +123,7 @@ def _plain_text(backend: Any) -> Iterator[Any]:
 
 def encode_flat(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """All ``texts`` encoded as plain text, no special tokens: (ids int32 concatenated, lengths int64)."""
-    with _plain_text(_backend(tokenizer)) as backend:
+    with _plain_text(fast_backend(tokenizer)) as backend:
         encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
     lengths = np.fromiter((len(e) for e in encodings), dtype=OFFSET_DTYPE, count=len(encodings))
     ids = np.fromiter(

@@ -68,6 +68,34 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
     assert engine.decoder.stats.batches - batches_before == 2
 
 
+def test_a_batch_waits_for_a_request_still_being_tokenized(tiny_run):
+    """An open arrival (a handler reading and tokenizing a request) holds the next batch, so a request
+    queued meanwhile and the one still arriving go together; `batch_max_wait_ms` bounds the hold."""
+    app = make_app(tiny_run, batch_max_wait_ms=60_000)
+    engine = app.state.service.engine
+    stats = engine.decoder.stats
+    body = {"inputs": psm("x = "), "parameters": {"max_new_tokens": 3}}
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(2) as pool:
+        c.post("/generate", json=body)  # warm: the next batches are the ones counted
+        batches = stats.batches
+        arriving = engine.arrival()  # as a handler does from its read body until its job is queued
+        first = pool.submit(c.post, "/generate", json=body)
+        wait_until(lambda: engine.queue_depth() == 1)
+        time.sleep(0.3)
+        assert not first.done() and stats.batches == batches  # held: one is still arriving
+        second = pool.submit(c.post, "/generate", json={**body, "inputs": psm("y = ")})
+        wait_until(lambda: engine.queue_depth() == 2)
+        arriving.done()
+        assert first.result().status_code == second.result().status_code == 200
+        assert stats.batches == batches + 1 and stats.largest_batch >= 2  # together, in one batch
+    app = make_app(tiny_run, batch_max_wait_ms=100)
+    engine = app.state.service.engine
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        arriving = engine.arrival()  # never queued: the hold ends after 100 ms
+        assert c.post("/generate", json=body).status_code == 200
+        arriving.done()
+
+
 def test_full_queue_answers_503_with_retry_after(tiny_run):
     app = make_app(tiny_run, queue_size=1)
     engine = app.state.service.engine

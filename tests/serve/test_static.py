@@ -222,6 +222,10 @@ def test_no_cuda_graphs_and_no_continuous_batching_flags():
         limits_from_args(build_parser().parse_args(["serve", "embedded", "--join-wait-ms", "-1"]))
     defaults = limits_from_args(build_parser().parse_args(["serve", "embedded"]))
     assert defaults.cuda_graphs is True and defaults.continuous_batching is False
+    ns = build_parser().parse_args(["serve", "embedded", "--batch-wait-ms", "5", "--batch-max-wait-ms", "0"])
+    assert (limits_from_args(ns).batch_wait_ms, limits_from_args(ns).batch_max_wait_ms) == (5.0, 0.0)
+    with pytest.raises(FimtuneError, match="batch-max-wait-ms"):
+        limits_from_args(build_parser().parse_args(["serve", "embedded", "--batch-max-wait-ms", "-2"]))
 
 
 class _Heads(torch.nn.Module):

@@ -80,22 +80,31 @@ async def _internal_error(request: Request, err: Exception) -> JSONResponse:
 def _add_routes(app: FastAPI, svc: Service) -> None:
     limit = svc.limits.max_body_bytes
 
+    # A generation handler is an arrival (svc.arriving) from its read body until its job is queued:
+    # batching waits for it. (Not while the body comes in: a slow client must not hold batches.)
     @app.post("/generate")
     async def generate(request: Request) -> Any:
-        return await shapes.tgi(svc, request, await read_json(request, s.TgiRequest, limit), stream=False)
+        req = await read_json(request, s.TgiRequest, limit)
+        with svc.arriving():
+            return await shapes.tgi(svc, request, req, stream=False)
 
     @app.post("/generate_stream")
     async def generate_stream(request: Request) -> Any:
-        return await shapes.tgi(svc, request, await read_json(request, s.TgiRequest, limit), stream=True)
+        req = await read_json(request, s.TgiRequest, limit)
+        with svc.arriving():
+            return await shapes.tgi(svc, request, req, stream=True)
 
     @app.post("/")
     async def tgi_root(request: Request) -> Any:
         req = await read_json(request, s.TgiRequest, limit)
-        return await shapes.tgi(svc, request, req, stream=req.stream)
+        with svc.arriving():
+            return await shapes.tgi(svc, request, req, stream=req.stream)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await shapes.completions(svc, request, await read_json(request, s.CompletionRequest, limit))
+        req = await read_json(request, s.CompletionRequest, limit)
+        with svc.arriving():
+            return await shapes.completions(svc, request, req)
 
     @app.get("/v1/models")
     async def models() -> s.ModelList:
@@ -103,7 +112,9 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
 
     @app.post("/infill")
     async def infill(request: Request) -> Any:
-        return await shapes.infill(svc, request, await read_json(request, s.InfillRequest, limit))
+        req = await read_json(request, s.InfillRequest, limit)
+        with svc.arriving():
+            return await shapes.infill(svc, request, req)
 
     @app.get("/info")
     async def info() -> dict[str, Any]:
@@ -209,11 +220,12 @@ def limits_from_args(ns: Any) -> Limits:
         if timeout <= 0:
             raise FimtuneError(f"--timeout must be more than 0 seconds (got {timeout})")
         lim.timeout_s = timeout
-    join_wait = getattr(ns, "join_wait_ms", None)
-    if join_wait is not None:
-        if join_wait < 0:
-            raise FimtuneError(f"--join-wait-ms must be 0 or more (got {join_wait})")
-        lim.join_wait_ms = join_wait
+    for name in ("join_wait_ms", "batch_wait_ms", "batch_max_wait_ms"):
+        value = getattr(ns, name, None)
+        if value is not None:
+            if value < 0:
+                raise FimtuneError(f"--{name.replace('_', '-')} must be 0 or more (got {value})")
+            setattr(lim, name, value)
     if getattr(ns, "no_cuda_graphs", False):
         lim.cuda_graphs = False
     if getattr(ns, "continuous_batching", False):

@@ -4,7 +4,7 @@
 
     request handler (event loop)              worker thread
     job = Job(prompt, params, adapter)
-    engine.submit(job)   ---- queue ---->     wait for a job, then up to `batch_wait_ms` for more;
+    engine.submit(job)   ---- queue ---->     wait for a job, then for more while they come (below);
       (full: QueueFull -> 503)                take the queued jobs with the first one's key
                                               (adapter, sampling), at most `max_batch_size`;
                                               merge that adapter's LoRA into the weights (on a switch);
@@ -13,6 +13,16 @@
                                               steps (continuous batching)
     await job.result() / job.events  <----    token / done / error events (call_soon_threadsafe),
                                               each row's `done` as soon as it ends
+
+Batching waits for requests that are on their way: with a job queued, the worker starts the
+batch once nothing has arrived for `batch_wait_ms` (counted from the last request that reached a
+handler, the last job queued, or the end of the previous batch) and no handler is still reading or
+tokenizing a request (an :class:`Arrival`); or once the batch is full, or the first job has waited
+`batch_max_wait_ms`. A lone request at an idle server waits `batch_wait_ms`, as before. Clients that
+send their next request when an answer comes (16 editors of one team, a benchmark's clients) come
+back together after a batch, but a handler tokenizes one 1,024-token prompt in a few milliseconds,
+one after another on the event loop: a fixed wait from the first of them split them into a batch
+of 1 and one of 15 that took turns (each request waited for both).
 
 Generation never runs on the event loop. A job whose client went away is cancelled: the
 worker checks it before every forward and drops the row. Adapters are fixed at start-up:
@@ -59,7 +69,8 @@ class Limits:
     timeout_s: float = 60.0
     queue_size: int = 32
     max_batch_size: int = 8
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 2.0  # a batch starts once requests stopped arriving this long ...
+    batch_max_wait_ms: float = 50.0  # ... or once its first job waited this long
     cache_slots: int = 4
     trim_step: int = 64  # FIM contexts are cut in steps of this many tokens, so the cache stays reusable
     cuda_graphs: bool = True  # on a CUDA device: static KV cache + decoding steps replayed as CUDA graphs
@@ -155,6 +166,22 @@ class Job:
                 return
 
 
+class Arrival:
+    """A generation request that a handler is reading and tokenizing (:meth:`Engine.arrival`); the
+    worker does not start a batch while one is open. Ends with :meth:`done` (idempotent), which
+    :meth:`Engine.submit` calls as it queues the request's job."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._open = True
+        engine._arrived(+1)
+
+    def done(self) -> None:
+        if self._open:
+            self._open = False
+            self._engine._arrived(-1)
+
+
 @dataclass
 class EngineCounters:
     """Jobs that did not end with a completion (for `/metrics`)."""
@@ -191,6 +218,9 @@ class Engine:
         self._running: list[Job] = []
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()  # set once the worker has warmed up (compiled the CUDA graphs)
+        self._arriving = 0  # requests that handlers are reading and tokenizing (see `Arrival`)
+        self._last_arrival = 0.0  # time.monotonic() of the last request that reached a handler or the queue
+        self._freed = 0.0  # ... of the end of the last batch
         self.warmup_s = 0.0
 
     # ---- life cycle and queue (event loop side) -------------------------------------
@@ -212,13 +242,28 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=self.limits.timeout_s)
 
-    def submit(self, job: Job) -> None:
-        """Queue ``job``; :class:`QueueFull` when `queue_size` jobs wait already."""
+    def submit(self, job: Job, arrival: Arrival | None = None) -> None:
+        """Queue ``job``; :class:`QueueFull` when `queue_size` jobs wait already. ``arrival``, the
+        request's :class:`Arrival`, ends here (in the same step as the job is queued)."""
         with self._cond:
+            if arrival is not None:
+                arrival.done()
             if len(self._queue) >= self.limits.queue_size:
                 self.counters.rejected += 1
                 raise QueueFull()
             self._queue.append(job)
+            self._last_arrival = time.monotonic()
+            self._cond.notify_all()
+
+    def arrival(self) -> Arrival:
+        """A request on its way to the queue: the worker waits for it before it starts a batch."""
+        return Arrival(self)
+
+    def _arrived(self, change: int) -> None:
+        with self._cond:
+            self._arriving += change
+            if change > 0:
+                self._last_arrival = time.monotonic()
             self._cond.notify_all()
 
     def alive(self) -> bool:
@@ -263,17 +308,24 @@ class Engine:
             self.ready.set()
 
     def _next_batch(self) -> list[Job] | None:
-        """Wait for a job, give others `batch_wait_ms` to arrive, take those with its key."""
+        """Wait for a job, then for others while they arrive (see the module doc); take those with its key."""
         limits = self.limits
         with self._cond:
             while not self._stopping and (self._paused or not self._queue):
                 self._cond.wait()
-            deadline = time.monotonic() + limits.batch_wait_ms / 1000
+            latest = time.monotonic() + limits.batch_max_wait_ms / 1000
+            quiet = limits.batch_wait_ms / 1000
             while not self._stopping and len(self._queue) < limits.max_batch_size:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                if now >= latest:
+                    break
+                if self._arriving:  # a handler is tokenizing one: it wakes this when it is queued
+                    self._cond.wait(latest - now)
+                    continue
+                left = max(self._last_arrival, self._freed) + quiet - now
                 if left <= 0:
                     break
-                self._cond.wait(left)
+                self._cond.wait(min(left, latest - now))
             if self._stopping:
                 return None
             key = self._queue[0].key
@@ -302,6 +354,7 @@ class Engine:
                 job.fail(e)
         finally:
             self._running = []
+            self._freed = time.monotonic()
 
     def _row(self, job: Job) -> Row:
         return job.row(on_done=lambda completion: self._end(job, completion))

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import TypeVar
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from fimtune.generate import Completion, FimPrompter, GenerationParams
-from fimtune.serve.engine import Engine, Job, JobCancelled, JobTimeout, Limits, QueueFull
+from fimtune.serve.engine import Arrival, Engine, Job, JobCancelled, JobTimeout, Limits, QueueFull
 from fimtune.serve.http import STATUS_CLIENT_GONE, ApiError, Metrics
 
 DISCONNECT_POLL_S = 0.05  # how often a waiting handler checks that its client is still there
 TIMEOUT_GRACE_S = 1.0  # a handler gives up this long after the job's deadline (the worker should first)
 RETRY_AFTER_S = 1
+
+T = TypeVar("T")
+
+_arrival: ContextVar[Arrival | None] = ContextVar("fimtune_arrival", default=None)  # the request being handled
 
 
 class Service:
@@ -24,6 +33,9 @@ class Service:
         self.prompter = prompter
         self.mode = mode
         self.limits: Limits = engine.limits
+        # Tokenize in a thread pool when the model runs on a GPU (the CPU cores are free); on a CPU
+        # the model's threads use every core, and more threads would only slow its steps.
+        self.tokenize_in_threads = engine.decoder.device.type != "cpu"
         self.metrics = Metrics(routes)
         self.started = int(time.time())
 
@@ -71,6 +83,12 @@ class Service:
             raise ApiError(404, f"{field}={name!r} is not served here (models: {served})", field, "not_found")
         return name, self.engine.models[name]
 
+    async def prepare(self, build: Callable[[], T]) -> T:
+        """Run ``build`` (tokenizing a request's prompts); with `tokenize_in_threads`, in a thread, not on
+        the event loop: `tokenizers` releases the interpreter lock, so requests that come together are
+        tokenized in parallel, and the loop meanwhile streams other requests' tokens."""
+        return await run_in_threadpool(build) if self.tokenize_in_threads else build()
+
     def fim_prompt(self, prefix: str, suffix: str, context: str = "") -> list[int]:
         lim = self.limits
         return self.prompter.build(prefix, suffix, self.mode, lim.max_input_tokens, context, lim.trim_step)
@@ -97,10 +115,22 @@ class Service:
 
     # ---- running jobs -------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around a generation request's handler: from reading its body until its job is queued (or it
+        fails), the engine's worker waits for it before it starts a batch."""
+        arrival = self.engine.arrival()
+        token = _arrival.set(arrival)
+        try:
+            yield
+        finally:
+            _arrival.reset(token)
+            arrival.done()
+
     def submit(self, prompt: list[int], params: GenerationParams, adapter: str | None, stream: bool = False) -> Job:
         job = Job(prompt, params, adapter, self.limits.timeout_s, stream)
         try:
-            self.engine.submit(job)
+            self.engine.submit(job, _arrival.get())
         except QueueFull:
             raise ApiError(
                 503,

@@ -37,7 +37,7 @@ async def tgi(svc: Service, request: Request, req: s.TgiRequest, stream: bool) -
         new_tokens, "parameters.max_new_tokens", temperature, p.top_p, p.top_k, p.stop, p.seed, "parameters.stop"
     )
     _, adapter = svc.model(p.adapter_id, "parameters.adapter_id")
-    prompt = svc.formatted_prompt(req.inputs, "inputs", p.truncate)
+    prompt = await svc.prepare(lambda: svc.formatted_prompt(req.inputs, "inputs", p.truncate))
     head = req.inputs if p.return_full_text else ""
     job = svc.submit(prompt, params, adapter, stream)
     if stream:
@@ -88,10 +88,11 @@ async def completions(svc: Service, request: Request, req: s.CompletionRequest) 
     temperature = s.OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
     max_tokens = req.max_tokens or s.OPENAI_DEFAULT_MAX_TOKENS
     params = svc.params(max_tokens, "max_tokens", temperature, req.top_p, req.top_k, req.stops(), req.seed)
-    if req.suffix is not None:  # Continue & co: the FIM prompt is ours to build
-        prompts = [svc.fim_prompt(text, req.suffix) for text in req.prompts()]
+    texts, suffix = req.prompts(), req.suffix
+    if suffix is not None:  # Continue & co: the FIM prompt is ours to build
+        prompts = await svc.prepare(lambda: [svc.fim_prompt(text, suffix) for text in texts])
     else:
-        prompts = [svc.formatted_prompt(text, "prompt") for text in req.prompts()]
+        prompts = await svc.prepare(lambda: [svc.formatted_prompt(text, "prompt") for text in texts])
     meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name}
     if req.stream:
         if len(prompts) > 1:
@@ -156,7 +157,8 @@ async def infill(svc: Service, request: Request, req: s.InfillRequest) -> Any:
     name, adapter = svc.model(req.model, "model")
     n_predict = req.n_predict if req.n_predict > 0 else svc.limits.max_new_tokens
     params = svc.params(n_predict, "n_predict", req.temperature, req.top_p, req.top_k, req.stop, req.seed)
-    prompt = svc.fim_prompt(req.input_prefix + req.prompt, req.input_suffix, extra_context(req))
+    context = extra_context(req)
+    prompt = await svc.prepare(lambda: svc.fim_prompt(req.input_prefix + req.prompt, req.input_suffix, context))
     job = svc.submit(prompt, params, adapter, req.stream)
     started = time.perf_counter()
     if req.stream:
