@@ -324,12 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--timeout", type=float, help="seconds a request may take, queue included (default 60)")
     lim.add_argument("--queue-size", type=int, help="requests waiting before 503 + Retry-After (default 32)")
     lim.add_argument("--max-batch-size", type=int, help="requests generated together (default 8)")
+    lim.add_argument("--batch-wait-ms", type=float, help="a batch starts this long after its first request (default 2)")
     lim.add_argument(
-        "--batch-wait-ms",
+        "--batch-max-wait-ms",
         type=float,
-        help="a batch starts once requests stopped arriving this long (default 2) ...",
+        help="> 0: instead, once requests stopped arriving for --batch-wait-ms (none is being tokenized), "
+        "at most this long after the first (default 0: off)",
     )
-    lim.add_argument("--batch-max-wait-ms", type=float, help="... or once its first waited this long (default 50)")
     lim.add_argument(
         "--join-min-rows", type=int, help="GPU, --continuous-batching: rows join once this many wait (default 1)"
     )

@@ -88,12 +88,13 @@ def test_a_batch_waits_for_a_request_still_being_tokenized(tiny_run):
         arriving.done()
         assert first.result().status_code == second.result().status_code == 200
         assert stats.batches == batches + 1 and stats.largest_batch >= 2  # together, in one batch
-    app = make_app(tiny_run, batch_max_wait_ms=100)
-    engine = app.state.service.engine
-    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
-        arriving = engine.arrival()  # never queued: the hold ends after 100 ms
-        assert c.post("/generate", json=body).status_code == 200
-        arriving.done()
+    for limits in ({"batch_max_wait_ms": 100}, {}):  # the hold ends after 100 ms; off by default
+        app = make_app(tiny_run, **limits)
+        engine = app.state.service.engine
+        with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+            arriving = engine.arrival()  # never queued
+            assert c.post("/generate", json=body).status_code == 200
+            arriving.done()
 
 
 def test_full_queue_answers_503_with_retry_after(tiny_run):

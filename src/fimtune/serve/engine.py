@@ -4,7 +4,7 @@
 
     request handler (event loop)              worker thread
     job = Job(prompt, params, adapter)
-    engine.submit(job)   ---- queue ---->     wait for a job, then for more while they come (below);
+    engine.submit(job)   ---- queue ---->     wait for a job, then `batch_wait_ms` for more (or below);
       (full: QueueFull -> 503)                take the queued jobs with the first one's key
                                               (adapter, sampling), at most `max_batch_size`;
                                               merge that adapter's LoRA into the weights (on a switch);
@@ -14,15 +14,16 @@
     await job.result() / job.events  <----    token / done / error events (call_soon_threadsafe),
                                               each row's `done` as soon as it ends
 
-Batching waits for requests that are on their way: with a job queued, the worker starts the
-batch once nothing has arrived for `batch_wait_ms` (counted from the last request that reached a
-handler, the last job queued, or the end of the previous batch) and no handler is still reading or
-tokenizing a request (an :class:`Arrival`); or once the batch is full, or the first job has waited
-`batch_max_wait_ms`. A lone request at an idle server waits `batch_wait_ms`, as before. Clients that
-send their next request when an answer comes (16 editors of one team, a benchmark's clients) come
-back together after a batch, but a handler tokenizes one 1,024-token prompt in a few milliseconds,
-one after another on the event loop: a fixed wait from the first of them split them into a batch
-of 1 and one of 15 that took turns (each request waited for both).
+With `batch_max_wait_ms` > 0, batching waits for requests on their way instead: with a job
+queued, the worker starts the batch once nothing has arrived for `batch_wait_ms` (counted from the
+last request that reached a handler, the last job queued, or the end of the previous batch) and no
+handler is still tokenizing a request (an :class:`Arrival`); or once the batch is full, or the first
+job has waited `batch_max_wait_ms`. A lone request at an idle server waits `batch_wait_ms` either
+way. Clients that send their next request when an answer comes (a team's editors, a benchmark's
+clients) come back together after a batch, but spread out by the tokenizing of each: a fixed wait
+from the first of them split 16 such clients into batches of 1 and 15 that took turns (each request
+waited for both) in a CPU trace; the wait for arrivals made them one batch of 16 there. End to end
+it has not yet shown a gain (benchmarks/RESULTS.md), so it is off by default.
 
 Generation never runs on the event loop. A job whose client went away is cancelled: the
 worker checks it before every forward and drops the row. Adapters are fixed at start-up:
@@ -69,8 +70,9 @@ class Limits:
     timeout_s: float = 60.0
     queue_size: int = 32
     max_batch_size: int = 8
-    batch_wait_ms: float = 2.0  # a batch starts once requests stopped arriving this long ...
-    batch_max_wait_ms: float = 50.0  # ... or once its first job waited this long
+    batch_wait_ms: float = 2.0  # a batch starts this long after its first job, or (see below) ...
+    # ... > 0: once requests stopped arriving for batch_wait_ms, at most this long after the first job
+    batch_max_wait_ms: float = 0.0
     cache_slots: int = 4
     trim_step: int = 64  # FIM contexts are cut in steps of this many tokens, so the cache stays reusable
     cuda_graphs: bool = True  # on a CUDA device: static KV cache + decoding steps replayed as CUDA graphs
@@ -308,17 +310,20 @@ class Engine:
             self.ready.set()
 
     def _next_batch(self) -> list[Job] | None:
-        """Wait for a job, then for others while they arrive (see the module doc); take those with its key."""
+        """Wait for a job, then for others (see the module doc); take those with its key."""
         limits = self.limits
         with self._cond:
             while not self._stopping and (self._paused or not self._queue):
                 self._cond.wait()
-            latest = time.monotonic() + limits.batch_max_wait_ms / 1000
+            latest = time.monotonic() + max(limits.batch_wait_ms, limits.batch_max_wait_ms) / 1000
             quiet = limits.batch_wait_ms / 1000
             while not self._stopping and len(self._queue) < limits.max_batch_size:
                 now = time.monotonic()
                 if now >= latest:
                     break
+                if limits.batch_max_wait_ms <= 0:  # a fixed wait from the first job
+                    self._cond.wait(latest - now)
+                    continue
                 if self._arriving:  # a handler is tokenizing one: it wakes this when it is queued
                     self._cond.wait(latest - now)
                     continue
