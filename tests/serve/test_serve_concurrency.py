@@ -68,9 +68,25 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
     assert engine.decoder.stats.batches - batches_before == 2
 
 
+def test_prompts_tokenized_in_threads_give_the_same_answers(tiny_run, other_adapter):
+    """On a GPU the handlers tokenize in a thread pool (here switched on by hand): the same answers,
+    for requests sent together too, as when the event loop tokenizes them."""
+    app = make_app(tiny_run, [f"other={other_adapter}"])
+    svc = app.state.service
+    calls = requests_of_many_shapes()
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        on_loop = [answer(c.post(route, json=body).json()) for route, body in calls]
+        svc.tokenize_in_threads = True
+        with ThreadPoolExecutor(len(calls)) as pool:
+            futures = [pool.submit(c.post, route, json=body) for route, body in calls]
+            in_threads = [answer(f.result().json()) for f in futures]
+    assert in_threads == on_loop and sum(bool(a) for a in on_loop) >= len(calls) // 2
+
+
 def test_a_batch_waits_for_a_request_still_being_tokenized(tiny_run):
-    """An open arrival (a handler reading and tokenizing a request) holds the next batch, so a request
-    queued meanwhile and the one still arriving go together; `batch_max_wait_ms` bounds the hold."""
+    """With `batch_max_wait_ms`, an open arrival (a handler tokenizing a request) holds the next batch,
+    so a request queued meanwhile and the one still arriving go together; `batch_max_wait_ms` bounds
+    the hold, and by default (0) nothing holds."""
     app = make_app(tiny_run, batch_max_wait_ms=60_000)
     engine = app.state.service.engine
     stats = engine.decoder.stats

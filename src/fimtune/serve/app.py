@@ -81,7 +81,7 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
     limit = svc.limits.max_body_bytes
 
     # A generation handler is an arrival (svc.arriving) from its read body until its job is queued:
-    # batching waits for it. (Not while the body comes in: a slow client must not hold batches.)
+    # batching may wait for it. (Not while the body comes in: a slow client must not hold batches.)
     @app.post("/generate")
     async def generate(request: Request) -> Any:
         req = await read_json(request, s.TgiRequest, limit)

@@ -169,9 +169,9 @@ class Job:
 
 
 class Arrival:
-    """A generation request that a handler is reading and tokenizing (:meth:`Engine.arrival`); the
-    worker does not start a batch while one is open. Ends with :meth:`done` (idempotent), which
-    :meth:`Engine.submit` calls as it queues the request's job."""
+    """A generation request that a handler is tokenizing (:meth:`Engine.arrival`); with
+    `batch_max_wait_ms` > 0 the worker does not start a batch while one is open. Ends with
+    :meth:`done` (idempotent), which :meth:`Engine.submit` calls as it queues the request's job."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -220,7 +220,7 @@ class Engine:
         self._running: list[Job] = []
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()  # set once the worker has warmed up (compiled the CUDA graphs)
-        self._arriving = 0  # requests that handlers are reading and tokenizing (see `Arrival`)
+        self._arriving = 0  # requests that handlers are tokenizing (see `Arrival`)
         self._last_arrival = 0.0  # time.monotonic() of the last request that reached a handler or the queue
         self._freed = 0.0  # ... of the end of the last batch
         self.warmup_s = 0.0
@@ -258,7 +258,7 @@ class Engine:
             self._cond.notify_all()
 
     def arrival(self) -> Arrival:
-        """A request on its way to the queue: the worker waits for it before it starts a batch."""
+        """A request on its way to the queue (the worker may wait for it: `batch_max_wait_ms`)."""
         return Arrival(self)
 
     def _arrived(self, change: int) -> None:

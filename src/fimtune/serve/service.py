@@ -117,8 +117,8 @@ class Service:
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
-        """Around a generation request's handler: from reading its body until its job is queued (or it
-        fails), the engine's worker waits for it before it starts a batch."""
+        """Around a generation request's handler, from its read body until its job is queued (or it
+        fails): the engine's worker may wait for it before it starts a batch (`batch_max_wait_ms`)."""
         arrival = self.engine.arrival()
         token = _arrival.set(arrival)
         try:
