@@ -77,9 +77,7 @@ class FimPrompter:
     them as the tokens (prompts a client formatted)."""
 
     def __init__(self, tokenizer: Any) -> None:
-        from tokenizers import Tokenizer
-
-        from fimtune.tokenization import fast_backend
+        from fimtune.tokenization import fast_backend, plain_text_copy
         from fimtune.tokens import document_separator_id, find_fim_tokens
 
         names = find_fim_tokens(tokenizer)
@@ -89,9 +87,8 @@ class FimPrompter:
         pad = vocab.get(names.pad, document_separator_id(tokenizer)) if names.pad else document_separator_id(tokenizer)
         self.tokenizer = tokenizer
         self.names = names
-        self._formatted = fast_backend(tokenizer)
-        self._plain = Tokenizer.from_str(self._formatted.to_str())
-        self._plain.encode_special_tokens = True  # set once here, on a copy of its own
+        self._formatted = fast_backend(tokenizer)  # never changed: read by several threads at once
+        self._plain = plain_text_copy(tokenizer)
         self.fim = FimTokens(
             prefix=vocab[names.prefix], middle=vocab[names.middle], suffix=vocab[names.suffix], pad=pad
         )

@@ -99,6 +99,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def fast_backend(tokenizer: Any) -> Any:
+    """The `tokenizers` backend of a transformers tokenizer (a clear error for a slow one)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise FimtuneError(f"{type(tokenizer).__name__} is not a fast tokenizer: fimtune needs a `tokenizers` one")
@@ -119,6 +120,17 @@ def _plain_text(backend: Any) -> Iterator[Any]:
         yield backend
     finally:
         backend.encode_special_tokens = before
+
+
+def plain_text_copy(tokenizer: Any) -> Any:
+    """A `tokenizers` backend of its own that always encodes special-token strings as ordinary text, as
+    :func:`encode_flat` does: for threads that encode at once (flipping the flag of a shared backend
+    around each call, as encode_flat does, is not thread-safe). A snapshot: tokens added later are not in it."""
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(fast_backend(tokenizer).to_str())
+    plain.encode_special_tokens = True
+    return plain
 
 
 def encode_flat(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
