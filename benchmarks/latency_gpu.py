@@ -580,7 +580,7 @@ def server_rows(s: Setup, engine: Any, args: argparse.Namespace, deadline: float
         ready_s = time.perf_counter() - began
         load(s, url, CLIENTS, 1, args.clients_in_process)  # one untimed request per client: first batches
         svc = app.state.service
-        defaults, threads = copy.copy(engine.limits), svc.tokenize_in_threads
+        threads = svc.tokenize_in_threads
         # limits changed per run: the server's defaults (no joins; on a GPU prompts tokenized in
         # threads); batching that waits while requests arrive; rows joining as they come; rows
         # joining 4 at a time (or after 20 ms); then other batching waits
@@ -594,15 +594,15 @@ def server_rows(s: Setup, engine: Any, args: argparse.Namespace, deadline: float
             if time.monotonic() > deadline - 10:
                 print(f"-- server {changes}: skipped (budget)", flush=True)
                 continue
+            owners = {name: svc if name == "tokenize_in_threads" else engine.limits for name in changes}
+            before = {name: getattr(owner, name) for name, owner in owners.items()}
             for name, value in changes.items():
-                setattr(svc if name == "tokenize_in_threads" else engine.limits, name, value)
+                setattr(owners[name], name, value)
             try:
                 rows.append(server_run(s, engine, url, ready_s, args.clients_in_process, svc.tokenize_in_threads))
             finally:
-                svc.tokenize_in_threads = threads
-                for name in changes:
-                    if name != "tokenize_in_threads":
-                        setattr(engine.limits, name, getattr(defaults, name))
+                for name, value in before.items():
+                    setattr(owners[name], name, value)
     finally:
         server.should_exit = True
     return rows
