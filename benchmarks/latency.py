@@ -300,6 +300,16 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def graph_variants(text: str) -> list[str]:
+    """`--graphs`: comma-separated variants, each checked (latency_gpu.parse_variant)."""
+    from latency_gpu import parse_variant
+
+    variants = [x for x in text.split(",") if x]
+    for variant in variants:
+        parse_variant(variant)
+    return variants
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="embedded", help="a run folder or a base model")
@@ -319,11 +329,17 @@ def main() -> int:
     gpu.add_argument("--no-cuda-graphs", action="store_true", help="the engine decodes eagerly")
     gpu.add_argument(
         "--graphs",
-        type=lambda text: [x for x in text.split(",") if x],
-        default=["trees", "captured", "captured+prefill"],
+        type=graph_variants,
+        default=["trees", "trees+eager-prefill", "trees+flex"],
         metavar="KIND,KIND",
         help="engine variants measured in turn: trees (the compiler's CUDA graphs), captured (per bucket), "
-        "KIND+prefill (that engine with its prefill compiled too); default: trees,captured,captured+prefill",
+        "then +eager-prefill (single prompts prefilled eagerly, not through graphs), +prefill (the prefill "
+        "compiled), +flex (FlexAttention decoding steps); default: trees,trees+eager-prefill,trees+flex",
+    )
+    gpu.add_argument(
+        "--server-all-variants",
+        action="store_true",
+        help="the server rows for every --graphs variant (default: the first)",
     )
     gpu.add_argument(
         "--clients-in-process",

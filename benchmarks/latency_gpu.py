@@ -16,11 +16,13 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
     engine            `Decoder.run` on the same prompt: static cache + CUDA graphs  (target p50 <= 50 ms)
     engine bN         per bucket: prefill of N prompts, and one decoding step      (diagnostics)
                       These rows come once per `--graphs` variant: `trees` (the compiler's CUDA
-                      graph trees), `captured` (graphs captured per bucket), `captured+prefill`
-                      (the same engine, its prefill compiled too)
+                      graph trees), `captured` (graphs captured per bucket), then modifiers:
+                      `+eager-prefill` (the same engine, single prompts prefilled eagerly, not
+                      through prefill graphs), `+prefill` (the same engine, its prefill compiled),
+                      `+flex` (an engine whose steps use FlexAttention's decoding kernel)
     attention bN      (CUDA) one step's attention over all layers' caches, replayed as a CUDA graph:
-                      fimtune's grouped SDPA against transformers' SDPA, which repeats StarCoder's
-                      single key/value head 16 times                              (diagnostics)
+                      fimtune's grouped SDPA and compiled FlexAttention against transformers' SDPA,
+                      which repeats StarCoder's single key/value head 16 times    (diagnostics)
     profile bN        (--profile-step DIR) 16 decoding steps of the first variant under torch.profiler,
                       at batch 1 and 16: kernel time per step against its wall time, kernels per
                       step, the largest kernels' shares; whole tables in DIR  (diagnostics)
@@ -32,7 +34,8 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
                       continuous batching with rows joining as they come, or 4 at a time (or after
                       20 ms); other batching waits (--batch-wait-variants).
                       The clients are threads of another process (load_clients.py), as editors are;
-                      `--clients-in-process`: threads of the server's own process (runs 1-6)
+                      `--clients-in-process`: threads of the server's own process (runs 1-6).
+                      For the first variant only (`--server-all-variants`: for each)
     generate static   `generate(cache_implementation="static")`: transformers compiles its own step
                       (the first calls; their time is its warm-up)
 
@@ -292,7 +295,25 @@ def generate_row(s: Setup, name: str, **extra: Any) -> tuple[dict[str, Any], lis
     return row, outputs[0]
 
 
-def make_engine(s: Setup, args: argparse.Namespace, graphs: str = "trees") -> Any:
+VARIANT_MODIFIERS = ("eager-prefill", "prefill", "flex")
+
+
+def parse_variant(variant: str) -> tuple[str, set[str]]:
+    """`KIND[+MODIFIER...]` -> (kind, modifiers).
+
+    >>> parse_variant("trees+flex+eager-prefill")
+    ('trees', {'eager-prefill', 'flex'})
+    """
+    kind, *modifiers = variant.split("+")
+    unknown = [m for m in modifiers if m not in VARIANT_MODIFIERS]
+    if kind not in ("trees", "captured") or unknown:
+        raise argparse.ArgumentTypeError(
+            f"--graphs {variant!r}: trees or captured, then +MODIFIER from {', '.join(VARIANT_MODIFIERS)}"
+        )
+    return kind, set(modifiers)
+
+
+def make_engine(s: Setup, args: argparse.Namespace, graphs: str = "trees", flex: bool = False) -> Any:
     from fimtune.generate import FimPrompter
     from fimtune.serve.decoding import Decoder
     from fimtune.serve.engine import Engine, Limits
@@ -309,11 +330,11 @@ def make_engine(s: Setup, args: argparse.Namespace, graphs: str = "trees") -> An
     )
     static, length = None, limits.max_input_tokens + limits.max_new_tokens
     if limits.cuda_graphs and args.device == "cuda":
-        static = static_decoding(s.model, length, limits.max_batch_size, graphs=graphs)
+        static = static_decoding(s.model, length, limits.max_batch_size, graphs=graphs, flex=flex)
         if static is None:
             raise RuntimeError("static_decoding() gave no fast path for this model")
     elif limits.cuda_graphs:  # the CPU smoke run: the same code, through dynamo without inductor
-        static = StaticDecoding(s.model, length, limits.max_batch_size, backend="eager")
+        static = StaticDecoding(s.model, length, limits.max_batch_size, backend="eager", flex=flex, prefill_graphs=True)
     decoder = Decoder(s.model, FimPrompter(copy.deepcopy(s.tokenizer)), limits.cache_slots, static=static)
     name = f"{args.shape}-random"
     return Engine(decoder, {name: None}, name, limits)
@@ -353,6 +374,7 @@ def engine_row(s: Setup, engine: Any, expected: list[int] | None) -> dict[str, A
 
     decoder, params = engine.decoder, GenerationParams(max_new_tokens=NEW_TOKENS)
     static_before = decoder.static.batches if decoder.static is not None else 0
+    single_before = decoder.static.single_prefills if decoder.static is not None else 0
     seconds, outputs = [], []
     for i in range(WARMUP_RUNS + RUNS):
         got: list[int] = []
@@ -364,12 +386,14 @@ def engine_row(s: Setup, engine: Any, expected: list[int] | None) -> dict[str, A
             outputs.append(got)
     agree = _common_prefix(outputs[0], expected) if expected is not None else None
     used = (decoder.static.batches - static_before) if decoder.static is not None else 0
+    single = (decoder.static.single_prefills - single_before) if decoder.static is not None else 0
     met = percentile([1000 * x for x in seconds], 0.5) <= TARGETS["engine"][1]
     return {
         "scenario": f"engine (CUDA graphs, {_graphs(engine)})" if decoder.static is not None else "engine (eager)",
         **stats_ms(seconds),
         "new_tokens_mean": statistics.mean(len(o) for o in outputs),
         "fast_path_batches": used,
+        "bucketed_prefills": single,  # prompts prefilled padded to a length bucket (through its graph on CUDA)
         "same_tokens_as_generate": agree,
         "target_p50_ms": TARGETS["engine"][1],
         "target_met": met,
@@ -473,7 +497,7 @@ def attention_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from fimtune.serve.static import grouped_sdpa, kv_groups
+    from fimtune.serve.static import flex_decoding, grouped_sdpa, kv_groups
 
     config, length = s.model.config, engine.decoder.static.max_length
     layers, heads = config.num_hidden_layers, config.num_attention_heads
@@ -487,16 +511,21 @@ def attention_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
         caches = [[torch.randn(batch, heads // groups, length, dim, **opts) for _ in range(2)] for _ in range(layers)]
         mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device="cuda")
         mask[..., : PROMPT_TOKENS + NEW_TOKENS // 2] = True
-        times = {}
-        for name, fn in (("grouped", grouped_sdpa), ("repeated", sdpa_attention_forward)):
+        times, errors = {}, {}
+        for name, fn in (("grouped", grouped_sdpa), ("repeated", sdpa_attention_forward), ("flex", flex_decoding)):
             step = functools.partial(_attention_step, fn, module, query, caches, mask, dim**-0.5)
-            times[name] = _graph_ms(step, ATTENTION_REPLAYS)
+            try:  # FlexAttention is compiled (uncompiled, it is a reference implementation)
+                times[name] = _graph_ms(torch.compile(step) if name == "flex" else step, ATTENTION_REPLAYS)
+            except Exception as e:  # one kind's failure keeps the others' figures
+                errors[name] = f"{type(e).__name__}: {e}"[:500]
+        ms = {name: f"{t:.3f}" for name, t in times.items()} | {name: "failed" for name in errors}
         rows.append(
             {
                 "scenario": f"attention b{batch}: {layers} layers",
-                "grouped_ms": times["grouped"],
-                "repeated_ms": times["repeated"],
-                "note": f"grouped SDPA {times['grouped']:.3f} ms, heads repeated {times['repeated']:.3f} ms a step",
+                **{f"{name}_ms": t for name, t in times.items()},
+                "errors": errors,
+                "note": f"grouped SDPA {ms['grouped']} ms, heads repeated {ms['repeated']} ms, "
+                f"compiled FlexAttention {ms['flex']} ms a step",
             }
         )
     return rows
@@ -655,10 +684,19 @@ def server_run(
 
 
 def _graphs(engine: Any) -> str:
+    from fimtune.serve.static import FLEX
+
     static = engine.decoder.static
     if static is None:
         return "eager"
-    return ("captured" if static.captured else "trees") + ("+prefill" if static.prefill_compiled else "")
+    name = "captured" if static.captured else "trees"
+    if static.model.config._attn_implementation == FLEX:
+        name += "+flex"
+    if static.prefill_compiled:
+        name += "+prefill"
+    elif not static.prefill_graphs_on:
+        name += "+eager-prefill"
+    return name
 
 
 def prefill_row(engine: Any) -> dict[str, Any]:
@@ -716,23 +754,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if result is not None:
         report.add(result[0])
         expected = result[1]
-    engines: dict[str, Any] = {}
+    engines: dict[tuple[str, bool], Any] = {}
     for i, variant in enumerate(args.graphs):
-        graphs, _, prefill = variant.partition("+")
-        engine = engines.get(graphs)  # "+prefill": the same engine (its graphs compiled), prefill compiled too
+        graphs, modifiers = parse_variant(variant)
+        key = (graphs, "flex" in modifiers)
+        engine = engines.get(key)  # "+prefill", "+eager-prefill": the same engine (its graphs compiled)
         if engine is None:
-            engine = attempt(report, f"engine setup, {graphs}", lambda g=graphs: make_engine(s, args, g), deadline)
+            name = graphs + ("+flex" if key[1] else "")
+            engine = attempt(report, f"engine setup, {name}", lambda k=key: make_engine(s, args, *k), deadline)
             if engine is None:
                 continue
-            engines[graphs] = engine
+            engines[key] = engine
             if engine.decoder.static is not None:
-                row = attempt(report, f"engine warm-up, {graphs}", lambda e=engine: warmup_row(e), deadline)
+                row = attempt(report, f"engine warm-up, {name}", lambda e=engine: warmup_row(e), deadline)
                 if row is not None:
                     report.add(row)
-        if prefill:
-            if engine.decoder.static is None:
-                continue
-            row = attempt(report, f"prefill compile, {graphs}", lambda e=engine: prefill_row(e), deadline, 10)
+        static = engine.decoder.static
+        if static is not None:  # this variant's prefill: graphs (the default on a GPU), eager, or compiled
+            static.prefill_graphs_on = bool(static.prefill_lengths) and not modifiers & {"eager-prefill", "prefill"}
+        if "prefill" in modifiers and static is not None and not static.prefill_compiled:
+            row = attempt(report, f"prefill compile, {variant}", lambda e=engine: prefill_row(e), deadline, 10)
             if row is None:
                 continue
             report.add(row)
@@ -751,6 +792,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 for row in profiled or []:
                     report.add(row)
+        if i > 0 and not args.server_all_variants:
+            continue
         rows = attempt(report, f"server, {variant}", lambda e=engine: server_rows(s, e, args, deadline), deadline, 15)
         for row in rows or []:
             report.add(row)

@@ -15,7 +15,7 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
     out = tmp_path / "latency.json"
     proc = subprocess.run(
         [sys.executable, "benchmarks/latency.py", "--device", "cpu", "--shape", "tiny", "--budget-s", "150",
-         "--batch-wait-variants", "", "--graphs", "trees,trees+prefill", "--json", str(out),
+         "--batch-wait-variants", "", "--graphs", "trees,trees+eager-prefill,trees+prefill", "--json", str(out),
          "--profile-step", str(tmp_path / "profile")],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""},
     )  # fmt: skip
@@ -24,19 +24,23 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
     assert not report["errors"], report["errors"]
     rows = {r["scenario"]: r for r in report["rows"]}
     plain = rows["generate (plain)"]
-    # The fast path (compiled here with the eager backend), its prefill compiled or not, generates
-    # what plain `generate` does.
-    for variant in ("trees", "trees+prefill"):
+    # The fast path (compiled here with the eager backend), its single prompts prefilled padded to
+    # a length bucket (uncaptured here), eagerly, or by a compiled prefill, generates what plain
+    # `generate` does.
+    for variant in ("trees", "trees+eager-prefill", "trees+prefill"):
         engine = rows[f"engine (CUDA graphs, {variant})"]
         assert engine["new_tokens_mean"] == plain["new_tokens_mean"] == 32
         assert engine["same_tokens_as_generate"] == 32
+        assert rows[f"engine b1: prefill/step, {variant}"]["prefill_ms"] > 0
+        assert engine["fast_path_batches"] == 23  # 3 warm-up runs and 20 timed, each through the fast path
+        assert engine["bucketed_prefills"] == (23 if variant == "trees" else 0)
     for size in (1, 16):  # the first variant's steps under the profiler: operators on a CPU
         profiled = rows[f"profile b{size}: one step, trees"]
         assert profiled["per_step"] > 10 and 0 < profiled["busy_ms"] <= profiled["wall_ms"]
         assert "aten::mm" in Path(profiled["table"]).read_text()
-    served = [r for name, r in rows.items() if name.startswith("server 16")]
-    assert len(served) == 8 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
-    assert [r["continuous_batching"] for r in served] == [False, False, True, True] * 2 and served[0]["joined"] == 0
+    served = [r for name, r in rows.items() if name.startswith("server 16")]  # the first variant's
+    assert len(served) == 4 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
+    assert [r["continuous_batching"] for r in served] == [False, False, True, True] and served[0]["joined"] == 0
     assert served[2]["join_min_rows"] == 1 and served[3]["join_min_rows"] == 4
     # the defaults (a fixed 2 ms wait), then batching that waits while requests arrive; on a CPU the
     # prompts are tokenized on the event loop in both; the clients are a process of their own

@@ -317,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="GPU: waiting requests join the batch in flight (default: a batch runs to its end before the next)",
     )
+    srv.add_argument(
+        "--no-prefill-graphs",
+        action="store_true",
+        help="GPU: prefill single prompts eagerly (default: padded to a length bucket, replayed as a CUDA graph)",
+    )
+    srv.add_argument(
+        "--flex-decoding",
+        action="store_true",
+        help="GPU: decoding steps attend through FlexAttention's decoding kernel (default: SDPA)",
+    )
     lim = srv.add_argument_group("limits (shown in GET /info)")
     lim.add_argument("--max-input-tokens", type=int, help="prompt tokens; FIM prompts are fitted (default 2048)")
     lim.add_argument("--max-new-tokens", type=int, help="new tokens a request may ask for (default 256)")

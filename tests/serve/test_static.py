@@ -20,7 +20,17 @@ from tests.conftest import code_samples
 from fimtune.errors import FimtuneError
 from fimtune.generate import Completion, FimPrompter, GenerationParams, complete_batch
 from fimtune.serve.decoding import Decoder, Row
-from fimtune.serve.static import GROUPED, StaticDecoding, batch_buckets, grouped_sdpa, kv_groups, static_decoding
+from fimtune.serve.static import (
+    FLEX,
+    GROUPED,
+    StaticDecoding,
+    batch_buckets,
+    flex_decoding,
+    grouped_sdpa,
+    kv_groups,
+    prefill_lengths,
+    static_decoding,
+)
 
 SOURCE = code_samples()[0]
 BUDGET = 200  # prompt tokens (the tiny GPTBigCode has 256 positions)
@@ -56,13 +66,13 @@ def fresh_dynamo() -> dict:
     return counters
 
 
-def check_against_generate(model, pr: FimPrompter, backend: str | None, params: GenerationParams) -> Decoder:
+def check_against_generate(model, pr: FimPrompter, backend: str | None, params: GenerationParams, **options) -> Decoder:
     """Batch 1 (each row) and a padded batch of 3 (bucket 4) give `generate`'s completions."""
     counters = fresh_dynamo()
     expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
     rows = rows_for(pr, params)
     assert len({len(r.prompt) for r in rows}) == 3  # three prompt lengths: left padding matters
-    decoder = Decoder(model, pr, static=StaticDecoding(model, MAX_LENGTH, 4, backend=backend))
+    decoder = Decoder(model, pr, static=StaticDecoding(model, MAX_LENGTH, 4, backend=backend, **options))
     assert summary([decoder.run([row])[0] for row in rows]) == expected
     assert summary(decoder.run(rows)) == expected
     assert decoder.static is not None and decoder.static.batches == 4  # no fallback to the eager path
@@ -102,6 +112,42 @@ def test_a_compiled_prefill_gives_the_same_tokens_with_one_graph_for_all_lengths
     # three prompt lengths and the warm-up's compiled nothing more
     assert counters["stats"]["unique_graphs"] == 3 + 2, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_prefill_length_buckets():
+    assert prefill_lengths(1088, 2048, 8192) == [128, 256, 384, 512, 640, 768, 896, 1024, 1088]
+    assert prefill_lengths(4096, 2048, None) == [128 * i for i in range(1, 17)]
+    assert prefill_lengths(512, 2048, 256) == [128, 256]  # pads never reach positions the model lacks
+    assert prefill_lengths(100, 2048, 8192) == [100]
+
+
+@pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])
+@pytest.mark.parametrize("backend", [None, "eager"])
+def test_single_prompts_prefilled_padded_to_a_length_bucket_give_generate_tokens(tiny_tokenizer, family, backend):
+    """The forward a prefill graph replays (right padding, the kept logits' index in a tensor, shared
+    buffers), run uncaptured: single prompts of three lengths take it; the batch of three does not."""
+    model, pr = tiny_model(family, tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    assert not StaticDecoding(model, MAX_LENGTH, 4, backend=None).prefill_graphs_on  # off without CUDA
+    decoder = check_against_generate(model, pr, backend, params, prefill_graphs=True)
+    static = decoder.static
+    assert static.prefill_lengths == [128, 256] and static.single_prefills == 3  # buckets 128, 256, 256
+    assert static._single.states[0][0].shape[2] == 256 and not static._prefill_graphs  # no CUDA: nothing captured
+
+
+def test_a_joining_row_is_prefilled_padded_and_gets_its_own_tokens(tiny_tokenizer):
+    model, pr = never_ending(tiny_model("gpt_bigcode", tiny_tokenizer), tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(2)])
+    done: dict[int, Completion] = {}
+    short, long = (
+        Row(r.prompt, r.params, on_done=lambda c, i=i: done.__setitem__(i, c))
+        for i, r in enumerate(rows_for(pr, params, 2))
+    )
+    static = StaticDecoding(model, 256, 4, backend=None, prefill_graphs=True)
+    joins = iter([[], [short]])
+    Decoder(model, pr, static=static).run([long], join=lambda room, fits: next(joins, []))
+    assert summary([done[0], done[1]]) == expected and static.single_prefills == 2
 
 
 @pytest.mark.slow
@@ -222,6 +268,9 @@ def test_no_cuda_graphs_and_no_continuous_batching_flags():
         limits_from_args(build_parser().parse_args(["serve", "embedded", "--join-wait-ms", "-1"]))
     defaults = limits_from_args(build_parser().parse_args(["serve", "embedded"]))
     assert defaults.cuda_graphs is True and defaults.continuous_batching is False
+    assert defaults.prefill_graphs is True and defaults.flex_decoding is False
+    ns = build_parser().parse_args(["serve", "embedded", "--no-prefill-graphs", "--flex-decoding"])
+    assert (limits_from_args(ns).prefill_graphs, limits_from_args(ns).flex_decoding) == (False, True)
     ns = build_parser().parse_args(["serve", "embedded", "--batch-wait-ms", "5", "--batch-max-wait-ms", "0"])
     assert (limits_from_args(ns).batch_wait_ms, limits_from_args(ns).batch_max_wait_ms) == (5.0, 0.0)
     with pytest.raises(FimtuneError, match="batch-max-wait-ms"):
@@ -268,6 +317,53 @@ def test_grouped_attention_is_an_option_for_grouped_sdpa_models_and_gives_genera
     expected = summary([complete_batch(mqa, pr, [h], params)[0] for h in holes(3)])
     mqa.set_attn_implementation(GROUPED)
     assert summary(Decoder(mqa, pr, static=static).run(rows_for(pr, params))) == expected
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 8])
+def test_flex_decoding_is_sdpa_with_the_same_mask(kv_heads):
+    """FlexAttention (its reference implementation here) with the mask as a score modification gives
+    SDPA's attention for one-token steps; longer queries go to SDPA itself."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    gen = torch.Generator().manual_seed(0)
+    heads, length = 8, 48
+    key, value = (torch.randn(3, kv_heads, length, 16, generator=gen) for _ in range(2))
+    mask = torch.ones(3, 1, 1, length, dtype=torch.bool)
+    mask[0, ..., :5] = False  # left padding
+    mask[1, ..., 10:30] = False  # a joined row's gap between its prompt and its new tokens
+    mask[2, ..., 40:] = False  # slots not written yet
+    module = _Heads(heads // kv_heads)
+    for q_len, m in ((1, mask), (4, mask.expand(3, 1, 4, length)), (1, None)):
+        query = torch.randn(3, heads, q_len, 16, generator=gen)
+        ours, _ = flex_decoding(module, query, key, value, m, scaling=0.25)
+        theirs, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.25)
+        assert ours.shape == theirs.shape == (3, q_len, heads, 16)
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])
+@pytest.mark.parametrize("backend", [None, "eager"])
+def test_flex_decoding_steps_give_generate_tokens(tiny_tokenizer, family, backend):
+    model, pr = tiny_model(family, tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
+    static = StaticDecoding(model, MAX_LENGTH, 4, backend=backend, flex=True)
+    assert model.config._attn_implementation == FLEX
+    decoder = Decoder(model, pr, static=static)
+    assert summary([decoder.run([row])[0] for row in rows_for(pr, params)]) == expected
+    assert summary(decoder.run(rows_for(pr, params))) == expected
+    with pytest.raises(ValueError, match="choose one"):
+        StaticDecoding(model, MAX_LENGTH, 4, grouped=True, flex=True)
+
+
+@pytest.mark.slow
+def test_flex_decoding_compiled_by_inductor(tiny_tokenizer):
+    """FlexAttention lowered by the GPU's compiler (here its CPU kernel; a decoding kernel on a GPU)."""
+    model, pr = tiny_model("gpt_bigcode", tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
+    decoder = Decoder(model, pr, static=StaticDecoding(model, MAX_LENGTH, 4, backend="inductor", flex=True))
+    assert summary([decoder.run([row])[0] for row in rows_for(pr, params)]) == expected
 
 
 @pytest.mark.parametrize("backend", [None, "eager"])
@@ -336,11 +432,11 @@ def test_requests_join_the_batch_in_flight_through_the_server(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("graphs", ["trees", "captured"])
-def test_cuda_graphs_on_a_gpu_give_generate_tokens(tiny_tokenizer, graphs):
+@pytest.mark.parametrize("graphs, flex", [("trees", False), ("captured", False), ("trees", True)])
+def test_cuda_graphs_on_a_gpu_give_generate_tokens(tiny_tokenizer, graphs, flex):
     counters = fresh_dynamo()
     model, pr = tiny_model("gpt_bigcode", tiny_tokenizer).cuda(), FimPrompter(tiny_tokenizer)
-    static = static_decoding(model, MAX_LENGTH, 4, graphs=graphs)
+    static = static_decoding(model, MAX_LENGTH, 4, graphs=graphs, flex=flex)
     assert static is not None
     started = time.perf_counter()
     static.warmup()
@@ -352,6 +448,9 @@ def test_cuda_graphs_on_a_gpu_give_generate_tokens(tiny_tokenizer, graphs):
     assert summary(decoder.run(rows_for(pr, params))) == expected
     assert not counters["inductor"]["cudagraph_skips"]
     assert static.captured == (graphs == "captured") and len(static._graphs) == (2 if static.captured else 0)
+    # single prompts went through prefill graphs, captured at the warm-up (one per length bucket)
+    assert static.prefill_graphs_on and len(static._prefill_graphs) == len(static.prefill_lengths) == 2
+    assert static.single_prefills == 1 + 3  # the warm-up's batch of one, then each row alone
 
 
 def test_a_failure_after_joins_fails_every_request_of_the_batch_and_the_server_goes_on(tiny_run):

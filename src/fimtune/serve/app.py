@@ -230,6 +230,10 @@ def limits_from_args(ns: Any) -> Limits:
         lim.cuda_graphs = False
     if getattr(ns, "continuous_batching", False):
         lim.continuous_batching = True
+    if getattr(ns, "no_prefill_graphs", False):
+        lim.prefill_graphs = False
+    if getattr(ns, "flex_decoding", False):
+        lim.flex_decoding = True
     if lim.max_input_tokens <= 8:
         raise FimtuneError("--max-input-tokens must be more than 8 (the FIM tokens and some code)")
     return lim

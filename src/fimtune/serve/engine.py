@@ -76,6 +76,8 @@ class Limits:
     cache_slots: int = 4
     trim_step: int = 64  # FIM contexts are cut in steps of this many tokens, so the cache stays reusable
     cuda_graphs: bool = True  # on a CUDA device: static KV cache + decoding steps replayed as CUDA graphs
+    prefill_graphs: bool = True  # with them: a single prompt's prefill replayed as a CUDA graph too
+    flex_decoding: bool = False  # with them: steps attend through FlexAttention's decoding kernel
     # With CUDA graphs: queued requests join the batch in flight (off by default: on an H200 it
     # lowered the median latency of 16 clients but not the 95th percentile, see RESULTS.md) ...
     continuous_batching: bool = False
@@ -529,7 +531,13 @@ def load_engine(
     if limits.cuda_graphs:
         from fimtune.serve.static import static_decoding
 
-        static = static_decoding(model, limits.max_input_tokens + limits.max_new_tokens, limits.max_batch_size)
+        static = static_decoding(
+            model,
+            limits.max_input_tokens + limits.max_new_tokens,
+            limits.max_batch_size,
+            prefill_graphs=limits.prefill_graphs,
+            flex=limits.flex_decoding,
+        )
     # The handlers encode on the event loop while the worker decodes: each gets its own tokenizer.
     decoder = Decoder(model, FimPrompter(copy.deepcopy(loaded.tokenizer)), limits.cache_slots, static=static)
     base_name = _base_name(loaded.run_dir) if loaded.run_dir else loaded.name

@@ -10,7 +10,9 @@ CUDA graph replays all of a step's kernels at once; it needs fixed shapes and fi
               allocated once; rewound (`reset()`) for each batch
     prefill   eager (or compiled: ``compile_prefill``), on the n real rows into a DynamicCache;
               its keys and values are then written into slots 0..T-1 of the bucket's cache
-              (T: the longest prompt)
+              (T: the longest prompt). A single prompt (a batch of one, or a row joining) of up
+              to ``prefill_graph_tokens`` goes through a captured graph instead
+              (``prefill_graphs``, below)
     step      ids [B, 1], positions [B, 1], mask [B, 1, 1, max_length] -> logits [B, V]: three
               buffers filled in place, and a forward compiled with
               `torch.compile(mode="reduce-overhead")` (inductor kernels, replayed as CUDA graphs)
@@ -36,6 +38,21 @@ into a free slot's cache row at slots 0..w-1, with w no more than the slots fill
 mask shut after its prompt and open again from the next step's slot on (positions are per
 row, so the gap changes nothing). A session with too few free slots moves into the next bucket
 first (:meth:`StaticSession.grow`: its cache rows, mask and positions are copied over).
+
+Prefill graphs (CUDA; ``prefill_graphs``): the eager prefill of one 1,024-token prompt is bound by
+the host launching its ~500 kernels (an H200 did it in ~10 ms, where a batch of 4 took ~18 ms).
+So a single prompt is right-padded to a length bucket (multiples of 128) and its eager forward
+replayed as a CUDA graph captured per bucket: ids [1, L] and the index of its last real token
+are filled in place; the graph writes the last token's logits and every layer's keys and values
+into buffers shared by all buckets, and slots 0..w-1 are copied from them (the padding comes
+after the prompt, so causal attention keeps it out of the prompt's keys and values). Each
+capture is checked against the eager forward it replaces; a failure or a mismatch turns the
+graphs off and the prefill stays eager. Without CUDA the same padded forward runs uncaptured.
+
+Flex decoding (``flex_decoding``): the step's attention is PyTorch's FlexAttention, which the
+compiler lowers to a decoding kernel that reads each key/value head once for all the query
+heads it serves and splits the cached slots across thread blocks (flash-decoding); the mask
+becomes its score modification. One-token steps only: prefills keep SDPA.
 
 Grouped-query attention (StarCoder's single key/value head, Llama's GQA) with a 4D mask makes
 transformers' SDPA path repeat the key/value heads to the query heads' number in every step:
@@ -66,7 +83,11 @@ WARMUP_STEPS = 3  # CUDA graph trees: one warm-up run, one recording, then repla
 WARMUP_PROMPT_TOKENS = 16
 SLOT_ALIGN = 64  # cache slots are a multiple of this (fused attention kernels want aligned masks)
 GROUPED = "fimtune_grouped_sdpa"  # the name of :func:`grouped_sdpa` in transformers' AttentionInterface
-MASK_KINDS = ("sdpa", GROUPED, "eager")  # attention implementations whose 4D mask format is known here
+FLEX = "fimtune_flex_decoding"  # the name of :func:`flex_decoding` there
+MASK_KINDS = ("sdpa", GROUPED, FLEX, "eager")  # attention implementations whose 4D mask format is known here
+PREFILL_GRAPH_STEP = 128  # a single prompt is right-padded to a multiple of this for its prefill graph
+PREFILL_GRAPH_TOKENS = 2048  # the longest prompt prefilled through a graph (longer ones keep the GPU busy anyway)
+PREFILL_CHECK_TOLERANCE = 0.02  # a captured prefill's logits may differ from eager ones by this share of their range
 GRAPH_KINDS = ("trees", "captured")  # CUDA graphs: torch.compile's graph trees, or captured here
 
 
@@ -106,6 +127,59 @@ def grouped_sdpa(
     return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
 
 
+def flex_decoding(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """A one-token step's attention through FlexAttention, with the 4D boolean mask as its score
+    modification and grouped-query heads read once (``enable_gqa``); anything else: SDPA.
+
+    Compiled, it becomes FlexAttention's decoding kernel; uncompiled (the CPU tests) its reference
+    implementation, which gives the same values. Returns [B, 1, H, D].
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (
+        query.shape[2] != 1
+        or attention_mask is None
+        or attention_mask.dtype != torch.bool
+        or attention_mask.shape[1:3] != (1, 1)
+        or dropout > 0
+        or kwargs.get("position_bias") is not None
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    mask = attention_mask[:, 0, 0, : key.shape[2]]
+
+    def shut_slots(score: torch.Tensor, b: Any, h: Any, q: Any, kv: Any) -> torch.Tensor:
+        return torch.where(mask[b, kv], score, -float("inf"))
+
+    out = flex_attention(
+        query, key, value, score_mod=shut_slots, enable_gqa=key.shape[1] != query.shape[1], scale=scaling
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def prefill_lengths(max_length: int, limit: int, positions: int | None) -> list[int]:
+    """The length buckets of single-prompt prefill graphs: multiples of `PREFILL_GRAPH_STEP` up to
+    the longest prompt that fits (``max_length``, ``limit``, the model's ``positions``), which ends
+    the list when it is no multiple.
+
+    >>> prefill_lengths(1088, 2048, 8192), prefill_lengths(300, 2048, 256), prefill_lengths(100, 2048, None)
+    ([128, 256, 384, 512, 640, 768, 896, 1024, 1088], [128, 256], [100])
+    """
+    top = min(max_length, limit, positions or max_length)
+    return [*range(PREFILL_GRAPH_STEP, top, PREFILL_GRAPH_STEP), top] if top > 0 else []
+
+
 def kv_groups(config: Any) -> int:
     """Query heads per key/value head (1: plain multi-head attention)."""
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
@@ -138,6 +212,17 @@ class _Bucket:
     mask: torch.Tensor  # [B, 1, 1, max_length] slots each row attends to
 
 
+@dataclass
+class _Single:
+    """The buffers of single-prompt prefills, shared by every length bucket's graph (fixed addresses)."""
+
+    ids: torch.Tensor  # [1, longest bucket] the prompt, then whatever the last longer one left (never read)
+    positions: torch.Tensor  # [1, longest bucket] 0, 1, 2, ...
+    keep: torch.Tensor  # [1] the index of the prompt's last token
+    logits: torch.Tensor | None = None  # [1, V] after it (allocated by the first forward)
+    states: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # each layer's keys, values [1, kv, longest, D]
+
+
 class StaticDecoding:
     """Prefill a batch, then decode it a token at a time with a compiled step (see the module doc)."""
 
@@ -151,20 +236,32 @@ class StaticDecoding:
         grouped: bool = False,
         graphs: str = "trees",
         compile_prefill: bool = False,
+        prefill_graphs: bool | None = None,
+        prefill_graph_tokens: int = PREFILL_GRAPH_TOKENS,
+        flex: bool = False,
     ) -> None:
         """``backend``: a torch.compile backend (`"eager"` on a CPU in tests), or None: no compiling.
 
-        ``grouped``: an SDPA model with grouped-query attention switches to :func:`grouped_sdpa`.
+        ``grouped``: an SDPA model with grouped-query attention switches to :func:`grouped_sdpa`;
+        ``flex``: an SDPA model's steps use :func:`flex_decoding` (one of the two at most).
         ``graphs`` (CUDA): `"trees"`, the compiler's CUDA graph trees (``mode``); or `"captured"`:
         the step compiled without them and captured here, one `torch.cuda.CUDAGraph` per bucket and
         adapter state, replayed with no per-call checks. ``compile_prefill``: the prefill is
         compiled too (dynamic shapes: one graph for every prompt length) by :meth:`warmup`.
+        ``prefill_graphs``: single prompts of up to ``prefill_graph_tokens`` are prefilled through
+        CUDA graphs, one per length bucket (None: on a CUDA device, unless the prefill is compiled;
+        True without CUDA: the same padded forward, uncaptured).
         """
         if graphs not in GRAPH_KINDS:
             raise ValueError(f"graphs={graphs!r}: one of {', '.join(GRAPH_KINDS)}")
+        if grouped and flex:
+            raise ValueError("grouped=True and flex=True: choose one attention for the decoding steps")
         self.model = base_model(model)
-        if grouped and self.model.config._attn_implementation == "sdpa" and kv_groups(self.model.config) > 1:
+        attention = self.model.config._attn_implementation
+        if grouped and attention == "sdpa" and kv_groups(self.model.config) > 1:
             self.model.set_attn_implementation(register_attention(GROUPED, grouped_sdpa))
+        elif flex and attention == "sdpa":
+            self.model.set_attn_implementation(register_attention(FLEX, flex_decoding))
         self.max_length = -(-max_length // SLOT_ALIGN) * SLOT_ALIGN  # cache slots a row holds
         self.buckets = batch_buckets(max_batch_size)
         param = next(self.model.parameters())
@@ -182,6 +279,22 @@ class StaticDecoding:
         self.prefill_compiled = False
         self.prefill_warmup_s = 0.0
         self._prefill = self._forward_prefill
+        if prefill_graphs is None:
+            prefill_graphs = self.device.type == "cuda" and not self.compile_prefill_at_warmup
+        positions = getattr(self.model.config, "n_positions", None) or getattr(
+            self.model.config, "max_position_embeddings", None
+        )
+        self.prefill_lengths = (  # the length buckets of single-prompt prefills (tensor `logits_to_keep` needed)
+            prefill_lengths(self.max_length, prefill_graph_tokens, positions)
+            if prefill_graphs and self.keep_logits
+            else []
+        )
+        self.prefill_graphs_on = bool(self.prefill_lengths)  # False once a capture failed (or switched off)
+        self._single: _Single | None = None  # the buffers every single-prompt prefill shares
+        self._prefill_graphs: dict[tuple[int, int], Any] = {}  # (length bucket, adapter state) -> graph
+        self._prefill_pool: Any = None
+        self.prefill_graphs_s = 0.0  # seconds spent capturing them
+        self.single_prefills = 0  # prompts prefilled padded to a length bucket (through its graph on CUDA)
         self.warmup_s = 0.0
         self.warmup_by_bucket: dict[int, float] = {}  # seconds per batch size (compiling, mostly)
         self.batches = 0  # batches started (warm-up included)
@@ -199,7 +312,7 @@ class StaticDecoding:
         the logits [bucket size, V] after each prompt (rows past the prompts copy the first one's).
         """
         self.batches += 1
-        if self.captured:
+        if self.captured or self._capturing_prefills:
             self._state = _adapter_state(self.model)
         n, width = len(prompts), max(len(p) for p in prompts)
         bucket = self._bucket(next(size for size in self.buckets if size >= n))
@@ -216,6 +329,8 @@ class StaticDecoding:
         """Compile and record each bucket's step now, not at the first requests: the seconds it took."""
         if self.compile_prefill_at_warmup and not self.prefill_compiled:
             self.compile_prefill(prompt_tokens)
+        if self._capturing_prefills:
+            self.capture_prefills()
         for size in self.buckets:
             began = time.perf_counter()
             session, logits = self.start([[0] * prompt_tokens] * size)
@@ -225,8 +340,140 @@ class StaticDecoding:
                 torch.cuda.synchronize(self.device)
             self.warmup_by_bucket[size] = time.perf_counter() - began
             log.info("CUDA-graph decoding: batch size %d ready in %.1f s", size, self.warmup_by_bucket[size])
-        self.warmup_s = self.prefill_warmup_s + sum(self.warmup_by_bucket.values())
+        self.warmup_s = self.prefill_warmup_s + self.prefill_graphs_s + sum(self.warmup_by_bucket.values())
         return self.warmup_s
+
+    @property
+    def _capturing_prefills(self) -> bool:
+        return self.prefill_graphs_on and self.device.type == "cuda"
+
+    @torch.inference_mode()
+    def capture_prefills(self) -> float:
+        """Capture the prefill graph of every length bucket now (for the adapter state in place), not
+        at the first prompts of each length: the seconds it took (part of the warm-up)."""
+        began = time.perf_counter()
+        self._state = _adapter_state(self.model)
+        for length in self.prefill_lengths:
+            if not self.prefill_graphs_on:
+                break
+            self._single_graph(length)
+        torch.cuda.synchronize(self.device)
+        self.prefill_graphs_s = time.perf_counter() - began
+        log.info(
+            "prefill graphs: %d lengths ready in %.1f s%s",
+            len(self._prefill_graphs),
+            self.prefill_graphs_s,
+            "" if self.prefill_graphs_on else " (turned off: see the warning above)",
+        )
+        return self.prefill_graphs_s
+
+    def run_prefill(
+        self, prompts: list[list[int]]
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor | None]:
+        """Prefill ``prompts`` (left-padded to one width w): (last logits [n, V], each layer's (keys,
+        values) [n, kv heads, >= w, head dim] (slots w.. are padding), positions [n, w], the mask
+        [n, w] of real tokens or None when none is padded).
+
+        A single prompt that fits a length bucket goes through that bucket's graph (on CUDA; the
+        same padded forward, uncaptured, elsewhere); any other batch through the eager (or compiled)
+        forward.
+        """
+        if len(prompts) == 1 and self.prefill_graphs_on:
+            length = next((n for n in self.prefill_lengths if n >= len(prompts[0])), None)
+            if length is not None:
+                return self._prefill_single(prompts[0], length)
+        ids, positions, mask = prefill_inputs(prompts, self.device)
+        logits, states = self._prefill(ids, positions, mask)
+        return logits, states, positions, mask
+
+    def _prefill_single(
+        self, prompt: list[int], length: int
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, None]:
+        """One prompt right-padded to ``length``, through its graph (or uncaptured): see :meth:`run_prefill`."""
+        single = self._single_buffers()
+        width = len(prompt)
+        self.single_prefills += 1
+        host = torch.tensor(prompt, dtype=torch.long)
+        cuda = self.device.type == "cuda"
+        single.ids[0, :width].copy_(host.pin_memory() if cuda else host, non_blocking=cuda)
+        single.keep.fill_(width - 1)
+        graph = self._single_graph(length) if cuda else None
+        if graph is not None:
+            graph.replay()
+        else:
+            self._forward_single(length)
+        return single.logits, single.states, single.positions[:, :width], None
+
+    def _single_buffers(self) -> _Single:
+        if self._single is None:
+            top = self.prefill_lengths[-1]
+            self._single = _Single(
+                ids=torch.zeros((1, top), dtype=torch.long, device=self.device),
+                positions=torch.arange(top, device=self.device)[None],
+                keep=torch.zeros(1, dtype=torch.long, device=self.device),
+            )
+        return self._single
+
+    def _forward_single(self, length: int) -> None:
+        """The captured region: the shared ids [:, :length] -> the shared logits and keys/values."""
+        single = self._single_buffers()
+        logits, states = self._forward_prefill(
+            single.ids[:, :length], single.positions[:, :length], None, keep=single.keep
+        )
+        if single.logits is None:  # the first run (eager, never under capture): the buffers to fill
+            top = self.prefill_lengths[-1]
+            single.logits = torch.empty_like(logits)
+            single.states = [
+                (k.new_empty((*k.shape[:2], top, k.shape[3])), v.new_empty((*v.shape[:2], top, v.shape[3])))
+                for k, v in states
+            ]
+        single.logits.copy_(logits)
+        for (keys, values), (k, v) in zip(single.states, states, strict=True):
+            keys[:, :, :length].copy_(k)
+            values[:, :, :length].copy_(v)
+
+    def _single_graph(self, length: int) -> Any:
+        """The graph of length bucket ``length`` for the adapter state in place, captured now if it is
+        new; None once prefill graphs are off (a capture failed: the prefill stays eager)."""
+        key = (length, self._state)
+        graph = self._prefill_graphs.get(key)
+        if graph is not None or not self.prefill_graphs_on:
+            return graph
+        try:
+            graph = self._capture_single(length)
+        except Exception as e:  # an operation that cannot be captured, a mismatch: eager from now on
+            self.prefill_graphs_on = False
+            log.warning("prefill graphs turned off: capturing the %d-token prefill failed (%s)", length, e)
+            return None
+        self._prefill_graphs[key] = graph
+        return graph
+
+    def _capture_single(self, length: int) -> Any:
+        """Run the padded forward eagerly on a side stream, capture it, replay it: the replay must
+        give the eager run's logits, keys and values (the graph is returned), else RuntimeError."""
+        single = self._single_buffers()
+        stream, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            self._forward_single(length)
+        stream.wait_stream(side)
+        expected = [single.logits.clone(), *(t[:, :, :length].clone() for t in single.states[-1])]
+        if self._prefill_pool is None:
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._prefill_pool):
+            self._forward_single(length)
+        for t in (single.logits, *single.states[-1]):
+            t.zero_()
+        graph.replay()
+        got = [single.logits, *(t[:, :, :length] for t in single.states[-1])]
+        for name, a, b in zip(("logits", "keys", "values"), got, expected, strict=True):
+            gap, scale = (a.float() - b.float()).abs().max().item(), b.float().abs().max().item()
+            if not gap <= PREFILL_CHECK_TOLERANCE * scale + 1e-3:
+                raise RuntimeError(
+                    f"its replay's {name} differ from the eager forward's by {gap:.3g} (range {scale:.3g})"
+                )
+        return graph
 
     @torch.inference_mode()
     def compile_prefill(self, prompt_tokens: int = WARMUP_PROMPT_TOKENS) -> float:
@@ -245,10 +492,10 @@ class StaticDecoding:
         return self.prefill_warmup_s
 
     def _forward_prefill(
-        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Prompts [n, w] (``mask``: 1 on real tokens, None: no padding) -> (last logits [n, V],
-        each layer's (keys, values) [n, kv heads, w, head dim])."""
+        """Prompts [n, w] (``mask``: 1 on real tokens, None: no padding) -> (logits [n, V] after the
+        last token (``keep``: after token ``keep[0]``), each layer's (keys, values) [n, kv heads, w, head dim])."""
         from transformers import DynamicCache
 
         cache = DynamicCache()  # plain (not kvcache.new_cache's growing layers): copied out at once
@@ -256,7 +503,7 @@ class StaticDecoding:
         if mask is not None:
             kwargs["attention_mask"] = mask
         if self.keep_logits:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = 1 if keep is None else keep
         logits = self.model(input_ids=ids, **kwargs).logits[:, -1, :]
         return logits, [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -377,15 +624,14 @@ class StaticSession:
         mask and last position into slot ``slots[i]`` (cache slots 0..w-1); its logits [len(rows), V].
         """
         owner, b = self.owner, self.bucket
-        ids, positions, mask = prefill_inputs(prompts, owner.device)
-        width = ids.shape[1]
-        logits, states = owner._prefill(ids, positions, mask)
+        logits, states, positions, mask = owner.run_prefill(prompts)
+        width = positions.shape[1]
         for layer, (keys, values) in zip(b.cache.layers, states, strict=True):
             if _initialize(layer, keys, values, b.size):  # the bucket's first batch
                 layer.cumulative_length.fill_(self.length)
-            layer.keys[slots, :, :width] = keys[rows]
-            layer.values[slots, :, :width] = values[rows]
-        real = ids.new_ones((len(rows), width), dtype=torch.bool) if mask is None else mask[rows].bool()
+            layer.keys[slots, :, :width] = keys[rows, :, :width]
+            layer.values[slots, :, :width] = values[rows, :, :width]
+        real = positions.new_ones((len(rows), width), dtype=torch.bool) if mask is None else mask[rows].bool()
         b.mask[slots, 0, 0, :width] = torch.where(real, owner.open, owner.shut)
         b.positions[slots] = positions[rows, -1:]  # each step adds 1 first
         return logits[rows]
@@ -467,7 +713,7 @@ def forward_keywords(model: Any) -> tuple[str, bool]:
 
 def _mask_values(attn: str | None, dtype: torch.dtype) -> tuple[Any, Any, torch.dtype]:
     """(open, shut, mask dtype) in the 4D mask format of attention ``attn``: booleans for SDPA, biases for eager."""
-    if attn in ("sdpa", GROUPED):
+    if attn in ("sdpa", GROUPED, FLEX):
         return True, False, torch.bool
     if attn == "eager":
         return 0.0, torch.finfo(dtype).min, dtype
