@@ -157,6 +157,17 @@ def test_static_decoding_compiled_by_inductor(tiny_tokenizer):
     check_against_generate(model, pr, "inductor", GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET))
 
 
+def test_no_step_runs_after_every_row_s_last_token(tiny_tokenizer):
+    """N new tokens: a prefill and N - 1 steps (the step after the last token by length is not run)."""
+    model, pr = never_ending(tiny_model("gpt_bigcode", tiny_tokenizer), tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    decoder = Decoder(model, pr, static=StaticDecoding(model, MAX_LENGTH, 4, backend=None))
+    short = Row(rows_for(pr, params, 1)[0].prompt, GenerationParams(max_new_tokens=3, max_input_tokens=BUDGET))
+    done = decoder.run([*rows_for(pr, params, 2), short])
+    assert [c.completion_tokens for c in done] == [NEW, NEW, 3]
+    assert decoder.stats.forwards == NEW  # the prefill, then a step for each token but the last
+
+
 def test_end_tokens_stop_rows_while_the_others_go_on(tiny_tokenizer):
     model, pr = tiny_model("llama", tiny_tokenizer), FimPrompter(tiny_tokenizer)
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)

@@ -103,6 +103,11 @@ class _RowState:
             return True
         return self.n_new >= self.row.params.max_new_tokens or self.row.should_stop()
 
+    @property
+    def last_by_length(self) -> bool:
+        """Whether the next token accepted is the row's last, whatever it is (its length limit)."""
+        return self.n_new + 1 >= self.row.params.max_new_tokens
+
     def _emit(self, token: int, piece: str, end: bool) -> None:
         if self.row.on_token is not None:
             self.row.on_token(token, piece, end)
@@ -277,10 +282,13 @@ class Decoder:
         while True:
             tokens = pick_tokens(logits, params, generator)
             picks = copy_to_host(tokens)
-            self._hook()
             # The next step goes to the GPU before the host has these tokens: it runs while the
-            # rows below take them (stop strings, streaming). After the last token it is wasted.
-            following = session.step(tokens)
+            # rows below take them (stop strings, streaming); unless these are every row's last by
+            # length (after a row's last token otherwise, e.g. an end token, the step is wasted).
+            following = None
+            if not all(state is None or state.last_by_length for state in slots):
+                self._hook()
+                following = session.step(tokens)
             tokens_now = picks()
             for i, state in enumerate(slots):
                 if state is not None and state.accept(tokens_now[i]):
@@ -288,6 +296,7 @@ class Decoder:
                     self._finish(state)
             if all(state is None for state in slots):
                 break  # a new batch starts afresh, in the bucket its size needs
+            assert following is not None  # some row goes on, so it was not every row's last token
             if join is not None:
                 following = self._admit(session, slots, following, join)
             logits = following
