@@ -22,7 +22,8 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
                       `+flex` (an engine whose steps use FlexAttention's decoding kernel)
     attention bN      (CUDA) one step's attention over all layers' caches, replayed as a CUDA graph:
                       fimtune's grouped SDPA and compiled FlexAttention against transformers' SDPA,
-                      which repeats StarCoder's single key/value head 16 times    (diagnostics)
+                      which repeats StarCoder's single key/value head 16 times, with the engine's
+                      additive mask and with a boolean one (its mask before)      (diagnostics)
     profile bN        (--profile-step DIR) 16 decoding steps of the first variant under torch.profiler,
                       at batch 1 and 16: kernel time per step against its wall time, kernels per
                       step, the largest kernels' shares; whole tables in DIR  (diagnostics)
@@ -511,9 +512,16 @@ def attention_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
         caches = [[torch.randn(batch, heads // groups, length, dim, **opts) for _ in range(2)] for _ in range(layers)]
         mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device="cuda")
         mask[..., : PROMPT_TOKENS + NEW_TOKENS // 2] = True
+        bias = torch.zeros(mask.shape, **opts).masked_fill_(~mask, -float("inf"))  # the engine's SDPA mask
         times, errors = {}, {}
-        for name, fn in (("grouped", grouped_sdpa), ("repeated", sdpa_attention_forward), ("flex", flex_decoding)):
-            step = functools.partial(_attention_step, fn, module, query, caches, mask, dim**-0.5)
+        kinds = (
+            ("grouped", grouped_sdpa, bias),
+            ("repeated", sdpa_attention_forward, bias),
+            ("repeated_bool", sdpa_attention_forward, mask),  # the engine's mask before: a where kernel a layer
+            ("flex", flex_decoding, mask),
+        )
+        for name, fn, m in kinds:
+            step = functools.partial(_attention_step, fn, module, query, caches, m, dim**-0.5)
             try:  # FlexAttention is compiled (uncompiled, it is a reference implementation)
                 times[name] = _graph_ms(torch.compile(step) if name == "flex" else step, ATTENTION_REPLAYS)
             except Exception as e:  # one kind's failure keeps the others' figures
@@ -524,8 +532,8 @@ def attention_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
                 "scenario": f"attention b{batch}: {layers} layers",
                 **{f"{name}_ms": t for name, t in times.items()},
                 "errors": errors,
-                "note": f"grouped SDPA {ms['grouped']} ms, heads repeated {ms['repeated']} ms, "
-                f"compiled FlexAttention {ms['flex']} ms a step",
+                "note": f"grouped SDPA {ms['grouped']} ms, heads repeated {ms['repeated']} ms "
+                f"(boolean mask {ms['repeated_bool']} ms), compiled FlexAttention {ms['flex']} ms a step",
             }
         )
     return rows

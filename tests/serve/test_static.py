@@ -132,6 +132,8 @@ def test_single_prompts_prefilled_padded_to_a_length_bucket_give_generate_tokens
     decoder = check_against_generate(model, pr, backend, params, prefill_graphs=True)
     static = decoder.static
     assert static.prefill_lengths == [128, 256] and static.single_prefills == 3  # buckets 128, 256, 256
+    # SDPA's mask holds additive biases: booleans would be turned into them in every layer
+    assert static.mask_dtype == torch.float32 and (static.open, static.shut) == (0.0, -float("inf"))
     assert static._single.states[0][0].shape[2] == 256 and not static._prefill_graphs  # no CUDA: nothing captured
 
 
@@ -166,6 +168,19 @@ def test_no_step_runs_after_every_row_s_last_token(tiny_tokenizer):
     done = decoder.run([*rows_for(pr, params, 2), short])
     assert [c.completion_tokens for c in done] == [NEW, NEW, 3]
     assert decoder.stats.forwards == NEW  # the prefill, then a step for each token but the last
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_bf16_models_decode_with_masks_of_their_dtype(tiny_tokenizer, attn):
+    """A bf16 model: the mask's biases are bf16 (prompts, padding and a joining row write them)."""
+    model = never_ending(tiny_model("gpt_bigcode", tiny_tokenizer, attn).to(torch.bfloat16), tiny_tokenizer)
+    pr, params = FimPrompter(tiny_tokenizer), GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    static = StaticDecoding(model, 256, 4, backend=None)
+    decoder = Decoder(model, pr, static=static)
+    joins = iter([[], rows_for(pr, params, 1)])
+    done = decoder.run(rows_for(pr, params, 3)[1:], join=lambda room, fits: next(joins, []))
+    assert static.mask_dtype == torch.bfloat16 and decoder.static is static and decoder.stats.joined == 1
+    assert [c.completion_tokens for c in done] == [NEW, NEW]
 
 
 def test_end_tokens_stop_rows_while_the_others_go_on(tiny_tokenizer):
@@ -359,7 +374,7 @@ def test_flex_decoding_steps_give_generate_tokens(tiny_tokenizer, family, backen
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
     expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
     static = StaticDecoding(model, MAX_LENGTH, 4, backend=backend, flex=True)
-    assert model.config._attn_implementation == FLEX
+    assert model.config._attn_implementation == FLEX and static.mask_dtype == torch.bool  # read by score_mod
     decoder = Decoder(model, pr, static=static)
     assert summary([decoder.run([row])[0] for row in rows_for(pr, params)]) == expected
     assert summary(decoder.run(rows_for(pr, params))) == expected

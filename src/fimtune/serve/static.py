@@ -18,8 +18,9 @@ CUDA graph replays all of a step's kernels at once; it needs fixed shapes and fi
               `torch.compile(mode="reduce-overhead")` (inductor kernels, replayed as CUDA graphs)
 
 The mask is 4D, which transformers hands to attention as it is: no mask-building code, with
-its host reads of tensor values, in the graph. Slot j of row b is open when it holds one of
-b's tokens (prompts are left-padded)::
+its host reads of tensor values, in the graph. It holds SDPA's additive biases (0 open, -inf
+shut), not booleans that each layer would turn into them. Slot j of row b is open when it
+holds one of b's tokens (prompts are left-padded)::
 
     slot      0  1  2  3 .. T-1 | T  T+1 ...            | ... max_length-1
     row b     0  0  1  1 ..  1  | 1  1  (opened a step   |  0 ...  0
@@ -632,7 +633,7 @@ class StaticSession:
             layer.keys[slots, :, :width] = keys[rows, :, :width]
             layer.values[slots, :, :width] = values[rows, :, :width]
         real = positions.new_ones((len(rows), width), dtype=torch.bool) if mask is None else mask[rows].bool()
-        b.mask[slots, 0, 0, :width] = torch.where(real, owner.open, owner.shut)
+        b.mask[slots, 0, 0, :width] = torch.where(real, owner.open, owner.shut).to(owner.mask_dtype)
         b.positions[slots] = positions[rows, -1:]  # each step adds 1 first
         return logits[rows]
 
@@ -712,9 +713,16 @@ def forward_keywords(model: Any) -> tuple[str, bool]:
 
 
 def _mask_values(attn: str | None, dtype: torch.dtype) -> tuple[Any, Any, torch.dtype]:
-    """(open, shut, mask dtype) in the 4D mask format of attention ``attn``: booleans for SDPA, biases for eager."""
-    if attn in ("sdpa", GROUPED, FLEX):
+    """(open, shut, mask dtype) in the 4D mask format of attention ``attn``.
+
+    SDPA takes biases (0, -inf) in the model's dtype: given booleans, it turns them into those
+    biases itself, which the compiled step then does once per layer, a kernel each time.
+    FlexAttention takes booleans (its score modification reads them); eager attention biases.
+    """
+    if attn == FLEX:
         return True, False, torch.bool
+    if attn in ("sdpa", GROUPED):
+        return 0.0, -float("inf"), dtype
     if attn == "eager":
         return 0.0, torch.finfo(dtype).min, dtype
     raise ValueError(f"no static decoding for attention {attn!r} (only {', '.join(MASK_KINDS)})")
