@@ -71,7 +71,11 @@ def train(
     env = {**os.environ, "FIMTUNE_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    PRINTED[name] = res.stdout
     return root / name
+
+
+PRINTED: dict[str, str] = {}  # each run's standard output, by run name
 
 
 def records(run: Path, key: str) -> dict[int, float]:
@@ -91,6 +95,8 @@ def test_two_processes_match_one_with_the_same_global_batch(setup_dirs):
         (one / "metrics.jsonl").read_text().splitlines()
     )
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    for line in ("run folder:", "validation loss"):  # and one process says it
+        assert PRINTED["one"].count(line) == PRINTED["two"].count(line) == 1, PRINTED["two"]
 
 
 def test_two_process_checkpoint_resumes_exactly(setup_dirs):

@@ -117,14 +117,16 @@ def cmd_train(ns: argparse.Namespace) -> int:
     cfg = load_run_config(ns.config, ns.overrides)
     from fimtune.train import describe_plan
 
-    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one plan, not one per process
+    main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`, one plan, not one per process
+    if main_process:
         print(describe_plan(cfg))
     if ns.dry_run:
         return 0
     from fimtune.train import fit
 
     run_dir = fit(cfg, resume=ns.resume, stop_after=ns.stop_after)
-    print(f"run folder: {run_dir}")
+    if main_process:
+        print(f"run folder: {run_dir}")
     return 0
 
 
