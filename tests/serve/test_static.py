@@ -258,7 +258,7 @@ def test_server_with_the_fast_path_answers_as_the_eager_one(tiny_run, other_adap
     engine = app.state.service.engine
     assert engine.decoder.static is None  # a CPU
     counters = fresh_dynamo()
-    engine.decoder.static = StaticDecoding(engine.model, 264, 4, backend="eager")
+    engine.decoder.static = StaticDecoding(engine.model, 264, 4, backend="eager", prefill_graphs=True)
     calls = [
         ("/generate", {"inputs": f"<fim_prefix>def f{i}(x):\n<fim_suffix>\n<fim_middle>", "parameters": params})
         for i, params in enumerate(
@@ -272,11 +272,13 @@ def test_server_with_the_fast_path_answers_as_the_eager_one(tiny_run, other_adap
         assert engine.ready.wait(60) and engine.warmup_s > 0
         info = c.get("/info").json()
         assert info["cuda_graphs_active"] and info["limits"]["cuda_graphs"] is True
+        assert info["prefill_graphs_active"] and info["limits"]["prefill_graphs"] is True  # uncaptured on a CPU
         alone = [c.post(route, json=body).json() for route, body in calls]
         with ThreadPoolExecutor(4) as pool:
             together = list(pool.map(lambda call: c.post(call[0], json=call[1]).json(), calls * 2))
     assert alone == expected and together == expected * 2
     assert engine.decoder.static is not None and engine.decoder.static.batches > len(calls)
+    assert engine.decoder.static.single_prefills >= len(calls)  # each request alone, then some batches of one
     # a graph per bucket (1, 4) and adapter state (the run's merged, none, `other` merged): compiled, no breaks
     assert 3 <= counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])

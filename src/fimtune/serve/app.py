@@ -173,6 +173,7 @@ def server_info(svc: Service) -> dict[str, Any]:
         },
         "limits": lim.as_dict(),
         "cuda_graphs_active": engine.decoder.static is not None,
+        "prefill_graphs_active": engine.decoder.static is not None and engine.decoder.static.prefill_graphs_on,
     }
 
 

@@ -379,7 +379,7 @@ class StaticDecoding:
         same padded forward, uncaptured, elsewhere); any other batch through the eager (or compiled)
         forward.
         """
-        if len(prompts) == 1 and self.prefill_graphs_on:
+        if len(prompts) == 1 and prompts[0] and self.prefill_graphs_on:
             length = next((n for n in self.prefill_lengths if n >= len(prompts[0])), None)
             if length is not None:
                 return self._prefill_single(prompts[0], length)
