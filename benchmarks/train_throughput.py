@@ -191,9 +191,8 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     counter = iter(range(10**6))
     model.train()
 
-    def step() -> float:
-        loss, _ = train_step(s, cfg.train, Path("."), next(counter))
-        return loss
+    def step() -> Any:  # the step queued: its loss is read later (as `fimtune train` does)
+        return train_step(s, cfg.train, Path("."), next(counter))
 
     result.update(timed(step, args, device))
     if args.profile and device.type == "cuda":
@@ -262,18 +261,30 @@ def sync(device: torch.device) -> None:
 
 
 def timed(step: Any, args: argparse.Namespace, device: torch.device) -> dict:
-    """Warm-up steps (compilation happens there), then timed steps: median seconds per step."""
+    """Warm-up steps (compilation happens there), then timed steps, one after the other as in
+    training: median seconds per step, from one step's end to the next's.
+
+    ``step()`` returns the loss (a plain loop reads it, waiting for the step), or a function that
+    reads it: fimtune's step is only queued, and its loss is read once the next step is queued.
+    """
+
+    def read(result: Any) -> float:
+        return result()[0] if callable(result) else result
+
     t0 = time.perf_counter()
     for _ in range(args.warmup):
-        step()
+        read(step())
     sync(device)
     warmup_s = time.perf_counter() - t0
-    times, losses = [], []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        losses.append(step())
-        sync(device)
-        times.append(time.perf_counter() - t)
+    losses, reads, queued = [], [], None
+    for i in range(args.steps + 2):
+        result = step() if i <= args.steps else None  # the next step is queued before this one is read
+        if queued is not None:
+            losses.append(read(queued))
+            reads.append(time.perf_counter())
+        queued = result
+    sync(device)
+    times = [b - a for a, b in zip(reads, reads[1:], strict=False)]  # `args.steps` steps, end to end
     sec = statistics.median(times)
     tokens = args.batch * args.length
     out = {

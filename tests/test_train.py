@@ -175,6 +175,50 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, tiny_tokenizer, 
     assert a == pytest.approx(b, rel=1e-5)
 
 
+def test_each_step_is_logged_in_order_though_its_loss_is_read_a_step_later(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache
+):
+    """The loop reads a step's loss once the next step is queued: the log keeps step order, with the
+    validation of step k after step k's line, and a save or a stop reads the loss first."""
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    extra = ("train.max_steps=7", "train.eval_every=3", "train.save_every=0", "train.log_every=2")
+    run = quiet_fit(run_config(tmp_path, base, repetitive_data, "order", *extra), stop_after=5)
+    events = [("loss" if "loss" in r else "val", r["step"]) for r in metrics(run)]
+    assert events == [("val", 0), ("loss", 2), ("val", 3), ("loss", 4)]  # stopped after step 5: no line for it
+    run = quiet_fit(run_config(tmp_path, base, repetitive_data, "order", *extra), resume=True)
+    events = [("loss" if "loss" in r else "val", r["step"]) for r in metrics(run)]
+    assert events == [
+        ("val", 0),
+        ("loss", 2),
+        ("val", 3),
+        ("loss", 4),
+        ("loss", 6),
+        ("val", 6),
+        ("loss", 7),
+        ("val", 7),
+    ]
+    assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 for r in metrics(run) if "loss" in r)
+
+
+@pytest.mark.gpu
+def test_a_training_step_never_waits_for_the_gpu(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    """Under CUDA's sync debug mode any host read of a device value in the step raises."""
+    from fimtune.train import make_accelerator, setup, train_step
+
+    base = model_dir(tmp_path, tiny_tokenizer, "gpt_bigcode")
+    cfg = run_config(tmp_path, base, repetitive_data, "sync", "train.mixed_precision=bf16", "train.max_steps=8")
+    s = setup(cfg, make_accelerator(cfg))
+    s.model.train()
+    train_step(s, cfg.train, tmp_path, 0)()  # compiles; allocations settle
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        queued = [train_step(s, cfg.train, tmp_path, step) for step in range(1, 4)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(0 < q()[0] < 20 for q in queued)
+
+
 @pytest.mark.gpu
 def test_qlora_trains_on_cuda(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
     pytest.importorskip("bitsandbytes")

@@ -26,7 +26,7 @@ import functools
 import importlib.util
 import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -93,14 +93,41 @@ def cu_seq_lens(position_ids: torch.Tensor | None, batch: int, length: int, devi
 def varlen_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The keyword arguments that take a packed batch through :func:`varlen_attention`.
 
+    The documents' bounds are ``batch["cu_seq_lens"]`` (see :func:`with_cu_seq_lens`), else
+    computed here from the position ids (on a GPU that reads the document count back: a wait).
     The maximum length is the row length, always: a fixed value keeps compiled blocks from
-    recompiling for every batch (the kernel only uses it to size its grid).
+    recompiling for every batch (the kernel only uses it to size its grid). The attention mask
+    is a 4D placeholder, which transformers hands to attention as it is (varlen attention
+    ignores it): else transformers looks for packed documents in the position ids, reading them
+    back from the GPU, and builds a block-diagonal mask nobody uses.
     """
     ids = batch["input_ids"]
     b, t = ids.shape
-    cu = cu_seq_lens(batch.get("position_ids"), b, t, ids.device)
+    cu = batch.get("cu_seq_lens")
+    if cu is None:
+        cu = cu_seq_lens(batch.get("position_ids"), b, t, ids.device)
     torch._dynamo.maybe_mark_dynamic(cu, 0)  # the document count changes every batch: no recompiles
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": t, "max_length_k": t}
+    placeholder = ids.new_ones((1, 1, 1, 1), dtype=torch.bool)
+    return {
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": t,
+        "max_length_k": t,
+        "attention_mask": placeholder,
+    }
+
+
+def with_cu_seq_lens(batch: dict[str, Any]) -> dict[str, Any]:
+    """A host batch with its documents' cumulative lengths (``cu_seq_lens``) added, computed here on
+    the host, so that on a GPU nothing is read back to find them.
+
+    >>> with_cu_seq_lens({"input_ids": [[5, 6, 7], [8, 9, 1]], "position_ids": [[0, 1, 0], [2, 0, 1]]})["cu_seq_lens"]
+    tensor([0, 2, 3, 4, 6], dtype=torch.int32)
+    """
+    ids = torch.as_tensor(batch["input_ids"])
+    positions = batch.get("position_ids")
+    positions = None if positions is None else torch.as_tensor(positions)
+    return {**batch, "cu_seq_lens": cu_seq_lens(positions, *ids.shape, torch.device("cpu"))}
 
 
 def varlen_attention(
@@ -368,3 +395,24 @@ def speed_up(model: torch.nn.Module, compile: bool, autocast: bool, activation_m
         if n := compile_blocks(model):
             done.append(f"torch.compile on {n} blocks")
     return done
+
+
+def copy_to_host(values: torch.Tensor) -> Callable[[], list]:
+    """Start copying ``values`` to the host; the function returned waits for that copy only.
+
+    So the GPU runs the work queued after the copy (the next decoding step, the next training
+    step) while the host reads these values. Without CUDA they are read at once.
+    """
+    if values.device.type != "cuda":
+        read = values.tolist()
+        return lambda: read
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list:
+        copied.synchronize()
+        return host.tolist()
+
+    return wait

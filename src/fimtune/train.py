@@ -5,6 +5,12 @@ Each optimizer step, in this order: learning rate (scheduler) -> validation / ch
 -> log. The loss of every micro-batch is a *sum* over its label tokens divided by the
 label tokens of the whole accumulation window (all processes), so a step's gradient is
 the mean over its tokens however they fall into micro-batches.
+
+On a GPU the host never waits for a step while queueing it: label tokens and document
+bounds are counted on the host before the batch is copied (through pinned memory), and the
+step's loss and gradient norm are read back once the next step is queued (before a
+validation, a checkpoint or the end, they are read first). So the GPU runs one step while
+the host prepares the next, instead of idling between them.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,7 @@ import torch.nn.functional as F
 from fimtune import checkpoint
 from fimtune.config import RunConfig, save_config
 from fimtune.errors import FimtuneError
+from fimtune.fast import copy_to_host
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -222,13 +230,23 @@ def _config(model: Any) -> Any:
     return getattr(getattr(model, "module", model), "config", None)
 
 
-def summed_loss(model: Any, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, int]:
+def _on_host_bounds(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """A host batch, with its documents' bounds added when ``model`` attends through `varlen`."""
+    from fimtune.fast import VARLEN, with_cu_seq_lens
+
+    return with_cu_seq_lens(batch) if getattr(_config(model), "_attn_implementation", None) == VARLEN else batch
+
+
+def summed_loss(
+    model: Any, batch: dict[str, torch.Tensor], chunk: int = 0, count: bool = True
+) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over label tokens, number of label tokens).
 
     ``chunk`` > 0: the head and the loss run that many tokens at a time (same value).
+    ``count=False``: the tokens are not counted (0), so the host does not wait for the GPU here.
     """
     labels = batch["labels"][:, 1:]
-    n = int((labels != IGNORE_INDEX).sum())
+    n = int((labels != IGNORE_INDEX).sum()) if count else 0
     if chunk:
         from fimtune.fast import chunked_cross_entropy, head_bypassed
 
@@ -264,7 +282,7 @@ def validate(s: Setup, max_batches: int | None) -> dict[str, float]:
         if batch is None:
             break
         with acc.autocast():
-            loss, n = summed_loss(model, _to_device(batch, acc.device), s.loss_chunk)
+            loss, n = summed_loss(model, _to_device(_on_host_bounds(model, batch), acc.device), s.loss_chunk)
         total += torch.tensor([loss.item(), n], device=total.device, dtype=torch.float64)
     s.model.train()
     total = acc.reduce(total, reduction="sum")
@@ -279,7 +297,11 @@ NO_LABELS_BATCH = {"input_ids": [[0]], "labels": [[IGNORE_INDEX]]}
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch on ``device``; to a GPU through pinned memory, so the copy does not wait for the
+    work queued before it (the host goes on queueing the step)."""
+    pin = device.type == "cuda"
+    tensors = {k: torch.as_tensor(v) for k, v in batch.items()}
+    return {k: (t.pin_memory() if pin else t).to(device, non_blocking=True) for k, t in tensors.items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -310,26 +332,24 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     metrics.truncate(start_step)  # events logged after the checkpoint by an interrupted run
     bar = _progress(start_step, s.max_steps, disable=not acc.is_main_process)
     s.model.train()
-    train_seconds, tokens_since = 0.0, 0  # since the last log; validation time excluded
+    log_window = [0.0, 0]  # seconds and tokens since the last log line; validation and saving excluded
+    pending: _Pending | None = None  # the step whose loss is not read yet (read once the next is queued)
     for step in range(start_step, s.max_steps):
         if tc.eval_every and step % tc.eval_every == 0:
+            pending = _finish(pending, s, tc, metrics, bar, log_window, run_dir)
             metrics.write({"step": step, **validate(s, tc.eval_batches)})
-        t_step = time.perf_counter()
-        loss, grad_norm = train_step(s, tc, run_dir, step)
-        step_seconds = time.perf_counter() - t_step
-        train_seconds, tokens_since, done = train_seconds + step_seconds, tokens_since + s.tokens_per_step, step + 1
-        lr = s.scheduler.get_last_lr()[0]
-        if done % tc.log_every == 0 or done == s.max_steps:
-            rec = {"step": done, "loss": loss, "lr": lr, "tokens_per_s": tokens_since / train_seconds}
-            metrics.write(rec if grad_norm is None else {**rec, "grad_norm": grad_norm})
-            train_seconds, tokens_since = 0.0, 0
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{s.tokens_per_step / step_seconds:,.0f}")
-        bar.update(1)
+        began = time.perf_counter()
+        values = train_step(s, tc, run_dir, step)
+        done = step + 1
+        _finish(pending, s, tc, metrics, bar, log_window, run_dir)  # waits for the previous step only
+        pending = _Pending(done, values, s.scheduler.get_last_lr()[0], began)
         if (tc.save_every and done % tc.save_every == 0) or done in (s.max_steps, stop_after):
+            pending = _finish(pending, s, tc, metrics, bar, log_window, run_dir)
             save(s, run_dir, done)
         if done == stop_after:
             bar.close()
             return run_dir
+    _finish(pending, s, tc, metrics, bar, log_window, run_dir)
     bar.close()
     final = validate(s, tc.eval_batches)
     metrics.write({"step": s.max_steps, **final})
@@ -339,12 +359,19 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     return run_dir
 
 
-def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> tuple[float, float | None]:
-    """One optimizer step over ``gradient_accumulation_steps`` micro-batches: (mean loss, grad norm)."""
+def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tuple[float, float | None]]:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches, queued on the device
+    with no wait for it: returns a function that waits for the step and gives (mean loss, grad norm).
+
+    Nothing in the step reads a value back from the GPU, so the host queues the next step while
+    this one runs (:func:`fit` reads each step's loss once the next is queued). A loss that is not
+    finite raises when it is read (FimtuneError: the checkpoint written before it is the last good one).
+    """
     acc = s.accelerator
-    batches = [_to_device(next(s.train_rows), acc.device) for _ in range(tc.gradient_accumulation_steps)]
-    n_tokens = _global_label_tokens(acc, batches)
-    step_loss = 0.0
+    rows = [next(s.train_rows) for _ in range(tc.gradient_accumulation_steps)]
+    n_tokens = _global_label_tokens(acc, rows)  # counted on the host, before the copies
+    batches = [_to_device(_on_host_bounds(s.model, b), acc.device) for b in rows]
+    step_loss: torch.Tensor | None = None
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         # The backward of the last micro-batch ends the window: DeepSpeed's engine then reduces,
@@ -352,27 +379,69 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> tuple[float, floa
         acc.sync_gradients = last
         ctx = acc.no_sync(s.model) if not last else _nullcontext()
         with ctx, acc.autocast():
-            loss, _ = summed_loss(s.model, batch, s.loss_chunk)
+            loss, _ = summed_loss(s.model, batch, s.loss_chunk, count=False)
             # DDP (and DeepSpeed) average gradients over processes: scale so the result is the global mean.
             acc.backward(loss * acc.num_processes / n_tokens)
-        step_loss += loss.item()
-    if not math.isfinite(step_loss):
-        raise FimtuneError(
-            f"loss became {step_loss} at step {step + 1}; the last good checkpoint is kept in {run_dir} "
-            "(lower train.learning_rate or use model.dtype=fp32)"
-        )
+        loss = loss.detach().float()
+        step_loss = loss if step_loss is None else step_loss + loss
     # Under DeepSpeed this clips nothing (its step did, by train.max_grad_norm) and returns the norm it saw.
     grad_norm = acc.clip_grad_norm_(s.model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
-    loss_mean = float(acc.reduce(torch.tensor(step_loss, device=acc.device), "sum")) / n_tokens
-    return loss_mean, None if grad_norm is None else float(grad_norm)
+    assert step_loss is not None
+    loss_mean = acc.reduce(step_loss, "sum") / n_tokens
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=loss_mean.device, dtype=torch.float32)
+    read = copy_to_host(torch.stack([loss_mean.float().reshape(()), norm.float().reshape(())]))
+
+    def values() -> tuple[float, float | None]:
+        loss_value, norm_value = read()
+        if not math.isfinite(loss_value):
+            raise FimtuneError(
+                f"loss became {loss_value} at step {step + 1}; the last good checkpoint is kept in {run_dir} "
+                "(lower train.learning_rate or use model.dtype=fp32)"
+            )
+        return loss_value, None if grad_norm is None else norm_value
+
+    return values
 
 
-def _global_label_tokens(acc: Any, batches: list[dict[str, torch.Tensor]]) -> int:
-    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    return max(1, int(acc.reduce(torch.tensor(local, device=acc.device), "sum")))
+@dataclass
+class _Pending:
+    """A step queued on the device whose loss is not read yet."""
+
+    done: int  # steps done once it finishes
+    values: Callable[[], tuple[float, float | None]]
+    lr: float
+    began: float  # perf_counter when the host began queueing it
+
+
+def _finish(pending: _Pending | None, s: Setup, tc: Any, metrics: Any, bar: Any, window: list, run_dir: Path) -> None:
+    """Read ``pending``'s loss (waiting for that step), log it and move the progress bar; None."""
+    if pending is None:
+        return None
+    loss, grad_norm = pending.values()
+    seconds = time.perf_counter() - pending.began  # to its end, from queueing it: a step's time
+    window[0] += seconds
+    window[1] += s.tokens_per_step
+    if pending.done % tc.log_every == 0 or pending.done == s.max_steps:
+        rec = {"step": pending.done, "loss": loss, "lr": pending.lr, "tokens_per_s": window[1] / window[0]}
+        metrics.write(rec if grad_norm is None else {**rec, "grad_norm": grad_norm})
+        window[0], window[1] = 0.0, 0
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{pending.lr:.2e}", tok_s=f"{s.tokens_per_step / seconds:,.0f}")
+    bar.update(1)
+    return None
+
+
+def _global_label_tokens(acc: Any, rows: list[dict[str, Any]]) -> int | torch.Tensor:
+    """Label tokens of a step's micro-batches (host data), over all processes: an int for one
+    process, else a tensor on the device (summed there, so the host does not wait for it)."""
+    local = sum(int((torch.as_tensor(r["labels"])[:, 1:] != IGNORE_INDEX).sum()) for r in rows)
+    if acc.num_processes == 1:
+        return max(1, local)
+    return acc.reduce(torch.tensor(local, device=acc.device), "sum").clamp(min=1)
 
 
 class _nullcontext:

@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fimtune.fast import copy_to_host
 from fimtune.generate import Completion, FimPrompter, GenerationParams, TextTracker, pick_tokens
 from fimtune.serve.kvcache import DEFAULT_CACHE_SLOTS, CacheSlot, Drafter, PromptCache, crop_cache, new_cache
-from fimtune.serve.static import copy_to_host, forward_keywords
+from fimtune.serve.static import forward_keywords
 
 if TYPE_CHECKING:
     from fimtune.serve.static import StaticDecoding, StaticSession

@@ -677,26 +677,6 @@ def _adapter_state(model: torch.nn.Module) -> int:
     return hash(tuple(state))
 
 
-def copy_to_host(tokens: torch.Tensor) -> Callable[[], list[int]]:
-    """Start copying ``tokens`` to the host; the function returned waits for that copy only.
-
-    So the GPU can run the next step (queued after the copy) while the host reads these tokens.
-    """
-    if tokens.device.type != "cuda":
-        values = tokens.tolist()
-        return lambda: values
-    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host.copy_(tokens, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-
-    def wait() -> list[int]:
-        copied.synchronize()
-        return host.tolist()
-
-    return wait
-
-
 def base_model(model: Any) -> Any:
     """The transformers model inside a PEFT wrapper (its LoRA layers, merged or not, included)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
