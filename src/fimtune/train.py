@@ -332,24 +332,24 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     metrics.truncate(start_step)  # events logged after the checkpoint by an interrupted run
     bar = _progress(start_step, s.max_steps, disable=not acc.is_main_process)
     s.model.train()
-    log_window = [0.0, 0]  # seconds and tokens since the last log line; validation and saving excluded
+    log_window = _Window()
     pending: _Pending | None = None  # the step whose loss is not read yet (read once the next is queued)
     for step in range(start_step, s.max_steps):
         if tc.eval_every and step % tc.eval_every == 0:
-            pending = _finish(pending, s, tc, metrics, bar, log_window, run_dir)
+            pending = _finish(pending, s, tc, metrics, bar, log_window)  # read first: log lines stay in order
             metrics.write({"step": step, **validate(s, tc.eval_batches)})
         began = time.perf_counter()
         values = train_step(s, tc, run_dir, step)
         done = step + 1
-        _finish(pending, s, tc, metrics, bar, log_window, run_dir)  # waits for the previous step only
+        _finish(pending, s, tc, metrics, bar, log_window)  # waits for the previous step only
         pending = _Pending(done, values, s.scheduler.get_last_lr()[0], began)
         if (tc.save_every and done % tc.save_every == 0) or done in (s.max_steps, stop_after):
-            pending = _finish(pending, s, tc, metrics, bar, log_window, run_dir)
+            pending = _finish(pending, s, tc, metrics, bar, log_window)
             save(s, run_dir, done)
         if done == stop_after:
             bar.close()
             return run_dir
-    _finish(pending, s, tc, metrics, bar, log_window, run_dir)
+    _finish(pending, s, tc, metrics, bar, log_window)
     bar.close()
     final = validate(s, tc.eval_batches)
     metrics.write({"step": s.max_steps, **final})
@@ -409,6 +409,15 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
 
 
 @dataclass
+class _Window:
+    """Steps' time and tokens since the last log line (validation and saving excluded)."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    last_read: float = 0.0  # perf_counter when the last step's loss was read
+
+
+@dataclass
 class _Pending:
     """A step queued on the device whose loss is not read yet."""
 
@@ -418,18 +427,23 @@ class _Pending:
     began: float  # perf_counter when the host began queueing it
 
 
-def _finish(pending: _Pending | None, s: Setup, tc: Any, metrics: Any, bar: Any, window: list, run_dir: Path) -> None:
-    """Read ``pending``'s loss (waiting for that step), log it and move the progress bar; None."""
+def _finish(pending: _Pending | None, s: Setup, tc: Any, metrics: Any, bar: Any, window: _Window) -> None:
+    """Read ``pending``'s loss (waiting for that step), log it and move the progress bar; None (no
+    step pending any more).
+
+    A step's time runs from the previous step's end (its loss read) to its own, or from when the
+    host began queueing it if that came later (the first step, or after a validation or a save).
+    """
     if pending is None:
         return None
     loss, grad_norm = pending.values()
-    seconds = time.perf_counter() - pending.began  # to its end, from queueing it: a step's time
-    window[0] += seconds
-    window[1] += s.tokens_per_step
+    now = time.perf_counter()
+    seconds = now - max(pending.began, window.last_read)
+    window.seconds, window.tokens, window.last_read = window.seconds + seconds, window.tokens + s.tokens_per_step, now
     if pending.done % tc.log_every == 0 or pending.done == s.max_steps:
-        rec = {"step": pending.done, "loss": loss, "lr": pending.lr, "tokens_per_s": window[1] / window[0]}
+        rec = {"step": pending.done, "loss": loss, "lr": pending.lr, "tokens_per_s": window.tokens / window.seconds}
         metrics.write(rec if grad_norm is None else {**rec, "grad_norm": grad_norm})
-        window[0], window[1] = 0.0, 0
+        window.seconds, window.tokens = 0.0, 0
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{pending.lr:.2e}", tok_s=f"{s.tokens_per_step / seconds:,.0f}")
     bar.update(1)
     return None
