@@ -311,9 +311,12 @@ class _Heads(torch.nn.Module):
         self.num_key_value_groups, self.is_causal = groups, True
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2])
-def test_grouped_attention_is_sdpa_with_repeated_heads(kv_heads):
-    """One-token steps fold the query heads of a key/value head into its rows; the rest is SDPA's."""
+@pytest.mark.parametrize("kv_heads", [1, 2, 8])
+@pytest.mark.parametrize("attention", [grouped_sdpa, flex_decoding], ids=["grouped", "flex"])
+def test_one_token_step_attention_is_sdpa_with_the_same_mask(attention, kv_heads):
+    """A one-token step with a mask: grouped SDPA folds the query heads of a key/value head into its
+    rows; FlexAttention (its reference implementation here) takes the mask as a score modification.
+    Both give SDPA's attention (repeated heads); anything else goes to SDPA itself."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     gen = torch.Generator().manual_seed(0)
@@ -322,10 +325,11 @@ def test_grouped_attention_is_sdpa_with_repeated_heads(kv_heads):
     mask = torch.ones(3, 1, 1, length, dtype=torch.bool)
     mask[0, ..., :5] = False  # left padding
     mask[1, ..., 10:30] = False  # a joined row's gap between its prompt and its new tokens
+    mask[2, ..., 40:] = False  # slots not written yet
     module = _Heads(heads // kv_heads)
     for q_len, m in ((1, mask), (4, mask.expand(3, 1, 4, length)), (1, None)):
         query = torch.randn(3, heads, q_len, 16, generator=gen)
-        ours, _ = grouped_sdpa(module, query, key, value, m, scaling=0.25)
+        ours, _ = attention(module, query, key, value, m, scaling=0.25)
         theirs, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.25)
         assert ours.shape == theirs.shape == (3, q_len, heads, 16)
         torch.testing.assert_close(ours, theirs)
@@ -345,28 +349,6 @@ def test_grouped_attention_is_an_option_for_grouped_sdpa_models_and_gives_genera
     expected = summary([complete_batch(mqa, pr, [h], params)[0] for h in holes(3)])
     mqa.set_attn_implementation(GROUPED)
     assert summary(Decoder(mqa, pr, static=static).run(rows_for(pr, params))) == expected
-
-
-@pytest.mark.parametrize("kv_heads", [1, 2, 8])
-def test_flex_decoding_is_sdpa_with_the_same_mask(kv_heads):
-    """FlexAttention (its reference implementation here) with the mask as a score modification gives
-    SDPA's attention for one-token steps; longer queries go to SDPA itself."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    gen = torch.Generator().manual_seed(0)
-    heads, length = 8, 48
-    key, value = (torch.randn(3, kv_heads, length, 16, generator=gen) for _ in range(2))
-    mask = torch.ones(3, 1, 1, length, dtype=torch.bool)
-    mask[0, ..., :5] = False  # left padding
-    mask[1, ..., 10:30] = False  # a joined row's gap between its prompt and its new tokens
-    mask[2, ..., 40:] = False  # slots not written yet
-    module = _Heads(heads // kv_heads)
-    for q_len, m in ((1, mask), (4, mask.expand(3, 1, 4, length)), (1, None)):
-        query = torch.randn(3, heads, q_len, 16, generator=gen)
-        ours, _ = flex_decoding(module, query, key, value, m, scaling=0.25)
-        theirs, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.25)
-        assert ours.shape == theirs.shape == (3, q_len, heads, 16)
-        torch.testing.assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])

@@ -108,21 +108,10 @@ def grouped_sdpa(
     transformers' `repeat_kv` pairs them), so each of the KV cached heads [B, KV, L, D] is read
     once for its H/KV query rows; the mask [B, 1, 1, L] broadcasts over them. Returns [B, 1, H, D].
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    batch, heads, q_len, dim = query.shape
+    batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    if (
-        q_len != 1
-        or kv_heads == heads
-        or attention_mask is None
-        or attention_mask.shape[1] != 1
-        or dropout > 0
-        or kwargs.get("position_bias") is not None
-    ):
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+    if kv_heads == heads or not _masked_step(query, attention_mask, dropout, kwargs):
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     folded = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
@@ -145,19 +134,9 @@ def flex_decoding(
     implementation, which gives the same values. Returns [B, 1, H, D].
     """
     from torch.nn.attention.flex_attention import flex_attention
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (
-        query.shape[2] != 1
-        or attention_mask is None
-        or attention_mask.dtype != torch.bool
-        or attention_mask.shape[1:3] != (1, 1)
-        or dropout > 0
-        or kwargs.get("position_bias") is not None
-    ):
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+    if not _masked_step(query, attention_mask, dropout, kwargs) or attention_mask.dtype != torch.bool:
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     mask = attention_mask[:, 0, 0, : key.shape[2]]
 
     def shut_slots(score: torch.Tensor, b: Any, h: Any, q: Any, kv: Any) -> torch.Tensor:
@@ -167,6 +146,33 @@ def flex_decoding(
         query, key, value, score_mod=shut_slots, enable_gqa=key.shape[1] != query.shape[1], scale=scaling
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _masked_step(query: torch.Tensor, mask: torch.Tensor | None, dropout: float, kwargs: dict[str, Any]) -> bool:
+    """Whether attention is a one-token step with a [B, 1, 1, L] mask and nothing else (no dropout,
+    no position bias): the case :func:`grouped_sdpa` and :func:`flex_decoding` take over."""
+    return (
+        query.shape[2] == 1
+        and mask is not None
+        and mask.shape[1:3] == (1, 1)
+        and dropout == 0
+        and kwargs.get("position_bias") is None
+    )
+
+
+def _sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def prefill_lengths(max_length: int, limit: int, positions: int | None) -> list[int]:
