@@ -121,8 +121,7 @@ def test_prefill_length_buckets():
     assert prefill_lengths(100, 2048, 8192) == [100]
 
 
-@pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])
-@pytest.mark.parametrize("backend", [None, "eager"])
+@pytest.mark.parametrize("family, backend", [("gpt_bigcode", None), ("llama", "eager")])
 def test_single_prompts_prefilled_padded_to_a_length_bucket_give_generate_tokens(tiny_tokenizer, family, backend):
     """The forward a prefill graph replays (right padding, the kept logits' index in a tensor, shared
     buffers), run uncaptured: single prompts of three lengths take it; the batch of three does not."""
@@ -351,8 +350,7 @@ def test_grouped_attention_is_an_option_for_grouped_sdpa_models_and_gives_genera
     assert summary(Decoder(mqa, pr, static=static).run(rows_for(pr, params))) == expected
 
 
-@pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])
-@pytest.mark.parametrize("backend", [None, "eager"])
+@pytest.mark.parametrize("family, backend", [("gpt_bigcode", "eager"), ("llama", None)])
 def test_flex_decoding_steps_give_generate_tokens(tiny_tokenizer, family, backend):
     model, pr = tiny_model(family, tiny_tokenizer), FimPrompter(tiny_tokenizer)
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
