@@ -19,8 +19,9 @@ CUDA graph replays all of a step's kernels at once; it needs fixed shapes and fi
 
 The mask is 4D, which transformers hands to attention as it is: no mask-building code, with
 its host reads of tensor values, in the graph. It holds SDPA's additive biases (0 open, -inf
-shut), not booleans that each layer would turn into them. Slot j of row b is open when it
-holds one of b's tokens (prompts are left-padded)::
+shut), not booleans that each layer would turn into them (FlexAttention, below, reads
+booleans). Slot j of row b is open (1 below) when it holds one of b's tokens (prompts are
+left-padded)::
 
     slot      0  1  2  3 .. T-1 | T  T+1 ...            | ... max_length-1
     row b     0  0  1  1 ..  1  | 1  1  (opened a step   |  0 ...  0
@@ -34,8 +35,8 @@ of the trees' checks of their inputs. Without CUDA (the tests) the same code run
 compile backend (`"eager"`), or uncompiled.
 
 Continuous batching: a session's rows are slots of its bucket. Between two steps, new prompts
-join the batch in flight (:meth:`StaticSession.admit`): each is prefilled eagerly and written
-into a free slot's cache row at slots 0..w-1, with w no more than the slots filled so far, its
+join the batch in flight (:meth:`StaticSession.admit`): each is prefilled (one alone through
+its prefill graph) and written into a free slot's cache row at slots 0..w-1, with w no more than the slots filled so far, its
 mask shut after its prompt and open again from the next step's slot on (positions are per
 row, so the gap changes nothing). A session with too few free slots moves into the next bucket
 first (:meth:`StaticSession.grow`: its cache rows, mask and positions are copied over).
@@ -50,10 +51,11 @@ after the prompt, so causal attention keeps it out of the prompt's keys and valu
 capture is checked against the eager forward it replaces; a failure or a mismatch turns the
 graphs off and the prefill stays eager. Without CUDA the same padded forward runs uncaptured.
 
-Flex decoding (``flex_decoding``): the step's attention is PyTorch's FlexAttention, which the
-compiler lowers to a decoding kernel that reads each key/value head once for all the query
-heads it serves and splits the cached slots across thread blocks (flash-decoding); the mask
-becomes its score modification. One-token steps only: prefills keep SDPA.
+Flex decoding (``flex=True``: :func:`flex_decoding`): the step's attention is PyTorch's
+FlexAttention, which the compiler lowers to a decoding kernel that reads each key/value head
+once for all the query heads it serves and splits the cached slots across thread blocks
+(flash-decoding); the mask becomes its score modification. One-token steps only: prefills
+keep SDPA.
 
 Grouped-query attention (StarCoder's single key/value head, Llama's GQA) with a 4D mask makes
 transformers' SDPA path repeat the key/value heads to the query heads' number in every step:
