@@ -763,6 +763,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report.add(result[0])
         expected = result[1]
     engines: dict[tuple[str, bool], Any] = {}
+    prefill_graphs: dict[tuple[str, bool], bool] = {}  # per engine: its prefill graphs after the warm-up
     for i, variant in enumerate(args.graphs):
         graphs, modifiers = parse_variant(variant)
         key = (graphs, "flex" in modifiers)
@@ -777,9 +778,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row = attempt(report, f"engine warm-up, {name}", lambda e=engine: warmup_row(e), deadline)
                 if row is not None:
                     report.add(row)
-        static = engine.decoder.static
+        static = engine.decoder.static  # None: decoding eagerly (no CUDA graphs, or a failed warm-up)
+        prefill_graphs.setdefault(key, static is not None and static.prefill_graphs_on)  # off if a capture failed
         if static is not None:  # this variant's prefill: graphs (the default on a GPU), eager, or compiled
-            static.prefill_graphs_on = bool(static.prefill_lengths) and not modifiers & {"eager-prefill", "prefill"}
+            static.prefill_graphs_on = prefill_graphs.get(key, False) and not modifiers & {"eager-prefill", "prefill"}
         if "prefill" in modifiers and static is not None and not static.prefill_compiled:
             row = attempt(report, f"prefill compile, {variant}", lambda e=engine: prefill_row(e), deadline, 10)
             if row is None:
