@@ -198,6 +198,12 @@ def test_each_step_is_logged_in_order_though_its_loss_is_read_a_step_later(
         ("val", 7),
     ]
     assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 for r in metrics(run) if "loss" in r)
+    # Each step's time is its own, also next to a save or a validation (a step read at once after
+    # another was read used to count as taking no time at all, the next one as taking two steps).
+    extra = ("train.max_steps=6", "train.eval_every=3", "train.save_every=2", "train.log_every=1")
+    timed = metrics(quiet_fit(run_config(tmp_path, base, repetitive_data, "timed", *extra)))
+    speeds = [r["tokens_per_s"] for r in timed if "loss" in r]
+    assert len(speeds) == 6 and max(speeds) < 10 * min(speeds), speeds
 
 
 @pytest.mark.gpu

@@ -338,11 +338,10 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
         if tc.eval_every and step % tc.eval_every == 0:
             pending = _finish(pending, s, tc, metrics, bar, log_window)  # read first: log lines stay in order
             metrics.write({"step": step, **validate(s, tc.eval_batches)})
-        began = time.perf_counter()
         values = train_step(s, tc, run_dir, step)
         done = step + 1
         _finish(pending, s, tc, metrics, bar, log_window)  # waits for the previous step only
-        pending = _Pending(done, values, s.scheduler.get_last_lr()[0], began)
+        pending = _Pending(done, values, s.scheduler.get_last_lr()[0])
         if (tc.save_every and done % tc.save_every == 0) or done in (s.max_steps, stop_after):
             pending = _finish(pending, s, tc, metrics, bar, log_window)
             save(s, run_dir, done)
@@ -359,15 +358,18 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     return run_dir
 
 
-def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tuple[float, float | None]]:
+def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tuple[float, float | None, float]]:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches, queued on the device
-    with no wait for it: returns a function that waits for the step and gives (mean loss, grad norm).
+    with no wait for it: returns a function that waits for the step and gives (mean loss, grad norm,
+    seconds the step took: on a GPU, between CUDA events at its start and end, so the time the host
+    spent on other work after queueing it does not count).
 
     Nothing in the step reads a value back from the GPU, so the host queues the next step while
     this one runs (:func:`fit` reads each step's loss once the next is queued). A loss that is not
     finite raises when it is read (FimtuneError: the checkpoint written before it is the last good one).
     """
     acc = s.accelerator
+    took = _step_clock(acc.device)
     rows = [next(s.train_rows) for _ in range(tc.gradient_accumulation_steps)]
     n_tokens = _global_label_tokens(acc, rows)  # counted on the host, before the copies
     batches = [_to_device(_on_host_bounds(s.model, b), acc.device) for b in rows]
@@ -395,17 +397,49 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
         grad_norm = grad_norm.full_tensor()
     norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=loss_mean.device, dtype=torch.float32)
     read = copy_to_host(torch.stack([loss_mean.float().reshape(()), norm.float().reshape(())]))
+    seconds = took()
 
-    def values() -> tuple[float, float | None]:
+    def values() -> tuple[float, float | None, float]:
         loss_value, norm_value = read()
         if not math.isfinite(loss_value):
             raise FimtuneError(
                 f"loss became {loss_value} at step {step + 1}; the last good checkpoint is kept in {run_dir} "
                 "(lower train.learning_rate or use model.dtype=fp32)"
             )
-        return loss_value, None if grad_norm is None else norm_value
+        return loss_value, None if grad_norm is None else norm_value, seconds()
 
     return values
+
+
+def _step_clock(device: torch.device) -> Callable[[], Callable[[], float]]:
+    """Start timing a step; the function returned ends it and gives a reader of its seconds.
+
+    On a GPU the step is only queued: CUDA events mark its start and end on the stream (the start
+    runs when the GPU gets there, after the previous step), and reading waits for the end. Elsewhere
+    the work is done when the host returns: wall time.
+    """
+    if device.type != "cuda":
+        began = time.perf_counter()
+
+        def end_on_host() -> Callable[[], float]:
+            seconds = time.perf_counter() - began
+            return lambda: seconds
+
+        return end_on_host
+    start = torch.cuda.Event(enable_timing=True)
+    start.record()
+
+    def end_on_gpu() -> Callable[[], float]:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+
+        def read() -> float:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000
+
+        return read
+
+    return end_on_gpu
 
 
 @dataclass
@@ -414,7 +448,6 @@ class _Window:
 
     seconds: float = 0.0
     tokens: int = 0
-    last_read: float = 0.0  # perf_counter when the last step's loss was read
 
 
 @dataclass
@@ -422,24 +455,17 @@ class _Pending:
     """A step queued on the device whose loss is not read yet."""
 
     done: int  # steps done once it finishes
-    values: Callable[[], tuple[float, float | None]]
+    values: Callable[[], tuple[float, float | None, float]]  # loss, grad norm, seconds
     lr: float
-    began: float  # perf_counter when the host began queueing it
 
 
 def _finish(pending: _Pending | None, s: Setup, tc: Any, metrics: Any, bar: Any, window: _Window) -> None:
     """Read ``pending``'s loss (waiting for that step), log it and move the progress bar; None (no
-    step pending any more).
-
-    A step's time runs from the previous step's end (its loss read) to its own, or from when the
-    host began queueing it if that came later (the first step, or after a validation or a save).
-    """
+    step pending any more)."""
     if pending is None:
         return None
-    loss, grad_norm = pending.values()
-    now = time.perf_counter()
-    seconds = now - max(pending.began, window.last_read)
-    window.seconds, window.tokens, window.last_read = window.seconds + seconds, window.tokens + s.tokens_per_step, now
+    loss, grad_norm, seconds = pending.values()
+    window.seconds, window.tokens = window.seconds + seconds, window.tokens + s.tokens_per_step
     if pending.done % tc.log_every == 0 or pending.done == s.max_steps:
         rec = {"step": pending.done, "loss": loss, "lr": pending.lr, "tokens_per_s": window.tokens / window.seconds}
         metrics.write(rec if grad_norm is None else {**rec, "grad_norm": grad_norm})
