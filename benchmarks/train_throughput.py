@@ -20,6 +20,8 @@ c-mb2        (c) in two micro-batches of 2 rows (gradient accumulation): half th
 c-mem        (c) keeping a share of the activations (`train.activation_memory`, 0.5 by default)
 c-nodrop     (c) with LoRA dropout 0 (what the recipe's dropout costs)
 c-eager      (c) without torch.compile (what compiling buys)
+c-repeat-kv  (c) with StarCoder's one key/value head repeated for the 16 query heads, as on PyTorch
+             2.11 before its kernel was checked to take it as it is (what that saves)
 qlora        (c) on a 4-bit NF4 base (bitsandbytes, double quantization), gradient
              checkpointing, no compile
 
@@ -51,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 GFLOP_PER_TOKEN = {"starcoderbase-1b": 4.9, "tiny": None}
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 TINY = {"vocab_size": 512, "n_positions": 256, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128}
-ALL = ["c", "b", "a", "c-ckpt", "qlora", "c-mb2", "c-docs", "c-eager", "c-mem", "c-nodrop"]
+ALL = ["c", "b", "a", "c-ckpt", "qlora", "c-mb2", "c-docs", "c-eager", "c-mem", "c-nodrop", "c-repeat-kv"]
 
 
 def model_config(shape: str) -> Any:
@@ -151,6 +153,7 @@ def plain_peft(args: argparse.Namespace, device: torch.device, autocast: bool, c
 
 
 def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -> dict:
+    from fimtune import fast
     from fimtune.model import attn_implementation
     from fimtune.train import Setup, make_accelerator, make_optimizer, prepare_model, train_step
 
@@ -182,8 +185,14 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         model = random_model(args.shape, device, dtype, attn)
     if variant in ("c", "c-docs"):
         result["check"] = check_loss(model, args, device, docs=variant == "c-docs")
+    on_gpu_varlen = device.type == "cuda" and attn == fast.VARLEN
+    fast._GROUPED_AS_THEY_ARE.clear()  # each variant checks afresh (its blocks compile afresh too)
+    if variant == "c-repeat-kv" and on_gpu_varlen:  # as before the check: StarCoder's key/value head repeated 16x
+        fast._GROUPED_AS_THEY_ARE[torch.cuda.current_device()] = False
     model, chunk = prepare_model(model, cfg, acc, [])
     result["loss_chunk_tokens"] = chunk
+    if on_gpu_varlen:
+        result["kv_heads_as_they_are"] = bool(fast._GROUPED_AS_THEY_ARE.get(torch.cuda.current_device()))
     optimizer, scheduler = make_optimizer(model, cfg, device, 100)
     model, optimizer = acc.prepare(model, optimizer)
     data = batches(model.config.vocab_size, rows, args.length, device, docs=variant == "c-docs")
@@ -397,6 +406,8 @@ def print_table(report: dict) -> None:
         note = ""
         if "check" in r:
             note = f"loss vs transformers: {r['check']['rel_diff']:.1e} rel"
+        if "kv_heads_as_they_are" in r:
+            note += "; key/value heads " + ("as they are" if r["kv_heads_as_they_are"] else "repeated")
         print(
             f"{name:<8} {r['tokens_per_s']:>10,.0f} {r.get('tflops', float('nan')):>8.1f} "
             f"{r.get('peak_gib', float('nan')):>9.2f} {r['step_ms']:>8.1f} {r['warmup_s']:>9.1f}  {note}"

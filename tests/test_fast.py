@@ -56,6 +56,62 @@ def test_varlen_attention_matches_sdpa_on_packed_rows(tiny_tokenizer, family):
     assert not torch.allclose(plain, want, atol=1e-3)  # the documents really are separated
 
 
+def _per_document(q, k, v, cu):
+    return fast._sdpa_per_document(q, k, v, cu, None)
+
+
+def _repeated(q, k, v, cu):
+    groups = q.shape[1] // k.shape[1]
+    return fast._sdpa_per_document(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), cu, None)
+
+
+def _across_documents(q, k, v, cu):  # causal over the whole row: documents see each other
+    return fast._sdpa_per_document(q, k, v, cu[[0, -1]], None)
+
+
+def _raises(q, k, v, cu):
+    raise ValueError("Expect query and key/value to have the same number of heads")
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_the_grouped_heads_check_tells_agreement_from_disagreement_and_errors(kv_heads):
+    cpu = torch.device("cpu")
+    assert fast.same_attention(_per_document, _repeated, cpu, torch.float32, kv_heads=kv_heads)
+    assert fast.same_attention(_per_document, _repeated, cpu, torch.bfloat16, kv_heads=kv_heads)
+    assert not fast.same_attention(_across_documents, _repeated, cpu, torch.float32, kv_heads=kv_heads)
+    assert not fast.same_attention(_raises, _repeated, cpu, torch.float32, kv_heads=kv_heads)
+    # No key/value heads are kept as they are off a GPU: the CPU path is the reference.
+    assert not fast.grouped_heads_as_they_are(cpu)
+
+
+@pytest.mark.gpu
+def test_grouped_heads_as_they_are_train_as_repeated_heads(tiny_tokenizer):
+    """On this GPU's PyTorch: StarCoder-style multi-query heads through varlen attention as they are
+    give the loss and LoRA gradients of the same heads repeated."""
+    device = torch.device("cuda")
+    if not fast.varlen_supported(device):
+        pytest.skip("no varlen FlashAttention on this GPU")
+    as_they_are = fast.grouped_heads_as_they_are(device)
+    if "enable_gqa" not in fast._varlen_params():
+        assert as_they_are, "PyTorch's varlen attention should take one key/value head as it is"
+    batch = {k: v.to(device) for k, v in packed_batch(len(tiny_tokenizer)).items()}
+    results = []
+    for keep in (True, False):
+        fast._GROUPED_AS_THEY_ARE[device.index or 0] = keep
+        torch.manual_seed(0)
+        model = lora(tiny.gpt_bigcode(len(tiny_tokenizer))).to(device, torch.bfloat16)
+        model.set_attn_implementation(fast.register_varlen())
+        logits = forward_logits(model, batch)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        grads = [p.grad.float() for p in model.parameters() if p.requires_grad]
+        results.append((loss.detach().float(), grads))
+    fast._GROUPED_AS_THEY_ARE[device.index or 0] = as_they_are
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-2, atol=1e-2)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
+
+
 def full_loss(hidden, head, labels):
     return F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 

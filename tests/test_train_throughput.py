@@ -34,7 +34,19 @@ def test_train_throughput_benchmark_runs_every_variant_on_a_tiny_shape(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     res = report["results"]
-    assert set(res) == {"c", "b", "a", "c-ckpt", "qlora", "c-mb2", "c-docs", "c-eager", "c-mem", "c-nodrop"}
+    assert set(res) == {
+        "c",
+        "b",
+        "a",
+        "c-ckpt",
+        "qlora",
+        "c-mb2",
+        "c-docs",
+        "c-eager",
+        "c-mem",
+        "c-nodrop",
+        "c-repeat-kv",
+    }
     assert "needs a CUDA GPU" in res["qlora"]["skipped"]
     for name, r in res.items():
         if name != "qlora":

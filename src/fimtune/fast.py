@@ -4,7 +4,8 @@ What a LoRA step on a GPU spends its time on, and what this module does about it
 
     attention over packed rows   FlashAttention's variable-length kernel (PyTorch's own,
                                  `torch.nn.attention.varlen`): documents never see each
-                                 other and no (T x T) mask is built or read
+                                 other and no (T x T) mask is built or read; multi-query
+                                 and grouped key/value heads go in as they are, not repeated
     the loss                     the vocabulary projection and cross-entropy a chunk of
                                  tokens at a time: (tokens x vocab) logits never exist in
                                  fp32 at once; for a frozen head the gradient is made in
@@ -25,6 +26,7 @@ import contextlib
 import functools
 import importlib.util
 import inspect
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -178,6 +180,16 @@ def _varlen_params() -> frozenset[str]:
 def _flash_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None
 ) -> torch.Tensor:
+    grouped = k.shape[1] != q.shape[1]
+    if grouped and "enable_gqa" not in _varlen_params() and not _GROUPED_AS_THEY_ARE.get(q.device.index, False):
+        k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])  # the check below did not pass
+    return _varlen(q, k, v, cu, max_len, scale)
+
+
+def _varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None
+) -> torch.Tensor:
+    """`varlen_attn`, causal, with key/value heads as they are."""
     from torch.nn.attention.varlen import varlen_attn
 
     params = _varlen_params()
@@ -186,13 +198,92 @@ def _flash_varlen(
         kwargs["window_size"] = (-1, 0)
     else:  # torch 2.10
         kwargs["is_causal"] = True
-    if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
-        else:  # multi-query / grouped heads: repeat them (FlashAttention reads them once per head anyway)
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if k.shape[1] != q.shape[1] and "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+# CUDA device index -> whether varlen attention takes fewer key/value heads than query heads as they
+# are (see grouped_heads_as_they_are); read by `_flash_varlen` (a constant to the compiler).
+_GROUPED_AS_THEY_ARE: dict[int, bool] = {}
+
+
+def grouped_heads_as_they_are(device: torch.device) -> bool:
+    """Whether `varlen_attn` takes multi-query / grouped key-value heads as they are on ``device``;
+    checked once a device, and remembered for the attention of training steps.
+
+    FlashAttention-2 serves each key/value head to its group of query heads itself. PyTorch 2.12+
+    says so with `enable_gqa`; PyTorch 2.11's `varlen_attn` has no such flag, so StarCoder's single
+    key/value head was repeated 16 times in every layer: two (tokens x 16 x 128) copies written,
+    kept for the backward pass (~1.5 GB for batch 4 x 2048 on the 1B model) and summed back. Here a
+    small packed batch goes through the kernel with the heads as they are, forward and backward,
+    and is compared with the same kernel on repeated heads; an error or a disagreement keeps the
+    repetition.
+    """
+    if device.type != "cuda" or not varlen_supported(device):
+        return False
+    if "enable_gqa" in _varlen_params():
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _GROUPED_AS_THEY_ARE:
+
+        def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+            return _varlen(q, k, v, cu, int((cu[1:] - cu[:-1]).max()), None)
+
+        def repeated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+            return kernel(q, _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1]), cu)
+
+        here = torch.device("cuda", index)
+        _GROUPED_AS_THEY_ARE[index] = all(  # one key/value head (StarCoder), and groups of 4 (Llama-style)
+            same_attention(kernel, repeated, here, torch.bfloat16, kv_heads=n) for n in (1, 2)
+        )
+    return _GROUPED_AS_THEY_ARE[index]
+
+
+def same_attention(
+    attend: Callable[..., torch.Tensor],
+    reference: Callable[..., torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    heads: int = 8,
+    kv_heads: int = 1,
+    dim: int = 64,
+    lengths: tuple[int, ...] = (100, 37, 91),
+    tolerance: float = 0.02,
+) -> bool:
+    """Whether ``attend(q, k, v, cu)`` gives ``reference``'s output and gradients (of q, k and v) on a
+    random packed batch of documents of ``lengths`` tokens, with ``kv_heads`` key/value heads for
+    ``heads`` query heads: each within ``tolerance`` of the reference's largest magnitude. An error
+    in ``attend`` is a no (logged).
+    """
+    g = torch.Generator(device="cpu").manual_seed(0)
+    total = sum(lengths)
+    shapes = ((total, heads, dim), (total, kv_heads, dim), (total, kv_heads, dim))
+    inputs = [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
+    grad_out = torch.randn(shapes[0], generator=g).to(device, dtype)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+    def run(fn: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+        leaves = [x.clone().requires_grad_(True) for x in inputs]
+        out = fn(*leaves, cu)
+        return [out.detach(), *torch.autograd.grad(out, leaves, grad_out)]
+
+    want = run(reference)
+    try:
+        got = run(attend)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        log.info("attention with %d key/value heads for %d query heads failed: %s", kv_heads, heads, e)
+        return False
+    for name, a, b in zip(("output", "dq", "dk", "dv"), got, want, strict=True):
+        scale = float(b.abs().max()) or 1.0
+        if a.shape != b.shape or not float((a.float() - b.float()).abs().max()) <= tolerance * scale:
+            log.info("attention with %d key/value heads disagrees with the reference in %s", kv_heads, name)
+            return False
+    return True
 
 
 def _sdpa_per_document(
@@ -382,6 +473,12 @@ def disable_attention_dropout(model: torch.nn.Module) -> float:
 def speed_up(model: torch.nn.Module, compile: bool, autocast: bool, activation_memory: float = 1.0) -> list[str]:
     """Apply the fast path's model changes to a PEFT model about to train; return what was done."""
     done = []
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) == VARLEN and "enable_gqa" not in _varlen_params():
+        device = next(model.parameters()).device
+        if device.type == "cuda" and varlen_supported(device):
+            how = "as they are" if grouped_heads_as_they_are(device) else "repeated (this PyTorch's kernel disagreed)"
+            done.append(f"grouped key/value heads go to FlashAttention {how}")
     if autocast and (n := skip_lora_input_casts(model)):
         done.append(f"LoRA inputs stay in the autocast dtype ({n} layers)")
     if compile:
