@@ -218,8 +218,9 @@ def grouped_heads_as_they_are(device: torch.device) -> bool:
 
     FlashAttention-2 serves each key/value head to its group of query heads itself. PyTorch 2.12+
     says so with `enable_gqa`; PyTorch 2.11's `varlen_attn` has no such flag, so StarCoder's single
-    key/value head was repeated 16 times in every layer: two (tokens x 16 x 128) copies written,
-    kept for the backward pass (~1.5 GB for batch 4 x 2048 on the 1B model) and summed back. Here a
+    key/value head was repeated 16 times in every layer: two (tokens x 16 x 128) copies written
+    (64 MiB a layer for batch 4 x 2048 on the 1B model), kept or made again for the backward pass,
+    and their gradients summed back. Here a
     small packed batch goes through the kernel with the heads as they are, forward and backward,
     and is compared with the same kernel on repeated heads; an error or a disagreement keeps the
     repetition.
