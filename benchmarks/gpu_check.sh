@@ -26,8 +26,9 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/test_fast.py tests/test_train.py tests/serve/test_static.py 2>&1 | tee "$OUT/gpu-tests.log"
 
-# 2. Training: fimtune's step, the same with the key/value head repeated (what the check saves), naive bf16.
-timeout $(($(left) * 2 / 5)) python3 benchmarks/train_throughput.py --variants c,c-repeat-kv,b \
+# 2. Training: fimtune's step; the same with PyTorch's dropout masks kept, and with the key/value head
+#    repeated (what each change saves); naive bf16.
+timeout $(($(left) * 2 / 5)) python3 benchmarks/train_throughput.py --variants c,c-torch-dropout,c-repeat-kv,b \
     --budget-s $(($(left) * 2 / 5 - 40)) --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
 
 # 3. Completion latency: the engine's variants side by side, the server rows, a profile of the step.

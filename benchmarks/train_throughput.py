@@ -13,13 +13,16 @@ batch 4 x 2048 tokens, on a fresh model (same seed, same random weights):
 (b) naive    fp32 weights under bf16 autocast, SDPA; the same plain PEFT loop
 (c) fimtune  `fimtune.train.prepare_model` + `fimtune.train.train_step`, defaults for a CUDA
              GPU: bf16 weights + autocast, `varlen` FlashAttention, the loss in chunks of
-             4096 tokens, compiled blocks, fused AdamW; rows of one document (the work of a/b)
+             4096 tokens, compiled blocks, hashed LoRA dropout masks, fused AdamW; rows of one
+             document (the work of a/b)
 c-docs       (c) on rows packed from several documents (the boundary-aware packer's output)
 c-ckpt       (c) with gradient checkpointing
 c-mb2        (c) in two micro-batches of 2 rows (gradient accumulation): half the activations
 c-mem        (c) keeping a share of the activations (`train.activation_memory`, 0.5 by default)
 c-nodrop     (c) with LoRA dropout 0 (what the recipe's dropout costs)
 c-eager      (c) without torch.compile (what compiling buys)
+c-torch-dropout (c) with PyTorch's own dropout in the LoRA layers (random masks kept for the backward
+             pass), not hashed masks made again (what `train.hashed_dropout` saves)
 c-repeat-kv  (c) with StarCoder's one key/value head repeated for the 16 query heads, as on PyTorch
              2.11 before its kernel was checked to take it as it is (what that saves)
 qlora        (c) on a 4-bit NF4 base (bitsandbytes, double quantization), gradient
@@ -53,7 +56,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 GFLOP_PER_TOKEN = {"starcoderbase-1b": 4.9, "tiny": None}
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 TINY = {"vocab_size": 512, "n_positions": 256, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128}
-ALL = ["c", "b", "a", "c-ckpt", "qlora", "c-mb2", "c-docs", "c-eager", "c-mem", "c-nodrop", "c-repeat-kv"]
+ALL = [
+    "c",
+    "b",
+    "a",
+    "c-ckpt",
+    "qlora",
+    "c-mb2",
+    "c-docs",
+    "c-eager",
+    "c-mem",
+    "c-nodrop",
+    "c-torch-dropout",
+    "c-repeat-kv",
+]
 
 
 def model_config(shape: str) -> Any:
@@ -170,6 +186,8 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         extra.append(f"train.activation_memory={args.activation_memory}")
     if variant == "c-nodrop":
         extra.append("lora.dropout=0.0")
+    if variant == "c-torch-dropout":
+        extra.append("train.hashed_dropout=false")
     if variant == "qlora":
         extra += ["model.quantization=4bit", "train.gradient_checkpointing=true"]
     if args.compile is not None and variant != "c-eager":

@@ -247,3 +247,91 @@ def test_varlen_turns_attention_dropout_off(tiny_tokenizer):
     attn = model.get_base_model().transformer.h[0].attn
     assert attn.attn_dropout == 0.0 and model.config.attn_pdrop == 0.0
     assert fast.disable_attention_dropout(model) == 0.0
+
+
+# --------------------------------------------------------------------------------------
+# LoRA dropout with hashed masks
+# --------------------------------------------------------------------------------------
+
+
+def _keep_statistics(y: torch.Tensor, p: float) -> None:
+    """``y`` is dropout of ones: each element 0 or 1/(1-p), kept independently with probability 1-p."""
+    kept = y != 0
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    n = kept.numel()
+    assert kept.float().mean().item() == pytest.approx(1 - p, abs=8 * (p * (1 - p) / n) ** 0.5)
+    k = kept.float()
+    # Neighbours (along rows and down columns) are uncorrelated ...
+    for a, b in ((k[:, 1:], k[:, :-1]), (k[1:], k[:-1])):
+        corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+        assert abs(corr) < 0.01
+    # ... and the rows' and columns' keep rates spread as independent coin flips would.
+    for rates, size in ((k.mean(1), k.shape[1]), (k.mean(0), k.shape[0])):
+        assert 0.7 < rates.std().item() / (p * (1 - p) / size) ** 0.5 < 1.3
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_hashed_dropout_drops_at_its_rate_independently(p):
+    drop = fast.HashedDropout(p).train()
+    torch.manual_seed(0)
+    x = torch.ones(512, 1024)
+    first, second = drop(x), drop(x)
+    _keep_statistics(first, p)
+    _keep_statistics(second, p)
+    # Each call draws a new seed: a new mask, unrelated to the last.
+    same = ((first != 0) == (second != 0)).float().mean().item()
+    assert same == pytest.approx(p * p + (1 - p) * (1 - p), abs=0.01)
+    # The seed comes from torch's generator: seeded runs repeat.
+    torch.manual_seed(0)
+    torch.testing.assert_close(drop(x), first, rtol=0, atol=0)
+
+
+def test_hashed_dropout_remakes_the_forward_mask_in_the_backward_pass_and_keeps_only_its_seed():
+    drop = fast.HashedDropout(0.1).train()
+    x = torch.randn(64, 300).abs().add(0.1).requires_grad_(True)  # no zeros: y == 0 means dropped
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = drop(x)
+    assert sum(t.numel() * t.element_size() for t in saved) <= 8  # one int32 seed, no mask
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, torch.where(y != 0, g * (1 / 0.9), 0.0), rtol=0, atol=0)
+    assert 0 < (y == 0).float().mean() < 0.2
+
+
+def test_hashed_dropout_compiled_keeps_its_statistics_and_gradient():
+    drop = fast.HashedDropout(0.1).train()
+    fn = torch.compile(lambda t: drop(t) * 3.0, backend="inductor", fullgraph=True)
+    x = torch.ones(256, 512, requires_grad=True)
+    y = fn(x)
+    _keep_statistics(y.detach() / 3.0, 0.1)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, torch.where(y != 0, g * 3.0 / 0.9, 0.0), rtol=1e-6, atol=1e-6)
+
+
+def test_hashed_dropout_is_the_identity_in_evaluation_and_at_zero():
+    x = torch.randn(4, 8)
+    assert fast.HashedDropout(0.3).eval()(x) is x
+    assert fast.HashedDropout(0.0).train()(x) is x
+    with pytest.raises(ValueError, match="dropout probability"):
+        fast.HashedDropout(1.0)
+
+
+def test_compiled_training_puts_hashed_dropout_in_lora_layers_only(tiny_tokenizer):
+    def dropouts(model):
+        return [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+
+    model = lora(tiny.gpt_bigcode(len(tiny_tokenizer)), dropout=0.1)
+    model_dropouts = [m for m in model.modules() if type(m) is torch.nn.Dropout and m not in dropouts(model)]
+    assert not any("hashed" in n for n in fast.speed_up(model, compile=False, autocast=False))
+    assert all(type(d) is torch.nn.Dropout for d in dropouts(model))
+    notes = fast.speed_up(model, compile=False, autocast=False, hashed_dropout=True)
+    assert any("hashed" in n for n in notes)
+    assert dropouts(model) and all(isinstance(d, fast.HashedDropout) and d.p == 0.1 for d in dropouts(model))
+    assert all(type(m) is torch.nn.Dropout for m in model_dropouts)  # the model's own dropouts stay
+    # A step trains through them: the adapters get gradients.
+    model.train()
+    loss, _ = summed_loss(model, packed_batch(len(tiny_tokenizer)), 8)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

@@ -45,6 +45,7 @@ def test_train_throughput_benchmark_runs_every_variant_on_a_tiny_shape(tmp_path)
         "c-eager",
         "c-mem",
         "c-nodrop",
+        "c-torch-dropout",
         "c-repeat-kv",
     }
     assert "needs a CUDA GPU" in res["qlora"]["skipped"]

@@ -163,7 +163,7 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
         want_compile = False
     # Torch autocast, which makes LoRA's input casts needless; not under DeepSpeed (bf16 weights instead).
     autocast = bool(accelerator.native_amp)
-    for note in speed_up(model, want_compile, autocast, tc.activation_memory):
+    for note in speed_up(model, want_compile, autocast, tc.activation_memory, tc.hashed_dropout):
         log.info(note)
     chunk = tc.loss_chunk_tokens if tc.loss_chunk_tokens is not None else (4096 if cuda else 0)
     if chunk and (engine := sharded_parameters(accelerator)):
