@@ -1,0 +1,27 @@
+"""The LoRA dropout benchmark runs on a tiny block, and hashed masks keep less than PyTorch's."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_hashed_masks_keep_fewer_activations_than_torch_dropout(tmp_path):
+    out = tmp_path / "dropout.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/lora_dropout.py", "--shape", "tiny", "--tokens", "48", "--steps", "1"]
+        + ["--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # inductor needs the C++ compiler on PATH
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())["results"]
+    kept = {s: r["kept_bytes_per_token"] for s, r in res.items()}
+    assert kept["torch"] > kept["hashed"] >= kept["none"] > 0
+    assert all(r["step_ms"] > 0 for r in res.values())
