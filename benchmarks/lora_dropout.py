@@ -61,7 +61,7 @@ def block(shape: str, setting: str, device: torch.device) -> tuple[Any, int, set
         if type(m) is torch.nn.Dropout and not _in_lora(model, m):
             m.p = 0.0
     if setting == "hashed":
-        fast.hash_lora_dropout(model)
+        fast.hash_dropout(model)
     b = fast.transformer_blocks(model)[0].train()
     return torch.compile(b), cfg.n_embd, {q.data_ptr() for q in b.parameters()}
 

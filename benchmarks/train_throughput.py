@@ -13,7 +13,7 @@ batch 4 x 2048 tokens, on a fresh model (same seed, same random weights):
 (b) naive    fp32 weights under bf16 autocast, SDPA; the same plain PEFT loop
 (c) fimtune  `fimtune.train.prepare_model` + `fimtune.train.train_step`, defaults for a CUDA
              GPU: bf16 weights + autocast, `varlen` FlashAttention, the loss in chunks of
-             4096 tokens, compiled blocks, hashed LoRA dropout masks, fused AdamW; rows of one
+             4096 tokens, compiled blocks, hashed dropout masks, fused AdamW; rows of one
              document (the work of a/b)
 c-docs       (c) on rows packed from several documents (the boundary-aware packer's output)
 c-ckpt       (c) with gradient checkpointing
@@ -21,7 +21,7 @@ c-mb2        (c) in two micro-batches of 2 rows (gradient accumulation): half th
 c-mem        (c) keeping a share of the activations (`train.activation_memory`, 0.5 by default)
 c-nodrop     (c) with LoRA dropout 0 (what the recipe's dropout costs)
 c-eager      (c) without torch.compile (what compiling buys)
-c-torch-dropout (c) with PyTorch's own dropout in the LoRA layers (random masks kept for the backward
+c-torch-dropout (c) with PyTorch's own dropout in the blocks (random masks kept for the backward
              pass), not hashed masks made again (what `train.hashed_dropout` saves)
 c-repeat-kv  (c) with StarCoder's one key/value head repeated for the 16 query heads, as on PyTorch
              2.11 before its kernel was checked to take it as it is (what that saves)

@@ -318,18 +318,28 @@ def test_hashed_dropout_is_the_identity_in_evaluation_and_at_zero():
         fast.HashedDropout(1.0)
 
 
-def test_compiled_training_puts_hashed_dropout_in_lora_layers_only(tiny_tokenizer):
-    def dropouts(model):
-        return [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+def test_compiled_training_puts_hashed_dropout_in_the_blocks(tiny_tokenizer):
+    def dropouts(kind):
+        return [m for m in model.modules() if type(m) is kind]
 
     model = lora(tiny.gpt_bigcode(len(tiny_tokenizer)), dropout=0.1)
-    model_dropouts = [m for m in model.modules() if type(m) is torch.nn.Dropout and m not in dropouts(model)]
+    lora_dropouts = [d for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+    before = len(dropouts(torch.nn.Dropout))
+    assert len(lora_dropouts) == 8 and before == 8 + 2 * 2 + 1  # LoRA's 4 a layer, 2 residuals, embeddings
     assert not any("hashed" in n for n in fast.speed_up(model, compile=False, autocast=False))
-    assert all(type(d) is torch.nn.Dropout for d in dropouts(model))
+    assert len(dropouts(torch.nn.Dropout)) == before
     notes = fast.speed_up(model, compile=False, autocast=False, hashed_dropout=True)
-    assert any("hashed" in n for n in notes)
-    assert dropouts(model) and all(isinstance(d, fast.HashedDropout) and d.p == 0.1 for d in dropouts(model))
-    assert all(type(m) is torch.nn.Dropout for m in model_dropouts)  # the model's own dropouts stay
+    assert any("hashed" in n and "(12 dropouts)" in n for n in notes)
+    hashed = dropouts(fast.HashedDropout)
+    assert len(hashed) == 12 and all(d.p == 0.1 for d in hashed)
+    assert all(
+        isinstance(d, fast.HashedDropout)
+        for m in model.modules()
+        if hasattr(m, "lora_dropout")
+        for d in m.lora_dropout.values()
+    )
+    # The embeddings' dropout, outside the (compiled) blocks, stays PyTorch's.
+    assert dropouts(torch.nn.Dropout) == [model.base_model.model.transformer.drop]
     # A step trains through them: the adapters get gradients.
     model.train()
     loss, _ = summed_loss(model, packed_batch(len(tiny_tokenizer)), 8)

@@ -207,9 +207,9 @@ class TrainConfig:
     """With `compile`: the share of the activations compiled blocks keep for the backward pass;
     below 1 the compiler recomputes the cheapest others (less memory, a little more compute)."""
     hashed_dropout: bool | None = None
-    """LoRA dropout masks hashed from a seed per call and made again in the backward pass,
-    instead of PyTorch's random numbers kept as masks (same rate, other random stream); default:
-    with `compile` (eager, PyTorch's dropout is faster)."""
+    """Dropout in the transformer blocks (LoRA's and the model's own) with masks hashed from a
+    seed per call and made again in the backward pass, instead of PyTorch's random numbers kept as
+    masks (same rates, another random stream); default: with `compile` (eager, PyTorch's is faster)."""
     loss_chunk_tokens: int | None = None
     """Compute the loss this many tokens at a time, so the (tokens x vocabulary) logits never
     exist at once (0: all at once); default: 4096 on CUDA GPUs, 0 on CPUs."""

@@ -439,7 +439,7 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
 
 
 # --------------------------------------------------------------------------------------
-# LoRA dropout with masks made again, not kept
+# Dropout with masks made again, not kept
 # --------------------------------------------------------------------------------------
 
 _LOWBIAS_M1 = 0x7FEB352D
@@ -488,8 +488,9 @@ class HashedDropout(torch.nn.Module):
     The same distribution as `nn.Dropout` (each element zeroed with probability ``p``, the rest
     scaled by 1/(1-p), independently); a different random stream. For compiled blocks: the
     compiler fuses the hash into the kernels around it, where `nn.Dropout` draws Philox numbers
-    per element and keeps a boolean mask of every LoRA input for the backward pass (for
-    StarCoderBase-1B at batch 4 x 2048: four inputs a layer, 14,336 values a token, ~2.6 GiB).
+    per element and keeps a boolean mask of each dropped tensor for the backward pass (for
+    StarCoderBase-1B at batch 4 x 2048: LoRA's four inputs and two residuals a layer, 18,432
+    values a token, ~3.4 GiB).
     Eager, its integer ops would each write a whole tensor: it is meant for compiled blocks only.
     """
 
@@ -509,19 +510,19 @@ class HashedDropout(torch.nn.Module):
         return f"p={self.p}, masks hashed"
 
 
-def hash_lora_dropout(model: torch.nn.Module) -> int:
-    """Replace each LoRA layer's `nn.Dropout` with :class:`HashedDropout` (same rate); return how many."""
+def hash_dropout(model: torch.nn.Module) -> int:
+    """Replace each `nn.Dropout` inside the transformer blocks (LoRA's, and the model's own on
+    residuals) with :class:`HashedDropout` of the same rate; return how many. Dropouts outside the
+    blocks (on the embeddings), which are not compiled, stay."""
     n = 0
-    for m in model.modules():
-        dropouts = getattr(m, "lora_dropout", None)
-        if not isinstance(dropouts, torch.nn.ModuleDict):
-            continue
-        for name, d in list(dropouts.items()):
-            if type(d) is torch.nn.Dropout and d.p > 0:
-                hashed = HashedDropout(d.p)
-                hashed.train(d.training)
-                dropouts[name] = hashed
-                n += 1
+    for block in transformer_blocks(model):
+        for parent in block.modules():
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Dropout and child.p > 0:
+                    hashed = HashedDropout(child.p)
+                    hashed.train(child.training)
+                    setattr(parent, name, hashed)
+                    n += 1
     return n
 
 
@@ -567,11 +568,11 @@ def speed_up(
 ) -> list[str]:
     """Apply the fast path's model changes to a PEFT model about to train; return what was done.
 
-    ``hashed_dropout`` (default: with ``compile``) puts :class:`HashedDropout` in LoRA's dropouts.
+    ``hashed_dropout`` (default: with ``compile``) puts :class:`HashedDropout` in the blocks' dropouts.
     """
     done = []
-    if (compile if hashed_dropout is None else hashed_dropout) and (n := hash_lora_dropout(model)):
-        done.append(f"LoRA dropout masks hashed from a seed and made again for the backward pass ({n} layers)")
+    if (compile if hashed_dropout is None else hashed_dropout) and (n := hash_dropout(model)):
+        done.append(f"dropout masks hashed from a seed and made again for the backward pass ({n} dropouts)")
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) == VARLEN and "enable_gqa" not in _varlen_params():
         device = next(model.parameters()).device
