@@ -303,7 +303,11 @@ def test_hashed_dropout_compiled_keeps_its_statistics_and_gradient():
     drop = fast.HashedDropout(0.1).train()
     fn = torch.compile(lambda t: drop(t) * 3.0, backend="inductor", fullgraph=True)
     x = torch.ones(256, 512, requires_grad=True)
-    y = fn(x)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fn(x)
+    # Only the seed is kept: the compiler does not merge the backward's mask with the forward's.
+    assert sum(t.numel() * t.element_size() for t in saved) <= 8
     _keep_statistics(y.detach() / 3.0, 0.1)
     g = torch.randn_like(y)
     y.backward(g)
@@ -345,3 +349,22 @@ def test_compiled_training_puts_hashed_dropout_in_the_blocks(tiny_tokenizer):
     loss, _ = summed_loss(model, packed_batch(len(tiny_tokenizer)), 8)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_a_compiled_block_keeps_no_dropout_mask(tiny_tokenizer):
+    """Under the fast path (autocast, compiled block) no boolean mask of hashed dropout is kept for the
+    backward pass: each is made again from its seed."""
+    model = lora(tiny.gpt_bigcode(len(tiny_tokenizer)), dropout=0.1).train()
+    fast.speed_up(model, compile=False, autocast=True, hashed_dropout=True)
+    block = torch.compile(fast.transformer_blocks(model)[0], backend="inductor")
+    x = torch.randn(1, 24, model.config.n_embd, requires_grad=True)
+    saved = []
+    for _ in range(2):  # the first call compiles
+        saved.clear()
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)
+        with torch.autocast("cpu", dtype=torch.bfloat16), hooks:
+            out = block(x, position_ids=torch.arange(24)[None])
+        (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
+    widths = (model.config.n_embd, model.config.n_inner)  # the dropped tensors: (1, 24, width)
+    masks = [tuple(t.shape) for t in saved if t.dtype == torch.bool and t.shape[1:] in ((24, w) for w in widths)]
+    assert saved and not masks

@@ -446,24 +446,30 @@ _LOWBIAS_M1 = 0x7FEB352D
 _LOWBIAS_M2 = 0x846CA68B - (1 << 32)  # as an int32
 
 
-def _lowbias32(x: torch.Tensor) -> torch.Tensor:
-    """Wellons' `lowbias32` integer hash on int32 tensors (multiplies wrap, shifts are logical)."""
-    x = x ^ ((x >> 16) & 0xFFFF)
+def _lowbias32(x: torch.Tensor, twin: bool = False) -> torch.Tensor:
+    """Wellons' `lowbias32` integer hash on int32 tensors (multiplies wrap, shifts are logical).
+
+    ``twin`` computes the same values through other operations (its first shift in two steps), so
+    that the compiler does not merge the backward pass's mask with the forward's: merged, the mask
+    is one value used by both passes, which the compiler then keeps (a byte an element) instead
+    of making it again.
+    """
+    x = x ^ ((((x >> 8) >> 8) if twin else (x >> 16)) & 0xFFFF)
     x = x * _LOWBIAS_M1
     x = x ^ ((x >> 15) & 0x1FFFF)
     x = x * _LOWBIAS_M2
     return x ^ ((x >> 16) & 0xFFFF)
 
 
-def hashed_keep_mask(seed: torch.Tensor, shape: torch.Size, p: float) -> torch.Tensor:
+def hashed_keep_mask(seed: torch.Tensor, shape: torch.Size, p: float, twin: bool = False) -> torch.Tensor:
     """Which elements of a tensor of ``shape`` dropout keeps: each with probability ``1 - p`` (in steps
     of 2^-24), from a hash of its index and ``seed`` (an int32 tensor of one element, on the device);
-    the same seed gives the same mask."""
+    the same seed gives the same mask (``twin`` too: see :func:`_lowbias32`)."""
     n = 1
     for d in shape:
         n *= d
     index = torch.arange(n, device=seed.device, dtype=torch.int64 if n >= 1 << 31 else torch.int32)
-    bits = _lowbias32(_lowbias32(index.to(torch.int32)) ^ seed) & 0xFFFFFF
+    bits = _lowbias32(_lowbias32(index.to(torch.int32), twin) ^ seed) & 0xFFFFFF
     return (bits >= round(p * (1 << 24))).view(shape)
 
 
@@ -477,7 +483,7 @@ class _HashedDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (seed,) = ctx.saved_tensors
-        keep = hashed_keep_mask(seed, grad.shape, ctx.p)  # made again from the seed
+        keep = hashed_keep_mask(seed, grad.shape, ctx.p, twin=True)  # made again from the seed
         return torch.where(keep, grad * (1.0 / (1.0 - ctx.p)), 0.0), None, None
 
 
