@@ -84,6 +84,14 @@ def test_the_grouped_heads_check_tells_agreement_from_disagreement_and_errors(kv
     assert not fast.grouped_heads_as_they_are(cpu)
 
 
+def test_grouped_heads_are_told_from_the_config():
+    from transformers import LlamaConfig
+
+    assert fast._grouped_heads(tiny.gpt_bigcode(64).config)  # multi-query: StarCoder
+    assert fast._grouped_heads(LlamaConfig(num_attention_heads=8, num_key_value_heads=2))
+    assert not fast._grouped_heads(LlamaConfig(num_attention_heads=8, num_key_value_heads=8))
+
+
 @pytest.mark.gpu
 def test_grouped_heads_as_they_are_train_as_repeated_heads(tiny_tokenizer):
     """On this GPU's PyTorch: StarCoder-style multi-query heads through varlen attention as they are

@@ -220,10 +220,9 @@ def grouped_heads_as_they_are(device: torch.device) -> bool:
     says so with `enable_gqa`; PyTorch 2.11's `varlen_attn` has no such flag, so StarCoder's single
     key/value head was repeated 16 times in every layer: two (tokens x 16 x 128) copies written
     (64 MiB a layer for batch 4 x 2048 on the 1B model), kept or made again for the backward pass,
-    and their gradients summed back. Here a
-    small packed batch goes through the kernel with the heads as they are, forward and backward,
-    and is compared with the same kernel on repeated heads; an error or a disagreement keeps the
-    repetition.
+    and their gradients summed back. Here a small packed batch goes through the kernel with the
+    heads as they are, forward and backward, and is compared with the same kernel on repeated
+    heads; an error or a disagreement keeps the repetition.
     """
     if device.type != "cuda" or not varlen_supported(device):
         return False
@@ -243,6 +242,14 @@ def grouped_heads_as_they_are(device: torch.device) -> bool:
             same_attention(kernel, repeated, here, torch.bfloat16, kv_heads=n) for n in (1, 2)
         )
     return _GROUPED_AS_THEY_ARE[index]
+
+
+def _grouped_heads(config: Any) -> bool:
+    """Whether a model config has fewer key/value heads than query heads (multi-query or grouped)."""
+    if getattr(config, "multi_query", False):  # GPTBigCode (StarCoder)
+        return True
+    kv = getattr(config, "num_key_value_heads", None)
+    return kv is not None and kv < getattr(config, "num_attention_heads", kv)
 
 
 def same_attention(
@@ -580,7 +587,11 @@ def speed_up(
     if (compile if hashed_dropout is None else hashed_dropout) and (n := hash_dropout(model)):
         done.append(f"dropout masks hashed from a seed and made again for the backward pass ({n} dropouts)")
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) == VARLEN and "enable_gqa" not in _varlen_params():
+    if (
+        getattr(config, "_attn_implementation", None) == VARLEN
+        and _grouped_heads(config)
+        and "enable_gqa" not in _varlen_params()
+    ):
         device = next(model.parameters()).device
         if device.type == "cuda" and varlen_supported(device):
             how = "as they are" if grouped_heads_as_they_are(device) else "repeated (this PyTorch's kernel disagreed)"
