@@ -307,10 +307,13 @@ def test_hashed_dropout_remakes_the_forward_mask_in_the_backward_pass_and_keeps_
     assert 0 < (y == 0).float().mean() < 0.2
 
 
-def test_hashed_dropout_compiled_keeps_its_statistics_and_gradient():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_hashed_dropout_compiled_keeps_its_statistics_and_gradient(device):
+    """Inductor's kernels (C++ on the CPU, Triton on a GPU) hash as eager PyTorch does: int32
+    multiplies wrap, masked shifts are logical."""
     drop = fast.HashedDropout(0.1).train()
     fn = torch.compile(lambda t: drop(t) * 3.0, backend="inductor", fullgraph=True)
-    x = torch.ones(256, 512, requires_grad=True)
+    x = torch.ones(256, 512, requires_grad=True, device=device)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = fn(x)
@@ -320,6 +323,10 @@ def test_hashed_dropout_compiled_keeps_its_statistics_and_gradient():
     g = torch.randn_like(y)
     y.backward(g)
     torch.testing.assert_close(x.grad, torch.where(y != 0, g * 3.0 / 0.9, 0.0), rtol=1e-6, atol=1e-6)
+    # The compiled mask is the eager one for the same seed.
+    seed = torch.tensor([12345], dtype=torch.int32, device=device)
+    compiled = torch.compile(fast.hashed_keep_mask, backend="inductor", fullgraph=True)
+    torch.testing.assert_close(compiled(seed, torch.Size([64, 100]), 0.1), fast.hashed_keep_mask(seed, (64, 100), 0.1))
 
 
 def test_hashed_dropout_is_the_identity_in_evaluation_and_at_zero():
