@@ -383,3 +383,13 @@ def test_a_compiled_block_keeps_no_dropout_mask(tiny_tokenizer):
     widths = (model.config.n_embd, model.config.n_inner)  # the dropped tensors: (1, 24, width)
     masks = [tuple(t.shape) for t in saved if t.dtype == torch.bool and t.shape[1:] in ((24, w) for w in widths)]
     assert saved and not masks
+
+
+def test_hashed_dropout_is_checked_once_on_the_device_and_pytorchs_stays_where_it_fails(tiny_tokenizer, monkeypatch):
+    assert fast.hashed_dropout_works(torch.device("cpu"))
+    assert not fast.hashed_dropout_works(torch.device("meta"))  # nothing runs there: a no, not an error
+    monkeypatch.setitem(fast._HASHED_DROPOUT_WORKS, "cpu", False)  # as if this device had failed it
+    model = lora(tiny.gpt_bigcode(len(tiny_tokenizer)), dropout=0.1)
+    notes = fast.speed_up(model, compile=False, autocast=False, hashed_dropout=True)
+    assert not any("hashed" in n for n in notes)
+    assert not [m for m in model.modules() if isinstance(m, fast.HashedDropout)]

@@ -523,6 +523,41 @@ class HashedDropout(torch.nn.Module):
         return f"p={self.p}, masks hashed"
 
 
+_HASHED_DROPOUT_WORKS: dict[str, bool] = {}
+
+
+def hashed_dropout_works(device: torch.device) -> bool:
+    """Whether :class:`HashedDropout` compiles and runs right on ``device``; checked once a device.
+
+    A small compiled forward and backward pass: its mask must be the eager one for the same seed,
+    drop about its rate, and the gradient must pass where the output does. Any error or mismatch
+    is a no (logged), and training keeps PyTorch's dropout.
+    """
+    key = str(device)
+    if key not in _HASHED_DROPOUT_WORKS:
+        try:
+            seed = torch.tensor([20240611], dtype=torch.int32, device=device)
+            compiled_mask = torch.compile(hashed_keep_mask, backend="inductor", fullgraph=True)
+            same = torch.equal(compiled_mask(seed, torch.Size([32, 96]), 0.25), hashed_keep_mask(seed, (32, 96), 0.25))
+            drop = HashedDropout(0.25).train()
+            x = torch.ones(32, 96, device=device, requires_grad=True)
+            y = torch.compile(drop, backend="inductor", fullgraph=True)(x)
+            y.backward(torch.ones_like(y))
+            kept = (y != 0).float().mean().item()
+            ok = same and 0.6 < kept < 0.9 and torch.equal(x.grad != 0, y != 0)
+            if not ok:
+                log.warning("hashed dropout disagrees with itself compiled on %s: PyTorch's dropout stays", device)
+        except Exception as e:  # noqa: BLE001 - any failure means: keep PyTorch's dropout
+            log.warning("hashed dropout does not compile on %s (%s): PyTorch's dropout stays", device, e)
+            ok = False
+        _HASHED_DROPOUT_WORKS[key] = ok
+    return _HASHED_DROPOUT_WORKS[key]
+
+
+def _has_dropout(model: torch.nn.Module) -> bool:
+    return any(type(m) is torch.nn.Dropout and m.p > 0 for b in transformer_blocks(model) for m in b.modules())
+
+
 def hash_dropout(model: torch.nn.Module) -> int:
     """Replace each `nn.Dropout` inside the transformer blocks (LoRA's, and the model's own on
     residuals) with :class:`HashedDropout` of the same rate; return how many. Dropouts outside the
@@ -584,7 +619,9 @@ def speed_up(
     ``hashed_dropout`` (default: with ``compile``) puts :class:`HashedDropout` in the blocks' dropouts.
     """
     done = []
-    if (compile if hashed_dropout is None else hashed_dropout) and (n := hash_dropout(model)):
+    wanted = compile if hashed_dropout is None else hashed_dropout
+    if wanted and _has_dropout(model) and hashed_dropout_works(next(model.parameters()).device):
+        n = hash_dropout(model)
         done.append(f"dropout masks hashed from a seed and made again for the backward pass ({n} dropouts)")
     config = getattr(model, "config", None)
     if (
