@@ -554,24 +554,27 @@ def hashed_dropout_works(device: torch.device) -> bool:
     return _HASHED_DROPOUT_WORKS[key]
 
 
-def _has_dropout(model: torch.nn.Module) -> bool:
-    return any(type(m) is torch.nn.Dropout and m.p > 0 for b in transformer_blocks(model) for m in b.modules())
+def _block_dropouts(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Dropout]]:
+    """(parent, name, module) of each `nn.Dropout` with a rate inside the transformer blocks."""
+    return [
+        (parent, name, child)
+        for block in transformer_blocks(model)
+        for parent in block.modules()
+        for name, child in parent.named_children()
+        if type(child) is torch.nn.Dropout and child.p > 0
+    ]
 
 
-def hash_dropout(model: torch.nn.Module) -> int:
+def hash_dropout(model: torch.nn.Module, dropouts: list | None = None) -> int:
     """Replace each `nn.Dropout` inside the transformer blocks (LoRA's, and the model's own on
     residuals) with :class:`HashedDropout` of the same rate; return how many. Dropouts outside the
     blocks (on the embeddings), which are not compiled, stay."""
-    n = 0
-    for block in transformer_blocks(model):
-        for parent in block.modules():
-            for name, child in list(parent.named_children()):
-                if type(child) is torch.nn.Dropout and child.p > 0:
-                    hashed = HashedDropout(child.p)
-                    hashed.train(child.training)
-                    setattr(parent, name, hashed)
-                    n += 1
-    return n
+    dropouts = _block_dropouts(model) if dropouts is None else dropouts
+    for parent, name, child in dropouts:
+        hashed = HashedDropout(child.p)
+        hashed.train(child.training)
+        setattr(parent, name, hashed)
+    return len(dropouts)
 
 
 def skip_lora_input_casts(model: torch.nn.Module) -> int:
@@ -619,20 +622,20 @@ def speed_up(
     ``hashed_dropout`` (default: with ``compile``) puts :class:`HashedDropout` in the blocks' dropouts.
     """
     done = []
+    device = next(model.parameters()).device
     wanted = compile if hashed_dropout is None else hashed_dropout
-    if wanted and _has_dropout(model) and hashed_dropout_works(next(model.parameters()).device):
-        n = hash_dropout(model)
+    if wanted and (dropouts := _block_dropouts(model)) and hashed_dropout_works(device):
+        n = hash_dropout(model, dropouts)
         done.append(f"dropout masks hashed from a seed and made again for the backward pass ({n} dropouts)")
     config = getattr(model, "config", None)
     if (
         getattr(config, "_attn_implementation", None) == VARLEN
         and _grouped_heads(config)
         and "enable_gqa" not in _varlen_params()
+        and varlen_supported(device)
     ):
-        device = next(model.parameters()).device
-        if device.type == "cuda" and varlen_supported(device):
-            how = "as they are" if grouped_heads_as_they_are(device) else "repeated (this PyTorch's kernel disagreed)"
-            done.append(f"grouped key/value heads go to FlashAttention {how}")
+        how = "as they are" if grouped_heads_as_they_are(device) else "repeated (this PyTorch's kernel disagreed)"
+        done.append(f"grouped key/value heads go to FlashAttention {how}")
     if autocast and (n := skip_lora_input_casts(model)):
         done.append(f"LoRA inputs stay in the autocast dtype ({n} layers)")
     if compile:

@@ -336,14 +336,16 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     pending: _Pending | None = None  # the step whose loss is not read yet (read once the next is queued)
     for step in range(start_step, s.max_steps):
         if tc.eval_every and step % tc.eval_every == 0:
-            pending = _finish(pending, s, tc, metrics, bar, log_window)  # read first: log lines stay in order
+            _finish(pending, s, tc, metrics, bar, log_window)  # read first: log lines stay in order
+            pending = None
             metrics.write({"step": step, **validate(s, tc.eval_batches)})
         values = train_step(s, tc, run_dir, step)
         done = step + 1
         _finish(pending, s, tc, metrics, bar, log_window)  # waits for the previous step only
         pending = _Pending(done, values, s.scheduler.get_last_lr()[0])
         if (tc.save_every and done % tc.save_every == 0) or done in (s.max_steps, stop_after):
-            pending = _finish(pending, s, tc, metrics, bar, log_window)
+            _finish(pending, s, tc, metrics, bar, log_window)
+            pending = None
             save(s, run_dir, done)
         if done == stop_after:
             bar.close()
@@ -460,10 +462,9 @@ class _Pending:
 
 
 def _finish(pending: _Pending | None, s: Setup, tc: Any, metrics: Any, bar: Any, window: _Window) -> None:
-    """Read ``pending``'s loss (waiting for that step), log it and move the progress bar; None (no
-    step pending any more)."""
+    """Read ``pending``'s loss (waiting for that step), log it and move the progress bar."""
     if pending is None:
-        return None
+        return
     loss, grad_norm, seconds = pending.values()
     window.seconds, window.tokens = window.seconds + seconds, window.tokens + s.tokens_per_step
     if pending.done % tc.log_every == 0 or pending.done == s.max_steps:
@@ -472,7 +473,6 @@ def _finish(pending: _Pending | None, s: Setup, tc: Any, metrics: Any, bar: Any,
         window.seconds, window.tokens = 0.0, 0
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{pending.lr:.2e}", tok_s=f"{s.tokens_per_step / seconds:,.0f}")
     bar.update(1)
-    return None
 
 
 def _global_label_tokens(acc: Any, rows: list[dict[str, Any]]) -> int | torch.Tensor:
