@@ -13,8 +13,9 @@ batch 4 x 2048 tokens, on a fresh model (same seed, same random weights):
 (b) naive    fp32 weights under bf16 autocast, SDPA; the same plain PEFT loop
 (c) fimtune  `fimtune.train.prepare_model` + `fimtune.train.train_step`, defaults for a CUDA
              GPU: bf16 weights + autocast, `varlen` FlashAttention, the loss in chunks of
-             4096 tokens, compiled blocks, hashed dropout masks, fused AdamW; rows of one
-             document (the work of a/b)
+             4096 tokens, compiled blocks, hashed dropout masks, fused AdamW, FlashAttention-4
+             where the flash-attn-4 package is installed; rows of one document (the work of a/b)
+c-fa2        (c) with PyTorch's own flash kernels (FlashAttention-2), not FlashAttention-4
 c-docs       (c) on rows packed from several documents (the boundary-aware packer's output)
 c-ckpt       (c) with gradient checkpointing
 c-mb2        (c) in two micro-batches of 2 rows (gradient accumulation): half the activations
@@ -69,6 +70,7 @@ ALL = [
     "c-nodrop",
     "c-torch-dropout",
     "c-repeat-kv",
+    "c-fa2",
 ]
 
 
@@ -188,6 +190,8 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         extra.append("lora.dropout=0.0")
     if variant == "c-torch-dropout":
         extra.append("train.hashed_dropout=false")
+    if variant == "c-fa2":
+        extra.append("train.attention_kernel=pytorch")
     if variant == "qlora":
         extra += ["model.quantization=4bit", "train.gradient_checkpointing=true"]
     if args.compile is not None and variant != "c-eager":
@@ -201,14 +205,17 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         model = quantized_model(args, device, dtype)
     else:
         model = random_model(args.shape, device, dtype, attn)
+    on_gpu_varlen = device.type == "cuda" and attn == fast.VARLEN
+    if on_gpu_varlen:  # the flash kernels this variant trains with check its loss too
+        fast.select_flash_attention(device, "pytorch" if variant == "c-fa2" else "auto")
     if variant in ("c", "c-docs"):
         result["check"] = check_loss(model, args, device, docs=variant == "c-docs")
-    on_gpu_varlen = device.type == "cuda" and attn == fast.VARLEN
     fast._GROUPED_AS_THEY_ARE.clear()  # each variant checks afresh (its blocks compile afresh too)
     if variant == "c-repeat-kv" and on_gpu_varlen:  # as before the check: StarCoder's key/value head repeated 16x
         fast._GROUPED_AS_THEY_ARE[torch.cuda.current_device()] = False
     model, chunk = prepare_model(model, cfg, acc, [])
     result["loss_chunk_tokens"] = chunk
+    result["flash_attention"] = fast.current_flash_attention() if on_gpu_varlen else None
     if on_gpu_varlen:
         result["kv_heads_as_they_are"] = bool(fast._GROUPED_AS_THEY_ARE.get(torch.cuda.current_device()))
     optimizer, scheduler = make_optimizer(model, cfg, device, 100)
@@ -259,6 +266,8 @@ def quantized_model(args: argparse.Namespace, device: torch.device, dtype: torch
 @torch.no_grad()
 def check_loss(model: Any, args: argparse.Namespace, device: torch.device, docs: bool) -> dict:
     """fimtune's loss (its attention, chunked head) against plain transformers (SDPA, full logits)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from fimtune.train import summed_loss
 
     b = next(batches(model.config.vocab_size, args.batch, args.length, device, docs=docs, seed=7))
@@ -269,7 +278,9 @@ def check_loss(model: Any, args: argparse.Namespace, device: torch.device, docs:
         impl = model.config._attn_implementation
         model.set_attn_implementation("sdpa")
         pos = {"position_ids": b["position_ids"]} if docs else {}
-        logits = model(input_ids=b["input_ids"], use_cache=False, **pos).logits.float()
+        # No flash kernel: the reference must not share the kernel it checks.
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            logits = model(input_ids=b["input_ids"], use_cache=False, **pos).logits.float()
         ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten()).item()
         del logits
         model.set_attn_implementation(impl)
@@ -424,6 +435,8 @@ def print_table(report: dict) -> None:
         note = ""
         if "check" in r:
             note = f"loss vs transformers: {r['check']['rel_diff']:.1e} rel"
+        if r.get("flash_attention"):
+            note += f"; {r['flash_attention']}"
         if "kv_heads_as_they_are" in r:
             note += "; key/value heads " + ("as they are" if r["kv_heads_as_they_are"] else "repeated")
         print(

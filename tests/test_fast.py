@@ -90,6 +90,12 @@ def test_grouped_heads_are_told_from_the_config():
     assert fast._grouped_heads(tiny.gpt_bigcode(64).config)  # multi-query: StarCoder
     assert fast._grouped_heads(LlamaConfig(num_attention_heads=8, num_key_value_heads=2))
     assert not fast._grouped_heads(LlamaConfig(num_attention_heads=8, num_key_value_heads=8))
+    # The checks on a GPU run on the model's own heads and head size.
+    config = tiny.gpt_bigcode(64).config
+    assert fast._attention_shape(config) == (config.n_head, 1, config.n_embd // config.n_head)
+    llama = LlamaConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2)
+    assert fast._attention_shape(llama) == (8, 2, 32)
+    assert fast._attention_shape(LlamaConfig(hidden_size=256, num_attention_heads=8, head_dim=64)) == (8, 8, 64)
 
 
 @pytest.mark.gpu
@@ -115,6 +121,61 @@ def test_grouped_heads_as_they_are_train_as_repeated_heads(tiny_tokenizer):
         grads = [p.grad.float() for p in model.parameters() if p.requires_grad]
         results.append((loss.detach().float(), grads))
     fast._GROUPED_AS_THEY_ARE[device.index or 0] = as_they_are
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-2, atol=1e-2)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
+
+
+def _bf16_per_document(q, k, v, cu):  # what a correct bf16 kernel gives: bf16 rounding throughout
+    return fast._sdpa_per_document(q, k, v, cu, None)
+
+
+@pytest.mark.parametrize("kv_heads", [8, 1])
+def test_the_fa4_check_takes_bf16_rounding_and_refuses_a_wrong_kernel(kv_heads):
+    """The check FlashAttention-4 must pass before it serves: its reference is SDPA in fp32, so a
+    correct kernel in bf16 passes, and one that lets documents see each other does not."""
+    cpu = torch.device("cpu")
+    assert fast.same_attention(_bf16_per_document, fast._sdpa_fp32, cpu, torch.bfloat16, heads=8, kv_heads=kv_heads)
+    assert not fast.same_attention(_across_documents, fast._sdpa_fp32, cpu, torch.bfloat16, heads=8, kv_heads=kv_heads)
+
+
+def test_pytorchs_flash_attention_stays_off_a_gpu_and_fa4_is_refused_with_the_reason(tiny_tokenizer):
+    cpu = torch.device("cpu")
+    assert "CUDA" in fast.fa4_unavailable(cpu)
+    assert fast.select_flash_attention(cpu, "auto") == fast.select_flash_attention(cpu, "pytorch") == "FA2"
+    assert fast.current_flash_attention() == "FA2"
+    with pytest.raises(ValueError, match="attention_kernel must be one of auto, pytorch, fa4"):
+        fast.select_flash_attention(cpu, "fa3")
+    model = lora(tiny.gpt_bigcode(len(tiny_tokenizer)))
+    model.set_attn_implementation(fast.register_varlen())
+    with pytest.raises(RuntimeError, match="train.attention_kernel=fa4 needs .* CUDA GPU"):
+        fast.speed_up(model, compile=False, autocast=False, attention_kernel="fa4")
+    notes = fast.speed_up(model, compile=False, autocast=False, attention_kernel="auto")
+    assert not any("FlashAttention-4" in n for n in notes)
+
+
+@pytest.mark.gpu
+def test_fa4_where_installed_trains_as_pytorchs_flash_attention(tiny_tokenizer):
+    """FlashAttention-4 in PyTorch's flash slot (where flash-attn-4 is installed, on a Hopper or a
+    Blackwell) gives the loss and LoRA gradients of PyTorch's own kernels, heads as they are."""
+    device = torch.device("cuda")
+    if why := fast.fa4_unavailable(device):
+        pytest.skip(why)
+    batch = {k: v.to(device) for k, v in packed_batch(len(tiny_tokenizer)).items()}
+    results = []
+    try:
+        for kernel in ("fa4", "pytorch"):
+            assert fast.select_flash_attention(device, kernel) == {"fa4": "FA4", "pytorch": "FA2"}[kernel]
+            fast.grouped_heads_as_they_are(device)
+            torch.manual_seed(0)
+            model = lora(tiny.gpt_bigcode(len(tiny_tokenizer))).to(device, torch.bfloat16)
+            model.set_attn_implementation(fast.register_varlen())
+            logits = forward_logits(model, batch)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+            loss.backward()
+            results.append((loss.detach().float(), [p.grad.float() for p in model.parameters() if p.requires_grad]))
+    finally:
+        fast.select_flash_attention(device, "pytorch")
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-2, atol=1e-2)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)

@@ -29,6 +29,7 @@ import inspect
 import itertools
 import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -212,7 +213,7 @@ def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 _GROUPED_AS_THEY_ARE: dict[int, bool] = {}
 
 
-def grouped_heads_as_they_are(device: torch.device) -> bool:
+def grouped_heads_as_they_are(device: torch.device, shape: tuple[int, int, int] | None = None) -> bool:
     """Whether `varlen_attn` takes multi-query / grouped key-value heads as they are on ``device``;
     checked once a device, and remembered for the attention of training steps.
 
@@ -222,7 +223,8 @@ def grouped_heads_as_they_are(device: torch.device) -> bool:
     (64 MiB a layer for batch 4 x 2048 on the 1B model), kept or made again for the backward pass,
     and their gradients summed back. Here a small packed batch goes through the kernel with the
     heads as they are, forward and backward, and is compared with the same kernel on repeated
-    heads; an error or a disagreement keeps the repetition.
+    heads; an error or a disagreement keeps the repetition. ``shape`` (query heads, key/value heads,
+    head size: the model's) is the batch's; by default one key/value head and two, for 8 query heads.
     """
     if device.type != "cuda" or not varlen_supported(device):
         return False
@@ -238,10 +240,22 @@ def grouped_heads_as_they_are(device: torch.device) -> bool:
             return kernel(q, _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1]), cu)
 
         here = torch.device("cuda", index)
-        _GROUPED_AS_THEY_ARE[index] = all(  # one key/value head (StarCoder), and groups of 4 (Llama-style)
-            same_attention(kernel, repeated, here, torch.bfloat16, kv_heads=n) for n in (1, 2)
+        # The model's own shape (JIT-compiled kernels such as FlashAttention-4's are then the ones it
+        # trains with), or one key/value head (StarCoder) and groups of 4 (Llama-style).
+        shapes = [shape] if shape else [(8, 1, 64), (8, 2, 64)]
+        _GROUPED_AS_THEY_ARE[index] = all(
+            same_attention(kernel, repeated, here, torch.bfloat16, heads=h, kv_heads=kv, dim=d) for h, kv, d in shapes
         )
     return _GROUPED_AS_THEY_ARE[index]
+
+
+def _attention_shape(config: Any) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, head size) of a model config; None where it does not say."""
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if not heads or not hidden:
+        return None
+    kv = 1 if getattr(config, "multi_query", False) else getattr(config, "num_key_value_heads", None) or heads
+    return heads, kv, getattr(config, "head_dim", None) or hidden // heads
 
 
 def _grouped_heads(config: Any) -> bool:
@@ -292,6 +306,118 @@ def same_attention(
             log.info("attention with %d key/value heads disagrees with the reference in %s", kv_heads, name)
             return False
     return True
+
+
+# --------------------------------------------------------------------------------------
+# FlashAttention-4 in PyTorch's flash attention slot
+# --------------------------------------------------------------------------------------
+
+ATTENTION_KERNELS = ("auto", "pytorch", "fa4")
+FA4_MODULE = "flash_attn.cute.interface"  # the `flash-attn-4` package (CuTe DSL kernels, JIT-compiled)
+
+# CUDA device index -> whether FlashAttention-4 gave the reference's outputs and gradients there.
+_FA4_AGREES: dict[int, bool] = {}
+
+
+def fa4_unavailable(device: torch.device) -> str | None:
+    """Why FlashAttention-4 cannot serve on ``device``; None where it can be tried."""
+    if device.type != "cuda":
+        return f"it runs on CUDA GPUs, not on {device.type}"
+    from torch.nn import attention
+
+    impls = getattr(attention, "list_flash_attention_impls", lambda: [])()
+    if "FA4" not in impls:
+        return f"PyTorch {torch.__version__} has no FA4 slot for its flash attention (2.11 or newer has one)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in (9, 10):
+        return f"the GPU's compute capability is {major}.{minor}; FlashAttention-4 runs on 9.x (Hopper) and 10.x"
+    spec = importlib.util.find_spec("flash_attn")  # not imported here: FlashAttention-4's import takes seconds
+    if spec is None or not any((Path(p) / "cute").is_dir() for p in spec.submodule_search_locations or ()):
+        return "the flash-attn-4 package is not installed (pip install flash-attn-4)"
+    return None
+
+
+def current_flash_attention() -> str:
+    """Which implementation serves PyTorch's flash attention kernels in this process: "FA2" (its own)
+    or the name activated in its registry ("FA4")."""
+    from torch.nn import attention
+
+    current = getattr(attention, "current_flash_attention_impl", lambda: None)()
+    return current or "FA2"
+
+
+def select_flash_attention(
+    device: torch.device, kernel: str = "auto", shape: tuple[int, int, int] | None = None
+) -> str:
+    """Put the flash attention implementation ``kernel`` asks for in PyTorch's flash slot, for the
+    whole process; return the one that serves now ("FA4" or "FA2").
+
+    PyTorch 2.11+ routes its flash kernels (`varlen_attn` included) to an implementation activated
+    in `torch.nn.attention`'s registry: FlashAttention-4, from the `flash-attn-4` package, has
+    Hopper kernels (warp-specialized, asynchronous) where PyTorch's own are FlashAttention-2's,
+    whose backward ran at ~220 TFLOP/s in (c)'s profile. ``auto`` activates FlashAttention-4 where
+    it is installed and the GPU is a Hopper or a Blackwell, after a packed batch of documents went
+    through it forward and backward, a key/value head for each query head (what every PyTorch takes;
+    :func:`grouped_heads_as_they_are` then checks fewer key/value heads on it), and gave the outputs
+    and gradients of SDPA in fp32 (within 2% of the largest value); otherwise PyTorch's own kernels
+    stay, and the log says why. ``fa4`` is the same, and an error
+    where it cannot serve; ``pytorch`` puts PyTorch's own back. ``shape`` (query heads, key/value
+    heads, head size) gives the check the model's heads and head size, so that the kernels it
+    compiles are the model's; by default 8 heads of 64.
+    """
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"train.attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
+    from torch.nn import attention
+
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+    if kernel == "pytorch":
+        if current_flash_attention() != "FA2":
+            attention.restore_flash_attention_impl()
+            _GROUPED_AS_THEY_ARE.pop(index, None)  # the heads check ran on the other kernel
+        return "FA2"
+    why = fa4_unavailable(device)
+    if why is not None:
+        if kernel == "fa4":
+            raise RuntimeError(f"train.attention_kernel=fa4: FlashAttention-4 cannot serve: {why}")
+        log.info("FlashAttention-4 not used (PyTorch's own flash kernels stay): %s", why)
+        return select_flash_attention(device, "pytorch")
+    if current_flash_attention() == "FA4":
+        return "FA4"
+    if _FA4_AGREES.get(index) is False:
+        why = "it disagreed with SDPA on a packed batch on this GPU"
+    else:
+        try:
+            attention.activate_flash_attention_impl("FA4")
+        except Exception as e:  # noqa: BLE001 - an import or registration error: keep PyTorch's own
+            why = f"activating it failed: {e}"
+    if why is None:
+        _GROUPED_AS_THEY_ARE.pop(index, None)  # the heads check runs again, on this kernel
+        if index not in _FA4_AGREES:
+            here = torch.device("cuda", index)
+            heads, _, dim = shape or (8, 8, 64)
+            _FA4_AGREES[index] = same_attention(
+                _varlen_repeated, _sdpa_fp32, here, torch.bfloat16, heads=heads, kv_heads=heads, dim=dim
+            )
+        if not _FA4_AGREES[index]:
+            attention.restore_flash_attention_impl()
+            why = "it disagreed with SDPA on a packed batch on this GPU (the log's info lines say where)"
+    if why is None:
+        return "FA4"
+    if kernel == "fa4":
+        raise RuntimeError(f"train.attention_kernel=fa4: FlashAttention-4 cannot serve: {why}")
+    log.warning("FlashAttention-4 is installed but not used (PyTorch's own flash kernels stay): %s", why)
+    return "FA2"
+
+
+def _varlen_repeated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """Causal `varlen_attn` with key/value heads repeated for the query heads (what every version takes)."""
+    k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
+    return _varlen(q, k, v, cu, int((cu[1:] - cu[:-1]).max()), None)
+
+
+def _sdpa_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """The reference: SDPA per document, in fp32 (no flash kernel takes fp32)."""
+    return _sdpa_per_document(q.float(), k.float(), v.float(), cu, None).to(q.dtype)
 
 
 def _sdpa_per_document(
@@ -616,10 +742,12 @@ def speed_up(
     autocast: bool,
     activation_memory: float = 1.0,
     hashed_dropout: bool | None = None,
+    attention_kernel: str = "auto",
 ) -> list[str]:
     """Apply the fast path's model changes to a PEFT model about to train; return what was done.
 
-    ``hashed_dropout`` (default: with ``compile``) puts :class:`HashedDropout` in the blocks' dropouts.
+    ``hashed_dropout`` (default: with ``compile``) puts :class:`HashedDropout` in the blocks' dropouts;
+    ``attention_kernel`` picks the flash attention implementation (:func:`select_flash_attention`).
     """
     done = []
     device = next(model.parameters()).device
@@ -628,13 +756,19 @@ def speed_up(
         n = hash_dropout(model, dropouts)
         done.append(f"dropout masks hashed from a seed and made again for the backward pass ({n} dropouts)")
     config = getattr(model, "config", None)
-    if (
-        getattr(config, "_attn_implementation", None) == VARLEN
-        and _grouped_heads(config)
-        and "enable_gqa" not in _varlen_params()
-        and varlen_supported(device)
-    ):
-        how = "as they are" if grouped_heads_as_they_are(device) else "repeated (this PyTorch's kernel disagreed)"
+    varlen = getattr(config, "_attn_implementation", None) == VARLEN
+    if attention_kernel == "fa4" and not (varlen and varlen_supported(device)):
+        raise RuntimeError(
+            "train.attention_kernel=fa4 needs the packed-document attention on a CUDA GPU "
+            f"(model.attn_implementation={VARLEN}); this run has {getattr(config, '_attn_implementation', None)} "
+            f"on {device.type}"
+        )
+    shape = _attention_shape(config)
+    if varlen and varlen_supported(device) and select_flash_attention(device, attention_kernel, shape) == "FA4":
+        done.append("FlashAttention-4 kernels (flash-attn-4) serve the packed-document attention")
+    if varlen and _grouped_heads(config) and "enable_gqa" not in _varlen_params() and varlen_supported(device):
+        as_they_are = grouped_heads_as_they_are(device, shape)
+        how = "as they are" if as_they_are else "repeated (this PyTorch's kernel disagreed)"
         done.append(f"grouped key/value heads go to FlashAttention {how}")
     if autocast and (n := skip_lora_input_casts(model)):
         done.append(f"LoRA inputs stay in the autocast dtype ({n} layers)")

@@ -163,7 +163,7 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
         want_compile = False
     # Torch autocast, which makes LoRA's input casts needless; not under DeepSpeed (bf16 weights instead).
     autocast = bool(accelerator.native_amp)
-    for note in speed_up(model, want_compile, autocast, tc.activation_memory, tc.hashed_dropout):
+    for note in speed_up(model, want_compile, autocast, tc.activation_memory, tc.hashed_dropout, tc.attention_kernel):
         log.info(note)
     chunk = tc.loss_chunk_tokens if tc.loss_chunk_tokens is not None else (4096 if cuda else 0)
     if chunk and (engine := sharded_parameters(accelerator)):
@@ -673,8 +673,17 @@ def _tensorboard(run_dir: Path) -> Any:
 # The plan (`--dry-run`): no weights, no data
 # --------------------------------------------------------------------------------------
 
-# Sustained training throughput assumed for the duration estimate, FLOP/s, by device class.
-ASSUMED_FLOPS = {"cuda-bf16": 150e12, "cuda-fp16": 100e12, "cuda-fp32": 20e12, "cpu": 0.1e12}
+# Sustained training throughput assumed for the duration estimate, FLOP/s, by device class. Hopper
+# (compute capability 9.x): fimtune's own LoRA step on the StarCoderBase-1B shape ran at 283-294
+# TFLOP/s on H200s (benchmarks/RESULTS.md, counting the same FLOP); other bf16 GPUs: about half an
+# A100's dense peak.
+ASSUMED_FLOPS = {
+    "hopper-bf16": 280e12,
+    "cuda-bf16": 150e12,
+    "cuda-fp16": 100e12,
+    "cuda-fp32": 20e12,
+    "cpu": 0.1e12,
+}
 
 
 def describe_plan(cfg: RunConfig) -> str:
@@ -701,6 +710,8 @@ def describe_plan(cfg: RunConfig) -> str:
         if device.type == "cpu"
         else f"cuda-{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float16', 'fp16').replace('float32', 'fp32')}"
     )
+    if klass == "cuda-bf16" and torch.cuda.get_device_capability()[0] == 9:
+        klass = "hopper-bf16"
     lines = [
         f"model            {cfg.model.name_or_path} ({p.model_type}, {p.total:,} parameters)",
         f"trainable        {p.trainable:,} ({100 * p.trainable / p.total:.3f}%)  LoRA r={cfg.lora.r}"
