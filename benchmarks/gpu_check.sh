@@ -5,31 +5,50 @@
 #
 #     bash benchmarks/gpu_check.sh [SECONDS]      # from the repository root; default 480 s
 #
-# Wheels of packages the machine lacks, saved under .whl/ and .whl-scale/ beside the checkout
-# (bitsandbytes, fastapi + uvicorn + pydantic for the server rows, datasets, deepspeed), are
-# installed into /tmp/site first. A saved tokenizer under .gpu/tokenizer serves latency.py.
+# Wheels of packages the machine lacks (`python benchmarks/gpu_wheels.py` fetches them), saved
+# under .whl/, .whl-scale/ and .whl-fa4/ beside the checkout (bitsandbytes, fastapi + uvicorn +
+# pydantic for the server rows, datasets, deepspeed, FlashAttention-4), are installed into /tmp/site
+# first. A saved tokenizer under .gpu/tokenizer serves latency.py. FlashAttention-4's compiler
+# library is too large to travel with the rest, so two calls, the second at once (a machine stays
+# warm 30 s):
+#     1. carry .whl-fa4-ir:                        cp -r .whl-fa4-ir /tmp/fa4-ir
+#     2. carry .whl, .whl-scale, .gpu, .whl-fa4:   bash benchmarks/gpu_check.sh 480
+# The warm machine keeps the first call's files; where they are gone, PyTorch's own flash kernels run.
 set -u
 budget=${1:-480}
 start=$SECONDS
 left() { echo $((budget - (SECONDS - start))); }
 OUT=$(mkdir -p "${OUT:-gpu-out}" && cd "${OUT:-gpu-out}" && pwd)
 
-wheels=$(ls .whl/*.whl .whl-scale/*.whl 2>/dev/null)
+wheels=$(ls .whl/*.whl .whl-scale/*.whl .whl-fa4/*.whl 2>/dev/null)
 if [ -n "$wheels" ]; then
     # shellcheck disable=SC2086
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels || exit 1
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+ir=$(ls .whl-fa4-ir/*-ir.tar.xz /tmp/fa4-ir/*-ir.tar.xz 2>/dev/null | head -1)
+if [ -d /tmp/site/flash_attn ] && [ -n "$ir" ]; then
+    for part in .whl-fa4/*-runtime.tar.xz "$ir"; do
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall("/tmp/site", filter="data")' "$part" || exit 1
+    done
+    export PYTHONPATH=/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH  # what its .pth file would add
+elif [ -d /tmp/site/flash_attn ]; then
+    echo "FlashAttention-4: no compiler library (.whl-fa4-ir/ or /tmp/fa4-ir/): PyTorch's own kernels only"
+    rm -rf /tmp/site/flash_attn
+fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+python3 -c 'import torch; from fimtune import fast; print("FlashAttention-4:", fast.fa4_unavailable(torch.device("cuda")) or "available")'
 
-# 1. The CUDA tests: the step never waits for the GPU, graphs replay what eager computes, the key/value check.
-timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu \
+# 1. The CUDA tests: the step never waits for the GPU, graphs replay what eager computes, the key/value
+#    check, FlashAttention-4 against PyTorch's kernels (its first kernels compile here).
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/test_fast.py tests/test_train.py tests/serve/test_static.py 2>&1 | tee "$OUT/gpu-tests.log"
 
-# 2. Training: fimtune's step; the same with PyTorch's dropout masks kept, and with the key/value head
-#    repeated (what each change saves); naive bf16.
-timeout $(($(left) * 2 / 5)) python3 benchmarks/train_throughput.py --variants c,c-torch-dropout,c-repeat-kv,b \
-    --budget-s $(($(left) * 2 / 5 - 40)) --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
+# 2. Training: fimtune's step (FlashAttention-4 where it is installed); the same with PyTorch's own
+#    flash kernels, with PyTorch's dropout masks kept, and with the key/value head repeated (what each
+#    change saves); naive bf16.
+timeout $(($(left) / 2)) python3 benchmarks/train_throughput.py --variants c,c-fa2,b,c-torch-dropout,c-repeat-kv \
+    --budget-s $(($(left) / 2 - 40)) --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
 
 # 3. Completion latency: the engine's variants side by side, the server rows, a profile of the step.
 cd benchmarks && timeout $(($(left) - 5)) python3 latency.py --device cuda --shape starcoderbase-1b \

@@ -142,6 +142,8 @@ def test_the_fa4_check_takes_bf16_rounding_and_refuses_a_wrong_kernel(kv_heads):
 def test_pytorchs_flash_attention_stays_off_a_gpu_and_fa4_is_refused_with_the_reason(tiny_tokenizer):
     cpu = torch.device("cpu")
     assert "CUDA" in fast.fa4_unavailable(cpu)
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in fast.fa4_unavailable(torch.device("cuda"))
     assert fast.select_flash_attention(cpu, "auto") == fast.select_flash_attention(cpu, "pytorch") == "FA2"
     assert fast.current_flash_attention() == "FA2"
     with pytest.raises(ValueError, match="attention_kernel must be one of auto, pytorch, fa4"):

@@ -323,6 +323,8 @@ def fa4_unavailable(device: torch.device) -> str | None:
     """Why FlashAttention-4 cannot serve on ``device``; None where it can be tried."""
     if device.type != "cuda":
         return f"it runs on CUDA GPUs, not on {device.type}"
+    if not torch.cuda.is_available():
+        return "this PyTorch sees no CUDA GPU"
     from torch.nn import attention
 
     impls = getattr(attention, "list_flash_attention_impls", lambda: [])()
