@@ -207,7 +207,9 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         model = random_model(args.shape, device, dtype, attn)
     on_gpu_varlen = device.type == "cuda" and attn == fast.VARLEN
     if on_gpu_varlen:  # the flash kernels this variant trains with check its loss too
-        fast.select_flash_attention(device, "pytorch" if variant == "c-fa2" else "auto")
+        fast.select_flash_attention(
+            device, "pytorch" if variant == "c-fa2" else "auto", fast._attention_shape(model.config)
+        )
     if variant in ("c", "c-docs"):
         result["check"] = check_loss(model, args, device, docs=variant == "c-docs")
     fast._GROUPED_AS_THEY_ARE.clear()  # each variant checks afresh (its blocks compile afresh too)
@@ -278,7 +280,7 @@ def check_loss(model: Any, args: argparse.Namespace, device: torch.device, docs:
         impl = model.config._attn_implementation
         model.set_attn_implementation("sdpa")
         pos = {"position_ids": b["position_ids"]} if docs else {}
-        # No flash kernel: the reference must not share the kernel it checks.
+        # No flash kernel: the reference shares no kernel with the path it checks.
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             logits = model(input_ids=b["input_ids"], use_cache=False, **pos).logits.float()
         ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten()).item()

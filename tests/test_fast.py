@@ -156,10 +156,30 @@ def test_pytorchs_flash_attention_stays_off_a_gpu_and_fa4_is_refused_with_the_re
     assert not any("FlashAttention-4" in n for n in notes)
 
 
+def test_the_fa4_operator_has_the_shapes_and_gradients_of_attention_and_compiles_whole():
+    """Its abstract implementation and autograd wiring (the kernels need a GPU): multi-query heads go
+    in as they are, the gradients have the inputs' shapes, and the compiler traces it in one graph."""
+    meta = torch.device("meta")
+    q, k, v = (torch.empty(228, h, 128, device=meta, dtype=torch.bfloat16, requires_grad=True) for h in (16, 1, 1))
+    cu = torch.empty(4, device=meta, dtype=torch.int32)
+    out, lse = fast.fa4_varlen(q, k, v, cu, 100, 128**-0.5)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (16, 228) and lse.dtype == torch.float32
+    out.sum().backward()
+    assert [x.grad.shape for x in (q, k, v)] == [q.shape, k.shape, v.shape]
+
+    def attend(q, k, v, cu):
+        return fast.fa4_varlen(q, k, v, cu, 100, 0.1)[0] * 2
+
+    q.grad = k.grad = v.grad = None
+    torch.compile(attend, backend="aot_eager", fullgraph=True)(q, k, v, cu).sum().backward()
+    assert k.grad.shape == k.shape
+
+
 @pytest.mark.gpu
 def test_fa4_where_installed_trains_as_pytorchs_flash_attention(tiny_tokenizer):
-    """FlashAttention-4 in PyTorch's flash slot (where flash-attn-4 is installed, on a Hopper or a
-    Blackwell) gives the loss and LoRA gradients of PyTorch's own kernels, heads as they are."""
+    """FlashAttention-4 (where flash-attn-4 is installed, on a Hopper or a Blackwell) gives the loss
+    and LoRA gradients of PyTorch's own kernel, heads as they are."""
     device = torch.device("cuda")
     if why := fast.fa4_unavailable(device):
         pytest.skip(why)
@@ -168,7 +188,7 @@ def test_fa4_where_installed_trains_as_pytorchs_flash_attention(tiny_tokenizer):
     try:
         for kernel in ("fa4", "pytorch"):
             assert fast.select_flash_attention(device, kernel) == {"fa4": "FA4", "pytorch": "FA2"}[kernel]
-            fast.grouped_heads_as_they_are(device)
+            assert fast.current_flash_attention(device) == {"fa4": "FA4", "pytorch": "FA2"}[kernel]
             torch.manual_seed(0)
             model = lora(tiny.gpt_bigcode(len(tiny_tokenizer))).to(device, torch.bfloat16)
             model.set_attn_implementation(fast.register_varlen())

@@ -181,6 +181,8 @@ def _varlen_params() -> frozenset[str]:
 def _flash_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None
 ) -> torch.Tensor:
+    if _FA4_ON.get(q.device.index, False):  # heads as they are: FlashAttention-4 serves groups itself
+        return fa4_varlen(q, k, v, cu, max_len, scale if scale is not None else q.shape[-1] ** -0.5)[0]
     grouped = k.shape[1] != q.shape[1]
     if grouped and "enable_gqa" not in _varlen_params() and not _GROUPED_AS_THEY_ARE.get(q.device.index, False):
         k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])  # the check below did not pass
@@ -309,14 +311,109 @@ def same_attention(
 
 
 # --------------------------------------------------------------------------------------
-# FlashAttention-4 in PyTorch's flash attention slot
+# FlashAttention-4 for the packed-document attention
 # --------------------------------------------------------------------------------------
 
 ATTENTION_KERNELS = ("auto", "pytorch", "fa4")
 FA4_MODULE = "flash_attn.cute.interface"  # the `flash-attn-4` package (CuTe DSL kernels, JIT-compiled)
 
+# CUDA device index -> whether FlashAttention-4 serves the packed-document attention there; read by
+# `_flash_varlen` (a constant to the compiler).
+_FA4_ON: dict[int, bool] = {}
 # CUDA device index -> whether FlashAttention-4 gave the reference's outputs and gradients there.
 _FA4_AGREES: dict[int, bool] = {}
+
+
+@torch.library.custom_op("fimtune::fa4_varlen", mutates_args=())
+def fa4_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention within each packed document through FlashAttention-4: q (tokens, heads, d),
+    k/v (tokens, kv heads, d) with kv heads dividing heads, as they are; ``cu`` the documents'
+    int32 bounds. Returns the output (like q) and the log-sum-exp (heads, tokens; fp32).
+
+    An operator of fimtune's own, not PyTorch's flash attention registry: the registry's glue in
+    PyTorch 2.11 cannot train through `varlen_attn` (its backward refuses the window sizes
+    `varlen_attn` always passes, and it takes two results where `flash-attn-4` 4.0.0b36 returns
+    five). Compiled blocks see one opaque call, as for PyTorch's own kernel.
+    """
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse = _flash_attn_fwd(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu,
+        cu_seqlens_k=cu,
+        max_seqlen_q=max_len,
+        max_seqlen_k=max_len,
+        softmax_scale=scale,
+        causal=True,
+        return_lse=True,
+    )[:2]
+    return out, lse
+
+
+@fa4_varlen.register_fake
+def _fa4_varlen_fake(q, k, v, cu, max_len, scale):  # noqa: ANN001, ANN202 - the op's signature
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fimtune::fa4_varlen_backward", mutates_args=())
+def fa4_varlen_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu: torch.Tensor,
+    max_len: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`fa4_varlen`'s output for q, k and v (k's and v's summed over their groups)."""
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(
+        q,
+        k,
+        v,
+        out,
+        grad_out,
+        lse,
+        softmax_scale=scale,
+        causal=True,
+        cu_seqlens_q=cu,
+        cu_seqlens_k=cu,
+        max_seqlen_q=max_len,
+        max_seqlen_k=max_len,
+    )[:3]
+    return dq, dk, dv
+
+
+@fa4_varlen_backward.register_fake
+def _fa4_varlen_backward_fake(grad_out, q, k, v, out, lse, cu, max_len, scale):  # noqa: ANN001, ANN202
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, cu, max_len, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu)
+    ctx.max_len, ctx.scale = max_len, scale
+
+
+def _fa4_backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
+    q, k, v, out, lse, cu = ctx.saved_tensors
+    dq, dk, dv = fa4_varlen_backward(grad_out.contiguous(), q, k, v, out, lse, cu, ctx.max_len, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+fa4_varlen.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
+
+
+def _fa4_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    return fa4_varlen(q, k, v, cu, int((cu[1:] - cu[:-1]).max()), q.shape[-1] ** -0.5)[0]
 
 
 def fa4_unavailable(device: torch.device) -> str | None:
@@ -325,11 +422,6 @@ def fa4_unavailable(device: torch.device) -> str | None:
         return f"it runs on CUDA GPUs, not on {device.type}"
     if not torch.cuda.is_available():
         return "this PyTorch sees no CUDA GPU"
-    from torch.nn import attention
-
-    impls = getattr(attention, "list_flash_attention_impls", lambda: [])()
-    if "FA4" not in impls:
-        return f"PyTorch {torch.__version__} has no FA4 slot for its flash attention (2.11 or newer has one)"
     major, minor = torch.cuda.get_device_capability(device)
     if major not in (9, 10):
         return f"the GPU's compute capability is {major}.{minor}; FlashAttention-4 runs on 9.x (Hopper) and 10.x"
@@ -339,82 +431,63 @@ def fa4_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def current_flash_attention() -> str:
-    """Which implementation serves PyTorch's flash attention kernels in this process: "FA2" (its own)
-    or the name activated in its registry ("FA4")."""
-    from torch.nn import attention
+def _cuda_index(device: torch.device | None) -> int | None:
+    if device is None:
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
-    current = getattr(attention, "current_flash_attention_impl", lambda: None)()
-    return current or "FA2"
+
+def current_flash_attention(device: torch.device | None = None) -> str:
+    """Which FlashAttention serves the packed-document attention on ``device`` (default: the current
+    CUDA device): "FA4" (FlashAttention-4) or "FA2" (PyTorch's own `varlen_attn`)."""
+    index = _cuda_index(device)
+    return "FA4" if index is not None and _FA4_ON.get(index, False) else "FA2"
 
 
 def select_flash_attention(
     device: torch.device, kernel: str = "auto", shape: tuple[int, int, int] | None = None
 ) -> str:
-    """Put the flash attention implementation ``kernel`` asks for in PyTorch's flash slot, for the
-    whole process; return the one that serves now ("FA4" or "FA2").
+    """Choose the FlashAttention of the packed-document attention on ``device`` as ``kernel`` asks
+    (`auto`, `pytorch`, `fa4`); return the one that serves now ("FA4" or "FA2").
 
-    PyTorch 2.11+ routes its flash kernels (`varlen_attn` included) to an implementation activated
-    in `torch.nn.attention`'s registry: FlashAttention-4, from the `flash-attn-4` package, has
-    Hopper kernels (warp-specialized, asynchronous) where PyTorch's own are FlashAttention-2's,
-    whose backward ran at ~220 TFLOP/s in (c)'s profile. ``auto`` activates FlashAttention-4 where
-    it is installed and the GPU is a Hopper or a Blackwell, after a packed batch of documents went
-    through it forward and backward, a key/value head for each query head (what every PyTorch takes;
-    :func:`grouped_heads_as_they_are` then checks fewer key/value heads on it), and gave the outputs
-    and gradients of SDPA in fp32 (within 2% of the largest value); otherwise PyTorch's own kernels
-    stay, and the log says why. ``fa4`` is the same, and an error
-    where it cannot serve; ``pytorch`` puts PyTorch's own back. ``shape`` (query heads, key/value
-    heads, head size) gives the check the model's heads and head size, so that the kernels it
-    compiles are the model's; by default 8 heads of 64.
+    PyTorch's `varlen_attn` runs FlashAttention-2, which predates Hopper's asynchronous matrix
+    instructions: its backward ran at ~220 TFLOP/s in (c)'s profile. FlashAttention-4 (the
+    `flash-attn-4` package) has Hopper and Blackwell kernels, forward and backward, for packed
+    documents and grouped key/value heads. ``auto`` uses it where it is installed and the GPU is a
+    Hopper or a Blackwell, once a packed batch of documents in the model's ``shape`` (query heads,
+    key/value heads, head size; by default 8, 1, 64) went through it forward and backward and gave
+    the outputs and gradients of SDPA in fp32, each within 2% of the largest value (so the kernels
+    it compiles are the model's); otherwise PyTorch's own kernel stays, and the log says why.
+    ``fa4`` is the same, and an error where it cannot serve; ``pytorch`` keeps PyTorch's own.
     """
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"train.attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
-    from torch.nn import attention
-
-    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+    index = _cuda_index(device)
+    if index is not None:
+        _FA4_ON[index] = False
     if kernel == "pytorch":
-        if current_flash_attention() != "FA2":
-            attention.restore_flash_attention_impl()
-            _GROUPED_AS_THEY_ARE.pop(index, None)  # the heads check ran on the other kernel
         return "FA2"
     why = fa4_unavailable(device)
-    if why is not None:
-        if kernel == "fa4":
-            raise RuntimeError(f"train.attention_kernel=fa4: FlashAttention-4 cannot serve: {why}")
-        log.info("FlashAttention-4 not used (PyTorch's own flash kernels stay): %s", why)
-        return select_flash_attention(device, "pytorch")
-    if current_flash_attention() == "FA4":
-        return "FA4"
-    if _FA4_AGREES.get(index) is False:
-        why = "it disagreed with SDPA on a packed batch on this GPU"
-    else:
-        try:
-            attention.activate_flash_attention_impl("FA4")
-        except Exception as e:  # noqa: BLE001 - an import or registration error: keep PyTorch's own
-            why = f"activating it failed: {e}"
     if why is None:
-        _GROUPED_AS_THEY_ARE.pop(index, None)  # the heads check runs again, on this kernel
         if index not in _FA4_AGREES:
+            heads, kv_heads, dim = shape or (8, 1, 64)
             here = torch.device("cuda", index)
-            heads, _, dim = shape or (8, 8, 64)
             _FA4_AGREES[index] = same_attention(
-                _varlen_repeated, _sdpa_fp32, here, torch.bfloat16, heads=heads, kv_heads=heads, dim=dim
+                _fa4_attend, _sdpa_fp32, here, torch.bfloat16, heads=heads, kv_heads=kv_heads, dim=dim
             )
-        if not _FA4_AGREES[index]:
-            attention.restore_flash_attention_impl()
-            why = "it disagreed with SDPA on a packed batch on this GPU (the log's info lines say where)"
-    if why is None:
-        return "FA4"
+        if _FA4_AGREES[index]:
+            _FA4_ON[index] = True
+            return "FA4"
+        why = "it failed or disagreed with SDPA on a packed batch on this GPU (the log's info line says which)"
+        if kernel == "auto":
+            log.warning("FlashAttention-4 is installed but not used (PyTorch's own kernel stays): %s", why)
+            return "FA2"
     if kernel == "fa4":
         raise RuntimeError(f"train.attention_kernel=fa4: FlashAttention-4 cannot serve: {why}")
-    log.warning("FlashAttention-4 is installed but not used (PyTorch's own flash kernels stay): %s", why)
+    log.info("FlashAttention-4 not used (PyTorch's own kernel stays): %s", why)
     return "FA2"
-
-
-def _varlen_repeated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
-    """Causal `varlen_attn` with key/value heads repeated for the query heads (what every version takes)."""
-    k, v = _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1])
-    return _varlen(q, k, v, cu, int((cu[1:] - cu[:-1]).max()), None)
 
 
 def _sdpa_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
@@ -766,9 +839,11 @@ def speed_up(
             f"on {device.type}"
         )
     shape = _attention_shape(config)
-    if varlen and varlen_supported(device) and select_flash_attention(device, attention_kernel, shape) == "FA4":
-        done.append("FlashAttention-4 kernels (flash-attn-4) serve the packed-document attention")
-    if varlen and _grouped_heads(config) and "enable_gqa" not in _varlen_params() and varlen_supported(device):
+    fa4 = varlen and varlen_supported(device) and select_flash_attention(device, attention_kernel, shape) == "FA4"
+    if fa4:
+        done.append("FlashAttention-4 (flash-attn-4) serves the packed-document attention, key/value heads as they are")
+    grouped = varlen and not fa4 and _grouped_heads(config)
+    if grouped and "enable_gqa" not in _varlen_params() and varlen_supported(device):
         as_they_are = grouped_heads_as_they_are(device, shape)
         how = "as they are" if as_they_are else "repeated (this PyTorch's kernel disagreed)"
         done.append(f"grouped key/value heads go to FlashAttention {how}")
