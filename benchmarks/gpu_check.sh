@@ -41,7 +41,7 @@ python3 -c 'import torch; from fimtune import fast; print("FlashAttention-4:", f
 
 # 1. The CUDA tests: the step never waits for the GPU, graphs replay what eager computes, the key/value
 #    check, FlashAttention-4 against PyTorch's kernels (its first kernels compile here).
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
+timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/test_fast.py tests/test_train.py tests/serve/test_static.py 2>&1 | tee "$OUT/gpu-tests.log"
 
 # 2. Training: fimtune's step (FlashAttention-4 where it is installed); the same with PyTorch's own
