@@ -315,7 +315,6 @@ def same_attention(
 # --------------------------------------------------------------------------------------
 
 ATTENTION_KERNELS = ("auto", "pytorch", "fa4")
-FA4_MODULE = "flash_attn.cute.interface"  # the `flash-attn-4` package (CuTe DSL kernels, JIT-compiled)
 
 # CUDA device index -> whether FlashAttention-4 serves the packed-document attention there; read by
 # `_flash_varlen` (a constant to the compiler).
