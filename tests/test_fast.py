@@ -98,6 +98,18 @@ def test_grouped_heads_are_told_from_the_config():
     assert fast._attention_shape(LlamaConfig(hidden_size=256, num_attention_heads=8, head_dim=64)) == (8, 8, 64)
 
 
+def varlen_loss_and_lora_grads(tiny_tokenizer, batch, device):
+    """A fresh tiny StarCoder-style LoRA model (seed 0) in bf16 through varlen attention on ``batch``:
+    its loss and its LoRA gradients, in fp32."""
+    torch.manual_seed(0)
+    model = lora(tiny.gpt_bigcode(len(tiny_tokenizer))).to(device, torch.bfloat16)
+    model.set_attn_implementation(fast.register_varlen())
+    logits = forward_logits(model, batch)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+    loss.backward()
+    return loss.detach().float(), [p.grad.float() for p in model.parameters() if p.requires_grad]
+
+
 @pytest.mark.gpu
 def test_grouped_heads_as_they_are_train_as_repeated_heads(tiny_tokenizer):
     """On this GPU's PyTorch: StarCoder-style multi-query heads through varlen attention as they are
@@ -112,14 +124,7 @@ def test_grouped_heads_as_they_are_train_as_repeated_heads(tiny_tokenizer):
     results = []
     for keep in (True, False):
         fast._GROUPED_AS_THEY_ARE[device.index or 0] = keep
-        torch.manual_seed(0)
-        model = lora(tiny.gpt_bigcode(len(tiny_tokenizer))).to(device, torch.bfloat16)
-        model.set_attn_implementation(fast.register_varlen())
-        logits = forward_logits(model, batch)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
-        loss.backward()
-        grads = [p.grad.float() for p in model.parameters() if p.requires_grad]
-        results.append((loss.detach().float(), grads))
+        results.append(varlen_loss_and_lora_grads(tiny_tokenizer, batch, device))
     fast._GROUPED_AS_THEY_ARE[device.index or 0] = as_they_are
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-2, atol=1e-2)
     for a, b in zip(results[0][1], results[1][1], strict=True):
@@ -189,13 +194,7 @@ def test_fa4_where_installed_trains_as_pytorchs_flash_attention(tiny_tokenizer):
         for kernel in ("fa4", "pytorch"):
             assert fast.select_flash_attention(device, kernel) == {"fa4": "FA4", "pytorch": "FA2"}[kernel]
             assert fast.current_flash_attention(device) == {"fa4": "FA4", "pytorch": "FA2"}[kernel]
-            torch.manual_seed(0)
-            model = lora(tiny.gpt_bigcode(len(tiny_tokenizer))).to(device, torch.bfloat16)
-            model.set_attn_implementation(fast.register_varlen())
-            logits = forward_logits(model, batch)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
-            loss.backward()
-            results.append((loss.detach().float(), [p.grad.float() for p in model.parameters() if p.requires_grad]))
+            results.append(varlen_loss_and_lora_grads(tiny_tokenizer, batch, device))
     finally:
         fast.select_flash_attention(device, "pytorch")
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-2, atol=1e-2)

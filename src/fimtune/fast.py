@@ -338,19 +338,20 @@ def fa4_varlen(
     """
     from flash_attn.cute.interface import _flash_attn_fwd
 
-    out, lse = _flash_attn_fwd(
-        q,
-        k,
-        v,
-        cu_seqlens_q=cu,
-        cu_seqlens_k=cu,
-        max_seqlen_q=max_len,
-        max_seqlen_k=max_len,
-        softmax_scale=scale,
-        causal=True,
-        return_lse=True,
-    )[:2]
+    out, lse = _flash_attn_fwd(q, k, v, return_lse=True, **_fa4_packed(cu, max_len, scale))[:2]
     return out, lse
+
+
+def _fa4_packed(cu: torch.Tensor, max_len: int, scale: float) -> dict[str, Any]:
+    """FlashAttention-4's arguments for causal attention within packed documents bounded by ``cu``."""
+    return {
+        "cu_seqlens_q": cu,
+        "cu_seqlens_k": cu,
+        "max_seqlen_q": max_len,
+        "max_seqlen_k": max_len,
+        "softmax_scale": scale,
+        "causal": True,
+    }
 
 
 @fa4_varlen.register_fake
@@ -373,20 +374,7 @@ def fa4_varlen_backward(
     """The gradients of :func:`fa4_varlen`'s output for q, k and v (k's and v's summed over their groups)."""
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    dq, dk, dv = _flash_attn_bwd(
-        q,
-        k,
-        v,
-        out,
-        grad_out,
-        lse,
-        softmax_scale=scale,
-        causal=True,
-        cu_seqlens_q=cu,
-        cu_seqlens_k=cu,
-        max_seqlen_q=max_len,
-        max_seqlen_k=max_len,
-    )[:3]
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, grad_out, lse, **_fa4_packed(cu, max_len, scale))[:3]
     return dq, dk, dv
 
 
