@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call of a short GPU lease: the CUDA tests, then the training and latency
 # benchmarks, each inside its share of a time budget. Figures and logs go to $OUT (default
-# ./gpu-out): at most 8 files, none deeper than one folder. Record the figures in RESULTS.md.
+# ./gpu-out): six files (the profiles of training and decoding steps in one). Record the figures in
+# RESULTS.md.
 #
 #     bash benchmarks/gpu_check.sh [SECONDS]      # from the repository root; default 480 s
 #
@@ -46,11 +47,12 @@ timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu \
 
 # 2. Training: fimtune's step (FlashAttention-4 where it is installed); the same with PyTorch's own
 #    flash kernels, with PyTorch's dropout masks kept, and with the key/value head repeated (what each
-#    change saves); naive bf16.
+#    change saves); naive bf16. Each fimtune variant is profiled for two more steps.
 timeout $(($(left) / 2)) python3 benchmarks/train_throughput.py --variants c,c-fa2,b,c-torch-dropout,c-repeat-kv \
-    --budget-s $(($(left) / 2 - 40)) --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
+    --budget-s $(($(left) / 2 - 40)) --profile /tmp/gpu-profiles --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
 
 # 3. Completion latency: the engine's variants side by side, the server rows, a profile of the step.
 cd benchmarks && timeout $(($(left) - 5)) python3 latency.py --device cuda --shape starcoderbase-1b \
-    --no-generate-static --budget-s $(($(left) - 40)) --profile-step "$OUT/profile" \
+    --no-generate-static --budget-s $(($(left) - 40)) --profile-step /tmp/gpu-profiles \
     --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log"
+for f in /tmp/gpu-profiles/*.txt; do [ -f "$f" ] && printf '\n== %s\n' "${f##*/}" && cat "$f"; done > "$OUT/profiles.txt"
