@@ -461,6 +461,7 @@ def select_flash_attention(
         if index not in _FA4_AGREES:
             heads, kv_heads, dim = shape or (8, 1, 64)
             here = torch.device("cuda", index)
+            log.info("checking FlashAttention-4 on %s (its kernels compile at first use, once a process)", here)
             _FA4_AGREES[index] = same_attention(
                 _fa4_attend, _sdpa_fp32, here, torch.bfloat16, heads=heads, kv_heads=kv_heads, dim=dim
             )
