@@ -210,6 +210,14 @@ def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def _cuda_index(device: torch.device | None) -> int | None:
+    if device is None:
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 # CUDA device index -> whether varlen attention takes fewer key/value heads than query heads as they
 # are (see grouped_heads_as_they_are); read by `_flash_varlen` (a constant to the compiler).
 _GROUPED_AS_THEY_ARE: dict[int, bool] = {}
@@ -232,11 +240,11 @@ def grouped_heads_as_they_are(device: torch.device, shape: tuple[int, int, int] 
         return False
     if "enable_gqa" in _varlen_params():
         return True
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _cuda_index(device)
     if index not in _GROUPED_AS_THEY_ARE:
 
         def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
-            return _varlen(q, k, v, cu, int((cu[1:] - cu[:-1]).max()), None)
+            return _varlen(q, k, v, cu, _longest(cu), None)
 
         def repeated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
             return kernel(q, _repeat_heads(k, q.shape[1]), _repeat_heads(v, q.shape[1]), cu)
@@ -262,10 +270,13 @@ def _attention_shape(config: Any) -> tuple[int, int, int] | None:
 
 def _grouped_heads(config: Any) -> bool:
     """Whether a model config has fewer key/value heads than query heads (multi-query or grouped)."""
-    if getattr(config, "multi_query", False):  # GPTBigCode (StarCoder)
-        return True
-    kv = getattr(config, "num_key_value_heads", None)
-    return kv is not None and kv < getattr(config, "num_attention_heads", kv)
+    shape = _attention_shape(config)
+    return shape is not None and shape[1] < shape[0]
+
+
+def _longest(cu: torch.Tensor) -> int:
+    """The longest document's length, from the documents' bounds (a test batch's: read back)."""
+    return int((cu[1:] - cu[:-1]).max())
 
 
 def same_attention(
@@ -400,7 +411,7 @@ fa4_varlen.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
 
 
 def _fa4_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
-    return fa4_varlen(q, k, v, cu, int((cu[1:] - cu[:-1]).max()), q.shape[-1] ** -0.5)[0]
+    return fa4_varlen(q, k, v, cu, _longest(cu), q.shape[-1] ** -0.5)[0]
 
 
 def fa4_unavailable(device: torch.device) -> str | None:
@@ -416,14 +427,6 @@ def fa4_unavailable(device: torch.device) -> str | None:
     if spec is None or not any((Path(p) / "cute").is_dir() for p in spec.submodule_search_locations or ()):
         return "the flash-attn-4 package is not installed (pip install flash-attn-4)"
     return None
-
-
-def _cuda_index(device: torch.device | None) -> int | None:
-    if device is None:
-        return torch.cuda.current_device() if torch.cuda.is_available() else None
-    if device.type != "cuda":
-        return None
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def current_flash_attention(device: torch.device | None = None) -> str:
@@ -819,19 +822,18 @@ def speed_up(
         n = hash_dropout(model, dropouts)
         done.append(f"dropout masks hashed from a seed and made again for the backward pass ({n} dropouts)")
     config = getattr(model, "config", None)
-    varlen = getattr(config, "_attn_implementation", None) == VARLEN
-    if attention_kernel == "fa4" and not (varlen and varlen_supported(device)):
+    varlen = getattr(config, "_attn_implementation", None) == VARLEN and varlen_supported(device)
+    if attention_kernel == "fa4" and not varlen:
         raise RuntimeError(
             "train.attention_kernel=fa4 needs the packed-document attention on a CUDA GPU "
             f"(model.attn_implementation={VARLEN}); this run has {getattr(config, '_attn_implementation', None)} "
             f"on {device.type}"
         )
     shape = _attention_shape(config)
-    fa4 = varlen and varlen_supported(device) and select_flash_attention(device, attention_kernel, shape) == "FA4"
+    fa4 = varlen and select_flash_attention(device, attention_kernel, shape) == "FA4"
     if fa4:
         done.append("FlashAttention-4 (flash-attn-4) serves the packed-document attention, key/value heads as they are")
-    grouped = varlen and not fa4 and _grouped_heads(config)
-    if grouped and "enable_gqa" not in _varlen_params() and varlen_supported(device):
+    if varlen and not fa4 and _grouped_heads(config) and "enable_gqa" not in _varlen_params():
         as_they_are = grouped_heads_as_they_are(device, shape)
         how = "as they are" if as_they_are else "repeated (this PyTorch's kernel disagreed)"
         done.append(f"grouped key/value heads go to FlashAttention {how}")
