@@ -47,8 +47,8 @@ timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu \
 
 # 2. Training: fimtune's step (FlashAttention-4 where it is installed); the same with PyTorch's own
 #    flash kernels; naive bf16; keeping 85% of the activations (the preset keeps 75%: with hashed
-#    dropout masks more may fit in 16 GiB); with PyTorch's dropout masks kept, and with the key/value
-#    head repeated (what each change saves). Each fimtune variant is profiled for two more steps.
+#    dropout masks more may fit in 16 GiB); with PyTorch's dropout masks kept, and (against c-fa2)
+#    with the key/value head repeated (what each change saves). Each fimtune variant is profiled.
 timeout $(($(left) / 2)) python3 benchmarks/train_throughput.py --variants c,c-fa2,b,c-mem,c-torch-dropout,c-repeat-kv \
     --activation-memory 0.85 --budget-s $(($(left) / 2 - 40)) --profile /tmp/gpu-profiles \
     --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"

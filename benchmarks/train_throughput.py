@@ -24,8 +24,9 @@ c-nodrop     (c) with LoRA dropout 0 (what the recipe's dropout costs)
 c-eager      (c) without torch.compile (what compiling buys)
 c-torch-dropout (c) with PyTorch's own dropout in the blocks (random masks kept for the backward
              pass), not hashed masks made again (what `train.hashed_dropout` saves)
-c-repeat-kv  (c) with StarCoder's one key/value head repeated for the 16 query heads, as on PyTorch
-             2.11 before its kernel was checked to take it as it is (what that saves)
+c-repeat-kv  c-fa2 with StarCoder's one key/value head repeated for the 16 query heads, as on
+             PyTorch 2.11 before its kernel was checked to take it as it is (what that saves,
+             against c-fa2: FlashAttention-4 takes the head as it is anyway)
 qlora        (c) on a 4-bit NF4 base (bitsandbytes, double quantization), gradient
              checkpointing, no compile
 
@@ -190,7 +191,8 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         extra.append("lora.dropout=0.0")
     if variant == "c-torch-dropout":
         extra.append("train.hashed_dropout=false")
-    if variant == "c-fa2":
+    fa2 = variant in ("c-fa2", "c-repeat-kv")
+    if fa2:
         extra.append("train.attention_kernel=pytorch")
     if variant == "qlora":
         extra += ["model.quantization=4bit", "train.gradient_checkpointing=true"]
@@ -207,9 +209,7 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         model = random_model(args.shape, device, dtype, attn)
     on_gpu_varlen = device.type == "cuda" and attn == fast.VARLEN
     if on_gpu_varlen:  # the flash kernels this variant trains with check its loss too
-        fast.select_flash_attention(
-            device, "pytorch" if variant == "c-fa2" else "auto", fast._attention_shape(model.config)
-        )
+        fast.select_flash_attention(device, "pytorch" if fa2 else "auto", fast._attention_shape(model.config))
     if variant in ("c", "c-docs"):
         result["check"] = check_loss(model, args, device, docs=variant == "c-docs")
     fast._GROUPED_AS_THEY_ARE.clear()  # each variant checks afresh (its blocks compile afresh too)
