@@ -4,7 +4,9 @@
 # ./gpu-out): six files (the profiles of training and decoding steps in one). Record the figures in
 # RESULTS.md.
 #
-#     bash benchmarks/gpu_check.sh [SECONDS]      # from the repository root; default 480 s
+#     bash benchmarks/gpu_check.sh [SECONDS] [PARTS]   # from the repository root; default 480 s
+#
+# PARTS: which of tests,train,latency run (default all three; the time budget is shared the same way).
 #
 # Wheels of packages the machine lacks (`python benchmarks/gpu_wheels.py` fetches them), saved
 # under .whl/, .whl-scale/ and .whl-fa4/ beside the checkout (bitsandbytes, fastapi + uvicorn +
@@ -17,6 +19,8 @@
 # The warm machine keeps the first call's files; where they are gone, PyTorch's own flash kernels run.
 set -u
 budget=${1:-480}
+parts=,${2:-tests,train,latency},
+part() { [[ $parts == *,$1,* ]]; }
 start=$SECONDS
 left() { echo $((budget - (SECONDS - start))); }
 OUT=$(mkdir -p "${OUT:-gpu-out}" && cd "${OUT:-gpu-out}" && pwd)
@@ -29,8 +33,8 @@ if [ -n "$wheels" ]; then
 fi
 ir=$(ls .whl-fa4-ir/*-ir.tar.xz /tmp/fa4-ir/*-ir.tar.xz 2>/dev/null | head -1)
 if [ -d /tmp/site/flash_attn ] && [ -n "$ir" ]; then
-    for part in .whl-fa4/*-runtime.tar.xz "$ir"; do
-        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall("/tmp/site", filter="data")' "$part" || exit 1
+    for tarball in .whl-fa4/*-runtime.tar.xz "$ir"; do
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall("/tmp/site", filter="data")' "$tarball" || exit 1
     done
     export PYTHONPATH=/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH  # what its .pth file would add
 elif [ -d /tmp/site/flash_attn ]; then
@@ -42,19 +46,20 @@ python3 -c 'import torch; from fimtune import fast; print("FlashAttention-4:", f
 
 # 1. The CUDA tests: the step never waits for the GPU, graphs replay what eager computes, the key/value
 #    check, FlashAttention-4 against PyTorch's kernels (its first kernels compile here).
-timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu \
+part tests && timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/test_fast.py tests/test_train.py tests/serve/test_static.py 2>&1 | tee "$OUT/gpu-tests.log"
 
 # 2. Training: fimtune's step (FlashAttention-4 where it is installed); the same with PyTorch's own
 #    flash kernels; naive bf16; keeping 85% of the activations (the preset keeps 75%: with hashed
 #    dropout masks more may fit in 16 GiB); with PyTorch's dropout masks kept, and (against c-fa2)
 #    with the key/value head repeated (what each change saves). Each fimtune variant is profiled.
-timeout $(($(left) / 2)) python3 benchmarks/train_throughput.py --variants c,c-fa2,b,c-mem,c-torch-dropout,c-repeat-kv \
-    --activation-memory 0.85 --budget-s $(($(left) / 2 - 40)) --profile /tmp/gpu-profiles \
+share=$(($(left) / $(part latency && echo 2 || echo 1)))
+part train && timeout $share python3 benchmarks/train_throughput.py --variants c,c-fa2,b,c-mem,c-torch-dropout,c-repeat-kv \
+    --activation-memory 0.85 --budget-s $((share - 40)) --profile /tmp/gpu-profiles \
     --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
 
 # 3. Completion latency: the engine's variants side by side, the server rows, a profile of the step.
-cd benchmarks && timeout $(($(left) - 5)) python3 latency.py --device cuda --shape starcoderbase-1b \
+part latency && cd benchmarks && timeout $(($(left) - 5)) python3 latency.py --device cuda --shape starcoderbase-1b \
     --no-generate-static --budget-s $(($(left) - 40)) --profile-step /tmp/gpu-profiles \
     --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log"
 for f in /tmp/gpu-profiles/*.txt; do [ -f "$f" ] && printf '\n== %s\n' "${f##*/}" && cat "$f"; done > "$OUT/profiles.txt"

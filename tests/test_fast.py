@@ -1,5 +1,7 @@
 """The fast training path computes what the plain path computes: attention, loss, gradients, compiled blocks."""
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,11 +100,11 @@ def test_grouped_heads_are_told_from_the_config():
     assert fast._attention_shape(LlamaConfig(hidden_size=256, num_attention_heads=8, head_dim=64)) == (8, 8, 64)
 
 
-def varlen_loss_and_lora_grads(tiny_tokenizer, batch, device):
-    """A fresh tiny StarCoder-style LoRA model (seed 0) in bf16 through varlen attention on ``batch``:
-    its loss and its LoRA gradients, in fp32."""
+def varlen_loss_and_lora_grads(tiny_tokenizer, batch, device, head_size=8):
+    """A fresh tiny StarCoder-style LoRA model (seed 0; 4 query heads and one key/value head of
+    ``head_size``) in bf16 through varlen attention on ``batch``: its loss and its LoRA gradients, in fp32."""
     torch.manual_seed(0)
-    model = lora(tiny.gpt_bigcode(len(tiny_tokenizer))).to(device, torch.bfloat16)
+    model = lora(tiny.gpt_bigcode(len(tiny_tokenizer), n_embd=4 * head_size)).to(device, torch.bfloat16)
     model.set_attn_implementation(fast.register_varlen())
     logits = forward_logits(model, batch)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
@@ -161,6 +163,26 @@ def test_pytorchs_flash_attention_stays_off_a_gpu_and_fa4_is_refused_with_the_re
     assert not any("FlashAttention-4" in n for n in notes)
 
 
+def test_flash_attention_4_installed_is_not_taken_for_flash_attention_2(tmp_path, monkeypatch):
+    """flash-attn-4 installs the module `flash_attn` (only `flash_attn.cute` in it): the default
+    attention must not become transformers' FlashAttention-2, which then fails to load the model."""
+    from transformers.utils import is_flash_attn_2_available
+
+    from fimtune.model import default_attn_implementation
+
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    is_flash_attn_2_available.cache_clear()
+    try:
+        assert importlib.util.find_spec("flash_attn") is not None
+        cuda = torch.device("cuda")
+        assert default_attn_implementation(cuda, training=True) == ("varlen" if fast.varlen_supported(cuda) else "sdpa")
+        assert default_attn_implementation(cuda) == "sdpa"
+    finally:
+        is_flash_attn_2_available.cache_clear()
+
+
 def test_the_fa4_operator_has_the_shapes_and_gradients_of_attention_and_compiles_whole():
     """Its abstract implementation and autograd wiring (the kernels need a GPU): multi-query heads go
     in as they are, the gradients have the inputs' shapes, and the compiler traces it in one graph."""
@@ -182,21 +204,29 @@ def test_the_fa4_operator_has_the_shapes_and_gradients_of_attention_and_compiles
 
 
 @pytest.mark.gpu
-def test_fa4_where_installed_trains_as_pytorchs_flash_attention(tiny_tokenizer):
-    """FlashAttention-4 (where flash-attn-4 is installed, on a Hopper or a Blackwell) gives the loss
-    and LoRA gradients of PyTorch's own kernel, heads as they are."""
+@pytest.mark.parametrize("head_size", [64, 8])
+def test_fa4_where_installed_trains_as_pytorchs_flash_attention(tiny_tokenizer, head_size):
+    """Where flash-attn-4 is installed (a Hopper or a Blackwell), FlashAttention-4 serves a model of
+    StarCoder's head size (64) after its check, and whatever the check lets serve gives the loss and
+    LoRA gradients of PyTorch's own kernel, heads as they are."""
     device = torch.device("cuda")
     if why := fast.fa4_unavailable(device):
         pytest.skip(why)
     batch = {k: v.to(device) for k, v in packed_batch(len(tiny_tokenizer)).items()}
+    shape = (4, 1, head_size)
     results = []
     try:
-        for kernel in ("fa4", "pytorch"):
-            assert fast.select_flash_attention(device, kernel) == {"fa4": "FA4", "pytorch": "FA2"}[kernel]
-            assert fast.current_flash_attention(device) == {"fa4": "FA4", "pytorch": "FA2"}[kernel]
-            results.append(varlen_loss_and_lora_grads(tiny_tokenizer, batch, device))
+        fast._FA4_AGREES.clear()  # the check runs on this model's shape
+        served = fast.select_flash_attention(device, "auto", shape)
+        if head_size == 64:
+            assert served == "FA4"
+        assert fast.current_flash_attention(device) == served
+        results.append(varlen_loss_and_lora_grads(tiny_tokenizer, batch, device, head_size))
+        assert fast.select_flash_attention(device, "pytorch") == fast.current_flash_attention(device) == "FA2"
+        results.append(varlen_loss_and_lora_grads(tiny_tokenizer, batch, device, head_size))
     finally:
         fast.select_flash_attention(device, "pytorch")
+        fast._FA4_AGREES.clear()
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-2, atol=1e-2)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)

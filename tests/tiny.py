@@ -7,17 +7,18 @@ from pathlib import Path
 import torch
 
 
-def gpt_bigcode(vocab_size: int, seed: int = 0, tie: bool = True):
+def gpt_bigcode(vocab_size: int, seed: int = 0, tie: bool = True, n_embd: int = 32):
+    """Four multi-query heads of ``n_embd // 4`` (8 by default)."""
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
     torch.manual_seed(seed)
     cfg = GPTBigCodeConfig(
         vocab_size=vocab_size,
         n_positions=256,
-        n_embd=32,
+        n_embd=n_embd,
         n_layer=2,
         n_head=4,
-        n_inner=64,
+        n_inner=2 * n_embd,
         multi_query=True,
         tie_word_embeddings=tie,
         bos_token_id=0,

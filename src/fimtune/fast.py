@@ -50,6 +50,7 @@ def varlen_supported(device: torch.device) -> bool:
     """Whether PyTorch's variable-length FlashAttention runs on ``device`` (CUDA, Ampere or newer)."""
     return (
         device.type == "cuda"
+        and torch.cuda.is_available()
         and importlib.util.find_spec("torch.nn.attention.varlen") is not None
         and torch.cuda.get_device_capability(device)[0] >= 8
     )
@@ -349,6 +350,8 @@ def fa4_varlen(
     """
     from flash_attn.cute.interface import _flash_attn_fwd
 
+    # contiguous: a model's key and value are often views into its fused projection
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out, lse = _flash_attn_fwd(q, k, v, return_lse=True, **_fa4_packed(cu, max_len, scale))[:2]
     return out, lse
 
@@ -367,7 +370,7 @@ def _fa4_packed(cu: torch.Tensor, max_len: int, scale: float) -> dict[str, Any]:
 
 @fa4_varlen.register_fake
 def _fa4_varlen_fake(q, k, v, cu, max_len, scale):  # noqa: ANN001, ANN202 - the op's signature
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("fimtune::fa4_varlen_backward", mutates_args=())
@@ -385,13 +388,14 @@ def fa4_varlen_backward(
     """The gradients of :func:`fa4_varlen`'s output for q, k and v (k's and v's summed over their groups)."""
     from flash_attn.cute.interface import _flash_attn_bwd
 
+    q, k, v, out, grad_out, lse = (x.contiguous() for x in (q, k, v, out, grad_out, lse))
     dq, dk, dv = _flash_attn_bwd(q, k, v, out, grad_out, lse, **_fa4_packed(cu, max_len, scale))[:3]
     return dq, dk, dv
 
 
 @fa4_varlen_backward.register_fake
 def _fa4_varlen_backward_fake(grad_out, q, k, v, out, lse, cu, max_len, scale):  # noqa: ANN001, ANN202
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the kernel's
 
 
 def _fa4_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -403,7 +407,7 @@ def _fa4_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _fa4_backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
     q, k, v, out, lse, cu = ctx.saved_tensors
-    dq, dk, dv = fa4_varlen_backward(grad_out.contiguous(), q, k, v, out, lse, cu, ctx.max_len, ctx.scale)
+    dq, dk, dv = fa4_varlen_backward(grad_out, q, k, v, out, lse, cu, ctx.max_len, ctx.scale)
     return dq, dk, dv, None, None, None
 
 

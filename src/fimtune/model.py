@@ -60,11 +60,16 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 
 def default_attn_implementation(device: torch.device, training: bool = False) -> str:
-    """FlashAttention-2 when installed on a CUDA device; for training there, else PyTorch's
-    variable-length FlashAttention (`varlen`); else PyTorch SDPA."""
+    """FlashAttention-2 (the `flash-attn` package) when installed on a CUDA device; for training
+    there, else PyTorch's variable-length FlashAttention (`varlen`); else PyTorch SDPA.
+
+    FlashAttention-4 (`flash-attn-4`) is installed under the same module name, `flash_attn`, and is
+    no FlashAttention-2: transformers' own check tells the two apart."""
+    from transformers.utils import is_flash_attn_2_available
+
     from fimtune.fast import varlen_supported
 
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    if device.type == "cuda" and is_flash_attn_2_available():
         return "flash_attention_2"
     if training and varlen_supported(device):
         return "varlen"

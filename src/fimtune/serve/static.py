@@ -87,6 +87,7 @@ WARMUP_PROMPT_TOKENS = 16
 SLOT_ALIGN = 64  # cache slots are a multiple of this (fused attention kernels want aligned masks)
 GROUPED = "fimtune_grouped_sdpa"  # the name of :func:`grouped_sdpa` in transformers' AttentionInterface
 FLEX = "fimtune_flex_decoding"  # the name of :func:`flex_decoding` there
+FLEX_MIN_HEAD_SIZE = 16  # FlexAttention's GPU kernels refuse smaller heads
 MASK_KINDS = ("sdpa", GROUPED, FLEX, "eager")  # attention implementations whose 4D mask format is known here
 PREFILL_GRAPH_STEP = 128  # a single prompt is right-padded to a multiple of this for its prefill graph
 PREFILL_GRAPH_TOKENS = 2048  # the longest prompt prefilled through a graph (longer ones keep the GPU busy anyway)
@@ -133,11 +134,16 @@ def flex_decoding(
     modification and grouped-query heads read once (``enable_gqa``); anything else: SDPA.
 
     Compiled, it becomes FlexAttention's decoding kernel; uncompiled (the CPU tests) its reference
-    implementation, which gives the same values. Returns [B, 1, H, D].
+    implementation, which gives the same values. Returns [B, 1, H, D]. Heads smaller than 16 on a
+    GPU (tiny test models) go to SDPA: FlexAttention's GPU kernels take no smaller.
     """
     from torch.nn.attention.flex_attention import flex_attention
 
-    if not _masked_step(query, attention_mask, dropout, kwargs) or attention_mask.dtype != torch.bool:
+    if (
+        not _masked_step(query, attention_mask, dropout, kwargs)
+        or attention_mask.dtype != torch.bool
+        or (query.is_cuda and query.shape[-1] < FLEX_MIN_HEAD_SIZE)
+    ):
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     mask = attention_mask[:, 0, 0, : key.shape[2]]
 
