@@ -219,7 +219,9 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     result["loss_chunk_tokens"] = chunk
     result["flash_attention"] = fast.current_flash_attention() if on_gpu_varlen else None
     if on_gpu_varlen:
-        result["kv_heads_as_they_are"] = bool(fast._GROUPED_AS_THEY_ARE.get(torch.cuda.current_device()))
+        result["kv_heads_as_they_are"] = result["flash_attention"] == "FA4" or bool(  # FA4 takes them as they are
+            fast._GROUPED_AS_THEY_ARE.get(torch.cuda.current_device())
+        )
     optimizer, scheduler = make_optimizer(model, cfg, device, 100)
     model, optimizer = acc.prepare(model, optimizer)
     data = batches(model.config.vocab_size, rows, args.length, device, docs=variant == "c-docs")

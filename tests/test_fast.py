@@ -155,6 +155,10 @@ def test_pytorchs_flash_attention_stays_off_a_gpu_and_fa4_is_refused_with_the_re
     assert fast.current_flash_attention() == "FA2"
     with pytest.raises(ValueError, match="attention_kernel must be one of auto, pytorch, fa4"):
         fast.select_flash_attention(cpu, "fa3")
+    with pytest.raises(RuntimeError, match="FlashAttention-4 cannot serve: it runs on CUDA GPUs"):
+        fast.select_flash_attention(cpu, "fa4", (4, 1, 64))
+    with pytest.raises(RuntimeError, match="cannot serve: the model's heads are of 8; it serves heads of 64 or more"):
+        fast.select_flash_attention(torch.device("cuda", 0), "fa4", (4, 1, 8))
     model = lora(tiny.gpt_bigcode(len(tiny_tokenizer)))
     model.set_attn_implementation(fast.register_varlen())
     with pytest.raises(RuntimeError, match="train.attention_kernel=fa4 needs .* CUDA GPU"):
@@ -204,26 +208,21 @@ def test_the_fa4_operator_has_the_shapes_and_gradients_of_attention_and_compiles
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_size", [64, 8])
-def test_fa4_where_installed_trains_as_pytorchs_flash_attention(tiny_tokenizer, head_size):
+def test_fa4_where_installed_trains_as_pytorchs_flash_attention(tiny_tokenizer):
     """Where flash-attn-4 is installed (a Hopper or a Blackwell), FlashAttention-4 serves a model of
-    StarCoder's head size (64) after its check, and whatever the check lets serve gives the loss and
-    LoRA gradients of PyTorch's own kernel, heads as they are."""
+    StarCoder's head size (64) after its check, and gives the loss and LoRA gradients of PyTorch's
+    own kernel, heads as they are."""
     device = torch.device("cuda")
     if why := fast.fa4_unavailable(device):
         pytest.skip(why)
     batch = {k: v.to(device) for k, v in packed_batch(len(tiny_tokenizer)).items()}
-    shape = (4, 1, head_size)
     results = []
     try:
         fast._FA4_AGREES.clear()  # the check runs on this model's shape
-        served = fast.select_flash_attention(device, "auto", shape)
-        if head_size == 64:
-            assert served == "FA4"
-        assert fast.current_flash_attention(device) == served
-        results.append(varlen_loss_and_lora_grads(tiny_tokenizer, batch, device, head_size))
+        assert fast.select_flash_attention(device, "auto", (4, 1, 64)) == fast.current_flash_attention(device) == "FA4"
+        results.append(varlen_loss_and_lora_grads(tiny_tokenizer, batch, device, 64))
         assert fast.select_flash_attention(device, "pytorch") == fast.current_flash_attention(device) == "FA2"
-        results.append(varlen_loss_and_lora_grads(tiny_tokenizer, batch, device, head_size))
+        results.append(varlen_loss_and_lora_grads(tiny_tokenizer, batch, device, 64))
     finally:
         fast.select_flash_attention(device, "pytorch")
         fast._FA4_AGREES.clear()

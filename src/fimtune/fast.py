@@ -333,6 +333,10 @@ ATTENTION_KERNELS = ("auto", "pytorch", "fa4")
 _FA4_ON: dict[int, bool] = {}
 # CUDA device index -> whether FlashAttention-4 gave the reference's outputs and gradients there.
 _FA4_AGREES: dict[int, bool] = {}
+# The smallest head FlashAttention-4 serves. Heads of 64 and 128 trained as PyTorch's kernel on an
+# H200; after the GPU tests ran its kernels for heads of 8 (whose gradients also matched), a later
+# test in the same process failed with "unspecified launch failure", which it did not alone.
+FA4_MIN_HEAD_SIZE = 64
 
 
 @torch.library.custom_op("fimtune::fa4_varlen", mutates_args=())
@@ -449,10 +453,10 @@ def select_flash_attention(
     PyTorch's `varlen_attn` runs FlashAttention-2, which predates Hopper's asynchronous matrix
     instructions: its backward ran at ~220 TFLOP/s in (c)'s profile. FlashAttention-4 (the
     `flash-attn-4` package) has Hopper and Blackwell kernels, forward and backward, for packed
-    documents and grouped key/value heads. ``auto`` uses it where it is installed and the GPU is a
-    Hopper or a Blackwell, once a packed batch of documents in the model's ``shape`` (query heads,
-    key/value heads, head size; by default 8, 1, 64) went through it forward and backward and gave
-    the outputs and gradients of SDPA in fp32, each within 2% of the largest value (so the kernels
+    documents and grouped key/value heads. ``auto`` uses it where it is installed, the GPU is a
+    Hopper or a Blackwell and the heads are of `FA4_MIN_HEAD_SIZE` or more, once a packed batch of
+    documents in the model's ``shape`` (query heads, key/value heads, head size; by default 8, 1,
+    64) went through it forward and backward and gave the outputs and gradients of SDPA in fp32, each within 2% of the largest value (so the kernels
     it compiles are the model's); otherwise PyTorch's own kernel stays, and the log says why.
     ``fa4`` is the same, and an error where it cannot serve; ``pytorch`` keeps PyTorch's own.
     """
@@ -463,10 +467,13 @@ def select_flash_attention(
         _FA4_ON[index] = False
     if kernel == "pytorch":
         return "FA2"
-    why = fa4_unavailable(device)
+    heads, kv_heads, dim = shape or (8, 1, 64)
+    if dim < FA4_MIN_HEAD_SIZE:
+        why = f"the model's heads are of {dim}; it serves heads of {FA4_MIN_HEAD_SIZE} or more"
+    else:
+        why = fa4_unavailable(device)
     if why is None:
         if index not in _FA4_AGREES:
-            heads, kv_heads, dim = shape or (8, 1, 64)
             here = torch.device("cuda", index)
             log.info("checking FlashAttention-4 on %s (its kernels compile at first use, once a process)", here)
             _FA4_AGREES[index] = same_attention(

@@ -298,10 +298,13 @@ NO_LABELS_BATCH = {"input_ids": [[0]], "labels": [[IGNORE_INDEX]]}
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch on ``device``; to a GPU through pinned memory, so the copy does not wait for the
-    work queued before it (the host goes on queueing the step)."""
+    work queued before it (the host goes on queueing the step). Tensors already there stay as they are."""
     pin = device.type == "cuda"
     tensors = {k: torch.as_tensor(v) for k, v in batch.items()}
-    return {k: (t.pin_memory() if pin else t).to(device, non_blocking=True) for k, t in tensors.items()}
+    return {
+        k: (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=True)
+        for k, t in tensors.items()
+    }
 
 
 # --------------------------------------------------------------------------------------

@@ -175,3 +175,5 @@ def test_info_health_and_metrics(client):
     assert "# TYPE fimtune_request_duration_seconds histogram" in text
     generated = next(line for line in text.splitlines() if line.startswith("fimtune_generated_tokens_total "))
     assert int(generated.split()[1]) >= 12
+    busy = next(line for line in text.splitlines() if line.startswith("fimtune_busy_seconds_total "))
+    assert 0 < float(busy.split()[1]) < 60  # the model ran, for a moment

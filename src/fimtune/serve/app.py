@@ -191,6 +191,7 @@ def engine_gauges(engine: Engine) -> dict[str, tuple[str, str, Any]]:
         "fimtune_rejected_total": ("counter", "Requests refused with 503 (queue full).", c.rejected),
         "fimtune_cancelled_total": ("counter", "Requests cancelled (client gone).", c.cancelled),
         "fimtune_timeouts_total": ("counter", "Requests past their timeout.", c.timeouts),
+        "fimtune_busy_seconds_total": ("counter", "Seconds the engine spent generating batches.", c.busy_seconds),
         "fimtune_queue_depth": ("gauge", "Requests waiting for the engine.", engine.queue_depth()),
     }
 

@@ -188,12 +188,13 @@ class Arrival:
 
 @dataclass
 class EngineCounters:
-    """Jobs that did not end with a completion (for `/metrics`)."""
+    """Jobs that did not end with a completion, and the worker's time (for `/metrics`)."""
 
     rejected: int = 0
     cancelled: int = 0
     timeouts: int = 0
     errors: int = 0
+    busy_seconds: float = 0.0  # wall time the worker spent generating batches (prefills, joins, steps)
 
 
 class Engine:
@@ -350,6 +351,7 @@ class Engine:
             return
         self._running = list(live)
         join = self._joiner(live[0].key) if self.limits.continuous_batching else None
+        began = time.perf_counter()
         try:
             with self._use_adapter(live[0].adapter):
                 self.decoder.run([self._row(job) for job in live], live[0].adapter, join=join)
@@ -362,6 +364,7 @@ class Engine:
         finally:
             self._running = []
             self._freed = time.monotonic()
+            self.counters.busy_seconds += time.perf_counter() - began
 
     def _row(self, job: Job) -> Row:
         return job.row(on_done=lambda completion: self._end(job, completion))
