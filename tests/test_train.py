@@ -226,6 +226,22 @@ def test_a_training_step_never_waits_for_the_gpu(tmp_path, tiny_tokenizer, repet
 
 
 @pytest.mark.gpu
+def test_batches_go_to_the_gpu_from_host_lists_and_tensors_and_stay_there_if_already_on_it():
+    from fimtune.train import _to_device
+
+    cuda = torch.device("cuda")
+    batch = {
+        "input_ids": [[1, 2, 3]],
+        "labels": torch.tensor([[1, 2, 3]]),
+        "position_ids": torch.arange(3)[None].to(cuda),
+    }
+    moved = _to_device(batch, cuda)
+    torch.cuda.synchronize()
+    assert all(t.is_cuda for t in moved.values()) and moved["input_ids"].tolist() == [[1, 2, 3]]
+    assert moved["position_ids"] is batch["position_ids"]
+
+
+@pytest.mark.gpu
 def test_qlora_trains_on_cuda(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
     pytest.importorskip("bitsandbytes")
     base = model_dir(tmp_path, tiny_tokenizer, "llama")
