@@ -360,6 +360,13 @@ def main() -> int:
         metavar="MS,MS",
         help="server runs again with these batching waits (batch_wait_ms; default: none)",
     )
+    gpu.add_argument(
+        "--switch-interval-variants",
+        type=lambda text: [float(x) for x in text.split(",") if x],
+        default=[],
+        metavar="MS,MS",
+        help="server runs again with these interpreter switch intervals (switch_interval_ms; default: none)",
+    )
     args = parser.parse_args()
     if args.device == "cuda" or args.shape:
         import latency_gpu

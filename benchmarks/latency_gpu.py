@@ -628,6 +628,7 @@ def server_rows(s: Setup, engine: Any, args: argparse.Namespace, deadline: float
         if threads:  # and as in runs 1-6: prompts tokenized on the event loop
             variants.insert(1, {"tokenize_in_threads": False})
         variants += [{"batch_wait_ms": ms} for ms in args.batch_wait_variants]
+        variants += [{"switch_interval_ms": ms} for ms in args.switch_interval_variants]
         for changes in variants:
             if time.monotonic() > deadline - 10:
                 print(f"-- server {changes}: skipped (budget)", flush=True)
@@ -658,7 +659,8 @@ def server_run(
     joins = f"joins {lim.join_min_rows}/{lim.join_wait_ms:g}ms" if lim.continuous_batching else "no joins"
     row: dict[str, Any] = {
         "scenario": f"server 16, {_graphs(engine)}, wait {lim.batch_wait_ms:g}/{lim.batch_max_wait_ms:g}ms, "
-        f"{joins}, tokenize {'threads' if threads else 'loop'}" + (", clients in-process" if in_process else ""),
+        f"{joins}, tokenize {'threads' if threads else 'loop'}, switch {lim.switch_interval_ms:g}ms"
+        + (", clients in-process" if in_process else ""),
         "batch_max_wait_ms": lim.batch_max_wait_ms,
         "tokenize_in_threads": threads,
         "clients_in_process": in_process,
@@ -666,6 +668,7 @@ def server_run(
         "continuous_batching": lim.continuous_batching,
         "join_min_rows": lim.join_min_rows,
         "join_wait_ms": lim.join_wait_ms,
+        "switch_interval_ms": lim.switch_interval_ms,
         "joined": stats.joined - joined,
         "requests": CLIENTS * REQUESTS_PER_CLIENT,
         "errors": len(errors),

@@ -46,3 +46,15 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
     # prompts are tokenized on the event loop in both; the clients are a process of their own
     assert [(r["batch_max_wait_ms"], r["tokenize_in_threads"]) for r in served[:2]] == [(0.0, False), (50.0, False)]
     assert not any(r["clients_in_process"] for r in served)
+
+
+def test_switch_interval_benchmark_prints_a_row_per_interval():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "switch_interval.py"), "--intervals-ms", "5,0.5"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip().endswith(tuple("0123456789")) and " ms " in line]
+    assert [row[0] for row in rows] == ["5", "0.5"]
+    assert all(float(row[2]) >= 32 * 1.5 for row in rows)  # 32 waits of 1.5 ms at least, alone

@@ -325,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU: prefill single prompts eagerly (default: padded to a length bucket, replayed as a CUDA graph)",
     )
     srv.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        help="while serving, how long another thread may keep the interpreter lock from the model's "
+        "worker (Python's switch interval; default 0.5, Python's own 5)",
+    )
+    srv.add_argument(
         "--flex-decoding",
         action="store_true",
         help="GPU: decoding steps attend through FlexAttention's decoding kernel (default: SDPA)",

@@ -3,6 +3,7 @@ timeouts, the event loop stays free, and the KV cache is reused across keystroke
 
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -111,6 +112,22 @@ def test_a_batch_waits_for_a_request_still_being_tokenized(tiny_run):
             arriving = engine.arrival()  # never queued
             assert c.post("/generate", json=body).status_code == 200
             arriving.done()
+
+
+def test_the_engine_keeps_its_switch_interval_while_it_runs_and_gives_pythons_back(tiny_run):
+    """The worker waits for the model with the interpreter lock let go; the switch interval bounds
+    how long a busy thread keeps it from the worker afterwards."""
+    python_default = sys.getswitchinterval()
+    app = make_app(tiny_run, switch_interval_ms=0.25)
+    engine = app.state.service.engine
+    body = {"inputs": psm("x = "), "parameters": {"max_new_tokens": 3}}
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/generate", json=body).status_code == 200
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+        engine.limits.switch_interval_ms = 1.0  # a change holds from the next batch
+        assert c.post("/generate", json=body).status_code == 200
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+    assert sys.getswitchinterval() == python_default
 
 
 def test_full_queue_answers_503_with_retry_after(tiny_run):

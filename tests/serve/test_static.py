@@ -293,7 +293,12 @@ def test_no_cuda_graphs_and_no_continuous_batching_flags():
     assert (limits_from_args(ns).join_min_rows, limits_from_args(ns).join_wait_ms) == (2, 5.0)
     with pytest.raises(FimtuneError, match="join-wait-ms"):
         limits_from_args(build_parser().parse_args(["serve", "embedded", "--join-wait-ms", "-1"]))
+    ns = build_parser().parse_args(["serve", "embedded", "--switch-interval-ms", "0.25"])
+    assert limits_from_args(ns).switch_interval_ms == 0.25
+    with pytest.raises(FimtuneError, match="--switch-interval-ms must be more than 0"):
+        limits_from_args(build_parser().parse_args(["serve", "embedded", "--switch-interval-ms", "0"]))
     defaults = limits_from_args(build_parser().parse_args(["serve", "embedded"]))
+    assert defaults.switch_interval_ms == 0.5
     assert defaults.cuda_graphs is True and defaults.continuous_batching is False
     assert defaults.prefill_graphs is True and defaults.flex_decoding is False
     ns = build_parser().parse_args(["serve", "embedded", "--no-prefill-graphs", "--flex-decoding"])

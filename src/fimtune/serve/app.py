@@ -222,6 +222,11 @@ def limits_from_args(ns: Any) -> Limits:
         if timeout <= 0:
             raise FimtuneError(f"--timeout must be more than 0 seconds (got {timeout})")
         lim.timeout_s = timeout
+    switch = getattr(ns, "switch_interval_ms", None)
+    if switch is not None:
+        if switch <= 0:
+            raise FimtuneError(f"--switch-interval-ms must be more than 0 (got {switch})")
+        lim.switch_interval_ms = switch
     for name in ("join_wait_ms", "batch_wait_ms", "batch_max_wait_ms"):
         value = getattr(ns, name, None)
         if value is not None:
