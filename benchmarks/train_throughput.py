@@ -24,6 +24,8 @@ c-nodrop     (c) with LoRA dropout 0 (what the recipe's dropout costs)
 c-eager      (c) without torch.compile (what compiling buys)
 c-torch-dropout (c) with PyTorch's own dropout in the blocks (random masks kept for the backward
              pass), not hashed masks made again (what `train.hashed_dropout` saves)
+c-eager-loss (c) with the loss's soft-max and gradient eager (fp32 copies of each chunk's logits),
+             not compiled (what compiling it saves)
 c-repeat-kv  c-fa2 with StarCoder's one key/value head repeated for the 16 query heads, as on
              PyTorch 2.11 before its kernel was checked to take it as it is (what that saves,
              against c-fa2: FlashAttention-4 takes the head as it is anyway)
@@ -72,6 +74,7 @@ ALL = [
     "c-torch-dropout",
     "c-repeat-kv",
     "c-fa2",
+    "c-eager-loss",
 ]
 
 
@@ -216,7 +219,10 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     if variant == "c-repeat-kv" and on_gpu_varlen:  # as before the check: StarCoder's key/value head repeated 16x
         fast._GROUPED_AS_THEY_ARE[torch.cuda.current_device()] = False
     model, chunk = prepare_model(model, cfg, acc, [])
+    if variant == "c-eager-loss":
+        fast._COMPILED_LOSS.clear()
     result["loss_chunk_tokens"] = chunk
+    result["compiled_loss"] = any(fast._COMPILED_LOSS.values())
     result["flash_attention"] = fast.current_flash_attention() if on_gpu_varlen else None
     if on_gpu_varlen:
         result["kv_heads_as_they_are"] = result["flash_attention"] == "FA4" or bool(  # FA4 takes them as they are

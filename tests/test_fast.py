@@ -252,6 +252,54 @@ def test_chunked_cross_entropy_equals_the_full_loss_and_gradient(trainable_head)
         torch.testing.assert_close(fast.chunked_cross_entropy(hidden, head, labels, 5), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("compiler", [None, "aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_chunks_loss_and_logit_gradient_are_autograds(compiler, dtype):
+    """The fused chunk (used compiled on a GPU): the summed cross-entropy and its gradient for the
+    logits, as autograd gives them for F.cross_entropy, ignored rows zero; one graph for the compiler."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(24, 300)).to(dtype)
+    labels = torch.randint(0, 300, (24,))
+    labels[[0, 7, 23]] = IGNORE_INDEX
+    leaf = logits.float().requires_grad_()
+    want = F.cross_entropy(leaf, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    want.backward()
+    valid = labels != IGNORE_INDEX
+    fn = fast.loss_chunk_and_logit_grads
+    if compiler is not None:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, backend=compiler, dynamic=False, fullgraph=True)
+    loss, grad = fn(logits, torch.where(valid, labels, 0), valid)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype and grad.shape == logits.shape
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-4)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 4e-3}
+    torch.testing.assert_close(grad.float(), leaf.grad, **tol)
+    assert not grad[[0, 7, 23]].any()
+    eager_loss, eager_grad = fast.eager_loss_chunk(logits.clone(), torch.where(valid, labels, 0), valid)
+    torch.testing.assert_close(eager_loss, loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(eager_grad.float(), grad.float(), **tol)
+
+
+@pytest.mark.gpu
+def test_the_compiled_loss_on_a_gpu_gives_the_eager_loss_and_gradient():
+    torch.manual_seed(0)
+    cuda = torch.device("cuda")
+    head = torch.nn.Linear(64, 1000, bias=False, device=cuda, dtype=torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(300, 64, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 1000, (300,), device=cuda)
+    labels[:5] = IGNORE_INDEX
+    results = []
+    try:
+        for compiled in (False, True):
+            fast._COMPILED_LOSS[torch.cuda.current_device()] = compiled
+            loss = fast.chunked_cross_entropy(hidden, head, labels, chunk=128)
+            results.append((loss, *torch.autograd.grad(loss, hidden)))
+    finally:
+        fast._COMPILED_LOSS.clear()
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(results[1][1].float(), results[0][1].float(), rtol=2e-2, atol=2e-3)
+
+
 def test_chunked_cross_entropy_under_bf16_autocast_is_close():
     torch.manual_seed(0)
     head = torch.nn.Linear(32, 80, bias=False).requires_grad_(False)
