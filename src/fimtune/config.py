@@ -212,12 +212,14 @@ class TrainConfig:
     masks (same rates, another random stream); default: with `compile` (eager, PyTorch's is faster)."""
     attention_kernel: Literal["auto", "pytorch", "fa4"] = "auto"
     """The FlashAttention kernels of the packed-document attention on a GPU: `auto` runs
-    FlashAttention-4 (the `flash-attn-4` package; Hopper and Blackwell GPUs) where it is installed
-    and agrees with SDPA on a test batch, PyTorch's own kernel (FlashAttention-2) elsewhere; `fa4`
+    FlashAttention-4 (the `flash-attn-4` package; Hopper and Blackwell GPUs; heads of 64 or more)
+    where it is installed and agrees with SDPA on a test batch, PyTorch's own kernel
+    (FlashAttention-2) elsewhere; `fa4`
     insists (an error where it cannot serve); `pytorch` keeps PyTorch's own."""
     loss_chunk_tokens: int | None = None
     """Compute the loss this many tokens at a time, so the (tokens x vocabulary) logits never
-    exist at once (0: all at once); default: 4096 on CUDA GPUs, 0 on CPUs."""
+    exist at once (0: all at once); default: 4096 on CUDA GPUs, 0 on CPUs. With `compile` on a
+    GPU each chunk's soft-max and gradient run compiled too."""
     eval_every: int = 50
     """Validation loss every this many steps (0: only at the end)."""
     eval_batches: int | None = None
