@@ -353,20 +353,17 @@ def main() -> int:
         metavar="DIR",
         help="profile decoding steps of the first --graphs variant (batch 1 and 16) into DIR",
     )
-    gpu.add_argument(
-        "--batch-wait-variants",
-        type=lambda text: [float(x) for x in text.split(",") if x],
-        default=[],
-        metavar="MS,MS",
-        help="server runs again with these batching waits (batch_wait_ms; default: none)",
-    )
-    gpu.add_argument(
-        "--switch-interval-variants",
-        type=lambda text: [float(x) for x in text.split(",") if x],
-        default=[],
-        metavar="MS,MS",
-        help="server runs again with these interpreter switch intervals (switch_interval_ms; default: none)",
-    )
+    for flag, what in (
+        ("--batch-wait-variants", "batching waits (batch_wait_ms)"),
+        ("--switch-interval-variants", "interpreter switch intervals (switch_interval_ms)"),
+    ):
+        gpu.add_argument(
+            flag,
+            type=lambda text: [float(x) for x in text.split(",") if x],
+            default=[],
+            metavar="MS,MS",
+            help=f"server runs again with these {what}; default: none",
+        )
     args = parser.parse_args()
     if args.device == "cuda" or args.shape:
         import latency_gpu
