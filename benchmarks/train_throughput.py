@@ -24,6 +24,8 @@ c-nodrop     (c) with LoRA dropout 0 (what the recipe's dropout costs)
 c-eager      (c) without torch.compile (what compiling buys)
 c-torch-dropout (c) with PyTorch's own dropout in the blocks (random masks kept for the backward
              pass), not hashed masks made again (what `train.hashed_dropout` saves)
+c-lora-r4    (c) with LoRA's rank-4 products as they are, not padded to rank 8 (what padding saves:
+             16-byte aligned matrix products)
 c-eager-loss (c) with the loss's soft-max and gradient eager (fp32 copies of each chunk's logits),
              not compiled (what compiling it saves)
 c-repeat-kv  c-fa2 with StarCoder's one key/value head repeated for the 16 query heads, as on
@@ -75,6 +77,7 @@ ALL = [
     "c-repeat-kv",
     "c-fa2",
     "c-eager-loss",
+    "c-lora-r4",
 ]
 
 
@@ -221,6 +224,9 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     model, chunk = prepare_model(model, cfg, acc, [])
     if variant == "c-eager-loss":
         fast._COMPILED_LOSS.clear()
+    if variant == "c-lora-r4":
+        fast.pad_lora_rank(model, 1)
+    result["lora_rank_padded"] = any(isinstance(m, fast._RankPaddedA) for m in model.modules())
     result["loss_chunk_tokens"] = chunk
     result["compiled_loss"] = any(fast._COMPILED_LOSS.values())
     result["flash_attention"] = fast.current_flash_attention() if on_gpu_varlen else None

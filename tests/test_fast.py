@@ -231,6 +231,42 @@ def test_fa4_where_installed_trains_as_pytorchs_flash_attention(tiny_tokenizer):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
 
 
+def test_lora_products_at_a_padded_rank_give_the_same_outputs_and_gradients(tiny_tokenizer):
+    """Rank 4 run as rank 8 (zero rows of A, zero columns of B, in the products only): the same
+    loss and LoRA gradients, the same parameters and state dict, through the compiler too."""
+    batch = packed_batch(len(tiny_tokenizer))
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        logits = forward_logits(model, batch)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    model = lora(tiny.gpt_bigcode(len(tiny_tokenizer)))
+    with torch.no_grad():  # B starts at zero in PEFT: give A's gradients something to carry
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    want = loss_and_grads(model)
+    assert fast.pad_lora_rank(model) == 8  # c_attn, the two c_proj and c_fc in each of the 2 layers
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    got = loss_and_grads(model)
+    torch.testing.assert_close(got[0], want[0])
+    for a, b in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a, b)
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
+    assert layer.lora_A["default"](torch.randn(3, layer.lora_A["default"].in_features)).shape == (3, 8)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(5, layer.lora_A["default"].in_features)
+    torch.testing.assert_close(compiled(x), layer(x))
+    assert fast.pad_lora_rank(model, 1) == 0  # as they were
+    assert {type(m) for m in model.modules() if "Padded" in type(m).__name__} == set()
+    torch.testing.assert_close(loss_and_grads(model)[0], want[0])
+    assert fast.pad_lora_rank(lora(tiny.gpt_bigcode(len(tiny_tokenizer))), multiple=4) == 0  # rank 4 fits
+
+
 def full_loss(hidden, head, labels):
     return F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
