@@ -619,12 +619,13 @@ def server_rows(s: Setup, engine: Any, args: argparse.Namespace, deadline: float
         load(s, url, CLIENTS, 1, args.clients_in_process)  # one untimed request per client: first batches
         svc = app.state.service
         threads = svc.tokenize_in_threads
-        # limits changed per run: the server's defaults (no joins; on a GPU prompts tokenized in
-        # threads); batching that waits while requests arrive; rows joining as they come; rows
-        # joining 4 at a time (or after 20 ms); then other batching waits
-        arrivals = {"batch_max_wait_ms": ARRIVALS_MAX_WAIT_MS}
-        joins = {"continuous_batching": True, "join_min_rows": 1, "join_wait_ms": 0.0}
-        variants: list[dict[str, Any]] = [{}, arrivals, joins, {**joins, "join_min_rows": 4, "join_wait_ms": 20.0}]
+        # limits changed per run: the server's defaults (rows join the batch in flight; on a GPU
+        # prompts tokenized in threads); each batch run to its end; that, waiting while requests
+        # arrive; rows joining 4 at a time (or after 20 ms); then other batching waits
+        no_joins = {"continuous_batching": False}
+        arrivals = {**no_joins, "batch_max_wait_ms": ARRIVALS_MAX_WAIT_MS}
+        joins = {"continuous_batching": True, "join_min_rows": 4, "join_wait_ms": 20.0}
+        variants: list[dict[str, Any]] = [{}, no_joins, arrivals, joins]
         if threads:  # and as in runs 1-6: prompts tokenized on the event loop
             variants.insert(1, {"tokenize_in_threads": False})
         variants += [{"batch_wait_ms": ms} for ms in args.batch_wait_variants]

@@ -316,8 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--continuous-batching",
-        action="store_true",
-        help="GPU: waiting requests join the batch in flight (default: a batch runs to its end before the next)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GPU: waiting requests join the batch in flight (the default; --no-continuous-batching: "
+        "a batch runs to its end before the next starts)",
     )
     srv.add_argument(
         "--no-prefill-graphs",

@@ -299,7 +299,9 @@ def test_no_cuda_graphs_and_no_continuous_batching_flags():
         limits_from_args(build_parser().parse_args(["serve", "embedded", "--switch-interval-ms", "0"]))
     defaults = limits_from_args(build_parser().parse_args(["serve", "embedded"]))
     assert defaults.switch_interval_ms == 0.5
-    assert defaults.cuda_graphs is True and defaults.continuous_batching is False
+    assert defaults.cuda_graphs is True and defaults.continuous_batching is True
+    ns = build_parser().parse_args(["serve", "embedded", "--no-continuous-batching"])
+    assert limits_from_args(ns).continuous_batching is False
     assert defaults.prefill_graphs is True and defaults.flex_decoding is False
     ns = build_parser().parse_args(["serve", "embedded", "--no-prefill-graphs", "--flex-decoding"])
     assert (limits_from_args(ns).prefill_graphs, limits_from_args(ns).flex_decoding) == (False, True)

@@ -235,8 +235,8 @@ def limits_from_args(ns: Any) -> Limits:
             setattr(lim, name, value)
     if getattr(ns, "no_cuda_graphs", False):
         lim.cuda_graphs = False
-    if getattr(ns, "continuous_batching", False):
-        lim.continuous_batching = True
+    if getattr(ns, "continuous_batching", None) is not None:
+        lim.continuous_batching = ns.continuous_batching
     if getattr(ns, "no_prefill_graphs", False):
         lim.prefill_graphs = False
     if getattr(ns, "flex_decoding", False):

@@ -79,9 +79,9 @@ class Limits:
     cuda_graphs: bool = True  # on a CUDA device: static KV cache + decoding steps replayed as CUDA graphs
     prefill_graphs: bool = True  # with them: a single prompt's prefill replayed as a CUDA graph too
     flex_decoding: bool = False  # with them: steps attend through FlexAttention's decoding kernel
-    # With CUDA graphs: queued requests join the batch in flight (off by default: on an H200 it
-    # lowered the median latency of 16 clients but not the 95th percentile, see RESULTS.md) ...
-    continuous_batching: bool = False
+    # With CUDA graphs: queued requests join the batch in flight (on an H200, with prefill graphs, it
+    # lowered both the median and the 95th percentile latency of 16 clients; RESULTS.md, run 7) ...
+    continuous_batching: bool = True
     join_min_rows: int = 1  # ... once this many wait (or as many as there are free rows): each join
     join_wait_ms: float = 0.0  # stalls the batch for a prefill; or once the first waited this long
     # While the engine runs: how long another thread may hold the interpreter lock once the worker
