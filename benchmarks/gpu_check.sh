@@ -58,9 +58,11 @@ part train && timeout $share python3 benchmarks/train_throughput.py --variants c
     --activation-memory 0.85 --budget-s $((share - 40)) --profile /tmp/gpu-profiles \
     --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
 
-# 3. Completion latency: the engine's variants side by side, the server rows (and once more with
-#    Python's own 5 ms switch interval), a profile of the step.
+# 3. Completion latency: the engine (its eager-prefill and FlexAttention variants were measured in
+#    run 7), the server rows (and once more with Python's own 5 ms switch interval), a profile of
+#    the step.
 part latency && cd benchmarks && timeout $(($(left) - 5)) python3 latency.py --device cuda --shape starcoderbase-1b \
-    --no-generate-static --budget-s $(($(left) - 40)) --profile-step /tmp/gpu-profiles --switch-interval-variants 5 \
+    --no-generate-static --graphs trees --budget-s $(($(left) - 40)) --profile-step /tmp/gpu-profiles \
+    --switch-interval-variants 5 \
     --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log"
 for f in /tmp/gpu-profiles/*.txt; do [ -f "$f" ] && printf '\n== %s\n' "${f##*/}" && cat "$f"; done > "$OUT/profiles.txt"
