@@ -456,8 +456,9 @@ def select_flash_attention(
     documents and grouped key/value heads. ``auto`` uses it where it is installed, the GPU is a
     Hopper or a Blackwell and the heads are of `FA4_MIN_HEAD_SIZE` or more, once a packed batch of
     documents in the model's ``shape`` (query heads, key/value heads, head size; by default 8, 1,
-    64) went through it forward and backward and gave the outputs and gradients of SDPA in fp32, each within 2% of the largest value (so the kernels
-    it compiles are the model's); otherwise PyTorch's own kernel stays, and the log says why.
+    64) went through it forward and backward and gave the outputs and gradients of SDPA in fp32,
+    each within 2% of the largest value (so the kernels it compiles are the model's); otherwise
+    PyTorch's own kernel stays, and the log says why.
     ``fa4`` is the same, and an error where it cannot serve; ``pytorch`` keeps PyTorch's own.
     """
     if kernel not in ATTENTION_KERNELS:

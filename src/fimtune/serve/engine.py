@@ -87,7 +87,7 @@ class Limits:
     # While the engine runs: how long another thread may hold the interpreter lock once the worker
     # asks for it (Python's switch interval, 5 ms by default there). The worker lets the lock go at
     # each wait for the model and gets it back once the holder lets go or this runs out: beside a
-    # thread busy in Python, 32 waits of 1.5 ms took 219 ms at 5 ms, 73 at 0.5 (RESULTS.md).
+    # thread busy in Python, 32 waits of 1.5 ms took ~220 ms at 5 ms, ~72 at 0.5 (RESULTS.md).
     switch_interval_ms: float = 0.5
 
     def as_dict(self) -> dict[str, Any]:
