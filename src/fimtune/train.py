@@ -677,11 +677,12 @@ def _tensorboard(run_dir: Path) -> Any:
 # --------------------------------------------------------------------------------------
 
 # Sustained training throughput assumed for the duration estimate, FLOP/s, by device class. Hopper
-# (compute capability 9.x): fimtune's own LoRA step on the StarCoderBase-1B shape ran at 283-294
-# TFLOP/s on H200s (benchmarks/RESULTS.md, counting the same FLOP); other bf16 GPUs: about half an
+# (compute capability 9.x): fimtune's own LoRA step on the StarCoderBase-1B shape ran at 308 TFLOP/s
+# on an H200 with PyTorch's flash kernels and 342 with FlashAttention-4 and the GPU preset's
+# settings (benchmarks/RESULTS.md, run 4, counting the same FLOP); other bf16 GPUs: about half an
 # A100's dense peak.
 ASSUMED_FLOPS = {
-    "hopper-bf16": 280e12,
+    "hopper-bf16": 300e12,
     "cuda-bf16": 150e12,
     "cuda-fp16": 100e12,
     "cuda-fp32": 20e12,
