@@ -316,6 +316,21 @@ def test_a_chunks_loss_and_logit_gradient_are_autograds(compiler, dtype):
     torch.testing.assert_close(eager_grad.float(), grad.float(), **tol)
 
 
+def test_a_compiled_loss_that_fails_gives_way_to_the_eager_one(monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fast, "_compiled_loss_chunk", lambda: broken)
+    monkeypatch.setitem(fast._COMPILED_LOSS, 7, True)
+    logits, target = torch.randn(6, 20), torch.randint(0, 20, (6,))
+    valid = torch.ones(6, dtype=torch.bool)
+    want = fast.eager_loss_chunk(logits.clone(), target, valid)
+    loss, grad = fast.compiled_loss_chunk(logits.clone(), target, valid, 7)
+    torch.testing.assert_close(loss, want[0])
+    torch.testing.assert_close(grad, want[1])
+    assert fast._COMPILED_LOSS[7] is False and "runs eagerly from now on" in caplog.text
+
+
 @pytest.mark.gpu
 def test_the_compiled_loss_on_a_gpu_gives_the_eager_loss_and_gradient():
     torch.manual_seed(0)

@@ -540,7 +540,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             target = torch.where(valid, y, 0)
             logits = h @ weight.T
             if fused:  # one reduction and one element-wise pass over the logits, in their dtype
-                loss, logit_grad = _compiled_loss_chunk()(logits, target, valid)
+                loss, logit_grad = compiled_loss_chunk(logits, target, valid, _cuda_index(hidden.device))
             else:
                 loss, logit_grad = eager_loss_chunk(logits, target, valid, grad is not None)
             total += loss
@@ -600,6 +600,24 @@ def eager_loss_chunk(
 @functools.cache
 def _compiled_loss_chunk() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     return torch.compile(loss_chunk_and_logit_grads, dynamic=False, fullgraph=True)
+
+
+def compiled_loss_chunk(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, index: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`loss_chunk_and_logit_grads` compiled; where compiling or running it fails (other
+    than for memory), the eager chunk, from then on for device ``index``, with a warning."""
+    try:
+        return _compiled_loss_chunk()(logits, target, valid)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:
+        log.warning("the compiled loss failed; it runs eagerly from now on", exc_info=True)
+        if index is not None:
+            _COMPILED_LOSS[index] = False
+        loss, grad = eager_loss_chunk(logits, target, valid)
+        assert grad is not None
+        return loss, grad
 
 
 def chunked_cross_entropy(
