@@ -538,14 +538,15 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         weight = weight.to(compute)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        fused = grad is not None and hidden.is_cuda and _COMPILED_LOSS.get(_cuda_index(hidden.device), False)
+        index = _cuda_index(hidden.device)
+        fused = grad is not None and index is not None and _COMPILED_LOSS.get(index, False)
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start : start + chunk].to(compute), labels[start : start + chunk]
             valid = y != IGNORE_INDEX
             target = torch.where(valid, y, 0)
             logits = h @ weight.T
             if fused:  # one reduction and one element-wise pass over the logits, in their dtype
-                loss, logit_grad = compiled_loss_chunk(logits, target, valid, _cuda_index(hidden.device))
+                loss, logit_grad = compiled_loss_chunk(logits, target, valid, index)
             else:
                 loss, logit_grad = eager_loss_chunk(logits, target, valid, grad is not None)
             total += loss
