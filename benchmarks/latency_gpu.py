@@ -19,7 +19,9 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
                       graph trees), `captured` (graphs captured per bucket), then modifiers:
                       `+eager-prefill` (the same engine, single prompts prefilled eagerly, not
                       through prefill graphs), `+prefill` (the same engine, its prefill compiled),
-                      `+flex` (an engine whose steps use FlexAttention's decoding kernel)
+                      `+flex` (an engine whose steps use FlexAttention's decoding kernel),
+                      `+cublas` (an engine whose batch-of-one steps multiply through cuBLAS, not
+                      the default matrix-vector kernels)
     attention bN      (CUDA) one step's attention over all layers' caches, replayed as a CUDA graph:
                       fimtune's grouped SDPA and compiled FlexAttention against transformers' SDPA,
                       which repeats StarCoder's single key/value head 16 times, with the engine's
@@ -296,7 +298,7 @@ def generate_row(s: Setup, name: str, **extra: Any) -> tuple[dict[str, Any], lis
     return row, outputs[0]
 
 
-VARIANT_MODIFIERS = ("eager-prefill", "prefill", "flex")
+VARIANT_MODIFIERS = ("eager-prefill", "prefill", "flex", "cublas")
 
 
 def parse_variant(variant: str) -> tuple[str, set[str]]:
@@ -314,7 +316,9 @@ def parse_variant(variant: str) -> tuple[str, set[str]]:
     return kind, set(modifiers)
 
 
-def make_engine(s: Setup, args: argparse.Namespace, graphs: str = "trees", flex: bool = False) -> Any:
+def make_engine(
+    s: Setup, args: argparse.Namespace, graphs: str = "trees", flex: bool = False, cublas: bool = False
+) -> Any:
     from fimtune.generate import FimPrompter
     from fimtune.serve.decoding import Decoder
     from fimtune.serve.engine import Engine, Limits
@@ -331,7 +335,8 @@ def make_engine(s: Setup, args: argparse.Namespace, graphs: str = "trees", flex:
     )
     static, length = None, limits.max_input_tokens + limits.max_new_tokens
     if limits.cuda_graphs and args.device == "cuda":
-        static = static_decoding(s.model, length, limits.max_batch_size, graphs=graphs, flex=flex)
+        gemv = False if cublas else None
+        static = static_decoding(s.model, length, limits.max_batch_size, graphs=graphs, flex=flex, gemv=gemv)
         if static is None:
             raise RuntimeError("static_decoding() gave no fast path for this model")
     elif limits.cuda_graphs:  # the CPU smoke run: the same code, through dynamo without inductor
@@ -710,6 +715,8 @@ def _graphs(engine: Any) -> str:
     name = "captured" if static.captured else "trees"
     if static.model.config._attn_implementation == FLEX:
         name += "+flex"
+    if not static.gemv and static.device.type == "cuda":
+        name += "+cublas"
     if static.prefill_compiled:
         name += "+prefill"
     elif not static.prefill_graphs_on:
@@ -772,14 +779,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if result is not None:
         report.add(result[0])
         expected = result[1]
-    engines: dict[tuple[str, bool], Any] = {}
-    prefill_graphs: dict[tuple[str, bool], bool] = {}  # per engine: its prefill graphs after the warm-up
+    engines: dict[tuple[str, bool, bool], Any] = {}
+    prefill_graphs: dict[tuple[str, bool, bool], bool] = {}  # per engine: its prefill graphs after the warm-up
     for i, variant in enumerate(args.graphs):
         graphs, modifiers = parse_variant(variant)
-        key = (graphs, "flex" in modifiers)
+        key = (graphs, "flex" in modifiers, "cublas" in modifiers)
         engine = engines.get(key)  # "+prefill", "+eager-prefill": the same engine (its graphs compiled)
         if engine is None:
-            name = graphs + ("+flex" if key[1] else "")
+            name = graphs + ("+flex" if key[1] else "") + ("+cublas" if key[2] else "")
             engine = attempt(report, f"engine setup, {name}", lambda k=key: make_engine(s, args, *k), deadline)
             if engine is None:
                 continue

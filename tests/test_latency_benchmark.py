@@ -60,3 +60,15 @@ def test_switch_interval_benchmark_prints_a_row_per_interval():
     rows = [line.split() for line in out.splitlines() if line.strip().endswith(tuple("0123456789")) and " ms " in line]
     assert [row[0] for row in rows] == ["5", "0.5"]
     assert all(float(row[2]) >= 32 * 1.5 for row in rows)  # 32 waits of 1.5 ms at least, alone
+
+
+def test_engine_variants_parse():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from latency_gpu import parse_variant
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert parse_variant("trees+cublas") == ("trees", {"cublas"})  # the engine whose batch-of-one steps use cuBLAS
+    assert parse_variant("captured+flex+eager-prefill") == ("captured", {"flex", "eager-prefill"})
+    with pytest.raises(Exception, match="MODIFIER from eager-prefill, prefill, flex, cublas"):
+        parse_variant("trees+fast")

@@ -327,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU: prefill single prompts eagerly (default: padded to a length bucket, replayed as a CUDA graph)",
     )
     srv.add_argument(
+        "--no-gemv-steps",
+        action="store_true",
+        help="GPU: a batch of one's decoding step multiplies through cuBLAS (default: compiled matrix-vector kernels)",
+    )
+    srv.add_argument(
         "--switch-interval-ms",
         type=float,
         help="while serving, how long another thread may keep the interpreter lock from the model's "

@@ -19,13 +19,16 @@ from tests.conftest import code_samples
 
 from fimtune.errors import FimtuneError
 from fimtune.generate import Completion, FimPrompter, GenerationParams, complete_batch
+from fimtune.serve import static as static_module
 from fimtune.serve.decoding import Decoder, Row
 from fimtune.serve.static import (
     FLEX,
+    GEMV_COUNTS,
     GROUPED,
     StaticDecoding,
     batch_buckets,
     flex_decoding,
+    gemv_decompositions,
     grouped_sdpa,
     kv_groups,
     prefill_lengths,
@@ -158,6 +161,67 @@ def test_static_decoding_compiled_by_inductor(tiny_tokenizer):
     check_against_generate(model, pr, "inductor", GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET))
 
 
+@pytest.mark.slow
+def test_matrix_vector_steps_compiled_by_inductor(tiny_tokenizer):
+    """A batch of one's products as reductions (the GPU default), forced on the CPU: generate's tokens,
+    through inductor's C++ kernels; bucket 4 keeps its products. ~40 s on 2 cores."""
+    model, pr = tiny_model("gpt_bigcode", tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    before = dict(GEMV_COUNTS)
+    decoder = check_against_generate(
+        model, pr, "inductor", GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET), gemv=True
+    )
+    assert decoder.static.gemv
+    assert not StaticDecoding(model, MAX_LENGTH, 4, backend="inductor").gemv  # by default on CUDA only
+    assert not StaticDecoding(model, MAX_LENGTH, 4, backend="eager", gemv=True).gemv  # inductor's rules only
+    # bucket 1's graph: each layer's 4 biased products (c_attn, c_proj, c_fc, mlp c_proj), the head's plain one
+    layers = model.config.n_layer
+    assert GEMV_COUNTS["addmm"] - before["addmm"] == 4 * layers and GEMV_COUNTS["mm"] - before["mm"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_products_as_reductions_match_the_matrix_products(dtype):
+    table = gemv_decompositions(("cpu",))
+    aten = torch.ops.aten
+    g = torch.Generator().manual_seed(0)
+    row, weight, bias = (torch.randn(*shape, generator=g).to(dtype) for shape in ((1, 96), (40, 96), (40,)))
+    wide = torch.randn(3, 96, generator=g).to(dtype)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 1e-2}
+    with torch.no_grad():
+        got = table[aten.addmm.default](bias, row, weight.t())
+        assert got.dtype == dtype and got.shape == (1, 40)
+        torch.testing.assert_close(got.float(), (row.double() @ weight.double().t() + bias.double()).float(), **tol)
+        torch.testing.assert_close(
+            table[aten.mm.default](row, weight.t()).float(), (row.double() @ weight.double().t()).float(), **tol
+        )
+        # several rows, scaled sums, another device type: not this rule (inductor's own, or the product itself)
+        for result in (
+            table[aten.addmm.default](bias, wide, weight.t()),
+            table[aten.addmm.default](bias, row, weight.t(), beta=2),
+            gemv_decompositions(("cuda",))[aten.mm.default](row, weight.t()),
+        ):
+            assert result is NotImplemented
+
+
+@pytest.mark.slow
+def test_a_matrix_vector_step_that_fails_to_compile_falls_back_to_the_plain_step(tiny_tokenizer, monkeypatch, caplog):
+    def broken(mode, devices):
+        def backend(graph, example_inputs):
+            raise RuntimeError("no reduction kernels today")
+
+        return backend
+
+    monkeypatch.setattr(static_module, "gemv_backend", broken)
+    fresh_dynamo()
+    model, pr = tiny_model("gpt_bigcode", tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    static = StaticDecoding(model, MAX_LENGTH, 1, backend="inductor", mode=None, gemv=True)
+    with caplog.at_level("WARNING"):
+        static.warmup()
+    assert not static.gemv and "matrix-vector decoding step failed" in caplog.text
+    row = rows_for(pr, params, 1)[0]
+    assert summary(Decoder(model, pr, static=static).run([row])) == summary(complete_batch(model, pr, holes(1), params))
+
+
 def test_no_step_runs_after_every_row_s_last_token(tiny_tokenizer):
     """N new tokens: a prefill and N - 1 steps (the step after the last token by length is not run)."""
     model, pr = never_ending(tiny_model("gpt_bigcode", tiny_tokenizer), tiny_tokenizer), FimPrompter(tiny_tokenizer)
@@ -272,6 +336,7 @@ def test_server_with_the_fast_path_answers_as_the_eager_one(tiny_run, other_adap
         info = c.get("/info").json()
         assert info["cuda_graphs_active"] and info["limits"]["cuda_graphs"] is True
         assert info["prefill_graphs_active"] and info["limits"]["prefill_graphs"] is True  # uncaptured on a CPU
+        assert info["gemv_steps_active"] is False and info["limits"]["gemv_steps"] is True  # the eager backend
         alone = [c.post(route, json=body).json() for route, body in calls]
         with ThreadPoolExecutor(4) as pool:
             together = list(pool.map(lambda call: c.post(call[0], json=call[1]).json(), calls * 2))
@@ -305,6 +370,8 @@ def test_no_cuda_graphs_and_no_continuous_batching_flags():
     assert defaults.prefill_graphs is True and defaults.flex_decoding is False
     ns = build_parser().parse_args(["serve", "embedded", "--no-prefill-graphs", "--flex-decoding"])
     assert (limits_from_args(ns).prefill_graphs, limits_from_args(ns).flex_decoding) == (False, True)
+    assert defaults.gemv_steps is True
+    assert limits_from_args(build_parser().parse_args(["serve", "embedded", "--no-gemv-steps"])).gemv_steps is False
     ns = build_parser().parse_args(["serve", "embedded", "--batch-wait-ms", "5", "--batch-max-wait-ms", "0"])
     assert (limits_from_args(ns).batch_wait_ms, limits_from_args(ns).batch_max_wait_ms) == (5.0, 0.0)
     with pytest.raises(FimtuneError, match="batch-max-wait-ms"):

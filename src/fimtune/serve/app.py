@@ -174,6 +174,7 @@ def server_info(svc: Service) -> dict[str, Any]:
         "limits": lim.as_dict(),
         "cuda_graphs_active": engine.decoder.static is not None,
         "prefill_graphs_active": engine.decoder.static is not None and engine.decoder.static.prefill_graphs_on,
+        "gemv_steps_active": engine.decoder.static is not None and engine.decoder.static.gemv,
     }
 
 
@@ -241,6 +242,8 @@ def limits_from_args(ns: Any) -> Limits:
         lim.prefill_graphs = False
     if getattr(ns, "flex_decoding", False):
         lim.flex_decoding = True
+    if getattr(ns, "no_gemv_steps", False):
+        lim.gemv_steps = False
     if lim.max_input_tokens <= 8:
         raise FimtuneError("--max-input-tokens must be more than 8 (the FIM tokens and some code)")
     return lim

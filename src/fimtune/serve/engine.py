@@ -79,6 +79,7 @@ class Limits:
     cuda_graphs: bool = True  # on a CUDA device: static KV cache + decoding steps replayed as CUDA graphs
     prefill_graphs: bool = True  # with them: a single prompt's prefill replayed as a CUDA graph too
     flex_decoding: bool = False  # with them: steps attend through FlexAttention's decoding kernel
+    gemv_steps: bool = True  # with them: a batch of one's step does its matrix products as reductions
     # With CUDA graphs: queued requests join the batch in flight (on an H200, with prefill graphs, it
     # lowered both the median and the 95th percentile latency of 16 clients; RESULTS.md, run 7) ...
     continuous_batching: bool = True
@@ -552,6 +553,7 @@ def load_engine(
             limits.max_batch_size,
             prefill_graphs=limits.prefill_graphs,
             flex=limits.flex_decoding,
+            gemv=None if limits.gemv_steps else False,
         )
     # The handlers encode on the event loop while the worker decodes: each gets its own tokenizer.
     decoder = Decoder(model, FimPrompter(copy.deepcopy(loaded.tokenizer)), limits.cache_slots, static=static)
