@@ -26,6 +26,9 @@ c-torch-dropout (c) with PyTorch's own dropout in the blocks (random masks kept 
              pass), not hashed masks made again (what `train.hashed_dropout` saves)
 c-lora-r4    (c) with LoRA's rank-4 products as they are, not padded to rank 8 (what padding saves:
              16-byte aligned matrix products)
+c-lora-sums  (c) with LoRA's B applied to the rank-wide product (and its transpose in the backward
+             pass) as 8 element-wise multiply-adds fused into the kernels that use them, not matrix
+             products whose layer-wide outputs are written and read back (an option, measured here)
 c-eager-loss (c) with the loss's soft-max and gradient eager (fp32 copies of each chunk's logits),
              not compiled (what compiling it saves)
 c-repeat-kv  c-fa2 with StarCoder's one key/value head repeated for the 16 query heads, as on
@@ -78,6 +81,7 @@ ALL = [
     "c-fa2",
     "c-eager-loss",
     "c-lora-r4",
+    "c-lora-sums",
 ]
 
 
@@ -226,6 +230,10 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         fast._COMPILED_LOSS.clear()
     if variant == "c-lora-r4":
         fast.pad_lora_rank(model, 1)
+    blocks = fast.transformer_blocks(model)
+    if variant == "c-lora-sums" and any(getattr(b, "_compiled_call_impl", None) for b in blocks):
+        fast.compile_blocks(model, narrow_max=fast.NARROW_PRODUCT_MAX)  # the same blocks, compiled anew
+        result["narrow_products"] = fast.NARROW_PRODUCT_MAX
     result["lora_rank_padded"] = any(isinstance(m, fast._RankPaddedA) for m in model.modules())
     result["loss_chunk_tokens"] = chunk
     result["compiled_loss"] = any(fast._COMPILED_LOSS.values())

@@ -267,6 +267,77 @@ def test_lora_products_at_a_padded_rank_give_the_same_outputs_and_gradients(tiny
     assert fast.pad_lora_rank(lora(tiny.gpt_bigcode(len(tiny_tokenizer))), multiple=4) == 0  # rank 4 fits
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_products_as_sums_match_the_matrix_products(dtype):
+    """One row times a matrix (a reduction) and a product 8 wide inside (element-wise multiply-adds),
+    biased or not, against the products in float64; other products keep inductor's rules."""
+    table = fast.product_decompositions(row_devices=("cpu",), narrow_max=8)
+    mm, addmm = table[torch.ops.aten.mm.default], table[torch.ops.aten.addmm.default]
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    row, weight, bias, narrow, wide = rand(1, 96), rand(40, 96), rand(40), rand(30, 8), rand(3, 96)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 1e-2}
+
+    def exact(a, b, c=None):
+        return (a.double() @ b.double() + (0 if c is None else c.double())).to(dtype)
+
+    before = dict(fast.PRODUCT_COUNTS)
+    with torch.no_grad():
+        for got, want in [
+            (addmm(bias, row, weight.t()), exact(row, weight.t(), bias)),
+            (mm(row, weight.t()), exact(row, weight.t())),
+            (mm(narrow, weight[:, :8].t()), exact(narrow, weight[:, :8].t())),  # [30, 8] @ [8, 40]
+            (addmm(bias, narrow, weight[:, :8].t()), exact(narrow, weight[:, :8].t(), bias)),
+        ]:
+            assert got.dtype == dtype and got.shape == want.shape
+            torch.testing.assert_close(got.float(), want.float(), **tol)
+        assert fast.PRODUCT_COUNTS["row"] - before["row"] == 2 and fast.PRODUCT_COUNTS["narrow"] - before["narrow"] == 2
+        for result in (
+            addmm(bias, wide, weight.t()),  # 3 rows, 96 wide inside
+            addmm(bias, row, weight.t(), beta=2),  # a scaled sum
+            mm(rand(30, 9), rand(9, 40)),  # 9 wide inside
+            fast.product_decompositions(row_devices=("cuda",))[torch.ops.aten.mm.default](row, weight.t()),
+        ):
+            assert result is NotImplemented  # inductor's own rule: the product itself
+
+
+@pytest.mark.slow
+def test_blocks_compiled_with_narrow_lora_products_give_the_same_step(tiny_tokenizer):
+    """LoRA's rank-wide products (rank 4 padded to 8) as element-wise sums in inductor's kernels,
+    against the same blocks compiled with cuBLAS-style products: the loss and every LoRA gradient."""
+    batch = packed_batch(len(tiny_tokenizer))
+
+    def run(narrow_max):
+        torch.manual_seed(0)
+        model = lora(tiny.gpt_bigcode(len(tiny_tokenizer)))
+        with torch.no_grad():  # B starts at zero in PEFT: give A's gradients something to carry
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        assert fast.pad_lora_rank(model) == 8
+        fast.compile_blocks(model, narrow_max=narrow_max)
+        loss, _ = summed_loss(model, batch, 8)
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    torch._dynamo.reset()
+    before = fast.PRODUCT_COUNTS["narrow"]
+    got, gg = run(fast.NARROW_PRODUCT_MAX)
+    # a graph: B's product forward for c_attn, c_proj, c_fc, mlp c_proj, and A's transpose backward
+    # (the first block's input needs no gradient: its graph has 7; the second's 8)
+    narrow = fast.PRODUCT_COUNTS["narrow"] - before
+    assert narrow >= 8
+    torch._dynamo.reset()
+    want, gw = run(0)
+    assert fast.PRODUCT_COUNTS["narrow"] - before == narrow  # none more
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for k in gw:  # fp32 sums in another order
+        torch.testing.assert_close(gg[k], gw[k], rtol=1e-4, atol=1e-5)
+
+
 def full_loss(hidden, head, labels):
     return F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 

@@ -703,18 +703,110 @@ def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
 
 
-def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
+def compile_blocks(model: torch.nn.Module, backend: Any = "inductor", narrow_max: int = 0) -> int:
     """`torch.compile` each decoder block in place (regional compilation); return how many.
 
-    Identical blocks share one compiled graph, so compiling costs about one block's time.
+    Identical blocks share one compiled graph, so compiling costs about one block's time. With
+    inductor and ``narrow_max`` (e.g. :data:`NARROW_PRODUCT_MAX`), products whose inner dimension
+    is that or less (LoRA's rank) are element-wise sums (:func:`product_decompositions`): an
+    option until a GPU measures it (`benchmarks/train_throughput.py`, variant `c-lora-sums`).
     """
     blocks = transformer_blocks(model)
     # One graph serves all blocks, but training and evaluation, checkpointing and a last short
     # batch each add a variant: leave room, so no block silently falls back to eager.
     raise_recompile_limit()
+    if backend == "inductor" and narrow_max:  # one backend for all blocks: they share its graphs
+        backend = inductor_backend(decompositions=product_decompositions(narrow_max=narrow_max))
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)
+
+
+# --------------------------------------------------------------------------------------
+# Matrix products written by the compiler as element-wise work or reductions
+# --------------------------------------------------------------------------------------
+
+# LoRA's rank as its products run (padded: LORA_RANK_MULTIPLE): products this narrow inside are sums
+NARROW_PRODUCT_MAX = 8
+PRODUCT_COUNTS = {"row": 0, "narrow": 0}  # products :func:`product_decompositions` rewrote (when traced)
+
+
+def product_decompositions(row_devices: tuple[str, ...] = (), narrow_max: int = 0) -> dict[Any, Callable[..., Any]]:
+    """Inductor's decomposition table, with two more rules for ``mm`` and ``addmm`` (a biased
+    `nn.Linear` traces as the latter), each in fp32 and cast back, as cuBLAS accumulates:
+
+    - ``row_devices``: one row times a matrix (a batch of one's decoding step), on those device
+      types, becomes a multiply and a sum over the inner dimension: a reduction kernel that
+      reads the weights once, the bias and what follows fused in (inductor's own rule for ``mm``
+      under coordinate-descent tuning, there not for ``addmm``);
+    - ``narrow_max``: a product whose inner dimension is at most this (LoRA's B applied to the
+      rank-wide product, and its transpose in the backward pass) becomes that many element-wise
+      multiply-adds, which inductor fuses into the kernel that uses the result (the add to the
+      frozen layer's output, the dropout mask): the full-width result is never written and read
+      back. As a cuBLAS product, each is a kernel of its own whose output is as large as the
+      layer's (one 8192 x 8192 for StarCoder's c_fc at 8,192 tokens).
+
+    Other products keep inductor's rules."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    aten = torch.ops.aten
+    table = dict(select_decomp_table())
+    inner_mm, inner_addmm = table.get(aten.mm.default), table.get(aten.addmm.default)
+
+    def rule(mat1: torch.Tensor, mat2: torch.Tensor) -> str | None:
+        if mat1.dtype != mat2.dtype or not mat1.dtype.is_floating_point or mat1.dim() != 2 or mat2.dim() != 2:
+            return None
+        if mat1.device.type in row_devices and statically_known_true(mat1.shape[0] == 1):
+            return "row"
+        inner = mat1.shape[1]
+        if type(inner) is int and 0 < inner <= narrow_max:
+            return "narrow"
+        return None
+
+    def product(kind: str, mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:  # fp32
+        PRODUCT_COUNTS[kind] += 1
+        if kind == "row":  # [1, K] @ [K, N]
+            return (mat1.unsqueeze(2).float() * mat2.unsqueeze(0).float()).sum(dim=1)
+        out = mat1[:, :1].float() * mat2[:1, :].float()
+        for k in range(1, mat1.shape[1]):
+            out = out + mat1[:, k : k + 1].float() * mat2[k : k + 1, :].float()
+        return out
+
+    def mm(mat1: torch.Tensor, mat2: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs and (kind := rule(mat1, mat2)):
+            return product(kind, mat1, mat2).to(mat1.dtype)
+        return inner_mm(mat1, mat2, *args, **kwargs) if inner_mm is not None else NotImplemented
+
+    def addmm(bias: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        plain = not args and set(kwargs) <= {"beta", "alpha"} and kwargs.get("beta", 1) == kwargs.get("alpha", 1) == 1
+        if plain and bias.dtype == mat1.dtype and (kind := rule(mat1, mat2)):
+            return (product(kind, mat1, mat2) + bias.float()).to(mat1.dtype)
+        return inner_addmm(bias, mat1, mat2, *args, **kwargs) if inner_addmm is not None else NotImplemented
+
+    table[aten.mm.default] = mm
+    table[aten.addmm.default] = addmm
+    return table
+
+
+def inductor_backend(
+    mode: str | None = None, options: dict[str, Any] | None = None, decompositions: dict | None = None
+) -> Any:
+    """A torch.compile backend: inductor as ``torch.compile(mode=mode, options=options)`` sets it
+    up (CUDA graph trees and the profiler settings they need), with ``decompositions`` (e.g.
+    :func:`product_decompositions`) instead of its own. AOTAutograd's cache leaves the
+    decompositions out of its key, so it is off for these compiles (inductor's own cache of the
+    generated code stays on)."""
+    import torch._functorch.config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+
+    class Inductor(torch._TorchCompileInductorWrapper):
+        def __call__(self, model_: torch.fx.GraphModule, inputs_: list[Any], *, config_patches: Any = None) -> Any:
+            patches = {**self.config, **(config_patches or {})}
+            with functorch_config.patch(enable_autograd_cache=False):
+                return compile_fx(model_, inputs_, config_patches=patches, decompositions=decompositions)
+
+    return Inductor(mode, options, False)
 
 
 # --------------------------------------------------------------------------------------

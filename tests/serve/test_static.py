@@ -17,18 +17,17 @@ from serve_helpers import make_app, never_ending, running
 from tests import tiny
 from tests.conftest import code_samples
 
+from fimtune import fast
 from fimtune.errors import FimtuneError
 from fimtune.generate import Completion, FimPrompter, GenerationParams, complete_batch
 from fimtune.serve import static as static_module
 from fimtune.serve.decoding import Decoder, Row
 from fimtune.serve.static import (
     FLEX,
-    GEMV_COUNTS,
     GROUPED,
     StaticDecoding,
     batch_buckets,
     flex_decoding,
-    gemv_decompositions,
     grouped_sdpa,
     kv_groups,
     prefill_lengths,
@@ -166,7 +165,7 @@ def test_matrix_vector_steps_compiled_by_inductor(tiny_tokenizer):
     """A batch of one's products as reductions (the GPU default), forced on the CPU: generate's tokens,
     through inductor's C++ kernels; bucket 4 keeps its products. ~40 s on 2 cores."""
     model, pr = tiny_model("gpt_bigcode", tiny_tokenizer), FimPrompter(tiny_tokenizer)
-    before = dict(GEMV_COUNTS)
+    before = fast.PRODUCT_COUNTS["row"]
     decoder = check_against_generate(
         model, pr, "inductor", GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET), gemv=True
     )
@@ -175,31 +174,7 @@ def test_matrix_vector_steps_compiled_by_inductor(tiny_tokenizer):
     assert not StaticDecoding(model, MAX_LENGTH, 4, backend="eager", gemv=True).gemv  # inductor's rules only
     # bucket 1's graph: each layer's 4 biased products (c_attn, c_proj, c_fc, mlp c_proj), the head's plain one
     layers = model.config.n_layer
-    assert GEMV_COUNTS["addmm"] - before["addmm"] == 4 * layers and GEMV_COUNTS["mm"] - before["mm"] == 1
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_row_products_as_reductions_match_the_matrix_products(dtype):
-    table = gemv_decompositions(("cpu",))
-    aten = torch.ops.aten
-    g = torch.Generator().manual_seed(0)
-    row, weight, bias = (torch.randn(*shape, generator=g).to(dtype) for shape in ((1, 96), (40, 96), (40,)))
-    wide = torch.randn(3, 96, generator=g).to(dtype)
-    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 1e-2}
-    with torch.no_grad():
-        got = table[aten.addmm.default](bias, row, weight.t())
-        assert got.dtype == dtype and got.shape == (1, 40)
-        torch.testing.assert_close(got.float(), (row.double() @ weight.double().t() + bias.double()).float(), **tol)
-        torch.testing.assert_close(
-            table[aten.mm.default](row, weight.t()).float(), (row.double() @ weight.double().t()).float(), **tol
-        )
-        # several rows, scaled sums, another device type: not this rule (inductor's own, or the product itself)
-        for result in (
-            table[aten.addmm.default](bias, wide, weight.t()),
-            table[aten.addmm.default](bias, row, weight.t(), beta=2),
-            gemv_decompositions(("cuda",))[aten.mm.default](row, weight.t()),
-        ):
-            assert result is NotImplemented
+    assert fast.PRODUCT_COUNTS["row"] - before == 4 * layers + 1
 
 
 @pytest.mark.slow

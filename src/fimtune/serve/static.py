@@ -62,7 +62,7 @@ multiplies one row by each weight matrix. cuBLAS runs these as matrix products w
 most of the GPU idle for the smaller weights (an H200's profile: 6.2 us for StarCoder's 2048 x 2304
 `c_attn`, ~1.5 TB/s, against ~4.8 TB/s to read it). With ``gemv`` the step compiles through
 :func:`gemv_backend`: one-row products, biased or not, become a multiply and a sum over the inner
-dimension (:func:`gemv_decompositions`), which inductor writes as a reduction kernel with the
+dimension (:func:`fimtune.fast.product_decompositions`), which inductor writes as a reduction kernel with the
 bias, and what follows, fused in; its coordinate-descent tuning picks the kernel's block sizes
 (PyTorch's own rule for `mm`, which skips products with a bias). Larger buckets keep cuBLAS.
 
@@ -86,7 +86,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fimtune.fast import raise_recompile_limit, register_attention
+from fimtune.fast import inductor_backend, product_decompositions, raise_recompile_limit, register_attention
 
 log = logging.getLogger(__name__)
 
@@ -767,69 +767,11 @@ def _compiled(
     return torch.compile(fn, **options)
 
 
-GEMV_COUNTS = {"mm": 0, "addmm": 0}  # one-row products turned into reductions (traced), by :func:`gemv_decompositions`
-
-
-def gemv_decompositions(devices: tuple[str, ...] = ("cuda",)) -> dict[Any, Callable[..., Any]]:
-    """Inductor's decomposition table, except that a product of one row by a matrix (``mm``, and
-    ``addmm`` with its bias, as a biased `nn.Linear` on one token traces) on ``devices`` becomes a
-    multiply and a sum over the inner dimension in fp32, cast back: what inductor does itself for
-    ``mm`` under coordinate-descent tuning, there not for ``addmm``. Other products keep its rules."""
-    from torch._inductor.decomposition import select_decomp_table
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    aten = torch.ops.aten
-    table = dict(select_decomp_table())
-    inner_mm, inner_addmm = table.get(aten.mm.default), table.get(aten.addmm.default)
-
-    def one_row(mat1: torch.Tensor, mat2: torch.Tensor) -> bool:
-        return (
-            mat1.device.type in devices
-            and mat1.dtype == mat2.dtype
-            and mat1.dtype.is_floating_point
-            and statically_known_true(mat1.shape[0] == 1)
-        )
-
-    def row_times(mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:  # [1, K] @ [K, N] -> [1, N], fp32
-        return (mat1.unsqueeze(2).float() * mat2.unsqueeze(0).float()).sum(dim=1)
-
-    def mm(mat1: torch.Tensor, mat2: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not args and not kwargs and one_row(mat1, mat2):
-            GEMV_COUNTS["mm"] += 1
-            return row_times(mat1, mat2).to(mat1.dtype)
-        return inner_mm(mat1, mat2, *args, **kwargs) if inner_mm is not None else NotImplemented
-
-    def addmm(bias: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        plain = (
-            not args and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1 and set(kwargs) <= {"beta", "alpha"}
-        )
-        if plain and bias.dtype == mat1.dtype and one_row(mat1, mat2):
-            GEMV_COUNTS["addmm"] += 1
-            return (row_times(mat1, mat2) + bias.float()).to(mat1.dtype)
-        return inner_addmm(bias, mat1, mat2, *args, **kwargs) if inner_addmm is not None else NotImplemented
-
-    table[aten.mm.default] = mm
-    table[aten.addmm.default] = addmm
-    return table
-
-
 def gemv_backend(mode: str | None, devices: tuple[str, ...] = ("cuda",)) -> Callable[..., Any]:
-    """A torch.compile backend: inductor as ``torch.compile(mode=mode)`` sets it up (CUDA graph trees,
-    and the profiler settings they need), plus coordinate-descent tuning (its matrix-vector kernels
-    reach their bandwidth only with it, per PyTorch's own note) and :func:`gemv_decompositions` for
-    ``devices``."""
-    from torch._inductor.compile_fx import compile_fx
-
-    class GemvInductor(torch._TorchCompileInductorWrapper):
-        def __init__(self) -> None:
-            super().__init__(mode, {"coordinate_descent_tuning": True}, False)
-            self.decompositions = gemv_decompositions(devices)
-
-        def __call__(self, model_: torch.fx.GraphModule, inputs_: list[Any], *, config_patches: Any = None) -> Any:
-            patches = {**self.config, **(config_patches or {})}
-            return compile_fx(model_, inputs_, config_patches=patches, decompositions=self.decompositions)
-
-    return GemvInductor()
+    """A torch.compile backend: inductor with ``mode``'s settings, coordinate-descent tuning (its
+    matrix-vector kernels reach their bandwidth only with it, per PyTorch's own note) and one-row
+    products on ``devices`` as reductions (:func:`fimtune.fast.product_decompositions`)."""
+    return inductor_backend(mode, {"coordinate_descent_tuning": True}, product_decompositions(row_devices=devices))
 
 
 def quantized(model: Any) -> bool:

@@ -1,0 +1,107 @@
+"""LoRA's rank-wide products in one compiled transformer block: cuBLAS-style products, or sums fused.
+
+    python benchmarks/lora_products.py                          # the CPU, 1,024 tokens
+    python benchmarks/lora_products.py --device cuda --tokens 8192
+    python benchmarks/lora_products.py --shape tiny --steps 2   # a smoke run (tests)
+
+One StarCoderBase-1B block (random weights, bf16; LoRA r=4 on c_attn, c_proj and c_fc, dropout 0.1
+with hashed masks, the rank padded to 8: as the fast path trains on a GPU), compiled with inductor,
+forward and backward on one row of ``--tokens`` tokens, in two settings side by side, alternating:
+
+    mm       B applied to the rank-wide product, and its transpose in the backward pass, as matrix
+             products (a kernel each, whose output is as wide as the layer's, then read again)
+    sums     the same as 8 element-wise multiply-adds that inductor fuses into the kernels that use
+             them (`fimtune.fast.product_decompositions`, the fast path's default)
+
+For each: the median step time and the bytes the block keeps for its backward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+SETTINGS = ("mm", "sums")
+
+
+def block(shape: str, setting: str, device: torch.device) -> tuple[Any, int, set[int]]:
+    """A compiled block of a fresh one-layer model, its width, and where its weights are."""
+    from lora_dropout import _in_lora
+    from peft import LoraConfig, get_peft_model
+    from train_throughput import TARGETS, model_config
+    from transformers import AutoModelForCausalLM
+
+    from fimtune import fast
+
+    cfg = model_config(shape)
+    cfg.n_layer = 1
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora, autocast_adapter_dtype=False)  # bf16 adapters: no input casts
+    fast.disable_attention_dropout(model)
+    for m in model.modules():
+        if type(m) is torch.nn.Dropout and not _in_lora(model, m):
+            m.p = 0.0
+    fast.hash_dropout(model)
+    fast.pad_lora_rank(model)
+    b = fast.transformer_blocks(model)[0].train()
+    narrow = fast.NARROW_PRODUCT_MAX if setting == "sums" else 0
+    backend = fast.inductor_backend(decompositions=fast.product_decompositions(narrow_max=narrow))
+    return torch.compile(b, backend=backend), cfg.n_embd, {q.data_ptr() for q in b.parameters()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lora_dropout import measure
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--shape", default="starcoderbase-1b", choices=["starcoderbase-1b", "tiny"])
+    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=6, help="timed steps of each setting, after 2 warm-up steps")
+    p.add_argument("--json", type=Path, help="write the figures here too")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    device = torch.device(args.device)
+    blocks = {s: block(args.shape, s, device) for s in SETTINGS}
+    times: dict[str, list[float]] = {s: [] for s in SETTINGS}
+    kept: dict[str, int] = {}
+    for step in range(args.steps + 2):
+        for s in SETTINGS:  # alternating: the machine's drift falls on both alike
+            seconds, kept[s] = measure(*blocks[s], args.tokens, device)
+            if step >= 2:
+                times[s].append(seconds)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "shape": args.shape,
+        "tokens": args.tokens,
+        "results": {
+            s: {
+                "step_ms": 1000 * statistics.median(times[s]),
+                "step_ms_all": [round(1000 * t, 2) for t in times[s]],
+                "kept_bytes_per_token": kept[s] / args.tokens,
+            }
+            for s in SETTINGS
+        },
+    }
+    print(f"{'setting':<8} {'step ms':>9} {'kept KiB/token':>15}   ({report['device']}, {args.tokens} tokens)")
+    for s, r in report["results"].items():
+        print(f"{s:<8} {r['step_ms']:>9.2f} {r['kept_bytes_per_token'] / 1024:>15.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
