@@ -23,7 +23,8 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
                       `+cublas` (an engine whose batch-of-one steps multiply through cuBLAS, not
                       the default matrix-vector kernels)
     attention bN      (CUDA) one step's attention over all layers' caches, replayed as a CUDA graph:
-                      fimtune's grouped SDPA and compiled FlexAttention against transformers' SDPA,
+                      fimtune's grouped SDPA, compiled FlexAttention and two batched matrix products
+                      (`matmul_decoding`) against transformers' SDPA,
                       which repeats StarCoder's single key/value head 16 times, with the engine's
                       additive mask and with a boolean one (its mask before)      (diagnostics)
     profile bN        (--profile-step DIR) 16 decoding steps of the first variant under torch.profiler,
@@ -499,11 +500,12 @@ def profile_rows(s: Setup, engine: Any, folder: Path) -> list[dict[str, Any]]:
 
 def attention_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
     """One decoding step's attention, every layer with its own cache, captured in a CUDA graph:
-    fimtune's grouped SDPA against transformers' SDPA (key/value heads repeated). Diagnostics."""
+    fimtune's grouped SDPA, FlexAttention and matrix products against transformers' SDPA
+    (key/value heads repeated). Diagnostics."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from fimtune.serve.static import flex_decoding, grouped_sdpa, kv_groups
+    from fimtune.serve.static import flex_decoding, grouped_sdpa, kv_groups, matmul_decoding
 
     config, length = s.model.config, engine.decoder.static.max_length
     layers, heads = config.num_hidden_layers, config.num_attention_heads
@@ -524,6 +526,7 @@ def attention_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
             ("repeated", sdpa_attention_forward, bias),
             ("repeated_bool", sdpa_attention_forward, mask),  # the engine's mask before: a where kernel a layer
             ("flex", flex_decoding, mask),
+            ("matmul", matmul_decoding, bias),  # a candidate: the key/value head read once, by cuBLAS
         )
         for name, fn, m in kinds:
             step = functools.partial(_attention_step, fn, module, query, caches, m, dim**-0.5)
@@ -538,7 +541,8 @@ def attention_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
                 **{f"{name}_ms": t for name, t in times.items()},
                 "errors": errors,
                 "note": f"grouped SDPA {ms['grouped']} ms, heads repeated {ms['repeated']} ms "
-                f"(boolean mask {ms['repeated_bool']} ms), compiled FlexAttention {ms['flex']} ms a step",
+                f"(boolean mask {ms['repeated_bool']} ms), compiled FlexAttention {ms['flex']} ms, "
+                f"matrix products {ms['matmul']} ms a step",
             }
         )
     return rows

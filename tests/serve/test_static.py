@@ -30,6 +30,7 @@ from fimtune.serve.static import (
     flex_decoding,
     grouped_sdpa,
     kv_groups,
+    matmul_decoding,
     prefill_lengths,
     static_decoding,
 )
@@ -360,11 +361,12 @@ class _Heads(torch.nn.Module):
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 8])
-@pytest.mark.parametrize("attention", [grouped_sdpa, flex_decoding], ids=["grouped", "flex"])
+@pytest.mark.parametrize("attention", [grouped_sdpa, flex_decoding, matmul_decoding], ids=["grouped", "flex", "matmul"])
 def test_one_token_step_attention_is_sdpa_with_the_same_mask(attention, kv_heads):
     """A one-token step with a mask: grouped SDPA folds the query heads of a key/value head into its
-    rows; FlexAttention (its reference implementation here) takes the mask as a score modification.
-    Both give SDPA's attention (repeated heads); anything else goes to SDPA itself."""
+    rows; FlexAttention (its reference implementation here) takes the mask as a score modification;
+    the matrix products fold them as grouped SDPA does. All give SDPA's attention (repeated heads),
+    with a boolean mask and with the engine's biases; anything else goes to SDPA itself."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     gen = torch.Generator().manual_seed(0)
@@ -381,6 +383,9 @@ def test_one_token_step_attention_is_sdpa_with_the_same_mask(attention, kv_heads
         theirs, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.25)
         assert ours.shape == theirs.shape == (3, q_len, heads, 16)
         torch.testing.assert_close(ours, theirs)
+        if attention is matmul_decoding and m is mask:  # the engine's additive mask
+            bias = torch.zeros(mask.shape).masked_fill_(~mask, -float("inf"))
+            torch.testing.assert_close(attention(module, query, key, value, bias, scaling=0.25)[0], theirs)
 
 
 def test_grouped_attention_is_an_option_for_grouped_sdpa_models_and_gives_generate_tokens(tiny_tokenizer):

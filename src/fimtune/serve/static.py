@@ -165,9 +165,38 @@ def flex_decoding(
     return out.transpose(1, 2).contiguous(), None
 
 
+def matmul_decoding(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """A one-token step's attention as two batched matrix products around a soft-max (fp32), the
+    query heads that share a key/value head as the rows of one product (as :func:`grouped_sdpa`
+    folds them): each cached key and value is read once, by products that cuBLAS spreads over the
+    GPU, where SDPA's kernels get a thread block per row and head. The mask: additive biases or
+    booleans [B, 1, 1, L]. Anything else: SDPA. A candidate, timed by `benchmarks/latency.py`'s
+    attention rows; no engine uses it yet."""
+    if not _masked_step(query, attention_mask, dropout, kwargs):
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    batch, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    folded = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(folded, key.transpose(-1, -2)).float() * (dim**-0.5 if scaling is None else scaling)
+    mask = attention_mask[..., :length]
+    scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask.float()
+    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # [B, KV, H/KV, D]
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
+
+
 def _masked_step(query: torch.Tensor, mask: torch.Tensor | None, dropout: float, kwargs: dict[str, Any]) -> bool:
     """Whether attention is a one-token step with a [B, 1, 1, L] mask and nothing else (no dropout,
-    no position bias): the case :func:`grouped_sdpa` and :func:`flex_decoding` take over."""
+    no position bias): the case :func:`grouped_sdpa`, :func:`flex_decoding` and :func:`matmul_decoding`
+    take over."""
     return (
         query.shape[2] == 1
         and mask is not None
