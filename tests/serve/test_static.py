@@ -512,6 +512,7 @@ def test_cuda_graphs_on_a_gpu_give_generate_tokens(tiny_tokenizer, graphs, flex)
     assert summary([decoder.run([row])[0] for row in rows_for(pr, params)]) == expected
     assert summary(decoder.run(rows_for(pr, params))) == expected
     assert not counters["inductor"]["cudagraph_skips"]
+    assert static.gemv  # a batch of one's products as reductions: compiled, no fallback
     assert static.captured == (graphs == "captured") and len(static._graphs) == (2 if static.captured else 0)
     # single prompts went through prefill graphs, captured at the warm-up (one per length bucket)
     assert static.prefill_graphs_on and len(static._prefill_graphs) == len(static.prefill_lengths) == 2
