@@ -304,6 +304,20 @@ def test_products_as_sums_match_the_matrix_products(dtype):
             assert result is NotImplemented  # inductor's own rule: the product itself
 
 
+def test_backends_with_their_own_decompositions_are_told_apart():
+    """Dynamo reuses the graphs of an equal backend: one with other decompositions is not equal to
+    inductor's own (same settings), nor to another one's; it keeps inductor's set-up of a mode."""
+    plain = torch._TorchCompileInductorWrapper(None, None, False)
+    table = fast.product_decompositions(narrow_max=8)
+    ours = fast.inductor_backend(decompositions=table)
+    assert ours == ours and ours == fast.inductor_backend(decompositions=table)
+    assert ours != plain and plain != ours and ours != fast.inductor_backend(decompositions=dict(table))
+    assert fast.inductor_backend("reduce-overhead", {"coordinate_descent_tuning": True}).config == {
+        "triton.cudagraphs": True,
+        "coordinate_descent_tuning": True,
+    }
+
+
 @pytest.mark.slow
 def test_blocks_compiled_with_narrow_lora_products_give_the_same_step(tiny_tokenizer):
     """LoRA's rank-wide products (rank 4 padded to 8) as element-wise sums in inductor's kernels,

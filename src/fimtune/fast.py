@@ -801,6 +801,11 @@ def inductor_backend(
     from torch._inductor.compile_fx import compile_fx
 
     class Inductor(torch._TorchCompileInductorWrapper):
+        decomposing = decompositions
+
+        def __eq__(self, other: object) -> bool:  # dynamo reuses graphs of an equal backend only
+            return super().__eq__(other) and getattr(other, "decomposing", None) is self.decomposing
+
         def __call__(self, model_: torch.fx.GraphModule, inputs_: list[Any], *, config_patches: Any = None) -> Any:
             patches = {**self.config, **(config_patches or {})}
             with functorch_config.patch(enable_autograd_cache=False):
