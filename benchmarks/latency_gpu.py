@@ -36,7 +36,8 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
                       tokenized in threads); then variants: (GPU) prompts tokenized on the event
                       loop, as in runs 1-6; batching that waits while requests arrive (up to 50 ms);
                       continuous batching with rows joining as they come, or 4 at a time (or after
-                      20 ms); other batching waits (--batch-wait-variants).
+                      20 ms), or prefilled beside the decoding steps (`--overlap-joins`); other
+                      batching waits (--batch-wait-variants).
                       The clients are threads of another process (load_clients.py), as editors are;
                       `--clients-in-process`: threads of the server's own process (runs 1-6).
                       For the first variant only (`--server-all-variants`: for each)
@@ -634,7 +635,8 @@ def server_rows(s: Setup, engine: Any, args: argparse.Namespace, deadline: float
         no_joins = {"continuous_batching": False}
         arrivals = {**no_joins, "batch_max_wait_ms": ARRIVALS_MAX_WAIT_MS}
         joins = {"continuous_batching": True, "join_min_rows": 4, "join_wait_ms": 20.0}
-        variants: list[dict[str, Any]] = [{}, no_joins, arrivals, joins]
+        overlap = {"continuous_batching": True, "overlap_joins": True}  # joins prefilled beside the steps
+        variants: list[dict[str, Any]] = [{}, no_joins, arrivals, joins, overlap]
         if threads:  # and as in runs 1-6: prompts tokenized on the event loop
             variants.insert(1, {"tokenize_in_threads": False})
         variants += [{"batch_wait_ms": ms} for ms in args.batch_wait_variants]
@@ -667,6 +669,7 @@ def server_run(
     seconds, usages, errors = load(s, url, CLIENTS, REQUESTS_PER_CLIENT, in_process)
     wall = time.perf_counter() - began
     joins = f"joins {lim.join_min_rows}/{lim.join_wait_ms:g}ms" if lim.continuous_batching else "no joins"
+    joins += " overlapped" if lim.continuous_batching and lim.overlap_joins else ""
     row: dict[str, Any] = {
         "scenario": f"server 16, {_graphs(engine)}, wait {lim.batch_wait_ms:g}/{lim.batch_max_wait_ms:g}ms, "
         f"{joins}, tokenize {'threads' if threads else 'loop'}, switch {lim.switch_interval_ms:g}ms"
@@ -678,6 +681,7 @@ def server_run(
         "continuous_batching": lim.continuous_batching,
         "join_min_rows": lim.join_min_rows,
         "join_wait_ms": lim.join_wait_ms,
+        "overlap_joins": lim.overlap_joins,
         "switch_interval_ms": lim.switch_interval_ms,
         "joined": stats.joined - joined,
         "requests": CLIENTS * REQUESTS_PER_CLIENT,

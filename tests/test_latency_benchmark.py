@@ -39,8 +39,9 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
         assert profiled["per_step"] > 10 and 0 < profiled["busy_ms"] <= profiled["wall_ms"]
         assert "aten::mm" in Path(profiled["table"]).read_text()
     served = [r for name, r in rows.items() if name.startswith("server 16")]  # the first variant's
-    assert len(served) == 4 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
-    assert [r["continuous_batching"] for r in served] == [True, False, False, True] and served[1]["joined"] == 0
+    assert len(served) == 5 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
+    assert [r["continuous_batching"] for r in served] == [True, False, False, True, True] and served[1]["joined"] == 0
+    assert [r["overlap_joins"] for r in served] == [False] * 4 + [True]  # joins prefilled beside the steps
     assert served[0]["join_min_rows"] == 1 and served[3]["join_min_rows"] == 4
     # the defaults (rows join, a fixed 2 ms wait), each batch to its end, that with batching that waits
     # while requests arrive; on a CPU the prompts are tokenized on the event loop in all; the clients

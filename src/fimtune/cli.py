@@ -322,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
         "a batch runs to its end before the next starts)",
     )
     srv.add_argument(
+        "--overlap-joins",
+        action="store_true",
+        help="GPU, continuous batching: prefill a joining prompt on a stream of its own beside the batch's "
+        "decoding steps (default: the batch waits for it)",
+    )
+    srv.add_argument(
         "--no-prefill-graphs",
         action="store_true",
         help="GPU: prefill single prompts eagerly (default: padded to a length bucket, replayed as a CUDA graph)",

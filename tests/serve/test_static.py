@@ -26,6 +26,7 @@ from fimtune.serve.static import (
     FLEX,
     GROUPED,
     StaticDecoding,
+    StaticSession,
     batch_buckets,
     flex_decoding,
     grouped_sdpa,
@@ -346,7 +347,8 @@ def test_no_cuda_graphs_and_no_continuous_batching_flags():
     assert defaults.prefill_graphs is True and defaults.flex_decoding is False
     ns = build_parser().parse_args(["serve", "embedded", "--no-prefill-graphs", "--flex-decoding"])
     assert (limits_from_args(ns).prefill_graphs, limits_from_args(ns).flex_decoding) == (False, True)
-    assert defaults.gemv_steps is True
+    assert defaults.gemv_steps is True and defaults.overlap_joins is False
+    assert limits_from_args(build_parser().parse_args(["serve", "embedded", "--overlap-joins"])).overlap_joins
     assert limits_from_args(build_parser().parse_args(["serve", "embedded", "--no-gemv-steps"])).gemv_steps is False
     ns = build_parser().parse_args(["serve", "embedded", "--batch-wait-ms", "5", "--batch-max-wait-ms", "0"])
     assert (limits_from_args(ns).batch_wait_ms, limits_from_args(ns).batch_max_wait_ms) == (5.0, 0.0)
@@ -459,6 +461,63 @@ def test_rows_join_the_batch_in_flight_and_get_their_own_tokens(tiny_tokenizer, 
         assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("prefill_steps", [1, 3, 100])
+def test_overlapped_joins_decode_beside_the_prefill_and_get_their_own_tokens(
+    tiny_tokenizer, monkeypatch, prefill_steps
+):
+    """Overlapped joins: a joining row's prefill runs beside the decoding (here its prefill 'ends'
+    after ``prefill_steps`` steps: 100 is never, so it is waited for after OVERLAP_MAX_STEPS), its
+    slot decoding along unused meanwhile; every row gets its own tokens. One join at a time."""
+    from fimtune.serve.static import OVERLAP_MAX_STEPS, Admission
+
+    checks: dict[int, int] = {}
+
+    def ready(admission):
+        checks[id(admission)] = checks.get(id(admission), 0) + 1
+        return checks[id(admission)] >= prefill_steps
+
+    monkeypatch.setattr(Admission, "ready", ready)
+    events: list[tuple[str, int]] = []  # ("begin" | "finish" | "join", forwards so far)
+    for name in ("begin_admit", "finish_admit"):
+        original = getattr(StaticSession, name)
+
+        def traced(self, *args, _original=original, _name=name):
+            events.append((_name[:-6], decoder.stats.forwards))
+            return _original(self, *args)
+
+        monkeypatch.setattr(StaticSession, name, traced)
+    model, pr = never_ending(tiny_model("gpt_bigcode", tiny_tokenizer), tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
+    done: dict[int, Completion] = {}
+    short, middle, long = (
+        Row(r.prompt, r.params, on_done=lambda c, i=i: done.__setitem__(i, c))
+        for i, r in enumerate(rows_for(pr, params))
+    )
+    calls: list[int] = []
+
+    def join(room, fits):
+        calls.append(room)
+        events.append(("join", decoder.stats.forwards))
+        assert room <= 1 and fits(len(short.prompt), NEW) and not fits(len(long.prompt) + 100, 1)
+        return {2: [short], 3: [middle]}.get(len(calls), [])
+
+    static = StaticDecoding(model, 256, 4, backend=None, prefill_graphs=True)
+    decoder = Decoder(model, pr, static=static)
+    assert summary(decoder.run([long], join=join, overlap_joins=True)) == expected[2:]
+    assert summary([done[i] for i in range(3)]) == expected
+    assert decoder.stats.joined == 2 and static.batches == 3 and static.single_prefills == 3  # the first row too
+    waited = min(prefill_steps, OVERLAP_MAX_STEPS)  # decoding steps while a prefill runs
+    kinds = [kind for kind, _ in events]
+    begins = [n for kind, n in events if kind == "begin"]
+    finishes = [n for kind, n in events if kind == "finish"]
+    assert [b - a for a, b in zip(begins, finishes, strict=True)] == [waited] * 2
+    # no join is asked for while a prefill runs: the second is asked for as the first joins
+    assert kinds[kinds.index("begin") + 1] == "finish" and kinds[kinds.index("finish") + 1] == "join"
+    assert set(calls) == {1}
+    assert decoder.stats.generated_tokens == sum(c.completion_tokens for c in done.values())
+
+
 @pytest.mark.parametrize(
     "continuous, join_min_rows, join_wait_ms, joined",
     [
@@ -467,15 +526,17 @@ def test_rows_join_the_batch_in_flight_and_get_their_own_tokens(tiny_tokenizer, 
         (True, 2, 10_000.0, 2),  # two wait: enough
         (True, 3, 10_000.0, 0),  # never three: they wait for the next batch
         (False, 1, 0.0, 0),
+        ("overlap", 1, 0.0, 2),  # each prefilled beside the decoding (uncaptured here), one at a time
     ],
 )
 def test_requests_join_the_batch_in_flight_through_the_server(
     tiny_run, continuous, join_min_rows, join_wait_ms, joined
 ):
-    limits = dict(continuous_batching=continuous, join_min_rows=join_min_rows, join_wait_ms=join_wait_ms)
-    app = make_app(tiny_run, max_batch_size=4, **limits)
+    overlap = continuous == "overlap"
+    limits = dict(continuous_batching=bool(continuous), join_min_rows=join_min_rows, join_wait_ms=join_wait_ms)
+    app = make_app(tiny_run, max_batch_size=4, overlap_joins=overlap, **limits)
     engine = app.state.service.engine
-    engine.decoder.static = StaticDecoding(engine.model, 264, 4, backend=None)
+    engine.decoder.static = StaticDecoding(engine.model, 264, 4, backend=None, prefill_graphs=overlap)
     prompts = [f"<fim_prefix>def f{i}(x):\n<fim_suffix>\n<fim_middle>" for i in range(3)]
     calls = [{"inputs": p, "parameters": {"max_new_tokens": n}} for p, n in zip(prompts, (40, 12, 10), strict=True)]
     with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
@@ -491,6 +552,34 @@ def test_requests_join_the_batch_in_flight_through_the_server(
         metrics = c.get("/metrics").text
     assert together == alone
     assert engine.decoder.stats.joined == joined and f"fimtune_joined_total {joined}" in metrics
+
+
+@pytest.mark.gpu
+def test_overlapped_joins_on_a_gpu_give_each_row_its_tokens(tiny_tokenizer):
+    """Joining prompts prefilled on a stream of their own beside the CUDA-graph steps."""
+    fresh_dynamo()
+    model = tiny.gpt_bigcode(len(tiny_tokenizer), n_embd=32)
+    model.set_attn_implementation("sdpa")
+    model, pr = never_ending(model.cuda(), tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    static = static_decoding(model, 256, 4)
+    static.warmup()
+    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
+    done: dict[int, Completion] = {}
+    short, middle, long = (
+        Row(r.prompt, r.params, on_done=lambda c, i=i: done.__setitem__(i, c))
+        for i, r in enumerate(rows_for(pr, params))
+    )
+    calls: list[int] = []
+
+    def join(room, fits):
+        calls.append(room)
+        return {2: [short], 3: [middle]}.get(len(calls), [])
+
+    decoder = Decoder(model, pr, static=static)
+    decoder.run([long], join=join, overlap_joins=True)
+    assert summary([done[i] for i in range(3)]) == expected and decoder.stats.joined == 2
+    assert static._side is not None  # the prefills ran on a stream of their own
 
 
 @pytest.mark.gpu

@@ -244,6 +244,8 @@ def limits_from_args(ns: Any) -> Limits:
         lim.flex_decoding = True
     if getattr(ns, "no_gemv_steps", False):
         lim.gemv_steps = False
+    if getattr(ns, "overlap_joins", False):
+        lim.overlap_joins = True
     if lim.max_input_tokens <= 8:
         raise FimtuneError("--max-input-tokens must be more than 8 (the FIM tokens and some code)")
     return lim

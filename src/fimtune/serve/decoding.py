@@ -35,7 +35,7 @@ import torch
 from fimtune.fast import copy_to_host
 from fimtune.generate import Completion, FimPrompter, GenerationParams, TextTracker, pick_tokens
 from fimtune.serve.kvcache import DEFAULT_CACHE_SLOTS, CacheSlot, Drafter, PromptCache, crop_cache, new_cache
-from fimtune.serve.static import forward_keywords
+from fimtune.serve.static import OVERLAP_MAX_STEPS, forward_keywords
 
 if TYPE_CHECKING:
     from fimtune.serve.static import StaticDecoding, StaticSession
@@ -117,6 +117,16 @@ class _RowState:
         return Completion(self.tracker.text, len(self.row.prompt), self.n_new, self.reason, self.cached)
 
 
+class _Joining:
+    """A slot whose row is being prefilled beside the decoding (overlapped joins): it decodes along
+    unused until its prefill is put in (:meth:`Decoder._admit`)."""
+
+    last_by_length = False  # the batch's steps go on for it
+
+    def __init__(self, row: Row, admission: Any) -> None:
+        self.row, self.admission, self.steps = row, admission, 0
+
+
 class Decoder:
     """Runs rows through a causal LM (a PEFT model or a plain one); owns the prompt caches."""
 
@@ -139,12 +149,15 @@ class Decoder:
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
-    def run(self, rows: list[Row], adapter: str | None = None, join: Joiner | None = None) -> list[Completion]:
+    def run(
+        self, rows: list[Row], adapter: str | None = None, join: Joiner | None = None, overlap_joins: bool = False
+    ) -> list[Completion]:
         """Complete every row (greedy/sampling parameters are those of the first row).
 
         Each row's ``on_done`` hears its completion as soon as it ends. With ``join``, on the
         static path, more rows (the same parameters) join the batch while it decodes; only
-        ``on_done`` tells their completions.
+        ``on_done`` tells their completions. ``overlap_joins``: a single joining prompt is
+        prefilled beside the next decoding steps (a CUDA stream of its own), not while they wait.
         """
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
@@ -154,7 +167,7 @@ class Decoder:
         ):
             states = [_RowState(r, self.prompter) for r in rows]
             try:
-                return self._run_static(static, states, join)
+                return self._run_static(static, states, join, overlap_joins)
             except Exception:
                 # Decode eagerly from now on; this batch too, unless some of its tokens went out already.
                 log.exception("the CUDA-graph decoding failed; decoding eagerly from now on")
@@ -266,19 +279,19 @@ class Decoder:
         return [s.completion() for s in states]
 
     def _run_static(
-        self, static: StaticDecoding, states: list[_RowState], join: Joiner | None = None
+        self, static: StaticDecoding, states: list[_RowState], join: Joiner | None = None, overlap: bool = False
     ) -> list[Completion]:
         """The rows in a static-cache bucket: eager prefill, then one compiled step per token.
 
         ``states[i]`` is the row in slot i; slots past them, and those of finished rows, decode
-        along unused until a joining row takes them.
+        along unused until a joining row takes them (``overlap``: see :meth:`_admit`).
         """
         self._hook()
         params = states[0].row.params
         session, logits = static.start([s.row.prompt for s in states])
         for state in states:
             self._count_prompt(state.row.prompt, 0)
-        slots: list[_RowState | None] = [*states, *[None] * (session.size - len(states))]
+        slots: list[_RowState | _Joining | None] = [*states, *[None] * (session.size - len(states))]
         generator = _generator(params, self.device)
         while True:
             tokens = pick_tokens(logits, params, generator)
@@ -292,25 +305,50 @@ class Decoder:
                 following = session.step(tokens)
             tokens_now = picks()
             for i, state in enumerate(slots):
-                if state is not None and state.accept(tokens_now[i]):
+                if isinstance(state, _RowState) and state.accept(tokens_now[i]):
                     slots[i] = None
                     self._finish(state)
             if all(state is None for state in slots):
                 break  # a new batch starts afresh, in the bucket its size needs
             assert following is not None  # some row goes on, so it was not every row's last token
             if join is not None:
-                following = self._admit(session, slots, following, join)
+                following = self._admit(session, slots, following, join, overlap)
             logits = following
         return [s.completion() for s in states]
 
     def _admit(
-        self, session: StaticSession, slots: list[_RowState | None], logits: torch.Tensor, join: Joiner
+        self,
+        session: StaticSession,
+        slots: list[_RowState | _Joining | None],
+        logits: torch.Tensor,
+        join: Joiner,
+        overlap: bool = False,
     ) -> torch.Tensor:
         """Let waiting rows join ``session`` in free slots (growing its bucket when needed); the logits
-        of the next pick, with each joined row's own."""
+        of the next pick, with each joined row's own.
+
+        ``overlap``: one row at a time whose prompt fits a prefill graph starts its prefill on a
+        stream of its own (:meth:`StaticSession.begin_admit`) and joins at the first step after
+        it ended (or after `OVERLAP_MAX_STEPS` steps, waiting for it then); meanwhile the batch
+        decodes on. Other rows join as without it, the batch waiting for their prefill.
+        """
+        for i, state in enumerate(slots):
+            if isinstance(state, _Joining):
+                state.steps += 1
+                if state.admission.ready() or state.steps >= OVERLAP_MAX_STEPS:
+                    logits[torch.tensor([i], device=self.device)] = session.finish_admit(state.admission)
+                    slots[i] = _RowState(state.row, self.prompter)
+                    self._count_prompt(state.row.prompt, 0)
+                    self.stats.joined += 1
+        joining_now = any(isinstance(state, _Joining) for state in slots)
         buckets = session.owner.buckets
         busy = sum(state is not None for state in slots)
-        joining = join(buckets[-1] - busy, session.can_admit)
+        if overlap and not joining_now:
+            joining = join(
+                min(1, buckets[-1] - busy), lambda p, n: session.can_overlap(p, n) or session.can_admit(p, n)
+            )
+        else:
+            joining = [] if joining_now else join(buckets[-1] - busy, session.can_admit)
         if not joining:
             return logits
         if busy + len(joining) > session.size:
@@ -319,6 +357,9 @@ class Decoder:
             logits = logits[session.grow(size)]
         free = [i for i, state in enumerate(slots) if state is None][: len(joining)]
         self._hook()
+        if overlap and session.can_overlap(len(joining[0].prompt), joining[0].params.max_new_tokens):
+            slots[free[0]] = _Joining(joining[0], session.begin_admit(joining[0].prompt, free[0]))
+            return logits
         first = session.admit([row.prompt for row in joining], free)
         for i, row in zip(free, joining, strict=True):
             slots[i] = _RowState(row, self.prompter)

@@ -85,6 +85,9 @@ class Limits:
     continuous_batching: bool = True
     join_min_rows: int = 1  # ... once this many wait (or as many as there are free rows): each join
     join_wait_ms: float = 0.0  # stalls the batch for a prefill; or once the first waited this long
+    # ... or (an option, not yet measured on a GPU) a single joining prompt is prefilled on a CUDA
+    # stream of its own beside the batch's next steps, and joins once that prefill has ended
+    overlap_joins: bool = False
     # While the engine runs: how long another thread may hold the interpreter lock once the worker
     # asks for it (Python's switch interval, 5 ms by default there). The worker lets the lock go at
     # each wait for the model and gets it back once the holder lets go or this runs out: beside a
@@ -367,7 +370,8 @@ class Engine:
         began = time.perf_counter()
         try:
             with self._use_adapter(live[0].adapter):
-                self.decoder.run([self._row(job) for job in live], live[0].adapter, join=join)
+                rows = [self._row(job) for job in live]
+                self.decoder.run(rows, live[0].adapter, join=join, overlap_joins=self.limits.overlap_joins)
         except Exception as e:  # a failed batch must not stop the worker
             log.exception("generation failed")
             failed = [job for job in self._running if not job.ended]

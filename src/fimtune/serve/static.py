@@ -41,6 +41,14 @@ mask shut after its prompt and open again from the next step's slot on (position
 row, so the gap changes nothing). A session with too few free slots moves into the next bucket
 first (:meth:`StaticSession.grow`: its cache rows, mask and positions are copied over).
 
+Overlapped joins (an option: `Decoder.run(overlap_joins=True)`, `fimtune serve --overlap-joins`):
+a joining prompt that fits a prefill graph is prefilled on a CUDA stream of its own
+(:meth:`StaticSession.begin_admit`) while the batch goes on decoding, its slot decoding along
+unused; it is put in (:meth:`StaticSession.finish_admit`) at the first step after its prefill
+ended, or after `OVERLAP_MAX_STEPS` steps, the decoding stream then waiting for it. A step of a
+batch of 16 leaves most of the GPU idle (small kernels), where a prefill's matrix products can run;
+without it, every join stops the batch for the prefill (~7 ms on an H200). One join at a time.
+
 Prefill graphs (CUDA; ``prefill_graphs``): the eager prefill of one 1,024-token prompt is bound by
 the host launching its ~500 kernels (an H200 did it in ~10 ms, where a batch of 4 took ~18 ms).
 So a single prompt is right-padded to a length bucket (multiples of 128) and its eager forward
@@ -102,6 +110,7 @@ PREFILL_GRAPH_STEP = 128  # a single prompt is right-padded to a multiple of thi
 PREFILL_GRAPH_TOKENS = 2048  # the longest prompt prefilled through a graph (longer ones keep the GPU busy anyway)
 PREFILL_CHECK_TOLERANCE = 0.02  # a captured prefill's logits may differ from eager ones by this share of their range
 GRAPH_KINDS = ("trees", "captured")  # CUDA graphs: torch.compile's graph trees, or captured here
+OVERLAP_MAX_STEPS = 8  # an overlapped join's prefill is waited for after this many decoding steps
 
 
 def grouped_sdpa(
@@ -276,6 +285,20 @@ class _Single:
     states: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # each layer's keys, values [1, kv, longest, D]
 
 
+@dataclass
+class Admission:
+    """A joining prompt being prefilled beside the batch's decoding (:meth:`StaticSession.begin_admit`)."""
+
+    slot: int
+    logits: torch.Tensor  # [1, V] after the prompt (the shared single-prompt buffers)
+    states: list[tuple[torch.Tensor, torch.Tensor]]
+    positions: torch.Tensor  # [1, w]
+    done: Any = None  # the CUDA event recorded after the prefill on its stream (None: done already)
+
+    def ready(self) -> bool:
+        return self.done is None or bool(self.done.query())
+
+
 class StaticDecoding:
     """Prefill a batch, then decode it a token at a time with a compiled step (see the module doc)."""
 
@@ -354,6 +377,7 @@ class StaticDecoding:
         self._single: _Single | None = None  # the buffers every single-prompt prefill shares
         self._prefill_graphs: dict[tuple[int, int], Any] = {}  # (length bucket, adapter state) -> graph
         self._prefill_pool: Any = None
+        self._side: Any = None  # the CUDA stream of overlapped joins' prefills
         self.prefill_graphs_s = 0.0  # seconds spent capturing them
         self.single_prefills = 0  # prompts prefilled padded to a length bucket (through its graph on CUDA)
         self.warmup_s = 0.0
@@ -692,12 +716,68 @@ class StaticSession:
         self.bucket = new
         return rows
 
+    def can_overlap(self, prompt_tokens: int, new_tokens: int) -> bool:
+        """Whether a prompt can join through :meth:`begin_admit`: a single prompt whose prefill graph
+        is ready (or, without CUDA, the same padded forward), with room for its new tokens after
+        the steps its prefill may take."""
+        owner = self.owner
+        length = next((n for n in owner.prefill_lengths if n >= prompt_tokens), None)
+        ready = owner.device.type != "cuda" or (length, owner._state) in owner._prefill_graphs
+        return (
+            owner.prefill_graphs_on
+            and length is not None
+            and ready
+            and self.can_admit(prompt_tokens, new_tokens + OVERLAP_MAX_STEPS)
+        )
+
+    @torch.inference_mode()
+    def begin_admit(self, prompt: list[int], slot: int) -> Admission:
+        """Start prefilling ``prompt`` (it passed :meth:`can_overlap`) for free ``slot`` on a stream of
+        its own, so that it runs beside the next decoding steps; :meth:`finish_admit` puts it in.
+        Until then the slot decodes along unused, its cache row and mask as they were."""
+        owner = self.owner
+        owner.batches += 1
+        if owner.device.type != "cuda":
+            logits, states, positions, _ = owner.run_prefill([prompt])
+            return Admission(slot, logits, states, positions)
+        if owner._side is None:
+            owner._side = torch.cuda.Stream(owner.device)
+        owner._side.wait_stream(torch.cuda.current_stream(owner.device))  # the shared buffers' last readers
+        with torch.cuda.stream(owner._side):
+            logits, states, positions, _ = owner.run_prefill([prompt])
+            done = torch.cuda.Event()
+            done.record(owner._side)
+        return Admission(slot, logits, states, positions, done)
+
+    @torch.inference_mode()
+    def finish_admit(self, admission: Admission) -> torch.Tensor:
+        """Put a prefill of :meth:`begin_admit` into its slot (the decoding stream waits for it, if it
+        has not ended): the slot's keys, values, mask and position; the logits [1, V] of its first pick."""
+        if admission.done is not None:
+            torch.cuda.current_stream(self.owner.device).wait_event(admission.done)
+        slots = torch.tensor([admission.slot], device=self.owner.device)
+        self.bucket.mask[slots] = self.owner.shut
+        rows = torch.arange(1, device=self.owner.device)
+        return self._place(slots, rows, admission.logits, admission.states, admission.positions, None)
+
     def _prefill(self, prompts: list[list[int]], slots: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Prefill ``prompts`` (left-padded to one width w); write prompt ``rows[i]``'s keys, values,
         mask and last position into slot ``slots[i]`` (cache slots 0..w-1); its logits [len(rows), V].
         """
+        logits, states, positions, mask = self.owner.run_prefill(prompts)
+        return self._place(slots, rows, logits, states, positions, mask)
+
+    def _place(
+        self,
+        slots: torch.Tensor,
+        rows: torch.Tensor,
+        logits: torch.Tensor,
+        states: list[tuple[torch.Tensor, torch.Tensor]],
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Write prefilled prompt ``rows[i]`` into slot ``slots[i]`` (see :meth:`_prefill`)."""
         owner, b = self.owner, self.bucket
-        logits, states, positions, mask = owner.run_prefill(prompts)
         width = positions.shape[1]
         for layer, (keys, values) in zip(b.cache.layers, states, strict=True):
             if _initialize(layer, keys, values, b.size):  # the bucket's first batch
