@@ -38,6 +38,15 @@ SETTINGS = ("none", "torch", "hashed")
 
 def block(shape: str, setting: str, device: torch.device) -> tuple[Any, int, set[int]]:
     """A compiled block of a fresh one-layer model, its width, and where its weights are."""
+    return lora_block(shape, device, 0.0 if setting == "none" else 0.1, hashed=setting == "hashed")
+
+
+def lora_block(
+    shape: str, device: torch.device, dropout: float, hashed: bool, pad: bool = False, backend: Any = "inductor"
+) -> tuple[Any, int, set[int]]:
+    """One block of a fresh one-layer model (bf16, LoRA r=4 with ``dropout``, hashed masks or
+    PyTorch's, the rank padded to 8 or not; the model's own dropouts off) compiled with
+    ``backend``: (the block, its width, where its weights are)."""
     from peft import LoraConfig, get_peft_model
     from train_throughput import TARGETS, model_config
     from transformers import AutoModelForCausalLM
@@ -49,22 +58,18 @@ def block(shape: str, setting: str, device: torch.device) -> tuple[Any, int, set
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-    lora = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        lora_dropout=0.0 if setting == "none" else 0.1,
-        target_modules=TARGETS,
-        task_type="CAUSAL_LM",
-    )
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora, autocast_adapter_dtype=False)  # bf16 adapters: no input casts
     fast.disable_attention_dropout(model)
     for m in model.modules():
         if type(m) is torch.nn.Dropout and not _in_lora(model, m):
             m.p = 0.0
-    if setting == "hashed":
+    if hashed:
         fast.hash_dropout(model)
+    if pad:
+        fast.pad_lora_rank(model)
     b = fast.transformer_blocks(model)[0].train()
-    return torch.compile(b), cfg.n_embd, {q.data_ptr() for q in b.parameters()}
+    return torch.compile(b, backend=backend), cfg.n_embd, {q.data_ptr() for q in b.parameters()}
 
 
 def _in_lora(model: torch.nn.Module, module: torch.nn.Module) -> bool:

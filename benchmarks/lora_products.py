@@ -35,30 +35,13 @@ SETTINGS = ("mm", "sums")
 
 def block(shape: str, setting: str, device: torch.device) -> tuple[Any, int, set[int]]:
     """A compiled block of a fresh one-layer model, its width, and where its weights are."""
-    from lora_dropout import _in_lora
-    from peft import LoraConfig, get_peft_model
-    from train_throughput import TARGETS, model_config
-    from transformers import AutoModelForCausalLM
+    from lora_dropout import lora_block
 
     from fimtune import fast
 
-    cfg = model_config(shape)
-    cfg.n_layer = 1
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora, autocast_adapter_dtype=False)  # bf16 adapters: no input casts
-    fast.disable_attention_dropout(model)
-    for m in model.modules():
-        if type(m) is torch.nn.Dropout and not _in_lora(model, m):
-            m.p = 0.0
-    fast.hash_dropout(model)
-    fast.pad_lora_rank(model)
-    b = fast.transformer_blocks(model)[0].train()
     narrow = fast.NARROW_PRODUCT_MAX if setting == "sums" else 0
     backend = fast.inductor_backend(decompositions=fast.product_decompositions(narrow_max=narrow))
-    return torch.compile(b, backend=backend), cfg.n_embd, {q.data_ptr() for q in b.parameters()}
+    return lora_block(shape, device, 0.1, hashed=True, pad=True, backend=backend)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,16 @@ def fresh_dynamo() -> dict:
     return counters
 
 
+def joining_rows(pr: FimPrompter, params: GenerationParams) -> tuple[Row, Row, Row, dict[int, Completion]]:
+    """The rows of :func:`holes` (about 60, 150 and 200 tokens) and where their completions land (by index)."""
+    done: dict[int, Completion] = {}
+    rows = [
+        Row(r.prompt, r.params, on_done=lambda c, i=i: done.__setitem__(i, c))
+        for i, r in enumerate(rows_for(pr, params))
+    ]
+    return rows[0], rows[1], rows[2], done
+
+
 def check_against_generate(model, pr: FimPrompter, backend: str | None, params: GenerationParams, **options) -> Decoder:
     """Batch 1 (each row) and a padded batch of 3 (bucket 4) give `generate`'s completions."""
     counters = fresh_dynamo()
@@ -438,11 +448,7 @@ def test_rows_join_the_batch_in_flight_and_get_their_own_tokens(tiny_tokenizer, 
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
     expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
     assert all(c[1] == NEW for c in expected)  # no row ends early: the joins happen while the first decodes
-    done: dict[int, Completion] = {}
-    short, middle, long = (
-        Row(r.prompt, r.params, on_done=lambda c, i=i: done.__setitem__(i, c))
-        for i, r in enumerate(rows_for(pr, params))
-    )
+    short, middle, long, done = joining_rows(pr, params)
     rooms: list[int] = []
 
     def join(room, fits):
@@ -489,11 +495,7 @@ def test_overlapped_joins_decode_beside_the_prefill_and_get_their_own_tokens(
     model, pr = never_ending(tiny_model("gpt_bigcode", tiny_tokenizer), tiny_tokenizer), FimPrompter(tiny_tokenizer)
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
     expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
-    done: dict[int, Completion] = {}
-    short, middle, long = (
-        Row(r.prompt, r.params, on_done=lambda c, i=i: done.__setitem__(i, c))
-        for i, r in enumerate(rows_for(pr, params))
-    )
+    short, middle, long, done = joining_rows(pr, params)
     calls: list[int] = []
 
     def join(room, fits):
@@ -565,11 +567,7 @@ def test_overlapped_joins_on_a_gpu_give_each_row_its_tokens(tiny_tokenizer):
     static.warmup()
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
     expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
-    done: dict[int, Completion] = {}
-    short, middle, long = (
-        Row(r.prompt, r.params, on_done=lambda c, i=i: done.__setitem__(i, c))
-        for i, r in enumerate(rows_for(pr, params))
-    )
+    short, middle, long, done = joining_rows(pr, params)
     calls: list[int] = []
 
     def join(room, fits):
