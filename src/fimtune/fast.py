@@ -808,7 +808,8 @@ def inductor_backend(
 
         def __call__(self, model_: torch.fx.GraphModule, inputs_: list[Any], *, config_patches: Any = None) -> Any:
             patches = {**self.config, **(config_patches or {})}
-            with functorch_config.patch(enable_autograd_cache=False):
+            no_cache = hasattr(functorch_config, "enable_autograd_cache")
+            with functorch_config.patch(enable_autograd_cache=False) if no_cache else contextlib.nullcontext():
                 return compile_fx(model_, inputs_, config_patches=patches, decompositions=decompositions)
 
     return Inductor(mode, options, False)
