@@ -137,13 +137,17 @@ def main(argv: list[str] | None = None) -> int:
             for s in SETTINGS
         },
     }
-    where = f"{report['device']}, {args.tokens} tokens, activation memory {args.activation_memory:g}"
+    show(report, f"{report['device']}, {args.tokens} tokens, activation memory {args.activation_memory:g}", args.json)
+    return 0
+
+
+def show(report: dict[str, Any], where: str, path: Path | None) -> None:
+    """Print a row per setting (step time, kept activations); write the report to ``path`` too."""
     print(f"{'setting':<8} {'step ms':>9} {'kept KiB/token':>15}   ({where})")
     for s, r in report["results"].items():
         print(f"{s:<8} {r['step_ms']:>9.2f} {r['kept_bytes_per_token'] / 1024:>15.2f}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    return 0
+    if path:
+        path.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ For each: the median step time and the bytes the block keeps for its backward pa
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import warnings
@@ -45,7 +44,7 @@ def block(shape: str, setting: str, device: torch.device) -> tuple[Any, int, set
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lora_dropout import measure
+    from lora_dropout import measure, show
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -78,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in SETTINGS
         },
     }
-    print(f"{'setting':<8} {'step ms':>9} {'kept KiB/token':>15}   ({report['device']}, {args.tokens} tokens)")
-    for s, r in report["results"].items():
-        print(f"{s:<8} {r['step_ms']:>9.2f} {r['kept_bytes_per_token'] / 1024:>15.2f}")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    show(report, f"{report['device']}, {args.tokens} tokens", args.json)
     return 0
 
 
