@@ -21,7 +21,7 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
                       through prefill graphs), `+prefill` (the same engine, its prefill compiled),
                       `+flex` (an engine whose steps use FlexAttention's decoding kernel),
                       `+cublas` (an engine whose batch-of-one steps multiply through cuBLAS, not
-                      the default matrix-vector kernels)
+                      the default matrix-vector kernels; its bucket of 1 only)
     attention bN      (CUDA) one step's attention over all layers' caches, replayed as a CUDA graph:
                       fimtune's grouped SDPA, compiled FlexAttention and two batched matrix products
                       (`matmul_decoding`) against transformers' SDPA,
@@ -329,7 +329,8 @@ def make_engine(
     limits = Limits(
         max_input_tokens=PROMPT_TOKENS,
         max_new_tokens=MAX_NEW_TOKENS,
-        max_batch_size=MAX_BATCH,
+        # the cuBLAS engine only differs at batch 1 (larger buckets keep cuBLAS): one bucket, a third of the warm-up
+        max_batch_size=1 if cublas else MAX_BATCH,
         queue_size=4 * CLIENTS,
         timeout_s=120.0,
         trim_step=1,
