@@ -188,9 +188,8 @@ def matmul_decoding(
     query heads that share a key/value head as the rows of one product (as :func:`grouped_sdpa`
     folds them): each cached key and value is read once, by products that cuBLAS spreads over the
     GPU, where SDPA's kernel (run 7's profile: 26 us a layer at batch 16) likely runs a thread block
-    per row and head. The mask: additive biases or
-    booleans [B, 1, 1, L]. Anything else: SDPA. A candidate, timed by `benchmarks/latency.py`'s
-    attention rows; no engine uses it yet."""
+    per row and head. The mask: additive biases or booleans [B, 1, 1, L]. Anything else: SDPA. A
+    candidate, timed by `benchmarks/latency.py`'s attention rows; no engine uses it yet."""
     if not _masked_step(query, attention_mask, dropout, kwargs):
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     batch, heads, _, dim = query.shape
