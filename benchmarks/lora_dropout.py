@@ -118,14 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     functorch_config.activation_memory_budget = args.activation_memory
     device = torch.device(args.device)
-    blocks = {s: block(args.shape, s, device) for s in SETTINGS}
-    times: dict[str, list[float]] = {s: [] for s in SETTINGS}
-    kept: dict[str, int] = {}
-    for step in range(args.steps + 2):
-        for s in SETTINGS:  # alternating: the machine's drift falls on all three alike
-            seconds, kept[s] = measure(*blocks[s], args.tokens, device)
-            if step >= 2:
-                times[s].append(seconds)
+    times, kept = alternate({s: block(args.shape, s, device) for s in SETTINGS}, args.steps, args.tokens, device)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -139,6 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     }
     show(report, f"{report['device']}, {args.tokens} tokens, activation memory {args.activation_memory:g}", args.json)
     return 0
+
+
+def alternate(
+    blocks: dict[str, tuple[Any, int, set[int]]], steps: int, tokens: int, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Each setting's step seconds (``steps`` of them, after 2 warm-up steps) and kept bytes, the
+    settings taking turns: the machine's drift falls on all of them alike."""
+    times: dict[str, list[float]] = {s: [] for s in blocks}
+    kept: dict[str, int] = {}
+    for step in range(steps + 2):
+        for s, built in blocks.items():
+            seconds, kept[s] = measure(*built, tokens, device)
+            if step >= 2:
+                times[s].append(seconds)
+    return times, kept
 
 
 def show(report: dict[str, Any], where: str, path: Path | None) -> None:

@@ -44,7 +44,7 @@ def block(shape: str, setting: str, device: torch.device) -> tuple[Any, int, set
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lora_dropout import measure, show
+    from lora_dropout import alternate, show
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -55,14 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
-    blocks = {s: block(args.shape, s, device) for s in SETTINGS}
-    times: dict[str, list[float]] = {s: [] for s in SETTINGS}
-    kept: dict[str, int] = {}
-    for step in range(args.steps + 2):
-        for s in SETTINGS:  # alternating: the machine's drift falls on both alike
-            seconds, kept[s] = measure(*blocks[s], args.tokens, device)
-            if step >= 2:
-                times[s].append(seconds)
+    times, kept = alternate({s: block(args.shape, s, device) for s in SETTINGS}, args.steps, args.tokens, device)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
