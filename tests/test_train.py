@@ -206,6 +206,23 @@ def test_each_step_is_logged_in_order_though_its_loss_is_read_a_step_later(
     assert len(speeds) == 6 and max(speeds) < 10 * min(speeds), speeds
 
 
+def test_clipping_takes_every_trainable_parameter_and_no_frozen_one(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache
+):
+    """The step clips the optimizer's parameters (no walk over the frozen model): they must be
+    exactly the trainable ones, the added FIM tokens' rows included, or the norm would be off."""
+    from fimtune.train import _clipped_parameters, make_accelerator, setup
+
+    base = model_dir(tmp_path, tiny_tokenizer, "gpt_bigcode")
+    cfg = run_config(tmp_path, base, repetitive_data, "clip")
+    s = setup(cfg, make_accelerator(cfg))
+    clipped = _clipped_parameters(s)
+    trainable = [p for p in s.model.parameters() if p.requires_grad]
+    assert isinstance(clipped, list) and len(clipped) == len(trainable) > 0
+    assert {id(p) for p in clipped} == {id(p) for p in trainable}
+    assert len(trainable) < len(list(s.model.parameters()))
+
+
 @pytest.mark.gpu
 def test_a_training_step_never_waits_for_the_gpu(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
     """Under CUDA's sync debug mode any host read of a device value in the step raises."""

@@ -392,7 +392,7 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
         loss = loss.detach().float()
         step_loss = loss if step_loss is None else step_loss + loss
     # Under DeepSpeed this clips nothing (its step did, by train.max_grad_norm) and returns the norm it saw.
-    grad_norm = acc.clip_grad_norm_(s.model.parameters(), tc.max_grad_norm) if tc.max_grad_norm else None
+    grad_norm = acc.clip_grad_norm_(_clipped_parameters(s), tc.max_grad_norm) if tc.max_grad_norm else None
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
@@ -414,6 +414,18 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
         return loss_value, None if grad_norm is None else norm_value, seconds()
 
     return values
+
+
+def _clipped_parameters(s: Setup) -> Any:
+    """The parameters whose gradients are clipped: the optimizer's (the trainable ones), not every
+    parameter of the model, whose frozen ones have no gradient but cost the host a walk over all
+    modules a step (twice, in accelerate). Under FSDP and DeepSpeed, the model's: accelerate picks
+    their own clipping by comparing the parameters given to the model's."""
+    from accelerate.utils import DistributedType
+
+    if s.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return s.model.parameters()
+    return [p for group in s.optimizer.param_groups for p in group["params"]]
 
 
 def _step_clock(device: torch.device) -> Callable[[], Callable[[], float]]:
