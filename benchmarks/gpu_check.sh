@@ -51,11 +51,13 @@ part tests && timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu \
 
 # 2. Training: fimtune's step (FlashAttention-4 where it is installed); keeping 85% of the
 #    activations (the GPU preset's setting); the step with the loss's soft-max eager, and with
-#    LoRA's rank-4 products unpadded (what each saves); with LoRA's rank-wide products as fused sums
-#    (an option: does it pay?); naive bf16, last (run 4 measured it, and PyTorch's own flash
-#    kernels, c-fa2). Each fimtune variant is profiled; variants past the budget are skipped.
+#    LoRA's rank-4 products unpadded (what each saves); two options (do they pay?): the blocks'
+#    kernels started from C++ (the host's time a step), LoRA's rank-wide products as fused sums;
+#    naive bf16, last (run 4 measured it, and PyTorch's own flash kernels, c-fa2). Each variant
+#    says how long the host took to queue a step; each fimtune variant is profiled (GPU time,
+#    then the host's); variants past the budget are skipped.
 share=$(($(left) / $(part latency && echo 2 || echo 1)))
-part train && timeout $share python3 benchmarks/train_throughput.py --variants c,c-mem,c-eager-loss,c-lora-r4,c-lora-sums,b \
+part train && timeout $share python3 benchmarks/train_throughput.py --variants c,c-mem,c-eager-loss,c-lora-r4,c-cpp-wrapper,c-lora-sums,b \
     --activation-memory 0.85 --budget-s $((share - 40)) --profile /tmp/gpu-profiles \
     --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
 

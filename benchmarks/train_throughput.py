@@ -4,6 +4,8 @@ naive bf16, fimtune's own training step, QLoRA. Figures go to RESULTS.md.
     python benchmarks/train_throughput.py --json out.json            # a CUDA GPU: every variant
     python benchmarks/train_throughput.py --variants c,c-ckpt         # some of them
     python benchmarks/train_throughput.py --shape tiny --steps 2      # a smoke run on a CPU (tests)
+    python benchmarks/train_throughput.py --shape narrow --length 16 --compile true --variants c,c-cpp-wrapper
+                                     # the host's share: the 1B's 24 blocks and kernels, little work in each
 
 Every variant trains LoRA r=4 (alpha 8, dropout 0.1) on c_attn, c_proj and c_fc with AdamW,
 batch 4 x 2048 tokens, on a fresh model (same seed, same random weights):
@@ -29,6 +31,8 @@ c-lora-r4    (c) with LoRA's rank-4 products as they are, not padded to rank 8 (
 c-lora-sums  (c) with LoRA's B applied to the rank-wide product (and its transpose in the backward
              pass) as 8 element-wise multiply-adds fused into the kernels that use them, not matrix
              products whose layer-wide outputs are written and read back (an option, measured here)
+c-cpp-wrapper (c) with its compiled blocks run by C++ code inductor writes, not Python (inductor's
+             `cpp_wrapper`): the host's work to start each block's kernels (an option, measured here)
 c-eager-loss (c) with the loss's soft-max and gradient eager (fp32 copies of each chunk's logits),
              not compiled (what compiling it saves)
 c-repeat-kv  c-fa2 with StarCoder's one key/value head repeated for the 16 query heads, as on
@@ -40,6 +44,12 @@ qlora        (c) on a 4-bit NF4 base (bitsandbytes, double quantization), gradie
 TFLOP/s counts 4.9 GFLOP per token for the 1B shape (../shared/DESIGN.md): the forward, and the
 backward through activations (no weight gradients of the frozen base). Before (c) trains, its
 loss on a fixed batch is checked against plain transformers (SDPA, full logits).
+
+Each variant also reports `queue_ms`: the host's time to queue a step (the median of the calls;
+fimtune's step returns before the GPU ends it). Near `step_ms`, the host sets the pace, unless
+it waited inside for a full launch queue. The `narrow` shape keeps StarCoderBase-1B's 24 blocks,
+16 query heads and one key/value head at a width of 128 and a vocabulary of 512: the same kernels
+and calls a step with little work in each, so its step time is mostly the host's.
 """
 
 from __future__ import annotations
@@ -62,9 +72,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-GFLOP_PER_TOKEN = {"starcoderbase-1b": 4.9, "tiny": None}
+GFLOP_PER_TOKEN = {"starcoderbase-1b": 4.9, "tiny": None, "narrow": None}
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 TINY = {"vocab_size": 512, "n_positions": 256, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128}
+NARROW = {"vocab_size": 512, "n_embd": 128, "n_inner": 512}  # the 1B's 24 blocks and 16 heads, thin
+SHAPES = {"tiny": TINY, "narrow": NARROW}
 ALL = [
     "c",
     "b",
@@ -82,6 +94,7 @@ ALL = [
     "c-eager-loss",
     "c-lora-r4",
     "c-lora-sums",
+    "c-cpp-wrapper",
 ]
 
 
@@ -90,7 +103,7 @@ def model_config(shape: str) -> Any:
     from fimtune.model import model_config as known_config
 
     config = known_config("bigcode/starcoderbase-1b")
-    for key, value in (TINY if shape == "tiny" else {}).items():
+    for key, value in SHAPES.get(shape, {}).items():
         setattr(config, key, value)
     return config
 
@@ -234,6 +247,9 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     if variant == "c-lora-sums" and any(getattr(b, "_compiled_call_impl", None) for b in blocks):
         fast.compile_blocks(model, narrow_max=fast.NARROW_PRODUCT_MAX)  # the same blocks, compiled anew
         result["narrow_products"] = fast.NARROW_PRODUCT_MAX
+    if variant == "c-cpp-wrapper" and any(getattr(b, "_compiled_call_impl", None) for b in blocks):
+        fast.compile_blocks(model, options={"cpp_wrapper": True})  # the same blocks, compiled anew
+        result["cpp_wrapper"] = True
     result["lora_rank_padded"] = any(isinstance(m, fast._RankPaddedA) for m in model.modules())
     result["loss_chunk_tokens"] = chunk
     result["compiled_loss"] = any(fast._COMPILED_LOSS.values())
@@ -259,7 +275,8 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
 
 
 def profile(step: Any, path: Path, steps: int = 2) -> str:
-    """Two more steps under torch.profiler: the kernels by GPU time, to ``path``; returns the path."""
+    """Two more steps under torch.profiler: the kernels by GPU time, then the operators by the host's
+    own time (what it spends queueing them), to ``path``; returns the path."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -267,7 +284,11 @@ def profile(step: Any, path: Path, steps: int = 2) -> str:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+    table += "\n\nBy the host's own time:\n" + averages.table(
+        sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table)
     print(table[:6000], flush=True)
@@ -338,9 +359,13 @@ def timed(step: Any, args: argparse.Namespace, device: torch.device) -> dict:
         read(step())
     sync(device)
     warmup_s = time.perf_counter() - t0
-    losses, reads, queued = [], [], None
+    losses, reads, queues, queued = [], [], [], None
     for i in range(args.steps + 2):
-        result = step() if i <= args.steps else None  # the next step is queued before this one is read
+        result = None
+        if i <= args.steps:  # the next step is queued before this one is read
+            t = time.perf_counter()
+            result = step()
+            queues.append(time.perf_counter() - t)
         if queued is not None:
             losses.append(read(queued))
             reads.append(time.perf_counter())
@@ -354,6 +379,7 @@ def timed(step: Any, args: argparse.Namespace, device: torch.device) -> dict:
         "step_ms": 1000 * sec,
         "step_ms_min": 1000 * min(times),
         "step_ms_max": 1000 * max(times),
+        "queue_ms": 1000 * statistics.median(queues),  # the host's time to queue a step
         "warmup_s": warmup_s,
         "last_loss": losses[-1],
     }
@@ -451,7 +477,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(report: dict) -> None:
     res = report["results"]
-    print(f"\n{'variant':<8} {'tokens/s':>10} {'TFLOP/s':>8} {'peak GiB':>9} {'step ms':>8} {'warm-up s':>9}  note")
+    print(
+        f"\n{'variant':<8} {'tokens/s':>10} {'TFLOP/s':>8} {'peak GiB':>9} {'step ms':>8} {'queue ms':>8} "
+        f"{'warm-up s':>9}  note"
+    )
     for name, r in res.items():
         if "tokens_per_s" not in r:
             print(f"{name:<8} {r.get('error') or r.get('skipped')}")
@@ -465,7 +494,8 @@ def print_table(report: dict) -> None:
             note += "; key/value heads " + ("as they are" if r["kv_heads_as_they_are"] else "repeated")
         print(
             f"{name:<8} {r['tokens_per_s']:>10,.0f} {r.get('tflops', float('nan')):>8.1f} "
-            f"{r.get('peak_gib', float('nan')):>9.2f} {r['step_ms']:>8.1f} {r['warmup_s']:>9.1f}  {note}"
+            f"{r.get('peak_gib', float('nan')):>9.2f} {r['step_ms']:>8.1f} {r['queue_ms']:>8.1f} "
+            f"{r['warmup_s']:>9.1f}  {note}"
         )
     c = res.get("c", {}).get("tokens_per_s")
     for base in ("a", "b"):
