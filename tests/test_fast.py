@@ -32,6 +32,18 @@ def lora(model, dropout=0.0):
     return attach_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout), [])
 
 
+def lora_with_b(vocab: int):
+    """The tiny GPTBigCode with LoRA whose B is not zero (PEFT starts it at zero), so that A's
+    gradients carry something; the same weights every time."""
+    torch.manual_seed(0)
+    model = lora(tiny.gpt_bigcode(vocab))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
 def test_cu_seq_lens_mark_every_document_and_row():
     pos = torch.tensor([[0, 1, 2, 0, 1], [3, 4, 0, 1, 2]])
     assert fast.cu_seq_lens(pos, 2, 5, torch.device("cpu")).tolist() == [0, 3, 5, 7, 10]
@@ -243,11 +255,7 @@ def test_lora_products_at_a_padded_rank_give_the_same_outputs_and_gradients(tiny
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
-    model = lora(tiny.gpt_bigcode(len(tiny_tokenizer)))
-    with torch.no_grad():  # B starts at zero in PEFT: give A's gradients something to carry
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    model = lora_with_b(len(tiny_tokenizer))
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     want = loss_and_grads(model)
     assert fast.pad_lora_rank(model) == 8  # c_attn, the two c_proj and c_fc in each of the 2 layers
@@ -325,12 +333,7 @@ def test_blocks_compiled_with_narrow_lora_products_give_the_same_step(tiny_token
     batch = packed_batch(len(tiny_tokenizer))
 
     def run(narrow_max):
-        torch.manual_seed(0)
-        model = lora(tiny.gpt_bigcode(len(tiny_tokenizer)))
-        with torch.no_grad():  # B starts at zero in PEFT: give A's gradients something to carry
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
+        model = lora_with_b(len(tiny_tokenizer))
         assert fast.pad_lora_rank(model) == 8
         fast.compile_blocks(model, narrow_max=narrow_max)
         loss, _ = summed_loss(model, batch, 8)
@@ -361,12 +364,7 @@ def test_blocks_compiled_with_the_cpp_wrapper_give_the_same_step(tiny_tokenizer)
     batch = packed_batch(len(tiny_tokenizer))
 
     def run(options):
-        torch.manual_seed(0)
-        model = lora(tiny.gpt_bigcode(len(tiny_tokenizer)))
-        with torch.no_grad():  # B starts at zero in PEFT: give A's gradients something to carry
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
+        model = lora_with_b(len(tiny_tokenizer))
         fast.compile_blocks(model, options=options)
         (loss, _), code = run_and_get_code(lambda: summed_loss(model, batch, 8))
         loss.backward()
