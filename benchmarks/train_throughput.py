@@ -269,7 +269,8 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         return train_step(s, cfg.train, Path("."), next(counter))
 
     result.update(timed(step, args, device))
-    if args.profile and device.type == "cuda":
+    profiled = args.profile_variants is None or variant in args.profile_variants.split(",")
+    if args.profile and profiled and device.type == "cuda":
         result["profile"] = profile(step, args.profile / f"profile-{variant}.txt")
     return result
 
@@ -441,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the figures here too")
     p.add_argument("--activation-memory", type=float, default=0.5, help="c-mem: train.activation_memory")
     p.add_argument("--profile", type=Path, help="on CUDA: profile two more steps of each fimtune variant into DIR")
+    p.add_argument(
+        "--profile-variants", default=None, help="with --profile: only these (comma-separated; default: every one)"
+    )
     p.add_argument("--budget-s", type=float, default=None, help="skip the variants left once this many seconds passed")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

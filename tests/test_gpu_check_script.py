@@ -40,7 +40,10 @@ def test_every_flag_it_passes_a_benchmark_exists():
         ).stdout
         for flag in flags:
             assert flag in help_text, f"{script} has no {flag}"
-    variants = re.search(r"--variants (\S+)", next(c for c in commands() if "train_throughput.py " in c)).group(1)
+    train = next(c for c in commands() if "train_throughput.py " in c)
+    variants = re.search(r"--variants (\S+)", train).group(1)
+    profiled = re.search(r"--profile-variants (\S+)", train).group(1)
+    assert set(profiled.split(",")) <= set(variants.split(","))  # a profile of a variant that runs
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         from train_throughput import ALL
