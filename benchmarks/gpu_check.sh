@@ -49,16 +49,17 @@ python3 -c 'import torch; from fimtune import fast; print("FlashAttention-4:", f
 part tests && timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/test_fast.py tests/test_train.py tests/serve/test_static.py 2>&1 | tee "$OUT/gpu-tests.log"
 
-# 2. Training: fimtune's step (FlashAttention-4 where it is installed); keeping 85% of the
-#    activations (the GPU preset's setting); the step with the loss's soft-max eager, and with
-#    LoRA's rank-4 products unpadded (what each saves); two options (do they pay?): the blocks'
-#    kernels started from C++ (the host's time a step), LoRA's rank-wide products as fused sums;
+# 2. Training: fimtune's step (FlashAttention-4 where it is installed); with the frozen base's
+#    products in FP8 (an option: the largest part of the step, at twice the rate?); keeping 85% of
+#    the activations (the GPU preset's setting); the step with the loss's soft-max eager, and with
+#    LoRA's rank-4 products unpadded (what each saves); two more options: the blocks' kernels
+#    started from C++ (the host's time a step), LoRA's rank-wide products as fused sums;
 #    naive bf16, last (run 4 measured it, and PyTorch's own flash kernels, c-fa2). Each variant
-#    says how long the host took to queue a step; (c) and the C++ one are profiled (GPU time,
-#    then the host's); variants past the budget are skipped.
+#    says how long the host took to queue a step; (c), FP8 and C++ are profiled (GPU time, then
+#    the host's); variants past the budget are skipped.
 share=$(($(left) / $(part latency && echo 2 || echo 1)))
-part train && timeout $share python3 benchmarks/train_throughput.py --variants c,c-mem,c-eager-loss,c-lora-r4,c-cpp-wrapper,c-lora-sums,b \
-    --activation-memory 0.85 --budget-s $((share - 40)) --profile /tmp/gpu-profiles --profile-variants c,c-cpp-wrapper \
+part train && timeout $share python3 benchmarks/train_throughput.py --variants c,c-fp8,c-mem,c-eager-loss,c-lora-r4,c-cpp-wrapper,c-lora-sums,b \
+    --activation-memory 0.85 --budget-s $((share - 40)) --profile /tmp/gpu-profiles --profile-variants c,c-fp8,c-cpp-wrapper \
     --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
 
 # 3. Completion latency: the engine (its eager-prefill and FlexAttention variants were measured in

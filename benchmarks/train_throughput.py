@@ -33,6 +33,9 @@ c-lora-sums  (c) with LoRA's B applied to the rank-wide product (and its transpo
              products whose layer-wide outputs are written and read back (an option, measured here)
 c-cpp-wrapper (c) with its compiled blocks run by C++ code inductor writes, not Python (inductor's
              `cpp_wrapper`): the host's work to start each block's kernels (an option, measured here)
+c-fp8       (c) with the frozen base's products in FP8 (rowwise scales: `fast.fp8_frozen_products`):
+             Hopper's FP8 rate against bf16's (an option, measured here); its loss on a fixed
+             batch against the same model's in bf16 tells what the rounding costs
 c-eager-loss (c) with the loss's soft-max and gradient eager (fp32 copies of each chunk's logits),
              not compiled (what compiling it saves)
 c-repeat-kv  c-fa2 with StarCoder's one key/value head repeated for the 16 query heads, as on
@@ -95,6 +98,7 @@ ALL = [
     "c-lora-r4",
     "c-lora-sums",
     "c-cpp-wrapper",
+    "c-fp8",
 ]
 
 
@@ -247,6 +251,18 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     if variant == "c-lora-sums" and any(getattr(b, "_compiled_call_impl", None) for b in blocks):
         fast.compile_blocks(model, narrow_max=fast.NARROW_PRODUCT_MAX)  # the same blocks, compiled anew
         result["narrow_products"] = fast.NARROW_PRODUCT_MAX
+    if variant == "c-fp8":
+        before, logits = fixed_batch_loss(model, args, device, chunk)
+        result["fp8_layers"] = fast.fp8_frozen_products(model)
+        after, fp8_logits = fixed_batch_loss(model, args, device, chunk)
+        result["fp8_check"] = {
+            "loss_bf16": before,
+            "loss_fp8": after,
+            "rel_diff": abs(after - before) / before,
+            "logits_rel_diff": relative_difference(fp8_logits, logits),
+        }
+        if any(getattr(b, "_compiled_call_impl", None) for b in blocks):
+            fast.compile_blocks(model)  # the same blocks, compiled anew
     if variant == "c-cpp-wrapper" and any(getattr(b, "_compiled_call_impl", None) for b in blocks):
         fast.compile_blocks(model, options={"cpp_wrapper": True})  # the same blocks, compiled anew
         result["cpp_wrapper"] = True
@@ -337,6 +353,26 @@ def check_loss(model: Any, args: argparse.Namespace, device: torch.device, docs:
 # --------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fixed_batch_loss(model: Any, args: argparse.Namespace, device: torch.device, chunk: int) -> tuple[float, Any]:
+    """A prepared model on a fixed batch, evaluated eagerly (no compile): the mean loss, and the
+    logits of the first row's first 256 tokens (random weights give near-uniform logits, whose
+    loss hardly moves: the logits tell how far a change moved the model's outputs)."""
+    from fimtune.train import forward_logits, summed_loss
+
+    b = next(batches(model.config.vocab_size, args.batch, args.length, device, docs=False, seed=7))
+    model.eval()
+    with torch.compiler.set_stance("force_eager"), torch.autocast(device.type, torch.bfloat16, device.type == "cuda"):
+        loss, n = summed_loss(model, b, chunk)
+        logits = forward_logits(model, {k: v[:1, :256] for k, v in b.items()}).float()
+    model.train()
+    return loss.item() / n, logits
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
 
 
 def sync(device: torch.device) -> None:
@@ -492,6 +528,9 @@ def print_table(report: dict) -> None:
         note = ""
         if "check" in r:
             note = f"loss vs transformers: {r['check']['rel_diff']:.1e} rel"
+        if "fp8_check" in r:
+            c8 = r["fp8_check"]
+            note = f"vs bf16 products: loss {c8['rel_diff']:.1e}, logits {c8['logits_rel_diff']:.1e} rel"
         if r.get("flash_attention"):
             note += f"; {r['flash_attention']}"
         if "kv_heads_as_they_are" in r:

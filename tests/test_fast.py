@@ -355,6 +355,92 @@ def test_blocks_compiled_with_narrow_lora_products_give_the_same_step(tiny_token
         torch.testing.assert_close(gg[k], gw[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rowwise_fp8_rounds_each_row_to_three_mantissa_bits_with_a_power_of_two_scale(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 96, generator=g) * torch.logspace(-3, 3, 64)[:, None]).to(dtype)
+    x[5] = 0.0  # a row of zeros: a finite scale, zeros back
+    values, scale = fast.rowwise_fp8(x)
+    assert values.dtype == fast.FP8 and scale.shape == (64, 1) and scale.dtype == torch.float32
+    assert torch.equal(torch.exp2(torch.log2(scale).round()), scale)  # powers of two: dividing is exact
+    back, x = values.float() * scale, x.float()
+    assert values.float().abs().amax() <= fast.FP8_MAX and torch.equal(back[5], x[5])
+    assert (back.abs().amax(dim=1) >= fast.FP8_MAX / 2 * scale[:, 0]).sum() == 63  # every row but 5 spans its range
+    # e4m3: 3 mantissa bits (a relative step of 2^-4 at most), subnormal steps of 2^-9 a scale
+    assert ((back - x).abs() <= 2**-4 * x.abs() + 2**-9 * scale).all()
+
+
+def test_fp8_products_run_the_frozen_layers_and_keep_the_model_as_it_was(tiny_tokenizer):
+    """The frozen base layers under LoRA as FP8 products: the weights, their names and the adapter
+    are unchanged; outputs move by FP8's rounding (not more, not zero); LoRA's gradients keep their
+    direction; compiled blocks give what eager ones give."""
+    batch = packed_batch(len(tiny_tokenizer))
+
+    def run(fp8, compile_blocks=False):
+        model = lora_with_b(len(tiny_tokenizer))
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        n = fast.fp8_frozen_products(model) if fp8 else 0
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        if compile_blocks:
+            torch._dynamo.reset()
+            fast.compile_blocks(model)
+        logits = forward_logits(model, batch)
+        loss, _ = summed_loss(model, batch, 8)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        return n, model, logits.detach(), loss.detach(), grads
+
+    _, _, logits, loss, grads = run(False)
+    n, model, fp8_logits, fp8_loss, fp8_grads = run(True)
+    # c_attn, the attention's c_proj, c_fc and the MLP's c_proj in each of the 2 blocks
+    assert n == 8 and sum(type(m) is fast._Float8Frozen for m in model.modules()) == 8
+    assert not any(p.requires_grad for m in model.modules() if type(m) is fast._Float8Frozen for p in m.parameters())
+    moved = ((fp8_logits - logits).norm() / logits.norm()).item()
+    assert 1e-4 < moved < 0.1, moved
+    torch.testing.assert_close(fp8_loss, loss, rtol=0.02, atol=0)
+    assert fp8_grads.keys() == grads.keys()
+    for k, g in grads.items():
+        assert F.cosine_similarity(fp8_grads[k].flatten(), g.flatten(), dim=0) > 0.9, k
+    assert fast.fp8_frozen_products(model) == 0  # converted layers are not converted twice
+    _, _, compiled_logits, compiled_loss, compiled_grads = run(True, compile_blocks=True)
+    torch.testing.assert_close(compiled_logits, fp8_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled_loss, fp8_loss, rtol=1e-4, atol=1e-4)
+    for k, g in fp8_grads.items():
+        torch.testing.assert_close(compiled_grads[k], g, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_fp8_products_on_a_gpu_match_bf16_products_within_their_rounding():
+    """cuBLAS's FP8 kernels (rowwise scales) on StarCoder's c_attn shape, compiled as in the
+    blocks: the output and the input's gradient near the bf16 product's, as on the CPU."""
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(2048, 2304, device=cuda, dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.randn(4, 512, 2048, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(4, 512, 2304, device=cuda, dtype=torch.bfloat16)
+    want = layer(x)
+    want.backward(grad)
+    want_grad, x.grad = x.grad, None
+    holder = torch.nn.Module()
+    holder.base_layer = layer
+    assert fast.fp8_frozen_products(holder) == 1
+    got = torch.compile(layer)(x)
+    got.backward(grad)
+    for a, b in ((got, want), (x.grad, want_grad)):
+        assert a.dtype == torch.bfloat16
+        moved = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert 1e-3 < moved < 0.06, moved
+
+
+def test_fp8_products_leave_layers_whose_sizes_fp8_kernels_refuse():
+    from fimtune.config import LoraConfig
+    from fimtune.model import attach_lora
+
+    model = attach_lora(tiny.gpt_bigcode(128, n_embd=40), LoraConfig(r=4, alpha=8, dropout=0.0), [])
+    assert fast.fp8_frozen_products(model) == 0  # widths of 40 and 56: not multiples of 16
+
+
 def test_blocks_compiled_with_the_cpp_wrapper_give_the_same_step(tiny_tokenizer):
     """Blocks whose kernels C++ code starts (inductor's `cpp_wrapper`, variant `c-cpp-wrapper` of the
     training benchmark) against the same blocks with inductor's Python code: the loss and every LoRA

@@ -1019,6 +1019,95 @@ def pad_lora_rank(model: torch.nn.Module, multiple: int = LORA_RANK_MULTIPLE) ->
     return n
 
 
+# --------------------------------------------------------------------------------------
+# The frozen base's products in FP8 (an option)
+# --------------------------------------------------------------------------------------
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [M, K] as e4m3 values and an fp32 scale per row [M, 1]: ``x ~= values * scale``.
+
+    Each scale is the power of two that brings the row's largest magnitude to at most 448 (the
+    format's largest value): dividing by it is exact, so only the values' 3 mantissa bits round.
+    """
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-30)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class _Float8Product(torch.autograd.Function):
+    """``x W^T`` of a frozen weight through FP8 products (rowwise scales): the forward pass on
+    ``x`` and W's FP8 copy, the backward pass (``x``'s gradient only: W is frozen) on the
+    output's gradient and W^T's FP8 copy. Nothing of ``x`` is kept for the backward pass."""
+
+    @staticmethod
+    def forward(  # noqa: ANN205 - autograd's signature
+        ctx: Any,
+        x: torch.Tensor,
+        w8: torch.Tensor,
+        w_scale: torch.Tensor,
+        wt8: torch.Tensor,
+        wt_scale: torch.Tensor,
+        out_dtype: torch.dtype,
+    ):
+        x2 = x.reshape(-1, x.shape[-1])
+        x8, x_scale = rowwise_fp8(x2)
+        out = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=out_dtype)
+        ctx.save_for_backward(wt8, wt_scale)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        wt8, wt_scale = ctx.saved_tensors
+        g8, g_scale = rowwise_fp8(grad.reshape(-1, grad.shape[-1]))
+        gx = torch._scaled_mm(g8, wt8.t(), scale_a=g_scale, scale_b=wt_scale.t(), out_dtype=grad.dtype)
+        return gx.reshape(ctx.x_shape).to(ctx.x_dtype), None, None, None, None, None
+
+
+class _Float8Frozen(torch.nn.Linear):
+    """A frozen `nn.Linear` whose product runs in FP8 (see :func:`fp8_frozen_products`); its
+    weight and bias stay as they were (the state dict, merging and saving see no change)."""
+
+    fp8: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _Float8Product.apply(x, *self.fp8, self.weight.dtype)
+        return out if self.bias is None else out + self.bias
+
+
+def fp8_frozen_products(model: torch.nn.Module) -> int:
+    """Run the frozen base layers under LoRA adapters (PEFT's ``base_layer``) as FP8 products: the
+    input and the output's gradient quantized a row at a time (e4m3, power-of-two scales, as
+    torchao's "rowwise" recipe), against two FP8 copies of the weight made once (one scaled per
+    output row, one per input column; ~2 bytes a parameter more memory). Return the layers changed.
+
+    An option (off): Hopper's FP8 products run at about twice the bf16 rate, which would cut the
+    largest part of a step (the frozen base's products, ~60%), but the outputs round to 3 mantissa
+    bits, so the loss is no longer the bf16 loss (`benchmarks/train_throughput.py`, variant
+    `c-fp8`, measures both). The copies are not updated: a frozen weight must stay frozen.
+    Dimensions must be multiples of 16 (cuBLAS's FP8 kernels).
+    """
+    n = 0
+    for m in model.modules():
+        base = getattr(m, "base_layer", None)
+        if type(base) is not torch.nn.Linear or base.weight.requires_grad:
+            continue
+        out_features, in_features = base.weight.shape
+        if out_features % 16 or in_features % 16:
+            continue
+        with torch.no_grad():
+            w8, w_scale = rowwise_fp8(base.weight)
+            wt8, wt_scale = rowwise_fp8(base.weight.t().contiguous())
+        base.__class__ = _Float8Frozen
+        base.fp8 = (w8, w_scale, wt8, wt_scale)
+        n += 1
+    return n
+
+
 def disable_attention_dropout(model: torch.nn.Module) -> float:
     """Set attention-probability dropout to 0 (the varlen kernel has none); return the old rate.
 
