@@ -1,12 +1,17 @@
 """Helpers to train tiny runs in tests: a model folder, a config, a quiet fit, the metrics."""
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 from fimtune.config import load_run_config
 from fimtune.train import fit
 from tests import tiny
+
+ROOT = Path(__file__).parents[1]
 
 
 def metrics(run: Path) -> list[dict]:
@@ -44,3 +49,18 @@ def quiet_fit(cfg, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fit(cfg, **kw)
+
+
+def run_script(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``script`` (a path from the repository root) with this Python, one intra-op thread by
+    default; fail the test with the end of its output unless it exits 0."""
+    proc = subprocess.run(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env if env is not None else {**os.environ, "OMP_NUM_THREADS": "1"},  # inductor needs PATH's compiler
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc

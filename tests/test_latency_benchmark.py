@@ -7,19 +7,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.runs import run_script
+
 ROOT = Path(__file__).parents[1]
 
 
 @pytest.mark.slow
 def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
     out = tmp_path / "latency.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/latency.py", "--device", "cpu", "--shape", "tiny", "--budget-s", "150",
-         "--batch-wait-variants", "", "--graphs", "trees,trees+eager-prefill,trees+prefill", "--json", str(out),
-         "--profile-step", str(tmp_path / "profile")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""},
+    run_script(
+        "benchmarks/latency.py", "--device", "cpu", "--shape", "tiny", "--budget-s", "150",
+        "--batch-wait-variants", "", "--graphs", "trees,trees+eager-prefill,trees+prefill", "--json", str(out),
+        "--profile-step", str(tmp_path / "profile"), env={"OMP_NUM_THREADS": "1", "PATH": ""},
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert not report["errors"], report["errors"]
     rows = {r["scenario"]: r for r in report["rows"]}

@@ -1,26 +1,13 @@
 """The LoRA dropout and LoRA products benchmarks run on a tiny block; hashed masks keep less than PyTorch's."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).parents[1]
+from tests.runs import run_script
 
 
 def test_hashed_masks_keep_fewer_activations_than_torch_dropout(tmp_path):
     out = tmp_path / "dropout.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/lora_dropout.py", "--shape", "tiny", "--tokens", "48", "--steps", "1"]
-        + ["--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},  # inductor needs the C++ compiler on PATH
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_script("benchmarks/lora_dropout.py", "--shape", "tiny", "--tokens", "48", "--steps", "1", "--json", str(out))
     res = json.loads(out.read_text())["results"]
     kept = {s: r["kept_bytes_per_token"] for s, r in res.items()}
     assert kept["torch"] > kept["hashed"] >= kept["none"] > 0
@@ -29,16 +16,7 @@ def test_hashed_masks_keep_fewer_activations_than_torch_dropout(tmp_path):
 
 def test_the_lora_products_benchmark_runs_on_a_tiny_block(tmp_path):
     out = tmp_path / "products.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/lora_products.py", "--shape", "tiny", "--tokens", "48", "--steps", "1"]
-        + ["--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_script("benchmarks/lora_products.py", "--shape", "tiny", "--tokens", "48", "--steps", "1", "--json", str(out))
     res = json.loads(out.read_text())["results"]
     assert set(res) == {"mm", "sums"} and all(r["step_ms"] > 0 for r in res.values())
     # the same block either way: the fused sums keep what the products keep

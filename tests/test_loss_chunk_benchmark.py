@@ -1,24 +1,12 @@
 """The loss-chunk benchmark runs on a small chunk, and its two ways give one loss and gradient."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).parents[1]
+from tests.runs import run_script
 
 
 def test_eager_and_compiled_chunks_agree_and_are_timed():
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/loss_chunk.py", "--tokens", "64", "--vocab", "500", "--repeats", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script("benchmarks/loss_chunk.py", "--tokens", "64", "--vocab", "500", "--repeats", "1")
     times = [float(t) for t in re.findall(r"\s([\d.]+) ms", proc.stdout)]
     assert len(times) == 2 and all(t > 0 for t in times)
     first, second, largest = re.search(

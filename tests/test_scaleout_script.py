@@ -3,12 +3,13 @@ CPU mode end to end (on a GPU it also launches FSDP and DeepSpeed; see its docst
 
 import importlib.util
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.runs import run_script
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "benchmarks" / "scaleout_gpu.py"
@@ -121,16 +122,10 @@ def test_a_failed_launch_keeps_its_whole_output_in_the_report_folder(scaleout, t
 @pytest.mark.slow
 def test_cpu_mode_runs_plain_and_fsdp_on_two_processes_and_writes_the_table(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), "--families", "llama", "--workers", "2", "--budget-s", "400",
-         "--engines", "fsdp", "--processes", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={"OMP_NUM_THREADS": "1", "PATH": "", "HOME": str(tmp_path)},
+    proc = run_script(
+        str(SCRIPT), "--out", str(out), "--families", "llama", "--workers", "2", "--budget-s", "400",
+        "--engines", "fsdp", "--processes", "2", env={"OMP_NUM_THREADS": "1", "PATH": "", "HOME": str(tmp_path)},
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((out / "scaleout.json").read_text())
     assert report["notes"] == ["no CUDA device: engines on CPU processes (gloo) (fp32)"]
     plain, fsdp = report["rows"]

@@ -1,9 +1,10 @@
 """The training benchmark runs end to end on a tiny shape (on a GPU it measures the real one)."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from tests.runs import run_script
 
 ROOT = Path(__file__).parents[1]
 
@@ -19,28 +20,10 @@ def benchmark_variants() -> list[str]:
 
 def test_train_throughput_benchmark_runs_every_variant_on_a_tiny_shape(tmp_path):
     out = tmp_path / "train.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/train_throughput.py",
-            "--shape",
-            "tiny",
-            "--length",
-            "64",
-            "--warmup",
-            "1",
-            "--steps",
-            "1",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={"OMP_NUM_THREADS": "1", "PATH": ""},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script(
+        "benchmarks/train_throughput.py", "--shape", "tiny", "--length", "64", "--warmup", "1", "--steps", "1",
+        "--json", str(out), env={"OMP_NUM_THREADS": "1", "PATH": ""},
+    )  # fmt: skip
     report = json.loads(out.read_text())
     res = report["results"]
     assert list(res) == benchmark_variants()  # every variant, in order
