@@ -403,6 +403,10 @@ def test_fp8_products_run_the_frozen_layers_and_keep_the_model_as_it_was(tiny_to
     for k, g in grads.items():
         assert F.cosine_similarity(fp8_grads[k].flatten(), g.flatten(), dim=0) > 0.9, k
     assert fast.fp8_frozen_products(model) == 0  # converted layers are not converted twice
+    layer = next(m for m in model.modules() if type(m) is fast._Float8Frozen)
+    model.to("meta", torch.float64)  # the FP8 copies move with the weight, and are never cast
+    assert layer.weight.dtype == torch.float64 and {t.dtype for t in layer.fp8} == {fast.FP8, torch.float32}
+    assert layer.weight.is_meta and all(t.is_meta for t in layer.fp8)
     _, _, compiled_logits, compiled_loss, compiled_grads = run(True, compile_blocks=True)
     torch.testing.assert_close(compiled_logits, fp8_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled_loss, fp8_loss, rtol=1e-4, atol=1e-4)

@@ -1078,6 +1078,12 @@ class _Float8Frozen(torch.nn.Linear):
         out = _Float8Product.apply(x, *self.fp8, self.weight.dtype)
         return out if self.bias is None else out + self.bias
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``.to()``, ``.cuda()``, ...: the FP8 copies follow the weight's device, never its dtype."""
+        super()._apply(fn, recurse)
+        self.fp8 = tuple(t.to(self.weight.device) for t in self.fp8)  # type: ignore[assignment]
+        return self
+
 
 def fp8_frozen_products(model: torch.nn.Module) -> int:
     """Run the frozen base layers under LoRA adapters (PEFT's ``base_layer``) as FP8 products: the
