@@ -703,32 +703,22 @@ def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
 
 
-def compile_blocks(
-    model: torch.nn.Module, backend: Any = "inductor", narrow_max: int = 0, options: dict[str, Any] | None = None
-) -> int:
+def compile_blocks(model: torch.nn.Module, backend: Any = "inductor", narrow_max: int = 0) -> int:
     """`torch.compile` each decoder block in place (regional compilation); return how many.
 
     Identical blocks share one compiled graph, so compiling costs about one block's time. With
     inductor and ``narrow_max`` (e.g. :data:`NARROW_PRODUCT_MAX`), products whose inner dimension
     is that or less (LoRA's rank) are element-wise sums (:func:`product_decompositions`): an
     option until a GPU measures it (`benchmarks/train_throughput.py`, variant `c-lora-sums`).
-    ``options``: inductor's settings, as ``torch.compile(options=...)`` takes them (e.g.
-    ``{"cpp_wrapper": True}``: the blocks' kernels started from C++, not Python; variant
-    `c-cpp-wrapper`).
     """
     blocks = transformer_blocks(model)
     # One graph serves all blocks, but training and evaluation, checkpointing and a last short
     # batch each add a variant: leave room, so no block silently falls back to eager.
     raise_recompile_limit()
-    kwargs: dict[str, Any] = {"backend": backend}
     if backend == "inductor" and narrow_max:  # one backend for all blocks: they share its graphs
-        kwargs["backend"] = inductor_backend(
-            options=options, decompositions=product_decompositions(narrow_max=narrow_max)
-        )
-    elif options:
-        kwargs["options"] = options
+        backend = inductor_backend(decompositions=product_decompositions(narrow_max=narrow_max))
     for block in blocks:
-        block.compile(**kwargs)
+        block.compile(backend=backend)
     return len(blocks)
 
 
