@@ -206,21 +206,25 @@ def test_each_step_is_logged_in_order_though_its_loss_is_read_a_step_later(
     assert len(speeds) == 6 and max(speeds) < 10 * min(speeds), speeds
 
 
+@pytest.mark.parametrize("tokenizer", ["tiny_tokenizer", "tiny_tokenizer_without_fim"])
 def test_clipping_takes_every_trainable_parameter_and_no_frozen_one(
-    tmp_path, tiny_tokenizer, repetitive_data, token_cache
+    tmp_path, repetitive_data, token_cache, request, tokenizer
 ):
     """The step clips the optimizer's parameters (no walk over the frozen model): they must be
-    exactly the trainable ones, the added FIM tokens' rows included, or the norm would be off."""
+    exactly the trainable ones, or the norm would be off; with a tokenizer that lacks the FIM
+    tokens, the rows training adds for them are among them."""
     from fimtune.train import _clipped_parameters, make_accelerator, setup
 
-    base = model_dir(tmp_path, tiny_tokenizer, "gpt_bigcode")
+    base = model_dir(tmp_path, request.getfixturevalue(tokenizer), "gpt_bigcode")
     cfg = run_config(tmp_path, base, repetitive_data, "clip")
     s = setup(cfg, make_accelerator(cfg))
     clipped = _clipped_parameters(s)
-    trainable = [p for p in s.model.parameters() if p.requires_grad]
+    trainable = {name: p for name, p in s.model.named_parameters() if p.requires_grad}
     assert isinstance(clipped, list) and len(clipped) == len(trainable) > 0
-    assert {id(p) for p in clipped} == {id(p) for p in trainable}
+    assert {id(p) for p in clipped} == {id(p) for p in trainable.values()}
     assert len(trainable) < len(list(s.model.parameters()))
+    beside_lora = [name for name in trainable if "lora_" not in name]
+    assert bool(beside_lora) == (tokenizer == "tiny_tokenizer_without_fim"), beside_lora
 
 
 @pytest.mark.gpu
