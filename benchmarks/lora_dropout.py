@@ -99,19 +99,35 @@ def measure(fn: Any, width: int, weights: set[int], tokens: int, device: torch.d
     return time.perf_counter() - start, sum(kept)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser(description: str) -> argparse.ArgumentParser:
+    """The arguments the LoRA block benchmarks share (this one and lora_products.py)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--shape", default="starcoderbase-1b", choices=["starcoderbase-1b", "tiny"])
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--steps", type=int, default=6, help="timed steps of each setting, after 2 warm-up steps")
+    p.add_argument("--json", type=Path, help="write the figures here too")
+    return p
+
+
+def header(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The report's machine and workload, before its results."""
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "shape": args.shape,
+        "tokens": args.tokens,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__.split("\n")[0])
     p.add_argument(
         "--activation-memory",
         type=float,
         default=1.0,
         help="the share of activations compiled blocks keep (train.activation_memory; the GPU preset's is 0.75)",
     )
-    p.add_argument("--json", type=Path, help="write the figures here too")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     import torch._functorch.config as functorch_config
@@ -120,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     times, kept = alternate({s: block(args.shape, s, device) for s in SETTINGS}, args.steps, args.tokens, device)
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "shape": args.shape,
-        "tokens": args.tokens,
+        **header(args, device),
         "activation_memory": args.activation_memory,
         "results": {
             s: {"step_ms": 1000 * statistics.median(times[s]), "kept_bytes_per_token": kept[s] / args.tokens}

@@ -11,14 +11,13 @@ forward and backward on one row of ``--tokens`` tokens, in two settings side by 
     mm       B applied to the rank-wide product, and its transpose in the backward pass, as matrix
              products (a kernel each, whose output is as wide as the layer's, then read again)
     sums     the same as 8 element-wise multiply-adds that inductor fuses into the kernels that use
-             them (`fimtune.fast.product_decompositions`, the fast path's default)
+             them (`fimtune.fast.product_decompositions`; an option, off until a GPU measures it)
 
 For each: the median step time and the bytes the block keeps for its backward pass.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import warnings
@@ -44,23 +43,14 @@ def block(shape: str, setting: str, device: torch.device) -> tuple[Any, int, set
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lora_dropout import alternate, show
+    from lora_dropout import alternate, header, parser, show
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--shape", default="starcoderbase-1b", choices=["starcoderbase-1b", "tiny"])
-    p.add_argument("--tokens", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=6, help="timed steps of each setting, after 2 warm-up steps")
-    p.add_argument("--json", type=Path, help="write the figures here too")
-    args = p.parse_args(argv)
+    args = parser(__doc__.split("\n")[0]).parse_args(argv)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
     times, kept = alternate({s: block(args.shape, s, device) for s in SETTINGS}, args.steps, args.tokens, device)
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "shape": args.shape,
-        "tokens": args.tokens,
+        **header(args, device),
         "results": {
             s: {
                 "step_ms": 1000 * statistics.median(times[s]),
