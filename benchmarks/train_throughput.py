@@ -248,8 +248,8 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         fast._COMPILED_LOSS.clear()
     if variant == "c-lora-r4":
         fast.pad_lora_rank(model, 1)
-    blocks = fast.transformer_blocks(model)
-    if variant == "c-lora-sums" and any(getattr(b, "_compiled_call_impl", None) for b in blocks):
+    compiled = any(getattr(b, "_compiled_call_impl", None) for b in fast.transformer_blocks(model))
+    if variant == "c-lora-sums" and compiled:
         fast.compile_blocks(model, narrow_max=fast.NARROW_PRODUCT_MAX)  # the same blocks, compiled anew
         result["narrow_products"] = fast.NARROW_PRODUCT_MAX
     if variant == "c-fp8":
@@ -262,7 +262,7 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
             "rel_diff": abs(after - before) / before,
             "logits_rel_diff": relative_difference(fp8_logits, logits),
         }
-        if any(getattr(b, "_compiled_call_impl", None) for b in blocks):
+        if compiled:
             fast.compile_blocks(model)  # the same blocks, compiled anew
     result["cpp_wrapper"] = bool(torch._inductor.config.cpp_wrapper)
     result["lora_rank_padded"] = any(isinstance(m, fast._RankPaddedA) for m in model.modules())

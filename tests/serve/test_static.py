@@ -61,6 +61,11 @@ def summary(done: list[Completion]) -> list[tuple]:
     return [(c.text, c.completion_tokens, c.finish_reason) for c in done]
 
 
+def generated(model, pr: FimPrompter, params: GenerationParams) -> list[tuple]:
+    """`generate`'s completions of the three :func:`holes`, one at a time (what the engine must give)."""
+    return summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
+
+
 def fresh_dynamo() -> dict:
     """Forget compiled graphs (dynamo stops compiling a function after some recompiles); its counters."""
     from torch._dynamo.utils import counters
@@ -80,10 +85,17 @@ def joining_rows(pr: FimPrompter, params: GenerationParams) -> tuple[Row, Row, R
     return rows[0], rows[1], rows[2], done
 
 
+def joining(model, pr: FimPrompter) -> tuple[list[tuple], tuple[Row, Row, Row, dict[int, Completion]]]:
+    """For the join tests: `generate`'s completions of the three holes (NEW tokens each) and
+    :func:`joining_rows` for them."""
+    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    return generated(model, pr, params), joining_rows(pr, params)
+
+
 def check_against_generate(model, pr: FimPrompter, backend: str | None, params: GenerationParams, **options) -> Decoder:
     """Batch 1 (each row) and a padded batch of 3 (bucket 4) give `generate`'s completions."""
     counters = fresh_dynamo()
-    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
+    expected = generated(model, pr, params)
     rows = rows_for(pr, params)
     assert len({len(r.prompt) for r in rows}) == 3  # three prompt lengths: left padding matters
     decoder = Decoder(model, pr, static=StaticDecoding(model, MAX_LENGTH, 4, backend=backend, **options))
@@ -113,7 +125,7 @@ def test_a_compiled_prefill_gives_the_same_tokens_with_one_graph_for_all_lengths
     counters = fresh_dynamo()
     model, pr = tiny_model(family, tiny_tokenizer), FimPrompter(tiny_tokenizer)
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
-    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
+    expected = generated(model, pr, params)
     static = StaticDecoding(model, MAX_LENGTH, 4, backend="eager", compile_prefill=True)
     static.warmup()
     assert static.prefill_compiled and 0 < static.prefill_warmup_s < static.warmup_s
@@ -420,7 +432,7 @@ def test_grouped_attention_is_an_option_for_grouped_sdpa_models_and_gives_genera
 def test_flex_decoding_steps_give_generate_tokens(tiny_tokenizer, family, backend):
     model, pr = tiny_model(family, tiny_tokenizer), FimPrompter(tiny_tokenizer)
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
-    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
+    expected = generated(model, pr, params)
     static = StaticDecoding(model, MAX_LENGTH, 4, backend=backend, flex=True)
     assert model.config._attn_implementation == FLEX and static.mask_dtype == torch.bool  # read by score_mod
     decoder = Decoder(model, pr, static=static)
@@ -435,7 +447,7 @@ def test_flex_decoding_compiled_by_inductor(tiny_tokenizer):
     """FlexAttention lowered by the GPU's compiler (here its CPU kernel; a decoding kernel on a GPU)."""
     model, pr = tiny_model("gpt_bigcode", tiny_tokenizer), FimPrompter(tiny_tokenizer)
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
-    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
+    expected = generated(model, pr, params)
     decoder = Decoder(model, pr, static=StaticDecoding(model, MAX_LENGTH, 4, backend="inductor", flex=True))
     assert summary([decoder.run([row])[0] for row in rows_for(pr, params)]) == expected
 
@@ -445,10 +457,8 @@ def test_rows_join_the_batch_in_flight_and_get_their_own_tokens(tiny_tokenizer, 
     """A 200-token row decodes; a 60-token row joins (the bucket grows from 1 to 4), then a 150-token one."""
     counters = fresh_dynamo()
     model, pr = never_ending(tiny_model("gpt_bigcode", tiny_tokenizer), tiny_tokenizer), FimPrompter(tiny_tokenizer)
-    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
-    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
+    expected, (short, middle, long, done) = joining(model, pr)
     assert all(c[1] == NEW for c in expected)  # no row ends early: the joins happen while the first decodes
-    short, middle, long, done = joining_rows(pr, params)
     rooms: list[int] = []
 
     def join(room, fits):
@@ -493,9 +503,7 @@ def test_overlapped_joins_decode_beside_the_prefill_and_get_their_own_tokens(
 
         monkeypatch.setattr(StaticSession, name, traced)
     model, pr = never_ending(tiny_model("gpt_bigcode", tiny_tokenizer), tiny_tokenizer), FimPrompter(tiny_tokenizer)
-    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
-    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
-    short, middle, long, done = joining_rows(pr, params)
+    expected, (short, middle, long, done) = joining(model, pr)
     calls: list[int] = []
 
     def join(room, fits):
@@ -565,9 +573,7 @@ def test_overlapped_joins_on_a_gpu_give_each_row_its_tokens(tiny_tokenizer):
     model, pr = never_ending(model.cuda(), tiny_tokenizer), FimPrompter(tiny_tokenizer)
     static = static_decoding(model, 256, 4)
     static.warmup()
-    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
-    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
-    short, middle, long, done = joining_rows(pr, params)
+    expected, (short, middle, long, done) = joining(model, pr)
     calls: list[int] = []
 
     def join(room, fits):
@@ -594,7 +600,7 @@ def test_cuda_graphs_on_a_gpu_give_generate_tokens(tiny_tokenizer, graphs, flex)
     static.warmup()
     assert time.perf_counter() - started < 300
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
-    expected = summary([complete_batch(model, pr, [h], params)[0] for h in holes(3)])
+    expected = generated(model, pr, params)
     decoder = Decoder(model, pr, static=static)
     assert summary([decoder.run([row])[0] for row in rows_for(pr, params)]) == expected
     assert summary(decoder.run(rows_for(pr, params))) == expected
