@@ -63,11 +63,12 @@ part train && timeout $share python3 benchmarks/train_throughput.py --variants c
     --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
 
 # 3. Completion latency: the engine (its eager-prefill and FlexAttention variants were measured in
-#    run 7), the server rows (and once more with Python's own 5 ms switch interval), a profile of
-#    the step; then the engine whose batch-of-one steps multiply through cuBLAS (run 7's), not
-#    through the matrix-vector kernels.
+#    run 7; its warm-up row tells the attention it timed fastest for each batch size), the server
+#    rows (and once more with Python's own 5 ms switch interval), a profile of the step; then the
+#    engine whose batch-of-one steps multiply through cuBLAS (run 7's), not through the
+#    matrix-vector kernels; then, budget permitting, the engine on SDPA in every bucket (run 7's).
 part latency && cd benchmarks && timeout $(($(left) - 5)) python3 latency.py --device cuda --shape starcoderbase-1b \
-    --no-generate-static --graphs trees,trees+cublas --budget-s $(($(left) - 40)) --profile-step /tmp/gpu-profiles \
+    --no-generate-static --graphs trees,trees+cublas,trees+sdpa --budget-s $(($(left) - 40)) --profile-step /tmp/gpu-profiles \
     --switch-interval-variants 5 \
     --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log"
 for f in /tmp/gpu-profiles/*.txt; do [ -f "$f" ] && printf '\n== %s\n' "${f##*/}" && cat "$f"; done > "$OUT/profiles.txt"

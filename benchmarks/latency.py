@@ -330,11 +330,13 @@ def main() -> int:
     gpu.add_argument(
         "--graphs",
         type=graph_variants,
-        default=["trees", "trees+eager-prefill", "trees+flex"],
+        default=["trees", "trees+sdpa", "trees+cublas"],
         metavar="KIND,KIND",
         help="engine variants measured in turn: trees (the compiler's CUDA graphs), captured (per bucket), "
         "then +eager-prefill (single prompts prefilled eagerly, not through graphs), +prefill (the prefill "
-        "compiled), +flex (FlexAttention decoding steps); default: trees,trees+eager-prefill,trees+flex",
+        "compiled), +flex (FlexAttention decoding steps), +sdpa (SDPA decoding steps in every bucket, not "
+        "the attention timed fastest at start-up), +cublas (a batch of one's products through cuBLAS); "
+        "default: trees,trees+sdpa,trees+cublas",
     )
     gpu.add_argument(
         "--server-all-variants",

@@ -20,6 +20,8 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
                       `+eager-prefill` (the same engine, single prompts prefilled eagerly, not
                       through prefill graphs), `+prefill` (the same engine, its prefill compiled),
                       `+flex` (an engine whose steps use FlexAttention's decoding kernel),
+                      `+sdpa` (steps on transformers' SDPA in every bucket: the default until the
+                      engine timed its candidates at start-up and took the fastest),
                       `+cublas` (an engine whose batch-of-one steps multiply through cuBLAS, not
                       the default matrix-vector kernels; its bucket of 1 only)
     attention bN      (CUDA) one step's attention over all layers' caches, replayed as a CUDA graph:
@@ -300,7 +302,7 @@ def generate_row(s: Setup, name: str, **extra: Any) -> tuple[dict[str, Any], lis
     return row, outputs[0]
 
 
-VARIANT_MODIFIERS = ("eager-prefill", "prefill", "flex", "cublas")
+VARIANT_MODIFIERS = ("eager-prefill", "prefill", "flex", "sdpa", "cublas")
 
 
 def parse_variant(variant: str) -> tuple[str, set[str]]:
@@ -318,8 +320,16 @@ def parse_variant(variant: str) -> tuple[str, set[str]]:
     return kind, set(modifiers)
 
 
+def variant_attention(modifiers: set[str]) -> str:
+    """The decoding steps' attention of a variant: `+flex`, `+sdpa` (SDPA in every bucket, the
+    default of runs 1-7), else the server's default (auto: timed at start-up)."""
+    from fimtune.serve.engine import Limits
+
+    return next((kind for kind in ("flex", "sdpa") if kind in modifiers), Limits.decode_attention)
+
+
 def make_engine(
-    s: Setup, args: argparse.Namespace, graphs: str = "trees", flex: bool = False, cublas: bool = False
+    s: Setup, args: argparse.Namespace, graphs: str = "trees", attention: str = "auto", cublas: bool = False
 ) -> Any:
     from fimtune.generate import FimPrompter
     from fimtune.serve.decoding import Decoder
@@ -337,13 +347,16 @@ def make_engine(
         cuda_graphs=not args.no_cuda_graphs,
     )
     static, length = None, limits.max_input_tokens + limits.max_new_tokens
+    s.model.set_attn_implementation("sdpa")  # each engine sets its own (an earlier one may have changed it)
     if limits.cuda_graphs and args.device == "cuda":
         gemv = False if cublas else None
-        static = static_decoding(s.model, length, limits.max_batch_size, graphs=graphs, flex=flex, gemv=gemv)
+        static = static_decoding(s.model, length, limits.max_batch_size, graphs=graphs, attention=attention, gemv=gemv)
         if static is None:
             raise RuntimeError("static_decoding() gave no fast path for this model")
     elif limits.cuda_graphs:  # the CPU smoke run: the same code, through dynamo without inductor
-        static = StaticDecoding(s.model, length, limits.max_batch_size, backend="eager", flex=flex, prefill_graphs=True)
+        static = StaticDecoding(
+            s.model, length, limits.max_batch_size, backend="eager", attention=attention, prefill_graphs=True
+        )
     decoder = Decoder(s.model, FimPrompter(copy.deepcopy(s.tokenizer)), limits.cache_slots, static=static)
     name = f"{args.shape}-random"
     return Engine(decoder, {name: None}, name, limits)
@@ -373,8 +386,22 @@ def warmup_row(engine: Any) -> dict[str, Any]:
         "graph_breaks": breaks,
         "cudagraph_skips": skips,
         "unique_graphs": counters["stats"]["unique_graphs"],
-        "note": f"buckets {by_bucket} s; graph breaks {breaks}; cudagraph skips {skips}",
+        # the steps' attention per bucket, and (auto) each candidate's ms a step, compiled, as timed at start-up
+        "decode_attention": {str(k): v for k, v in static.decode_attention.items()},
+        "attention_ms": {str(k): v for k, v in static.attention_ms.items()},
+        "attention_errors": {str(k): v for k, v in static.attention_errors.items() if v},
+        "attention_s": static.attention_s,  # timing them (part of warmup_s)
+        "note": f"buckets {by_bucket} s; graph breaks {breaks}; cudagraph skips {skips}; attention "
+        f"timed in {static.attention_s:.1f} s: "
+        + ", ".join(
+            f"b{k} {v}" + (f" ({_ms_list(static.attention_ms[k])})" if k in static.attention_ms else "")
+            for k, v in static.decode_attention.items()
+        ),
     }
+
+
+def _ms_list(times: dict[str, float]) -> str:
+    return ", ".join(f"{kind} {ms:.3f}" for kind, ms in times.items())
 
 
 def engine_row(s: Setup, engine: Any, expected: list[int] | None) -> dict[str, Any]:
@@ -507,7 +534,7 @@ def attention_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from fimtune.serve.static import flex_decoding, grouped_sdpa, kv_groups, matmul_decoding
+    from fimtune.serve.static import flex_decoding, graph_ms, grouped_sdpa, kv_groups, matmul_decoding
 
     config, length = s.model.config, engine.decoder.static.max_length
     layers, heads = config.num_hidden_layers, config.num_attention_heads
@@ -533,7 +560,7 @@ def attention_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
         for name, fn, m in kinds:
             step = functools.partial(_attention_step, fn, module, query, caches, m, dim**-0.5)
             try:  # FlexAttention is compiled (uncompiled, it is a reference implementation)
-                times[name] = _graph_ms(torch.compile(step) if name == "flex" else step, ATTENTION_REPLAYS)
+                times[name] = graph_ms(torch.compile(step) if name == "flex" else step, ATTENTION_REPLAYS)
             except Exception as e:  # one kind's failure keeps the others' figures
                 errors[name] = f"{type(e).__name__}: {e}"[:500]
         ms = {name: f"{t:.3f}" for name, t in times.items()} | {name: "failed" for name in errors}
@@ -554,28 +581,6 @@ def _attention_step(fn: Any, module: Any, query: Any, caches: list, mask: Any, s
     # the outputs are returned: compiled, a step whose results go nowhere is optimized away (run 7
     # timed FlexAttention at 0.002 ms that way, over an empty CUDA graph)
     return [fn(module, query, key, value, mask, scaling=scale)[0] for key, value in caches]
-
-
-def _graph_ms(step: Any, replays: int) -> float:
-    """Milliseconds a replay of ``step`` captured as a CUDA graph takes (after a warm-up run)."""
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / replays
 
 
 def request_body(s: Setup, client: int, request: int) -> dict[str, Any]:
@@ -716,14 +721,12 @@ def server_run(
 
 
 def _graphs(engine: Any) -> str:
-    from fimtune.serve.static import FLEX
-
     static = engine.decoder.static
     if static is None:
         return "eager"
     name = "captured" if static.captured else "trees"
-    if static.model.config._attn_implementation == FLEX:
-        name += "+flex"
+    if static.attention in ("flex", "sdpa"):
+        name += f"+{static.attention}"
     if not static.gemv and static.device.type == "cuda":
         name += "+cublas"
     if static.prefill_compiled:
@@ -788,14 +791,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if result is not None:
         report.add(result[0])
         expected = result[1]
-    engines: dict[tuple[str, bool, bool], Any] = {}
-    prefill_graphs: dict[tuple[str, bool, bool], bool] = {}  # per engine: its prefill graphs after the warm-up
+    engines: dict[tuple[str, str, bool], Any] = {}
+    prefill_graphs: dict[tuple[str, str, bool], bool] = {}  # per engine: its prefill graphs after the warm-up
     for i, variant in enumerate(args.graphs):
         graphs, modifiers = parse_variant(variant)
-        key = (graphs, "flex" in modifiers, "cublas" in modifiers)
+        key = (graphs, variant_attention(modifiers), "cublas" in modifiers)
         engine = engines.get(key)  # "+prefill", "+eager-prefill": the same engine (its graphs compiled)
         if engine is None:
-            name = graphs + ("+flex" if key[1] else "") + ("+cublas" if key[2] else "")
+            name = graphs + ("" if key[1] == "auto" else f"+{key[1]}") + ("+cublas" if key[2] else "")
             engine = attempt(report, f"engine setup, {name}", lambda k=key: make_engine(s, args, *k), deadline)
             if engine is None:
                 continue

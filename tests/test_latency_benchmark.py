@@ -34,6 +34,9 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
         assert rows[f"engine b1: prefill/step, {variant}"]["prefill_ms"] > 0
         assert engine["fast_path_batches"] == 23  # 3 warm-up runs and 20 timed, each through the fast path
         assert engine["bucketed_prefills"] == (23 if variant == "trees" else 0)
+    warm = rows["engine warm-up, trees"]  # the server's default attention: each bucket's fastest, timed
+    assert set(warm["decode_attention"]) == {"1", "4", "16"} and not warm["attention_errors"]
+    assert all(set(warm["attention_ms"][size]) == {"sdpa", "matmul", "grouped"} for size in ("1", "4", "16"))
     for size in (1, 16):  # the first variant's steps under the profiler: operators on a CPU
         profiled = rows[f"profile b{size}: one step, trees"]
         assert profiled["per_step"] > 10 and 0 < profiled["busy_ms"] <= profiled["wall_ms"]
@@ -71,5 +74,5 @@ def test_engine_variants_parse():
         sys.path.remove(str(ROOT / "benchmarks"))
     assert parse_variant("trees+cublas") == ("trees", {"cublas"})  # the engine whose batch-of-one steps use cuBLAS
     assert parse_variant("captured+flex+eager-prefill") == ("captured", {"flex", "eager-prefill"})
-    with pytest.raises(Exception, match="MODIFIER from eager-prefill, prefill, flex, cublas"):
+    with pytest.raises(Exception, match="MODIFIER from eager-prefill, prefill, flex, sdpa, cublas"):
         parse_variant("trees+fast")

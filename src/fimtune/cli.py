@@ -344,9 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
         "worker (Python's switch interval; default 0.5, Python's own 5)",
     )
     srv.add_argument(
-        "--flex-decoding",
-        action="store_true",
-        help="GPU: decoding steps attend through FlexAttention's decoding kernel (default: SDPA)",
+        "--decode-attention",
+        choices=["auto", "sdpa", "grouped", "matmul", "flex"],
+        help="GPU: the decoding steps' attention: SDPA, SDPA with the query heads of a key/value head folded, "
+        "two matrix products, or FlexAttention (default auto: the fastest of the first three on each batch "
+        "size, timed at start-up)",
     )
     lim = srv.add_argument_group("limits (shown in GET /info)")
     lim.add_argument("--max-input-tokens", type=int, help="prompt tokens; FIM prompts are fitted (default 2048)")

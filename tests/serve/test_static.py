@@ -23,17 +23,22 @@ from fimtune.generate import Completion, FimPrompter, GenerationParams, complete
 from fimtune.serve import static as static_module
 from fimtune.serve.decoding import Decoder, Row
 from fimtune.serve.static import (
+    DECODE_ATTENTIONS,
     FLEX,
     GROUPED,
     StaticDecoding,
     StaticSession,
     batch_buckets,
+    chosen_decoding,
+    chosen_name,
+    fastest,
     flex_decoding,
     grouped_sdpa,
     kv_groups,
     matmul_decoding,
     prefill_lengths,
     static_decoding,
+    time_decoding_attention,
 )
 
 SOURCE = code_samples()[0]
@@ -336,6 +341,7 @@ def test_server_with_the_fast_path_answers_as_the_eager_one(tiny_run, other_adap
         assert info["cuda_graphs_active"] and info["limits"]["cuda_graphs"] is True
         assert info["prefill_graphs_active"] and info["limits"]["prefill_graphs"] is True  # uncaptured on a CPU
         assert info["gemv_steps_active"] is False and info["limits"]["gemv_steps"] is True  # the eager backend
+        assert info["decode_attention_active"] == {"1": "sdpa", "4": "sdpa"}  # StaticDecoding's own default
         alone = [c.post(route, json=body).json() for route, body in calls]
         with ThreadPoolExecutor(4) as pool:
             together = list(pool.map(lambda call: c.post(call[0], json=call[1]).json(), calls * 2))
@@ -366,9 +372,14 @@ def test_no_cuda_graphs_and_no_continuous_batching_flags():
     assert defaults.cuda_graphs is True and defaults.continuous_batching is True
     ns = build_parser().parse_args(["serve", "embedded", "--no-continuous-batching"])
     assert limits_from_args(ns).continuous_batching is False
-    assert defaults.prefill_graphs is True and defaults.flex_decoding is False
-    ns = build_parser().parse_args(["serve", "embedded", "--no-prefill-graphs", "--flex-decoding"])
-    assert (limits_from_args(ns).prefill_graphs, limits_from_args(ns).flex_decoding) == (False, True)
+    assert defaults.prefill_graphs is True and defaults.decode_attention == "auto"
+    ns = build_parser().parse_args(["serve", "embedded", "--no-prefill-graphs", "--decode-attention", "flex"])
+    assert (limits_from_args(ns).prefill_graphs, limits_from_args(ns).decode_attention) == (False, "flex")
+    for kind in DECODE_ATTENTIONS:  # the CLI lists them (without importing torch)
+        ns = build_parser().parse_args(["serve", "embedded", "--decode-attention", kind])
+        assert limits_from_args(ns).decode_attention == kind
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "embedded", "--decode-attention", "fast"])
     assert defaults.gemv_steps is True and defaults.overlap_joins is False
     assert limits_from_args(build_parser().parse_args(["serve", "embedded", "--overlap-joins"])).overlap_joins
     assert limits_from_args(build_parser().parse_args(["serve", "embedded", "--no-gemv-steps"])).gemv_steps is False
@@ -376,12 +387,6 @@ def test_no_cuda_graphs_and_no_continuous_batching_flags():
     assert (limits_from_args(ns).batch_wait_ms, limits_from_args(ns).batch_max_wait_ms) == (5.0, 0.0)
     with pytest.raises(FimtuneError, match="batch-max-wait-ms"):
         limits_from_args(build_parser().parse_args(["serve", "embedded", "--batch-max-wait-ms", "-2"]))
-
-
-class _Heads(torch.nn.Module):
-    def __init__(self, groups: int) -> None:
-        super().__init__()
-        self.num_key_value_groups, self.is_causal = groups, True
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 8])
@@ -400,7 +405,7 @@ def test_one_token_step_attention_is_sdpa_with_the_same_mask(attention, kv_heads
     mask[0, ..., :5] = False  # left padding
     mask[1, ..., 10:30] = False  # a joined row's gap between its prompt and its new tokens
     mask[2, ..., 40:] = False  # slots not written yet
-    module = _Heads(heads // kv_heads)
+    module = static_module._Heads(heads // kv_heads)
     for q_len, m in ((1, mask), (4, mask.expand(3, 1, 4, length)), (1, None)):
         query = torch.randn(3, heads, q_len, 16, generator=gen)
         ours, _ = attention(module, query, key, value, m, scaling=0.25)
@@ -415,12 +420,16 @@ def test_one_token_step_attention_is_sdpa_with_the_same_mask(attention, kv_heads
 def test_grouped_attention_is_an_option_for_grouped_sdpa_models_and_gives_generate_tokens(tiny_tokenizer):
     mqa, gqa = tiny_model("gpt_bigcode", tiny_tokenizer), tiny_model("llama", tiny_tokenizer)
     assert (kv_groups(mqa.config), kv_groups(gqa.config)) == (4, 2)
-    static = StaticDecoding(mqa, MAX_LENGTH, 4, backend=None, grouped=True)
-    StaticDecoding(gqa, MAX_LENGTH, 4, backend=None)  # off by default (slower on an H200: RESULTS.md)
+    static = StaticDecoding(mqa, MAX_LENGTH, 4, backend=None, attention="grouped")
+    StaticDecoding(gqa, MAX_LENGTH, 4, backend=None)  # SDPA by default (the server's default is auto)
     assert mqa.config._attn_implementation == GROUPED and gqa.config._attn_implementation == "sdpa"
+    assert static.decode_attention == {1: "grouped", 4: "grouped"}
     eager = tiny_model("llama", tiny_tokenizer, "eager")
-    StaticDecoding(eager, MAX_LENGTH, 4, backend=None, grouped=True)
-    assert eager.config._attn_implementation == "eager"
+    assert StaticDecoding(eager, MAX_LENGTH, 4, backend=None, attention="grouped").decode_attention == {
+        1: "sdpa",
+        4: "sdpa",
+    }
+    assert eager.config._attn_implementation == "eager"  # another attention than SDPA stays as it is
     pr, params = FimPrompter(tiny_tokenizer), GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
     mqa.set_attn_implementation("sdpa")
     expected = summary([complete_batch(mqa, pr, [h], params)[0] for h in holes(3)])
@@ -433,13 +442,100 @@ def test_flex_decoding_steps_give_generate_tokens(tiny_tokenizer, family, backen
     model, pr = tiny_model(family, tiny_tokenizer), FimPrompter(tiny_tokenizer)
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
     expected = generated(model, pr, params)
-    static = StaticDecoding(model, MAX_LENGTH, 4, backend=backend, flex=True)
+    static = StaticDecoding(model, MAX_LENGTH, 4, backend=backend, attention="flex")
     assert model.config._attn_implementation == FLEX and static.mask_dtype == torch.bool  # read by score_mod
     decoder = Decoder(model, pr, static=static)
     assert summary([decoder.run([row])[0] for row in rows_for(pr, params)]) == expected
     assert summary(decoder.run(rows_for(pr, params))) == expected
-    with pytest.raises(ValueError, match="choose one"):
-        StaticDecoding(model, MAX_LENGTH, 4, grouped=True, flex=True)
+    with pytest.raises(ValueError, match="attention='fast': one of auto, sdpa, grouped, matmul, flex"):
+        StaticDecoding(model, MAX_LENGTH, 4, attention="fast")
+
+
+@pytest.mark.parametrize("family, backend", [("gpt_bigcode", None), ("llama", "eager")])
+def test_auto_attention_takes_the_fastest_per_bucket_and_gives_generate_tokens(tiny_tokenizer, family, backend):
+    """Auto: times SDPA, the matrix products and grouped SDPA on each bucket's shapes (here on the
+    CPU, the calls themselves) and routes each bucket to its fastest; whatever it chose, the tokens are
+    `generate`'s."""
+    model, pr = tiny_model(family, tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    expected = generated(model, pr, params)
+    static = StaticDecoding(model, MAX_LENGTH, 4, backend=backend, attention="auto")
+    assert static.decode_attention == {} and model.config._attn_implementation == "sdpa"  # timed at the first batch
+    decoder = Decoder(model, pr, static=static)
+    assert summary([decoder.run([row])[0] for row in rows_for(pr, params)]) == expected
+    assert summary(decoder.run(rows_for(pr, params))) == expected
+    assert (
+        static.attention == "auto" and set(static.attention_ms) == {1, 4} and not any(static.attention_errors.values())
+    )
+    for size in (1, 4):
+        assert set(static.attention_ms[size]) == {"sdpa", "matmul", "grouped"}
+        assert all(ms > 0 for ms in static.attention_ms[size].values())
+    assert static.decode_attention == {size: fastest(static.attention_ms[size]) for size in (1, 4)}
+    routed = set(static.decode_attention.values()) != {"sdpa"}
+    assert model.config._attn_implementation == (chosen_name(static.decode_attention) if routed else "sdpa")
+    assert static.mask_dtype == model.dtype and static.attention_s > 0  # additive biases, whichever it chose
+    assert static.choose_attention() is static.decode_attention  # once
+
+
+def test_chosen_attention_routes_each_batch_size_to_its_kind(monkeypatch):
+    """Bucket sizes go to their kind, other batches and multi-token queries to SDPA; every route
+    gives SDPA's values."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+    for kind in ("matmul", "grouped"):
+        real = static_module.DECODING_FUNCTIONS[kind]
+        spy = lambda *a, kind=kind, real=real, **k: calls.append((kind, a[1].shape[:3])) or real(*a, **k)  # noqa: E731
+        monkeypatch.setitem(static_module.DECODING_FUNCTIONS, kind, spy)
+    attend = chosen_decoding({1: "matmul", 4: "grouped", 16: "sdpa"})
+    module, gen = static_module._Heads(4), torch.Generator().manual_seed(1)
+    for batch, q_len in ((1, 1), (4, 1), (3, 1), (16, 1), (4, 5)):
+        key, value = (torch.randn(batch, 2, 40, 8, generator=gen) for _ in range(2))
+        query = torch.randn(batch, 8, q_len, 8, generator=gen)
+        bias = torch.zeros(batch, 1, q_len, 40).masked_fill_(torch.rand(batch, 1, 1, 40, generator=gen) < 0.3, -1e4)
+        torch.testing.assert_close(
+            attend(module, query, key, value, bias, scaling=0.3)[0],
+            sdpa_attention_forward(module, query, key, value, bias, scaling=0.3)[0],
+        )
+    # the 5-token query of batch 4 reached grouped SDPA, which hands anything but a one-token step to SDPA
+    assert calls == [("matmul", (1, 8, 1)), ("grouped", (4, 8, 1)), ("grouped", (4, 8, 5))]
+
+
+def test_attention_timing_compiles_each_kind_once_per_bucket_and_runs_it_on_every_layer():
+    """The timing calls the compiled layer once per model layer, and each kind is timed; the caches
+    it allocates stay under its bound (taken again across layers)."""
+    from transformers import GPTBigCodeConfig
+
+    config = GPTBigCodeConfig(n_embd=64, n_layer=3, n_head=4, multi_query=True)
+    counters = fresh_dynamo()
+    times, errors = time_decoding_attention(
+        config, 2, 128, ["sdpa", "matmul", "grouped"], torch.device("cpu"), torch.float32, backend="eager"
+    )
+    assert set(times) == {"sdpa", "matmul", "grouped"} and not errors
+    assert counters["stats"]["unique_graphs"] == 3  # one graph per kind, called for each of the 3 layers
+
+
+def test_static_doctests():
+    import doctest
+
+    assert doctest.testmod(static_module).failed == 0
+
+
+@pytest.mark.slow
+def test_auto_attention_compiled_by_inductor(tiny_tokenizer):
+    """The candidates timed as the step compiles them (inductor, its C++ kernels here), then the
+    chosen bucket steps: `generate`'s tokens, no graph breaks. ~15 s on 2 cores."""
+    counters = fresh_dynamo()
+    model, pr = tiny_model("gpt_bigcode", tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    expected = generated(model, pr, params)
+    static = StaticDecoding(model, MAX_LENGTH, 4, backend="inductor", mode=None, attention="auto")
+    static.choose_attention()
+    assert counters["stats"]["unique_graphs"] == 6  # three kinds x two buckets
+    decoder = Decoder(model, pr, static=static)
+    assert summary([decoder.run([row])[0] for row in rows_for(pr, params)]) == expected
+    assert summary(decoder.run(rows_for(pr, params))) == expected
+    assert counters["stats"]["unique_graphs"] == 8 and not counters["graph_break"]  # then a step per bucket
 
 
 @pytest.mark.slow
@@ -448,7 +544,7 @@ def test_flex_decoding_compiled_by_inductor(tiny_tokenizer):
     model, pr = tiny_model("gpt_bigcode", tiny_tokenizer), FimPrompter(tiny_tokenizer)
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
     expected = generated(model, pr, params)
-    decoder = Decoder(model, pr, static=StaticDecoding(model, MAX_LENGTH, 4, backend="inductor", flex=True))
+    decoder = Decoder(model, pr, static=StaticDecoding(model, MAX_LENGTH, 4, backend="inductor", attention="flex"))
     assert summary([decoder.run([row])[0] for row in rows_for(pr, params)]) == expected
 
 
@@ -587,15 +683,18 @@ def test_overlapped_joins_on_a_gpu_give_each_row_its_tokens(tiny_tokenizer):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("graphs, flex", [("trees", False), ("captured", False), ("trees", True)])
-def test_cuda_graphs_on_a_gpu_give_generate_tokens(tiny_tokenizer, graphs, flex):
+@pytest.mark.parametrize("graphs, attention", [("trees", "auto"), ("captured", "sdpa"), ("trees", "flex")])
+def test_cuda_graphs_on_a_gpu_give_generate_tokens(tiny_tokenizer, graphs, attention):
     counters = fresh_dynamo()
     # FlexAttention's GPU kernels take heads of 16 or more
-    model = tiny.gpt_bigcode(len(tiny_tokenizer), n_embd=64 if flex else 32)
+    model = tiny.gpt_bigcode(len(tiny_tokenizer), n_embd=64 if attention == "flex" else 32)
     model.set_attn_implementation("sdpa")
     model, pr = model.cuda(), FimPrompter(tiny_tokenizer)
-    static = static_decoding(model, MAX_LENGTH, 4, graphs=graphs, flex=flex)
+    static = static_decoding(model, MAX_LENGTH, 4, graphs=graphs, attention=attention)
     assert static is not None
+    if attention == "auto":  # every candidate timed through CUDA graphs of compiled code, none failed
+        assert all(set(static.attention_ms[size]) == {"sdpa", "matmul", "grouped"} for size in (1, 4))
+        assert static.decode_attention == {size: fastest(static.attention_ms[size]) for size in (1, 4)}
     started = time.perf_counter()
     static.warmup()
     assert time.perf_counter() - started < 300

@@ -175,6 +175,8 @@ def server_info(svc: Service) -> dict[str, Any]:
         "cuda_graphs_active": engine.decoder.static is not None,
         "prefill_graphs_active": engine.decoder.static is not None and engine.decoder.static.prefill_graphs_on,
         "gemv_steps_active": engine.decoder.static is not None and engine.decoder.static.gemv,
+        # the attention of each batch size's steps ("auto": what the timing at start-up chose)
+        "decode_attention_active": {} if engine.decoder.static is None else engine.decoder.static.decode_attention,
     }
 
 
@@ -240,8 +242,8 @@ def limits_from_args(ns: Any) -> Limits:
         lim.continuous_batching = ns.continuous_batching
     if getattr(ns, "no_prefill_graphs", False):
         lim.prefill_graphs = False
-    if getattr(ns, "flex_decoding", False):
-        lim.flex_decoding = True
+    if getattr(ns, "decode_attention", None):
+        lim.decode_attention = ns.decode_attention
     if getattr(ns, "no_gemv_steps", False):
         lim.gemv_steps = False
     if getattr(ns, "overlap_joins", False):

@@ -78,7 +78,9 @@ class Limits:
     trim_step: int = 64  # FIM contexts are cut in steps of this many tokens, so the cache stays reusable
     cuda_graphs: bool = True  # on a CUDA device: static KV cache + decoding steps replayed as CUDA graphs
     prefill_graphs: bool = True  # with them: a single prompt's prefill replayed as a CUDA graph too
-    flex_decoding: bool = False  # with them: steps attend through FlexAttention's decoding kernel
+    # with them: the steps' attention (fimtune.serve.static.DECODE_ATTENTIONS); "auto" times SDPA, grouped
+    # SDPA and matrix products on each batch size at start-up and takes the fastest
+    decode_attention: str = "auto"
     gemv_steps: bool = True  # with them: a batch of one's step does its matrix products as reductions
     # With CUDA graphs: queued requests join the batch in flight (on an H200, with prefill graphs, it
     # lowered both the median and the 95th percentile latency of 16 clients; RESULTS.md, run 7) ...
@@ -556,7 +558,7 @@ def load_engine(
             limits.max_input_tokens + limits.max_new_tokens,
             limits.max_batch_size,
             prefill_graphs=limits.prefill_graphs,
-            flex=limits.flex_decoding,
+            attention=limits.decode_attention,
             gemv=None if limits.gemv_steps else False,
         )
     # The handlers encode on the event loop while the worker decodes: each gets its own tokenizer.

@@ -74,12 +74,16 @@ dimension (:func:`fimtune.fast.product_decompositions`), which inductor writes a
 bias, and what follows, fused in; its coordinate-descent tuning picks the kernel's block sizes
 (PyTorch's own rule for `mm`, which skips products with a bias). Larger buckets keep cuBLAS.
 
-Grouped-query attention (StarCoder's single key/value head, Llama's GQA) with a 4D mask makes
-transformers' SDPA path repeat the key/value heads to the query heads' number in every step:
-16 times StarCoder's whole cache, written and read again. :func:`grouped_sdpa` (``grouped=True``)
-instead folds the query heads that share a key/value head into that head's query rows for
-one-token steps, so SDPA reads each cached key and value once. It is off by default: on an H200
-it was slower (SDPA then runs one head's worth of thread blocks; benchmarks/RESULTS.md).
+The step's attention (``attention``): transformers' SDPA (`"sdpa"`), which with a 4D mask repeats
+grouped-query key/value heads (StarCoder's single one, Llama's GQA) to the query heads' number as
+views; :func:`grouped_sdpa` (`"grouped"`), which folds the query heads that share a key/value head
+into that head's query rows for one-token steps (slower on an H200: SDPA then runs one head's worth
+of thread blocks; benchmarks/RESULTS.md); :func:`matmul_decoding` (`"matmul"`), two batched matrix
+products around a soft-max, each cached key and value read once; FlexAttention (`"flex"`, above).
+`"auto"` (the server's default) times SDPA, grouped SDPA and the matrix products on each batch
+bucket's shapes before anything is compiled (:func:`time_decoding_attention`: one layer's attention
+compiled as the step is, replayed over the model's layers as a CUDA graph) and gives each bucket
+the fastest, where it beats SDPA by `AUTO_MARGIN` (:func:`chosen_decoding` routes by batch size).
 """
 
 from __future__ import annotations
@@ -104,8 +108,14 @@ WARMUP_PROMPT_TOKENS = 16
 SLOT_ALIGN = 64  # cache slots are a multiple of this (fused attention kernels want aligned masks)
 GROUPED = "fimtune_grouped_sdpa"  # the name of :func:`grouped_sdpa` in transformers' AttentionInterface
 FLEX = "fimtune_flex_decoding"  # the name of :func:`flex_decoding` there
+MATMUL = "fimtune_matmul_decoding"  # the name of :func:`matmul_decoding` there
+CHOSEN = "fimtune_decoding"  # names of :func:`chosen_decoding` functions there start with this
+DECODE_ATTENTIONS = ("auto", "sdpa", "grouped", "matmul", "flex")  # the step's attention (`attention=`)
+AUTO_MARGIN = 0.05  # "auto" takes another attention than SDPA only where it is this share faster
+AUTO_REPLAYS = 20  # replays of a candidate's graph timed (CUDA; a few calls elsewhere)
+AUTO_CACHE_BYTES = 256 * 2**20  # the most cache memory a candidate's timing allocates (bucket 16 of a 1B model: 214 MB)
 FLEX_MIN_HEAD_SIZE = 16  # FlexAttention's GPU kernels refuse smaller heads
-MASK_KINDS = ("sdpa", GROUPED, FLEX, "eager")  # attention implementations whose 4D mask format is known here
+MASK_KINDS = ("sdpa", GROUPED, MATMUL, CHOSEN, FLEX, "eager")  # attention implementations whose mask format is known
 PREFILL_GRAPH_STEP = 128  # a single prompt is right-padded to a multiple of this for its prefill graph
 PREFILL_GRAPH_TOKENS = 2048  # the longest prompt prefilled through a graph (longer ones keep the GPU busy anyway)
 PREFILL_CHECK_TOLERANCE = 0.02  # a captured prefill's logits may differ from eager ones by this share of their range
@@ -202,6 +212,145 @@ def matmul_decoding(
     return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
 
 
+DECODING_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, None]]] = {}  # filled below: kind -> function
+
+
+def chosen_decoding(choices: dict[int, str]) -> Callable[..., tuple[torch.Tensor, None]]:
+    """An attention function that gives a batch of B rows the attention ``choices[B]`` (a kind of
+    :data:`DECODE_ATTENTIONS` but auto and flex), and any other batch SDPA. The batch size is fixed
+    in each compiled step, so the compiler sees one function per bucket, and none of this routing."""
+    table = {size: DECODING_FUNCTIONS[kind] for size, kind in choices.items()}
+
+    def attend(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        attention = table.get(query.shape[0], _sdpa)
+        return attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+    return attend
+
+
+def chosen_name(choices: dict[int, str]) -> str:
+    """The name :func:`chosen_decoding` for ``choices`` is registered under (the same choices, the same name).
+
+    >>> chosen_name({16: "matmul", 1: "sdpa"})
+    'fimtune_decoding_1sdpa_16matmul'
+    """
+    return "_".join([CHOSEN, *(f"{size}{kind}" for size, kind in sorted(choices.items()))])
+
+
+class _Heads(torch.nn.Module):
+    """What the attention functions read of an attention layer, for timing them apart from the model."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups, self.is_causal = groups, True
+
+
+def time_decoding_attention(
+    config: Any,
+    batch: int,
+    length: int,
+    kinds: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    backend: str | None = None,
+    replays: int = AUTO_REPLAYS,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Milliseconds one decoding step's attention takes with each of ``kinds`` (a batch of ``batch``
+    rows over ``length`` cache slots, the model's layers), and the error of each kind that failed.
+
+    One layer's attention is compiled with ``backend`` as the step would compile it (None: not
+    compiled) and called once per layer, each on a cache of its own (up to `AUTO_CACHE_BYTES` of
+    them, then taken again), with the engine's additive mask (a prompt's slots and some new ones
+    open). On CUDA the calls are captured as a CUDA graph and its replays timed (:func:`graph_ms`);
+    elsewhere the calls themselves (the median of ``replays`` // 4 + 1 runs).
+    """
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    groups = kv_groups(config)
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    gen = torch.Generator(device=device).manual_seed(0)
+    opts: dict[str, Any] = {"device": device, "dtype": dtype, "generator": gen}
+    query = torch.randn(batch, heads, 1, dim, **opts)
+    per_layer = 2 * batch * (heads // groups) * length * dim * dtype.itemsize
+    caches = [
+        [torch.randn(batch, heads // groups, length, dim, **opts) for _ in range(2)]
+        for _ in range(max(1, min(layers, AUTO_CACHE_BYTES // per_layer)))
+    ]
+    mask = torch.full((batch, 1, 1, length), -float("inf"), device=device, dtype=dtype)
+    mask[..., : max(1, length * 3 // 4)] = 0.0
+    module, scale = _Heads(groups), dim**-0.5
+    times, errors = {}, {}
+    for kind in kinds:
+        attention = DECODING_FUNCTIONS[kind]
+
+        def layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor, fn: Any = attention) -> Any:
+            return fn(module, q, k, v, m, scaling=scale)[0]
+
+        one = _compiled(layer, backend, None)
+
+        def step(one: Any = one) -> list[torch.Tensor]:  # the outputs returned: none is optimized away
+            return [one(query, *caches[i % len(caches)], mask) for i in range(layers)]
+
+        try:
+            times[kind] = graph_ms(step, replays) if device.type == "cuda" else _call_ms(step, replays // 4 + 1)
+        except Exception as e:  # a kind that fails to compile or capture is not chosen
+            errors[kind] = f"{type(e).__name__}: {e}"[:300]
+    return times, errors
+
+
+def fastest(times: dict[str, float], margin: float = AUTO_MARGIN) -> str:
+    """The kind of the fewest milliseconds in ``times``, where it beats SDPA's by ``margin`` (a
+    share); else (or without SDPA's time) `"sdpa"`.
+
+    >>> fastest({"sdpa": 1.0, "matmul": 0.9}), fastest({"sdpa": 1.0, "matmul": 0.97}), fastest({"matmul": 0.5})
+    ('matmul', 'sdpa', 'sdpa')
+    """
+    if "sdpa" not in times:
+        return "sdpa"
+    best = min(times, key=times.__getitem__)
+    return best if times[best] < (1 - margin) * times["sdpa"] else "sdpa"
+
+
+def graph_ms(step: Callable[[], Any], replays: int) -> float:
+    """Milliseconds a replay of ``step`` captured as a CUDA graph takes (after a warm-up run on a
+    side stream, where compiled code compiles)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / replays
+
+
+def _call_ms(step: Callable[[], Any], runs: int) -> float:
+    step()  # compiles, where compiled
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - began) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def _masked_step(query: torch.Tensor, mask: torch.Tensor | None, dropout: float, kwargs: dict[str, Any]) -> bool:
     """Whether attention is a one-token step with a [B, 1, 1, L] mask and nothing else (no dropout,
     no position bias): the case :func:`grouped_sdpa`, :func:`flex_decoding` and :func:`matmul_decoding`
@@ -221,13 +370,16 @@ def _sdpa(
     key: torch.Tensor,
     value: torch.Tensor,
     mask: torch.Tensor | None,
-    dropout: float,
-    scaling: float | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+DECODING_FUNCTIONS.update(sdpa=_sdpa, grouped=grouped_sdpa, matmul=matmul_decoding)
 
 
 def prefill_lengths(max_length: int, limit: int, positions: int | None) -> list[int]:
@@ -309,18 +461,18 @@ class StaticDecoding:
         max_batch_size: int,
         backend: str | None = "inductor",
         mode: str | None = "reduce-overhead",
-        grouped: bool = False,
+        attention: str = "sdpa",
         graphs: str = "trees",
         compile_prefill: bool = False,
         prefill_graphs: bool | None = None,
         prefill_graph_tokens: int = PREFILL_GRAPH_TOKENS,
-        flex: bool = False,
         gemv: bool | None = None,
     ) -> None:
         """``backend``: a torch.compile backend (`"eager"` on a CPU in tests), or None: no compiling.
 
-        ``grouped``: an SDPA model with grouped-query attention switches to :func:`grouped_sdpa`;
-        ``flex``: an SDPA model's steps use :func:`flex_decoding` (one of the two at most).
+        ``attention``: the steps' attention in an SDPA model, one of :data:`DECODE_ATTENTIONS` (see
+        the module doc): `"grouped"` takes effect with grouped-query attention only; `"auto"` times
+        the candidates on each bucket's shapes at the warm-up or the first batch (:meth:`choose_attention`).
         ``graphs`` (CUDA): `"trees"`, the compiler's CUDA graph trees (``mode``); or `"captured"`:
         the step compiled without them and captured here, one `torch.cuda.CUDAGraph` per bucket and
         adapter state, replayed with no per-call checks. ``compile_prefill``: the prefill is
@@ -334,18 +486,19 @@ class StaticDecoding:
         """
         if graphs not in GRAPH_KINDS:
             raise ValueError(f"graphs={graphs!r}: one of {', '.join(GRAPH_KINDS)}")
-        if grouped and flex:
-            raise ValueError("grouped=True and flex=True: choose one attention for the decoding steps")
+        if attention not in DECODE_ATTENTIONS:
+            raise ValueError(f"attention={attention!r}: one of {', '.join(DECODE_ATTENTIONS)}")
         self.model = base_model(model)
-        attention = self.model.config._attn_implementation
-        if grouped and attention == "sdpa" and kv_groups(self.model.config) > 1:
-            self.model.set_attn_implementation(register_attention(GROUPED, grouped_sdpa))
-        elif flex and attention == "sdpa":
-            self.model.set_attn_implementation(register_attention(FLEX, flex_decoding))
         self.max_length = -(-max_length // SLOT_ALIGN) * SLOT_ALIGN  # cache slots a row holds
         self.buckets = batch_buckets(max_batch_size)
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.attention_ms: dict[int, dict[str, float]] = {}  # "auto": each bucket's candidates timed
+        self.attention_errors: dict[int, dict[str, str]] = {}  # ... and those that failed
+        self.attention = attention  # as asked for ("sdpa" where the model's attention is another)
+        self.decode_attention: dict[int, str] = {}  # bucket -> the kind its steps use ("auto": once timed)
+        self.attention_s = 0.0  # seconds "auto" spent timing (compiling, mostly)
+        self._set_attention(attention, backend)
         self.cache_kw, self.keep_logits = forward_keywords(self.model)
         self.open, self.shut, self.mask_dtype = _mask_values(self.model.config._attn_implementation, self.dtype)
         self._buckets: dict[int, _Bucket] = {}
@@ -384,6 +537,48 @@ class StaticDecoding:
         self.warmup_by_bucket: dict[int, float] = {}  # seconds per batch size (compiling, mostly)
         self.batches = 0  # batches started (warm-up included)
 
+    def _set_attention(self, attention: str, backend: str | None) -> None:
+        """Switch an SDPA model's attention to ``attention`` ("auto": at :meth:`choose_attention`)."""
+        config = self.model.config
+        if config._attn_implementation != "sdpa" or (attention == "grouped" and kv_groups(config) == 1):
+            attention = "sdpa"  # another implementation stays as it is
+        self.attention, self._timing_backend = attention, backend
+        if attention == "auto":
+            return
+        names = {"grouped": (GROUPED, grouped_sdpa), "matmul": (MATMUL, matmul_decoding), "flex": (FLEX, flex_decoding)}
+        if attention in names:
+            self.model.set_attn_implementation(register_attention(*names[attention]))
+        self.decode_attention = dict.fromkeys(self.buckets, attention)
+
+    def choose_attention(self) -> dict[int, str]:
+        """For "auto", time the candidates on each bucket's shapes and route each bucket's steps to
+        its fastest: once, before the model first runs here (the warm-up, or the first batch), since a
+        compiled step would compile again after a switch. Returns the kind each bucket's steps use."""
+        if self.decode_attention:
+            return self.decode_attention
+        began, config = time.perf_counter(), self.model.config
+        kinds = ["sdpa", "matmul", *(["grouped"] if kv_groups(config) > 1 else [])]
+        for size in self.buckets:
+            times, errors = time_decoding_attention(
+                config, size, self.max_length, kinds, self.device, self.dtype, self._timing_backend
+            )
+            self.attention_ms[size], self.attention_errors[size] = times, errors
+            for kind, error in errors.items():
+                log.warning("decoding attention %r failed its timing at batch size %d: %s", kind, size, error)
+        choices = {size: fastest(self.attention_ms[size]) for size in self.buckets}
+        log.info(
+            "decoding attention, by batch size: %s (timed in %.1f s)",
+            ", ".join(
+                f"{size}: {choices[size]} ({', '.join(f'{k} {t:.3f} ms' for k, t in self.attention_ms[size].items())})"
+                for size in self.buckets
+            ),
+            time.perf_counter() - began,
+        )
+        if set(choices.values()) != {"sdpa"}:
+            self.model.set_attn_implementation(register_attention(chosen_name(choices), chosen_decoding(choices)))
+        self.decode_attention, self.attention_s = choices, time.perf_counter() - began
+        return choices
+
     def fits(self, rows: int, prompt_tokens: int, new_tokens: int) -> bool:
         """Whether ``rows`` prompts of up to ``prompt_tokens`` and ``new_tokens`` new tokens fit the caches.
 
@@ -397,6 +592,7 @@ class StaticDecoding:
         the logits [bucket size, V] after each prompt (rows past the prompts copy the first one's).
         """
         self.batches += 1
+        self.choose_attention()
         if self.captured or self._capturing_prefills:
             self._state = _adapter_state(self.model)
         n, width = len(prompts), max(len(p) for p in prompts)
@@ -411,7 +607,9 @@ class StaticDecoding:
         return session, logits
 
     def warmup(self, prompt_tokens: int = WARMUP_PROMPT_TOKENS, steps: int = WARMUP_STEPS) -> float:
-        """Compile and record each bucket's step now, not at the first requests: the seconds it took."""
+        """Compile and record each bucket's step now, not at the first requests: the seconds it took
+        (the attention's timing included)."""
+        self.choose_attention()
         if self.compile_prefill_at_warmup and not self.prefill_compiled:
             self.compile_prefill(prompt_tokens)
         if self._capturing_prefills:
@@ -426,7 +624,9 @@ class StaticDecoding:
             self._step = _compiled(self._forward_one, self._backend, self._mode)
             self._graphs.clear()
             self._warm_steps(prompt_tokens, steps)
-        self.warmup_s = self.prefill_warmup_s + self.prefill_graphs_s + sum(self.warmup_by_bucket.values())
+        self.warmup_s = (
+            self.attention_s + self.prefill_warmup_s + self.prefill_graphs_s + sum(self.warmup_by_bucket.values())
+        )
         return self.warmup_s
 
     def _warm_steps(self, prompt_tokens: int, steps: int) -> None:
@@ -448,6 +648,7 @@ class StaticDecoding:
     def capture_prefills(self) -> float:
         """Capture the prefill graph of every length bucket now (for the adapter state in place), not
         at the first prompts of each length: the seconds it took (part of the warm-up)."""
+        self.choose_attention()
         began = time.perf_counter()
         self._state = _adapter_state(self.model)
         for length in self.prefill_lengths:
@@ -576,6 +777,7 @@ class StaticDecoding:
     def compile_prefill(self, prompt_tokens: int = WARMUP_PROMPT_TOKENS) -> float:
         """Compile the prefill (dynamic shapes) and run its three graphs once: one prompt, several of
         one length, several padded to one length. The seconds it took."""
+        self.choose_attention()
         began = time.perf_counter()
         self._prefill = torch.compile(self._forward_prefill, backend=self._backend or "inductor", dynamic=True)
         one, short = [0] * prompt_tokens, [0] * (prompt_tokens // 2)
@@ -853,7 +1055,7 @@ def _mask_values(attn: str | None, dtype: torch.dtype) -> tuple[Any, Any, torch.
     """
     if attn == FLEX:
         return True, False, torch.bool
-    if attn in ("sdpa", GROUPED):
+    if attn in ("sdpa", GROUPED, MATMUL) or (attn or "").startswith(CHOSEN):
         return 0.0, -float("inf"), dtype
     if attn == "eager":
         return 0.0, torch.finfo(dtype).min, dtype
