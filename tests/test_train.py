@@ -160,6 +160,42 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_tokenizer, 
     assert len(a) == 4 and a == pytest.approx(b, rel=1e-4)
 
 
+def test_checkpointed_blocks_skip_the_first_blocks_input_gradient(tiny_tokenizer):
+    """Non-reentrant checkpointing: the embeddings' output asks for no gradient (the first block's
+    input gradient would go nowhere), and the LoRA gradients are those of the model without it."""
+    from accelerate.utils import DistributedType
+
+    from fimtune.config import load_run_config
+    from fimtune.train import prepare_model
+    from tests.test_engines import accelerator
+
+    ids = torch.randint(5, len(tiny_tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for checkpointing in (False, True):
+        cfg = load_run_config(
+            None,
+            [
+                "model.name_or_path=x",
+                "train.compile=false",
+                "lora.dropout=0.0",
+                f"train.gradient_checkpointing={checkpointing}",
+            ],
+        )
+        model, _ = prepare_model(tiny.llama(len(tiny_tokenizer)), cfg, accelerator(DistributedType.NO, 1), [])
+        model.train()
+        asked = []
+        model.get_input_embeddings().register_forward_hook(
+            lambda m, i, out, asked=asked: asked.append(out.requires_grad)
+        )
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert asked == [False]
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) == 2 * 7 * 2  # A and B, 7 modules, 2 layers
+    for name, grad in grads[False].items():
+        assert grad.abs().sum() > 0 or "lora_A" in name  # B starts at zero, so A's first gradient is zero
+        torch.testing.assert_close(grads[True][name], grad, msg=name)
+
+
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
     """Loss normalised by the label tokens of the whole step: 2 x 2 rows == 1 x 4 rows."""
     base = model_dir(tmp_path, tiny_tokenizer, "llama")

@@ -139,14 +139,34 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
     from fimtune.model import attach_lora
 
     tc = cfg.train
+    checkpointing = {"use_reentrant": False}
+
+    def no_input_grads(model: Any) -> Any:
+        # Non-reentrant checkpointing gives the LoRA weights in a block their gradients whether or not
+        # the block's input asks for one. transformers (when checkpointing is switched on) and PEFT
+        # (when it wraps a checkpointed model) still hook the embeddings to make their output ask, for
+        # the reentrant kind: that costs the first block's whole input gradient, which nothing reads
+        # (trainable embedding rows ask on their own). Each hook is removed as soon as it is made: the
+        # next one's bookkeeping would forget it.
+        if tc.gradient_checkpointing:
+            model.disable_input_require_grads()
+        return model
+
     if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        no_input_grads(model)
     if cfg.model.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, tc.gradient_checkpointing)
-    model = attach_lora(model, cfg.lora, new_token_ids)
+        model = no_input_grads(
+            prepare_model_for_kbit_training(
+                model, tc.gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+            )
+        )
+    model = no_input_grads(attach_lora(model, cfg.lora, new_token_ids))
     if getattr(model.config, "_attn_implementation", None) == VARLEN and (p := disable_attention_dropout(model)):
         log.warning(
             "attention dropout %g is off: the varlen kernel has none (model.attn_implementation=sdpa keeps it)", p
