@@ -7,6 +7,7 @@ Each is checked against plain `model.generate`: the greedy tokens must be the sa
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -475,6 +476,22 @@ def test_auto_attention_takes_the_fastest_per_bucket_and_gives_generate_tokens(t
     assert model.config._attn_implementation == (chosen_name(static.decode_attention) if routed else "sdpa")
     assert static.mask_dtype == model.dtype and static.attention_s > 0  # additive biases, whichever it chose
     assert static.choose_attention() is static.decode_attention  # once
+
+
+def test_auto_attention_keeps_sdpa_where_the_timing_fails(tiny_tokenizer, monkeypatch, caplog):
+    def no_memory(config, size, *args, **kwargs):
+        if size == 4:
+            raise torch.OutOfMemoryError("no room for the caches")
+        return {"sdpa": 1.0, "matmul": 0.5}, {"grouped": "RuntimeError: cannot capture"}
+
+    monkeypatch.setattr(static_module, "time_decoding_attention", no_memory)
+    model = tiny_model("gpt_bigcode", tiny_tokenizer)
+    static = StaticDecoding(model, MAX_LENGTH, 4, backend=None, attention="auto")
+    with caplog.at_level(logging.WARNING, logger="fimtune.serve.static"):
+        assert static.choose_attention() == {1: "matmul", 4: "sdpa"}
+    assert static.attention_errors[4] == {"timing": "OutOfMemoryError: no room for the caches"}
+    assert "'grouped' failed its timing at batch size 1" in caplog.text
+    assert model.config._attn_implementation == chosen_name({1: "matmul", 4: "sdpa"})
 
 
 def test_chosen_attention_routes_each_batch_size_to_its_kind(monkeypatch):

@@ -559,9 +559,12 @@ class StaticDecoding:
         began, config = time.perf_counter(), self.model.config
         kinds = ["sdpa", "matmul", *(["grouped"] if kv_groups(config) > 1 else [])]
         for size in self.buckets:
-            times, errors = time_decoding_attention(
-                config, size, self.max_length, kinds, self.device, self.dtype, self._timing_backend
-            )
+            try:
+                times, errors = time_decoding_attention(
+                    config, size, self.max_length, kinds, self.device, self.dtype, self._timing_backend
+                )
+            except Exception as e:  # no memory for its caches, a model config read otherwise, ...: SDPA
+                times, errors = {}, {"timing": f"{type(e).__name__}: {e}"[:300]}
             self.attention_ms[size], self.attention_errors[size] = times, errors
             for kind, error in errors.items():
                 log.warning("decoding attention %r failed its timing at batch size %d: %s", kind, size, error)
