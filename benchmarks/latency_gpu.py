@@ -670,7 +670,7 @@ def server_run(
 ) -> dict[str, Any]:
     stats, lim = engine.decoder.stats, engine.limits
     batches, forwards, joined = stats.batches, stats.forwards, stats.joined
-    busy = engine.counters.busy_seconds
+    busy, prefill, waited = engine.counters.busy_seconds, stats.prefill_s, stats.device_wait_s
     began = time.perf_counter()
     seconds, usages, errors = load(s, url, CLIENTS, REQUESTS_PER_CLIENT, in_process)
     wall = time.perf_counter() - began
@@ -699,6 +699,10 @@ def server_run(
         "forwards": stats.forwards - forwards,
         # the worker's time inside batches: near the wall time, a batch takes that long; far below, it idles
         "busy_s": engine.counters.busy_seconds - busy,
+        # of which prefilling (batches' and joins'), and waiting for the GPU's picks (its steps): the rest
+        # is the host's (queuing steps, stops, streaming, and the interpreter lock)
+        "prefill_s": stats.prefill_s - prefill,
+        "device_wait_s": stats.device_wait_s - waited,
         "cuda_graphs_active": engine.decoder.static is not None,
     }
     if seconds:
@@ -713,7 +717,9 @@ def server_run(
             f"target p95 <= 200 ms: {'met' if met else 'MISSED'}; errors {len(errors)}; batches {row['batches']}, "
             f"{row['joined']} joined in flight; prompt {row['prompt_tokens_mean']:.0f} tokens; worker busy "
             f"{row['busy_s'] / wall:.0%}, {1000 * row['busy_s'] / max(1, row['batches']):.0f} ms a batch, "
-            f"{1000 * row['busy_s'] / max(1, row['forwards']):.2f} ms a forward"
+            f"{1000 * row['busy_s'] / max(1, row['forwards']):.2f} ms a forward; of its busy time "
+            f"{row['prefill_s'] / max(row['busy_s'], 1e-9):.0%} prefilling, "
+            f"{row['device_wait_s'] / max(row['busy_s'], 1e-9):.0%} waiting for the GPU's steps"
         )
     else:
         row["note"] = f"no request succeeded: {errors[:1]}"

@@ -43,6 +43,7 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
         assert "aten::mm" in Path(profiled["table"]).read_text()
     served = [r for name, r in rows.items() if name.startswith("server 16")]  # the first variant's
     assert len(served) == 5 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
+    assert all(0 < r["prefill_s"] < r["busy_s"] and 0 <= r["device_wait_s"] < r["busy_s"] for r in served)
     assert [r["continuous_batching"] for r in served] == [True, False, False, True, True] and served[1]["joined"] == 0
     assert [r["overlap_joins"] for r in served] == [False] * 4 + [True]  # joins prefilled beside the steps
     assert served[0]["join_min_rows"] == 1 and served[3]["join_min_rows"] == 4

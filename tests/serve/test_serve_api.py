@@ -177,3 +177,5 @@ def test_info_health_and_metrics(client):
     assert int(generated.split()[1]) >= 12
     busy = next(line for line in text.splitlines() if line.startswith("fimtune_busy_seconds_total "))
     assert 0 < float(busy.split()[1]) < 60  # the model ran, for a moment
+    for name in ("fimtune_prefill_seconds_total", "fimtune_device_wait_seconds_total"):  # the GPU path's only
+        assert float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[1]) == 0

@@ -586,6 +586,8 @@ def test_rows_join_the_batch_in_flight_and_get_their_own_tokens(tiny_tokenizer, 
     assert decoder.stats.joined == 2 and static.batches == 3 and sorted(static._buckets) == [1, 4]
     assert rooms[:7] == [3, 3, 3, 2, 2, 2, 1]  # free rows of the largest bucket
     assert decoder.stats.generated_tokens == sum(c.completion_tokens for c in done.values())
+    # the batch's prefill and the two joins' took time; the picks were read at once (no device here)
+    assert decoder.stats.prefill_s > 0 and decoder.stats.device_wait_s < decoder.stats.prefill_s
     if backend is not None:  # bucket 1, then bucket 4 after the growth: no other graph
         assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["graph_break"])
 

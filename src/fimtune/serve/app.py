@@ -195,6 +195,16 @@ def engine_gauges(engine: Engine) -> dict[str, tuple[str, str, Any]]:
         "fimtune_cancelled_total": ("counter", "Requests cancelled (client gone).", c.cancelled),
         "fimtune_timeouts_total": ("counter", "Requests past their timeout.", c.timeouts),
         "fimtune_busy_seconds_total": ("counter", "Seconds the engine spent generating batches.", c.busy_seconds),
+        "fimtune_prefill_seconds_total": (
+            "counter",
+            "Seconds of those in prefills and joins (GPU decoding path).",
+            st.prefill_s,
+        ),
+        "fimtune_device_wait_seconds_total": (
+            "counter",
+            "Seconds of those waiting for the device's next tokens (GPU decoding path).",
+            st.device_wait_s,
+        ),
         "fimtune_queue_depth": ("gauge", "Requests waiting for the engine.", engine.queue_depth()),
     }
 

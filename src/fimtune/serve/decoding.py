@@ -77,6 +77,10 @@ class DecodeStats:
     batches: int = 0
     largest_batch: int = 0
     joined: int = 0  # rows that joined a batch in flight (continuous batching)
+    # The static path's wall time: prefills (a batch's, joins'), and waits for the device's picks (the
+    # next step runs meanwhile). The rest of a batch is the host's: queuing steps, stops, streaming.
+    prefill_s: float = 0.0
+    device_wait_s: float = 0.0
 
 
 class _RowState:
@@ -288,7 +292,9 @@ class Decoder:
         """
         self._hook()
         params = states[0].row.params
+        began = time.perf_counter()
         session, logits = static.start([s.row.prompt for s in states])
+        self.stats.prefill_s += time.perf_counter() - began
         for state in states:
             self._count_prompt(state.row.prompt, 0)
         slots: list[_RowState | _Joining | None] = [*states, *[None] * (session.size - len(states))]
@@ -303,7 +309,9 @@ class Decoder:
             if not all(state is None or state.last_by_length for state in slots):
                 self._hook()
                 following = session.step(tokens)
+            began = time.perf_counter()
             tokens_now = picks()
+            self.stats.device_wait_s += time.perf_counter() - began
             for i, state in enumerate(slots):
                 if isinstance(state, _RowState) and state.accept(tokens_now[i]):
                     slots[i] = None
@@ -312,7 +320,9 @@ class Decoder:
                 break  # a new batch starts afresh, in the bucket its size needs
             assert following is not None  # some row goes on, so it was not every row's last token
             if join is not None:
+                began = time.perf_counter()
                 following = self._admit(session, slots, following, join, overlap)
+                self.stats.prefill_s += time.perf_counter() - began
             logits = following
         return [s.completion() for s in states]
 
