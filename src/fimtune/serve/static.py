@@ -301,7 +301,11 @@ def time_decoding_attention(
             return [one(query, *caches[i % len(caches)], mask) for i in range(layers)]
 
         try:
-            times[kind] = graph_ms(step, replays) if device.type == "cuda" else _call_ms(step, replays // 4 + 1)
+            if device.type == "cuda":
+                with torch.cuda.device(device):  # its streams and graph on the model's GPU
+                    times[kind] = graph_ms(step, replays)
+            else:
+                times[kind] = _call_ms(step, replays // 4 + 1)
         except Exception as e:  # a kind that fails to compile or capture is not chosen
             errors[kind] = f"{type(e).__name__}: {e}"[:300]
     return times, errors
