@@ -534,13 +534,12 @@ def attention_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from fimtune.serve.static import flex_decoding, graph_ms, grouped_sdpa, kv_groups, matmul_decoding
+    from fimtune.serve.static import _Heads, flex_decoding, graph_ms, grouped_sdpa, kv_groups, matmul_decoding
 
     config, length = s.model.config, engine.decoder.static.max_length
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     dim, groups = config.hidden_size // heads, kv_groups(config)
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.is_causal = groups, True
+    module = _Heads(groups)
     rows = []
     for batch in (1, MAX_BATCH):
         opts = {"device": "cuda", "dtype": torch.bfloat16}

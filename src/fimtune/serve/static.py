@@ -75,8 +75,8 @@ bias, and what follows, fused in; its coordinate-descent tuning picks the kernel
 (PyTorch's own rule for `mm`, which skips products with a bias). Larger buckets keep cuBLAS.
 
 The step's attention (``attention``): transformers' SDPA (`"sdpa"`), which with a 4D mask repeats
-grouped-query key/value heads (StarCoder's single one, Llama's GQA) to the query heads' number as
-views; :func:`grouped_sdpa` (`"grouped"`), which folds the query heads that share a key/value head
+grouped-query key/value heads to the query heads' number (StarCoder's single one as a view, Llama's
+several as a copy of the cache in every layer and step); :func:`grouped_sdpa` (`"grouped"`), which folds the query heads that share a key/value head
 into that head's query rows for one-token steps (slower on an H200: SDPA then runs one head's worth
 of thread blocks; benchmarks/RESULTS.md); :func:`matmul_decoding` (`"matmul"`), two batched matrix
 products around a soft-max, each cached key and value read once; FlexAttention (`"flex"`, above).
@@ -216,9 +216,9 @@ DECODING_FUNCTIONS: dict[str, Callable[..., tuple[torch.Tensor, None]]] = {}  # 
 
 
 def chosen_decoding(choices: dict[int, str]) -> Callable[..., tuple[torch.Tensor, None]]:
-    """An attention function that gives a batch of B rows the attention ``choices[B]`` (a kind of
-    :data:`DECODE_ATTENTIONS` but auto and flex), and any other batch SDPA. The batch size is fixed
-    in each compiled step, so the compiler sees one function per bucket, and none of this routing."""
+    """An attention function that gives a batch of B rows the attention ``choices[B]`` (`"sdpa"`,
+    `"grouped"` or `"matmul"`), and any other batch SDPA. The batch size is fixed in each compiled
+    step, so the compiler sees one function per bucket, and none of this routing."""
     table = {size: DECODING_FUNCTIONS[kind] for size, kind in choices.items()}
 
     def attend(
