@@ -122,6 +122,15 @@ def test_blocks_are_not_compiled_under_zero3(tiny_tokenizer, caplog):
     assert compiled(model) == [True, True]
 
 
+def test_fp8_base_is_refused_where_the_weights_are_not_whole(tiny_tokenizer):
+    cfg = load_run_config(None, ["model.name_or_path=x", "train.compile=false", "train.fp8_base=true"])
+    for acc, engine in ((deepspeed(2), "DeepSpeed"), (fsdp("FULL_SHARD", 2, version=2), "FSDP")):
+        with pytest.raises(FimtuneError, match=f"train.fp8_base: .* which {engine} splits or casts"):
+            prepare_model(tiny.llama(len(tiny_tokenizer)), cfg, acc, [])
+    model, _ = prepare_model(tiny.llama(len(tiny_tokenizer)), cfg, ddp(), [])  # whole weights on each process
+    assert sum(type(m).__name__ == "_Float8Frozen" for m in model.modules()) == 2 * 7  # 7 adapted layers a block
+
+
 def test_fsdp1_is_refused_before_anything_loads():
     with pytest.raises(FimtuneError, match="FSDP1.*fsdp_version: 2"):
         refuse_fsdp1(fsdp("FULL_SHARD", 2))

@@ -1,5 +1,6 @@
 """The training loop end to end on tiny GPTBigCode and Llama models, on real files."""
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -194,6 +195,26 @@ def test_checkpointed_blocks_skip_the_first_blocks_input_gradient(tiny_tokenizer
     for name, grad in grads[False].items():
         assert grad.abs().sum() > 0 or "lora_A" in name  # B starts at zero, so A's first gradient is zero
         torch.testing.assert_close(grads[True][name], grad, msg=name)
+
+
+def test_fp8_base_trains_near_the_plain_run_and_saves_a_plain_adapter(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache, caplog
+):
+    """`train.fp8_base`: the frozen products round to FP8 (here through the CPU's `_scaled_mm`), so the
+    losses move a little from the plain run's, not far; the adapter holds LoRA's tensors only."""
+    from safetensors.torch import load_file
+
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    extra = ("train.max_steps=6", "train.eval_every=0", "lora.dropout=0.0")
+    plain = quiet_fit(run_config(tmp_path, base, repetitive_data, "plain", *extra))
+    with caplog.at_level(logging.INFO, logger="fimtune.train"):
+        fp8 = quiet_fit(run_config(tmp_path, base, repetitive_data, "fp8", *extra, "train.fp8_base=true"))
+    assert "the frozen base's products in FP8, scaled a row at a time (14 layers)" in caplog.text
+    a = [r["loss"] for r in metrics(plain) if "loss" in r]
+    b = [r["loss"] for r in metrics(fp8) if "loss" in r]
+    assert len(a) == len(b) == 6 and a != b and b == pytest.approx(a, rel=0.05)
+    keys = lambda run: load_file(str(run / "adapter" / "adapter_model.safetensors")).keys()  # noqa: E731
+    assert keys(fp8) == keys(plain)
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, tiny_tokenizer, repetitive_data, token_cache):

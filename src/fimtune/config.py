@@ -216,6 +216,13 @@ class TrainConfig:
     where it is installed and agrees with SDPA on a test batch, PyTorch's own kernel
     (FlashAttention-2) elsewhere; `fa4`
     insists (an error where it cannot serve); `pytorch` keeps PyTorch's own."""
+    fp8_base: bool = False
+    """The frozen base's products under LoRA in FP8 (e4m3, scaled a row at a time; the LoRA
+    products, the loss and the optimizer stay as they are): Hopper's FP8 matrix units run at about
+    twice the bf16 rate, but each product rounds to 3 mantissa bits, so the loss is not the bf16
+    loss. Costs ~2 bytes a frozen parameter for the FP8 copies of the weights. GPUs of compute
+    capability 8.9 or more (Ada, Hopper, Blackwell), or the CPU (slow: for checks); one process or
+    DDP, not FSDP or DeepSpeed. Not yet measured on a GPU (benchmarks/RESULTS.md)."""
     loss_chunk_tokens: int | None = None
     """Compute the loss this many tokens at a time, so the (tokens x vocabulary) logits never
     exist at once (0: all at once); default: 4096 on CUDA GPUs, 0 on CPUs. With `compile` on a

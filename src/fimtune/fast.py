@@ -1130,11 +1130,13 @@ def speed_up(
     activation_memory: float = 1.0,
     hashed_dropout: bool | None = None,
     attention_kernel: str = "auto",
+    fp8: bool = False,
 ) -> list[str]:
     """Apply the fast path's model changes to a PEFT model about to train; return what was done.
 
     ``hashed_dropout`` (default: with ``compile``) puts :class:`HashedDropout` in the blocks' dropouts;
-    ``attention_kernel`` picks the flash attention implementation (:func:`select_flash_attention`).
+    ``attention_kernel`` picks the flash attention implementation (:func:`select_flash_attention`);
+    ``fp8``: the frozen base's products in FP8 (:func:`fp8_frozen_products`).
     """
     done = []
     device = next(model.parameters()).device
@@ -1162,6 +1164,13 @@ def speed_up(
         done.append(f"LoRA inputs stay in the autocast dtype ({n} layers)")
     if device.type == "cuda" and (n := pad_lora_rank(model)):
         done.append(f"LoRA products run at a rank padded to a multiple of {LORA_RANK_MULTIPLE} ({n} adapters)")
+    if fp8:
+        n = fp8_frozen_products(model)
+        done.append(
+            f"the frozen base's products in FP8, scaled a row at a time ({n} layers)"
+            if n
+            else "no frozen layer under LoRA takes FP8 products (quantized, or sizes not multiples of 16)"
+        )
     index = _cuda_index(device)
     if index is not None:
         _COMPILED_LOSS[index] = compile

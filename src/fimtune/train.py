@@ -139,6 +139,8 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
     from fimtune.model import attach_lora
 
     tc = cfg.train
+    if tc.fp8_base:
+        _check_fp8(accelerator)
     checkpointing = {"use_reentrant": False}
 
     def no_input_grads(model: Any) -> Any:
@@ -183,7 +185,10 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
         want_compile = False
     # Torch autocast, which makes LoRA's input casts needless; not under DeepSpeed (bf16 weights instead).
     autocast = bool(accelerator.native_amp)
-    for note in speed_up(model, want_compile, autocast, tc.activation_memory, tc.hashed_dropout, tc.attention_kernel):
+    notes = speed_up(
+        model, want_compile, autocast, tc.activation_memory, tc.hashed_dropout, tc.attention_kernel, tc.fp8_base
+    )
+    for note in notes:
         log.info(note)
     chunk = tc.loss_chunk_tokens if tc.loss_chunk_tokens is not None else (4096 if cuda else 0)
     if chunk and (engine := sharded_parameters(accelerator)):
@@ -381,6 +386,25 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
         print(f"validation loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f}) after {s.max_steps} steps")
     acc.wait_for_everyone()
     return run_dir
+
+
+def _check_fp8(accelerator: Any) -> None:
+    """`train.fp8_base` where it can run: FP8 products (compute capability 8.9+ on a GPU), whole weights."""
+    from fimtune.engines import deepspeed_stage, sharded_parameters
+
+    engine = "DeepSpeed" if deepspeed_stage(accelerator) is not None else sharded_parameters(accelerator)
+    if engine:
+        raise FimtuneError(
+            f"train.fp8_base: the FP8 copies of the weights are made from whole weights, which {engine} "
+            "splits or casts; train on one process or under DDP, or drop train.fp8_base"
+        )
+    device = accelerator.device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise FimtuneError(
+            f"train.fp8_base: this GPU (compute capability {major}.{minor}) has no FP8 matrix units; "
+            "they come with 8.9 (Ada), 9.0 (Hopper) and 10.x (Blackwell). Drop train.fp8_base"
+        )
 
 
 def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tuple[float, float | None, float]]:
