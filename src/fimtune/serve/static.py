@@ -544,8 +544,16 @@ class StaticDecoding:
     def _set_attention(self, attention: str, backend: str | None) -> None:
         """Switch an SDPA model's attention to ``attention`` ("auto": at :meth:`choose_attention`)."""
         config = self.model.config
-        if config._attn_implementation != "sdpa" or (attention == "grouped" and kv_groups(config) == 1):
-            attention = "sdpa"  # another implementation stays as it is
+        if attention != "sdpa" and config._attn_implementation != "sdpa":
+            log.info(
+                "decoding attention %r: the model attends through %r, which stays",
+                attention,
+                config._attn_implementation,
+            )
+            attention = "sdpa"
+        elif attention == "grouped" and kv_groups(config) == 1:
+            log.info("decoding attention 'grouped': the model has a key/value head per query head; SDPA decodes")
+            attention = "sdpa"
         self.attention, self._timing_backend = attention, backend
         if attention == "auto":
             return
