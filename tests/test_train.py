@@ -327,6 +327,24 @@ def test_qlora_trains_on_cuda(tmp_path, tiny_tokenizer, repetitive_data, token_c
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics(run) if "loss" in r)
 
 
+@pytest.mark.gpu
+def test_fp8_base_and_checkpointing_train_on_cuda(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    """bf16 on the GPU (blocks uncompiled, for time): FP8 products near the plain run's losses where the
+    GPU has FP8 units; checkpointed blocks without the first block's input gradient, the same losses."""
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    extra = ("train.max_steps=4", "train.eval_every=0", "lora.dropout=0.0", "train.mixed_precision=bf16")
+    extra += ("train.compile=false",)
+
+    def losses(name: str, *more: str) -> list[float]:
+        run = quiet_fit(run_config(tmp_path, base, repetitive_data, name, *extra, *more))
+        return [r["loss"] for r in metrics(run) if "loss" in r]
+
+    plain = losses("plain")
+    assert losses("ckpt", "train.gradient_checkpointing=true") == pytest.approx(plain, rel=1e-2)
+    if torch.cuda.get_device_capability() >= (8, 9):
+        assert losses("fp8", "train.fp8_base=true") == pytest.approx(plain, rel=0.05)
+
+
 @pytest.mark.slow
 def test_embedded_model_learns_an_installed_package(tmp_path):
     """SmolLM2 (the embedded default) on a corpus built from installed source: validation loss falls."""
