@@ -499,10 +499,9 @@ class StaticDecoding:
         self.device, self.dtype = param.device, param.dtype
         self.attention_ms: dict[int, dict[str, float]] = {}  # "auto": each bucket's candidates timed
         self.attention_errors: dict[int, dict[str, str]] = {}  # ... and those that failed
-        self.attention = attention  # as asked for ("sdpa" where the model's attention is another)
         self.decode_attention: dict[int, str] = {}  # bucket -> the kind its steps use ("auto": once timed)
         self.attention_s = 0.0  # seconds "auto" spent timing (compiling, mostly)
-        self._set_attention(attention, backend)
+        self.attention = self._set_attention(attention)  # as asked for ("sdpa" where it cannot apply)
         self.cache_kw, self.keep_logits = forward_keywords(self.model)
         self.open, self.shut, self.mask_dtype = _mask_values(self.model.config._attn_implementation, self.dtype)
         self._buckets: dict[int, _Bucket] = {}
@@ -541,8 +540,9 @@ class StaticDecoding:
         self.warmup_by_bucket: dict[int, float] = {}  # seconds per batch size (compiling, mostly)
         self.batches = 0  # batches started (warm-up included)
 
-    def _set_attention(self, attention: str, backend: str | None) -> None:
-        """Switch an SDPA model's attention to ``attention`` ("auto": at :meth:`choose_attention`)."""
+    def _set_attention(self, attention: str) -> str:
+        """Switch an SDPA model's attention to ``attention`` ("auto": at :meth:`choose_attention`);
+        return the kind that applies."""
         config = self.model.config
         if attention != "sdpa" and config._attn_implementation != "sdpa":
             log.info(
@@ -554,13 +554,13 @@ class StaticDecoding:
         elif attention == "grouped" and kv_groups(config) == 1:
             log.info("decoding attention 'grouped': the model has a key/value head per query head; SDPA decodes")
             attention = "sdpa"
-        self.attention, self._timing_backend = attention, backend
         if attention == "auto":
-            return
+            return attention
         names = {"grouped": (GROUPED, grouped_sdpa), "matmul": (MATMUL, matmul_decoding), "flex": (FLEX, flex_decoding)}
         if attention in names:
             self.model.set_attn_implementation(register_attention(*names[attention]))
         self.decode_attention = dict.fromkeys(self.buckets, attention)
+        return attention
 
     def choose_attention(self) -> dict[int, str]:
         """For "auto", time the candidates on each bucket's shapes and route each bucket's steps to
@@ -573,7 +573,7 @@ class StaticDecoding:
         for size in self.buckets:
             try:
                 times, errors = time_decoding_attention(
-                    config, size, self.max_length, kinds, self.device, self.dtype, self._timing_backend
+                    config, size, self.max_length, kinds, self.device, self.dtype, self._backend
                 )
             except Exception as e:  # no memory for its caches, a model config read otherwise, ...: SDPA
                 times, errors = {}, {"timing": f"{type(e).__name__}: {e}"[:300]}
