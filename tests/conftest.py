@@ -141,3 +141,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing `gpu` test prints its report at once: a CUDA fault can abort the process
+    (an asynchronous kernel error surfaces at a later free) before pytest's summary."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "gpu" in item.keywords:
+        print(f"\n--- {item.nodeid} ({report.when}) failed:\n{report.longreprtext}\n", flush=True)

@@ -326,6 +326,33 @@ def test_backends_with_their_own_decompositions_are_told_apart():
     }
 
 
+def test_coordinate_descent_tuning_only_for_graphs_that_multiply_one_row():
+    """The matrix-vector backend tunes a batch of one's step (its products are reductions); a
+    larger batch's graph compiles without the tuning, which only adds to its compile time."""
+    layer, graphs = torch.nn.Linear(8, 6), []
+
+    def capture(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(x):
+        return torch.nn.functional.gelu(layer(x)) @ torch.ones(6, 3)
+
+    for rows in (1, 4):
+        torch._dynamo.reset()
+        torch.compile(step, backend=capture, dynamic=False)(torch.randn(1, rows, 8))
+    one, four = graphs
+    assert fast.one_row_products(one) == 2 and fast.one_row_products(four) == 0
+    backend = fast.inductor_backend("reduce-overhead", None, fast.product_decompositions(("cuda",)), tune_rows=True)
+    assert backend.patches(one)["coordinate_descent_tuning"] is True
+    assert "coordinate_descent_tuning" not in backend.patches(four)
+    assert "coordinate_descent_tuning" not in fast.inductor_backend("reduce-overhead").patches(one)
+    assert backend != fast.inductor_backend(
+        "reduce-overhead", None, backend.decomposing
+    )  # not told apart: shared graphs
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_blocks_compiled_with_narrow_lora_products_give_the_same_step(tiny_tokenizer):
     """LoRA's rank-wide products (rank 4 padded to 8) as element-wise sums in inductor's kernels,

@@ -790,13 +790,18 @@ def product_decompositions(row_devices: tuple[str, ...] = (), narrow_max: int = 
 
 
 def inductor_backend(
-    mode: str | None = None, options: dict[str, Any] | None = None, decompositions: dict | None = None
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+    decompositions: dict | None = None,
+    tune_rows: bool = False,
 ) -> Any:
     """A torch.compile backend: inductor as ``torch.compile(mode=mode, options=options)`` sets it
     up (CUDA graph trees and the profiler settings they need), with ``decompositions`` (e.g.
     :func:`product_decompositions`) instead of its own. AOTAutograd's cache leaves the
     decompositions out of its key, so it is off for these compiles (inductor's own cache of the
-    generated code stays on)."""
+    generated code stays on). ``tune_rows``: coordinate-descent tuning for the graphs that multiply
+    one row (:func:`one_row_products`) and for those alone: it times every kernel's block sizes,
+    which took an H200 ~20 s more for each batch size's decoding step."""
     import torch._functorch.config as functorch_config
     from torch._inductor.compile_fx import compile_fx
 
@@ -804,15 +809,46 @@ def inductor_backend(
         decomposing = decompositions
 
         def __eq__(self, other: object) -> bool:  # dynamo reuses graphs of an equal backend only
-            return super().__eq__(other) and getattr(other, "decomposing", None) is self.decomposing
+            return (
+                super().__eq__(other)
+                and getattr(other, "decomposing", None) is self.decomposing
+                and getattr(other, "tune_rows", None) == self.tune_rows
+            )
+
+        def patches(self, model_: torch.fx.GraphModule, config_patches: Any = None) -> dict[str, Any]:
+            """Inductor's settings for the graph ``model_``."""
+            patches = {**self.config, **(config_patches or {})}
+            if self.tune_rows and one_row_products(model_):
+                patches["coordinate_descent_tuning"] = True
+            return patches
 
         def __call__(self, model_: torch.fx.GraphModule, inputs_: list[Any], *, config_patches: Any = None) -> Any:
-            patches = {**self.config, **(config_patches or {})}
+            patches = self.patches(model_, config_patches)
             no_cache = hasattr(functorch_config, "enable_autograd_cache")
             with functorch_config.patch(enable_autograd_cache=False) if no_cache else contextlib.nullcontext():
                 return compile_fx(model_, inputs_, config_patches=patches, decompositions=decompositions)
 
-    return Inductor(mode, options, False)
+    backend = Inductor(mode, options, False)
+    backend.tune_rows = tune_rows
+    return backend
+
+
+def one_row_products(gm: torch.fx.GraphModule) -> int:
+    """How many matrix products of a Dynamo graph take a single row (a batch of one's decoding
+    step: ``linear`` of a [1, 1, width] input, say), read from the nodes' example values."""
+    import operator
+
+    products = {torch._C._nn.linear, F.linear, torch.matmul, operator.matmul, torch.mm, torch.addmm}
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in products or len(node.args) < 2:
+            continue
+        x = node.args[1] if node.target is torch.addmm else node.args[0]
+        value = x.meta.get("example_value") if isinstance(x, torch.fx.Node) else None
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[-1] != 0:
+            rows = value.numel() // value.shape[-1]
+            count += type(rows) is int and rows == 1
+    return count
 
 
 # --------------------------------------------------------------------------------------

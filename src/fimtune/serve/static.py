@@ -1094,10 +1094,12 @@ def _compiled(
 
 
 def gemv_backend(mode: str | None, devices: tuple[str, ...] = ("cuda",)) -> Callable[..., Any]:
-    """A torch.compile backend: inductor with ``mode``'s settings, coordinate-descent tuning (its
-    matrix-vector kernels reach their bandwidth only with it, per PyTorch's own note) and one-row
-    products on ``devices`` as reductions (:func:`fimtune.fast.product_decompositions`)."""
-    return inductor_backend(mode, {"coordinate_descent_tuning": True}, product_decompositions(row_devices=devices))
+    """A torch.compile backend: inductor with ``mode``'s settings and one-row products on
+    ``devices`` as reductions (:func:`fimtune.fast.product_decompositions`); the graphs that have
+    such products (a batch of one's step) are compiled with coordinate-descent tuning too (its
+    matrix-vector kernels reach their bandwidth only with it, per PyTorch's own note), the others
+    (larger buckets) without: it only adds to their compile time."""
+    return inductor_backend(mode, None, product_decompositions(row_devices=devices), tune_rows=True)
 
 
 def quantized(model: Any) -> bool:
