@@ -4,7 +4,7 @@
 # ./gpu-out): six files (the profiles of training and decoding steps in one). Record the figures in
 # RESULTS.md.
 #
-#     bash benchmarks/gpu_check.sh [SECONDS] [PARTS]   # from the repository root; default 480 s
+#     bash benchmarks/gpu_check.sh [SECONDS] [PARTS]   # from the repository root; default 520 s
 #
 # PARTS: which of tests,train,latency run (default all three; the time budget is shared the same way).
 #
@@ -15,10 +15,10 @@
 # library is too large to travel with the rest, so two calls, the second at once (a machine stays
 # warm 30 s):
 #     1. carry .whl-fa4-ir:                        cp -r .whl-fa4-ir /tmp/fa4-ir
-#     2. carry .whl, .whl-scale, .gpu, .whl-fa4:   bash benchmarks/gpu_check.sh 480
+#     2. carry .whl, .whl-scale, .gpu, .whl-fa4:   bash benchmarks/gpu_check.sh 520
 # The warm machine keeps the first call's files; where they are gone, PyTorch's own flash kernels run.
 set -u
-budget=${1:-480}
+budget=${1:-520}
 parts=,${2:-tests,train,latency},
 part() { [[ $parts == *,$1,* ]]; }
 start=$SECONDS
@@ -45,30 +45,34 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 python3 -c 'import torch; from fimtune import fast; print("FlashAttention-4:", fast.fa4_unavailable(torch.device("cuda")) or "available")'
 
 # 1. The CUDA tests: the step never waits for the GPU, graphs replay what eager computes, the key/value
-#    check, FlashAttention-4 against PyTorch's kernels (its first kernels compile here).
-part tests && timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu \
-    tests/test_fast.py tests/test_train.py tests/serve/test_static.py 2>&1 | tee "$OUT/gpu-tests.log"
+#    check, FlashAttention-4 against PyTorch's kernels (its first kernels compile here). A failing
+#    test prints its report at once (tests/conftest.py). FlexAttention decoding (an option, off)
+#    last, in a process of its own: in run 8 its test failed and a CUDA fault then aborted pytest.
+if part tests; then
+    timeout 130 python3 -m pytest -q -p no:cacheprovider -m gpu -k "not trees-flex" \
+        tests/test_fast.py tests/test_train.py tests/serve/test_static.py 2>&1 | tee "$OUT/gpu-tests.log"
+    timeout 40 python3 -m pytest -q -p no:cacheprovider -m gpu -k "trees-flex" tests/serve/test_static.py 2>&1 |
+        grep -v -E '^[VIW][0-9]{4}' | tail -60 | tee -a "$OUT/gpu-tests.log"
+fi
 
-# 2. Training: fimtune's step (FlashAttention-4 where it is installed); with the frozen base's
-#    products in FP8 (an option: the largest part of the step, at twice the rate?); keeping 85% of
-#    the activations (the GPU preset's setting); the step with the loss's soft-max eager, and with
-#    LoRA's rank-4 products unpadded (what each saves); two more options: the blocks' kernels
-#    started from C++ (the host's time a step), LoRA's rank-wide products as fused sums;
-#    naive bf16, last (run 4 measured it, and PyTorch's own flash kernels, c-fa2). Each variant
-#    says how long the host took to queue a step; (c), FP8 and C++ are profiled (GPU time, then
-#    the host's); variants past the budget are skipped.
-share=$(($(left) / $(part latency && echo 2 || echo 1)))
-part train && timeout $share python3 benchmarks/train_throughput.py --variants c,c-fp8,c-mem,c-eager-loss,c-lora-r4,c-cpp-wrapper,c-lora-sums,b \
-    --activation-memory 0.85 --budget-s $((share - 40)) --profile /tmp/gpu-profiles --profile-variants c,c-fp8,c-cpp-wrapper \
+# 2. Training: fimtune's step (FlashAttention-4 where it is installed); run 8 found the host
+#    queueing it as slowly as the GPU runs it (queue ms ~ step ms; 93 ms of kernels a 107 ms step),
+#    so next an option that takes host time out: each block's graphs replayed as CUDA graphs; then
+#    naive bf16 (b) and the recipe's regime (a), for the ratios in one run; the graphs with the
+#    frozen base's products in FP8 (less GPU time than (c) in run 8, but more host work); the
+#    blocks' kernels started from C++ (another way to cut the host's time); keeping 85% of the
+#    activations (the GPU preset's setting); LoRA's rank-wide products as fused sums. (c) and the CUDA graphs are
+#    profiled (GPU time, then the host's); variants past the budget are skipped.
+share=$(($(left) - $(part latency && echo 175 || echo 5)))  # the latency part's warm-up alone takes ~80 s
+part train && timeout $share python3 benchmarks/train_throughput.py --variants c,c-graphs,b,a,c-graphs-fp8,c-cpp-wrapper,c-mem,c-lora-sums \
+    --activation-memory 0.85 --budget-s $((share - 40)) --profile /tmp/gpu-profiles --profile-variants c,c-graphs \
     --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
 
-# 3. Completion latency: the engine (its eager-prefill and FlexAttention variants were measured in
-#    run 7; its warm-up row tells the attention it timed fastest for each batch size), the server
-#    rows (and once more with Python's own 5 ms switch interval), a profile of the step; then the
-#    engine whose batch-of-one steps multiply through cuBLAS (run 7's), not through the
-#    matrix-vector kernels; then, budget permitting, the engine on SDPA in every bucket (run 7's).
+# 3. Completion latency: the engine (run 8 measured it on SDPA in every bucket; its warm-up row
+#    tells the attention it timed fastest for each batch size), a profile of the step, the server
+#    rows (overlapped joins second); then, budget permitting, the engine whose batch-of-one steps
+#    multiply through cuBLAS (run 7's), not through the matrix-vector kernels.
 part latency && cd benchmarks && timeout $(($(left) - 5)) python3 latency.py --device cuda --shape starcoderbase-1b \
-    --no-generate-static --graphs trees,trees+cublas,trees+sdpa --budget-s $(($(left) - 40)) --profile-step /tmp/gpu-profiles \
-    --switch-interval-variants 5 \
-    --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log"
+    --no-generate-static --graphs trees,trees+cublas --budget-s $(($(left) - 30)) --profile-step /tmp/gpu-profiles \
+    --json "$OUT/latency.json" 2>&1 | grep -v -E '^[VIW][0-9]{4}|^ +- |^ +File' | tee "$OUT/latency.log"
 for f in /tmp/gpu-profiles/*.txt; do [ -f "$f" ] && printf '\n== %s\n' "${f##*/}" && cat "$f"; done > "$OUT/profiles.txt"

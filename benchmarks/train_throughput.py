@@ -34,6 +34,12 @@ c-lora-sums  (c) with LoRA's B applied to the rank-wide product (and its transpo
 c-cpp-wrapper (c) with its compiled blocks run by C++ code inductor writes, not Python (inductor's
              `cpp_wrapper`, process-wide): the host's work to start each block's kernels (an option,
              measured here)
+c-graphs    (c) with each compiled block's forward and backward graphs replayed as CUDA graphs
+             (inductor's `mode="reduce-overhead"`, each step marked with
+             `torch.compiler.cudagraph_mark_step_begin()`): one launch a graph, not one a kernel
+             and FlashAttention-4's Python per call (the host's time a step; measured here)
+c-graphs-fp8 c-graphs with the frozen base's products in FP8 (as c-fp8): less GPU time and more
+             host work than (c) in run 8, so measured where the host's work is replayed
 c-fp8       (c) with the frozen base's products in FP8 (rowwise scales: `fast.fp8_frozen_products`):
              Hopper's FP8 rate against bf16's (an option, measured here); its loss on a fixed
              batch against the same model's in bf16 tells what the rounding costs
@@ -100,6 +106,8 @@ ALL = [
     "c-lora-sums",
     "c-cpp-wrapper",
     "c-fp8",
+    "c-graphs",
+    "c-graphs-fp8",
 ]
 
 
@@ -249,10 +257,15 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     if variant == "c-lora-r4":
         fast.pad_lora_rank(model, 1)
     compiled = any(getattr(b, "_compiled_call_impl", None) for b in fast.transformer_blocks(model))
+    graphs = variant in ("c-graphs", "c-graphs-fp8") and compiled
+    if graphs:
+        fast.compile_blocks(model, mode="reduce-overhead")  # the same blocks, compiled anew
+    graphs = graphs and device.type == "cuda"  # on a CPU inductor skips CUDA graphs
+    result["cuda_graphs"] = graphs
     if variant == "c-lora-sums" and compiled:
         fast.compile_blocks(model, narrow_max=fast.NARROW_PRODUCT_MAX)  # the same blocks, compiled anew
         result["narrow_products"] = fast.NARROW_PRODUCT_MAX
-    if variant == "c-fp8":
+    if variant in ("c-fp8", "c-graphs-fp8"):
         before, logits = fixed_batch_loss(model, args, device, chunk)
         result["fp8_layers"] = fast.fp8_frozen_products(model)
         after, fp8_logits = fixed_batch_loss(model, args, device, chunk)
@@ -262,8 +275,8 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
             "rel_diff": abs(after - before) / before,
             "logits_rel_diff": relative_difference(fp8_logits, logits),
         }
-        if compiled:
-            fast.compile_blocks(model)  # the same blocks, compiled anew
+        if compiled:  # the same blocks, compiled anew
+            fast.compile_blocks(model, mode="reduce-overhead" if variant == "c-graphs-fp8" else None)
     result["cpp_wrapper"] = bool(torch._inductor.config.cpp_wrapper)
     result["lora_rank_padded"] = any(isinstance(m, fast._RankPaddedA) for m in model.modules())
     result["loss_chunk_tokens"] = chunk
@@ -281,9 +294,14 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     model.train()
 
     def step() -> Any:  # the step queued: its loss is read later (as `fimtune train` does)
+        if graphs:  # the last step's graph outputs are done with: the graphs may replay over them
+            torch.compiler.cudagraph_mark_step_begin()
         return train_step(s, cfg.train, Path("."), next(counter))
 
+    skips = counters()["inductor"]["cudagraph_skips"]
     result.update(timed(step, args, device))
+    if graphs:  # graphs inductor ran without CUDA graphs (a reason is logged)
+        result["cudagraph_skips"] = int(counters()["inductor"]["cudagraph_skips"] - skips)
     profiled = args.profile_variants is None or variant in args.profile_variants.split(",")
     if args.profile and profiled and device.type == "cuda":
         result["profile"] = profile(step, args.profile / f"profile-{variant}.txt")
@@ -444,7 +462,18 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
         # No graph cache: a C++ graph of autograd read back from it failed on CUDA (#144609).
         with torch._inductor.config.patch(cpp_wrapper=True, fx_graph_cache=False):
             return fimtune_step(args, device, name)
+    if name in ("c-graphs", "c-graphs-fp8"):
+        try:
+            return fimtune_step(args, device, name)
+        finally:  # the graphs and their memory pool go (with Dynamo's state) before the next variant
+            torch._dynamo.reset()
     return fimtune_step(args, device, name)
+
+
+def counters() -> Any:
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    return dynamo_counters
 
 
 def versions(device: torch.device) -> dict:
@@ -538,6 +567,8 @@ def print_table(report: dict) -> None:
             note = f"vs bf16 products: loss {c8['rel_diff']:.1e}, logits {c8['logits_rel_diff']:.1e} rel"
         if r.get("flash_attention"):
             note += f"; {r['flash_attention']}"
+        if r.get("cuda_graphs"):
+            note += f"; CUDA graphs ({r.get('cudagraph_skips', 0)} skipped)"
         if "kv_heads_as_they_are" in r:
             note += "; key/value heads " + ("as they are" if r["kv_heads_as_they_are"] else "repeated")
         print(

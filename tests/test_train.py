@@ -304,6 +304,44 @@ def test_a_training_step_never_waits_for_the_gpu(tmp_path, tiny_tokenizer, repet
 
 
 @pytest.mark.gpu
+def test_blocks_replayed_as_cuda_graphs_train_as_the_compiled_blocks(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache
+):
+    """`compile_blocks(mode="reduce-overhead")` (the `c-graphs` benchmark variant): the steps' losses
+    as without CUDA graphs, read after later steps replayed the graphs, and no graph skipped."""
+    from torch._dynamo.utils import counters
+
+    from fimtune import fast
+    from fimtune.train import make_accelerator, setup, train_step
+
+    model = tiny.gpt_bigcode(len(tiny_tokenizer))
+    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0  # the same steps twice
+    base = tiny.save_model_folder(model, tiny_tokenizer, tmp_path / "base")
+
+    def losses(graphs: bool) -> list[float]:
+        torch._dynamo.reset()
+        extra = ("train.mixed_precision=bf16", "train.max_steps=8", "lora.dropout=0.0")
+        cfg = run_config(tmp_path, base, repetitive_data, f"graphs-{graphs}", *extra)
+        s = setup(cfg, make_accelerator(cfg))
+        if graphs:
+            assert fast.compile_blocks(s.model, mode="reduce-overhead") > 0
+        s.model.train()
+        queued = []
+        for step in range(6):
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            queued.append(train_step(s, cfg.train, tmp_path, step))
+        return [q()[0] for q in queued]
+
+    plain = losses(False)
+    skips = counters["inductor"]["cudagraph_skips"]
+    graphed = losses(True)
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    assert graphed == pytest.approx(plain, rel=1e-2)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
 def test_batches_go_to_the_gpu_from_host_lists_and_tensors_and_stay_there_if_already_on_it():
     from fimtune.train import _to_device
 

@@ -703,22 +703,30 @@ def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
 
 
-def compile_blocks(model: torch.nn.Module, backend: Any = "inductor", narrow_max: int = 0) -> int:
+def compile_blocks(
+    model: torch.nn.Module, backend: Any = "inductor", narrow_max: int = 0, mode: str | None = None
+) -> int:
     """`torch.compile` each decoder block in place (regional compilation); return how many.
 
     Identical blocks share one compiled graph, so compiling costs about one block's time. With
     inductor and ``narrow_max`` (e.g. :data:`NARROW_PRODUCT_MAX`), products whose inner dimension
     is that or less (LoRA's rank) are element-wise sums (:func:`product_decompositions`): an
     option until a GPU measures it (`benchmarks/train_throughput.py`, variant `c-lora-sums`).
+    ``mode``: inductor's (``"reduce-overhead"``: each block's forward and backward graphs replayed
+    as CUDA graphs, one launch each; the caller marks each training step's start with
+    `torch.compiler.cudagraph_mark_step_begin()`): measured by `train_throughput.py`'s `c-graphs`.
     """
     blocks = transformer_blocks(model)
     # One graph serves all blocks, but training and evaluation, checkpointing and a last short
     # batch each add a variant: leave room, so no block silently falls back to eager.
     raise_recompile_limit()
+    options: dict[str, Any] = {}
     if backend == "inductor" and narrow_max:  # one backend for all blocks: they share its graphs
-        backend = inductor_backend(decompositions=product_decompositions(narrow_max=narrow_max))
+        backend = inductor_backend(mode, decompositions=product_decompositions(narrow_max=narrow_max))
+    elif backend == "inductor" and mode:
+        options["mode"] = mode
     for block in blocks:
-        block.compile(backend=backend)
+        block.compile(backend=backend, **options)
     return len(blocks)
 
 
