@@ -222,7 +222,8 @@ class TrainConfig:
     twice the bf16 rate, but each product rounds to 3 mantissa bits, so the loss is not the bf16
     loss. Costs ~2 bytes a frozen parameter for the FP8 copies of the weights. GPUs of compute
     capability 8.9 or more (Ada, Hopper, Blackwell), or the CPU (slow: for checks); one process or
-    DDP, not FSDP or DeepSpeed. Not yet measured on a GPU (benchmarks/RESULTS.md)."""
+    DDP, not FSDP or DeepSpeed. On an H200 the 1B shape's step took 10% less GPU time but ran 12%
+    slower: its operators added more host time, which set the pace (benchmarks/RESULTS.md, run 8)."""
     loss_chunk_tokens: int | None = None
     """Compute the loss this many tokens at a time, so the (tokens x vocabulary) logits never
     exist at once (0: all at once); default: 4096 on CUDA GPUs, 0 on CPUs. With `compile` on a
