@@ -35,9 +35,8 @@ c-cpp-wrapper (c) with its compiled blocks run by C++ code inductor writes, not 
              `cpp_wrapper`, process-wide): the host's work to start each block's kernels (an option,
              measured here)
 c-graphs    (c) with each compiled block's forward and backward graphs replayed as CUDA graphs
-             (inductor's `mode="reduce-overhead"`, each step marked with
-             `torch.compiler.cudagraph_mark_step_begin()`): one launch a graph, not one a kernel
-             and FlashAttention-4's Python per call (the host's time a step; measured here)
+             (`train.cuda_graphs`: inductor's `reduce-overhead` mode): one launch a graph, not one
+             a kernel and FlashAttention-4's Python per call (the host's time a step; measured here)
 c-graphs-fp8 c-graphs with the frozen base's products in FP8 (as c-fp8): less GPU time and more
              host work than (c) in run 8, so measured where the host's work is replayed
 c-fp8       (c) with the frozen base's products in FP8 (rowwise scales: `fast.fp8_frozen_products`):
@@ -227,6 +226,8 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         extra.append("lora.dropout=0.0")
     if variant == "c-torch-dropout":
         extra.append("train.hashed_dropout=false")
+    if variant in ("c-graphs", "c-graphs-fp8"):
+        extra.append("train.cuda_graphs=true")
     fa2 = variant in ("c-fa2", "c-repeat-kv")
     if fa2:
         extra.append("train.attention_kernel=pytorch")
@@ -257,10 +258,7 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     if variant == "c-lora-r4":
         fast.pad_lora_rank(model, 1)
     compiled = any(getattr(b, "_compiled_call_impl", None) for b in fast.transformer_blocks(model))
-    graphs = variant in ("c-graphs", "c-graphs-fp8") and compiled
-    if graphs:
-        fast.compile_blocks(model, mode="reduce-overhead")  # the same blocks, compiled anew
-    graphs = graphs and device.type == "cuda"  # on a CPU inductor skips CUDA graphs
+    graphs = cfg.train.cuda_graphs and compiled and device.type == "cuda"  # on a CPU: compiled, no graphs
     result["cuda_graphs"] = graphs
     if variant == "c-lora-sums" and compiled:
         fast.compile_blocks(model, narrow_max=fast.NARROW_PRODUCT_MAX)  # the same blocks, compiled anew
@@ -289,13 +287,11 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     optimizer, scheduler = make_optimizer(model, cfg, device, 100)
     model, optimizer = acc.prepare(model, optimizer)
     data = batches(model.config.vocab_size, rows, args.length, device, docs=variant == "c-docs")
-    s = Setup(acc, model, None, optimizer, scheduler, data, None, 100, args.batch * args.length, chunk)
+    s = Setup(acc, model, None, optimizer, scheduler, data, None, 100, args.batch * args.length, chunk, graphs)
     counter = iter(range(10**6))
     model.train()
 
     def step() -> Any:  # the step queued: its loss is read later (as `fimtune train` does)
-        if graphs:  # the last step's graph outputs are done with: the graphs may replay over them
-            torch.compiler.cudagraph_mark_step_begin()
         return train_step(s, cfg.train, Path("."), next(counter))
 
     skips = counters()["inductor"]["cudagraph_skips"]
@@ -455,6 +451,8 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
         return plain_peft(args, device, autocast=device.type == "cuda", checkpointing=False)
     if name == "qlora" and device.type != "cuda":
         return {"skipped": "needs a CUDA GPU (bitsandbytes)"}
+    if name in ("c-graphs", "c-graphs-fp8") and device.type != "cuda":
+        return {"skipped": "needs a CUDA GPU (CUDA graphs; tests/test_train.py checks the option on a CPU)"}
     torch._dynamo.reset()  # compile afresh: a variant's settings must not reuse another's graphs
     if name == "c-cpp-wrapper":
         # Process-wide for the variant, not `torch.compile(options=...)`: PyTorch 2.11 compiles a

@@ -1,6 +1,7 @@
 """The fast training path computes what the plain path computes: attention, loss, gradients, compiled blocks."""
 
 import importlib.util
+from typing import Any
 
 import pytest
 import torch
@@ -49,6 +50,49 @@ def test_cu_seq_lens_mark_every_document_and_row():
     assert fast.cu_seq_lens(pos, 2, 5, torch.device("cpu")).tolist() == [0, 3, 5, 7, 10]
     assert fast.cu_seq_lens(None, 3, 4, torch.device("cpu")).tolist() == [0, 4, 8, 12]
     assert fast.cu_seq_lens(pos, 2, 5, torch.device("cpu")).dtype == torch.int32
+
+
+def test_padded_bounds_add_empty_documents_to_a_power_of_two_of_entries():
+    cu = torch.tensor([0, 3, 5, 7, 10], dtype=torch.int32)
+    assert fast.padded_bounds(cu).tolist() == [0, 3, 5, 7, 10, 10, 10, 10]
+    assert fast.padded_bounds(cu).dtype == torch.int32
+    assert fast.padded_bounds(cu[:4]).tolist() == [0, 3, 5, 7] and fast.padded_bounds(cu[:2]).tolist() == [0, 3]
+    batch = {"input_ids": [[5, 6, 7], [8, 9, 1]], "position_ids": [[0, 1, 0], [2, 0, 1]]}
+    assert fast.with_cu_seq_lens(batch, padded=True)["cu_seq_lens"].tolist() == [0, 2, 3, 4, 6, 6, 6, 6]
+    assert fast.with_cu_seq_lens(batch)["cu_seq_lens"].tolist() == [0, 2, 3, 4, 6]
+
+
+def _varlen_kernels(device: torch.device) -> dict[str, Any]:
+    """The packed-document attentions that run on ``device``: (q, k, v, cu, max_len) -> out."""
+    if device.type == "cpu":
+        return {"sdpa per document": lambda q, k, v, cu, t: fast._sdpa_per_document(q, k, v, cu, None)}
+    kernels = {"pytorch": lambda q, k, v, cu, t: fast._varlen(q, k, v, cu, t, None)}
+    if fast.fa4_unavailable(device) is None:
+        kernels["fa4"] = lambda q, k, v, cu, t: fast.fa4_varlen(q, k, v, cu, t, q.shape[-1] ** -0.5)[0]
+    return kernels
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_empty_documents_at_the_end_change_no_output_or_gradient(device):
+    """Padded bounds (for CUDA graphs) give each kernel's output and gradients without them."""
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cu = torch.tensor([0, 37, 100, 128, 228], dtype=torch.int32, device=device)
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(228, 8, 64, generator=g).to(device, dtype) for _ in range(3)]
+    grad = torch.randn(228, 8, 64, generator=g).to(device, dtype)
+    for name, attend in _varlen_kernels(device).items():
+        results = []
+        for bounds in (cu, fast.padded_bounds(cu)):
+            q, k, v = (x.clone().requires_grad_() for x in inputs)
+            out = attend(q, k, v, bounds, 100)
+            out.backward(grad)
+            results.append([out.detach(), q.grad, k.grad, v.grad])
+        assert fast.padded_bounds(cu).numel() == 8
+        # On a GPU the backward kernels add into the query's gradient in no fixed order: bf16's rounding.
+        tol = {"rtol": 0, "atol": 0} if device.type == "cpu" else {"rtol": 1.6e-2, "atol": 1e-3}
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, **tol, msg=name)
 
 
 @pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])

@@ -303,42 +303,81 @@ def test_a_training_step_never_waits_for_the_gpu(tmp_path, tiny_tokenizer, repet
     assert all(0 < q()[0] < 20 for q in queued)
 
 
+def no_dropout_model(tmp_path: Path, tokenizer) -> Path:
+    """The tiny GPT-BigCode without its dropouts: two runs give the same steps."""
+    model = tiny.gpt_bigcode(len(tokenizer))
+    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0
+    return tiny.save_model_folder(model, tokenizer, tmp_path / "base-no-dropout")
+
+
 @pytest.mark.gpu
 def test_blocks_replayed_as_cuda_graphs_train_as_the_compiled_blocks(
     tmp_path, tiny_tokenizer, repetitive_data, token_cache
 ):
-    """`compile_blocks(mode="reduce-overhead")` (the `c-graphs` benchmark variant): the steps' losses
-    as without CUDA graphs, read after later steps replayed the graphs, and no graph skipped."""
+    """`train.cuda_graphs`: the steps' losses as without CUDA graphs, read after later steps
+    replayed the graphs (and validation ran between), and no graph skipped."""
     from torch._dynamo.utils import counters
 
-    from fimtune import fast
-    from fimtune.train import make_accelerator, setup, train_step
+    base = no_dropout_model(tmp_path, tiny_tokenizer)
+    extra = ("train.mixed_precision=bf16", "train.max_steps=6", "train.eval_every=3", "lora.dropout=0.0")
 
-    model = tiny.gpt_bigcode(len(tiny_tokenizer))
-    model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = 0.0  # the same steps twice
-    base = tiny.save_model_folder(model, tiny_tokenizer, tmp_path / "base")
-
-    def losses(graphs: bool) -> list[float]:
+    def losses(name: str, *more: str) -> list[float]:
         torch._dynamo.reset()
-        extra = ("train.mixed_precision=bf16", "train.max_steps=8", "lora.dropout=0.0")
-        cfg = run_config(tmp_path, base, repetitive_data, f"graphs-{graphs}", *extra)
-        s = setup(cfg, make_accelerator(cfg))
-        if graphs:
-            assert fast.compile_blocks(s.model, mode="reduce-overhead") > 0
-        s.model.train()
-        queued = []
-        for step in range(6):
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            queued.append(train_step(s, cfg.train, tmp_path, step))
-        return [q()[0] for q in queued]
+        run = quiet_fit(run_config(tmp_path, base, repetitive_data, name, *extra, *more))
+        return [r[k] for r in metrics(run) for k in ("loss", "val_loss") if k in r]
 
-    plain = losses(False)
+    plain = losses("plain")
     skips = counters["inductor"]["cudagraph_skips"]
-    graphed = losses(True)
+    graphed = losses("graphs", "train.cuda_graphs=true")
     assert counters["inductor"]["cudagraph_skips"] == skips
     assert graphed == pytest.approx(plain, rel=1e-2)
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_the_cuda_graphs_option_marks_each_step_pads_the_bounds_and_trains_as_without(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache, monkeypatch
+):
+    """On a CPU (compiled blocks, no graphs there): each training step and validation batch is
+    marked as a new step, the documents' bounds come padded with empty documents, and the losses
+    are the eager run's."""
+    from fimtune import fast
+
+    base = no_dropout_model(tmp_path, tiny_tokenizer)
+    extra = ("model.attn_implementation=varlen", "train.max_steps=4", "train.eval_every=2", "lora.dropout=0.0")
+    extra += ("train.eval_batches=2",)
+    marks, bounds = [], []
+    mark, pad = torch.compiler.cudagraph_mark_step_begin, fast.padded_bounds
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1) or mark())
+    monkeypatch.setattr(fast, "padded_bounds", lambda cu: bounds.append((cu.numel(), len(pad(cu)))) or pad(cu))
+
+    def losses(name: str, *more: str) -> list[float]:
+        torch._dynamo.reset()
+        run = quiet_fit(run_config(tmp_path, base, repetitive_data, name, *extra, *more))
+        return [r[k] for r in metrics(run) for k in ("loss", "val_loss") if k in r]
+
+    eager = losses("eager")
+    assert not marks and not bounds
+    graphed = losses("graphs", "train.cuda_graphs=true", "train.compile=true")
+    torch._dynamo.reset()
+    validations = len(graphed) - 4
+    assert graphed == pytest.approx(eager, rel=1e-4) and validations >= 2
+    assert len(marks) == 4 + 2 * validations  # 4 steps, each validation's 2 batches
+    assert bounds and all(padded >= n and padded & (padded - 1) == 0 for n, padded in bounds)
+    assert any(padded > n for n, padded in bounds)  # some batch had empty documents added
+
+
+def test_cuda_graphs_are_refused_where_blocks_cannot_replay_them(tmp_path, tiny_tokenizer, repetitive_data):
+    from fimtune.errors import FimtuneError
+
+    base = model_dir(tmp_path, tiny_tokenizer, "gpt_bigcode")
+    for more, why in [
+        (("train.compile=false",), "compiled blocks"),
+        (("train.compile=true", "train.gradient_checkpointing=true"), "checkpointed blocks"),
+    ]:
+        cfg = run_config(tmp_path, base, repetitive_data, "refused", "train.cuda_graphs=true", *more)
+        with pytest.raises(FimtuneError, match=f"train.cuda_graphs: .*{why}"):
+            quiet_fit(cfg)
 
 
 @pytest.mark.gpu

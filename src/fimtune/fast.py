@@ -121,9 +121,10 @@ def varlen_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-def with_cu_seq_lens(batch: dict[str, Any]) -> dict[str, Any]:
+def with_cu_seq_lens(batch: dict[str, Any], padded: bool = False) -> dict[str, Any]:
     """A host batch with its documents' cumulative lengths (``cu_seq_lens``) added, computed here on
-    the host, so that on a GPU nothing is read back to find them.
+    the host, so that on a GPU nothing is read back to find them. ``padded``: through
+    :func:`padded_bounds` (for CUDA graphs).
 
     >>> with_cu_seq_lens({"input_ids": [[5, 6, 7], [8, 9, 1]], "position_ids": [[0, 1, 0], [2, 0, 1]]})["cu_seq_lens"]
     tensor([0, 2, 3, 4, 6], dtype=torch.int32)
@@ -131,7 +132,21 @@ def with_cu_seq_lens(batch: dict[str, Any]) -> dict[str, Any]:
     ids = torch.as_tensor(batch["input_ids"])
     positions = batch.get("position_ids")
     positions = None if positions is None else torch.as_tensor(positions)
-    return {**batch, "cu_seq_lens": cu_seq_lens(positions, *ids.shape, torch.device("cpu"))}
+    bounds = cu_seq_lens(positions, *ids.shape, torch.device("cpu"))
+    return {**batch, "cu_seq_lens": padded_bounds(bounds) if padded else bounds}
+
+
+def padded_bounds(cu: torch.Tensor) -> torch.Tensor:
+    """Documents' bounds with empty documents added at the end, to a power of two of entries: a
+    compiled block replayed as CUDA graphs records a graph for each shape it sees, and packed
+    batches' document counts differ from batch to batch. The attention gives the same output.
+
+    >>> padded_bounds(torch.tensor([0, 3, 5, 7, 10], dtype=torch.int32)).tolist()
+    [0, 3, 5, 7, 10, 10, 10, 10]
+    """
+    n = cu.numel()
+    size = 1 << max(n - 1, 1).bit_length()
+    return torch.cat([cu, cu[-1:].expand(size - n)]) if size > n else cu
 
 
 def varlen_attention(
@@ -510,6 +525,8 @@ def _sdpa_per_document(
     outs = []
     bounds = cu.tolist()
     for start, end in zip(bounds, bounds[1:], strict=False):
+        if end == start:  # an empty document (padded bounds)
+            continue
         qs, ks, vs = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))
         if groups > 1:
             ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)
@@ -1175,12 +1192,14 @@ def speed_up(
     hashed_dropout: bool | None = None,
     attention_kernel: str = "auto",
     fp8: bool = False,
+    cuda_graphs: bool = False,
 ) -> list[str]:
     """Apply the fast path's model changes to a PEFT model about to train; return what was done.
 
     ``hashed_dropout`` (default: with ``compile``) puts :class:`HashedDropout` in the blocks' dropouts;
     ``attention_kernel`` picks the flash attention implementation (:func:`select_flash_attention`);
-    ``fp8``: the frozen base's products in FP8 (:func:`fp8_frozen_products`).
+    ``fp8``: the frozen base's products in FP8 (:func:`fp8_frozen_products`); ``cuda_graphs``: the
+    compiled blocks replayed as CUDA graphs (:func:`compile_blocks`'s ``mode``).
     """
     done = []
     device = next(model.parameters()).device
@@ -1228,8 +1247,9 @@ def speed_up(
         functorch_config.activation_memory_budget = activation_memory
         if activation_memory < 1.0:
             done.append(f"compiled blocks keep {activation_memory:.0%} of their activations")
-        if n := compile_blocks(model):
-            done.append(f"torch.compile on {n} blocks")
+        graphs = cuda_graphs and device.type == "cuda"
+        if n := compile_blocks(model, mode="reduce-overhead" if graphs else None):
+            done.append(f"torch.compile on {n} blocks" + (", each pass replayed as a CUDA graph" if graphs else ""))
     return done
 
 

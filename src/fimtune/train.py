@@ -55,6 +55,7 @@ class Setup:
     max_steps: int
     tokens_per_step: int
     loss_chunk: int = 0  # tokens per chunk of the loss (0: all logits at once)
+    cuda_graphs: bool = False  # blocks replayed as CUDA graphs (on a GPU): steps marked, bounds padded
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
@@ -127,6 +128,7 @@ def setup(cfg: RunConfig, accelerator: Any) -> Setup:
         max_steps,
         rows_per_step * cfg.packing.seq_length,
         loss_chunk,
+        cfg.train.cuda_graphs,
     )
 
 
@@ -142,6 +144,10 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
     if tc.fp8_base:
         _check_fp8(accelerator)
     checkpointing = {"use_reentrant": False}
+    cuda = accelerator.device.type == "cuda"
+    want_compile = tc.compile if tc.compile is not None else cuda and cfg.model.quantization == "none"
+    if tc.cuda_graphs:
+        _check_cuda_graphs(cfg, accelerator, want_compile)
 
     def no_input_grads(model: Any) -> Any:
         # Non-reentrant checkpointing gives the LoRA weights in a block their gradients whether or not
@@ -173,8 +179,6 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
         log.warning(
             "attention dropout %g is off: the varlen kernel has none (model.attn_implementation=sdpa keeps it)", p
         )
-    cuda = accelerator.device.type == "cuda"
-    want_compile = tc.compile if tc.compile is not None else cuda and cfg.model.quantization == "none"
     if want_compile and deepspeed_stage(accelerator) == 3:
         # ZeRO-3 fetches and releases parameters in hooks on every module: compiled blocks trace them,
         # and recompile at each module until the compiler gives up (64 times a frame).
@@ -186,7 +190,14 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
     # Torch autocast, which makes LoRA's input casts needless; not under DeepSpeed (bf16 weights instead).
     autocast = bool(accelerator.native_amp)
     notes = speed_up(
-        model, want_compile, autocast, tc.activation_memory, tc.hashed_dropout, tc.attention_kernel, tc.fp8_base
+        model,
+        want_compile,
+        autocast,
+        tc.activation_memory,
+        tc.hashed_dropout,
+        tc.attention_kernel,
+        tc.fp8_base,
+        tc.cuda_graphs,
     )
     for note in notes:
         log.info(note)
@@ -255,11 +266,13 @@ def _config(model: Any) -> Any:
     return getattr(getattr(model, "module", model), "config", None)
 
 
-def _on_host_bounds(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
-    """A host batch, with its documents' bounds added when ``model`` attends through `varlen`."""
+def _on_host_bounds(model: Any, batch: dict[str, Any], padded: bool = False) -> dict[str, Any]:
+    """A host batch, with its documents' bounds added when ``model`` attends through `varlen`
+    (``padded``: with empty documents, for blocks replayed as CUDA graphs)."""
     from fimtune.fast import VARLEN, with_cu_seq_lens
 
-    return with_cu_seq_lens(batch) if getattr(_config(model), "_attn_implementation", None) == VARLEN else batch
+    varlen = getattr(_config(model), "_attn_implementation", None) == VARLEN
+    return with_cu_seq_lens(batch, padded) if varlen else batch
 
 
 def summed_loss(
@@ -306,8 +319,11 @@ def validate(s: Setup, max_batches: int | None) -> dict[str, float]:
             batch = batch if batch is not None else NO_LABELS_BATCH
         if batch is None:
             break
+        if s.cuda_graphs:  # the last batch's graph outputs are done with
+            torch.compiler.cudagraph_mark_step_begin()
         with acc.autocast():
-            loss, n = summed_loss(model, _to_device(_on_host_bounds(model, batch), acc.device), s.loss_chunk)
+            batch = _to_device(_on_host_bounds(model, batch, s.cuda_graphs), acc.device)
+            loss, n = summed_loss(model, batch, s.loss_chunk)
         total += torch.tensor([loss.item(), n], device=total.device, dtype=torch.float64)
     s.model.train()
     total = acc.reduce(total, reduction="sum")
@@ -407,6 +423,25 @@ def _check_fp8(accelerator: Any) -> None:
         )
 
 
+def _check_cuda_graphs(cfg: RunConfig, accelerator: Any, compiled: bool) -> None:
+    """`train.cuda_graphs` where compiled blocks can replay graphs; on a CPU, a note that they will not."""
+    from fimtune.engines import deepspeed_stage, sharded_parameters
+
+    tc = cfg.train
+    engine = "DeepSpeed" if deepspeed_stage(accelerator) is not None else sharded_parameters(accelerator)
+    why = None
+    if not compiled:
+        why = "the graphs are the compiled blocks' (train.compile is off, or the model is quantized)"
+    elif tc.gradient_checkpointing:
+        why = "checkpointed blocks run their forward pass again inside the backward pass, outside the recorded order"
+    elif engine:
+        why = f"{engine} gathers or moves the parameters in hooks around each block"
+    if why:
+        raise FimtuneError(f"train.cuda_graphs: {why}; drop train.cuda_graphs")
+    if accelerator.device.type != "cuda":
+        log.warning("train.cuda_graphs: no CUDA device; the blocks run compiled, without CUDA graphs")
+
+
 def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tuple[float, float | None, float]]:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches, queued on the device
     with no wait for it: returns a function that waits for the step and gives (mean loss, grad norm,
@@ -418,10 +453,12 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
     finite raises when it is read (FimtuneError: the checkpoint written before it is the last good one).
     """
     acc = s.accelerator
+    if s.cuda_graphs:  # the last step's graph outputs are done with: the graphs may replay over them
+        torch.compiler.cudagraph_mark_step_begin()
     took = _step_clock(acc.device)
     rows = [next(s.train_rows) for _ in range(tc.gradient_accumulation_steps)]
     n_tokens = _global_label_tokens(acc, rows)  # counted on the host, before the copies
-    batches = [_to_device(_on_host_bounds(s.model, b), acc.device) for b in rows]
+    batches = [_to_device(_on_host_bounds(s.model, b, s.cuda_graphs), acc.device) for b in rows]
     step_loss: torch.Tensor | None = None
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
