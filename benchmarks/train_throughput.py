@@ -37,6 +37,8 @@ c-cpp-wrapper (c) with its compiled blocks run by C++ code inductor writes, not 
 c-graphs    (c) with each compiled block's forward and backward graphs replayed as CUDA graphs
              (`train.cuda_graphs`: inductor's `reduce-overhead` mode): one launch a graph, not one
              a kernel and FlashAttention-4's Python per call (the host's time a step; measured here)
+c-graphs-mem c-graphs keeping a share of the activations (as c-mem: the GPU preset's setting): the
+             graphs' memory pool is its own, so the peak may differ from c-mem's
 c-graphs-fp8 c-graphs with the frozen base's products in FP8 (as c-fp8): less GPU time and more
              host work than (c) in run 8, so measured where the host's work is replayed
 c-fp8       (c) with the frozen base's products in FP8 (rowwise scales: `fast.fp8_frozen_products`):
@@ -106,8 +108,11 @@ ALL = [
     "c-cpp-wrapper",
     "c-fp8",
     "c-graphs",
+    "c-graphs-mem",
     "c-graphs-fp8",
 ]
+
+GRAPHS = ("c-graphs", "c-graphs-mem", "c-graphs-fp8")  # train.cuda_graphs
 
 
 def model_config(shape: str) -> Any:
@@ -220,13 +225,13 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         extra += [f"train.batch_size={rows}", "train.gradient_accumulation_steps=2"]
     if variant == "c-eager":
         extra.append("train.compile=false")
-    if variant == "c-mem":
+    if variant in ("c-mem", "c-graphs-mem"):
         extra.append(f"train.activation_memory={args.activation_memory}")
     if variant == "c-nodrop":
         extra.append("lora.dropout=0.0")
     if variant == "c-torch-dropout":
         extra.append("train.hashed_dropout=false")
-    if variant in ("c-graphs", "c-graphs-fp8"):
+    if variant in GRAPHS:
         extra.append("train.cuda_graphs=true")
     fa2 = variant in ("c-fa2", "c-repeat-kv")
     if fa2:
@@ -451,7 +456,7 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
         return plain_peft(args, device, autocast=device.type == "cuda", checkpointing=False)
     if name == "qlora" and device.type != "cuda":
         return {"skipped": "needs a CUDA GPU (bitsandbytes)"}
-    if name in ("c-graphs", "c-graphs-fp8") and device.type != "cuda":
+    if name in GRAPHS and device.type != "cuda":
         return {"skipped": "needs a CUDA GPU (CUDA graphs; tests/test_train.py checks the option on a CPU)"}
     torch._dynamo.reset()  # compile afresh: a variant's settings must not reuse another's graphs
     if name == "c-cpp-wrapper":
@@ -460,7 +465,7 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
         # No graph cache: a C++ graph of autograd read back from it failed on CUDA (#144609).
         with torch._inductor.config.patch(cpp_wrapper=True, fx_graph_cache=False):
             return fimtune_step(args, device, name)
-    if name in ("c-graphs", "c-graphs-fp8"):
+    if name in GRAPHS:
         try:
             return fimtune_step(args, device, name)
         finally:  # the graphs and their memory pool go (with Dynamo's state) before the next variant
