@@ -431,7 +431,7 @@ def _check_cuda_graphs(cfg: RunConfig, accelerator: Any, compiled: bool) -> None
     engine = "DeepSpeed" if deepspeed_stage(accelerator) is not None else sharded_parameters(accelerator)
     why = None
     if not compiled:
-        why = "the graphs are the compiled blocks' (train.compile is off, or the model is quantized)"
+        why = "the graphs are the compiled blocks', and train.compile is off (its default off CUDA GPUs and for quantized models)"
     elif tc.gradient_checkpointing:
         why = "checkpointed blocks run their forward pass again inside the backward pass, outside the recorded order"
     elif engine:
