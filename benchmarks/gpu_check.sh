@@ -6,7 +6,8 @@
 #
 #     bash benchmarks/gpu_check.sh [SECONDS] [PARTS]   # from the repository root; default 520 s
 #
-# PARTS: which of tests,train,latency run (default all three; the time budget is shared the same way).
+# PARTS: which of tests,train,latency run (default all three; the time budget is shared the same way);
+# alltests for every CUDA test, not only those new or failed since the last run.
 #
 # Wheels of packages the machine lacks (`python benchmarks/gpu_wheels.py` fetches them), saved
 # under .whl/, .whl-scale/ and .whl-fa4/ beside the checkout (bitsandbytes, fastapi + uvicorn +
@@ -44,13 +45,22 @@ fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 python3 -c 'import torch; from fimtune import fast; print("FlashAttention-4:", fast.fa4_unavailable(torch.device("cuda")) or "available")'
 
-# 1. The CUDA tests: the step never waits for the GPU, graphs replay what eager computes, the key/value
-#    check, FlashAttention-4 against PyTorch's kernels (its first kernels compile here). A failing
-#    test prints its report at once (tests/conftest.py). FlexAttention decoding (an option, off)
-#    last, in a process of its own: in run 8 its test failed and a CUDA fault then aborted pytest.
-if part tests; then
-    timeout 130 python3 -m pytest -q -p no:cacheprovider -m gpu -k "not trees-flex" \
-        tests/test_fast.py tests/test_train.py tests/serve/test_static.py 2>&1 | tee "$OUT/gpu-tests.log"
+# 1. The CUDA tests. `tests` (the default): those new since run 8 and those that failed there (the
+#    others passed in run 8 and their code has not changed since); `alltests`: every one (the step
+#    never waits for the GPU, graphs replay what eager computes, FlashAttention-4 against PyTorch's
+#    kernels, ...). A failing test prints its report at once (tests/conftest.py). FlexAttention
+#    decoding (an option, off) last, in a process of its own: in run 8 its test failed and a CUDA
+#    fault then aborted pytest.
+if part tests || part alltests; then
+    if part alltests; then
+        selected=(tests/test_fast.py tests/test_train.py tests/serve/test_static.py -k "not trees-flex")
+    else
+        selected=(tests/test_train.py::test_blocks_replayed_as_cuda_graphs_train_as_the_compiled_blocks
+            "tests/test_fast.py::test_empty_documents_at_the_end_change_no_output_or_gradient[cuda]"
+            "tests/serve/test_static.py::test_cuda_graphs_on_a_gpu_give_generate_tokens[trees-auto]")
+    fi
+    timeout $(part alltests && echo 170 || echo 100) python3 -m pytest -q -p no:cacheprovider -m gpu "${selected[@]}" 2>&1 |
+        grep -v -E '^[VIW][0-9]{4}' | tee "$OUT/gpu-tests.log"
     timeout 40 python3 -m pytest -q -p no:cacheprovider -m gpu -k "trees-flex" tests/serve/test_static.py 2>&1 |
         grep -v -E '^[VIW][0-9]{4}' | tail -60 | tee -a "$OUT/gpu-tests.log"
 fi
