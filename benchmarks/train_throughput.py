@@ -299,10 +299,12 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     def step() -> Any:  # the step queued: its loss is read later (as `fimtune train` does)
         return train_step(s, cfg.train, Path("."), next(counter))
 
-    skips = counters()["inductor"]["cudagraph_skips"]
+    from torch._dynamo.utils import counters
+
+    skips = counters["inductor"]["cudagraph_skips"]
     result.update(timed(step, args, device))
     if graphs:  # graphs inductor ran without CUDA graphs (a reason is logged)
-        result["cudagraph_skips"] = int(counters()["inductor"]["cudagraph_skips"] - skips)
+        result["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"] - skips)
     profiled = args.profile_variants is None or variant in args.profile_variants.split(",")
     if args.profile and profiled and device.type == "cuda":
         result["profile"] = profile(step, args.profile / f"profile-{variant}.txt")
@@ -446,6 +448,9 @@ def timed(step: Any, args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    # Compile afresh (a variant's settings must not reuse another's graphs); this also lets go of the
+    # last variant's CUDA graphs and their memory pool, before this one's peak is taken.
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -458,25 +463,13 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
         return {"skipped": "needs a CUDA GPU (bitsandbytes)"}
     if name in GRAPHS and device.type != "cuda":
         return {"skipped": "needs a CUDA GPU (CUDA graphs; tests/test_train.py checks the option on a CPU)"}
-    torch._dynamo.reset()  # compile afresh: a variant's settings must not reuse another's graphs
     if name == "c-cpp-wrapper":
         # Process-wide for the variant, not `torch.compile(options=...)`: PyTorch 2.11 compiles a
         # backward graph after that option's scope has ended, and fails (pytorch/pytorch#178845).
         # No graph cache: a C++ graph of autograd read back from it failed on CUDA (#144609).
         with torch._inductor.config.patch(cpp_wrapper=True, fx_graph_cache=False):
             return fimtune_step(args, device, name)
-    if name in GRAPHS:
-        try:
-            return fimtune_step(args, device, name)
-        finally:  # the graphs and their memory pool go (with Dynamo's state) before the next variant
-            torch._dynamo.reset()
     return fimtune_step(args, device, name)
-
-
-def counters() -> Any:
-    from torch._dynamo.utils import counters as dynamo_counters
-
-    return dynamo_counters
 
 
 def versions(device: torch.device) -> dict:

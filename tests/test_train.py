@@ -303,6 +303,13 @@ def test_a_training_step_never_waits_for_the_gpu(tmp_path, tiny_tokenizer, repet
     assert all(0 < q()[0] < 20 for q in queued)
 
 
+def fit_losses(tmp_path: Path, base: Path, data: Path, name: str, *extra: str) -> list[float]:
+    """A fresh compile's run: its training and validation losses, in the order logged."""
+    torch._dynamo.reset()
+    run = quiet_fit(run_config(tmp_path, base, data, name, *extra))
+    return [r[k] for r in metrics(run) for k in ("loss", "val_loss") if k in r]
+
+
 def no_dropout_model(tmp_path: Path, tokenizer) -> Path:
     """The tiny GPT-BigCode without its dropouts: two runs give the same steps."""
     model = tiny.gpt_bigcode(len(tokenizer))
@@ -322,9 +329,7 @@ def test_blocks_replayed_as_cuda_graphs_train_as_the_compiled_blocks(
     extra = ("train.mixed_precision=bf16", "train.max_steps=6", "train.eval_every=3", "lora.dropout=0.0")
 
     def losses(name: str, *more: str) -> list[float]:
-        torch._dynamo.reset()
-        run = quiet_fit(run_config(tmp_path, base, repetitive_data, name, *extra, *more))
-        return [r[k] for r in metrics(run) for k in ("loss", "val_loss") if k in r]
+        return fit_losses(tmp_path, base, repetitive_data, name, *extra, *more)
 
     plain = losses("plain")
     skips = counters["inductor"]["cudagraph_skips"]
@@ -352,9 +357,7 @@ def test_the_cuda_graphs_option_marks_each_step_pads_the_bounds_and_trains_as_wi
     monkeypatch.setattr(fast, "padded_bounds", lambda cu: bounds.append((cu.numel(), len(pad(cu)))) or pad(cu))
 
     def losses(name: str, *more: str) -> list[float]:
-        torch._dynamo.reset()
-        run = quiet_fit(run_config(tmp_path, base, repetitive_data, name, *extra, *more))
-        return [r[k] for r in metrics(run) for k in ("loss", "val_loss") if k in r]
+        return fit_losses(tmp_path, base, repetitive_data, name, *extra, *more)
 
     eager = losses("eager")
     assert not marks and not bounds

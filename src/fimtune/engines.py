@@ -82,6 +82,12 @@ def sharded_parameters(accelerator: Any) -> str | None:
     return "FSDP" if accelerator.distributed_type == DistributedType.FSDP else None
 
 
+def weight_engine(accelerator: Any) -> str | None:
+    """The engine that casts, splits or moves the weights around each block ("DeepSpeed" at any
+    ZeRO stage, "FSDP"), or None (one process, DDP)."""
+    return "DeepSpeed" if deepspeed_stage(accelerator) is not None else sharded_parameters(accelerator)
+
+
 def eval_model(accelerator: Any, model: Any) -> Any:
     """The model validation runs: unwrapped (no DDP hooks, so processes may run different numbers of
     batches), except under FSDP, which makes its parameters whole only in the prepared model's forward."""

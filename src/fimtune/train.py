@@ -321,8 +321,8 @@ def validate(s: Setup, max_batches: int | None) -> dict[str, float]:
             break
         if s.cuda_graphs:  # the last batch's graph outputs are done with
             torch.compiler.cudagraph_mark_step_begin()
+        batch = _to_device(_on_host_bounds(model, batch, s.cuda_graphs), acc.device)
         with acc.autocast():
-            batch = _to_device(_on_host_bounds(model, batch, s.cuda_graphs), acc.device)
             loss, n = summed_loss(model, batch, s.loss_chunk)
         total += torch.tensor([loss.item(), n], device=total.device, dtype=torch.float64)
     s.model.train()
@@ -406,10 +406,9 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
 
 def _check_fp8(accelerator: Any) -> None:
     """`train.fp8_base` where it can run: FP8 products (compute capability 8.9+ on a GPU), whole weights."""
-    from fimtune.engines import deepspeed_stage, sharded_parameters
+    from fimtune.engines import weight_engine
 
-    engine = "DeepSpeed" if deepspeed_stage(accelerator) is not None else sharded_parameters(accelerator)
-    if engine:
+    if engine := weight_engine(accelerator):
         raise FimtuneError(
             f"train.fp8_base: the FP8 copies of the weights are made from whole weights, which {engine} "
             "splits or casts; train on one process or under DDP, or drop train.fp8_base"
@@ -425,10 +424,10 @@ def _check_fp8(accelerator: Any) -> None:
 
 def _check_cuda_graphs(cfg: RunConfig, accelerator: Any, compiled: bool) -> None:
     """`train.cuda_graphs` where compiled blocks can replay graphs; on a CPU, a note that they will not."""
-    from fimtune.engines import deepspeed_stage, sharded_parameters
+    from fimtune.engines import weight_engine
 
     tc = cfg.train
-    engine = "DeepSpeed" if deepspeed_stage(accelerator) is not None else sharded_parameters(accelerator)
+    engine = weight_engine(accelerator)
     why = None
     if not compiled:
         why = "the graphs are the compiled blocks', and train.compile is off (its default off CUDA GPUs and for quantized models)"
