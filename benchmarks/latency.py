@@ -344,6 +344,11 @@ def main() -> int:
         help="the server rows for every --graphs variant (default: the first)",
     )
     gpu.add_argument(
+        "--no-engine-process-row",
+        action="store_true",
+        help="skip the server row with the engine in a process of its own (`fimtune serve --engine-process`)",
+    )
+    gpu.add_argument(
         "--clients-in-process",
         action="store_true",
         help="the server rows' 16 clients run as threads of the server's process (default: their own process)",

@@ -35,7 +35,9 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
     server ...        uvicorn on 127.0.0.1, 16 clients x 10 OpenAI `/v1/completions` FIM requests
                       (1,024 + 32 tokens each; target p95 <= 200 ms) with the server's defaults
                       (each batch runs to its end, 2 ms after its first request; on a GPU prompts
-                      tokenized in threads); then variants: (GPU) prompts tokenized on the event
+                      tokenized in threads); then variants: the engine in a process of its own
+                      (`fimtune serve --engine-process`: built and warmed up there; skipped with
+                      --no-engine-process-row); (GPU) prompts tokenized on the event
                       loop, as in runs 1-6; batching that waits while requests arrive (up to 50 ms);
                       continuous batching with rows joining as they come, or 4 at a time (or after
                       20 ms), or prefilled beside the decoding steps (`--overlap-joins`); other
@@ -328,15 +330,10 @@ def variant_attention(modifiers: set[str]) -> str:
     return next((kind for kind in ("flex", "sdpa") if kind in modifiers), Limits.decode_attention)
 
 
-def make_engine(
-    s: Setup, args: argparse.Namespace, graphs: str = "trees", attention: str = "auto", cublas: bool = False
-) -> Any:
-    from fimtune.generate import FimPrompter
-    from fimtune.serve.decoding import Decoder
-    from fimtune.serve.engine import Engine, Limits
-    from fimtune.serve.static import StaticDecoding, static_decoding
+def engine_limits(args: argparse.Namespace, cublas: bool = False) -> Any:
+    from fimtune.serve.engine import Limits
 
-    limits = Limits(
+    return Limits(
         max_input_tokens=PROMPT_TOKENS,
         max_new_tokens=MAX_NEW_TOKENS,
         # the cuBLAS engine only differs at batch 1 (larger buckets keep cuBLAS): one bucket, a third of the warm-up
@@ -346,6 +343,17 @@ def make_engine(
         trim_step=1,
         cuda_graphs=not args.no_cuda_graphs,
     )
+
+
+def make_engine(
+    s: Setup, args: argparse.Namespace, graphs: str = "trees", attention: str = "auto", cublas: bool = False
+) -> Any:
+    from fimtune.generate import FimPrompter
+    from fimtune.serve.decoding import Decoder
+    from fimtune.serve.engine import Engine
+    from fimtune.serve.static import StaticDecoding, static_decoding
+
+    limits = engine_limits(args, cublas)
     static, length = None, limits.max_input_tokens + limits.max_new_tokens
     s.model.set_attn_implementation("sdpa")  # each engine sets its own (an earlier one may have changed it)
     if limits.cuda_graphs and args.device == "cuda":
@@ -620,7 +628,46 @@ def load(
     return got["seconds"], got["usages"], got["errors"]
 
 
-def server_rows(s: Setup, engine: Any, args: argparse.Namespace, deadline: float) -> list[dict[str, Any]]:
+def engine_for_process(args: argparse.Namespace, key: tuple[str, str, bool]) -> tuple[Any, Any, str]:
+    """Run in the engine's process (`fimtune serve --engine-process`): the same model (seeded) and engine."""
+    s = build(args)
+    return make_engine(s, args, *key), s.prompter, "psm"
+
+
+def process_server_row(
+    s: Setup, args: argparse.Namespace, key: tuple[str, str, bool], graphs: str, deadline: float
+) -> dict[str, Any]:
+    """The server's defaults with the engine in a process of its own: built and warmed up there (the
+    compiler's caches on disk, filled by this process's engine, shorten that warm-up)."""
+    from fimtune.serve.app import create_app
+    from fimtune.serve.process import EngineProcess
+
+    began = time.perf_counter()
+    engine = EngineProcess(functools.partial(engine_for_process, args, key), engine_limits(args, key[2]))
+    try:
+        prompter, mode = engine.launch()
+        app = create_app(engine, prompter, mode)
+        url, server = serve_in_thread(app)
+        try:
+            if not engine.ready.wait(timeout=max(1.0, deadline - time.monotonic())) or not engine.alive():
+                raise RuntimeError(f"the engine's process did not finish its warm-up in time ({engine.exitcode})")
+            ready_s = time.perf_counter() - began
+            load(s, url, CLIENTS, 1, args.clients_in_process)  # one untimed request per client: first batches
+            threads = app.state.service.tokenize_in_threads
+            return server_run(s, engine, url, ready_s, args.clients_in_process, threads, f"{graphs}, engine process")
+        finally:
+            server.should_exit = True
+    finally:
+        engine.stop()  # its GPU memory is freed before the next rows
+
+
+def server_rows(
+    s: Setup,
+    engine: Any,
+    args: argparse.Namespace,
+    deadline: float,
+    key: tuple[str, str, bool] = ("trees", "auto", False),
+) -> list[dict[str, Any]]:
     from fimtune.serve.app import create_app
 
     app = create_app(engine, s.prompter, "psm")
@@ -642,21 +689,29 @@ def server_rows(s: Setup, engine: Any, args: argparse.Namespace, deadline: float
         arrivals = {**no_joins, "batch_max_wait_ms": ARRIVALS_MAX_WAIT_MS}
         joins = {"continuous_batching": True, "join_min_rows": 4, "join_wait_ms": 20.0}
         overlap = {"continuous_batching": True, "overlap_joins": True}
-        variants: list[dict[str, Any]] = [{}, overlap, no_joins, joins, arrivals]
+        apart = {"engine_process": True}  # the defaults, the model in a process of its own
+        variants: list[dict[str, Any]] = [{}, apart, overlap, no_joins, joins, arrivals]
+        if args.no_engine_process_row:
+            variants.remove(apart)
         if threads:  # and as in runs 1-6: prompts tokenized on the event loop
             variants.append({"tokenize_in_threads": False})
         variants += [{"batch_wait_ms": ms} for ms in args.batch_wait_variants]
         variants += [{"switch_interval_ms": ms} for ms in args.switch_interval_variants]
         for changes in variants:
-            if time.monotonic() > deadline - 10:
+            need_s = 60 if changes == apart and args.device == "cuda" else 10  # there: a build and a warm-up
+            if time.monotonic() > deadline - need_s:
                 print(f"-- server {changes}: skipped (budget)", flush=True)
+                continue
+            if changes == apart:
+                rows.append(process_server_row(s, args, key, _graphs(engine), deadline))
                 continue
             owners = {name: svc if name == "tokenize_in_threads" else engine.limits for name in changes}
             before = {name: getattr(owner, name) for name, owner in owners.items()}
             for name, value in changes.items():
                 setattr(owners[name], name, value)
             try:
-                rows.append(server_run(s, engine, url, ready_s, args.clients_in_process, svc.tokenize_in_threads))
+                threads = svc.tokenize_in_threads
+                rows.append(server_run(s, engine, url, ready_s, args.clients_in_process, threads, _graphs(engine)))
             finally:
                 for name, value in before.items():
                     setattr(owners[name], name, value)
@@ -666,18 +721,19 @@ def server_rows(s: Setup, engine: Any, args: argparse.Namespace, deadline: float
 
 
 def server_run(
-    s: Setup, engine: Any, url: str, ready_s: float, in_process: bool = False, threads: bool = False
+    s: Setup, engine: Any, url: str, ready_s: float, in_process: bool, threads: bool, graphs: str
 ) -> dict[str, Any]:
-    stats, lim = engine.decoder.stats, engine.limits
-    batches, forwards, joined = stats.batches, stats.forwards, stats.joined
-    busy, prefill, waited = engine.counters.busy_seconds, stats.prefill_s, stats.device_wait_s
+    """16 clients x 10 requests on the server at ``url``; ``engine`` is an Engine or an EngineProcess."""
+    lim = engine.limits
+    before, counted = engine.snapshot()
     began = time.perf_counter()
     seconds, usages, errors = load(s, url, CLIENTS, REQUESTS_PER_CLIENT, in_process)
     wall = time.perf_counter() - began
+    stats, counters = engine.snapshot()
     joins = f"joins {lim.join_min_rows}/{lim.join_wait_ms:g}ms" if lim.continuous_batching else "no joins"
     joins += " overlapped" if lim.continuous_batching and lim.overlap_joins else ""
     row: dict[str, Any] = {
-        "scenario": f"server 16, {_graphs(engine)}, wait {lim.batch_wait_ms:g}/{lim.batch_max_wait_ms:g}ms, "
+        "scenario": f"server 16, {graphs}, wait {lim.batch_wait_ms:g}/{lim.batch_max_wait_ms:g}ms, "
         f"{joins}, tokenize {'threads' if threads else 'loop'}, switch {lim.switch_interval_ms:g}ms"
         + (", clients in-process" if in_process else ""),
         "batch_max_wait_ms": lim.batch_max_wait_ms,
@@ -689,21 +745,22 @@ def server_run(
         "join_wait_ms": lim.join_wait_ms,
         "overlap_joins": lim.overlap_joins,
         "switch_interval_ms": lim.switch_interval_ms,
-        "joined": stats.joined - joined,
+        "engine_process": graphs.endswith("engine process"),
+        "joined": stats.joined - before.joined,
         "requests": CLIENTS * REQUESTS_PER_CLIENT,
         "errors": len(errors),
         "error_samples": errors[:3],
         "seconds": wall,
         "worker_ready_s": ready_s,
-        "batches": stats.batches - batches,
-        "forwards": stats.forwards - forwards,
+        "batches": stats.batches - before.batches,
+        "forwards": stats.forwards - before.forwards,
         # the worker's time inside batches: near the wall time, a batch takes that long; far below, it idles
-        "busy_s": engine.counters.busy_seconds - busy,
+        "busy_s": counters.busy_seconds - counted.busy_seconds,
         # of which prefilling (batches' and joins'), and waiting for the GPU's picks (its steps): the rest
         # is the host's (queuing steps, stops, streaming, and the interpreter lock)
-        "prefill_s": stats.prefill_s - prefill,
-        "device_wait_s": stats.device_wait_s - waited,
-        "cuda_graphs_active": engine.decoder.static is not None,
+        "prefill_s": stats.prefill_s - before.prefill_s,
+        "device_wait_s": stats.device_wait_s - before.device_wait_s,
+        "cuda_graphs_active": engine.describe()["cuda_graphs_active"],
     }
     if seconds:
         row |= stats_ms(seconds)
@@ -839,7 +896,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     report.add(row)
         if i > 0 and not args.server_all_variants:
             continue
-        rows = attempt(report, f"server, {variant}", lambda e=engine: server_rows(s, e, args, deadline), deadline, 15)
+        rows = attempt(
+            report, f"server, {variant}", lambda e=engine, k=key: server_rows(s, e, args, deadline, k), deadline, 15
+        )
         for row in rows or []:
             report.add(row)
     if args.no_generate_static:

@@ -42,17 +42,20 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
         assert profiled["per_step"] > 10 and 0 < profiled["busy_ms"] <= profiled["wall_ms"]
         assert "aten::mm" in Path(profiled["table"]).read_text()
     served = [r for name, r in rows.items() if name.startswith("server 16")]  # the first variant's
-    assert len(served) == 5 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
+    assert len(served) == 6 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
     assert all(0 < r["prefill_s"] < r["busy_s"] and 0 <= r["device_wait_s"] < r["busy_s"] for r in served)
-    # the defaults (rows join, a fixed 2 ms wait), joins prefilled beside the steps, each batch to its
-    # end, rows joining 4 at a time, each batch to its end with batching that waits while requests
-    # arrive; on a CPU the prompts are tokenized on the event loop in all; the clients are a process
-    # of their own
-    assert [r["continuous_batching"] for r in served] == [True, True, False, True, False] and served[2]["joined"] == 0
-    assert [r["overlap_joins"] for r in served] == [False, True, False, False, False]
-    assert served[0]["join_min_rows"] == 1 and served[3]["join_min_rows"] == 4
-    waits = [(r["batch_max_wait_ms"], r["tokenize_in_threads"]) for r in (served[0], served[2], served[4])]
-    assert waits == [(0.0, False), (0.0, False), (50.0, False)]
+    # the defaults (rows join, a fixed 2 ms wait), the same with the engine in a process of its own
+    # (its counters read through the pipe), joins prefilled beside the steps, each batch to its end,
+    # rows joining 4 at a time, each batch to its end with batching that waits while requests arrive;
+    # on a CPU the prompts are tokenized on the event loop in all; the clients are a process of their own
+    assert [r["engine_process"] for r in served] == [False, True, False, False, False, False]
+    assert served[1]["joined"] > 0 and served[1]["batches"] > 0 and served[1]["cuda_graphs_active"]
+    assert [r["continuous_batching"] for r in served] == [True, True, True, False, True, False]
+    assert served[3]["joined"] == 0
+    assert [r["overlap_joins"] for r in served] == [False, False, True, False, False, False]
+    assert served[0]["join_min_rows"] == 1 and served[4]["join_min_rows"] == 4
+    waits = [(r["batch_max_wait_ms"], r["tokenize_in_threads"]) for r in (served[0], served[1], served[3], served[5])]
+    assert waits == [(0.0, False), (0.0, False), (0.0, False), (50.0, False)]
     assert not any(r["clients_in_process"] for r in served)
 
 

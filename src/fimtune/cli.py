@@ -310,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--quantize", choices=["int8"], help="CPU: int8 weights, ~2x faster tokens (one model only)")
     srv.add_argument("--threads", type=int, help="CPU threads for generation (default: torch's choice)")
     srv.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="run the model in a process of its own, so that its worker shares the interpreter lock with "
+        "nothing else (default: a thread of the server's process)",
+    )
+    srv.add_argument(
         "--no-cuda-graphs",
         action="store_true",
         help="GPU: decode eagerly (default: static KV cache + compiled steps replayed as CUDA graphs)",

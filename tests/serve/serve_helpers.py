@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 import time
@@ -44,6 +45,28 @@ def make_app(run: Path, adapters: list[str] | None = None, api_key: str | None =
 
     engine, prompter, mode = load_engine(str(run), adapters or [], Limits(**{**TEST_LIMITS, **limits}), "auto")
     return create_app(engine, prompter, mode, api_key)
+
+
+def engine_for_process(run: Path, adapters: list[str] | None, step_s: float, limits: dict):
+    """Run in the engine's process (`fimtune.serve.process`): the engine of ``make_app``, each
+    forward ``step_s`` slower (a step hook cannot be pickled; this sets it there)."""
+    from fimtune.serve.engine import load_engine
+
+    engine, prompter, mode = load_engine(str(run), adapters or [], Limits(**{**TEST_LIMITS, **limits}), "auto")
+    if step_s:
+        engine.decoder.step_hook = functools.partial(time.sleep, step_s)
+    return engine, prompter, mode
+
+
+def make_process_app(run: Path, adapters: list[str] | None = None, step_s: float = 0.0, **limits):
+    """``make_app``, with the model in a process of its own (`fimtune serve --engine-process`)."""
+    from fimtune.serve.app import create_app
+    from fimtune.serve.process import EngineProcess
+
+    factory = functools.partial(engine_for_process, run, adapters, step_s, limits)
+    engine = EngineProcess(factory, Limits(**{**TEST_LIMITS, **limits}), threads=1)
+    prompter, mode = engine.launch()
+    return create_app(engine, prompter, mode)
 
 
 @contextlib.contextmanager

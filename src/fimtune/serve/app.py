@@ -10,18 +10,21 @@
 Prompts in the model's FIM form are rebuilt in the server's prompt layout (SPM for runs
 trained on SPM) and fitted to `max_input_tokens`, so the KV cache of the last request can be
 reused (:mod:`fimtune.serve.decoding`). Handlers tokenize and wait; the engine's worker
-thread generates (:mod:`fimtune.serve.engine`). Bound to 127.0.0.1 unless told otherwise.
+thread generates (:mod:`fimtune.serve.engine`), in this process or (`--engine-process`) in one of
+its own (:mod:`fimtune.serve.process`). Bound to 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
 
 from fimtune import __version__
 from fimtune.errors import FimtuneError
@@ -29,6 +32,7 @@ from fimtune.serve import schemas as s
 from fimtune.serve import shapes
 from fimtune.serve.engine import Engine, Limits
 from fimtune.serve.http import CONTENT_TYPE, ApiError, Gate, error_response, read_json
+from fimtune.serve.process import EngineProcess
 from fimtune.serve.service import Service
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,7 @@ ROUTES = {
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def create_app(engine: Engine, prompter: Any, mode: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine | EngineProcess, prompter: Any, mode: str, api_key: str | None = None) -> FastAPI:
     """The FastAPI app around a loaded engine; the engine's worker runs while the app does."""
     svc = Service(engine, prompter, mode, ROUTES)
 
@@ -116,9 +120,10 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
         with svc.arriving():
             return await shapes.infill(svc, request, req)
 
+    # /info and /metrics ask an engine in its own process through its pipe: off the event loop
     @app.get("/info")
     async def info() -> dict[str, Any]:
-        return server_info(svc)
+        return await run_in_threadpool(server_info, svc)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -127,7 +132,8 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(svc.metrics.render(engine_gauges(svc.engine)), media_type=CONTENT_TYPE)
+        gauges = await run_in_threadpool(engine_gauges, svc.engine)
+        return PlainTextResponse(svc.metrics.render(gauges), media_type=CONTENT_TYPE)
 
 
 def model_list(svc: Service) -> s.ModelList:
@@ -142,12 +148,12 @@ def model_list(svc: Service) -> s.ModelList:
 def server_info(svc: Service) -> dict[str, Any]:
     """TGI's `/info` fields, plus the FIM template, models and limits."""
     engine, lim, names = svc.engine, svc.limits, svc.prompter.names
-    param = next(engine.model.parameters())
+    described = engine.describe()
     template = svc.prompter.template()
     return {
         "model_id": engine.default_model,
-        "model_dtype": str(param.dtype).removeprefix("torch."),
-        "model_device_type": param.device.type,
+        "model_dtype": described.pop("model_dtype"),
+        "model_device_type": described.pop("model_device_type"),
         "router": "fimtune",
         "version": __version__,
         "max_input_tokens": lim.max_input_tokens,
@@ -172,16 +178,13 @@ def server_info(svc: Service) -> dict[str, Any]:
             "end_token_ids": svc.prompter.end_ids,
         },
         "limits": lim.as_dict(),
-        "cuda_graphs_active": engine.decoder.static is not None,
-        "prefill_graphs_active": engine.decoder.static is not None and engine.decoder.static.prefill_graphs_on,
-        "gemv_steps_active": engine.decoder.static is not None and engine.decoder.static.gemv,
-        # the attention of each batch size's steps ("auto": what the timing at start-up chose)
-        "decode_attention_active": {} if engine.decoder.static is None else engine.decoder.static.decode_attention,
+        "engine_process": isinstance(engine, EngineProcess),
+        **described,  # cuda_graphs_active, prefill_graphs_active, gemv_steps_active, decode_attention_active
     }
 
 
-def engine_gauges(engine: Engine) -> dict[str, tuple[str, str, Any]]:
-    st, c = engine.decoder.stats, engine.counters
+def engine_gauges(engine: Engine | EngineProcess) -> dict[str, tuple[str, str, Any]]:
+    st, c = engine.snapshot()
     return {
         "fimtune_generated_tokens_total": ("counter", "Tokens generated.", st.generated_tokens),
         "fimtune_prompt_tokens_total": ("counter", "Prompt tokens of completed requests.", st.prompt_tokens),
@@ -281,13 +284,20 @@ def main(ns: Any) -> int:
 
         torch.set_num_threads(ns.threads)
     mode = getattr(ns, "mode", None) or "auto"
-    engine, prompter, mode = load_engine(
-        ns.target, ns.adapter, limits, mode, dtype, quantize=getattr(ns, "quantize", None)
-    )
+    quantize = getattr(ns, "quantize", None)
+    engine: Engine | EngineProcess
+    if getattr(ns, "engine_process", False):
+        factory = functools.partial(load_engine, ns.target, ns.adapter, limits, mode, dtype, quantize=quantize)
+        engine = EngineProcess(factory, limits, threads=getattr(ns, "threads", None))
+        prompter, mode = engine.launch()
+    else:
+        engine, prompter, mode = load_engine(ns.target, ns.adapter, limits, mode, dtype, quantize=quantize)
     app = create_app(engine, prompter, mode, ns.api_key)
-    graphs = ", CUDA-graph decoding (compiled at start-up)" if engine.decoder.static is not None else ""
+    graphs = ", CUDA-graph decoding (compiled at start-up)" if engine.describe()["cuda_graphs_active"] else ""
+    where = ", the model in a process of its own" if isinstance(engine, EngineProcess) else ""
     print(
-        f"serving {', '.join(engine.models)} ({mode.upper()} prompts{graphs}) on http://{ns.host}:{ns.port}", flush=True
+        f"serving {', '.join(engine.models)} ({mode.upper()} prompts{graphs}{where}) on http://{ns.host}:{ns.port}",
+        flush=True,
     )
     uvicorn.run(app, host=ns.host, port=ns.port, log_level="info")
     return 0

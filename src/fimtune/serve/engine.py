@@ -25,6 +25,8 @@ from the first of them split 16 such clients into batches of 1 and 15 that took 
 waited for both) in a CPU trace; the wait for arrivals made them one batch of 16 there. End to end
 it has not yet shown a gain (benchmarks/RESULTS.md), so it is off by default.
 
+The whole engine can also run in a process of its own, behind a pipe (:mod:`fimtune.serve.process`).
+
 Generation never runs on the event loop. A job whose client went away is cancelled: the
 worker checks it before every forward and drops the row. Adapters are fixed at start-up:
 requests name one of the loaded models, never a path.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 import threading
@@ -52,7 +55,7 @@ from fimtune.generate import (
     check_weights,
     require_safetensors,
 )
-from fimtune.serve.decoding import Decoder, Joiner, Row
+from fimtune.serve.decoding import Decoder, DecodeStats, Joiner, Row
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,10 @@ class QueueFull(Exception):
     """The queue holds `queue_size` jobs already."""
 
 
+class EngineGone(Exception):
+    """The engine's process ended before the job did (`fimtune serve --engine-process`)."""
+
+
 class JobCancelled(Exception):
     """The client went away (or the server is stopping)."""
 
@@ -136,16 +143,27 @@ class Job:
         self.stream = stream
         self.queued_at = time.monotonic()
         self.deadline = self.queued_at + timeout_s
-        self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.stop_reason: str | None = None  # "cancelled" | "timeout", once the worker gave up on it
         self.ended = False  # the worker posted its `done` or `error` event
+        self.on_cancel: Callable[[], None] | None = None  # told of a cancel (an engine in another process)
         self._cancelled = threading.Event()
         sampling = ("greedy",) if params.greedy else (params.temperature, params.top_p, params.top_k, params.seed)
         self.key = (adapter, *sampling)
+        self._bind()
+
+    def _bind(self) -> None:
+        """Tie the job's events to the running event loop (its handler's)."""
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
 
     def cancel(self) -> None:
-        self._cancelled.set()
+        if not self._cancelled.is_set():
+            self._cancelled.set()
+            if self.on_cancel is not None and not self.ended:
+                self.on_cancel()
+
+    def taken(self) -> None:
+        """The worker took the job from the queue (into a batch, or joining one)."""
 
     def should_stop(self) -> bool:
         """Whether the worker should drop this job now (records why)."""
@@ -196,6 +214,11 @@ class Arrival:
         if self._open:
             self._open = False
             self._engine._arrived(-1)
+
+    def take(self) -> bool:
+        """End it without telling the engine (the caller tells it, with the job): whether it was open."""
+        was_open, self._open = self._open, False
+        return was_open
 
 
 @dataclass
@@ -293,6 +316,29 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def device_type(self) -> str:
+        """Where the model runs: "cuda", "cpu", ..."""
+        return self.decoder.device.type
+
+    def describe(self) -> dict[str, Any]:
+        """The model's dtype and device, and which fast paths are on (`/info`; some are settled by the warm-up)."""
+        param = next(self.model.parameters())
+        static = self.decoder.static
+        return {
+            "model_dtype": str(param.dtype).removeprefix("torch."),
+            "model_device_type": param.device.type,
+            "cuda_graphs_active": static is not None,
+            "prefill_graphs_active": static is not None and static.prefill_graphs_on,
+            "gemv_steps_active": static is not None and static.gemv,
+            # the attention of each batch size's steps ("auto": what the timing at start-up chose)
+            "decode_attention_active": {} if static is None else dict(static.decode_attention),
+        }
+
+    def snapshot(self) -> tuple[DecodeStats, EngineCounters]:
+        """Copies of the decoder's token counts and the engine's counters (`/metrics`)."""
+        return dataclasses.replace(self.decoder.stats), dataclasses.replace(self.counters)
+
     def adapter_of(self, model: str | None) -> str | None:
         """The PEFT adapter behind a public model name (KeyError when unknown)."""
         return self.models[model or self.default_model]
@@ -356,6 +402,7 @@ class Engine:
             batch = [job for job in self._queue if job.key == key][: limits.max_batch_size]
             for job in batch:
                 self._queue.remove(job)
+                job.taken()
             return batch
 
     def _run(self, batch: list[Job]) -> None:
@@ -419,6 +466,7 @@ class Engine:
                     return []
                 for job in taken:
                     self._queue.remove(job)
+                    job.taken()
             rows = []
             for job in taken:
                 if job.should_stop():

@@ -13,8 +13,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from fimtune.generate import Completion, FimPrompter, GenerationParams
-from fimtune.serve.engine import Arrival, Engine, Job, JobCancelled, JobTimeout, Limits, QueueFull
+from fimtune.serve.engine import Arrival, Engine, EngineGone, Job, JobCancelled, JobTimeout, Limits, QueueFull
 from fimtune.serve.http import STATUS_CLIENT_GONE, ApiError, Metrics
+from fimtune.serve.process import EngineProcess
 
 DISCONNECT_POLL_S = 0.05  # how often a waiting handler checks that its client is still there
 TIMEOUT_GRACE_S = 1.0  # a handler gives up this long after the job's deadline (the worker should first)
@@ -28,14 +29,14 @@ _arrival: ContextVar[Arrival | None] = ContextVar("fimtune_arrival", default=Non
 class Service:
     """What the routes share: the engine, the prompt builder, the limits, the metrics."""
 
-    def __init__(self, engine: Engine, prompter: FimPrompter, mode: str, routes: set[str]) -> None:
+    def __init__(self, engine: Engine | EngineProcess, prompter: FimPrompter, mode: str, routes: set[str]) -> None:
         self.engine = engine
         self.prompter = prompter
         self.mode = mode
         self.limits: Limits = engine.limits
         # Tokenize in a thread pool when the model runs on a GPU (the CPU cores are free); on a CPU
         # the model's threads use every core, and more threads would only slow its steps.
-        self.tokenize_in_threads = engine.decoder.device.type != "cpu"
+        self.tokenize_in_threads = engine.device_type != "cpu"
         self.metrics = Metrics(routes)
         self.started = int(time.time())
 
@@ -191,7 +192,10 @@ def job_error(e: Exception, limits: Limits) -> ApiError:
         )
     if isinstance(e, JobCancelled):
         return ApiError(503, "the request was cancelled (server stopping)", None, "cancelled")
-    return ApiError(500, f"generation failed: {type(e).__name__}", None, "generation_error")
+    if isinstance(e, EngineGone):
+        return ApiError(503, f"{e}; the server cannot generate until it is restarted", None, "engine_gone")
+    # an error raised in the engine's process arrives as a RemoteError carrying its type's name
+    return ApiError(500, f"generation failed: {getattr(e, 'name', type(e).__name__)}", None, "generation_error")
 
 
 def submit_all(svc: Service, prompts: list[list[int]], params: GenerationParams, adapter: str | None) -> list[Job]:

@@ -1,0 +1,207 @@
+"""The engine in a process of its own (`fimtune serve --engine-process`): the same answers as in one
+process, streaming, the queue bound, cancels, timeouts, `/info` and `/metrics` through the pipe, a
+load failure's message, and a server that outlives its engine's process."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from serve_helpers import TEST_LIMITS, error_field, make_process_app, running, sse_events, wait_until
+from tests.test_readme import free_port
+
+from fimtune.errors import FimtuneError
+from fimtune.serve.engine import Limits, load_engine
+from fimtune.serve.process import EngineProcess
+
+STEP_S = 0.02  # each forward of the engine's process is this much slower (time for cancels)
+
+
+def psm(prefix: str, suffix: str = "\n") -> str:
+    return f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+
+
+def requests() -> list[tuple[str, dict]]:
+    """Greedy requests of every shape, both models, stops."""
+    out = []
+    for i in range(4):
+        params = {"max_new_tokens": 5 + 2 * i, "stop": ["\n\n"] if i == 2 else []}
+        if i % 2:
+            params["adapter_id"] = "other"
+        out.append(("/generate", {"inputs": psm(f"def f{i}(x):\n" + "    y = x\n" * i), "parameters": params}))
+    out.append(("/v1/completions", {"prompt": "import os\n", "suffix": "\n", "max_tokens": 9, "temperature": 0}))
+    out.append(("/infill", {"input_prefix": "class A:\n", "input_suffix": "", "n_predict": 7, "temperature": 0}))
+    return out
+
+
+def answer(body: dict) -> str:
+    if "choices" in body:
+        return body["choices"][0]["text"]
+    return body.get("generated_text", body.get("content"))
+
+
+@pytest.fixture(scope="module")
+def apart(tiny_run, other_adapter):
+    """(base URL, EngineProcess) of the tiny run's server, its model in a process of its own."""
+    app = make_process_app(tiny_run, [f"other={other_adapter}"], step_s=STEP_S, queue_size=2)
+    with running(app) as url:
+        engine = app.state.service.engine
+        assert engine.ready.wait(60)
+        yield url, engine
+
+
+def test_the_answers_are_those_of_the_engine_in_one_process(apart, server):
+    calls = requests()
+    with httpx.Client(base_url=server[0], timeout=30) as here, httpx.Client(base_url=apart[0], timeout=30) as there:
+        expected = [answer(here.post(route, json=body).json()) for route, body in calls]
+        alone = [answer(there.post(route, json=body).json()) for route, body in calls]
+        with ThreadPoolExecutor(2) as pool:  # two at a time: the queue holds 2 here
+            together = list(pool.map(lambda call: answer(there.post(call[0], json=call[1]).json()), calls))
+    assert all(expected) and alone == expected and together == expected
+
+
+def test_streamed_tokens_are_those_of_the_engine_in_one_process(apart, server):
+    body = {"inputs": psm("def mean(v):\n"), "parameters": {"max_new_tokens": 10}}
+    streams = []
+    for url in (server[0], apart[0]):
+        with httpx.Client(base_url=url, timeout=30) as c, c.stream("POST", "/generate_stream", json=body) as r:
+            streams.append(sse_events(r))
+    here, there = streams
+    assert len(there) == 10 and [e["token"] for e in there] == [e["token"] for e in here]
+    assert there[-1]["generated_text"] == here[-1]["generated_text"] == "".join(e["token"]["text"] for e in there)
+
+
+def test_info_and_metrics_come_from_the_engines_process(apart):
+    url, engine = apart
+    with httpx.Client(base_url=url, timeout=30) as c:
+        info = c.get("/info").json()
+        assert info["engine_process"] is True and info["model_device_type"] == "cpu"
+        assert info["models"] == list(engine.models) and "other" in info["models"]
+        assert info["cuda_graphs_active"] is False and info["decode_attention_active"] == {}
+        before = engine.snapshot()[0].generated_tokens
+        c.post("/generate", json={"inputs": psm("x = "), "parameters": {"max_new_tokens": 7}}).raise_for_status()
+        metrics = c.get("/metrics").text
+    assert f"fimtune_generated_tokens_total {before + 7}" in metrics  # the tiny model never ends: exactly 7
+    assert "fimtune_queue_depth 0" in metrics
+    assert engine.alive()
+
+
+def test_a_full_queue_is_503_counted_by_the_server(apart):
+    url, engine = apart
+    body = {"inputs": psm("def q():\n"), "parameters": {"max_new_tokens": 3}}
+    rejected = engine.snapshot()[1].rejected
+    with httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(2) as pool:
+        engine.pause()
+        try:
+            queued = [pool.submit(c.post, "/generate", json=body) for _ in range(2)]
+            wait_until(lambda: engine.queue_depth() == 2)
+            third = c.post("/generate", json=body)
+        finally:
+            engine.resume()
+        assert third.status_code == 503 and third.json()["error_type"] == "overloaded"
+        assert [f.result().status_code for f in queued] == [200, 200]
+    assert engine.queue_depth() == 0 and engine.snapshot()[1].rejected == rejected + 1
+
+
+def test_a_client_that_goes_away_cancels_its_generation_there(apart):
+    url, engine = apart
+    body = {"inputs": psm("def g():\n"), "parameters": {"max_new_tokens": 60}}  # ~60 x STEP_S
+    stats, counters = engine.snapshot()
+    with httpx.Client(base_url=url, timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
+        c.post("/generate", json=body)
+    wait_until(lambda: engine.snapshot()[1].cancelled == counters.cancelled + 1)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        with c.stream("POST", "/generate_stream", json=body) as r:
+            next(r.iter_lines())  # the first token arrived; now hang up
+        wait_until(lambda: engine.snapshot()[1].cancelled == counters.cancelled + 2)
+    assert engine.snapshot()[0].generated_tokens - stats.generated_tokens < 60  # two 60-token jobs cut short
+
+
+def test_a_failed_load_says_what_loading_in_one_process_says(tmp_path):
+    missing = str(tmp_path / "no-such-run")
+    with pytest.raises(FimtuneError) as here:
+        load_engine(missing, [], Limits(**TEST_LIMITS))
+    engine = EngineProcess(functools.partial(load_engine, missing, [], Limits(**TEST_LIMITS)), Limits(**TEST_LIMITS))
+    with pytest.raises(FimtuneError) as there:
+        engine.launch()
+    assert str(there.value) == str(here.value)
+    assert not engine.alive() and engine._process.exitcode == 0  # it ended on its own, having said why
+
+
+def test_timeouts_there_and_a_server_that_outlives_its_engine(tiny_run):
+    app = make_process_app(tiny_run, step_s=0.05, timeout_s=1.0)
+    engine = app.state.service.engine
+    body = {"inputs": psm("def h():\n"), "parameters": {"max_new_tokens": 60}}  # ~3 s > the 1 s timeout
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(1) as pool:
+        r = c.post("/generate", json=body)
+        assert r.status_code == 408 and error_field(r.json()) == "timeout_s"
+        assert engine.snapshot()[1].timeouts == 1
+        forwards = engine.snapshot()[0].forwards
+        pending = pool.submit(c.post, "/v1/completions", json={"prompt": "x", "suffix": "", "max_tokens": 60})
+        wait_until(lambda: engine.snapshot()[0].forwards > forwards + 1)  # it is generating
+        os.kill(engine._process.pid, signal.SIGKILL)  # the out-of-memory killer, a CUDA fault
+        lost = pending.result()
+        assert lost.status_code == 503 and lost.json()["error"]["type"] == "engine_gone"
+        assert "exit code -9" in lost.json()["error"]["message"]
+        assert c.get("/health").status_code == 503 and not engine.alive()
+        again = c.post("/generate", json={"inputs": psm("y = "), "parameters": {"max_new_tokens": 2}})
+        assert again.status_code == 503 and again.json()["error_type"] == "engine_gone"
+        assert c.get("/info").json()["engine_process"] is True  # the last answer, not a hang
+        with ThreadPoolExecutor(2) as stoppers:  # the server's shutdown and an at-exit hook, say
+            assert list(stoppers.map(lambda _: engine.stop(), range(2))) == [None, None]
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_fimtune_serve_engine_process_answers_and_stops_with_the_server(tiny_run, server):
+    port = free_port()
+    cmd = [sys.executable, "-m", "fimtune", "serve", str(tiny_run), "--engine-process", "--port", str(port)]
+    cmd += ["--threads", "1", "--max-input-tokens", "200", "--max-new-tokens", "64"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    body = {"input_prefix": "def add(a, b):\n", "input_suffix": "\n", "n_predict": 6, "temperature": 0}
+    try:
+        wait_until(lambda: proc.poll() is not None or _up(port), polls=600, delay=0.2)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        engines = _children(proc.pid)
+        assert engines, "no engine process"
+        got = httpx.post(f"http://127.0.0.1:{port}/infill", json=body, timeout=60).json()["content"]
+        expected = httpx.post(f"{server[0]}/infill", json=body, timeout=60).json()["content"]
+        assert got == expected
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+    # uvicorn shuts down cleanly, then raises the signal again (its exit status says SIGTERM)
+    assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in err, err[-3000:]
+    assert "the model in a process of its own" in out
+    wait_until(lambda: all(_gone(pid) for pid in engines), polls=100, delay=0.1)
+
+
+def _up(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
