@@ -80,12 +80,12 @@ part train && timeout $share python3 benchmarks/train_throughput.py --variants c
     --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
 
 # 3. Completion latency: the engine (run 8 measured it on SDPA in every bucket; its warm-up row
-#    tells the attention it timed fastest for each batch size), a profile of the step, the server
-#    rows (the engine in a process of its own second: built and warmed up there, from the
-#    compiler's caches this engine filled; overlapped joins third); then, budget permitting, the
-#    engine whose batch-of-one steps multiply through cuBLAS (run 7's), not through the
-#    matrix-vector kernels.
+#    tells the attention it timed fastest for each batch size; no profile of the step: run 7 took
+#    one, and its time goes to the server rows), the server rows (the engine in a process of its
+#    own second: built and warmed up there, from the compiler's caches this engine filled;
+#    overlapped joins third); then, budget permitting, the engine whose batch-of-one steps
+#    multiply through cuBLAS (run 7's), not through the matrix-vector kernels.
 part latency && cd benchmarks && timeout $(($(left) - 5)) python3 latency.py --device cuda --shape starcoderbase-1b \
-    --no-generate-static --graphs trees,trees+cublas --budget-s $(($(left) - 30)) --profile-step /tmp/gpu-profiles \
+    --no-generate-static --graphs trees,trees+cublas --budget-s $(($(left) - 30)) \
     --json "$OUT/latency.json" 2>&1 | grep -v -E '^[VIW][0-9]{4}|^ +- |^ +File' | tee "$OUT/latency.log"
 for f in /tmp/gpu-profiles/*.txt; do [ -f "$f" ] && printf '\n== %s\n' "${f##*/}" && cat "$f"; done > "$OUT/profiles.txt"
