@@ -31,6 +31,7 @@ import functools
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import signal
 import threading
 import time
@@ -116,6 +117,7 @@ class EngineProcess:
         self._stopping = False
         self._stopped = False
         self._stop_lock = threading.Lock()
+        self._reap_lock = threading.Lock()
         self._gone: str | None = None  # why the engine's process is no longer there
         self._arrivals = limits.batch_max_wait_ms > 0  # only then does the worker wait for arrivals
 
@@ -141,15 +143,14 @@ class EngineProcess:
         try:
             first = ours.recv()
         except (EOFError, OSError):
-            self._process.join(STOP_GRACE_S)
+            code = self._join(STOP_GRACE_S)
             self._conn.close()
             raise FimtuneError(
-                f"the engine process ended while loading the model (exit code {self._process.exitcode}); "
-                "see the messages above"
+                f"the engine process ended while loading the model (exit code {code}); see the messages above"
             ) from None
         if first[0] == "failed":
             _, name, message, ours_error = first
-            self._process.join(STOP_GRACE_S)
+            self._join(STOP_GRACE_S)
             self._conn.close()
             raise FimtuneError(message if ours_error else f"loading the model failed: {name}: {message}")
         info = first[1]
@@ -176,18 +177,27 @@ class EngineProcess:
                 return
             self._stopping = True
             self._send_quietly(("stop",))
-            self._process.join(self.limits.timeout_s + STOP_GRACE_S)
-            if self._process.is_alive():
+            if self._join(self.limits.timeout_s + STOP_GRACE_S) is None:
                 log.warning("the engine process did not stop in time: killing it")
                 self._process.kill()
-                self._process.join(STOP_GRACE_S)
+                self._join(STOP_GRACE_S)
             if self._receiver is not None:
                 self._receiver.join(STOP_GRACE_S)
             self._conn.close()
             self._stopped = True
 
     def alive(self) -> bool:
-        return self._process is not None and self._gone is None and self._process.is_alive()
+        """Whether the engine's process runs (its sentinel is read, not the process reaped)."""
+        if self._process is None or self._gone is not None:
+            return False
+        return not multiprocessing.connection.wait([self._process.sentinel], 0)
+
+    def _join(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` s for the process to end: its exit code, None while it runs. One thread
+        at a time: two threads joining at once race to reap it, and the loser sees it as still running."""
+        with self._reap_lock:
+            self._process.join(timeout)
+            return self._process.exitcode
 
     # ---- what the routes use ---------------------------------------------------------
 
@@ -318,8 +328,7 @@ class EngineProcess:
 
     def _ended(self) -> None:
         """The engine's process is gone: fail what it had, wake whoever waits for it."""
-        self._process.join(STOP_GRACE_S)
-        self.exitcode = self._process.exitcode
+        self.exitcode = self._join(STOP_GRACE_S)
         self._gone = f"the engine process ended (exit code {self.exitcode})"
         if not self._stopping:
             log.error("%s; the server answers 503 to generation requests from now on", self._gone)
@@ -340,8 +349,10 @@ class EngineProcess:
 
 def _engine_main(conn: Any, factory: EngineFactory, threads: int | None, log_level: int) -> None:
     """The engine process: build the engine, then serve the pipe until told to stop (or the server is gone)."""
-    # A terminal's Ctrl-C reaches the whole process group: the server stops this process itself.
+    # A terminal's Ctrl-C, or a service manager's SIGTERM, may reach the whole process group: the
+    # server stops this process itself once it has shut down (or this one sees its pipe close).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(levelname)s [engine process] %(name)s: %(message)s")
     if threads:
         import torch
