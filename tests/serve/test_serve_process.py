@@ -51,7 +51,8 @@ def answer(body: dict) -> str:
 @pytest.fixture(scope="module")
 def apart(tiny_run, other_adapter):
     """(base URL, EngineProcess) of the tiny run's server, its model in a process of its own."""
-    app = make_process_app(tiny_run, [f"other={other_adapter}"], step_s=STEP_S, queue_size=2)
+    # batching that waits for arrivals: the handlers' arrivals travel through the pipe too
+    app = make_process_app(tiny_run, [f"other={other_adapter}"], step_s=STEP_S, queue_size=2, batch_max_wait_ms=20)
     with running(app) as url:
         engine = app.state.service.engine
         assert engine.ready.wait(60)
@@ -66,6 +67,7 @@ def test_the_answers_are_those_of_the_engine_in_one_process(apart, server):
         with ThreadPoolExecutor(2) as pool:  # two at a time: the queue holds 2 here
             together = list(pool.map(lambda call: answer(there.post(call[0], json=call[1]).json()), calls))
     assert all(expected) and alone == expected and together == expected
+    assert apart[1]._query()["arriving"] == 0  # each arrival ended, with its job or its error
 
 
 def test_streamed_tokens_are_those_of_the_engine_in_one_process(apart, server):
@@ -109,6 +111,7 @@ def test_a_full_queue_is_503_counted_by_the_server(apart):
         assert third.status_code == 503 and third.json()["error_type"] == "overloaded"
         assert [f.result().status_code for f in queued] == [200, 200]
     assert engine.queue_depth() == 0 and engine.snapshot()[1].rejected == rejected + 1
+    assert engine._query()["arriving"] == 0  # the refused request's arrival ended too
 
 
 def test_a_client_that_goes_away_cancels_its_generation_there(apart):

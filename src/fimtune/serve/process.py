@@ -438,7 +438,12 @@ class _Host:
                     engine.resume()
                 elif kind == "query":
                     stats, counters = engine.snapshot()
-                    answer = {"describe": engine.describe(), "stats": stats, "counters": counters}
+                    answer = {
+                        "describe": engine.describe(),
+                        "stats": stats,
+                        "counters": counters,
+                        "arriving": engine._arriving,  # requests the worker may wait for (batch_max_wait_ms)
+                    }
                     self.send(("reply", rest[0], answer))
                 elif kind == "stop":
                     break
