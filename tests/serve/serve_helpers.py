@@ -47,6 +47,31 @@ def make_app(run: Path, adapters: list[str] | None = None, api_key: str | None =
     return create_app(engine, prompter, mode, api_key)
 
 
+def psm(prefix: str, suffix: str = "\n") -> str:
+    return f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+
+
+def requests_of_many_shapes() -> list[tuple[str, dict]]:
+    """Different prompts, lengths, stops and adapters, all greedy."""
+    out = []
+    for i in range(8):
+        prefix = f"def f{i}(x):\n" + "    y = x\n" * i
+        params = {"max_new_tokens": 4 + 3 * i, "do_sample": False, "stop": ["\n\n"] if i % 3 == 0 else []}
+        if i % 4 == 3:
+            params["adapter_id"] = "other"
+        out.append(("/generate", {"inputs": psm(prefix), "parameters": params}))
+    out.append(("/v1/completions", {"prompt": "import os\n", "suffix": "\n", "max_tokens": 9, "temperature": 0}))
+    out.append(("/infill", {"input_prefix": "class A:\n", "input_suffix": "", "n_predict": 7, "temperature": 0}))
+    return out
+
+
+def answer(body: dict) -> str:
+    """The completion text of any of the three shapes."""
+    if "choices" in body:
+        return body["choices"][0]["text"]
+    return body.get("generated_text", body.get("content"))
+
+
 def engine_for_process(run: Path, adapters: list[str] | None, step_s: float, limits: dict):
     """Run in the engine's process (`fimtune.serve.process`): the engine of ``make_app``, each
     forward ``step_s`` slower (a step hook cannot be pickled; this sets it there)."""

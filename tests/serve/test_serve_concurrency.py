@@ -9,13 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from serve_helpers import error_field, make_app, running, wait_until
+from serve_helpers import answer, error_field, make_app, psm, requests_of_many_shapes, running, wait_until
 
 SLOW_STEP_S = 0.05
-
-
-def psm(prefix: str, suffix: str = "\n") -> str:
-    return f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
 
 
 @pytest.fixture
@@ -25,27 +21,6 @@ def slow(server):
     decoder.step_hook = lambda: time.sleep(SLOW_STEP_S)
     yield server[1]
     decoder.step_hook = None
-
-
-def requests_of_many_shapes() -> list[tuple[str, dict]]:
-    """Different prompts, lengths, stops and adapters, all greedy."""
-    out = []
-    for i in range(8):
-        prefix = f"def f{i}(x):\n" + "    y = x\n" * i
-        params = {"max_new_tokens": 4 + 3 * i, "do_sample": False, "stop": ["\n\n"] if i % 3 == 0 else []}
-        if i % 4 == 3:
-            params["adapter_id"] = "other"
-        out.append(("/generate", {"inputs": psm(prefix), "parameters": params}))
-    out.append(("/v1/completions", {"prompt": "import os\n", "suffix": "\n", "max_tokens": 9, "temperature": 0}))
-    out.append(("/infill", {"input_prefix": "class A:\n", "input_suffix": "", "n_predict": 7, "temperature": 0}))
-    return out
-
-
-def answer(body: dict) -> str:
-    """The completion text of any of the three shapes."""
-    if "choices" in body:
-        return body["choices"][0]["text"]
-    return body.get("generated_text", body.get("content"))
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):

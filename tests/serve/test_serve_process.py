@@ -15,7 +15,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import TEST_LIMITS, error_field, make_process_app, running, sse_events, wait_until
+from serve_helpers import (
+    TEST_LIMITS,
+    answer,
+    error_field,
+    make_process_app,
+    psm,
+    requests_of_many_shapes,
+    running,
+    sse_events,
+    wait_until,
+)
 from tests.test_readme import free_port
 
 from fimtune.errors import FimtuneError
@@ -23,29 +33,6 @@ from fimtune.serve.engine import Limits, load_engine
 from fimtune.serve.process import EngineProcess
 
 STEP_S = 0.02  # each forward of the engine's process is this much slower (time for cancels)
-
-
-def psm(prefix: str, suffix: str = "\n") -> str:
-    return f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
-
-
-def requests() -> list[tuple[str, dict]]:
-    """Greedy requests of every shape, both models, stops."""
-    out = []
-    for i in range(4):
-        params = {"max_new_tokens": 5 + 2 * i, "stop": ["\n\n"] if i == 2 else []}
-        if i % 2:
-            params["adapter_id"] = "other"
-        out.append(("/generate", {"inputs": psm(f"def f{i}(x):\n" + "    y = x\n" * i), "parameters": params}))
-    out.append(("/v1/completions", {"prompt": "import os\n", "suffix": "\n", "max_tokens": 9, "temperature": 0}))
-    out.append(("/infill", {"input_prefix": "class A:\n", "input_suffix": "", "n_predict": 7, "temperature": 0}))
-    return out
-
-
-def answer(body: dict) -> str:
-    if "choices" in body:
-        return body["choices"][0]["text"]
-    return body.get("generated_text", body.get("content"))
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +47,14 @@ def apart(tiny_run, other_adapter):
 
 
 def test_the_answers_are_those_of_the_engine_in_one_process(apart, server):
-    calls = requests()
+    calls = requests_of_many_shapes()
     with httpx.Client(base_url=server[0], timeout=30) as here, httpx.Client(base_url=apart[0], timeout=30) as there:
         expected = [answer(here.post(route, json=body).json()) for route, body in calls]
         alone = [answer(there.post(route, json=body).json()) for route, body in calls]
         with ThreadPoolExecutor(2) as pool:  # two at a time: the queue holds 2 here
             together = list(pool.map(lambda call: answer(there.post(call[0], json=call[1]).json()), calls))
-    assert all(expected) and alone == expected and together == expected
+    assert sum(map(bool, expected)) >= len(calls) - 1  # text in all but (at most) one cut by its stop string
+    assert alone == expected and together == expected
     assert apart[1]._query()["arriving"] == 0  # each arrival ended, with its job or its error
 
 
