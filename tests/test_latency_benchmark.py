@@ -59,6 +59,20 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
     assert not any(r["clients_in_process"] for r in served)
 
 
+@pytest.mark.slow
+def test_engine_process_ab_sends_the_load_to_both_servers_in_turns(tmp_path):
+    out = tmp_path / "ab.json"
+    run_script(
+        "benchmarks/engine_process_ab.py", "--device", "cpu", "--shape", "tiny", "--rounds", "2",
+        "--requests-per-client", "2", "--json", str(out),
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    order = [(r["round"], r["engine"]) for r in report["rows"]]
+    assert order == [(0, "thread"), (0, "process"), (1, "process"), (1, "thread")]  # swapped every round
+    assert all(r["errors"] == 0 and r["runs"] == 32 and r["p50_ms"] > 0 for r in report["rows"])
+    assert set(report["summary"]) == {"thread", "process"} and report["ready_s"]["process"] > 0
+
+
 def test_switch_interval_benchmark_prints_a_row_per_interval():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "switch_interval.py"), "--intervals-ms", "5,0.5"],

@@ -1,0 +1,104 @@
+"""The engine in a thread of the server's process against the engine in a process of its own, in turns.
+
+    python benchmarks/engine_process_ab.py --device cuda --rounds 4 --json $OUT/engine_process_ab.json
+    OMP_NUM_THREADS=1 python benchmarks/engine_process_ab.py --device cpu --shape tiny   # this machine
+
+Two servers with the defaults of `fimtune serve` run side by side, one with the engine's worker in a
+thread of its process (the default) and one with `--engine-process` (the engine built and warmed up in a
+spawned process; on a GPU it finds the compiler's caches the first engine filled). Each round sends
+latency.py's load (16 clients in a process of their own, 10 OpenAI FIM requests each, 1,024 prompt +
+32 new tokens) to one server, then to the other, the order swapped every round, so that a drift of
+the machine falls on both. The model is latency.py's: StarCoderBase-1B's shape with random bf16
+weights on a GPU, a tiny one with `--shape tiny`. Prints a row per round and server, then each
+server's median of the rounds' p50 and p95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import latency_gpu  # noqa: E402  (this folder's modules)
+from latency import serve_in_thread  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    parser.add_argument("--shape", default="starcoderbase-1b", choices=["starcoderbase-1b", "tiny"])
+    parser.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer (default: .gpu/tokenizer, else embedded)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds, each sending the load to both servers")
+    parser.add_argument(
+        "--requests-per-client",
+        type=int,
+        default=latency_gpu.REQUESTS_PER_CLIENT,
+        help="requests of each client a round",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args()
+    args.no_cuda_graphs = False
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    from fimtune.serve.app import create_app
+    from fimtune.serve.process import EngineProcess
+
+    began = time.perf_counter()
+    s = latency_gpu.build(args)
+    key = ("trees", "auto", False)  # the server's defaults
+    engine = latency_gpu.make_engine(s, args, *key)
+    url_thread, thread_server = serve_in_thread(create_app(engine, s.prompter, "psm"))
+    engine.ready.wait()
+    thread_ready = time.perf_counter() - began
+    began = time.perf_counter()
+    apart = EngineProcess(functools.partial(latency_gpu.engine_for_process, args, key), latency_gpu.engine_limits(args))
+    prompter, mode = apart.launch()
+    url_process, process_server = serve_in_thread(create_app(apart, prompter, mode))
+    apart.ready.wait()
+    if not apart.alive():
+        raise SystemExit(f"the engine's process ended (exit code {apart.exitcode})")
+    process_ready = time.perf_counter() - began
+    print(f"ready: thread {thread_ready:.1f} s, process {process_ready:.1f} s", flush=True)
+    rows: list[dict[str, Any]] = []
+    try:
+        servers = [("thread", url_thread), ("process", url_process)]
+        for _, url in servers:  # one untimed request per client: the first batches
+            latency_gpu.load(s, url, latency_gpu.CLIENTS, 1)
+        for round_ in range(args.rounds):
+            for name, url in servers if round_ % 2 == 0 else servers[::-1]:
+                seconds, _, errors = latency_gpu.load(s, url, latency_gpu.CLIENTS, args.requests_per_client)
+                row = {"round": round_, "engine": name, "errors": len(errors), **latency_gpu.stats_ms(seconds)}
+                rows.append(row)
+                print(
+                    f"round {round_} {name:8s} p50 {row['p50_ms']:.1f} p90 {row['p90_ms']:.1f} "
+                    f"p95 {row['p95_ms']:.1f} ms, errors {len(errors)}",
+                    flush=True,
+                )
+    finally:
+        thread_server.should_exit = process_server.should_exit = True
+        apart.stop()
+    summary = {}
+    for name, _ in servers:
+        mine = [r for r in rows if r["engine"] == name]
+        summary[name] = {q: statistics.median(r[f"{q}_ms"] for r in mine) for q in ("p50", "p95")}
+        print(
+            f"{name:8s} median of {len(mine)} rounds: p50 {summary[name]['p50']:.1f} p95 {summary[name]['p95']:.1f} ms"
+        )
+    if args.json:
+        machine = latency_gpu.machine(args)
+        report = {"machine": machine, "ready_s": {"thread": thread_ready, "process": process_ready}, "rows": rows}
+        Path(args.json).write_text(json.dumps(report | {"summary": summary}, indent=2, default=str))
+    return 0 if not any(r["errors"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
