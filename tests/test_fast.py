@@ -370,6 +370,35 @@ def test_backends_with_their_own_decompositions_are_told_apart():
     }
 
 
+def test_graphs_compiled_with_product_decompositions_come_from_inductors_cache_the_next_time():
+    """A server's warm-up at its next start (or a second engine) reads inductor's graph cache: the
+    decomposition table pickles as the call that made it, where inductor's own rules do not."""
+    import pickle
+
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    table = fast.product_decompositions(row_devices=("cpu",))
+    assert pickle.dumps(table) == pickle.dumps(fast.product_decompositions(row_devices=("cpu",)))
+    assert pickle.dumps(table) != pickle.dumps(fast.product_decompositions(row_devices=("cpu",), narrow_max=8))
+    assert pickle.loads(pickle.dumps(table)).keys() == table.keys()
+
+    def f(x, w, b):
+        return F.gelu(F.linear(x, w, b))
+
+    x, w, b = torch.randn(1, 32), torch.randn(48, 32), torch.randn(48)
+    seen = []
+    with fresh_cache(), torch._inductor.config.patch(fx_graph_cache=True):
+        for _ in range(2):  # two starts: a new backend and table, the same arguments
+            torch._dynamo.reset()
+            counters.clear()
+            backend = fast.inductor_backend(decompositions=fast.product_decompositions(row_devices=("cpu",)))
+            torch.testing.assert_close(torch.compile(f, backend=backend)(x, w, b), f(x, w, b), rtol=1e-4, atol=1e-5)
+            seen.append({k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")})
+    torch._dynamo.reset()
+    assert seen == [{"fxgraph_cache_miss": 1}, {"fxgraph_cache_hit": 1}]
+
+
 def test_coordinate_descent_tuning_only_for_graphs_that_multiply_one_row():
     """The matrix-vector backend tunes a batch of one's step (its products are reductions); a
     larger batch's graph compiles without the tuning, which only adds to its compile time."""

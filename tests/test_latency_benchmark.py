@@ -73,6 +73,15 @@ def test_engine_process_ab_sends_the_load_to_both_servers_in_turns(tmp_path):
     assert set(report["summary"]) == {"thread", "process"} and report["ready_s"]["process"] > 0
 
 
+@pytest.mark.slow
+def test_warmup_cache_benchmark_reads_the_first_starts_graphs_at_the_second(tmp_path):
+    out = tmp_path / "starts.json"
+    run_script("benchmarks/warmup_cache.py", "--device", "cpu", "--shape", "tiny", "--json", str(out))
+    starts = json.loads(out.read_text())["starts"]
+    assert [s["fx_graph_cache"] for s in starts] == [{"miss": 3}, {"hit": 3}]  # a graph per batch bucket
+    assert all(s["warmup_s"] > 0 for s in starts)
+
+
 def test_switch_interval_benchmark_prints_a_row_per_interval():
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "switch_interval.py"), "--intervals-ms", "5,0.5"],

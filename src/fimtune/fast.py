@@ -811,7 +811,35 @@ def product_decompositions(row_devices: tuple[str, ...] = (), narrow_max: int = 
 
     table[aten.mm.default] = mm
     table[aten.addmm.default] = addmm
-    return table
+    return DecompositionTable(table, row_devices, narrow_max)
+
+
+class DecompositionTable(dict):
+    """A :func:`product_decompositions` table that pickles as the call that made it.
+
+    Inductor (torch 2.13) puts the decompositions given to `compile_fx` into the key of its graph
+    cache, and its own rules do not pickle (nor these closures): every graph compiled with such a
+    table would bypass the cache, and a server's warm-up (~45-115 s on an H200) would compile again
+    at every start. Pickled, this table is its arguments, the torch version and a digest of this
+    module's code (the rules' source), which is all that makes it what it is."""
+
+    def __init__(self, table: dict, row_devices: tuple[str, ...], narrow_max: int) -> None:
+        super().__init__(table)
+        self.arguments = (tuple(row_devices), narrow_max)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _decomposition_table, (*self.arguments, torch.__version__, _source_digest())
+
+
+def _decomposition_table(row_devices: tuple[str, ...], narrow_max: int, *_key: str) -> dict[Any, Callable[..., Any]]:
+    return product_decompositions(row_devices, narrow_max)
+
+
+@functools.cache
+def _source_digest() -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 def inductor_backend(
@@ -823,8 +851,9 @@ def inductor_backend(
     """A torch.compile backend: inductor as ``torch.compile(mode=mode, options=options)`` sets it
     up (CUDA graph trees and the profiler settings they need), with ``decompositions`` (e.g.
     :func:`product_decompositions`) instead of its own. AOTAutograd's cache leaves the
-    decompositions out of its key, so it is off for these compiles (inductor's own cache of the
-    generated code stays on). ``tune_rows``: coordinate-descent tuning for the graphs that multiply
+    decompositions out of its key, so it is off for these compiles; inductor's own cache of the
+    compiled graphs stays on (its key has the graph after decomposing, and from torch 2.13 the
+    table: a :class:`DecompositionTable`, or the cache is bypassed). ``tune_rows``: coordinate-descent tuning for the graphs that multiply
     one row (:func:`one_row_products`) and for those alone: it times every kernel's block sizes,
     which took an H200 ~20 s more for each batch size's decoding step."""
     import torch._functorch.config as functorch_config
