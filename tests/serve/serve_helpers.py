@@ -72,23 +72,34 @@ def answer(body: dict) -> str:
     return body.get("generated_text", body.get("content"))
 
 
-def engine_for_process(run: Path, adapters: list[str] | None, step_s: float, limits: dict):
+def engine_for_process(run: Path, adapters: list[str] | None, step_s: float, limits: dict, warmup_s: float = 0.0):
     """Run in the engine's process (`fimtune.serve.process`): the engine of ``make_app``, each
-    forward ``step_s`` slower (a step hook cannot be pickled; this sets it there)."""
+    forward ``step_s`` slower (a step hook cannot be pickled; this sets it there), its warm-up
+    ``warmup_s`` long (as compiling for a GPU is)."""
     from fimtune.serve.engine import load_engine
 
     engine, prompter, mode = load_engine(str(run), adapters or [], Limits(**{**TEST_LIMITS, **limits}), "auto")
     if step_s:
         engine.decoder.step_hook = functools.partial(time.sleep, step_s)
+    if warmup_s:
+        warm_up = engine._warm_up
+
+        def slow_warm_up() -> None:
+            time.sleep(warmup_s)
+            warm_up()
+
+        engine._warm_up = slow_warm_up
     return engine, prompter, mode
 
 
-def make_process_app(run: Path, adapters: list[str] | None = None, step_s: float = 0.0, **limits):
+def make_process_app(
+    run: Path, adapters: list[str] | None = None, step_s: float = 0.0, warmup_s: float = 0.0, **limits
+):
     """``make_app``, with the model in a process of its own (`fimtune serve --engine-process`)."""
     from fimtune.serve.app import create_app
     from fimtune.serve.process import EngineProcess
 
-    factory = functools.partial(engine_for_process, run, adapters, step_s, limits)
+    factory = functools.partial(engine_for_process, run, adapters, step_s, limits, warmup_s)
     engine = EngineProcess(factory, Limits(**{**TEST_LIMITS, **limits}), threads=1)
     prompter, mode = engine.launch()
     return create_app(engine, prompter, mode)

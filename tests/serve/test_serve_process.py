@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -148,6 +149,17 @@ def test_timeouts_there_and_a_server_that_outlives_its_engine(tiny_run):
         assert c.get("/info").json()["engine_process"] is True  # the last answer, not a hang
         with ThreadPoolExecutor(2) as stoppers:  # the server's shutdown and an at-exit hook, say
             assert list(stoppers.map(lambda _: engine.stop(), range(2))) == [None, None]
+
+
+def test_a_server_stopped_while_its_engine_warms_up_does_not_wait_for_the_warm_up(tiny_run):
+    app = make_process_app(tiny_run, warmup_s=120)  # compiling the 1B model's steps takes minutes on a GPU
+    engine = app.state.service.engine
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/health").status_code == 200 and not engine.ready.is_set()
+        began = time.monotonic()
+    engine.stop()  # the server's shutdown stopped it already: this returns at once
+    assert time.monotonic() - began < 10 and not engine.alive()
+    assert engine.exitcode == 0  # it ended on its own, not killed
 
 
 def _children(pid: int) -> list[int]:

@@ -272,7 +272,11 @@ class Engine:
         self._thread = threading.Thread(target=self._work, name="fimtune-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, warming_up_s: float | None = None) -> None:
+        """Stop the worker: queued jobs fail as cancelled, the batch in flight stops at its next token
+        (waited for up to the job timeout). ``warming_up_s``: how long to wait for a worker still warming
+        up (None: the job timeout too); a warm-up does not stop, but a process that is about to end
+        need not wait for it: the worker is a daemon thread."""
         with self._cond:
             self._stopping = True
             pending, self._queue = list(self._queue), deque()
@@ -282,7 +286,8 @@ class Engine:
         for job in list(self._running):  # the batch in flight stops at its next token
             job.cancel()
         if self._thread is not None:
-            self._thread.join(timeout=self.limits.timeout_s)
+            wait = self.limits.timeout_s if self.ready.is_set() or warming_up_s is None else warming_up_s
+            self._thread.join(timeout=wait)
         if self._switch_interval is not None:
             sys.setswitchinterval(self._switch_interval)
 

@@ -56,6 +56,7 @@ from fimtune.serve.engine import (
 log = logging.getLogger(__name__)
 
 QUERY_TIMEOUT_S = 5.0  # a query the engine's process does not answer in this long gets the last answer
+WARMING_UP_STOP_S = 1.0  # how long the engine's process waits for a worker still warming up, once told to stop
 STOP_GRACE_S = 10.0  # after the batch in flight stopped (up to the job timeout), the process gets this long
 
 # factory() -> (engine, prompter, prompt mode), as `load_engine` returns them; run in the engine's process
@@ -177,7 +178,10 @@ class EngineProcess:
                 return
             self._stopping = True
             self._send_quietly(("stop",))
-            if self._join(self.limits.timeout_s + STOP_GRACE_S) is None:
+            # a batch in flight stops at its next token (within the job timeout); a warm-up (minutes
+            # of compiling on a GPU) does not stop, and nothing of it is worth waiting for
+            grace = self.limits.timeout_s + STOP_GRACE_S if self.ready.is_set() else STOP_GRACE_S
+            if self._join(grace) is None:
                 log.warning("the engine process did not stop in time: killing it")
                 self._process.kill()
                 self._join(STOP_GRACE_S)
@@ -448,7 +452,9 @@ class _Host:
                 elif kind == "stop":
                     break
         finally:
-            engine.stop()  # queued jobs fail as cancelled (sent back), the batch in flight stops
+            # queued jobs fail as cancelled (sent back), the batch in flight stops; a warm-up (minutes
+            # of compiling on a GPU) does not stop, and ends with this process
+            engine.stop(warming_up_s=WARMING_UP_STOP_S)
             self.conn.close()
 
     def _tell_ready(self) -> None:
