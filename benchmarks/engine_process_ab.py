@@ -16,7 +16,6 @@ server's median of the rounds' p50 and p95.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -50,7 +49,6 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     from fimtune.serve.app import create_app
-    from fimtune.serve.process import EngineProcess
 
     began = time.perf_counter()
     s = latency_gpu.build(args)
@@ -59,33 +57,26 @@ def main() -> int:
     url_thread, thread_server = serve_in_thread(create_app(engine, s.prompter, "psm"))
     engine.ready.wait()
     thread_ready = time.perf_counter() - began
-    began = time.perf_counter()
-    apart = EngineProcess(functools.partial(latency_gpu.engine_for_process, args, key), latency_gpu.engine_limits(args))
-    prompter, mode = apart.launch()
-    url_process, process_server = serve_in_thread(create_app(apart, prompter, mode))
-    apart.ready.wait()
-    if not apart.alive():
-        raise SystemExit(f"the engine's process ended (exit code {apart.exitcode})")
-    process_ready = time.perf_counter() - began
-    print(f"ready: thread {thread_ready:.1f} s, process {process_ready:.1f} s", flush=True)
     rows: list[dict[str, Any]] = []
+    servers = [("thread", url_thread)]
     try:
-        servers = [("thread", url_thread), ("process", url_process)]
-        for _, url in servers:  # one untimed request per client: the first batches
-            latency_gpu.load(s, url, latency_gpu.CLIENTS, 1)
-        for round_ in range(args.rounds):
-            for name, url in servers if round_ % 2 == 0 else servers[::-1]:
-                seconds, _, errors = latency_gpu.load(s, url, latency_gpu.CLIENTS, args.requests_per_client)
-                row = {"round": round_, "engine": name, "errors": len(errors), **latency_gpu.stats_ms(seconds)}
-                rows.append(row)
-                print(
-                    f"round {round_} {name:8s} p50 {row['p50_ms']:.1f} p90 {row['p90_ms']:.1f} "
-                    f"p95 {row['p95_ms']:.1f} ms, errors {len(errors)}",
-                    flush=True,
-                )
+        with latency_gpu.process_server(args, key, time.monotonic() + 3600) as (_, _, url_process, process_ready):
+            print(f"ready: thread {thread_ready:.1f} s, process {process_ready:.1f} s", flush=True)
+            servers.append(("process", url_process))
+            for _, url in servers:  # one untimed request per client: the first batches
+                latency_gpu.load(s, url, latency_gpu.CLIENTS, 1)
+            for round_ in range(args.rounds):
+                for name, url in servers if round_ % 2 == 0 else servers[::-1]:
+                    seconds, _, errors = latency_gpu.load(s, url, latency_gpu.CLIENTS, args.requests_per_client)
+                    row = {"round": round_, "engine": name, "errors": len(errors), **latency_gpu.stats_ms(seconds)}
+                    rows.append(row)
+                    print(
+                        f"round {round_} {name:8s} p50 {row['p50_ms']:.1f} p90 {row['p90_ms']:.1f} "
+                        f"p95 {row['p95_ms']:.1f} ms, errors {len(errors)}",
+                        flush=True,
+                    )
     finally:
-        thread_server.should_exit = process_server.should_exit = True
-        apart.stop()
+        thread_server.should_exit = True
     summary = {}
     for name, _ in servers:
         mine = [r for r in rows if r["engine"] == name]

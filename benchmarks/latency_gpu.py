@@ -56,6 +56,7 @@ is rewritten after every row, so a run cut short keeps what it measured. Rows ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -67,6 +68,7 @@ import sys
 import textwrap
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -634,11 +636,13 @@ def engine_for_process(args: argparse.Namespace, key: tuple[str, str, bool]) -> 
     return make_engine(s, args, *key), s.prompter, "psm"
 
 
-def process_server_row(
-    s: Setup, args: argparse.Namespace, key: tuple[str, str, bool], graphs: str, deadline: float
-) -> dict[str, Any]:
-    """The server's defaults with the engine in a process of its own: built and warmed up there (the
-    compiler's caches on disk, filled by this process's engine, shorten that warm-up)."""
+@contextlib.contextmanager
+def process_server(
+    args: argparse.Namespace, key: tuple[str, str, bool], deadline: float
+) -> Iterator[tuple[Any, Any, str, float]]:
+    """A server with the engine in a process of its own (`fimtune serve --engine-process`), built and
+    warmed up there (the compiler's caches on disk, filled by this process's engine, shorten that
+    warm-up): (engine, app, URL, seconds until ready). Stopped on the way out, its GPU memory freed."""
     from fimtune.serve.app import create_app
     from fimtune.serve.process import EngineProcess
 
@@ -651,14 +655,21 @@ def process_server_row(
         try:
             if not engine.ready.wait(timeout=max(1.0, deadline - time.monotonic())) or not engine.alive():
                 raise RuntimeError(f"the engine's process did not finish its warm-up in time ({engine.exitcode})")
-            ready_s = time.perf_counter() - began
-            load(s, url, CLIENTS, 1, args.clients_in_process)  # one untimed request per client: first batches
-            threads = app.state.service.tokenize_in_threads
-            return server_run(s, engine, url, ready_s, args.clients_in_process, threads, f"{graphs}, engine process")
+            yield engine, app, url, time.perf_counter() - began
         finally:
             server.should_exit = True
     finally:
-        engine.stop()  # its GPU memory is freed before the next rows
+        engine.stop()
+
+
+def process_server_row(
+    s: Setup, args: argparse.Namespace, key: tuple[str, str, bool], graphs: str, deadline: float
+) -> dict[str, Any]:
+    """The server's defaults with the engine in a process of its own."""
+    with process_server(args, key, deadline) as (engine, app, url, ready_s):
+        load(s, url, CLIENTS, 1, args.clients_in_process)  # one untimed request per client: first batches
+        threads = app.state.service.tokenize_in_threads
+        return server_run(s, engine, url, ready_s, args.clients_in_process, threads, f"{graphs}, engine process")
 
 
 def server_rows(

@@ -853,9 +853,10 @@ def inductor_backend(
     :func:`product_decompositions`) instead of its own. AOTAutograd's cache leaves the
     decompositions out of its key, so it is off for these compiles; inductor's own cache of the
     compiled graphs stays on (its key has the graph after decomposing, and from torch 2.13 the
-    table: a :class:`DecompositionTable`, or the cache is bypassed). ``tune_rows``: coordinate-descent tuning for the graphs that multiply
-    one row (:func:`one_row_products`) and for those alone: it times every kernel's block sizes,
-    which took an H200 ~20 s more for each batch size's decoding step."""
+    table: a :class:`DecompositionTable`, or the cache is bypassed). ``tune_rows``:
+    coordinate-descent tuning for the graphs that multiply one row (:func:`one_row_products`) and
+    for those alone: it times every kernel's block sizes, which took an H200 ~20 s more for each
+    batch size's decoding step."""
     import torch._functorch.config as functorch_config
     from torch._inductor.compile_fx import compile_fx
 

@@ -26,6 +26,7 @@ can run only once: `stop` ends it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -162,9 +163,9 @@ class EngineProcess:
         return FimPrompter(info["tokenizer"]), info["mode"]
 
     def start(self) -> None:
-        """Start the engine's worker (it warms up, then :attr:`ready` is set)."""
+        """Start the engine's worker (it warms up, then :attr:`ready` is set); after :meth:`launch`."""
         if self._process is None:
-            self.launch()
+            raise RuntimeError("launch() the engine process first: its prompter serves the routes")
         self._send_quietly(("start",))
 
     def stop(self) -> None:
@@ -365,7 +366,7 @@ def _engine_main(conn: Any, factory: EngineFactory, threads: int | None, log_lev
     try:
         engine, prompter, mode = factory()
     except BaseException as e:  # noqa: BLE001 - every failure is told to the server, which raises it there
-        with _quiet_pipe():
+        with contextlib.suppress(OSError, ValueError):  # the server's process went away
             conn.send(("failed", type(e).__name__, str(e), isinstance(e, FimtuneError)))
         conn.close()
         return
@@ -382,16 +383,6 @@ def _engine_main(conn: Any, factory: EngineFactory, threads: int | None, log_lev
     )
 
 
-class _quiet_pipe:
-    """Ignore a pipe the server's process has closed (it went away; nobody reads any more)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
-        return kind is not None and issubclass(kind, (OSError, ValueError))
-
-
 class _Host:
     """The engine's process: its main thread reads the pipe; the worker's events are sent back."""
 
@@ -402,7 +393,8 @@ class _Host:
         self._send_lock = threading.Lock()
 
     def send(self, message: tuple) -> None:
-        with _quiet_pipe(), self._send_lock:
+        # a pipe the server's process has closed is ignored: it went away, nobody reads any more
+        with contextlib.suppress(OSError, ValueError), self._send_lock:
             self.conn.send(message)
 
     def ended(self, jid: int, message: tuple) -> None:
