@@ -10,7 +10,9 @@ latency.py's load (16 clients in a process of their own, 10 OpenAI FIM requests 
 32 new tokens) to one server, then to the other, the order swapped every round, so that a drift of
 the machine falls on both. The model is latency.py's: StarCoderBase-1B's shape with random bf16
 weights on a GPU, a tiny one with `--shape tiny`. Prints a row per round and server, then each
-server's median of the rounds' p50 and p95.
+server's median of the rounds' p50 and p95. `--overlap-joins` adds both servers with joins prefilled
+beside the decoding steps (`fimtune serve --overlap-joins`, set on the same engines between loads by
+`set_batching`): four configurations a round, their order reversed every round.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def main() -> int:
         default=latency_gpu.REQUESTS_PER_CLIENT,
         help="requests of each client a round",
     )
+    parser.add_argument(
+        "--overlap-joins",
+        action="store_true",
+        help="also both servers with joins prefilled beside the decoding steps (4 configurations a round)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args()
     args.no_cuda_graphs = False
@@ -58,31 +65,39 @@ def main() -> int:
     engine.ready.wait()
     thread_ready = time.perf_counter() - began
     rows: list[dict[str, Any]] = []
-    servers = [("thread", url_thread)]
+    servers = [("thread", url_thread, engine)]
+    batchings = [("", {})] + ([("+overlap", {"overlap_joins": True})] if args.overlap_joins else [])
     try:
-        with latency_gpu.process_server(args, key, time.monotonic() + 3600) as (_, _, url_process, process_ready):
+        with latency_gpu.process_server(args, key, time.monotonic() + 3600) as (apart, _, url_process, process_ready):
             print(f"ready: thread {thread_ready:.1f} s, process {process_ready:.1f} s", flush=True)
-            servers.append(("process", url_process))
-            for _, url in servers:  # one untimed request per client: the first batches
+            servers.append(("process", url_process, apart))
+            for _, url, _ in servers:  # one untimed request per client: the first batches
                 latency_gpu.load(s, url, latency_gpu.CLIENTS, 1)
+            configurations = [(server, batching) for server in servers for batching in batchings]
             for round_ in range(args.rounds):
-                for name, url in servers if round_ % 2 == 0 else servers[::-1]:
-                    seconds, _, errors = latency_gpu.load(s, url, latency_gpu.CLIENTS, args.requests_per_client)
-                    row = {"round": round_, "engine": name, "errors": len(errors), **latency_gpu.stats_ms(seconds)}
+                for (name, url, serving), (suffix, changes) in configurations[:: 1 if round_ % 2 == 0 else -1]:
+                    before = {field: getattr(serving.limits, field) for field in changes}
+                    serving.set_batching(**changes)
+                    try:
+                        seconds, _, errors = latency_gpu.load(s, url, latency_gpu.CLIENTS, args.requests_per_client)
+                    finally:
+                        serving.set_batching(**before)
+                    row = {"round": round_, "engine": name + suffix, "errors": len(errors)}
+                    row |= latency_gpu.stats_ms(seconds)
                     rows.append(row)
                     print(
-                        f"round {round_} {name:8s} p50 {row['p50_ms']:.1f} p90 {row['p90_ms']:.1f} "
+                        f"round {round_} {row['engine']:16s} p50 {row['p50_ms']:.1f} p90 {row['p90_ms']:.1f} "
                         f"p95 {row['p95_ms']:.1f} ms, errors {len(errors)}",
                         flush=True,
                     )
     finally:
         thread_server.should_exit = True
     summary = {}
-    for name, _ in servers:
+    for name in dict.fromkeys(r["engine"] for r in rows):
         mine = [r for r in rows if r["engine"] == name]
         summary[name] = {q: statistics.median(r[f"{q}_ms"] for r in mine) for q in ("p50", "p95")}
         print(
-            f"{name:8s} median of {len(mine)} rounds: p50 {summary[name]['p50']:.1f} p95 {summary[name]['p95']:.1f} ms"
+            f"{name:16s} median of {len(mine)} rounds: p50 {summary[name]['p50']:.1f} p95 {summary[name]['p95']:.1f} ms"
         )
     if args.json:
         machine = latency_gpu.machine(args)

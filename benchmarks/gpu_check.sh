@@ -82,9 +82,10 @@ part train && timeout $share python3 benchmarks/train_throughput.py --variants c
 # 3. Completion latency: the engine (run 8 measured it on SDPA in every bucket; its warm-up row
 #    tells the attention it timed fastest for each batch size; no profile of the step: run 7 took
 #    one, and its time goes to the server rows), the server rows (the engine in a process of its
-#    own second: built and warmed up there, from the compiler's caches this engine filled;
-#    overlapped joins third); then, budget permitting, the engine whose batch-of-one steps
-#    multiply through cuBLAS (run 7's), not through the matrix-vector kernels.
+#    own second and third: built and warmed up there, from the compiler's caches this engine filled,
+#    then its defaults and its joins overlapped; overlapped joins in this process fourth); then,
+#    budget permitting, the engine whose batch-of-one steps multiply through cuBLAS (run 7's), not
+#    through the matrix-vector kernels.
 part latency && cd benchmarks && timeout $(($(left) - 5)) python3 latency.py --device cuda --shape starcoderbase-1b \
     --no-generate-static --graphs trees,trees+cublas --budget-s $(($(left) - 30)) \
     --json "$OUT/latency.json" 2>&1 | grep -v -E '^[VIW][0-9]{4}|^ +- |^ +File' | tee "$OUT/latency.log"

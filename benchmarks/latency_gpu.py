@@ -34,14 +34,16 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
                       step, the largest kernels' shares; whole tables in DIR  (diagnostics)
     server ...        uvicorn on 127.0.0.1, 16 clients x 10 OpenAI `/v1/completions` FIM requests
                       (1,024 + 32 tokens each; target p95 <= 200 ms) with the server's defaults
-                      (each batch runs to its end, 2 ms after its first request; on a GPU prompts
-                      tokenized in threads); then variants: the engine in a process of its own
-                      (`fimtune serve --engine-process`: built and warmed up there; skipped with
-                      --no-engine-process-row); (GPU) prompts tokenized on the event
-                      loop, as in runs 1-6; batching that waits while requests arrive (up to 50 ms);
-                      continuous batching with rows joining as they come, or 4 at a time (or after
-                      20 ms), or prefilled beside the decoding steps (`--overlap-joins`); other
-                      batching waits (--batch-wait-variants).
+                      (a batch starts 2 ms after its first request; on a GPU rows join the batch
+                      in flight and prompts are tokenized in threads); then variants: the engine
+                      in a process of its own (`fimtune serve --engine-process`: built and warmed
+                      up there, then its defaults and its joins overlapped, changed there by
+                      `set_batching`; skipped with --no-engine-process-row); joins prefilled
+                      beside the decoding steps (`--overlap-joins`); each batch run to its end;
+                      rows joining 4 at a time (or after 20 ms); batching that waits while
+                      requests arrive (up to 50 ms); (GPU) prompts tokenized on the event loop,
+                      as in runs 1-6; other batching waits (--batch-wait-variants) and switch
+                      intervals (--switch-interval-variants).
                       The clients are threads of another process (load_clients.py), as editors are;
                       `--clients-in-process`: threads of the server's own process (runs 1-6).
                       For the first variant only (`--server-all-variants`: for each)
@@ -662,14 +664,30 @@ def process_server(
         engine.stop()
 
 
-def process_server_row(
-    s: Setup, args: argparse.Namespace, key: tuple[str, str, bool], graphs: str, deadline: float
-) -> dict[str, Any]:
-    """The server's defaults with the engine in a process of its own."""
+def process_server_rows(
+    s: Setup,
+    args: argparse.Namespace,
+    key: tuple[str, str, bool],
+    graphs: str,
+    deadline: float,
+    variants: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The server with the engine in a process of its own: a row for each of ``variants`` (batching
+    limits changed in the engine's process, `set_batching`), as the budget allows."""
+    rows = []
     with process_server(args, key, deadline) as (engine, app, url, ready_s):
         load(s, url, CLIENTS, 1, args.clients_in_process)  # one untimed request per client: first batches
         threads = app.state.service.tokenize_in_threads
-        return server_run(s, engine, url, ready_s, args.clients_in_process, threads, f"{graphs}, engine process")
+        for changes in variants:
+            if rows and time.monotonic() > deadline - 10:
+                print(f"-- server {changes}, engine process: skipped (budget)", flush=True)
+                continue
+            before = {name: getattr(engine.limits, name) for name in changes}
+            engine.set_batching(**changes)
+            label = f"{graphs}, engine process"
+            rows.append(server_run(s, engine, url, ready_s, args.clients_in_process, threads, label))
+            engine.set_batching(**before)
+    return rows
 
 
 def server_rows(
@@ -713,8 +731,8 @@ def server_rows(
             if time.monotonic() > deadline - need_s:
                 print(f"-- server {changes}: skipped (budget)", flush=True)
                 continue
-            if changes == apart:
-                rows.append(process_server_row(s, args, key, _graphs(engine), deadline))
+            if changes == apart:  # the defaults, then joins overlapped: the engine built once for both
+                rows += process_server_rows(s, args, key, _graphs(engine), deadline, [{}, overlap])
                 continue
             owners = {name: svc if name == "tokenize_in_threads" else engine.limits for name in changes}
             before = {name: getattr(owner, name) for name, owner in owners.items()}

@@ -42,19 +42,21 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
         assert profiled["per_step"] > 10 and 0 < profiled["busy_ms"] <= profiled["wall_ms"]
         assert "aten::mm" in Path(profiled["table"]).read_text()
     served = [r for name, r in rows.items() if name.startswith("server 16")]  # the first variant's
-    assert len(served) == 6 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
+    assert len(served) == 7 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
     assert all(0 < r["prefill_s"] < r["busy_s"] and 0 <= r["device_wait_s"] < r["busy_s"] for r in served)
-    # the defaults (rows join, a fixed 2 ms wait), the same with the engine in a process of its own
-    # (its counters read through the pipe), joins prefilled beside the steps, each batch to its end,
-    # rows joining 4 at a time, each batch to its end with batching that waits while requests arrive;
-    # on a CPU the prompts are tokenized on the event loop in all; the clients are a process of their own
-    assert [r["engine_process"] for r in served] == [False, True, False, False, False, False]
-    assert served[1]["joined"] > 0 and served[1]["batches"] > 0 and served[1]["cuda_graphs_active"]
-    assert [r["continuous_batching"] for r in served] == [True, True, True, False, True, False]
-    assert served[3]["joined"] == 0
-    assert [r["overlap_joins"] for r in served] == [False, False, True, False, False, False]
-    assert served[0]["join_min_rows"] == 1 and served[4]["join_min_rows"] == 4
-    waits = [(r["batch_max_wait_ms"], r["tokenize_in_threads"]) for r in (served[0], served[1], served[3], served[5])]
+    # the defaults (rows join, a fixed 2 ms wait); the same with the engine in a process of its own (its
+    # counters read through the pipe), then its joins prefilled beside the steps (set there, through
+    # the pipe); joins prefilled beside the steps; each batch to its end; rows joining 4 at a time; each
+    # batch to its end with batching that waits while requests arrive; on a CPU the prompts are
+    # tokenized on the event loop in all; the clients are a process of their own
+    assert [r["engine_process"] for r in served] == [False, True, True, False, False, False, False]
+    assert all(served[i]["joined"] > 0 and served[i]["batches"] > 0 for i in (1, 2))
+    assert served[1]["cuda_graphs_active"]
+    assert [r["continuous_batching"] for r in served] == [True, True, True, True, False, True, False]
+    assert served[4]["joined"] == 0
+    assert [r["overlap_joins"] for r in served] == [False, False, True, True, False, False, False]
+    assert served[0]["join_min_rows"] == 1 and served[5]["join_min_rows"] == 4
+    waits = [(r["batch_max_wait_ms"], r["tokenize_in_threads"]) for r in (served[0], served[1], served[4], served[6])]
     assert waits == [(0.0, False), (0.0, False), (0.0, False), (50.0, False)]
     assert not any(r["clients_in_process"] for r in served)
 
@@ -64,13 +66,14 @@ def test_engine_process_ab_sends_the_load_to_both_servers_in_turns(tmp_path):
     out = tmp_path / "ab.json"
     run_script(
         "benchmarks/engine_process_ab.py", "--device", "cpu", "--shape", "tiny", "--rounds", "2",
-        "--requests-per-client", "2", "--json", str(out),
+        "--requests-per-client", "2", "--overlap-joins", "--json", str(out),
     )  # fmt: skip
     report = json.loads(out.read_text())
     order = [(r["round"], r["engine"]) for r in report["rows"]]
-    assert order == [(0, "thread"), (0, "process"), (1, "process"), (1, "thread")]  # swapped every round
+    first = ["thread", "thread+overlap", "process", "process+overlap"]
+    assert order == [(0, name) for name in first] + [(1, name) for name in first[::-1]]  # reversed every round
     assert all(r["errors"] == 0 and r["runs"] == 32 and r["p50_ms"] > 0 for r in report["rows"])
-    assert set(report["summary"]) == {"thread", "process"} and report["ready_s"]["process"] > 0
+    assert set(report["summary"]) == set(first) and report["ready_s"]["process"] > 0
 
 
 @pytest.mark.slow

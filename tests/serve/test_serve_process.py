@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,6 +102,53 @@ def test_a_full_queue_is_503_counted_by_the_server(apart):
         assert [f.result().status_code for f in queued] == [200, 200]
     assert engine.queue_depth() == 0 and engine.snapshot()[1].rejected == rejected + 1
     assert engine._query()["arriving"] == 0  # the refused request's arrival ended too
+
+
+@pytest.mark.parametrize("where", ["server", "apart"])
+def test_batching_changed_while_serving_reaches_the_worker(where, request):
+    """`set_batching` on the engine in one process, and through the pipe to the engine's process: a
+    batch that waits a second for company takes a request sent 0.3 s after the first; with the
+    fixtures' waits (2 ms; apart, at most 20 ms while arrivals come) the two are batches of their own."""
+    url, engine = request.getfixturevalue(where)
+    body = {"inputs": psm("def b():\n"), "parameters": {"max_new_tokens": 3}}
+    before = {name: getattr(engine.limits, name) for name in ("batch_wait_ms", "batch_max_wait_ms")}
+
+    def batches_of_two_requests() -> int:
+        first = engine.snapshot()[0].batches
+        with httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(2) as pool:
+            one = pool.submit(c.post, "/generate", json=body)
+            time.sleep(0.3)
+            two = pool.submit(c.post, "/generate", json=body)
+            assert [one.result().status_code, two.result().status_code] == [200, 200]
+        return engine.snapshot()[0].batches - first
+
+    try:
+        assert batches_of_two_requests() == 2
+        engine.set_batching(batch_wait_ms=1000.0, batch_max_wait_ms=0.0)
+        assert engine.limits.batch_wait_ms == 1000.0
+        assert batches_of_two_requests() == 1
+    finally:
+        engine.set_batching(**before)
+    assert batches_of_two_requests() == 2
+    if where == "apart":  # arrivals counted (batch_max_wait_ms > 0), not counted, counted again: balanced
+        assert engine._query()["arriving"] == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"max_batch_size": 4}, "'max_batch_size' cannot change while the engine serves"),
+        ({"overlap_joins": 1}, "overlap_joins=1: expected bool"),
+        ({"join_min_rows": 2.5}, "join_min_rows=2.5: expected int >= 0"),
+        ({"batch_wait_ms": -1.0}, "batch_wait_ms=-1.0: expected float >= 0"),
+    ],
+)
+def test_batching_changes_that_cannot_be_made_are_refused_by_name(server, changes, says):
+    engine = server[1]
+    before = engine.limits.as_dict()
+    with pytest.raises(ValueError, match=re.escape(says)):
+        engine.set_batching(**changes)
+    assert engine.limits.as_dict() == before
 
 
 def test_a_client_that_goes_away_cancels_its_generation_there(apart):

@@ -103,6 +103,41 @@ class Limits:
         return asdict(self)
 
 
+# The limits the worker reads anew for each batch (and each join), which `Engine.set_batching` may
+# change while it serves; the others are settled at start-up or checked by the handlers.
+BATCHING_LIMITS = (
+    "batch_wait_ms",
+    "batch_max_wait_ms",
+    "continuous_batching",
+    "join_min_rows",
+    "join_wait_ms",
+    "overlap_joins",
+)
+
+
+def batching_changes(changes: dict[str, Any]) -> dict[str, Any]:
+    """``changes`` checked against :data:`BATCHING_LIMITS` and their kinds (ValueError naming the field).
+
+    >>> batching_changes({"join_min_rows": 4, "overlap_joins": True})
+    {'join_min_rows': 4, 'overlap_joins': True}
+    """
+    defaults = Limits()
+    for name, value in changes.items():
+        if name not in BATCHING_LIMITS:
+            raise ValueError(f"{name!r} cannot change while the engine serves; these can: {', '.join(BATCHING_LIMITS)}")
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        else:  # a count or a wait: a number, not a flag, never negative
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+            ok = ok and (isinstance(value, int) or not isinstance(default, int))
+        if not ok:
+            raise ValueError(
+                f"{name}={value!r}: expected {type(default).__name__}" + ("" if isinstance(default, bool) else " >= 0")
+            )
+    return dict(changes)
+
+
 class QueueFull(Exception):
     """The queue holds `queue_size` jobs already."""
 
@@ -205,10 +240,11 @@ class Arrival:
     `batch_max_wait_ms` > 0 the worker does not start a batch while one is open. Ends with
     :meth:`done` (idempotent), which :meth:`Engine.submit` calls as it queues the request's job."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, counted: bool = True) -> None:
         self._engine = engine
-        self._open = True
-        engine._arrived(+1)
+        self._open = counted  # one the engine does not count (an engine process without the wait) is no-op
+        if counted:
+            engine._arrived(+1)
 
     def done(self) -> None:
         if self._open:
@@ -356,6 +392,15 @@ class Engine:
     def resume(self) -> None:
         with self._cond:
             self._paused = False
+            self._cond.notify_all()
+
+    def set_batching(self, **changes: Any) -> None:
+        """Change how the worker forms batches and lets rows join them (:data:`BATCHING_LIMITS`), from
+        its next batch (joins: its next step); for comparing batching policies on one warm engine."""
+        changes = batching_changes(changes)
+        with self._cond:
+            for name, value in changes.items():
+                setattr(self.limits, name, value)
             self._cond.notify_all()
 
     # ---- worker thread --------------------------------------------------------------

@@ -5,7 +5,7 @@
     server process                                    engine process (spawned)
     handlers tokenize, build Jobs                     factory(): the model, its adapters, an Engine
     EngineProcess.submit(job) ------ pipe ------->    main thread: submit / cancel / arrived / start /
-      queue bound checked here (503)                  pause / resume / query / stop -> the Engine
+      queue bound checked here (503)                  pause / resume / batching / query / stop -> the Engine
     receiver thread: events -> the job's loop <---    worker thread: taken / token / done / error,
                                                       ready (after the warm-up), replies to queries
 
@@ -52,6 +52,7 @@ from fimtune.serve.engine import (
     JobTimeout,
     Limits,
     QueueFull,
+    batching_changes,
 )
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ class EngineProcess:
         self._stop_lock = threading.Lock()
         self._reap_lock = threading.Lock()
         self._gone: str | None = None  # why the engine's process is no longer there
-        self._arrivals = limits.batch_max_wait_ms > 0  # only then does the worker wait for arrivals
+        # only then does the worker wait for arrivals: each request's is counted (through the pipe) or not
+        self._arrivals = limits.batch_max_wait_ms > 0
 
     # ---- life cycle --------------------------------------------------------------------
 
@@ -225,7 +227,7 @@ class EngineProcess:
                 arrival.done()
             job.fail(EngineGone(self._gone))
             return
-        arrived = arrival is not None and arrival.take() and self._arrivals
+        arrived = arrival is not None and arrival.take()  # a counted one: it ends in the engine's process
         job.on_cancel = functools.partial(self._send_quietly, ("cancel", jid))
         left = job.deadline - time.monotonic()
         message = ("submit", jid, job.prompt, job.params, job.adapter, left, job.stream, arrived)
@@ -236,11 +238,11 @@ class EngineProcess:
             job.fail(EngineGone(self._gone or "the engine process cannot be reached"))
 
     def arrival(self) -> Arrival:
-        return Arrival(self)  # type: ignore[arg-type]  # it calls `_arrived`, as on an Engine
+        # it calls `_arrived`, as on an Engine; decided once, so a later `set_batching` never unbalances it
+        return Arrival(self, counted=self._arrivals)  # type: ignore[arg-type]
 
     def _arrived(self, change: int) -> None:
-        if self._arrivals:
-            self._send_quietly(("arrived", change))
+        self._send_quietly(("arrived", change))
 
     def queue_depth(self) -> int:
         return len(self._queued)
@@ -254,6 +256,15 @@ class EngineProcess:
 
     def resume(self) -> None:
         self._send_quietly(("resume",))
+
+    def set_batching(self, **changes: Any) -> None:
+        """As :meth:`Engine.set_batching`: the engine's process applies it (from its next batch), and
+        :attr:`limits` here says it."""
+        changes = batching_changes(changes)
+        for name, value in changes.items():
+            setattr(self.limits, name, value)
+        self._arrivals = self.limits.batch_max_wait_ms > 0
+        self._send_quietly(("batching", changes))
 
     def describe(self) -> dict[str, Any]:
         """As :meth:`Engine.describe`, asked of the engine's process (its last answer once it is gone)."""
@@ -432,6 +443,8 @@ class _Host:
                     engine.pause()
                 elif kind == "resume":
                     engine.resume()
+                elif kind == "batching":
+                    engine.set_batching(**rest[0])
                 elif kind == "query":
                     stats, counters = engine.snapshot()
                     answer = {
