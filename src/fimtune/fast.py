@@ -1283,6 +1283,19 @@ def speed_up(
     return done
 
 
+def copy_to_device(values: list, device: torch.device) -> torch.Tensor:
+    """``values`` (ints, or lists of them) as a long tensor on ``device``, queued without waiting.
+
+    ``torch.tensor(values, device=cuda)`` copies from pageable memory, and PyTorch waits for the
+    stream after such a copy (``memcpy_and_sync``): for all the work queued before it, e.g. the
+    decoding step the host queued ahead. Through pinned memory the copy is queued like a kernel.
+    """
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def copy_to_host(values: torch.Tensor) -> Callable[[], list]:
     """Start copying ``values`` to the host; the function returned waits for that copy only.
 

@@ -8,6 +8,8 @@ Each is checked against plain `model.generate`: the greedy tokens must be the sa
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +19,7 @@ import torch
 from serve_helpers import make_app, never_ending, running
 from tests import tiny
 from tests.conftest import code_samples
+from torch.overrides import TorchFunctionMode
 
 from fimtune import fast
 from fimtune.errors import FimtuneError
@@ -643,6 +646,56 @@ def test_overlapped_joins_decode_beside_the_prefill_and_get_their_own_tokens(
     assert decoder.stats.generated_tokens == sum(c.completion_tokens for c in done.values())
 
 
+class HostValuesOnADevice(TorchFunctionMode):
+    """Records where fimtune's code makes a tensor of host values on a device (`torch.tensor(...,
+    device=...)`): on a GPU, PyTorch waits for the stream after such a copy (all the work queued
+    before it), so the decoding loop must not make one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None:
+            caller = sys._getframe(1).f_code
+            if f"{os.sep}fimtune{os.sep}" in caller.co_filename:
+                self.calls.append(f"{caller.co_filename}:{caller.co_name}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_starts_joins_and_steps_copy_no_host_values_in_a_way_that_waits(tiny_tokenizer, overlap):
+    """A batch of two starts (prefilled together, padded to its bucket of 4), then two rows join:
+    together (``overlap``: one at a time, each prefilled alone beside the steps). Each index and
+    prompt goes to the device through pinned memory (`fast.copy_to_device`), never as
+    `torch.tensor(..., device=)`; every row gets `generate`'s tokens."""
+    model, pr = never_ending(tiny_model("gpt_bigcode", tiny_tokenizer), tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    expected, (short, middle, long, done) = joining(model, pr)
+    second = Row(long.prompt, long.params, on_done=lambda c: done.__setitem__(3, c))
+    waiting, calls = [short, middle], []
+
+    def join(room, fits):
+        calls.append(room)
+        if len(calls) < 2:
+            return []
+        taken, waiting[:] = waiting[:room], waiting[room:]
+        return taken
+
+    static = StaticDecoding(model, 256, 4, backend=None, prefill_graphs=True)
+    decoder = Decoder(model, pr, static=static)
+    with HostValuesOnADevice() as seen:
+        decoder.run([long, second], join=join, overlap_joins=overlap)
+    assert seen.calls == []
+    assert decoder.stats.joined == 2 and calls[1] == (1 if overlap else 2)
+    assert summary([done[i] for i in range(4)]) == [*expected, expected[2]]
+
+
+def test_copy_to_device_gives_the_values_as_long_tensors():
+    got = fast.copy_to_device([[1, 2], [3, 4]], torch.device("cpu"))
+    assert got.dtype == torch.long and got.tolist() == [[1, 2], [3, 4]]
+
+
 @pytest.mark.parametrize(
     "continuous, join_min_rows, join_wait_ms, joined",
     [
@@ -699,6 +752,36 @@ def test_overlapped_joins_on_a_gpu_give_each_row_its_tokens(tiny_tokenizer):
     decoder.run([long], join=join, overlap_joins=True)
     assert summary([done[i] for i in range(3)]) == expected and decoder.stats.joined == 2
     assert static._side is not None  # the prefills ran on a stream of their own
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_gpu_batch_with_joins_never_waits_for_the_stream(tiny_tokenizer, overlap):
+    """After the warm-up, a batch of one that two rows join, one at a time (growing from bucket 1
+    to 4; ``overlap``: each prefilled beside the steps), runs with PyTorch's sync debug mode set to
+    raise at any call that waits for a stream (a blocking copy, `.item()`): the host only waits for
+    its picks, through an event; and every row gets `generate`'s tokens."""
+    fresh_dynamo()
+    model = tiny.gpt_bigcode(len(tiny_tokenizer), n_embd=32)
+    model.set_attn_implementation("sdpa")
+    model, pr = never_ending(model.cuda(), tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    static = static_decoding(model, 256, 4)
+    static.warmup()
+    expected, (short, middle, long, done) = joining(model, pr)  # `generate` first: it waits
+    calls: list[int] = []
+
+    def join(room, fits):
+        calls.append(room)
+        return {2: [short], 6: [middle]}.get(len(calls), [])
+
+    decoder = Decoder(model, pr, static=static)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        decoder.run([long], join=join, overlap_joins=overlap)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert summary([done[i] for i in range(3)]) == expected and decoder.stats.joined == 2
 
 
 @pytest.mark.gpu

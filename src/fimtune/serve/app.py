@@ -200,7 +200,7 @@ def engine_gauges(engine: Engine | EngineProcess) -> dict[str, tuple[str, str, A
         "fimtune_busy_seconds_total": ("counter", "Seconds the engine spent generating batches.", c.busy_seconds),
         "fimtune_prefill_seconds_total": (
             "counter",
-            "Seconds of those in prefills and joins (GPU decoding path).",
+            "Seconds of those in prefills and joins (GPU decoding path: queuing them; the GPU's own time falls in the waits).",
             st.prefill_s,
         ),
         "fimtune_device_wait_seconds_total": (

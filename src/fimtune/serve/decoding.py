@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fimtune.fast import copy_to_host
+from fimtune.fast import copy_to_device, copy_to_host
 from fimtune.generate import Completion, FimPrompter, GenerationParams, TextTracker, pick_tokens
 from fimtune.serve.kvcache import DEFAULT_CACHE_SLOTS, CacheSlot, Drafter, PromptCache, crop_cache, new_cache
 from fimtune.serve.static import OVERLAP_MAX_STEPS, forward_keywords
@@ -77,8 +77,9 @@ class DecodeStats:
     batches: int = 0
     largest_batch: int = 0
     joined: int = 0  # rows that joined a batch in flight (continuous batching)
-    # The static path's wall time: prefills (a batch's, joins'), and waits for the device's picks (the
-    # next step runs meanwhile). The rest of a batch is the host's: queuing steps, stops, streaming.
+    # The static path's wall time: prefills (a batch's, joins'; on a GPU the host's part, queuing them:
+    # the device's own time runs on into the next wait), and waits for the device's picks (the next
+    # step runs meanwhile). The rest of a batch is the host's: queuing steps, stops, streaming.
     prefill_s: float = 0.0
     device_wait_s: float = 0.0
 
@@ -268,7 +269,8 @@ class Decoder:
         generator = _generator(rows[0].params, self.device)
         while active:
             tokens = pick_tokens(logits, rows[0].params, generator)
-            keep = [i for i, k in enumerate(active) if not states[k].accept(int(tokens[i]))]
+            picked = tokens.tolist()  # one read from the device, not one a row
+            keep = [i for i, k in enumerate(active) if not states[k].accept(picked[i])]
             if not keep:
                 break
             if len(keep) < len(active):  # finished lines leave the batch
@@ -346,7 +348,7 @@ class Decoder:
             if isinstance(state, _Joining):
                 state.steps += 1
                 if state.admission.ready() or state.steps >= OVERLAP_MAX_STEPS:
-                    logits[torch.tensor([i], device=self.device)] = session.finish_admit(state.admission)
+                    logits[i : i + 1] = session.finish_admit(state.admission)
                     slots[i] = _RowState(state.row, self.prompter)
                     self._count_prompt(state.row.prompt, 0)
                     self.stats.joined += 1
@@ -375,7 +377,7 @@ class Decoder:
             slots[i] = _RowState(row, self.prompter)
             self._count_prompt(row.prompt, 0)
         self.stats.joined += len(joining)
-        logits[torch.tensor(free, device=self.device)] = first
+        logits[copy_to_device(free, self.device)] = first
         return logits
 
     def _finish(self, state: _RowState) -> None:

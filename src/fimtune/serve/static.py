@@ -98,7 +98,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fimtune.fast import inductor_backend, product_decompositions, raise_recompile_limit, register_attention
+from fimtune.fast import (
+    copy_to_device,
+    inductor_backend,
+    product_decompositions,
+    raise_recompile_limit,
+    register_attention,
+)
 
 log = logging.getLogger(__name__)
 
@@ -910,7 +916,7 @@ class StaticSession:
         if len(prompts) != len(slots) or not all(self.can_admit(len(p), 0) for p in prompts):
             raise ValueError("each joining prompt needs a slot and must fit into the slots filled so far")
         self.owner.batches += 1
-        index = torch.tensor(slots, device=self.owner.device)
+        index = copy_to_device(slots, self.owner.device)
         self.bucket.mask[index] = self.owner.shut
         return self._prefill(prompts, index, torch.arange(len(prompts), device=self.owner.device))
 
@@ -972,7 +978,7 @@ class StaticSession:
         has not ended): the slot's keys, values, mask and position; the logits [1, V] of its first pick."""
         if admission.done is not None:
             torch.cuda.current_stream(self.owner.device).wait_event(admission.done)
-        slots = torch.tensor([admission.slot], device=self.owner.device)
+        slots = copy_to_device([admission.slot], self.owner.device)
         self.bucket.mask[slots] = self.owner.shut
         rows = torch.arange(1, device=self.owner.device)
         return self._place(slots, rows, admission.logits, admission.states, admission.positions, None)
@@ -1009,7 +1015,7 @@ class StaticSession:
 
 def padded_rows(n: int, size: int, device: torch.device) -> torch.Tensor:
     """Row indices 0..n-1, then 0 up to ``size``: a batch padded to its bucket with copies of row 0."""
-    return torch.tensor([*range(n), *[0] * (size - n)], device=device)
+    return copy_to_device([*range(n), *[0] * (size - n)], device)
 
 
 def prefill_inputs(
@@ -1018,8 +1024,8 @@ def prefill_inputs(
     """Prompts left-padded to one width: (ids [n, w], positions [n, w], mask [n, w]: 1 on real
     tokens, or None when no prompt is padded: the plain causal mask)."""
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids = copy_to_device([[0] * (width - len(p)) + p for p in prompts], device)
+    real = copy_to_device([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device)
     positions = (real.cumsum(-1) - 1).clamp(min=0)
     return ids, positions, (real if any(len(p) < width for p in prompts) else None)
 
