@@ -60,7 +60,7 @@ if part tests || part alltests; then
             "tests/serve/test_static.py::test_cuda_graphs_on_a_gpu_give_generate_tokens[trees-auto]"
             tests/serve/test_static.py::test_a_gpu_batch_with_joins_never_waits_for_the_stream)
     fi
-    timeout $(part alltests && echo 170 || echo 100) python3 -m pytest -q -p no:cacheprovider -m gpu "${selected[@]}" 2>&1 |
+    timeout $(part alltests && echo 190 || echo 120) python3 -m pytest -q -p no:cacheprovider -m gpu "${selected[@]}" 2>&1 |
         grep -v -E '^[VIW][0-9]{4}' | tee "$OUT/gpu-tests.log"
     timeout 40 python3 -m pytest -q -p no:cacheprovider -m gpu -k "trees-flex" tests/serve/test_static.py 2>&1 |
         grep -v -E '^[VIW][0-9]{4}' | tail -60 | tee -a "$OUT/gpu-tests.log"

@@ -755,33 +755,35 @@ def test_overlapped_joins_on_a_gpu_give_each_row_its_tokens(tiny_tokenizer):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overlap", [False, True])
-def test_a_gpu_batch_with_joins_never_waits_for_the_stream(tiny_tokenizer, overlap):
+def test_a_gpu_batch_with_joins_never_waits_for_the_stream(tiny_tokenizer):
     """After the warm-up, a batch of one that two rows join, one at a time (growing from bucket 1
-    to 4; ``overlap``: each prefilled beside the steps), runs with PyTorch's sync debug mode set to
-    raise at any call that waits for a stream (a blocking copy, `.item()`): the host only waits for
-    its picks, through an event; and every row gets `generate`'s tokens."""
+    to 4), then again with each prefilled beside the steps (overlapped), runs with PyTorch's sync
+    debug mode set to raise at any call that waits for a stream (a blocking copy, `.item()`): the
+    host only waits for its picks, through an event; and every row gets `generate`'s tokens."""
     fresh_dynamo()
     model = tiny.gpt_bigcode(len(tiny_tokenizer), n_embd=32)
     model.set_attn_implementation("sdpa")
     model, pr = never_ending(model.cuda(), tiny_tokenizer), FimPrompter(tiny_tokenizer)
     static = static_decoding(model, 256, 4)
-    static.warmup()
-    expected, (short, middle, long, done) = joining(model, pr)  # `generate` first: it waits
-    calls: list[int] = []
-
-    def join(room, fits):
-        calls.append(room)
-        return {2: [short], 6: [middle]}.get(len(calls), [])
-
+    static.warmup()  # one warm-up for both runs (a GPU check's time is short)
     decoder = Decoder(model, pr, static=static)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        decoder.run([long], join=join, overlap_joins=overlap)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert summary([done[i] for i in range(3)]) == expected and decoder.stats.joined == 2
+    for overlap in (False, True):
+        expected, (short, middle, long, done) = joining(model, pr)  # `generate` first: it waits
+        calls: list[int] = []
+
+        def join(room, fits, calls=calls, short=short, middle=middle):
+            calls.append(room)
+            return {2: [short], 6: [middle]}.get(len(calls), [])
+
+        joined = decoder.stats.joined
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            decoder.run([long], join=join, overlap_joins=overlap)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert summary([done[i] for i in range(3)]) == expected, overlap
+        assert decoder.stats.joined == joined + 2
 
 
 @pytest.mark.gpu
