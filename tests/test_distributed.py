@@ -207,3 +207,25 @@ def test_fsdp2_in_bf16_follows_one_process(fsdp_dirs):
         a, b = records(one, key), records(sharded, key)
         assert a.keys() == b.keys()
         assert list(b.values()) == pytest.approx(list(a.values()), abs=1e-2)
+
+
+def test_a_launched_process_ends_at_the_last_barrier_without_the_interpreters_teardown(tmp_path):
+    """`exit_launched_process` under a launcher of two gloo processes: both reach it, leave with exit
+    code 0, and nothing after it runs: no line printed after it, no at-exit handler (the teardown in
+    which gloo's threads could abort a finished run)."""
+    script = tmp_path / "launched.py"
+    script.write_text(
+        "import atexit, sys, torch.distributed as dist\n"
+        "from fimtune.train import exit_launched_process\n"
+        "dist.init_process_group('gloo')\n"
+        f"log = open(f'{tmp_path}/rank{{dist.get_rank()}}.txt', 'a', buffering=1)\n"
+        "atexit.register(lambda: log.write('teardown\\n'))\n"
+        "log.write('before\\n')\n"
+        "exit_launched_process()\n"
+        "log.write('after\\n')\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["before\n", "before\n"]

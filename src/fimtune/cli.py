@@ -122,11 +122,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
         print(describe_plan(cfg))
     if ns.dry_run:
         return 0
-    from fimtune.train import fit
+    from fimtune.train import exit_launched_process, fit
 
     run_dir = fit(cfg, resume=ns.resume, stop_after=ns.stop_after)
     if main_process:
         print(f"run folder: {run_dir}")
+    exit_launched_process()  # under `accelerate launch`: ends here
     return 0
 
 

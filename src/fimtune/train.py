@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -402,6 +403,28 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
         print(f"validation loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f}) after {s.max_steps} steps")
     acc.wait_for_everyone()
     return run_dir
+
+
+def exit_launched_process() -> None:
+    """Under a launcher of several processes, end this one (exit code 0) once every process has
+    finished, without the interpreter's teardown; elsewhere, return.
+
+    A finished two-process FSDP2 run on gloo sometimes ended in a SIGABRT at exit ("terminate called
+    without an active exception", pytorch/pytorch#190489): ProcessGroupGloo's worker threads live on
+    until the interpreter is torn down, even after `destroy_process_group` and a garbage collection
+    (the C++ group stays referenced), and one of them touching the interpreter then aborts the
+    process. Everything a run writes is on disk by now (checkpoints, metrics, TensorBoard, flushed
+    at each write); the output streams and log handlers are flushed here.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    dist.barrier()  # no process leaves while another still talks to it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 def _check_fp8(accelerator: Any) -> None:
