@@ -139,7 +139,8 @@ def test_batching_changed_while_serving_reaches_the_worker(where, request):
     [
         ({"max_batch_size": 4}, "'max_batch_size' cannot change while the engine serves"),
         ({"overlap_joins": 1}, "overlap_joins=1: expected bool"),
-        ({"join_min_rows": 2.5}, "join_min_rows=2.5: expected int >= 0"),
+        ({"join_min_rows": 2.5}, "join_min_rows=2.5: expected int >= 1"),
+        ({"join_min_rows": 0}, "join_min_rows=0: expected int >= 1"),
         ({"batch_wait_ms": -1.0}, "batch_wait_ms=-1.0: expected float >= 0"),
     ],
 )

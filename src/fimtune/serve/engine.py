@@ -126,15 +126,15 @@ def batching_changes(changes: dict[str, Any]) -> dict[str, Any]:
         if name not in BATCHING_LIMITS:
             raise ValueError(f"{name!r} cannot change while the engine serves; these can: {', '.join(BATCHING_LIMITS)}")
         default = getattr(defaults, name)
+        least = 1 if name == "join_min_rows" else 0  # as `fimtune serve` checks its flags
         if isinstance(default, bool):
             ok = isinstance(value, bool)
-        else:  # a count or a wait: a number, not a flag, never negative
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+        else:  # a count or a wait: a number, not a flag
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= least
             ok = ok and (isinstance(value, int) or not isinstance(default, int))
         if not ok:
-            raise ValueError(
-                f"{name}={value!r}: expected {type(default).__name__}" + ("" if isinstance(default, bool) else " >= 0")
-            )
+            kind = type(default).__name__ + ("" if isinstance(default, bool) else f" >= {least}")
+            raise ValueError(f"{name}={value!r}: expected {kind}")
     return dict(changes)
 
 
