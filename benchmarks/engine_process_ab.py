@@ -76,12 +76,8 @@ def main() -> int:
             configurations = [(server, batching) for server in servers for batching in batchings]
             for round_ in range(args.rounds):
                 for (name, url, serving), (suffix, changes) in configurations[:: 1 if round_ % 2 == 0 else -1]:
-                    before = {field: getattr(serving.limits, field) for field in changes}
-                    serving.set_batching(**changes)
-                    try:
+                    with latency_gpu.batching(serving, changes):
                         seconds, _, errors = latency_gpu.load(s, url, latency_gpu.CLIENTS, args.requests_per_client)
-                    finally:
-                        serving.set_batching(**before)
                     row = {"round": round_, "engine": name + suffix, "errors": len(errors)}
                     row |= latency_gpu.stats_ms(seconds)
                     rows.append(row)

@@ -664,6 +664,18 @@ def process_server(
         engine.stop()
 
 
+@contextlib.contextmanager
+def batching(engine: Any, changes: dict[str, Any]) -> Iterator[None]:
+    """``engine`` (an Engine or an EngineProcess) with its batching limits changed (`set_batching`)
+    inside the block, restored after it."""
+    before = {name: getattr(engine.limits, name) for name in changes}
+    engine.set_batching(**changes)
+    try:
+        yield
+    finally:
+        engine.set_batching(**before)
+
+
 def process_server_rows(
     s: Setup,
     args: argparse.Namespace,
@@ -682,11 +694,9 @@ def process_server_rows(
             if rows and time.monotonic() > deadline - 10:
                 print(f"-- server {changes}, engine process: skipped (budget)", flush=True)
                 continue
-            before = {name: getattr(engine.limits, name) for name in changes}
-            engine.set_batching(**changes)
-            label = f"{graphs}, engine process"
-            rows.append(server_run(s, engine, url, ready_s, args.clients_in_process, threads, label))
-            engine.set_batching(**before)
+            with batching(engine, changes):
+                label = f"{graphs}, engine process"
+                rows.append(server_run(s, engine, url, ready_s, args.clients_in_process, threads, label))
     return rows
 
 
