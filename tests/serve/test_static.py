@@ -759,7 +759,8 @@ def test_a_gpu_batch_with_joins_never_waits_for_the_stream(tiny_tokenizer):
     """After the warm-up, a batch of one that two rows join, one at a time (growing from bucket 1
     to 4), then again with each prefilled beside the steps (overlapped), runs with PyTorch's sync
     debug mode set to raise at any call that waits for a stream (a blocking copy, `.item()`): the
-    host only waits for its picks, through an event; and every row gets `generate`'s tokens."""
+    host only waits for its picks, through an event; and every row gets `generate`'s tokens. The
+    steps run on the decoding stream, of a higher priority than the overlapped prefills' stream."""
     fresh_dynamo()
     model = tiny.gpt_bigcode(len(tiny_tokenizer), n_embd=32)
     model.set_attn_implementation("sdpa")
@@ -767,6 +768,8 @@ def test_a_gpu_batch_with_joins_never_waits_for_the_stream(tiny_tokenizer):
     static = static_decoding(model, 256, 4)
     static.warmup()  # one warm-up for both runs (a GPU check's time is short)
     decoder = Decoder(model, pr, static=static)
+    streams = []
+    decoder.step_hook = lambda: streams.append(torch.cuda.current_stream())
     for overlap in (False, True):
         expected, (short, middle, long, done) = joining(model, pr)  # `generate` first: it waits
         calls: list[int] = []
@@ -784,6 +787,8 @@ def test_a_gpu_batch_with_joins_never_waits_for_the_stream(tiny_tokenizer):
             torch.cuda.set_sync_debug_mode("default")
         assert summary([done[i] for i in range(3)]) == expected, overlap
         assert decoder.stats.joined == joined + 2
+    assert streams and all(stream == static.stream for stream in streams)
+    assert static.stream.priority < static._side.priority == torch.cuda.default_stream().priority
 
 
 @pytest.mark.gpu

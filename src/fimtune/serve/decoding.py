@@ -18,8 +18,9 @@ a row that finishes leaves the batch (its cache rows are dropped).
 
 On a CUDA device the decoder uses :mod:`.static` instead (given as ``static``): a static
 cache and a compiled one-token step replayed as a CUDA graph, for one request or a batch
-(no reuse, no drafts: a step costs ~1 ms there, and launching kernels was the cost). Its rows
-stop, stream and cancel through the same :class:`_RowState`.
+(no reuse, no drafts: a step costs ~1 ms there, and launching kernels was the cost), on a
+CUDA stream of the highest priority. Its rows stop, stream and cancel through the same
+:class:`_RowState`.
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ class Decoder:
         ):
             states = [_RowState(r, self.prompter) for r in rows]
             try:
-                return self._run_static(static, states, join, overlap_joins)
+                with static.on_stream():
+                    return self._run_static(static, states, join, overlap_joins)
             except Exception:
                 # Decode eagerly from now on; this batch too, unless some of its tokens went out already.
                 log.exception("the CUDA-graph decoding failed; decoding eagerly from now on")

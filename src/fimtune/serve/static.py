@@ -48,6 +48,10 @@ unused; it is put in (:meth:`StaticSession.finish_admit`) at the first step afte
 ended, or after `OVERLAP_MAX_STEPS` steps, the decoding stream then waiting for it. A step of a
 batch of 16 leaves most of the GPU idle (small kernels), where a prefill's matrix products can run;
 without it, every join stops the batch for the prefill (~7 ms on an H200). One join at a time.
+The steps run on a stream of the highest priority (:meth:`StaticDecoding.on_stream`), the
+prefills on one of the lowest: as a prefill's thread blocks end, the GPU starts a step's waiting
+blocks before the prefill's next ones, so a step waits for one wave of a product's blocks at
+most, not for the whole product.
 
 Prefill graphs (CUDA; ``prefill_graphs``): the eager prefill of one 1,024-token prompt is bound by
 the host launching its ~500 kernels (an H200 did it in ~10 ms, where a batch of 4 took ~18 ms).
@@ -88,10 +92,11 @@ the fastest, where it beats SDPA by `AUTO_MARGIN` (:func:`chosen_decoding` route
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +132,7 @@ PREFILL_GRAPH_TOKENS = 2048  # the longest prompt prefilled through a graph (lon
 PREFILL_CHECK_TOLERANCE = 0.02  # a captured prefill's logits may differ from eager ones by this share of their range
 GRAPH_KINDS = ("trees", "captured")  # CUDA graphs: torch.compile's graph trees, or captured here
 OVERLAP_MAX_STEPS = 8  # an overlapped join's prefill is waited for after this many decoding steps
+HIGHEST_PRIORITY = -(2**10)  # CUDA maps a stream priority past its range to the nearest (-5 on Hopper: the highest)
 
 
 def grouped_sdpa(
@@ -539,7 +545,9 @@ class StaticDecoding:
         self._single: _Single | None = None  # the buffers every single-prompt prefill shares
         self._prefill_graphs: dict[tuple[int, int], Any] = {}  # (length bucket, adapter state) -> graph
         self._prefill_pool: Any = None
-        self._side: Any = None  # the CUDA stream of overlapped joins' prefills
+        self._side: Any = None  # the CUDA stream of overlapped joins' prefills (the lowest priority, PyTorch's default)
+        # the CUDA stream of everything else (:meth:`on_stream`): the highest priority
+        self.stream = torch.cuda.Stream(self.device, priority=HIGHEST_PRIORITY) if self.device.type == "cuda" else None
         self.prefill_graphs_s = 0.0  # seconds spent capturing them
         self.single_prefills = 0  # prompts prefilled padded to a length bucket (through its graph on CUDA)
         self.warmup_s = 0.0
@@ -627,9 +635,32 @@ class StaticDecoding:
         logits = session._prefill(prompts, torch.arange(bucket.size, device=self.device), rows)
         return session, logits
 
+    @contextlib.contextmanager
+    def on_stream(self) -> Iterator[None]:
+        """Queue the block's CUDA work on the decoding stream, of the highest priority: where an
+        overlapped join's prefill (on a stream of PyTorch's default priority, the lowest) shares
+        the GPU with the steps, the GPU starts the steps' thread blocks first as its cores free up
+        (a captured graph runs at the priority of the stream it is replayed on). The stream waits
+        for the caller's work first, and the caller's stream for the block's after it. No-op
+        without CUDA, or on the stream already."""
+        if self.stream is None or torch.cuda.current_stream(self.device) == self.stream:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            caller.wait_stream(self.stream)
+
     def warmup(self, prompt_tokens: int = WARMUP_PROMPT_TOKENS, steps: int = WARMUP_STEPS) -> float:
         """Compile and record each bucket's step now, not at the first requests: the seconds it took
-        (the attention's timing included)."""
+        (the attention's timing included), on the decoding stream (:meth:`on_stream`)."""
+        with self.on_stream():
+            return self._warmup(prompt_tokens, steps)
+
+    def _warmup(self, prompt_tokens: int, steps: int) -> float:
         self.choose_attention()
         if self.compile_prefill_at_warmup and not self.prefill_compiled:
             self.compile_prefill(prompt_tokens)
