@@ -744,16 +744,18 @@ def server_rows(
             if changes == apart:  # the defaults, then joins overlapped: the engine built once for both
                 rows += process_server_rows(s, args, key, _graphs(engine), deadline, [{}, overlap])
                 continue
-            owners = {name: svc if name == "tokenize_in_threads" else engine.limits for name in changes}
-            before = {name: getattr(owner, name) for name, owner in owners.items()}
-            for name, value in changes.items():
-                setattr(owners[name], name, value)
+            # the engine's limits through `set_batching`; where prompts are tokenized is the server's
+            limits = {name: value for name, value in changes.items() if name != "tokenize_in_threads"}
+            svc.tokenize_in_threads = changes.get("tokenize_in_threads", threads)
             try:
-                threads = svc.tokenize_in_threads
-                rows.append(server_run(s, engine, url, ready_s, args.clients_in_process, threads, _graphs(engine)))
+                with batching(engine, limits):
+                    rows.append(
+                        server_run(
+                            s, engine, url, ready_s, args.clients_in_process, svc.tokenize_in_threads, _graphs(engine)
+                        )
+                    )
             finally:
-                for name, value in before.items():
-                    setattr(owners[name], name, value)
+                svc.tokenize_in_threads = threads
     finally:
         server.should_exit = True
     return rows

@@ -99,7 +99,7 @@ def test_the_engine_keeps_its_switch_interval_while_it_runs_and_gives_pythons_ba
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         assert c.post("/generate", json=body).status_code == 200
         assert sys.getswitchinterval() == pytest.approx(0.00025)
-        engine.limits.switch_interval_ms = 1.0  # a change holds from the next batch
+        engine.set_batching(switch_interval_ms=1.0)  # a change holds from the next batch
         assert c.post("/generate", json=body).status_code == 200
         assert sys.getswitchinterval() == pytest.approx(0.001)
     assert sys.getswitchinterval() == python_default

@@ -142,6 +142,7 @@ def test_batching_changed_while_serving_reaches_the_worker(where, request):
         ({"join_min_rows": 2.5}, "join_min_rows=2.5: expected int >= 1"),
         ({"join_min_rows": 0}, "join_min_rows=0: expected int >= 1"),
         ({"batch_wait_ms": -1.0}, "batch_wait_ms=-1.0: expected float >= 0"),
+        ({"switch_interval_ms": 0.0}, "switch_interval_ms=0.0: expected float > 0"),
     ],
 )
 def test_batching_changes_that_cannot_be_made_are_refused_by_name(server, changes, says):
