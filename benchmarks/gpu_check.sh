@@ -84,10 +84,11 @@ part train && timeout $share python3 benchmarks/train_throughput.py --variants c
 #    tells the attention it timed fastest for each batch size; no profile of the step: run 7 took
 #    one, and its time goes to the server rows), the server rows (the engine in a process of its
 #    own second and third: built and warmed up there, from the compiler's caches this engine filled,
-#    then its defaults and its joins overlapped; overlapped joins in this process fourth); then,
-#    budget permitting, the engine whose batch-of-one steps multiply through cuBLAS (run 7's), not
-#    through the matrix-vector kernels.
+#    then its defaults and its joins overlapped; overlapped joins in this process fourth); a profile
+#    of one prompt's prefill (how much of it is small element-wise kernels that a compiled prefill
+#    would fuse); then, budget permitting, the engine whose batch-of-one steps multiply through
+#    cuBLAS (run 7's), not through the matrix-vector kernels.
 part latency && cd benchmarks && timeout $(($(left) - 5)) python3 latency.py --device cuda --shape starcoderbase-1b \
-    --no-generate-static --graphs trees,trees+cublas --budget-s $(($(left) - 30)) \
+    --no-generate-static --graphs trees,trees+cublas --budget-s $(($(left) - 30)) --profile-prefill /tmp/gpu-profiles \
     --json "$OUT/latency.json" 2>&1 | grep -v -E '^[VIW][0-9]{4}|^ +- |^ +File' | tee "$OUT/latency.log"
 for f in /tmp/gpu-profiles/*.txt; do [ -f "$f" ] && printf '\n== %s\n' "${f##*/}" && cat "$f"; done > "$OUT/profiles.txt"

@@ -360,6 +360,12 @@ def main() -> int:
         metavar="DIR",
         help="profile decoding steps of the first --graphs variant (batch 1 and 16) into DIR",
     )
+    gpu.add_argument(
+        "--profile-prefill",
+        type=Path,
+        metavar="DIR",
+        help="profile a single prompt's prefill of the first --graphs variant into DIR, after its server rows",
+    )
     for flag, what in (
         ("--batch-wait-variants", "batching waits (batch_wait_ms)"),
         ("--switch-interval-variants", "interpreter switch intervals (switch_interval_ms)"),

@@ -47,6 +47,10 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
                       The clients are threads of another process (load_clients.py), as editors are;
                       `--clients-in-process`: threads of the server's own process (runs 1-6).
                       For the first variant only (`--server-all-variants`: for each)
+    profile prefill   (--profile-prefill DIR) after the first variant's server rows: 8 prefills of
+                      the prompt alone (through its length bucket's graph on CUDA) under
+                      torch.profiler: as `profile bN`, plus the kernels under 10 us each, the
+                      element-wise work a compiled prefill would fuse  (diagnostics)
     generate static   `generate(cache_implementation="static")`: transformers compiles its own step
                       (the first calls; their time is its warm-up)
 
@@ -88,6 +92,8 @@ CLIENTS = 16
 REQUESTS_PER_CLIENT = 10
 MAX_BATCH = 16
 BUCKET_STEPS = 16  # decoding steps timed per bucket
+PROFILED_PREFILLS = 8  # single-prompt prefills under the profiler (--profile-prefill)
+SMALL_KERNEL_US = 10  # a kernel shorter than this, on average, counts as small (mostly element-wise)
 BUDGET_S = 220.0
 TARGETS = {"engine": ("p50_ms", 50.0), "server": ("p95_ms", 200.0)}
 ATTENTION_REPLAYS = 50
@@ -489,54 +495,88 @@ def profile_rows(s: Setup, engine: Any, folder: Path) -> list[dict[str, Any]]:
     torch.profiler. On CUDA: the kernels' time per step (against the step's wall time: the rest is the
     GPU waiting between kernels), kernels per step, and the kernels by share; on a CPU the same for
     operators. The whole table goes to ``folder``. Diagnostics."""
-    from torch.profiler import ProfilerActivity, profile
-
     static, rows = engine.decoder.static, []
-    cuda = static.device.type == "cuda"
-    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-    folder.mkdir(parents=True, exist_ok=True)
     for size in sorted({static.buckets[0], static.buckets[-1]}):
         session, logits = static.start([s.ids] * size)
         tokens = logits.argmax(-1)
         for _ in range(3):  # warm: the step's graph exists
             tokens = session.step(tokens).argmax(-1)
-        sync()
-        with profile(activities=activities) as prof:
-            start = time.perf_counter()
+
+        def steps(session: Any = session, tokens: Any = tokens) -> None:
             for _ in range(BUCKET_STEPS):
                 tokens = session.step(tokens).argmax(-1)
-            sync()
-            wall_ms = 1000 * (time.perf_counter() - start) / BUCKET_STEPS
-        events = prof.key_averages()
-        if cuda:
-            timed = [e for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
-            us = {e.key: e.self_device_time_total for e in timed}
-        else:  # the CPU smoke run: operators (aten::...), not their Python wrappers
-            timed = [e for e in events if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
-            us = {e.key: e.self_cpu_time_total for e in timed}
-        total_us = sum(us.values())
-        busy_ms = total_us / 1000 / BUCKET_STEPS
-        per_step = sum(e.count for e in timed) / BUCKET_STEPS
-        top = sorted(us.items(), key=lambda kv: -kv[1])[:6]
-        shares = {name[:70]: round(100 * t / max(total_us, 1e-9), 1) for name, t in top}
-        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-        table = events.table(sort_by=sort, row_limit=60, max_name_column_width=100)
-        path = folder / f"profile-step-b{size}-{_graphs(engine)}.txt"
-        path.write_text(table)
-        what = "kernels" if cuda else "operators"
-        rows.append(
-            {
-                "scenario": f"profile b{size}: one step, {_graphs(engine)}",
-                "wall_ms": wall_ms,
-                "busy_ms": busy_ms,
-                "per_step": per_step,
-                "top_percent": shares,
-                "table": str(path),
-                "note": f"{what}: {busy_ms:.2f} ms a step of {wall_ms:.2f} (profiled), {per_step:.0f} a step; "
-                + ", ".join(f"{name[:40]} {pct}%" for name, pct in list(shares.items())[:3]),
-            }
-        )
+
+        name = f"step-b{size}-{_graphs(engine)}"
+        row = _profiled(steps, BUCKET_STEPS, static.device.type == "cuda", folder / f"profile-{name}.txt")
+        rows.append({"scenario": f"profile b{size}: one step, {_graphs(engine)}", **row})
     return rows
+
+
+def prefill_profile_row(s: Setup, engine: Any, folder: Path) -> dict[str, Any]:
+    """Where a single prompt's prefill time goes (the 1,024-token prompt, through its length bucket's
+    graph on CUDA): as :func:`profile_rows`, plus the kernels under `SMALL_KERNEL_US` each, the
+    element-wise work that a compiled prefill would fuse. Diagnostics."""
+    import torch
+
+    static = engine.decoder.static
+    if not static.prefill_graphs_on:
+        raise RuntimeError("the engine's prefill graphs are off")
+
+    @torch.inference_mode()  # as the engine runs it (its buffers are inference tensors)
+    def prefills(calls: int = PROFILED_PREFILLS) -> None:
+        for _ in range(calls):
+            static.run_prefill([s.ids])
+
+    prefills(2)  # warm: the length bucket's graph exists
+
+    path = folder / f"profile-prefill-{_graphs(engine)}.txt"
+    row = _profiled(prefills, PROFILED_PREFILLS, static.device.type == "cuda", path)
+    return {"scenario": f"profile prefill of {len(s.ids)} tokens, {_graphs(engine)}", **row}
+
+
+def _profiled(work: Any, calls: int, cuda: bool, path: Path) -> dict[str, Any]:
+    """``work`` (``calls`` calls of what is profiled) under torch.profiler: the time and count of the
+    kernels (CPU: operators) a call, its wall time, the largest ones' shares; the table to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sync()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        work()
+        sync()
+        wall_ms = 1000 * (time.perf_counter() - start) / calls
+    events = prof.key_averages()
+    if cuda:
+        timed = [e for e in events if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
+        us = {e.key: e.self_device_time_total for e in timed}
+    else:  # the CPU smoke run: operators (aten::...), not their Python wrappers
+        timed = [e for e in events if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
+        us = {e.key: e.self_cpu_time_total for e in timed}
+    total_us = sum(us.values())
+    busy_ms = total_us / 1000 / calls
+    per_call = sum(e.count for e in timed) / calls
+    small = [e for e in timed if us[e.key] / e.count < SMALL_KERNEL_US]  # by their mean time a launch
+    small_ms = sum(us[e.key] for e in small) / 1000 / calls
+    small_per_call = sum(e.count for e in small) / calls
+    top = sorted(us.items(), key=lambda kv: -kv[1])[:6]
+    shares = {name[:70]: round(100 * t / max(total_us, 1e-9), 1) for name, t in top}
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.write_text(events.table(sort_by=sort, row_limit=60, max_name_column_width=100))
+    what = "kernels" if cuda else "operators"
+    return {
+        "wall_ms": wall_ms,
+        "busy_ms": busy_ms,
+        "per_step": per_call,
+        "small_ms": small_ms,
+        "small_per_step": small_per_call,
+        "top_percent": shares,
+        "table": str(path),
+        "note": f"{what}: {busy_ms:.2f} ms a call of {wall_ms:.2f} (profiled), {per_call:.0f} a call "
+        f"({small_per_call:.0f} under {SMALL_KERNEL_US} us each: {small_ms:.2f} ms); "
+        + ", ".join(f"{name[:40]} {pct}%" for name, pct in list(shares.items())[:3]),
+    }
 
 
 def attention_rows(s: Setup, engine: Any) -> list[dict[str, Any]]:
@@ -942,6 +982,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         for row in rows or []:
             report.add(row)
+        if args.profile_prefill and engine.decoder.static is not None:
+            profiled = attempt(
+                report, "profile prefill", lambda e=engine: prefill_profile_row(s, e, args.profile_prefill), deadline, 5
+            )
+            if profiled is not None:
+                report.add(profiled)
     if args.no_generate_static:
         return _finish(report)
     result = attempt(

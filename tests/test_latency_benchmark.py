@@ -18,7 +18,8 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
     run_script(
         "benchmarks/latency.py", "--device", "cpu", "--shape", "tiny", "--budget-s", "150",
         "--batch-wait-variants", "", "--graphs", "trees,trees+eager-prefill,trees+prefill", "--json", str(out),
-        "--profile-step", str(tmp_path / "profile"), env={"OMP_NUM_THREADS": "1", "PATH": ""},
+        "--profile-step", str(tmp_path / "profile"), "--profile-prefill", str(tmp_path / "profile"),
+        env={"OMP_NUM_THREADS": "1", "PATH": ""},
     )  # fmt: skip
     report = json.loads(out.read_text())
     assert not report["errors"], report["errors"]
@@ -41,6 +42,12 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
         profiled = rows[f"profile b{size}: one step, trees"]
         assert profiled["per_step"] > 10 and 0 < profiled["busy_ms"] <= profiled["wall_ms"]
         assert "aten::mm" in Path(profiled["table"]).read_text()
+    # the prompt's prefill alone (its length bucket's padded forward, uncaptured here), after the server rows
+    (prefill,) = [r for name, r in rows.items() if name.startswith("profile prefill of ")]
+    assert prefill["per_step"] > 10 and 0 < prefill["busy_ms"] <= prefill["wall_ms"]
+    assert 0 <= prefill["small_ms"] <= prefill["busy_ms"] and prefill["small_per_step"] <= prefill["per_step"]
+    assert list(rows).index(prefill["scenario"]) > list(rows).index(next(n for n in rows if n.startswith("server")))
+    assert "aten::mm" in Path(prefill["table"]).read_text() or "aten::addmm" in Path(prefill["table"]).read_text()
     served = [r for name, r in rows.items() if name.startswith("server 16")]  # the first variant's
     assert len(served) == 7 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
     assert all(0 < r["prefill_s"] < r["busy_s"] and 0 <= r["device_wait_s"] < r["busy_s"] for r in served)
