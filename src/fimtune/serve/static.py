@@ -132,7 +132,7 @@ PREFILL_GRAPH_TOKENS = 2048  # the longest prompt prefilled through a graph (lon
 PREFILL_CHECK_TOLERANCE = 0.02  # a captured prefill's logits may differ from eager ones by this share of their range
 GRAPH_KINDS = ("trees", "captured")  # CUDA graphs: torch.compile's graph trees, or captured here
 OVERLAP_MAX_STEPS = 8  # an overlapped join's prefill is waited for after this many decoding steps
-HIGHEST_PRIORITY = -(2**10)  # CUDA maps a stream priority past its range to the nearest (-5 on Hopper: the highest)
+HIGHEST_PRIORITY = -(2**10)  # PyTorch maps a stream priority past its range to the nearest: its highest
 
 
 def grouped_sdpa(
