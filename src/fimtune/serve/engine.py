@@ -127,16 +127,16 @@ def batching_changes(changes: dict[str, Any]) -> dict[str, Any]:
         if name not in BATCHING_LIMITS:
             raise ValueError(f"{name!r} cannot change while the engine serves; these can: {', '.join(BATCHING_LIMITS)}")
         default = getattr(defaults, name)
-        # as `fimtune serve` checks its flags: Python refuses a switch interval of 0
-        least, bound = (1, ">=") if name == "join_min_rows" else (0, ">" if name == "switch_interval_ms" else ">=")
+        least = 1 if name == "join_min_rows" else 0  # as `fimtune serve` checks its flags
+        strict = name == "switch_interval_ms"  # Python refuses a switch interval of 0
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         else:  # a count or a wait: a number, not a flag
             ok = isinstance(value, int | float) and not isinstance(value, bool)
-            ok = ok and (value > least if bound == ">" else value >= least)
+            ok = ok and (value > least if strict else value >= least)
             ok = ok and (isinstance(value, int) or not isinstance(default, int))
         if not ok:
-            kind = type(default).__name__ + ("" if isinstance(default, bool) else f" {bound} {least}")
+            kind = type(default).__name__ + ("" if isinstance(default, bool) else f" {'>' if strict else '>='} {least}")
             raise ValueError(f"{name}={value!r}: expected {kind}")
     return dict(changes)
 

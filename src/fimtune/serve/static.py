@@ -49,9 +49,8 @@ ended, or after `OVERLAP_MAX_STEPS` steps, the decoding stream then waiting for 
 batch of 16 leaves most of the GPU idle (small kernels), where a prefill's matrix products can run;
 without it, every join stops the batch for the prefill (~7 ms on an H200). One join at a time.
 The steps run on a stream of the highest priority (:meth:`StaticDecoding.on_stream`), the
-prefills on one of the lowest: as a prefill's thread blocks end, the GPU starts a step's waiting
-blocks before the prefill's next ones, so a step waits for one wave of a product's blocks at
-most, not for the whole product.
+prefills on one of the lowest: as a prefill's thread blocks end, the GPU should start a step's
+waiting blocks before the prefill's next ones (CUDA's priorities are a hint; not yet measured).
 
 Prefill graphs (CUDA; ``prefill_graphs``): the eager prefill of one 1,024-token prompt is bound by
 the host launching its ~500 kernels (an H200 did it in ~10 ms, where a batch of 4 took ~18 ms).
@@ -639,8 +638,8 @@ class StaticDecoding:
     def on_stream(self) -> Iterator[None]:
         """Queue the block's CUDA work on the decoding stream, of the highest priority: where an
         overlapped join's prefill (on a stream of PyTorch's default priority, the lowest) shares
-        the GPU with the steps, the GPU starts the steps' thread blocks first as its cores free up
-        (a captured graph runs at the priority of the stream it is replayed on). The stream waits
+        the GPU with the steps, the GPU should start the steps' thread blocks first as its cores
+        free up (a captured graph runs at the priority of the stream it is replayed on). The stream waits
         for the caller's work first, and the caller's stream for the block's after it. No-op
         without CUDA, or on the stream already."""
         if self.stream is None or torch.cuda.current_stream(self.device) == self.stream:
