@@ -828,6 +828,7 @@ def server_run(
         "switch_interval_ms": lim.switch_interval_ms,
         "engine_process": graphs.endswith("engine process"),
         "joined": stats.joined - before.joined,
+        "joins": stats.joins - before.joins,  # each prefilled its rows together: joined / joins rows a join
         "requests": CLIENTS * REQUESTS_PER_CLIENT,
         "errors": len(errors),
         "error_samples": errors[:3],
@@ -853,7 +854,7 @@ def server_run(
         row["target_met"] = met
         row["note"] = (
             f"target p95 <= 200 ms: {'met' if met else 'MISSED'}; errors {len(errors)}; batches {row['batches']}, "
-            f"{row['joined']} joined in flight; prompt {row['prompt_tokens_mean']:.0f} tokens; worker busy "
+            f"{row['joined']} joined in flight in {row['joins']} joins; prompt {row['prompt_tokens_mean']:.0f} tokens; worker busy "
             f"{row['busy_s'] / wall:.0%}, {1000 * row['busy_s'] / max(1, row['batches']):.0f} ms a batch, "
             f"{1000 * row['busy_s'] / max(1, row['forwards']):.2f} ms a forward; of its busy time "
             f"{row['prefill_s'] / max(row['busy_s'], 1e-9):.0%} prefilling, "

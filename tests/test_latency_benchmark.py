@@ -58,6 +58,7 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
     # tokenized on the event loop in all; the clients are a process of their own
     assert [r["engine_process"] for r in served] == [False, True, True, False, False, False, False]
     assert all(served[i]["joined"] > 0 and served[i]["batches"] > 0 for i in (1, 2))
+    assert all(0 < r["joins"] <= r["joined"] if r["joined"] else r["joins"] == 0 for r in served)
     assert served[1]["cuda_graphs_active"]
     assert [r["continuous_batching"] for r in served] == [True, True, True, True, False, True, False]
     assert served[4]["joined"] == 0

@@ -586,7 +586,9 @@ def test_rows_join_the_batch_in_flight_and_get_their_own_tokens(tiny_tokenizer, 
     decoder = Decoder(model, pr, static=static)
     first = decoder.run([long], join=join)
     assert summary(first) == expected[2:] and summary([done[i] for i in range(3)]) == expected
-    assert decoder.stats.joined == 2 and static.batches == 3 and sorted(static._buckets) == [1, 4]
+    assert (
+        decoder.stats.joined == decoder.stats.joins == 2 and static.batches == 3 and sorted(static._buckets) == [1, 4]
+    )
     assert rooms[:7] == [3, 3, 3, 2, 2, 2, 1]  # free rows of the largest bucket
     assert decoder.stats.generated_tokens == sum(c.completion_tokens for c in done.values())
     # the batch's prefill and the two joins' took time; the picks were read at once (no device here)
@@ -634,7 +636,8 @@ def test_overlapped_joins_decode_beside_the_prefill_and_get_their_own_tokens(
     decoder = Decoder(model, pr, static=static)
     assert summary(decoder.run([long], join=join, overlap_joins=True)) == expected[2:]
     assert summary([done[i] for i in range(3)]) == expected
-    assert decoder.stats.joined == 2 and static.batches == 3 and static.single_prefills == 3  # the first row too
+    assert decoder.stats.joined == decoder.stats.joins == 2 and static.batches == 3
+    assert static.single_prefills == 3  # the first row too
     waited = min(prefill_steps, OVERLAP_MAX_STEPS)  # decoding steps while a prefill runs
     kinds = [kind for kind, _ in events]
     begins = [n for kind, n in events if kind == "begin"]
@@ -688,6 +691,7 @@ def test_starts_joins_and_steps_copy_no_host_values_in_a_way_that_waits(tiny_tok
         decoder.run([long, second], join=join, overlap_joins=overlap)
     assert seen.calls == []
     assert decoder.stats.joined == 2 and calls[1] == (1 if overlap else 2)
+    assert decoder.stats.joins == (2 if overlap else 1)  # together, or one at a time beside the steps
     assert summary([done[i] for i in range(4)]) == [*expected, expected[2]]
 
 
@@ -730,6 +734,8 @@ def test_requests_join_the_batch_in_flight_through_the_server(
         metrics = c.get("/metrics").text
     assert together == alone
     assert engine.decoder.stats.joined == joined and f"fimtune_joined_total {joined}" in metrics
+    joins = engine.decoder.stats.joins  # the two later requests joined together, or one by one
+    assert (1 <= joins <= joined if joined else joins == 0) and f"fimtune_joins_total {joins}" in metrics
 
 
 @pytest.mark.gpu

@@ -194,6 +194,11 @@ def engine_gauges(engine: Engine | EngineProcess) -> dict[str, tuple[str, str, A
         "fimtune_forwards_total": ("counter", "Model forwards.", st.forwards),
         "fimtune_batches_total": ("counter", "Batches generated.", st.batches),
         "fimtune_joined_total": ("counter", "Requests that joined a batch in flight.", st.joined),
+        "fimtune_joins_total": (
+            "counter",
+            "Joins into a batch in flight (a join's requests are prefilled together).",
+            st.joins,
+        ),
         "fimtune_rejected_total": ("counter", "Requests refused with 503 (queue full).", c.rejected),
         "fimtune_cancelled_total": ("counter", "Requests cancelled (client gone).", c.cancelled),
         "fimtune_timeouts_total": ("counter", "Requests past their timeout.", c.timeouts),

@@ -78,6 +78,7 @@ class DecodeStats:
     batches: int = 0
     largest_batch: int = 0
     joined: int = 0  # rows that joined a batch in flight (continuous batching)
+    joins: int = 0  # ... in this many joins (the rows of a join are prefilled together; overlapped: one)
     # The static path's wall time: prefills (a batch's, joins'; on a GPU the host's part, queuing them:
     # the device's own time runs on into the next wait), and waits for the device's picks (the next
     # step runs meanwhile). The rest of a batch is the host's: queuing steps, stops, streaming.
@@ -354,6 +355,7 @@ class Decoder:
                     slots[i] = _RowState(state.row, self.prompter)
                     self._count_prompt(state.row.prompt, 0)
                     self.stats.joined += 1
+                    self.stats.joins += 1
         joining_now = any(isinstance(state, _Joining) for state in slots)
         buckets = session.owner.buckets
         busy = sum(state is not None for state in slots)
@@ -379,6 +381,7 @@ class Decoder:
             slots[i] = _RowState(row, self.prompter)
             self._count_prompt(row.prompt, 0)
         self.stats.joined += len(joining)
+        self.stats.joins += 1
         logits[copy_to_device(free, self.device)] = first
         return logits
 
