@@ -331,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--overlap-joins",
         action="store_true",
-        help="GPU, continuous batching: prefill a joining prompt on a stream of its own beside the batch's "
-        "decoding steps (default: the batch waits for it)",
+        help="GPU, continuous batching: prefill a prompt that waits alone on a stream of its own beside the "
+        "batch's decoding steps (default: the batch waits for it; prompts that wait together join together)",
     )
     srv.add_argument(
         "--no-prefill-graphs",

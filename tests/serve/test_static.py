@@ -629,7 +629,7 @@ def test_overlapped_joins_decode_beside_the_prefill_and_get_their_own_tokens(
     def join(room, fits):
         calls.append(room)
         events.append(("join", decoder.stats.forwards))
-        assert room <= 1 and fits(len(short.prompt), NEW) and not fits(len(long.prompt) + 100, 1)
+        assert fits(len(short.prompt), NEW) and not fits(len(long.prompt) + 100, 1)
         return {2: [short], 3: [middle]}.get(len(calls), [])
 
     static = StaticDecoding(model, 256, 4, backend=None, prefill_graphs=True)
@@ -645,8 +645,34 @@ def test_overlapped_joins_decode_beside_the_prefill_and_get_their_own_tokens(
     assert [b - a for a, b in zip(begins, finishes, strict=True)] == [waited] * 2
     # no join is asked for while a prefill runs: the second is asked for as the first joins
     assert kinds[kinds.index("begin") + 1] == "finish" and kinds[kinds.index("finish") + 1] == "join"
-    assert set(calls) == {1}
+    assert calls[:3] == [3, 3, 2]  # the largest bucket's free rows (the first joiner's once it is in)
     assert decoder.stats.generated_tokens == sum(c.completion_tokens for c in done.values())
+
+
+def test_rows_that_wait_together_join_together_with_overlapped_joins(tiny_tokenizer, monkeypatch):
+    """With overlapped joins, two rows that wait at the same step (a burst) join together, the batch
+    waiting for their prefill, not one after the other beside the steps; a row that then waits
+    alone is prefilled beside them. Every row gets `generate`'s tokens."""
+    began: list[int] = []
+    original = StaticSession.begin_admit
+    monkeypatch.setattr(
+        StaticSession, "begin_admit", lambda self, prompt, slot: began.append(slot) or original(self, prompt, slot)
+    )
+    model, pr = never_ending(tiny_model("gpt_bigcode", tiny_tokenizer), tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    expected, (short, middle, long, done) = joining(model, pr)
+    alone = Row(short.prompt, short.params, on_done=lambda c: done.__setitem__(3, c))
+    calls: list[int] = []
+
+    def join(room, fits):
+        calls.append(room)
+        return {2: [short, middle], 4: [alone]}.get(len(calls), [])
+
+    static = StaticDecoding(model, 256, 4, backend=None, prefill_graphs=True)
+    decoder = Decoder(model, pr, static=static)
+    decoder.run([long], join=join, overlap_joins=True)
+    assert summary([done[i] for i in range(4)]) == [*expected, expected[0]]
+    assert decoder.stats.joined == 3 and decoder.stats.joins == 2  # the burst of two in one join, then one
+    assert len(began) == 1 and static.single_prefills == 2  # only the lone row beside the steps (and the first)
 
 
 class HostValuesOnADevice(TorchFunctionMode):
@@ -682,7 +708,8 @@ def test_starts_joins_and_steps_copy_no_host_values_in_a_way_that_waits(tiny_tok
         calls.append(room)
         if len(calls) < 2:
             return []
-        taken, waiting[:] = waiting[:room], waiting[room:]
+        take = 1 if overlap else room  # overlapped: one waits at a time (together they would join together)
+        taken, waiting[:] = waiting[:take], waiting[take:]
         return taken
 
     static = StaticDecoding(model, 256, 4, backend=None, prefill_graphs=True)
@@ -690,7 +717,7 @@ def test_starts_joins_and_steps_copy_no_host_values_in_a_way_that_waits(tiny_tok
     with HostValuesOnADevice() as seen:
         decoder.run([long, second], join=join, overlap_joins=overlap)
     assert seen.calls == []
-    assert decoder.stats.joined == 2 and calls[1] == (1 if overlap else 2)
+    assert decoder.stats.joined == 2 and calls[1] == 2
     assert decoder.stats.joins == (2 if overlap else 1)  # together, or one at a time beside the steps
     assert summary([done[i] for i in range(4)]) == [*expected, expected[2]]
 
@@ -708,7 +735,7 @@ def test_copy_to_device_gives_the_values_as_long_tensors():
         (True, 2, 10_000.0, 2),  # two wait: enough
         (True, 3, 10_000.0, 0),  # never three: they wait for the next batch
         (False, 1, 0.0, 0),
-        ("overlap", 1, 0.0, 2),  # each prefilled beside the decoding (uncaptured here), one at a time
+        ("overlap", 1, 0.0, 2),  # prefilled beside the decoding (uncaptured here) alone, or together
     ],
 )
 def test_requests_join_the_batch_in_flight_through_the_server(

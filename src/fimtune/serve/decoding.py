@@ -342,10 +342,12 @@ class Decoder:
         """Let waiting rows join ``session`` in free slots (growing its bucket when needed); the logits
         of the next pick, with each joined row's own.
 
-        ``overlap``: one row at a time whose prompt fits a prefill graph starts its prefill on a
-        stream of its own (:meth:`StaticSession.begin_admit`) and joins at the first step after
-        it ended (or after `OVERLAP_MAX_STEPS` steps, waiting for it then); meanwhile the batch
-        decodes on. Other rows join as without it, the batch waiting for their prefill.
+        ``overlap``: a row that waits alone, whose prompt fits a prefill graph, starts its prefill
+        on a stream of its own (:meth:`StaticSession.begin_admit`) and joins at the first step
+        after it ended (or after `OVERLAP_MAX_STEPS` steps, waiting for it then); meanwhile the
+        batch decodes on, and no other row joins. Rows that wait together (a burst: clients whose
+        answers came at one step ask again at once) join together as without it, the batch
+        waiting for their prefill: one at a time, each would wait for all the prefills before it.
         """
         for i, state in enumerate(slots):
             if isinstance(state, _Joining):
@@ -356,15 +358,11 @@ class Decoder:
                     self._count_prompt(state.row.prompt, 0)
                     self.stats.joined += 1
                     self.stats.joins += 1
-        joining_now = any(isinstance(state, _Joining) for state in slots)
+        if any(isinstance(state, _Joining) for state in slots):
+            return logits  # one overlapped prefill at a time: the single-prompt buffers hold its results
         buckets = session.owner.buckets
         busy = sum(state is not None for state in slots)
-        if overlap and not joining_now:
-            joining = join(
-                min(1, buckets[-1] - busy), lambda p, n: session.can_overlap(p, n) or session.can_admit(p, n)
-            )
-        else:
-            joining = [] if joining_now else join(buckets[-1] - busy, session.can_admit)
+        joining = join(buckets[-1] - busy, session.can_admit)
         if not joining:
             return logits
         if busy + len(joining) > session.size:
@@ -373,7 +371,11 @@ class Decoder:
             logits = logits[session.grow(size)]
         free = [i for i, state in enumerate(slots) if state is None][: len(joining)]
         self._hook()
-        if overlap and session.can_overlap(len(joining[0].prompt), joining[0].params.max_new_tokens):
+        if (
+            overlap
+            and len(joining) == 1
+            and session.can_overlap(len(joining[0].prompt), joining[0].params.max_new_tokens)
+        ):
             slots[free[0]] = _Joining(joining[0], session.begin_admit(joining[0].prompt, free[0]))
             return logits
         first = session.admit([row.prompt for row in joining], free)

@@ -47,7 +47,9 @@ a joining prompt that fits a prefill graph is prefilled on a CUDA stream of its 
 unused; it is put in (:meth:`StaticSession.finish_admit`) at the first step after its prefill
 ended, or after `OVERLAP_MAX_STEPS` steps, the decoding stream then waiting for it. A step of a
 batch of 16 leaves most of the GPU idle (small kernels), where a prefill's matrix products can run;
-without it, every join stops the batch for the prefill (~7 ms on an H200). One join at a time.
+without it, every join stops the batch for the prefill (~7 ms on an H200). One join at a time,
+of a prompt that waited alone: prompts that wait together join together, the batch waiting for
+their prefill (:meth:`fimtune.serve.decoding.Decoder._admit`).
 The steps run on a stream of the highest priority (:meth:`StaticDecoding.on_stream`), the
 prefills on one of the lowest: as a prefill's thread blocks end, the GPU should start a step's
 waiting blocks before the prefill's next ones (CUDA's priorities are a hint; not yet measured).
