@@ -786,14 +786,10 @@ def server_rows(
                 continue
             # the engine's limits through `set_batching`; where prompts are tokenized is the server's
             limits = {name: value for name, value in changes.items() if name != "tokenize_in_threads"}
-            svc.tokenize_in_threads = changes.get("tokenize_in_threads", threads)
+            svc.tokenize_in_threads = tokenize = changes.get("tokenize_in_threads", threads)
             try:
                 with batching(engine, limits):
-                    rows.append(
-                        server_run(
-                            s, engine, url, ready_s, args.clients_in_process, svc.tokenize_in_threads, _graphs(engine)
-                        )
-                    )
+                    rows.append(server_run(s, engine, url, ready_s, args.clients_in_process, tokenize, _graphs(engine)))
             finally:
                 svc.tokenize_in_threads = threads
     finally:

@@ -641,13 +641,13 @@ class StaticDecoding:
         """Queue the block's CUDA work on the decoding stream, of the highest priority: where an
         overlapped join's prefill (on a stream of PyTorch's default priority, the lowest) shares
         the GPU with the steps, the GPU should start the steps' thread blocks first as its cores
-        free up (a captured graph runs at the priority of the stream it is replayed on). The stream waits
-        for the caller's work first, and the caller's stream for the block's after it. No-op
-        without CUDA, or on the stream already."""
-        if self.stream is None or torch.cuda.current_stream(self.device) == self.stream:
+        free up (a captured graph runs at the priority of the stream it is replayed on). The
+        stream waits for the caller's work first, and the caller's stream for the block's after
+        it. No-op without CUDA, or on the stream already."""
+        caller = None if self.stream is None else torch.cuda.current_stream(self.device)
+        if caller is None or caller == self.stream:
             yield
             return
-        caller = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(caller)
         try:
             with torch.cuda.stream(self.stream):
