@@ -77,13 +77,14 @@ def main() -> int:
             for round_ in range(args.rounds):
                 for (name, url, serving), (suffix, changes) in configurations[:: 1 if round_ % 2 == 0 else -1]:
                     with latency_gpu.batching(serving, changes):
-                        seconds, _, errors = latency_gpu.load(s, url, latency_gpu.CLIENTS, args.requests_per_client)
-                    row = {"round": round_, "engine": name + suffix, "errors": len(errors)}
-                    row |= latency_gpu.stats_ms(seconds)
+                        got = latency_gpu.load(s, url, latency_gpu.CLIENTS, args.requests_per_client)
+                    row = {"round": round_, "engine": name + suffix, "errors": len(got.errors)}
+                    row |= latency_gpu.stats_ms(got.seconds) | {"split_ms": latency_gpu.time_split(got)}
                     rows.append(row)
                     print(
                         f"round {round_} {row['engine']:16s} p50 {row['p50_ms']:.1f} p90 {row['p90_ms']:.1f} "
-                        f"p95 {row['p95_ms']:.1f} ms, errors {len(errors)}",
+                        f"p95 {row['p95_ms']:.1f} ms, errors {row['errors']}; ms p50/p95: "
+                        + ", ".join(f"{k} {v['p50']:.0f}/{v['p95']:.0f}" for k, v in row["split_ms"].items()),
                         flush=True,
                     )
     finally:

@@ -77,7 +77,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from latency import percentile, serve_in_thread
 
@@ -646,12 +646,20 @@ def request_body(s: Setup, client: int, request: int) -> dict[str, Any]:
     }
 
 
-def load(
-    s: Setup, url: str, clients: int, per_client: int, in_process: bool = False
-) -> tuple[list[float], list[dict], list[str]]:
-    """``clients`` clients, each sending ``per_client`` requests one after another: (seconds, usages,
-    errors). They run as threads of another process (load_clients.py), as editors would; or
-    (``in_process``) of this one, the server's, where they share its interpreter lock."""
+class Load(NamedTuple):
+    """What ``load``'s clients got: each answer's seconds (as its client timed it), `usage`, and
+    timing headers (load_clients.py), and the errors."""
+
+    seconds: list[float]
+    usages: list[dict]
+    timings: list[dict]
+    errors: list[str]
+
+
+def load(s: Setup, url: str, clients: int, per_client: int, in_process: bool = False) -> Load:
+    """``clients`` clients, each sending ``per_client`` requests one after another. They run as
+    threads of another process (load_clients.py), as editors would; or (``in_process``) of this
+    one, the server's, where they share its interpreter lock."""
     from load_clients import run_clients
 
     bodies = [[request_body(s, c, r) for r in range(per_client)] for c in range(clients)]
@@ -669,7 +677,16 @@ def load(
         if proc.returncode != 0:
             raise RuntimeError(f"the client process failed: {proc.stderr[-1000:]}")
         got = json.loads(proc.stdout)
-    return got["seconds"], got["usages"], got["errors"]
+    return Load(got["seconds"], got["usages"], got["timings"], got["errors"])
+
+
+def time_split(got: Load) -> dict[str, dict[str, float]]:
+    """p50 and p95 of each part of the requests' times (ms): the server's timing headers
+    (tokenizing, the queue, inference: prefill, decoding and the way back to the handler, and their
+    total), and what the client timed beyond that total (HTTP, JSON, uvicorn, the loopback)."""
+    parts = {name: [t[name] for t in got.timings] for name in ("validation", "queue", "inference", "total")}
+    parts["outside"] = [1000 * sec - t["total"] for sec, t in zip(got.seconds, got.timings, strict=True)]
+    return {name: {"p50": percentile(v, 0.5), "p95": percentile(v, 0.95)} for name, v in parts.items() if v}
 
 
 def engine_for_process(args: argparse.Namespace, key: tuple[str, str, bool]) -> tuple[Any, Any, str]:
@@ -804,7 +821,8 @@ def server_run(
     lim = engine.limits
     before, counted = engine.snapshot()
     began = time.perf_counter()
-    seconds, usages, errors = load(s, url, CLIENTS, REQUESTS_PER_CLIENT, in_process)
+    got = load(s, url, CLIENTS, REQUESTS_PER_CLIENT, in_process)
+    seconds, usages, errors = got.seconds, got.usages, got.errors
     wall = time.perf_counter() - began
     stats, counters = engine.snapshot()
     joins = f"joins {lim.join_min_rows}/{lim.join_wait_ms:g}ms" if lim.continuous_batching else "no joins"
@@ -841,6 +859,7 @@ def server_run(
         "cuda_graphs_active": engine.describe()["cuda_graphs_active"],
     }
     if seconds:
+        row["split_ms"] = split = time_split(got)
         row |= stats_ms(seconds)
         row["new_tokens_mean"] = statistics.mean(u["completion_tokens"] for u in usages)
         row["prompt_tokens_mean"] = statistics.mean(u["prompt_tokens"] for u in usages)
@@ -854,7 +873,8 @@ def server_run(
             f"{row['busy_s'] / wall:.0%}, {1000 * row['busy_s'] / max(1, row['batches']):.0f} ms a batch, "
             f"{1000 * row['busy_s'] / max(1, row['forwards']):.2f} ms a forward; of its busy time "
             f"{row['prefill_s'] / max(row['busy_s'], 1e-9):.0%} prefilling, "
-            f"{row['device_wait_s'] / max(row['busy_s'], 1e-9):.0%} waiting for the GPU's steps"
+            f"{row['device_wait_s'] / max(row['busy_s'], 1e-9):.0%} waiting for the GPU's steps; ms p50/p95: "
+            + ", ".join(f"{name} {v['p50']:.0f}/{v['p95']:.0f}" for name, v in split.items())
         )
     else:
         row["note"] = f"no request succeeded: {errors[:1]}"

@@ -5,7 +5,9 @@
 plan.json: {"url": "http://127.0.0.1:PORT", "path": "/v1/completions", "bodies": [[body, ...], ...]},
 one list of JSON bodies per client. Each client is a thread that sends its bodies one after another,
 each as soon as the previous answer arrived, and times them. Prints
-{"seconds": [...], "usages": [...], "errors": [...]} (the answers' `usage` objects).
+{"seconds": [...], "usages": [...], "timings": [...], "errors": [...]}: the answers' `usage` objects,
+and their timing headers (TGI's `x-validation-time`, `x-queue-time`, `x-inference-time`,
+`x-total-time`, ms) as {"validation": ..., "queue": ..., "inference": ..., "total": ...}.
 
 Editors are other processes than the server: clients running as threads of the server's own process
 would take the interpreter lock from its event loop and its model worker, and add their time to
@@ -20,13 +22,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+TIMINGS = ("validation", "queue", "inference", "total")
+
 
 def run_clients(url: str, path: str, bodies: list[list[dict[str, Any]]]) -> dict[str, list[Any]]:
-    """One thread per client, each posting its bodies in turn: (seconds, usages, errors), all clients."""
+    """One thread per client, each posting its bodies in turn: seconds, usages, timings and errors,
+    all clients."""
     import httpx
 
-    def one_client(mine: list[dict[str, Any]]) -> tuple[list[float], list[dict], list[str]]:
-        seconds, usages, errors = [], [], []
+    def one_client(mine: list[dict[str, Any]]) -> tuple[list[float], list[dict], list[dict], list[str]]:
+        seconds, usages, timings, errors = [], [], [], []
         with httpx.Client(base_url=url, timeout=120) as http:
             for body in mine:
                 start = time.perf_counter()
@@ -35,16 +40,18 @@ def run_clients(url: str, path: str, bodies: list[list[dict[str, Any]]]) -> dict
                     resp.raise_for_status()
                     seconds.append(time.perf_counter() - start)
                     usages.append(resp.json()["usage"])
+                    timings.append({name: int(resp.headers.get(f"x-{name}-time", -1)) for name in TIMINGS})
                 except Exception as e:
                     errors.append(f"{type(e).__name__}: {e}"[:300])
-        return seconds, usages, errors
+        return seconds, usages, timings, errors
 
     with ThreadPoolExecutor(max(1, len(bodies))) as pool:
         results = list(pool.map(one_client, bodies))
     return {
         "seconds": [x for r in results for x in r[0]],
         "usages": [x for r in results for x in r[1]],
-        "errors": [x for r in results for x in r[2]],
+        "timings": [x for r in results for x in r[2]],
+        "errors": [x for r in results for x in r[3]],
     }
 
 

@@ -67,6 +67,11 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
     waits = [(r["batch_max_wait_ms"], r["tokenize_in_threads"]) for r in (served[0], served[1], served[4], served[6])]
     assert waits == [(0.0, False), (0.0, False), (0.0, False), (50.0, False)]
     assert not any(r["clients_in_process"] for r in served)
+    for r in served:  # the answers' timing headers, split: the parts are each the server's, within its total
+        split = r["split_ms"]
+        assert set(split) == {"validation", "queue", "inference", "total", "outside"}
+        assert split["validation"]["p50"] >= 0 and 0 < split["inference"]["p50"] <= split["total"]["p50"]
+        assert split["total"]["p50"] <= r["p50_ms"] and split["outside"]["p50"] >= 0
 
 
 @pytest.mark.slow
@@ -81,6 +86,7 @@ def test_engine_process_ab_sends_the_load_to_both_servers_in_turns(tmp_path):
     first = ["thread", "thread+overlap", "process", "process+overlap"]
     assert order == [(0, name) for name in first] + [(1, name) for name in first[::-1]]  # reversed every round
     assert all(r["errors"] == 0 and r["runs"] == 32 and r["p50_ms"] > 0 for r in report["rows"])
+    assert all(0 < r["split_ms"]["inference"]["p50"] <= r["split_ms"]["total"]["p50"] for r in report["rows"])
     assert set(report["summary"]) == set(first) and report["ready_s"]["process"] > 0
 
 

@@ -134,6 +134,44 @@ def test_batching_changed_while_serving_reaches_the_worker(where, request):
         assert engine._query()["arriving"] == 0
 
 
+TIMINGS = ("x-validation-time", "x-queue-time", "x-inference-time")
+
+
+@pytest.mark.parametrize("where", ["server", "apart"])
+def test_timing_headers_split_each_request_into_tokenizing_queue_and_inference(where, request):
+    """TGI's timing headers (whole ms) on the engine in one process and in its own: a request sent
+    while another key's batch runs waits in the queue for it, and says so (`x-queue-time`); the
+    first's inference spans its forwards; the parts add up to `x-total-time`."""
+    url, engine = request.getfixturevalue(where)
+    if where == "server":  # as slow a forward as the engine's process has
+        engine.decoder.step_hook = functools.partial(time.sleep, STEP_S)
+        request.addfinalizer(lambda: setattr(engine.decoder, "step_hook", None))
+    greedy = {"inputs": psm("def t():\n"), "parameters": {"max_new_tokens": 12, "details": True}}
+    sampled = {"inputs": psm("def u():\n"), "parameters": {"max_new_tokens": 2, "do_sample": True, "seed": 1}}
+    with httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(c.post, "/generate", json=greedy)
+        time.sleep(0.1)  # the first's batch runs (12 forwards of >= STEP_S): the sampled one waits for it
+        second = pool.submit(
+            c.post, "/generate", json={**sampled, "parameters": {**sampled["parameters"], "details": True}}
+        )
+        answers = [first.result(), second.result()]
+        completion = c.post(
+            "/v1/completions", json={"prompt": "x = ", "suffix": "\n", "max_tokens": 3, "temperature": 0}
+        )
+        infill = c.post("/infill", json={"input_prefix": "y = ", "input_suffix": "", "n_predict": 3, "temperature": 0})
+    for r in [*answers, completion, infill]:
+        assert r.status_code == 200, r.text
+        parts = [int(r.headers[name]) for name in TIMINGS]
+        assert min(parts) >= 0 and sum(parts) <= int(r.headers["x-total-time"]) <= sum(parts) + 2
+        new = int(r.headers["x-generated-tokens"])
+        assert abs(int(r.headers["x-time-per-token"]) - parts[2] / new) <= 1
+    (one, two) = answers
+    assert int(one.headers["x-generated-tokens"]) == one.json()["details"]["generated_tokens"] == 12
+    assert int(one.headers["x-prompt-tokens"]) > 3 and int(completion.headers["x-generated-tokens"]) == 3
+    assert int(one.headers["x-inference-time"]) >= 12 * STEP_S * 1000 * 0.9
+    assert int(two.headers["x-queue-time"]) >= 50  # taken once the first's batch ended
+
+
 @pytest.mark.parametrize(
     ("changes", "says"),
     [

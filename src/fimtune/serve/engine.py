@@ -180,6 +180,8 @@ class Job:
         self.adapter = adapter
         self.stream = stream
         self.queued_at = time.monotonic()
+        self.received_at = self.queued_at  # its request's handler began (the service sets it; before tokenizing)
+        self.taken_at: float | None = None  # the worker took it (as this process saw it)
         self.deadline = self.queued_at + timeout_s
         self.stop_reason: str | None = None  # "cancelled" | "timeout", once the worker gave up on it
         self.ended = False  # the worker posted its `done` or `error` event
@@ -202,6 +204,7 @@ class Job:
 
     def taken(self) -> None:
         """The worker took the job from the queue (into a batch, or joining one)."""
+        self.taken_at = time.monotonic()
 
     def should_stop(self) -> bool:
         """Whether the worker should drop this job now (records why)."""

@@ -332,6 +332,9 @@ class EngineProcess:
             elif kind == "taken":
                 with self._lock:
                     self._queued.discard(rest[0])
+                    job = self._jobs.get(rest[0])
+                if job is not None:
+                    job.taken_at = time.monotonic()  # as the server saw it: the pipe's delay included
             elif kind == "ready":
                 self.warmup_s, self._described = rest
                 self.ready.set()

@@ -24,6 +24,7 @@ RETRY_AFTER_S = 1
 T = TypeVar("T")
 
 _arrival: ContextVar[Arrival | None] = ContextVar("fimtune_arrival", default=None)  # the request being handled
+_received: ContextVar[float | None] = ContextVar("fimtune_received", default=None)  # when its handler began
 
 
 class Service:
@@ -120,16 +121,19 @@ class Service:
     def arriving(self) -> Iterator[None]:
         """Around a generation request's handler, from its read body until its job is queued (or it
         fails): the engine's worker may wait for it before it starts a batch (`batch_max_wait_ms`)."""
+        received = _received.set(time.monotonic())
         arrival = self.engine.arrival()
         token = _arrival.set(arrival)
         try:
             yield
         finally:
             _arrival.reset(token)
+            _received.reset(received)
             arrival.done()
 
     def submit(self, prompt: list[int], params: GenerationParams, adapter: str | None, stream: bool = False) -> Job:
         job = Job(prompt, params, adapter, self.limits.timeout_s, stream)
+        job.received_at = _received.get() or job.queued_at
         try:
             self.engine.submit(job, _arrival.get())
         except QueueFull:
@@ -196,6 +200,32 @@ def job_error(e: Exception, limits: Limits) -> ApiError:
         return ApiError(503, f"{e}; the server cannot generate until it is restarted", None, "engine_gone")
     # an error raised in the engine's process arrives as a RemoteError carrying its type's name
     return ApiError(500, f"generation failed: {getattr(e, 'name', type(e).__name__)}", None, "generation_error")
+
+
+def timing_headers(jobs: list[Job], done: list[Completion]) -> dict[str, str]:
+    """TGI's timing headers for a finished request, in whole milliseconds as TGI writes them:
+    `x-validation-time` from the handler's start (its body read) to its jobs' queuing (the prompt's
+    tokenizing), `x-queue-time` until the worker took the last of them, `x-inference-time` from there
+    to now (prefill, decoding, and the way back to the handler), `x-total-time` all three;
+    `x-time-per-token` is the inference time over the new tokens."""
+    now = time.monotonic()
+    received = min(job.received_at for job in jobs)
+    queued = max(job.queued_at for job in jobs)
+    taken = max(queued, *(job.taken_at or queued for job in jobs))
+    new = sum(c.completion_tokens for c in done)
+
+    def ms(seconds: float) -> str:
+        return str(int(1000 * max(seconds, 0.0)))
+
+    return {
+        "x-total-time": ms(now - received),
+        "x-validation-time": ms(queued - received),
+        "x-queue-time": ms(taken - queued),
+        "x-inference-time": ms(now - taken),
+        "x-time-per-token": ms((now - taken) / max(new, 1)),
+        "x-prompt-tokens": str(sum(c.prompt_tokens for c in done)),
+        "x-generated-tokens": str(new),
+    }
 
 
 def submit_all(svc: Service, prompts: list[list[int]], params: GenerationParams, adapter: str | None) -> list[Job]:

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 
@@ -18,7 +19,7 @@ from fimtune.generate import Completion
 from fimtune.serve import schemas as s
 from fimtune.serve.engine import Job, JobCancelled
 from fimtune.serve.http import ApiError, sse
-from fimtune.serve.service import Service, job_error, submit_all
+from fimtune.serve.service import Service, job_error, submit_all, timing_headers
 
 EXTRA_FILE_HEADER = "# {filename}\n"  # how an `input_extra` file starts in the context
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -44,7 +45,7 @@ async def tgi(svc: Service, request: Request, req: s.TgiRequest, stream: bool) -
         return StreamingResponse(tgi_events(svc, job, head, p), media_type="text/event-stream", headers=SSE_HEADERS)
     done = await svc.result(request, job)
     out = s.TgiResponse(generated_text=head + done.text, details=tgi_details(done, p) if p.details else None)
-    return JSONResponse(out.model_dump(exclude_none=not p.details))
+    return JSONResponse(out.model_dump(exclude_none=not p.details), headers=timing_headers([job], [done]))
 
 
 def tgi_details(done: Completion, p: s.TgiParameters) -> s.TgiDetails:
@@ -99,13 +100,15 @@ async def completions(svc: Service, request: Request, req: s.CompletionRequest) 
             raise ApiError(422, "prompt: streaming takes one prompt", "prompt")
         job = svc.submit(prompts[0], params, adapter, stream=True)
         return StreamingResponse(openai_events(svc, job, meta), media_type="text/event-stream", headers=SSE_HEADERS)
-    done = await svc.results(request, submit_all(svc, prompts, params, adapter))
+    jobs = submit_all(svc, prompts, params, adapter)
+    done = await svc.results(request, jobs)
     echo = req.prompts() if req.echo else [""] * len(done)
     choices = [
         s.CompletionChoice(index=i, text=head + c.text, finish_reason=c.finish_reason)
         for i, (head, c) in enumerate(zip(echo, done, strict=True))
     ]
-    return s.CompletionResponse(**meta, choices=choices, usage=usage(done))
+    out = s.CompletionResponse(**meta, choices=choices, usage=usage(done))
+    return JSONResponse(jsonable_encoder(out), headers=timing_headers(jobs, done))
 
 
 def usage(done: list[Completion]) -> s.Usage:
@@ -165,7 +168,8 @@ async def infill(svc: Service, request: Request, req: s.InfillRequest) -> Any:
         return StreamingResponse(
             infill_events(svc, job, name, started), media_type="text/event-stream", headers=SSE_HEADERS
         )
-    return infill_response(await svc.result(request, job), name, started)
+    done = await svc.result(request, job)
+    return JSONResponse(jsonable_encoder(infill_response(done, name, started)), headers=timing_headers([job], [done]))
 
 
 def infill_response(done: Completion, name: str, started: float) -> s.InfillResponse:
