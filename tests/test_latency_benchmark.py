@@ -91,6 +91,26 @@ def test_engine_process_ab_sends_the_load_to_both_servers_in_turns(tmp_path):
 
 
 @pytest.mark.slow
+def test_tokenize_threads_benchmark_sends_the_load_both_ways_in_turns(tmp_path):
+    out = tmp_path / "tokenize.json"
+    run_script(
+        "benchmarks/tokenize_threads.py", "--device", "cpu", "--shape", "tiny", "--rounds", "2",
+        "--requests-per-client", "2", "--json", str(out),
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    # the lock held: a thread beside the tokenizing runs Python about half the time; let go, about all of it
+    held, released = (r["python_rate"] for r in report["lock"])
+    assert held < 0.75 < released
+    assert [(r["round"], r["way"]) for r in report["rows"]] == [
+        (0, "held"),
+        (0, "released"),
+        (1, "released"),
+        (1, "held"),
+    ]
+    assert all(r["errors"] == 0 and r["runs"] == 32 and r["split_ms"]["validation"]["p50"] >= 0 for r in report["rows"])
+
+
+@pytest.mark.slow
 def test_warmup_cache_benchmark_reads_the_first_starts_graphs_at_the_second(tmp_path):
     out = tmp_path / "starts.json"
     run_script("benchmarks/warmup_cache.py", "--device", "cpu", "--shape", "tiny", "--json", str(out))

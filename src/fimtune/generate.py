@@ -99,11 +99,15 @@ class FimPrompter:
 
     def encode(self, text: str) -> list[int]:
         """Code as plain text, as training saw it: a `<fim_prefix>` written in the code is text, not a token."""
-        return self._plain.encode(text, add_special_tokens=False).ids if text else []
+        return self.encode_many([text])[0]
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Each of ``texts`` as :meth:`encode` gives it, in one call."""
+        return _released(self._plain, texts)
 
     def encode_formatted(self, text: str) -> list[int]:
         """A prompt a client formatted itself: special-token strings in it are the special tokens."""
-        return self._formatted.encode(text, add_special_tokens=False).ids if text else []
+        return _released(self._formatted, [text])[0]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -122,7 +126,7 @@ class FimPrompter:
         ``context`` (other files) goes before the prefix and gets only the room the hole leaves.
         """
         budget = max_input_tokens - FIM_OVERHEAD
-        p, s = fit_context(self.encode(prefix), self.encode(suffix), budget, trim_step)
+        p, s = fit_context(*self.encode_many([prefix, suffix]), budget, trim_step)
         if context:
             p = trim_start(self.encode(context), budget - len(p) - len(s), trim_step) + p
         f = self.fim
@@ -153,6 +157,14 @@ class FimPrompter:
             "psm": f"{n.prefix}{{prefix}}{n.suffix}{{suffix}}{n.middle}",
             "spm": f"{n.prefix}{n.suffix}{{suffix}}{n.middle}{{prefix}}",
         }
+
+
+def _released(backend: Any, texts: list[str]) -> list[list[int]]:
+    """``texts``' ids through a `tokenizers` backend's `encode_batch`, which lets the interpreter lock
+    go while it runs; its `encode` (the same ids) holds the lock, ~2.5 ms for a 1,024-token prompt's
+    8,000 + 3,000 characters on a 2-core EPYC, while the server's other threads (the event loop, the
+    engine's worker) wait."""
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def _round_up(n: int, step: int) -> int:

@@ -87,8 +87,9 @@ class Service:
 
     async def prepare(self, build: Callable[[], T]) -> T:
         """Run ``build`` (tokenizing a request's prompts); with `tokenize_in_threads`, in a thread, not on
-        the event loop: `tokenizers` releases the interpreter lock, so requests that come together are
-        tokenized in parallel, and the loop meanwhile streams other requests' tokens."""
+        the event loop: the prompter tokenizes with the interpreter lock let go (`encode_batch`), so
+        requests that come together are tokenized in parallel, and the loop meanwhile streams other
+        requests' tokens and the engine's worker queues its steps."""
         return await run_in_threadpool(build) if self.tokenize_in_threads else build()
 
     def fim_prompt(self, prefix: str, suffix: str, context: str = "") -> list[int]:
