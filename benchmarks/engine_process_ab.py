@@ -17,9 +17,7 @@ beside the decoding steps (`fimtune serve --overlap-joins`, set on the same engi
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,29 +30,13 @@ from latency import serve_in_thread  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    parser.add_argument("--shape", default="starcoderbase-1b", choices=["starcoderbase-1b", "tiny"])
-    parser.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer (default: .gpu/tokenizer, else embedded)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds, each sending the load to both servers")
-    parser.add_argument(
-        "--requests-per-client",
-        type=int,
-        default=latency_gpu.REQUESTS_PER_CLIENT,
-        help="requests of each client a round",
-    )
+    parser = latency_gpu.ab_arguments(__doc__, "the load to both servers")
     parser.add_argument(
         "--overlap-joins",
         action="store_true",
         help="also both servers with joins prefilled beside the decoding steps (4 configurations a round)",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    args = parser.parse_args()
-    args.no_cuda_graphs = False
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here")
+    args = latency_gpu.ab_parse(parser)
     from fimtune.serve.app import create_app
 
     began = time.perf_counter()
@@ -77,25 +59,10 @@ def main() -> int:
             for round_ in range(args.rounds):
                 for (name, url, serving), (suffix, changes) in configurations[:: 1 if round_ % 2 == 0 else -1]:
                     with latency_gpu.batching(serving, changes):
-                        got = latency_gpu.load(s, url, latency_gpu.CLIENTS, args.requests_per_client)
-                    row = {"round": round_, "engine": name + suffix, "errors": len(got.errors)}
-                    row |= latency_gpu.stats_ms(got.seconds) | {"split_ms": latency_gpu.time_split(got)}
-                    rows.append(row)
-                    print(
-                        f"round {round_} {row['engine']:16s} p50 {row['p50_ms']:.1f} p90 {row['p90_ms']:.1f} "
-                        f"p95 {row['p95_ms']:.1f} ms, errors {row['errors']}; ms p50/p95: "
-                        + ", ".join(f"{k} {v['p50']:.0f}/{v['p95']:.0f}" for k, v in row["split_ms"].items()),
-                        flush=True,
-                    )
+                        rows.append(latency_gpu.ab_row(s, url, args.requests_per_client, round_, name + suffix))
     finally:
         thread_server.should_exit = True
-    summary = {}
-    for name in dict.fromkeys(r["engine"] for r in rows):
-        mine = [r for r in rows if r["engine"] == name]
-        summary[name] = {q: statistics.median(r[f"{q}_ms"] for r in mine) for q in ("p50", "p95")}
-        print(
-            f"{name:16s} median of {len(mine)} rounds: p50 {summary[name]['p50']:.1f} p95 {summary[name]['p95']:.1f} ms"
-        )
+    summary = latency_gpu.ab_summary(rows)
     if args.json:
         machine = latency_gpu.machine(args)
         report = {"machine": machine, "ready_s": {"thread": thread_ready, "process": process_ready}, "rows": rows}

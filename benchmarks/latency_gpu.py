@@ -689,6 +689,57 @@ def time_split(got: Load) -> dict[str, dict[str, float]]:
     return {name: {"p50": percentile(v, 0.5), "p95": percentile(v, 0.95)} for name, v in parts.items() if v}
 
 
+def ab_arguments(description: str, rounds: str) -> argparse.ArgumentParser:
+    """The arguments of the benchmarks that send this load to servers in turns, a round at a time
+    (engine_process_ab.py, tokenize_threads.py); ``rounds`` says what a round sends."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    parser.add_argument("--shape", default="starcoderbase-1b", choices=["starcoderbase-1b", "tiny"])
+    parser.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer (default: .gpu/tokenizer, else embedded)")
+    parser.add_argument("--rounds", type=int, default=4, help=f"rounds, each sending {rounds}")
+    parser.add_argument(
+        "--requests-per-client", type=int, default=REQUESTS_PER_CLIENT, help="requests of each client a round"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    return parser
+
+
+def ab_parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    args.no_cuda_graphs = False
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    return args
+
+
+def ab_row(s: Setup, url: str, per_client: int, round_: int, name: str) -> dict[str, Any]:
+    """One round's load on the server at ``url``, as a row named ``name`` (printed)."""
+    got = load(s, url, CLIENTS, per_client)
+    row = {"round": round_, "name": name, "errors": len(got.errors)}
+    row |= stats_ms(got.seconds) | {"split_ms": time_split(got)}
+    print(
+        f"round {round_} {name:16s} p50 {row['p50_ms']:.1f} p90 {row['p90_ms']:.1f} p95 {row['p95_ms']:.1f} ms, "
+        f"errors {row['errors']}; ms p50/p95: "
+        + ", ".join(f"{k} {v['p50']:.0f}/{v['p95']:.0f}" for k, v in row["split_ms"].items()),
+        flush=True,
+    )
+    return row
+
+
+def ab_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each name's median of the rounds' p50 and p95 (printed)."""
+    summary = {}
+    for name in dict.fromkeys(r["name"] for r in rows):
+        mine = [r for r in rows if r["name"] == name]
+        summary[name] = {q: statistics.median(r[f"{q}_ms"] for r in mine) for q in ("p50", "p95")}
+        print(
+            f"{name:16s} median of {len(mine)} rounds: p50 {summary[name]['p50']:.1f} p95 {summary[name]['p95']:.1f} ms"
+        )
+    return summary
+
+
 def engine_for_process(args: argparse.Namespace, key: tuple[str, str, bool]) -> tuple[Any, Any, str]:
     """Run in the engine's process (`fimtune serve --engine-process`): the same model (seeded) and engine."""
     s = build(args)

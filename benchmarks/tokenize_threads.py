@@ -20,9 +20,7 @@ headers (p50/p95 ms).
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
 import threading
 import time
@@ -78,21 +76,7 @@ def lock_rows(s: latency_gpu.Setup) -> list[dict[str, Any]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
-    parser.add_argument("--shape", default="starcoderbase-1b", choices=["starcoderbase-1b", "tiny"])
-    parser.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer (default: .gpu/tokenizer, else embedded)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds, each sending the load both ways")
-    parser.add_argument(
-        "--requests-per-client", type=int, default=latency_gpu.REQUESTS_PER_CLIENT, help="requests of each client"
-    )
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
-    args = parser.parse_args()
-    args.no_cuda_graphs = False
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here")
+    args = latency_gpu.ab_parse(latency_gpu.ab_arguments(__doc__, "the load both ways"))
     from fimtune.serve.app import create_app
 
     s = latency_gpu.build(args)
@@ -108,29 +92,17 @@ def main() -> int:
             for way in ("held", "released")[:: 1 if round_ % 2 == 0 else -1]:
                 fimtune.generate._released = held if way == "held" else RELEASED
                 before, counted = engine.snapshot()
-                got = latency_gpu.load(s, url, latency_gpu.CLIENTS, args.requests_per_client)
+                row = latency_gpu.ab_row(s, url, args.requests_per_client, round_, way)
                 stats, counters = engine.snapshot()
                 forwards = max(1, stats.forwards - before.forwards)
-                row = {"round": round_, "way": way, "errors": len(got.errors)}
-                row |= latency_gpu.stats_ms(got.seconds) | {"split_ms": latency_gpu.time_split(got)}
                 row["forward_ms"] = 1000 * (counters.busy_seconds - counted.busy_seconds) / forwards
+                print(f"  the engine's worker: {row['forward_ms']:.2f} ms a forward", flush=True)
                 report["rows"].append(row)
-                print(
-                    f"round {round_} {way:9s} p50 {row['p50_ms']:.1f} p95 {row['p95_ms']:.1f} ms, errors "
-                    f"{row['errors']}; worker {row['forward_ms']:.2f} ms a forward; ms p50/p95: "
-                    + ", ".join(f"{k} {v['p50']:.0f}/{v['p95']:.0f}" for k, v in row["split_ms"].items()),
-                    flush=True,
-                )
     finally:
         fimtune.generate._released = RELEASED
         server.should_exit = True
         engine.stop()
-    report["summary"] = {}
-    for way in ("held", "released"):
-        mine = [r for r in report["rows"] if r["way"] == way]
-        report["summary"][way] = {q: statistics.median(r[f"{q}_ms"] for r in mine) for q in ("p50", "p95")}
-        print(f"{way:9s} median of {len(mine)} rounds: p50 {report['summary'][way]['p50']:.1f} "
-              f"p95 {report['summary'][way]['p95']:.1f} ms")  # fmt: skip
+    report["summary"] = latency_gpu.ab_summary(report["rows"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
     return 0 if not any(r["errors"] for r in report["rows"]) else 1

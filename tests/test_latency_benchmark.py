@@ -82,7 +82,7 @@ def test_engine_process_ab_sends_the_load_to_both_servers_in_turns(tmp_path):
         "--requests-per-client", "2", "--overlap-joins", "--json", str(out),
     )  # fmt: skip
     report = json.loads(out.read_text())
-    order = [(r["round"], r["engine"]) for r in report["rows"]]
+    order = [(r["round"], r["name"]) for r in report["rows"]]
     first = ["thread", "thread+overlap", "process", "process+overlap"]
     assert order == [(0, name) for name in first] + [(1, name) for name in first[::-1]]  # reversed every round
     assert all(r["errors"] == 0 and r["runs"] == 32 and r["p50_ms"] > 0 for r in report["rows"])
@@ -101,7 +101,7 @@ def test_tokenize_threads_benchmark_sends_the_load_both_ways_in_turns(tmp_path):
     # the lock held: a thread beside the tokenizing runs Python about half the time; let go, about all of it
     held, released = (r["python_rate"] for r in report["lock"])
     assert held < 0.75 < released
-    assert [(r["round"], r["way"]) for r in report["rows"]] == [
+    assert [(r["round"], r["name"]) for r in report["rows"]] == [
         (0, "held"),
         (0, "released"),
         (1, "released"),
