@@ -377,3 +377,25 @@ def test_complete_compare_base_prints_base_and_tuned(tmp_path, tiny_tokenizer, r
         plain, FimPrompter(tiny_tokenizer), [("def f(x):\n    ", "")], GenerationParams(max_new_tokens=5)
     )
     assert base_text == expected.text
+
+
+def test_a_tokenizer_that_pads_and_truncates_changes_no_prompt_or_cached_ids(tiny_tokenizer):
+    """A tokenizer.json may carry padding and truncation (and a `tokenizer(..., padding=True)` call
+    leaves them set on its backend): fimtune's own encoding (prompts, the training cache) neither
+    pads nor cuts, and leaves those settings as it found them."""
+    from fimtune.tokenization import encode_batch
+
+    prefix, suffix = SOURCE[:600], SOURCE[600:700]
+    plain = FimPrompter(tiny_tokenizer)
+    expected = (plain.build(prefix, suffix), plain.encode_formatted(f"<fim_prefix>{prefix}"), plain.encode(prefix))
+    cached = [ids.tolist() for ids in encode_batch(tiny_tokenizer, [prefix, suffix])]
+    backend = tiny_tokenizer.backend_tokenizer
+    backend.enable_padding(pad_id=0, pad_token="<|endoftext|>", pad_to_multiple_of=64)
+    backend.enable_truncation(max_length=16)
+    settings = (backend.padding, backend.truncation)
+    for pr in (plain, FimPrompter(tiny_tokenizer)):  # made before the settings, and after
+        got = (pr.build(prefix, suffix), pr.encode_formatted(f"<fim_prefix>{prefix}"), pr.encode(prefix))
+        assert got == expected
+    assert [ids.tolist() for ids in encode_batch(tiny_tokenizer, [prefix, suffix])] == cached
+    assert (backend.padding, backend.truncation) == settings
+    assert len(expected[0]) > 64 and len(cached[1]) % 64 != 0  # what padding or cutting would have changed

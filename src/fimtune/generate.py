@@ -72,12 +72,12 @@ class FimPrompter:
     """Builds FIM prompts from text and knows which token ids end a completion.
 
     Safe to use from several threads at once (the server tokenizes requests in a thread pool while
-    its worker decodes): it never changes a tokenizer's settings, but keeps two `tokenizers` backends,
-    one that reads special-token strings as text (code, as training saw it) and one that reads
-    them as the tokens (prompts a client formatted)."""
+    its worker decodes): it never changes a tokenizer's settings, but keeps two `tokenizers` backends
+    of its own (copies that never pad or truncate), one that reads special-token strings as text
+    (code, as training saw it) and one that reads them as the tokens (prompts a client formatted)."""
 
     def __init__(self, tokenizer: Any) -> None:
-        from fimtune.tokenization import fast_backend, plain_text_copy
+        from fimtune.tokenization import backend_copy
         from fimtune.tokens import document_separator_id, find_fim_tokens
 
         names = find_fim_tokens(tokenizer)
@@ -87,8 +87,8 @@ class FimPrompter:
         pad = vocab.get(names.pad, document_separator_id(tokenizer)) if names.pad else document_separator_id(tokenizer)
         self.tokenizer = tokenizer
         self.names = names
-        self._formatted = fast_backend(tokenizer)  # never changed: read by several threads at once
-        self._plain = plain_text_copy(tokenizer)
+        self._formatted = backend_copy(tokenizer, special_tokens_as_text=False)
+        self._plain = backend_copy(tokenizer, special_tokens_as_text=True)
         self.fim = FimTokens(
             prefix=vocab[names.prefix], middle=vocab[names.middle], suffix=vocab[names.suffix], pad=pad
         )

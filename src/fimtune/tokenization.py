@@ -113,24 +113,36 @@ def fast_backend(tokenizer: Any) -> Any:
 
 @contextlib.contextmanager
 def _plain_text(backend: Any) -> Iterator[Any]:
-    """Encode special-token strings found in the text as ordinary text, for the duration."""
-    before = backend.encode_special_tokens
+    """Encode special-token strings found in the text as ordinary text, with no padding or
+    truncation (a tokenizer.json may carry them, and a `tokenizer(..., padding=True)` call leaves
+    them set), for the duration; the settings come back after."""
+    before = backend.encode_special_tokens, backend.padding, backend.truncation
     backend.encode_special_tokens = True
+    backend.no_padding()
+    backend.no_truncation()
     try:
         yield backend
     finally:
-        backend.encode_special_tokens = before
+        special, padding, truncation = before
+        backend.encode_special_tokens = special
+        if padding is not None:
+            backend.enable_padding(**padding)
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
 
 
-def plain_text_copy(tokenizer: Any) -> Any:
-    """A `tokenizers` backend of its own that always encodes special-token strings as ordinary text, as
-    :func:`encode_flat` does: for threads that encode at once (flipping the flag of a shared backend
-    around each call, as encode_flat does, is not thread-safe). A snapshot: tokens added later are not in it."""
+def backend_copy(tokenizer: Any, special_tokens_as_text: bool) -> Any:
+    """A `tokenizers` backend of its own, for threads that encode at once (flipping settings of a
+    shared backend around each call, as :func:`encode_flat` does, is not thread-safe): it never pads
+    or truncates, and encodes special-token strings as ordinary text (as encode_flat does) or as
+    the tokens. A snapshot: tokens added later are not in it."""
     from tokenizers import Tokenizer
 
-    plain = Tokenizer.from_str(fast_backend(tokenizer).to_str())
-    plain.encode_special_tokens = True
-    return plain
+    backend = Tokenizer.from_str(fast_backend(tokenizer).to_str())
+    backend.encode_special_tokens = special_tokens_as_text
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
 
 
 def encode_flat(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
