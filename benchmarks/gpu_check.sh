@@ -82,7 +82,9 @@ part train && timeout $share python3 benchmarks/train_throughput.py --variants c
 
 # 3. Completion latency: the engine (run 8 measured it on SDPA in every bucket; its warm-up row
 #    tells the attention it timed fastest for each batch size; no profile of the step: run 7 took
-#    one, and its time goes to the server rows), the server rows (the engine in a process of its
+#    one, and no attention rows: run 8 timed them; their time goes to the server rows, which run 8
+#    did not reach, and which now split each request's time by the server's timing headers), the
+#    server rows (the engine in a process of its
 #    own second and third: built and warmed up there, from the compiler's caches this engine filled,
 #    then its defaults and its joins overlapped; overlapped joins in this process fourth); a profile
 #    of one prompt's prefill (how much of it is small element-wise kernels that a compiled prefill

@@ -355,6 +355,11 @@ def main() -> int:
     )
     gpu.add_argument("--no-generate-static", action="store_true", help="skip generate(cache_implementation=static)")
     gpu.add_argument(
+        "--attention-rows",
+        action="store_true",
+        help="(CUDA) time one step's attention of each kind at batch 1, 4 and 16 before the server rows",
+    )
+    gpu.add_argument(
         "--profile-step",
         type=Path,
         metavar="DIR",

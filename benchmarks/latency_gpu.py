@@ -24,7 +24,8 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
                       engine timed its candidates at start-up and took the fastest),
                       `+cublas` (an engine whose batch-of-one steps multiply through cuBLAS, not
                       the default matrix-vector kernels; its bucket of 1 only)
-    attention bN      (CUDA) one step's attention over all layers' caches, replayed as a CUDA graph:
+    attention bN      (CUDA, --attention-rows; run 8 measured them, and the engine's warm-up times
+                      its candidates itself) one step's attention over all layers' caches, replayed as a CUDA graph:
                       fimtune's grouped SDPA, compiled FlexAttention and two batched matrix products
                       (`matmul_decoding`) against transformers' SDPA,
                       which repeats StarCoder's single key/value head 16 times, with the engine's
@@ -1034,7 +1035,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if engine.decoder.static is not None:
             for row in attempt(report, f"buckets, {variant}", lambda e=engine: bucket_rows(s, e), deadline, 10) or []:
                 report.add(row)
-            if args.device == "cuda" and i == 0:
+            if args.device == "cuda" and i == 0 and args.attention_rows:
                 for row in attempt(report, "attention", lambda e=engine: attention_rows(s, e), deadline, 10) or []:
                     report.add(row)
             if args.profile_step and i == 0:
