@@ -95,6 +95,43 @@ def test_empty_documents_at_the_end_change_no_output_or_gradient(device):
             torch.testing.assert_close(got, want, **tol, msg=name)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_blocks_draw_new_dropout_masks_at_each_step(device):
+    """The blocks' hashed dropouts (LoRA's and the model's own) draw a new mask each training step,
+    compiled, and on a GPU replayed as CUDA graphs (`train.cuda_graphs`): a random state captured
+    into a graph would drop the same elements at every step. In evaluation nothing is dropped."""
+    from peft import LoraConfig, get_peft_model
+
+    device = torch.device(device)
+    base = tiny.gpt_bigcode(64)
+    fast.disable_attention_dropout(base)  # as training does: the varlen kernel has none
+    base.transformer.drop.p = 0.0  # the embeddings' (outside the blocks, not hashed): only the blocks' draw
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+    model = get_peft_model(base, cfg).to(device).train()
+    assert fast.hash_dropout(model) == 2 * 4  # each block: LoRA's two, attention's and the MLP's residual
+    fast.compile_blocks(model, mode="reduce-overhead" if device.type == "cuda" else None)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
+    lora_a = next(p for name, p in model.named_parameters() if "lora_A" in name)
+    outputs, grads = [], []
+    for _ in range(3):
+        torch.compiler.cudagraph_mark_step_begin()
+        logits = model(input_ids=ids).logits
+        logits.float().square().mean().backward()
+        outputs.append(logits.detach().clone())  # a replay reuses its outputs' memory
+        grads.append(lora_a.grad.clone())
+        lora_a.grad = None
+    for a, b in ((0, 1), (1, 2)):
+        assert not torch.equal(outputs[a], outputs[b]) and not torch.equal(grads[a], grads[b])
+    model.eval()
+    with torch.no_grad():
+        evaluated = []
+        for _ in range(2):
+            torch.compiler.cudagraph_mark_step_begin()
+            evaluated.append(model(input_ids=ids).logits.clone())
+    torch.testing.assert_close(evaluated[0], evaluated[1], rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])
 def test_varlen_attention_matches_sdpa_on_packed_rows(tiny_tokenizer, family):
     make = {"gpt_bigcode": tiny.gpt_bigcode, "llama": tiny.llama}[family]
