@@ -148,7 +148,13 @@ def test_timing_headers_split_each_request_into_tokenizing_queue_and_inference(w
         request.addfinalizer(lambda: setattr(engine.decoder, "step_hook", None))
     greedy = {"inputs": psm("def t():\n"), "parameters": {"max_new_tokens": 12, "details": True}}
     sampled = {"inputs": psm("def u():\n"), "parameters": {"max_new_tokens": 2, "do_sample": True, "seed": 1}}
+
+    def phases(c: httpx.Client) -> dict[tuple[str, str], float]:  # /metrics' phase histogram: sums and counts
+        found = re.findall(r'fimtune_request_phase_seconds_(sum|count)\{phase="(\w+)"\} (\S+)', c.get("/metrics").text)
+        return {(kind, phase): float(value) for kind, phase, value in found}
+
     with httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(2) as pool:
+        before = phases(c)
         first = pool.submit(c.post, "/generate", json=greedy)
         time.sleep(0.1)  # the first's batch runs (12 forwards of >= STEP_S): the sampled one waits for it
         second = pool.submit(
@@ -159,6 +165,9 @@ def test_timing_headers_split_each_request_into_tokenizing_queue_and_inference(w
             "/v1/completions", json={"prompt": "x = ", "suffix": "\n", "max_tokens": 3, "temperature": 0}
         )
         infill = c.post("/infill", json={"input_prefix": "y = ", "input_suffix": "", "n_predict": 3, "temperature": 0})
+        with c.stream("POST", "/generate_stream", json=sampled) as streamed:
+            assert len(sse_events(streamed)) == 2
+        after = phases(c)
     for r in [*answers, completion, infill]:
         assert r.status_code == 200, r.text
         parts = [int(r.headers[name]) for name in TIMINGS]
@@ -170,6 +179,11 @@ def test_timing_headers_split_each_request_into_tokenizing_queue_and_inference(w
     assert int(one.headers["x-prompt-tokens"]) > 3 and int(completion.headers["x-generated-tokens"]) == 3
     assert int(one.headers["x-inference-time"]) >= 12 * STEP_S * 1000 * 0.9
     assert int(two.headers["x-queue-time"]) >= 50  # taken once the first's batch ended
+    # /metrics: each finished request's phases, streamed ones too (5 here), as the headers say
+    for phase, header in zip(("validation", "queue", "inference"), TIMINGS, strict=True):
+        assert after["count", phase] == before.get(("count", phase), 0) + 5
+        added = after["sum", phase] - before.get(("sum", phase), 0)
+        assert added >= sum(int(r.headers[header]) for r in [*answers, completion, infill]) / 1000
 
 
 @pytest.mark.parametrize(

@@ -149,27 +149,66 @@ class Gate:
         return hmac.compare_digest(given, self.expected or b"")
 
 
+class _Histogram:
+    """A Prometheus histogram with one label (cumulative buckets, as the text format wants them)."""
+
+    def __init__(self, name: str, label: str, help_text: str) -> None:
+        self.name, self.label, self.help = name, label, help_text
+        self._buckets: defaultdict[str, list[int]] = defaultdict(lambda: [0] * len(LATENCY_BUCKETS))
+        self._sums: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()
+
+    def observe(self, value: str, seconds: float) -> None:
+        buckets = self._buckets[value]
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                buckets[i] += 1
+        self._sums[value] += seconds
+        self._counts[value] += 1
+
+    def render(self) -> list[str]:
+        name, label = self.name, self.label
+        lines = [f"# HELP {name} {self.help}", f"# TYPE {name} histogram"]
+        for value in sorted(self._counts):
+            lines += [
+                f'{name}_bucket{{{label}="{value}",le="{bound}"}} {n}'
+                for bound, n in zip(LATENCY_BUCKETS, self._buckets[value], strict=True)
+            ]
+            lines.append(f'{name}_bucket{{{label}="{value}",le="+Inf"}} {self._counts[value]}')
+            lines.append(f'{name}_sum{{{label}="{value}"}} {self._sums[value]:.6f}')
+            lines.append(f'{name}_count{{{label}="{value}"}} {self._counts[value]}')
+        return lines
+
+
 class Metrics:
-    """Request counts by route and status, and a latency histogram by route (thread-safe)."""
+    """Request counts by route and status, a latency histogram by route, and one of finished
+    generation requests' time by phase (thread-safe)."""
 
     def __init__(self, routes: set[str]) -> None:
         self.routes = routes  # other paths count as "other", so a scanner cannot grow the label set
         self._lock = threading.Lock()
         self._requests: Counter[tuple[str, int]] = Counter()
-        self._buckets: defaultdict[str, list[int]] = defaultdict(lambda: [0] * len(LATENCY_BUCKETS))
-        self._sums: Counter[str] = Counter()
-        self._counts: Counter[str] = Counter()
+        self._latency = _Histogram(
+            "fimtune_request_duration_seconds", "route", "Time from request to the end of the response."
+        )
+        self._phases = _Histogram(
+            "fimtune_request_phase_seconds",
+            "phase",
+            "A finished generation request's time by phase: validation (tokenizing its prompt), queue "
+            "(until the engine took it), inference (prefill, decoding and the way back to its handler).",
+        )
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         route = path if path in self.routes else "other"
         with self._lock:
             self._requests[route, status] += 1
-            buckets = self._buckets[route]
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    buckets[i] += 1
-            self._sums[route] += seconds
-            self._counts[route] += 1
+            self._latency.observe(route, seconds)
+
+    def observe_phases(self, seconds: dict[str, float]) -> None:
+        """A finished generation request's phases (`validation`, `queue`, `inference`), in seconds."""
+        with self._lock:
+            for phase, value in seconds.items():
+                self._phases.observe(phase, value)
 
     def render(self, gauges: dict[str, tuple[str, str, Any]]) -> str:
         """The text format; ``gauges`` maps a metric name to (type, help, value)."""
@@ -180,23 +219,7 @@ class Metrics:
         with self._lock:
             for (route, status), n in sorted(self._requests.items()):
                 lines.append(f'fimtune_requests_total{{route="{route}",status="{status}"}} {n}')
-            lines += [
-                "# HELP fimtune_request_duration_seconds Time from request to the end of the response.",
-                "# TYPE fimtune_request_duration_seconds histogram",
-            ]
-            for route in sorted(self._counts):
-                lines += self._histogram(route)
+            lines += self._latency.render() + self._phases.render()
         for name, (kind, help_text, value) in gauges.items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(lines) + "\n"
-
-    def _histogram(self, route: str) -> list[str]:
-        name = "fimtune_request_duration_seconds"
-        lines = [
-            f'{name}_bucket{{route="{route}",le="{bound}"}} {n}'
-            for bound, n in zip(LATENCY_BUCKETS, self._buckets[route], strict=True)
-        ]
-        lines.append(f'{name}_bucket{{route="{route}",le="+Inf"}} {self._counts[route]}')
-        lines.append(f'{name}_sum{{route="{route}"}} {self._sums[route]:.6f}')
-        lines.append(f'{name}_count{{route="{route}"}} {self._counts[route]}')
-        return lines

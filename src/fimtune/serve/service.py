@@ -169,6 +169,12 @@ class Service:
             if not task.done():
                 task.cancel()
 
+    def finished(self, jobs: list[Job], done: list[Completion]) -> dict[str, str]:
+        """A request's jobs are done: its phases go to the metrics; its timing headers come back."""
+        phases, headers = timing_headers(jobs, done)
+        self.metrics.observe_phases(phases)
+        return headers
+
     async def results(self, request: Request, jobs: list[Job]) -> list[Completion]:
         try:
             return [await self.result(request, job) for job in jobs]
@@ -203,30 +209,32 @@ def job_error(e: Exception, limits: Limits) -> ApiError:
     return ApiError(500, f"generation failed: {getattr(e, 'name', type(e).__name__)}", None, "generation_error")
 
 
-def timing_headers(jobs: list[Job], done: list[Completion]) -> dict[str, str]:
-    """TGI's timing headers for a finished request, in whole milliseconds as TGI writes them:
-    `x-validation-time` from the handler's start (its body read) to its jobs' queuing (the prompt's
-    tokenizing), `x-queue-time` until the worker took the last of them, `x-inference-time` from there
-    to now (prefill, decoding, and the way back to the handler), `x-total-time` all three;
-    `x-time-per-token` is the inference time over the new tokens."""
+def timing_headers(jobs: list[Job], done: list[Completion]) -> tuple[dict[str, float], dict[str, str]]:
+    """A finished request's phases in seconds, and TGI's timing headers, in whole milliseconds as TGI
+    writes them: `x-validation-time` from the handler's start (its body read) to its jobs' queuing
+    (the prompt's tokenizing), `x-queue-time` until the worker took the last of them,
+    `x-inference-time` from there to now (prefill, decoding, and the way back to the handler),
+    `x-total-time` all three; `x-time-per-token` is the inference time over the new tokens."""
     now = time.monotonic()
     received = min(job.received_at for job in jobs)
     queued = max(job.queued_at for job in jobs)
     taken = max(queued, *(job.taken_at or queued for job in jobs))
+    phases = {"validation": queued - received, "queue": taken - queued, "inference": now - taken}
     new = sum(c.completion_tokens for c in done)
 
     def ms(seconds: float) -> str:
         return str(int(1000 * max(seconds, 0.0)))
 
-    return {
+    headers = {
         "x-total-time": ms(now - received),
-        "x-validation-time": ms(queued - received),
-        "x-queue-time": ms(taken - queued),
-        "x-inference-time": ms(now - taken),
-        "x-time-per-token": ms((now - taken) / max(new, 1)),
+        "x-validation-time": ms(phases["validation"]),
+        "x-queue-time": ms(phases["queue"]),
+        "x-inference-time": ms(phases["inference"]),
+        "x-time-per-token": ms(phases["inference"] / max(new, 1)),
         "x-prompt-tokens": str(sum(c.prompt_tokens for c in done)),
         "x-generated-tokens": str(new),
     }
+    return phases, headers
 
 
 def submit_all(svc: Service, prompts: list[list[int]], params: GenerationParams, adapter: str | None) -> list[Job]:

@@ -19,7 +19,7 @@ from fimtune.generate import Completion
 from fimtune.serve import schemas as s
 from fimtune.serve.engine import Job, JobCancelled
 from fimtune.serve.http import ApiError, sse
-from fimtune.serve.service import Service, job_error, submit_all, timing_headers
+from fimtune.serve.service import Service, job_error, submit_all
 
 EXTRA_FILE_HEADER = "# {filename}\n"  # how an `input_extra` file starts in the context
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -45,7 +45,7 @@ async def tgi(svc: Service, request: Request, req: s.TgiRequest, stream: bool) -
         return StreamingResponse(tgi_events(svc, job, head, p), media_type="text/event-stream", headers=SSE_HEADERS)
     done = await svc.result(request, job)
     out = s.TgiResponse(generated_text=head + done.text, details=tgi_details(done, p) if p.details else None)
-    return JSONResponse(out.model_dump(exclude_none=not p.details), headers=timing_headers([job], [done]))
+    return JSONResponse(out.model_dump(exclude_none=not p.details), headers=svc.finished([job], [done]))
 
 
 def tgi_details(done: Completion, p: s.TgiParameters) -> s.TgiDetails:
@@ -67,6 +67,7 @@ async def tgi_events(svc: Service, job: Job, head: str, p: s.TgiParameters) -> A
                 sent += event.text
             elif event.kind == "done" and event.completion is not None:
                 done = event.completion
+                svc.finished([job], [done])
                 last = held or s.TgiToken(id=job.prompt[-1], text="", special=True)
                 last.text += done.text[len(sent) :] if done.text.startswith(sent) else ""
                 details = tgi_details(done, p) if p.details else None
@@ -108,7 +109,7 @@ async def completions(svc: Service, request: Request, req: s.CompletionRequest) 
         for i, (head, c) in enumerate(zip(echo, done, strict=True))
     ]
     out = s.CompletionResponse(**meta, choices=choices, usage=usage(done))
-    return JSONResponse(jsonable_encoder(out), headers=timing_headers(jobs, done))
+    return JSONResponse(jsonable_encoder(out), headers=svc.finished(jobs, done))
 
 
 def usage(done: list[Completion]) -> s.Usage:
@@ -132,6 +133,7 @@ async def openai_events(svc: Service, job: Job, meta: dict[str, Any]) -> AsyncIt
                 yield chunk(event.text)
             elif event.kind == "done" and event.completion is not None:
                 done = event.completion
+                svc.finished([job], [done])
                 rest = done.text[len(sent) :] if done.text.startswith(sent) else ""
                 yield chunk(rest, done.finish_reason, usage=usage([done]))
             elif event.kind == "error":
@@ -169,7 +171,7 @@ async def infill(svc: Service, request: Request, req: s.InfillRequest) -> Any:
             infill_events(svc, job, name, started), media_type="text/event-stream", headers=SSE_HEADERS
         )
     done = await svc.result(request, job)
-    return JSONResponse(jsonable_encoder(infill_response(done, name, started)), headers=timing_headers([job], [done]))
+    return JSONResponse(jsonable_encoder(infill_response(done, name, started)), headers=svc.finished([job], [done]))
 
 
 def infill_response(done: Completion, name: str, started: float) -> s.InfillResponse:
@@ -197,6 +199,7 @@ async def infill_events(svc: Service, job: Job, name: str, started: float) -> As
                 sent += event.text
                 yield sse({"content": event.text, "stop": False})
             elif event.kind == "done" and event.completion is not None:
+                svc.finished([job], [event.completion])
                 final = infill_response(event.completion, name, started)
                 final.content = final.content[len(sent) :] if final.content.startswith(sent) else ""
                 yield sse(final.model_dump())
