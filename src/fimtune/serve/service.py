@@ -134,7 +134,7 @@ class Service:
 
     def submit(self, prompt: list[int], params: GenerationParams, adapter: str | None, stream: bool = False) -> Job:
         job = Job(prompt, params, adapter, self.limits.timeout_s, stream)
-        job.received_at = _received.get() or job.queued_at
+        job.received_at = _received.get() or job.received_at  # outside a handler: its queuing
         try:
             self.engine.submit(job, _arrival.get())
         except QueueFull:
