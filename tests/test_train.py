@@ -232,6 +232,40 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, tiny_tokenizer, 
     assert a == pytest.approx(b, rel=1e-5)
 
 
+def test_under_cuda_graphs_accumulated_gradients_are_added_into_the_parameters_own(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache
+):
+    """With `train.cuda_graphs` and micro-batches, each trainable parameter keeps one gradient
+    tensor of its own, zeroed after each step and added into by each micro-batch's backward pass
+    (a gradient taken from a CUDA graph's output would be written over by the next micro-batch's
+    replay); the steps' losses and weights are those of gradients set anew each step."""
+    import dataclasses
+
+    from fimtune.train import make_accelerator, setup, train_step
+
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    extra = ("train.batch_size=2", "train.gradient_accumulation_steps=2", "lora.dropout=0.0", "train.eval_every=0")
+    runs = {}
+    for graphs in (False, True):
+        cfg = run_config(tmp_path, base, repetitive_data, f"graphs-{graphs}", *extra)
+        s = setup(cfg, make_accelerator(cfg))  # compiles nothing on a CPU: the loop is what is tested
+        s = dataclasses.replace(s, cuda_graphs=graphs)
+        s.model.train()
+        params = [p for g in s.optimizer.param_groups for p in g["params"]]
+        losses, storages = [], []
+        for step in range(3):
+            losses.append(train_step(s, cfg.train, tmp_path, step)()[0])
+            storages.append([None if p.grad is None else p.grad.data_ptr() for p in params])
+        runs[graphs] = losses, storages, [p.detach().clone() for p in params]
+        if graphs:
+            assert all(p.grad is not None and not p.grad.any() for p in params)  # zeroed, kept
+            assert storages[0] == storages[1] == storages[2]
+        else:
+            assert all(p.grad is None for p in params)
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(runs[True][2], runs[False][2], strict=True))
+
+
 def test_each_step_is_logged_in_order_though_its_loss_is_read_a_step_later(
     tmp_path, tiny_tokenizer, repetitive_data, token_cache
 ):
@@ -318,24 +352,29 @@ def no_dropout_model(tmp_path: Path, tokenizer) -> Path:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("micro_batches", [1, 2])
 def test_blocks_replayed_as_cuda_graphs_train_as_the_compiled_blocks(
-    tmp_path, tiny_tokenizer, repetitive_data, token_cache
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache, micro_batches
 ):
-    """`train.cuda_graphs`: the steps' losses as without CUDA graphs, read after later steps
-    replayed the graphs (and validation ran between), and no graph skipped."""
+    """`train.cuda_graphs`: the steps' losses and gradient norms as without CUDA graphs, read after
+    later steps replayed the graphs (and validation ran between), and no graph skipped; also with
+    two micro-batches a step, whose second replays the graphs over the first's outputs."""
     from torch._dynamo.utils import counters
 
     base = no_dropout_model(tmp_path, tiny_tokenizer)
     extra = ("train.mixed_precision=bf16", "train.max_steps=6", "train.eval_every=3", "lora.dropout=0.0")
+    extra += (f"train.batch_size={4 // micro_batches}", f"train.gradient_accumulation_steps={micro_batches}")
 
-    def losses(name: str, *more: str) -> list[float]:
-        return fit_losses(tmp_path, base, repetitive_data, name, *extra, *more)
+    def run(name: str, *more: str) -> tuple[list[float], list[float]]:
+        losses = fit_losses(tmp_path, base, repetitive_data, name, *extra, *more)
+        return losses, [r["grad_norm"] for r in metrics(tmp_path / name) if "grad_norm" in r]
 
-    plain = losses("plain")
+    plain, plain_norms = run("plain")
     skips = counters["inductor"]["cudagraph_skips"]
-    graphed = losses("graphs", "train.cuda_graphs=true")
+    graphed, graphed_norms = run("graphs", "train.cuda_graphs=true")
     assert counters["inductor"]["cudagraph_skips"] == skips
     assert graphed == pytest.approx(plain, rel=1e-2)
+    assert len(graphed_norms) == 6 and graphed_norms == pytest.approx(plain_norms, rel=2e-2)
     torch._dynamo.reset()
 
 

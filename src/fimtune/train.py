@@ -477,6 +477,9 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
     acc = s.accelerator
     if s.cuda_graphs:  # the last step's graph outputs are done with: the graphs may replay over them
         torch.compiler.cudagraph_mark_step_begin()
+    in_place = s.cuda_graphs and tc.gradient_accumulation_steps > 1
+    if in_place:
+        _allocate_gradients(s.optimizer)
     took = _step_clock(acc.device)
     rows = [next(s.train_rows) for _ in range(tc.gradient_accumulation_steps)]
     n_tokens = _global_label_tokens(acc, rows)  # counted on the host, before the copies
@@ -498,7 +501,7 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
     grad_norm = acc.clip_grad_norm_(_clipped_parameters(s), tc.max_grad_norm) if tc.max_grad_norm else None
     s.optimizer.step()
     s.scheduler.step()
-    s.optimizer.zero_grad(set_to_none=True)
+    s.optimizer.zero_grad(set_to_none=not in_place)
     assert step_loss is not None
     loss_mean = acc.reduce(step_loss, "sum") / n_tokens
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
@@ -517,6 +520,22 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
         return loss_value, None if grad_norm is None else norm_value, seconds()
 
     return values
+
+
+def _allocate_gradients(optimizer: Any) -> None:
+    """Give each trainable parameter a gradient of zeros where it has none, so backward passes add
+    into it in place.
+
+    Under `train.cuda_graphs` a block's backward graph writes its LoRA gradients into the graphs'
+    memory pool. A parameter with no gradient takes that output as its gradient (autograd keeps
+    the tensor it is given); the next micro-batch's forward starts a new graph step, whose replays
+    write over the same memory, so accumulated gradients would be lost or raise
+    (pytorch/pytorch#169545). A gradient of the parameter's own is added to, never replaced.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
 
 def _clipped_parameters(s: Setup) -> Any:
