@@ -319,12 +319,15 @@ def test_clipping_takes_every_trainable_parameter_and_no_frozen_one(
 
 
 @pytest.mark.gpu
-def test_a_training_step_never_waits_for_the_gpu(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
-    """Under CUDA's sync debug mode any host read of a device value in the step raises."""
+@pytest.mark.parametrize("max_grad_norm", ["1.0", "0"])
+def test_a_training_step_never_waits_for_the_gpu(tmp_path, tiny_tokenizer, repetitive_data, token_cache, max_grad_norm):
+    """Under CUDA's sync debug mode any host read of a device value in the step raises (also with
+    clipping off, whose gradient norm of 0 is made on the device)."""
     from fimtune.train import make_accelerator, setup, train_step
 
     base = model_dir(tmp_path, tiny_tokenizer, "gpt_bigcode")
-    cfg = run_config(tmp_path, base, repetitive_data, "sync", "train.mixed_precision=bf16", "train.max_steps=8")
+    extra = ("train.mixed_precision=bf16", "train.max_steps=8", f"train.max_grad_norm={max_grad_norm}")
+    cfg = run_config(tmp_path, base, repetitive_data, "sync", *extra)
     s = setup(cfg, make_accelerator(cfg))
     s.model.train()
     train_step(s, cfg.train, tmp_path, 0)()  # compiles; allocations settle
@@ -335,6 +338,54 @@ def test_a_training_step_never_waits_for_the_gpu(tmp_path, tiny_tokenizer, repet
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(0 < q()[0] < 20 for q in queued)
+
+
+@pytest.mark.gpu
+def test_label_tokens_of_several_processes_are_summed_on_the_gpu_without_a_wait():
+    """A step's label tokens over several processes: counted on the host, summed on the device,
+    made there with no copy that waits for the step queued before."""
+    from types import SimpleNamespace
+
+    from fimtune.train import _global_label_tokens
+
+    acc = SimpleNamespace(num_processes=2, device=torch.device("cuda"), reduce=lambda t, _: t * 2)
+    rows = [{"labels": [[7, 1, -100, 3]]}, {"labels": [[7, -100, -100, 5]]}]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        summed = _global_label_tokens(acc, rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert summed.device.type == "cuda" and int(summed) == 2 * 3  # the first token of a row has no label
+
+
+@pytest.mark.gpu
+def test_validation_reads_the_gpu_at_its_end_not_at_each_batch(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    """Validation's host waits for the GPU do not grow with its batches (CUDA's sync debug mode
+    warns at each), and its loss is the same whichever way it is read."""
+    import warnings
+
+    from fimtune.train import make_accelerator, setup, validate
+
+    base = model_dir(tmp_path, tiny_tokenizer, "gpt_bigcode")
+    cfg = run_config(tmp_path, base, repetitive_data, "val-sync", "train.mixed_precision=bf16")
+    s = setup(cfg, make_accelerator(cfg))
+    validate(s, 3)  # compiles
+
+    def waits(batches: int) -> tuple[int, dict]:
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                result = validate(s, batches)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught), result
+
+    (one, first), (three, all_three) = waits(1), waits(3)
+    assert three == one
+    assert 0 < first["val_tokens"] < all_three["val_tokens"]
 
 
 def fit_losses(tmp_path: Path, base: Path, data: Path, name: str, *extra: str) -> list[float]:

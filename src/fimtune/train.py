@@ -312,21 +312,26 @@ def validate(s: Setup, max_batches: int | None) -> dict[str, float]:
     # forwards, those out of batches on a batch without labels (row counts differ by up to one).
     lockstep = sharded_parameters(acc) is not None
     model = eval_model(acc, s.model)
-    total = torch.zeros(2, device=acc.device, dtype=torch.float64)
+    # The losses are summed on the device and the label tokens on the host: nothing is read back
+    # until the end, so the host queues each batch while the GPU runs the one before.
+    loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+    tokens = 0
     batches = s.make_eval_rows()
     for i in itertools.count():
         batch = next(batches, None) if max_batches is None or i < max_batches else None
-        if lockstep and acc.reduce(torch.tensor(float(batch is not None), device=acc.device), "sum") > 0:
+        if lockstep and acc.reduce(_on_device(float(batch is not None), acc.device), "sum") > 0:
             batch = batch if batch is not None else NO_LABELS_BATCH
         if batch is None:
             break
-        if s.cuda_graphs:  # the last batch's graph outputs are done with
+        if s.cuda_graphs:  # the last batch's graph outputs are done with (the loss is not one)
             torch.compiler.cudagraph_mark_step_begin()
+        tokens += _label_tokens(batch)
         batch = _to_device(_on_host_bounds(model, batch, s.cuda_graphs), acc.device)
         with acc.autocast():
-            loss, n = summed_loss(model, batch, s.loss_chunk)
-        total += torch.tensor([loss.item(), n], device=total.device, dtype=torch.float64)
+            loss, _ = summed_loss(model, batch, s.loss_chunk, count=False)
+        loss_sum += loss.detach().double()
     s.model.train()
+    total = torch.stack([loss_sum, torch.full((), tokens, dtype=torch.float64, device=acc.device)])
     total = acc.reduce(total, reduction="sum")
     if total[1] == 0:
         return {}
@@ -506,7 +511,7 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
     loss_mean = acc.reduce(step_loss, "sum") / n_tokens
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
         grad_norm = grad_norm.full_tensor()
-    norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, device=loss_mean.device, dtype=torch.float32)
+    norm = _on_device(grad_norm if grad_norm is not None else 0.0, loss_mean.device)
     read = copy_to_host(torch.stack([loss_mean.float().reshape(()), norm.float().reshape(())]))
     seconds = took()
 
@@ -520,6 +525,14 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
         return loss_value, None if grad_norm is None else norm_value, seconds()
 
     return values
+
+
+def _on_device(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A float32 scalar on ``device``, without a wait: a number is filled in there (a copy from the
+    host's pageable memory would wait for the work queued before it); a tensor is moved, if need be."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32)
+    return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
 def _allocate_gradients(optimizer: Any) -> None:
@@ -615,10 +628,17 @@ def _finish(pending: _Pending | None, s: Setup, tc: Any, metrics: Any, bar: Any,
 def _global_label_tokens(acc: Any, rows: list[dict[str, Any]]) -> int | torch.Tensor:
     """Label tokens of a step's micro-batches (host data), over all processes: an int for one
     process, else a tensor on the device (summed there, so the host does not wait for it)."""
-    local = sum(int((torch.as_tensor(r["labels"])[:, 1:] != IGNORE_INDEX).sum()) for r in rows)
+    local = sum(_label_tokens(r) for r in rows)
     if acc.num_processes == 1:
         return max(1, local)
-    return acc.reduce(torch.tensor(local, device=acc.device), "sum").clamp(min=1)
+    # torch.full fills on the device; torch.tensor(local, device=...) would copy from pageable host
+    # memory, and PyTorch waits for the stream after such a copy: for the step queued before.
+    return acc.reduce(torch.full((), local, dtype=torch.long, device=acc.device), "sum").clamp(min=1)
+
+
+def _label_tokens(batch: dict[str, Any]) -> int:
+    """Label tokens of a host batch (each row's first token has no label: it is no one's next)."""
+    return int((torch.as_tensor(batch["labels"])[:, 1:] != IGNORE_INDEX).sum())
 
 
 class _nullcontext:
