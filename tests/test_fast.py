@@ -574,6 +574,25 @@ def test_fp8_products_on_a_gpu_match_bf16_products_within_their_rounding():
         assert 1e-3 < moved < 0.06, moved
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_products_write_bf16_and_give_the_weights_dtype(dtype, monkeypatch):
+    """Row-wise scaled FP8 products take bf16 outputs only, in some of PyTorch's GPU kernels: a
+    layer of fp32 or fp16 weights asks for bf16 products, forward and backward, and gets its
+    output and its input's gradient in its own dtype."""
+    asked = []
+    scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: asked.append(kw["out_dtype"]) or scaled_mm(*a, **kw))
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.base_layer = torch.nn.Linear(64, 32).to(dtype).requires_grad_(False)
+    assert fast.fp8_frozen_products(holder) == 1
+    x = torch.randn(3, 64, dtype=dtype, requires_grad=True)
+    out = holder.base_layer(x)
+    out.sum().backward()
+    assert asked == [torch.bfloat16, torch.bfloat16]
+    assert out.dtype == x.grad.dtype == dtype
+
+
 def test_fp8_products_leave_layers_whose_sizes_fp8_kernels_refuse():
     from fimtune.config import LoraConfig
     from fimtune.model import attach_lora

@@ -1119,6 +1119,12 @@ def rowwise_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+# What the FP8 products write: row-wise scaled products take bf16 outputs only in PyTorch's CUTLASS
+# kernels (sm89, and CUDA builds before 12.9: "Only bf16 high precision output types are supported
+# for row-wise scaling"); other weight dtypes (fp32, fp16) get the product cast after.
+FP8_PRODUCT_OUT = torch.bfloat16
+
+
 class _Float8Product(torch.autograd.Function):
     """``x W^T`` of a frozen weight through FP8 products (rowwise scales): the forward pass on
     ``x`` and W's FP8 copy, the backward pass (``x``'s gradient only: W is frozen) on the
@@ -1136,16 +1142,16 @@ class _Float8Product(torch.autograd.Function):
     ):
         x2 = x.reshape(-1, x.shape[-1])
         x8, x_scale = rowwise_fp8(x2)
-        out = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=out_dtype)
+        out = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=FP8_PRODUCT_OUT)
         ctx.save_for_backward(wt8, wt_scale)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out.reshape(*x.shape[:-1], out.shape[-1]).to(out_dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         wt8, wt_scale = ctx.saved_tensors
         g8, g_scale = rowwise_fp8(grad.reshape(-1, grad.shape[-1]))
-        gx = torch._scaled_mm(g8, wt8.t(), scale_a=g_scale, scale_b=wt_scale.t(), out_dtype=grad.dtype)
+        gx = torch._scaled_mm(g8, wt8.t(), scale_a=g_scale, scale_b=wt_scale.t(), out_dtype=FP8_PRODUCT_OUT)
         return gx.reshape(ctx.x_shape).to(ctx.x_dtype), None, None, None, None, None
 
 
