@@ -1314,7 +1314,7 @@ def copy_to_host(values: torch.Tensor) -> Callable[[], list]:
     host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
     host.copy_(values, non_blocking=True)
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(values.device))  # where the copy runs, whichever device is current
 
     def wait() -> list:
         copied.synchronize()

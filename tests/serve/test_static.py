@@ -766,6 +766,37 @@ def test_requests_join_the_batch_in_flight_through_the_server(
 
 
 @pytest.mark.gpu
+def test_a_captured_product_keeps_its_cublas_workspace_when_the_cache_is_let_go_of():
+    """A graph captured through `capture` after eager products on the same stream (the stream
+    PyTorch hands out again from its pool) replays right after cuBLAS's workspace cache is let go
+    of (as inductor's CUDA graph trees do at each recording) and its memory handed to new tensors:
+    the product is still right, and the new tensors are untouched (pytorch/pytorch#193402)."""
+    from fimtune.serve.static import capture
+
+    torch.manual_seed(0)
+    a = torch.randn(16, 8192, device="cuda", dtype=torch.bfloat16)  # few rows, long sums: split-K products
+    b = torch.randn(8192, 256, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(16, 256, device="cuda", dtype=torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.graph.default_capture_stream or torch.cuda.Stream()
+    torch.cuda.graph.default_capture_stream = stream
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # eager products there first: cuBLAS caches a workspace for it
+        want = a @ b
+    torch.cuda.current_stream().wait_stream(stream)
+    with capture(graph):
+        out.copy_(a @ b)
+    torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    fills = [torch.full((1 << 20,), 7.0, device="cuda") for _ in range(64)]  # 256 MiB of new tensors
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want)
+    assert all(bool((t == 7.0).all()) for t in fills)
+
+
+@pytest.mark.gpu
 def test_overlapped_joins_on_a_gpu_give_each_row_its_tokens(tiny_tokenizer):
     """Joining prompts prefilled on a stream of their own beside the CUDA-graph steps."""
     fresh_dynamo()

@@ -337,6 +337,25 @@ def fastest(times: dict[str, float], margin: float = AUTO_MARGIN) -> str:
     return best if times[best] < (1 - margin) * times["sdpa"] else "sdpa"
 
 
+@contextlib.contextmanager
+def capture(graph: Any, pool: Any = None) -> Iterator[None]:
+    """Capture CUDA work into ``graph`` (``torch.cuda.graph``), cuBLAS's cached workspaces let go of first.
+
+    cuBLAS keeps a workspace for each handle and stream, and a captured product keeps its address.
+    Graphs captured on one stream (``torch.cuda.graph``'s own, unless told another) would share the
+    workspace cached for it: a prefill graph replayed beside a step graph (an overlapped join)
+    would write the same scratch memory at the same time; and whatever lets go of the cache later
+    (inductor's CUDA graph trees, at each recording; PyTorch, when a graph captured on that stream
+    is destroyed) frees memory the graphs captured before still write into, which PyTorch may then
+    hand to other tensors (pytorch/pytorch#193402). Let go of first, the capture's products get a
+    workspace of their own inside the graph's memory pool, whose memory only later captures into
+    the same pool reuse (inductor's CUDA graph trees do the same around each recording).
+    """
+    torch._C._cuda_clearCublasWorkspaces()
+    with torch.cuda.graph(graph, pool=pool):
+        yield
+
+
 def graph_ms(step: Callable[[], Any], replays: int) -> float:
     """Milliseconds a replay of ``step`` captured as a CUDA graph takes (after a warm-up run on a
     side stream, where compiled code compiles)."""
@@ -346,7 +365,7 @@ def graph_ms(step: Callable[[], Any], replays: int) -> float:
         step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with capture(graph):
         step()
     graph.replay()
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -812,7 +831,7 @@ class StaticDecoding:
         if self._prefill_pool is None:
             self._prefill_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._prefill_pool):
+        with capture(graph, self._prefill_pool):
             self._forward_single(length)
         for t in (single.logits, *single.states[-1]):
             t.zero_()
@@ -894,7 +913,7 @@ class StaticDecoding:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with capture(graph, self._pool):
             out = self._step(b.ids, b.positions, b.mask, b.cache)
         for layer, length in zip(b.cache.layers, lengths, strict=True):  # the warm-up runs wrote a slot each
             layer.cumulative_length.copy_(length)
