@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call of a short GPU lease: the CUDA tests, then the training and latency
 # benchmarks, each inside its share of a time budget. Figures and logs go to $OUT (default
-# ./gpu-out): six files (the profiles of training and decoding steps in one). Record the figures in
-# RESULTS.md.
+# ./gpu-out): seven files (the profiles of training and decoding steps in one; the latency log
+# filtered and whole). Record the figures in RESULTS.md.
 #
 #     bash benchmarks/gpu_check.sh [SECONDS] [PARTS]   # from the repository root; default 520 s
 #
@@ -48,9 +48,9 @@ python3 -c 'import torch; from fimtune import fast; print("FlashAttention-4:", f
 # 1. The CUDA tests. `tests` (the default): those new since run 8 and those that failed there (the
 #    others passed in run 8 and their code has not changed since); `alltests`: every one (the step
 #    never waits for the GPU, graphs replay what eager computes, FlashAttention-4 against PyTorch's
-#    kernels, ...). A failing test prints its report at once (tests/conftest.py). FlexAttention
-#    decoding (an option, off) last, in a process of its own: in run 8 its test failed and a CUDA
-#    fault then aborted pytest.
+#    kernels, ...). A failing test prints its report at once (tests/conftest.py). With `alltests`,
+#    FlexAttention decoding (an option, off) last, in a process of its own: in run 8 its test failed
+#    and a CUDA fault then aborted pytest.
 if part tests || part alltests; then
     if part alltests; then
         selected=(tests/test_fast.py tests/test_train.py tests/serve/test_static.py -k "not trees-flex")
@@ -67,7 +67,7 @@ if part tests || part alltests; then
     fi
     timeout $(part alltests && echo 190 || echo 150) python3 -m pytest -q -p no:cacheprovider -m gpu "${selected[@]}" 2>&1 |
         grep -v -E '^[VIW][0-9]{4}' | tee "$OUT/gpu-tests.log"
-    timeout 40 python3 -m pytest -q -p no:cacheprovider -m gpu -k "trees-flex" tests/serve/test_static.py 2>&1 |
+    part alltests && timeout 40 python3 -m pytest -q -p no:cacheprovider -m gpu -k "trees-flex" tests/serve/test_static.py 2>&1 |
         grep -v -E '^[VIW][0-9]{4}' | tail -60 | tee -a "$OUT/gpu-tests.log"
 fi
 
@@ -99,5 +99,5 @@ part train && timeout $share python3 benchmarks/train_throughput.py --variants c
 #    cuBLAS (run 7's), not through the matrix-vector kernels.
 part latency && cd benchmarks && timeout $(($(left) - 5)) python3 latency.py --device cuda --shape starcoderbase-1b \
     --no-generate-static --graphs trees,trees+cublas --budget-s $(($(left) - 30)) --profile-prefill /tmp/gpu-profiles \
-    --json "$OUT/latency.json" 2>&1 | grep -v -E '^[VIW][0-9]{4}|^ +- |^ +File' | tee "$OUT/latency.log"
+    --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency-full.log" | grep -v -E '^[VIW][0-9]{4}|^ +- |^ +File' | tee "$OUT/latency.log"
 for f in /tmp/gpu-profiles/*.txt; do [ -f "$f" ] && printf '\n== %s\n' "${f##*/}" && cat "$f"; done > "$OUT/profiles.txt"

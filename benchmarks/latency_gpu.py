@@ -988,6 +988,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     deadline = time.monotonic() + args.budget_s
+    if args.device == "cuda" and (args.profile_step or args.profile_prefill):
+        from train_throughput import cuda_graphs_profiled
+
+        cuda_graphs_profiled()  # before the engine captures its graphs
     report = Report(args.json, machine(args))
     print(json.dumps(report.data["machine"]), flush=True)
     print(HEADER, flush=True)

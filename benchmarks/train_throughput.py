@@ -3,7 +3,7 @@ naive bf16, fimtune's own training step, QLoRA. Figures go to RESULTS.md.
 
     python benchmarks/train_throughput.py --json out.json            # a CUDA GPU: every variant
     python benchmarks/train_throughput.py --variants c,c-ckpt         # some of them
-    python benchmarks/train_throughput.py --shape tiny --steps 2      # a smoke run on a CPU (tests)
+    python benchmarks/train_throughput.py --shape tiny --length 64 --steps 2   # a smoke run on a CPU (tests)
     python benchmarks/train_throughput.py --shape narrow --length 16 --compile true --variants c,c-cpp-wrapper
                                      # the host's share: the 1B's 24 blocks and kernels, little work in each
 
@@ -291,7 +291,11 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         )
     optimizer, scheduler = make_optimizer(model, cfg, device, 100)
     model, optimizer = acc.prepare(model, optimizer)
-    data = batches(model.config.vocab_size, rows, args.length, device, docs=variant == "c-docs")
+    # Host rows, as `fimtune train` feeds the step: it counts their labels and bounds on the host and
+    # copies them through pinned memory, queued. Rows made on the GPU would cost a wait for the
+    # stream at each step (copies from pageable memory, the counts read back), so the host could not
+    # queue a step while the GPU runs the one before, and queue_ms would include that wait.
+    data = batches(model.config.vocab_size, rows, args.length, torch.device("cpu"), docs=variant == "c-docs")
     s = Setup(acc, model, None, optimizer, scheduler, data, None, 100, args.batch * args.length, chunk, graphs)
     counter = iter(range(10**6))
     model.train()
@@ -309,6 +313,15 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     if args.profile and profiled and device.type == "cuda":
         result["profile"] = profile(step, args.profile / f"profile-{variant}.txt")
     return result
+
+
+def cuda_graphs_profiled() -> None:
+    """Start the profiler once before any CUDA graph is recorded: a profiler first started after
+    graphs were captured can fault or hang as they replay (PyTorch's own helper for this)."""
+    from torch.profiler import _utils
+
+    if hasattr(_utils, "_init_for_cuda_graphs"):
+        _utils._init_for_cuda_graphs()
 
 
 def profile(step: Any, path: Path, steps: int = 2) -> str:
@@ -523,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": {},
     }
     print(json.dumps(report["versions"]), flush=True)
+    if args.profile and device.type == "cuda":
+        cuda_graphs_profiled()
     start = time.perf_counter()
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         t = time.perf_counter()
