@@ -71,19 +71,20 @@ if part tests || part alltests; then
         grep -v -E '^[VIW][0-9]{4}' | tail -60 | tee -a "$OUT/gpu-tests.log"
 fi
 
-# 2. Training: fimtune's step (FlashAttention-4 where it is installed); run 8 found the host
-#    queueing it as slowly as the GPU runs it (queue ms ~ step ms; 93 ms of kernels a 107 ms step),
-#    so next the option that takes host time out: each block's passes replayed as CUDA graphs; naive
-#    bf16 (b) and the recipe's regime (a), for the ratios in one run; QLoRA (its memory target, last
-#    measured in run 2: every training figure the issue asks for, from one run); the blocks' kernels
-#    started from C++ (the other way to cut the host's time, should the graphs fail; skipped by run 8's
-#    budget); the graphs keeping 85% of the activations (the preset's setting), and with the frozen
-#    base's products in FP8 (less GPU time than (c) in run 8, more host work); (c) keeping 85% of
-#    the activations; LoRA's rank-wide products as fused sums.
+# 2. Training: fimtune's step (FlashAttention-4 where it is installed; run 8 had the GPU idle 13% of
+#    it: 93 ms of kernels a 107 ms step); naive bf16 (b) and the recipe's regime (a), for the ratios
+#    in one run; QLoRA (its memory target, last measured in run 2): every training figure the issue
+#    asks for, from one run, before anything new can fault the process's CUDA context. Then the
+#    option that takes the host's launches out: each block's passes replayed as CUDA graphs (never
+#    run on a GPU yet); the blocks' kernels started from C++ (the other way to cut the host's time,
+#    should the graphs fail; skipped by run 8's budget); the graphs keeping 85% of the activations
+#    (the preset's setting), and with the frozen base's products in FP8 (less GPU time than (c) in
+#    run 8, more host work); (c) keeping 85% of the activations; LoRA's rank-wide products as fused
+#    sums.
 #    (c) and the CUDA graphs are profiled (GPU time, then the host's); variants past the budget are
 #    skipped.
 share=$(($(left) - $(part latency && echo 175 || echo 5)))  # the latency part's warm-up alone takes ~80 s
-part train && timeout $share python3 benchmarks/train_throughput.py --variants c,c-graphs,b,a,qlora,c-cpp-wrapper,c-graphs-mem,c-graphs-fp8,c-mem,c-lora-sums \
+part train && timeout $share python3 benchmarks/train_throughput.py --variants c,b,a,qlora,c-graphs,c-cpp-wrapper,c-graphs-mem,c-graphs-fp8,c-mem,c-lora-sums \
     --activation-memory 0.85 --budget-s $((share - 40)) --profile /tmp/gpu-profiles --profile-variants c,c-graphs \
     --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
 
