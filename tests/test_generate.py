@@ -194,6 +194,34 @@ def test_pick_tokens():
     assert {d[0] for d in draws(2)} == {1, 2}  # top-2: both near-ties are drawn, never 0 or 3
 
 
+def test_sampling_draws_what_multinomial_draws_and_survives_what_it_refuses():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
+    params = GenerationParams(temperature=0.7, top_k=20, top_p=0.9)
+    ours, theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(30):  # the same tokens for a seed as torch.multinomial, draw after draw
+        scaled = pick_tokens(logits, params, ours)
+        probs = _filtered(logits, params).softmax(-1)
+        assert scaled.tolist() == torch.multinomial(probs, 1, generator=theirs).squeeze(-1).tolist()
+    # a temperature so small that logits / temperature overflows: the likeliest token, as greedy
+    tiny = GenerationParams(temperature=1e-40)
+    assert pick_tokens(logits, tiny, ours).tolist() == logits.argmax(-1).tolist()
+    with pytest.raises(RuntimeError):  # multinomial refuses NaN (on a GPU: a device-side assert)
+        torch.multinomial(torch.full((1, 4), float("nan")), 1)
+    nan = torch.full((1, 4), float("nan"))
+    assert pick_tokens(nan, GenerationParams(temperature=1.0), ours).shape == (1,)  # a token, no error
+
+
+def _filtered(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    """The logits top-k and top-p keep (others -inf), computed here the plain way, row by row."""
+    out = torch.full_like(logits, float("-inf"))
+    for r, row in enumerate((logits - logits.amax(-1, keepdim=True)) / params.temperature):
+        order = row.argsort(descending=True)[: params.top_k]
+        probs = row[order].softmax(-1)
+        keep = (probs.cumsum(-1) - probs) <= params.top_p
+        out[r, order[keep]] = row[order[keep]]
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # The decoder against `generate`
 # --------------------------------------------------------------------------------------

@@ -276,7 +276,9 @@ def pick_tokens(
     """Next token ids [B] from last-position logits [B, V]: argmax, or temperature/top-k/top-p sampling."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+    # less their largest first (the same soft-max): a tiny temperature would make the largest inf, then NaN
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -286,7 +288,11 @@ def pick_tokens(
         # drop a token when the tokens before it already hold top_p of the mass (the first always stays)
         drop = probs.cumsum(dim=-1) - probs > params.top_p
         logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(dim=-1)
+    # torch.multinomial's draw of one sample (the arg max of probs / Exp(1) noise: the same tokens for a
+    # seed) without its check of the probabilities, a device-side assert on a GPU: a NaN from the model
+    # would end the process's use of the GPU for every later request
+    return probs.div(torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)
 
 
 # --------------------------------------------------------------------------------------

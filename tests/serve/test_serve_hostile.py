@@ -78,6 +78,7 @@ SPECIFIC = {
         {"inputs": "x", "parameters": {"max_new_tokens": -5}},
         {"inputs": "x", "parameters": {"max_new_tokens": 10**12}},
         {"inputs": "x", "parameters": {"temperature": -1.0}},
+        {"inputs": "x", "parameters": {"do_sample": True, "seed": 2**64}},  # past torch's seeds
         {"inputs": 5},
     ],
     "/generate_stream": [{"inputs": "x", "parameters": {"top_p": 7.5}}, {"parameters": {}}],
@@ -87,6 +88,7 @@ SPECIFIC = {
         {"prompt": "x", "max_tokens": -3},
         {"prompt": "x", "max_tokens": 10**12},
         {"prompt": "x", "temperature": "hot"},
+        {"prompt": "x", "max_tokens": 2, "seed": -(2**63) - 1},
     ],
     "/infill": [
         {"input_prefix": "x", "n_predict": 10**12},
@@ -104,6 +106,21 @@ def test_hand_picked_bad_input_gets_a_clear_4xx(fuzz_url, route):
             r = c.post(route, content=raw, headers={"content-type": "application/json"})
             assert 400 <= r.status_code < 500, (route, what, r.status_code, r.text[:300])
             assert "error" in r.json(), (route, what, r.text[:300])
+
+
+def test_sampling_values_at_their_edges_complete(fuzz_url):
+    # a temperature whose logits / temperature overflows, the seeds at both ends of the range:
+    # each completes (it was a 500 that, on the GPU's fast path,
+    # turned the CUDA graphs off for every later request)
+    cases = [
+        ("/generate", {"inputs": "x", "parameters": {"do_sample": True, "temperature": 1e-40, "seed": 2**64 - 1}}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 1e-40, "seed": -(2**63)}),
+        ("/infill", {"input_prefix": "x", "n_predict": 2, "temperature": 1e-40, "seed": -1}),
+    ]
+    with httpx.Client(base_url=fuzz_url, timeout=60) as c:
+        for route, body in cases:
+            r = c.post(route, json=body)
+            assert r.status_code == 200, (route, body, r.text[:300])
 
 
 def test_wrong_api_key_is_401_json(tiny_run):

@@ -7,6 +7,7 @@ Each is checked against plain `model.generate`: the greedy tokens must be the sa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -295,6 +296,18 @@ def test_sampling_with_a_seed_repeats(tiny_tokenizer):
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET, temperature=0.8, top_p=0.95, seed=7)
     runs = [summary(fast.run(rows_for(pr, params, 2))) for _ in range(2)]
     assert runs[0] == runs[1] and all(c[1] == NEW or c[2] == "stop" for c in runs[0])
+
+
+def test_what_a_request_asks_for_fails_it_and_leaves_the_fast_path_on(tiny_tokenizer):
+    model, pr = tiny_model("gpt_bigcode", tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    fast = Decoder(model, pr, static=StaticDecoding(model, MAX_LENGTH, 4, backend=None))
+    params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)
+    with pytest.raises(ValueError):  # a seed torch's generators do not take
+        fast.run(rows_for(pr, dataclasses.replace(params, temperature=0.8, seed=2**64), 2))
+    # a temperature so small that logits / temperature overflows samples the likeliest token
+    tiny = summary(fast.run(rows_for(pr, dataclasses.replace(params, temperature=1e-40, seed=1), 2)))
+    assert tiny == summary(fast.run(rows_for(pr, params, 2)))
+    assert fast.static is not None and fast.static.batches == 2
 
 
 def test_what_does_not_fit_decodes_eagerly_and_a_failure_turns_the_path_off(tiny_tokenizer, monkeypatch, caplog):

@@ -168,6 +168,9 @@ class Decoder:
         """
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
+        # Made here, not on the fast path: what the rows ask for (a seed torch refuses) fails these
+        # rows, and is no fault of the fast path.
+        generator = _generator(rows[0].params, self.device)
         static = self.static
         if static is not None and static.fits(
             len(rows), max(len(r.prompt) for r in rows), max(r.params.max_new_tokens for r in rows)
@@ -175,14 +178,16 @@ class Decoder:
             states = [_RowState(r, self.prompter) for r in rows]
             try:
                 with static.on_stream():
-                    return self._run_static(static, states, join, overlap_joins)
+                    return self._run_static(static, states, generator, join, overlap_joins)
             except Exception:
                 # Decode eagerly from now on; this batch too, unless some of its tokens went out already.
                 log.exception("the CUDA-graph decoding failed; decoding eagerly from now on")
                 self.static = None
                 if any(s.n_new for s in states):
                     raise
-        done = [self._run_one(rows[0], adapter)] if len(rows) == 1 else self._run_batch(rows)
+                generator = _generator(rows[0].params, self.device)  # its draws as in a first try
+        one = len(rows) == 1
+        done = [self._run_one(rows[0], adapter, generator)] if one else self._run_batch(rows, generator)
         for row, completion in zip(rows, done, strict=True):
             if row.on_done is not None:
                 row.on_done(completion)
@@ -215,7 +220,7 @@ class Decoder:
         out = self.model(input_ids=torch.tensor(ids, device=self.device), **kwargs)
         return out.logits[:, -keep:, :]
 
-    def _run_one(self, row: Row, adapter: str | None) -> Completion:
+    def _run_one(self, row: Row, adapter: str | None, generator: torch.Generator | None) -> Completion:
         slot, reused, previous = self.caches.take(adapter, row.prompt)
         slot = slot or CacheSlot(adapter, [], new_cache())
         state = _RowState(row, self.prompter, reused)
@@ -223,7 +228,6 @@ class Decoder:
         drafter = Drafter(previous) if row.params.greedy and self.max_draft > 0 else None
         if drafter is not None:
             drafter.extend(row.prompt[:reused])
-        generator = _generator(row.params, self.device)
         feed = row.prompt[reused:]  # tokens known but not yet in the cache
         while not row.should_stop():
             draft = self._draft(drafter, feed, state)
@@ -256,7 +260,7 @@ class Decoder:
         self.stats.draft_tokens += len(draft)
         return draft
 
-    def _run_batch(self, rows: list[Row]) -> list[Completion]:
+    def _run_batch(self, rows: list[Row], generator: torch.Generator | None) -> list[Completion]:
         states = [_RowState(r, self.prompter) for r in rows]
         for r in rows:
             self._count_prompt(r.prompt, 0)
@@ -269,7 +273,6 @@ class Decoder:
         logits = self._forward(ids, positions, cache, mask)[:, -1]
         active = list(range(len(rows)))  # row index of each batch line
         next_pos = mask.sum(-1)  # [B] the next position of each line
-        generator = _generator(rows[0].params, self.device)
         while active:
             tokens = pick_tokens(logits, rows[0].params, generator)
             picked = tokens.tolist()  # one read from the device, not one a row
@@ -288,7 +291,12 @@ class Decoder:
         return [s.completion() for s in states]
 
     def _run_static(
-        self, static: StaticDecoding, states: list[_RowState], join: Joiner | None = None, overlap: bool = False
+        self,
+        static: StaticDecoding,
+        states: list[_RowState],
+        generator: torch.Generator | None,
+        join: Joiner | None = None,
+        overlap: bool = False,
     ) -> list[Completion]:
         """The rows in a static-cache bucket: eager prefill, then one compiled step per token.
 
@@ -303,7 +311,6 @@ class Decoder:
         for state in states:
             self._count_prompt(state.row.prompt, 0)
         slots: list[_RowState | _Joining | None] = [*states, *[None] * (session.size - len(states))]
-        generator = _generator(params, self.device)
         while True:
             tokens = pick_tokens(logits, params, generator)
             picks = copy_to_host(tokens)

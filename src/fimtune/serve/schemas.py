@@ -10,7 +10,7 @@ and range-checked here, and checked against the server's limits in :mod:`fimtune
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -22,6 +22,9 @@ LLAMACPP_DEFAULT_TEMPERATURE = 0.8
 LLAMACPP_DEFAULT_TOP_K = 40
 LLAMACPP_DEFAULT_TOP_P = 0.95
 MAX_PROMPTS = 16  # OpenAI `prompt` may be a list; at most this many per request
+
+# A sampling seed: the range torch's generators take (a seed outside it would fail the generation)
+Seed = Annotated[int | None, Field(ge=-(2**63), le=2**64 - 1)]
 
 
 class _Body(BaseModel):
@@ -39,7 +42,7 @@ class TgiParameters(_Body):
     do_sample: bool = False
     return_full_text: bool | None = False
     stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    seed: Seed = None
     truncate: int | None = Field(None, ge=1)
     details: bool = False
     adapter_id: str | None = None  # TGI's multi-LoRA field: one of GET /v1/models
@@ -109,7 +112,7 @@ class CompletionRequest(_Body):
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
-    seed: int | None = None
+    seed: Seed = None
     echo: bool = False
 
     @field_validator("prompt")
@@ -186,7 +189,7 @@ class InfillRequest(_Body):
     top_p: float = Field(LLAMACPP_DEFAULT_TOP_P, gt=0, le=1)
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
-    seed: int | None = None
+    seed: Seed = None
     model: str | None = None
 
     @field_validator("n_predict")
