@@ -115,12 +115,20 @@ def test_sampling_values_at_their_edges_complete(fuzz_url):
     cases = [
         ("/generate", {"inputs": "x", "parameters": {"do_sample": True, "temperature": 1e-40, "seed": 2**64 - 1}}),
         ("/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 1e-40, "seed": -(2**63)}),
-        ("/infill", {"input_prefix": "x", "n_predict": 2, "temperature": 1e-40, "seed": -1}),
+        ("/infill", {"input_prefix": "x", "n_predict": 2, "temperature": 1e-40, "seed": 2**64 - 1}),
     ]
     with httpx.Client(base_url=fuzz_url, timeout=60) as c:
         for route, body in cases:
             r = c.post(route, json=body)
             assert r.status_code == 200, (route, body, r.text[:300])
+
+
+def test_llamacpp_seed_minus_one_is_a_random_seed(fuzz_url):
+    body = {"input_prefix": "def f(", "n_predict": 6, "temperature": 2.0, "top_k": 0, "top_p": 1.0}
+    with httpx.Client(base_url=fuzz_url, timeout=60) as c:
+        seeded = {c.post("/infill", json={**body, "seed": 3}).json()["content"] for _ in range(3)}
+        unseeded = {c.post("/infill", json={**body, "seed": -1}).json()["content"] for _ in range(4)}
+    assert len(seeded) == 1 and len(unseeded) > 1  # a seed repeats; -1, llama.cpp's default, does not
 
 
 def test_wrong_api_key_is_401_json(tiny_run):

@@ -22,6 +22,7 @@ LLAMACPP_DEFAULT_TEMPERATURE = 0.8
 LLAMACPP_DEFAULT_TOP_K = 40
 LLAMACPP_DEFAULT_TOP_P = 0.95
 MAX_PROMPTS = 16  # OpenAI `prompt` may be a list; at most this many per request
+LLAMACPP_RANDOM_SEED = -1  # llama.cpp's `seed` that asks for a random one (its default)
 
 # A sampling seed: the range torch's generators take (a seed outside it would fail the generation)
 Seed = Annotated[int | None, Field(ge=-(2**63), le=2**64 - 1)]
@@ -189,7 +190,7 @@ class InfillRequest(_Body):
     top_p: float = Field(LLAMACPP_DEFAULT_TOP_P, gt=0, le=1)
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
-    seed: Seed = None
+    seed: Seed = None  # -1: a random one (llama.cpp)
     model: str | None = None
 
     @field_validator("n_predict")

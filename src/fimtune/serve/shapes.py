@@ -161,7 +161,8 @@ def extra_context(req: s.InfillRequest) -> str:
 async def infill(svc: Service, request: Request, req: s.InfillRequest) -> Any:
     name, adapter = svc.model(req.model, "model")
     n_predict = req.n_predict if req.n_predict > 0 else svc.limits.max_new_tokens
-    params = svc.params(n_predict, "n_predict", req.temperature, req.top_p, req.top_k, req.stop, req.seed)
+    seed = None if req.seed == s.LLAMACPP_RANDOM_SEED else req.seed
+    params = svc.params(n_predict, "n_predict", req.temperature, req.top_p, req.top_k, req.stop, seed)
     context = extra_context(req)
     prompt = await svc.prepare(lambda: svc.fim_prompt(req.input_prefix + req.prompt, req.input_suffix, context))
     job = svc.submit(prompt, params, adapter, req.stream)
