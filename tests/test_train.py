@@ -359,6 +359,29 @@ def test_label_tokens_of_several_processes_are_summed_on_the_gpu_without_a_wait(
     assert summed.device.type == "cuda" and int(summed) == 2 * 3  # the first token of a row has no label
 
 
+def test_validation_batches_all_have_the_first_ones_rows_and_the_same_loss(tmp_path, tiny_tokenizer, repetitive_data):
+    """A short last validation batch is filled with copies of its last row without labels: compiled
+    blocks never see another shape (torch.compile would compile them again for any number of rows,
+    the training step's too), and the loss and its label tokens are those of the rows one by one."""
+    from fimtune.train import make_accelerator, setup, validate
+
+    base = model_dir(tmp_path, tiny_tokenizer, "gpt_bigcode")
+    results = {}
+    for rows in (1, 3):
+        cfg = run_config(tmp_path, base, repetitive_data, f"val-{rows}", f"train.batch_size={rows}")
+        s = setup(cfg, make_accelerator(cfg))
+        shapes: list[tuple[int, ...]] = []
+        s.model.register_forward_pre_hook(
+            lambda m, a, kw, seen=shapes: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+        )
+        results[rows] = validate(s, None)
+        if rows == 3:
+            assert sum(len(b["labels"]) for b in s.make_eval_rows()) % 3  # a short last batch to fill
+            assert len(shapes) > 1 and set(shapes) == {shapes[0]} and shapes[0][0] == 3
+    assert results[3]["val_tokens"] == results[1]["val_tokens"]
+    assert results[3]["val_loss"] == pytest.approx(results[1]["val_loss"], rel=1e-5)
+
+
 @pytest.mark.gpu
 def test_validation_reads_the_gpu_at_its_end_not_at_each_batch(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
     """Validation's host waits for the GPU do not grow with its batches (CUDA's sync debug mode

@@ -315,14 +315,19 @@ def validate(s: Setup, max_batches: int | None) -> dict[str, float]:
     # The losses are summed on the device and the label tokens on the host: nothing is read back
     # until the end, so the host queues each batch while the GPU runs the one before.
     loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
-    tokens = 0
-    batches = s.make_eval_rows()
+    tokens = rows = 0
+    batches, last = s.make_eval_rows(), None
     for i in itertools.count():
         batch = next(batches, None) if max_batches is None or i < max_batches else None
         if lockstep and acc.reduce(_on_device(float(batch is not None), acc.device), "sum") > 0:
-            batch = batch if batch is not None else NO_LABELS_BATCH
+            batch = batch if batch is not None else _without_labels(last) if last is not None else NO_LABELS_BATCH
         if batch is None:
             break
+        # Every batch as many rows as the first: compiled blocks given a short last batch would be
+        # compiled again for any number of rows, and the training step's too (torch.compile marks a
+        # dimension dynamic for the code, whichever call it is).
+        rows = rows or len(batch["labels"])
+        batch = last = _filled(batch, rows)
         if s.cuda_graphs:  # the last batch's graph outputs are done with (the loss is not one)
             torch.compiler.cudagraph_mark_step_begin()
         tokens += _label_tokens(batch)
@@ -339,8 +344,24 @@ def validate(s: Setup, max_batches: int | None) -> dict[str, float]:
     return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0)), "val_tokens": int(total[1])}
 
 
-# One token, no label: a forward that adds nothing to the validation loss.
+# One token, no label: a forward that adds nothing to the validation loss (a process with no batch at all).
 NO_LABELS_BATCH = {"input_ids": [[0]], "labels": [[IGNORE_INDEX]]}
+
+
+def _without_labels(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` adding nothing to the loss: its inputs, every label ignored."""
+    return {**batch, "labels": torch.full_like(torch.as_tensor(batch["labels"]), IGNORE_INDEX)}
+
+
+def _filled(batch: dict[str, Any], rows: int) -> dict[str, Any]:
+    """``batch`` with copies of its last row, without labels, up to ``rows`` rows (the loss and
+    the label tokens are those of ``batch``)."""
+    short = rows - len(batch["labels"])
+    if short <= 0:
+        return batch
+    tensors = {key: torch.as_tensor(value) for key, value in batch.items()}
+    more = _without_labels({key: value[-1:].expand(short, *value.shape[1:]) for key, value in tensors.items()})
+    return {key: torch.cat([value, more[key]]) for key, value in tensors.items()}
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
