@@ -706,12 +706,33 @@ class HostValuesOnADevice(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class HostReads(TorchFunctionMode):
+    """Records each read of a tensor's values into Python (`bool(t)`, `.item()`, `.tolist()`, ...)
+    outside `fast.copy_to_host` (which reads after an event, copied to pinned memory): on a GPU,
+    each waits for the stream."""
+
+    READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            caller = sys._getframe(1).f_code
+            if caller is not fast.copy_to_host.__code__:
+                self.calls.append(f"{func.__name__} in {os.path.basename(caller.co_filename)}:{caller.co_name}")
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_starts_joins_and_steps_copy_no_host_values_in_a_way_that_waits(tiny_tokenizer, overlap):
     """A batch of two starts (prefilled together, padded to its bucket of 4), then two rows join:
     together (``overlap``: one at a time, each prefilled alone beside the steps). Each index and
     prompt goes to the device through pinned memory (`fast.copy_to_device`), never as
-    `torch.tensor(..., device=)`; every row gets `generate`'s tokens."""
+    `torch.tensor(..., device=)`; nothing is read from the device but the picked tokens (the two
+    joining together, of two lengths, are padded: transformers would read whether from a 2D mask);
+    every row gets `generate`'s tokens."""
     model, pr = never_ending(tiny_model("gpt_bigcode", tiny_tokenizer), tiny_tokenizer), FimPrompter(tiny_tokenizer)
     expected, (short, middle, long, done) = joining(model, pr)
     second = Row(long.prompt, long.params, on_done=lambda c: done.__setitem__(3, c))
@@ -727,9 +748,10 @@ def test_starts_joins_and_steps_copy_no_host_values_in_a_way_that_waits(tiny_tok
 
     static = StaticDecoding(model, 256, 4, backend=None, prefill_graphs=True)
     decoder = Decoder(model, pr, static=static)
-    with HostValuesOnADevice() as seen:
+    with HostValuesOnADevice() as seen, HostReads() as reads:
         decoder.run([long, second], join=join, overlap_joins=overlap)
-    assert seen.calls == []
+    assert seen.calls == [] and reads.calls == []
+    assert len(short.prompt) != len(middle.prompt)
     assert decoder.stats.joined == 2 and calls[1] == 2
     assert decoder.stats.joins == (2 if overlap else 1)  # together, or one at a time beside the steps
     assert summary([done[i] for i in range(4)]) == [*expected, expected[2]]
@@ -834,10 +856,11 @@ def test_overlapped_joins_on_a_gpu_give_each_row_its_tokens(tiny_tokenizer):
 @pytest.mark.gpu
 def test_a_gpu_batch_with_joins_never_waits_for_the_stream(tiny_tokenizer):
     """After the warm-up, a batch of one that two rows join, one at a time (growing from bucket 1
-    to 4), then again with each prefilled beside the steps (overlapped), runs with PyTorch's sync
-    debug mode set to raise at any call that waits for a stream (a blocking copy, `.item()`): the
-    host only waits for its picks, through an event; and every row gets `generate`'s tokens. The
-    steps run on the decoding stream, of a higher priority than the overlapped prefills' stream."""
+    to 4), then again with each prefilled beside the steps (overlapped), then both at once (two
+    lengths: a padded prefill), runs with PyTorch's sync debug mode set to raise at any call that
+    waits for a stream (a blocking copy, `.item()`): the host only waits for its picks, through an
+    event; and every row gets `generate`'s tokens. The steps run on the decoding stream, of a higher
+    priority than the overlapped prefills' stream."""
     fresh_dynamo()
     model = tiny.gpt_bigcode(len(tiny_tokenizer), n_embd=32)
     model.set_attn_implementation("sdpa")
@@ -847,13 +870,14 @@ def test_a_gpu_batch_with_joins_never_waits_for_the_stream(tiny_tokenizer):
     decoder = Decoder(model, pr, static=static)
     streams = []
     decoder.step_hook = lambda: streams.append(torch.cuda.current_stream())
-    for overlap in (False, True):
+    for overlap, together in ((False, False), (True, False), (False, True)):
         expected, (short, middle, long, done) = joining(model, pr)  # `generate` first: it waits
         calls: list[int] = []
+        joins = {2: [short, middle]} if together else {2: [short], 6: [middle]}
 
-        def join(room, fits, calls=calls, short=short, middle=middle):
+        def join(room, fits, calls=calls, joins=joins):
             calls.append(room)
-            return {2: [short], 6: [middle]}.get(len(calls), [])
+            return joins.get(len(calls), [])
 
         joined = decoder.stats.joined
         torch.cuda.synchronize()

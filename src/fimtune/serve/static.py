@@ -872,7 +872,7 @@ class StaticDecoding:
         cache = DynamicCache()  # plain (not kvcache.new_cache's growing layers): copied out at once
         kwargs: dict[str, Any] = {self.cache_kw: cache, "use_cache": True, "position_ids": positions}
         if mask is not None:
-            kwargs["attention_mask"] = mask
+            kwargs["attention_mask"] = padded_causal_mask(mask, self.open, self.shut, self.mask_dtype)
         if self.keep_logits:
             kwargs["logits_to_keep"] = 1 if keep is None else keep
         logits = self.model(input_ids=ids, **kwargs).logits[:, -1, :]
@@ -1079,6 +1079,18 @@ def prefill_inputs(
     real = copy_to_device([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device)
     positions = (real.cumsum(-1) - 1).clamp(min=0)
     return ids, positions, (real if any(len(p) < width for p in prompts) else None)
+
+
+def padded_causal_mask(real: torch.Tensor, open_: Any, shut: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The 4D mask [n, 1, w, w] of left-padded prompts (``real`` [n, w]: 1 on real tokens), in an
+    attention's format (``open_``/``shut`` values of ``dtype``, as :func:`_mask_values` gives them):
+    each token sees the real tokens up to itself, a padding token itself only (a row that sees
+    nothing would make NaN). transformers hands a 4D mask to attention as it is; given the 2D one, it
+    reads from the device whether any token is padding (the host waits for the queued steps)."""
+    width = real.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=real.device).tril()
+    seen = (causal & real.bool()[:, None, :]) | torch.eye(width, dtype=torch.bool, device=real.device)
+    return torch.where(seen, open_, shut).to(dtype)[:, None]
 
 
 def _initialize(layer: Any, keys: torch.Tensor, values: torch.Tensor, batch: int) -> bool:
