@@ -95,6 +95,46 @@ def test_empty_documents_at_the_end_change_no_output_or_gradient(device):
             torch.testing.assert_close(got, want, **tol, msg=name)
 
 
+@pytest.mark.gpu
+def test_flash_attention_4_replays_in_a_cuda_graph_in_starcoders_shape():
+    """FlashAttention-4's forward and backward captured in a CUDA graph (as `train.cuda_graphs`
+    replays the blocks) compute for new inputs, written into the captured ones, what they compute
+    eagerly: StarCoder's shape (16 query heads of 128, one key/value head, rows of 2048), the
+    documents' bounds padded with empty ones. A kernel queued on another stream than the capturing
+    one would fail the capture, or be left out of the replays."""
+    device = torch.device("cuda")
+    if (why := fast.fa4_unavailable(device)) is not None:
+        pytest.skip(f"FlashAttention-4: {why}")
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def fresh(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.bfloat16)
+
+    cu = fast.padded_bounds(torch.tensor([0, 700, 2048, 2300, 4096], dtype=torch.int32)).to(device)
+    q, grad, k, v = fresh(4096, 16, 128), fresh(4096, 16, 128), fresh(4096, 1, 128), fresh(4096, 1, 128)
+    scale = 128**-0.5
+
+    def run() -> tuple[torch.Tensor, ...]:
+        out, lse = fast.fa4_varlen(q, k, v, cu, 2048, scale)
+        return (out, *fast.fa4_varlen_backward(grad, q, k, v, out, lse, cu, 2048, scale))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # the kernels compile here, never under capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for x in (q, k, v, grad):
+        x.copy_(fresh(*x.shape))
+    graph.replay()
+    expected = run()
+    # the backward adds into the query's gradient in no fixed order: bf16's rounding
+    for name, got, want in zip(("out", "dq", "dk", "dv"), captured, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-3, msg=name)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_compiled_blocks_draw_new_dropout_masks_at_each_step(device):
     """The blocks' hashed dropouts (LoRA's and the model's own) draw a new mask each training step,
