@@ -1,5 +1,6 @@
 """The training loop end to end on tiny GPTBigCode and Llama models, on real files."""
 
+import itertools
 import logging
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fimtune.config import load_run_config
 from fimtune.dataset import training_rows
@@ -118,21 +120,56 @@ def test_new_run_refuses_a_non_empty_folder(tmp_path, tiny_tokenizer, repetitive
     assert (tmp_path / "run" / "x").read_text() == "keep me"
 
 
+@pytest.fixture
+def flash_attention_2_on_the_cpu(monkeypatch):
+    """transformers' FlashAttention-2 path with its two CUDA kernels (dense causal, and causal per
+    packed document) replaced by SDPA references: what reaches which kernel is transformers' own."""
+    import transformers.modeling_flash_attention_utils as fa
+
+    def dense(q, k, v, dropout_p=0.0, softmax_scale=None, causal=True, **_):  # (B, T, H, D)
+        k, v = (x.repeat_interleave(q.shape[2] // x.shape[2], 2) for x in (k, v))
+        out = F.scaled_dot_product_attention(
+            *(x.transpose(1, 2) for x in (q, k, v)), is_causal=True, scale=softmax_scale
+        )
+        return out.transpose(1, 2)
+
+    def per_document(q, k, v, cu_seqlens_q=None, max_seqlen_q=None, softmax_scale=None, **_):  # (tokens, H, D)
+        bounds = cu_seqlens_q.tolist()
+        pieces = [
+            dense(*(x[None, a:b] for x in (q, k, v)), softmax_scale=softmax_scale)[0]
+            for a, b in itertools.pairwise(bounds)
+        ]
+        return torch.cat(pieces)
+
+    def kernels(*args, **kwargs):
+        return (dense, per_document, None, fa._pad_input, fa._unpad_input), (
+            fa._lazy_define_process_function(per_document),
+            None,
+        )
+
+    monkeypatch.setattr(fa, "lazy_import_flash_attention", kernels)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
 @pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])
-def test_packed_attention_stays_inside_documents(tiny_tokenizer, family):
-    """With restarting position ids, a token's logits ignore other documents in the row."""
+def test_packed_attention_stays_inside_documents(tiny_tokenizer, family, attn, request):
+    """With restarting position ids, a token's logits ignore other documents in the row, in rows of
+    two (FlashAttention-2: transformers' dispatch, the kernels references on the CPU)."""
     make = {"gpt_bigcode": tiny.gpt_bigcode, "llama": tiny.llama}[family]
     model = make(len(tiny_tokenizer))
     model.set_attn_implementation("sdpa")
     g = torch.Generator().manual_seed(0)
     doc_a = torch.randint(5, 500, (10,), generator=g)
     doc_b1, doc_b2 = torch.randint(5, 500, (6,), generator=g), torch.randint(5, 500, (6,), generator=g)
-    pos = torch.cat([torch.arange(6), torch.arange(10)])[None]
+    pos = torch.cat([torch.arange(6), torch.arange(10)])[None].expand(2, -1)
     with torch.no_grad():
-        l1 = forward_logits(model, {"input_ids": torch.cat([doc_b1, doc_a])[None], "position_ids": pos})[0, 6:]
-        l2 = forward_logits(model, {"input_ids": torch.cat([doc_b2, doc_a])[None], "position_ids": pos})[0, 6:]
         alone = model(input_ids=doc_a[None]).logits[0]
         crossing = model(input_ids=torch.cat([doc_b2, doc_a])[None]).logits[0, 6:]
+        if attn != "sdpa":
+            request.getfixturevalue("flash_attention_2_on_the_cpu")
+            model.config._attn_implementation = attn  # set_attn_implementation wants the package
+        rows = torch.stack([torch.cat([doc_b1, doc_a]), torch.cat([doc_b2, doc_a])])
+        l1, l2 = forward_logits(model, {"input_ids": rows, "position_ids": pos})[:, 6:]
     torch.testing.assert_close(l1, l2, rtol=0, atol=0)
     torch.testing.assert_close(l1, alone, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(crossing, alone, atol=1e-3)  # without position ids, attention crosses

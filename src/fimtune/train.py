@@ -250,16 +250,22 @@ def forward_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits (batch, seq, vocab) of packed rows; attention stays inside each document.
 
     ``use_cache=False`` matters: transformers builds the block-diagonal mask of packed rows
-    from position ids only when no KV cache exists. Under `varlen` attention the documents'
-    boundaries go to the kernel instead (as cumulative lengths).
+    from position ids only when no KV cache exists. Under `varlen` attention and FlashAttention-2
+    the documents' boundaries go to the kernel instead (as cumulative lengths): transformers finds
+    packed documents in the position ids for FlashAttention-2 in rows of one only, and GPT-BigCode
+    hands its attention no position ids at all (its documents would see each other).
     """
     from fimtune.fast import VARLEN, varlen_kwargs
 
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
-    if getattr(_config(model), "_attn_implementation", None) == VARLEN:
+    attn = getattr(_config(model), "_attn_implementation", None)
+    if attn == VARLEN:
         kwargs.update(varlen_kwargs(batch))
+    elif attn == "flash_attention_2" and "position_ids" in batch:
+        # not varlen's 4D placeholder mask: FlashAttention-2 takes a 2D mask of padding, or none
+        kwargs.update({k: v for k, v in varlen_kwargs(batch).items() if k != "attention_mask"})
     return model(**kwargs).logits
 
 
@@ -268,12 +274,13 @@ def _config(model: Any) -> Any:
 
 
 def _on_host_bounds(model: Any, batch: dict[str, Any], padded: bool = False) -> dict[str, Any]:
-    """A host batch, with its documents' bounds added when ``model`` attends through `varlen`
-    (``padded``: with empty documents, for blocks replayed as CUDA graphs)."""
+    """A host batch, with its documents' bounds added when ``model`` attends through `varlen` or
+    FlashAttention-2 (``padded``: with empty documents, for blocks replayed as CUDA graphs)."""
     from fimtune.fast import VARLEN, with_cu_seq_lens
 
-    varlen = getattr(_config(model), "_attn_implementation", None) == VARLEN
-    return with_cu_seq_lens(batch, padded) if varlen else batch
+    attn = getattr(_config(model), "_attn_implementation", None)
+    bounded = attn == VARLEN or (attn == "flash_attention_2" and "position_ids" in batch)
+    return with_cu_seq_lens(batch, padded) if bounded else batch
 
 
 def summed_loss(
