@@ -406,12 +406,24 @@ def check_weights(target: str | Path) -> None:
         require_safetensors(snap, f"cached Hub model {base}")
 
 
+def mergeable(model: Any, exactly: bool = False) -> bool:
+    """Whether LoRA may be folded into ``model``'s weights: never into quantized ones (PEFT
+    dequantizes, adds and quantizes again, and 4-bit steps are larger than most of a LoRA's
+    change, which is then lost; unmerging does not give the weights back). ``exactly``: fp32
+    weights only, where unmerging gives the base back (in bf16, W + dW - dW moves some ~8% of the
+    elements of W by a rounding step)."""
+    if not hasattr(model, "merge_adapter") or getattr(model.config, "quantization_config", None) is not None:
+        return False
+    return not exactly or all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
+
+
 def merge_adapter(model: Any, name: str | None = None) -> None:
-    """Fold the LoRA weights of adapter ``name`` (default: the active one) into the base weights.
+    """Fold the LoRA weights of adapter ``name`` (default: the active one) into the base weights,
+    where :func:`mergeable`; a quantized model keeps them apart.
 
     A merged model runs at the base model's speed (unmerged LoRA layers cost ~2x on a CPU).
     """
-    if hasattr(model, "merge_adapter"):
+    if mergeable(model):
         model.merge_adapter(adapter_names=[name] if name else None)
 
 

@@ -84,3 +84,27 @@ def test_trained_run_differs_from_base(tiny_run, token_cache):
         loaded.model(input_ids=ids)
     with torch.no_grad(), variant(loaded.model, "tuned"):
         torch.testing.assert_close(loaded.model(input_ids=ids).logits, a, rtol=1e-4, atol=1e-4)
+
+
+def test_base_is_exactly_the_base_after_tuned_in_bf16_and_quantized_weights_are_never_merged(tiny_run):
+    """bf16 weights (a GPU's) keep the adapter unmerged: base after tuned is the base bit for bit (a
+    merge and an unmerge in bf16 would move some of its weights by a rounding step). Weights marked
+    quantized are never merged (PEFT would quantize W + dW again and lose most of dW)."""
+    from fimtune.generate import merge_adapter, mergeable
+    from fimtune.model import load_run
+
+    loaded = load_run(tiny_run, torch.device("cpu"), dtype=torch.bfloat16)
+    model, ids = loaded.model, torch.tensor([[5, 6, 7, 8]])
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    with torch.no_grad(), variant(model, "base"):
+        base = model(input_ids=ids).logits
+    with torch.no_grad(), variant(model, "tuned"):
+        tuned = model(input_ids=ids).logits
+    with torch.no_grad(), variant(model, "base"):
+        torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=0, atol=0)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert not torch.equal(tuned, base)
+    assert mergeable(model) and not mergeable(model, exactly=True)
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    merge_adapter(model)
+    assert not mergeable(model) and all(torch.equal(p, weights[n]) for n, p in model.named_parameters())

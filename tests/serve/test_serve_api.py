@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import torch
 from serve_helpers import TEST_LIMITS, sse_events
@@ -17,6 +18,7 @@ LLM_VSCODE_BODY = {
     "parameters": {"max_new_tokens": 60, "temperature": 0.2, "top_p": 0.95, "return_full_text": False},
 }
 GREEDY = {"max_new_tokens": 12, "do_sample": False}
+MODELS = ("run", "base", "other")
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +135,25 @@ def test_models_pick_the_adapter(client):
     assert client.post("/generate", json=tgi_other).json()["generated_text"] == texts["other"]
     unknown = client.post("/v1/completions", json={"model": "/etc/passwd", "prompt": "x", "suffix": ""})
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+
+
+def test_adapters_of_a_quantized_model_run_beside_its_weights(client, tiny_run, other_adapter):
+    """Into weights marked quantized (bitsandbytes' 4-bit, say) no adapter is merged: PEFT would
+    quantize W + dW again and lose most of dW. Each model answers as the merged server does."""
+    from serve_helpers import make_app, running
+
+    def texts(c: httpx.Client) -> dict[str, str]:
+        body = {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 8, "temperature": 0}
+        return {m: c.post("/v1/completions", json={**body, "model": m}).json()["choices"][0]["text"] for m in MODELS}
+
+    app = make_app(tiny_run, [f"other={other_adapter}"])
+    model = app.state.service.engine.decoder.model
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        quantized = texts(c)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # nothing merged
+    assert quantized == texts(client) and len(set(quantized.values())) == 3
 
 
 def test_infill_puts_extra_files_before_the_prefix(client, server):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from fimtune.generate import Completion, FimPrompter, GenerationParams, complete_batch
+from fimtune.generate import Completion, FimPrompter, GenerationParams, complete_batch, mergeable
 
 VARIANTS = ("base", "tuned")
 CONTEXT_ATTRS = ("max_position_embeddings", "n_positions")  # where configs keep their context length
@@ -26,20 +26,21 @@ MIN_INPUT_TOKENS = 8  # FimPrompter needs room for its 3 FIM tokens and some con
 def variant(model: Any, name: str) -> Iterator[Any]:
     """``model`` as ``name``: "tuned" (adapters on) or "base" (adapters disabled).
 
-    Tuned runs with the adapter merged into the weights where that is exact enough (not on
-    quantized weights): an unmerged LoRA (and a trainable-token layer over a tied 49k-row
-    head) costs a multiple of the model's own time per generated token on a CPU. Base
-    unmerges first (weights back to W, up to float rounding) and disables the adapters.
+    Tuned runs with the adapter merged into the weights where unmerging gives the base back
+    (fp32 weights, not quantized: :func:`fimtune.generate.mergeable`): an unmerged LoRA (and a
+    trainable-token layer over a tied 49k-row head) costs a multiple of the model's own time per
+    generated token on a CPU. Base unmerges first (weights back to W, up to fp32 rounding) and
+    disables the adapters. bf16 weights (a GPU's) stay unmerged: base is then exactly the base.
     """
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r} (variants: {', '.join(VARIANTS)})")
-    mergeable = hasattr(model, "merge_adapter") and getattr(model.config, "quantization_config", None) is None
+    merge = mergeable(model, exactly=True)
     if name == "tuned":
-        if mergeable and not _merged(model):
+        if merge and not _merged(model):
             model.merge_adapter()
         yield model
         return
-    if mergeable and _merged(model):
+    if _merged(model):
         model.unmerge_adapter()
     with model.disable_adapter():
         yield model

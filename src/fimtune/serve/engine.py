@@ -53,6 +53,7 @@ from fimtune.generate import (
     FimPrompter,
     GenerationParams,
     check_weights,
+    mergeable,
     require_safetensors,
 )
 from fimtune.serve.decoding import Decoder, DecodeStats, Joiner, Row
@@ -296,7 +297,7 @@ class Engine:
         self._cond = threading.Condition()
         self._paused = False
         self._stopping = False
-        self._merged: str | None = None  # the adapter folded into the weights now
+        self._adapter: str | None = None  # the adapter in use now (folded into the weights where mergeable)
         self._running: list[Job] = []
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()  # set once the worker has warmed up (compiled the CUDA graphs)
@@ -544,17 +545,19 @@ class Engine:
 
     @contextlib.contextmanager
     def _use_adapter(self, adapter: str | None) -> Iterator[None]:
-        """Fold ``adapter`` into the weights (unfolding the previous one); None runs the base model."""
+        """Fold ``adapter`` into the weights (unfolding the previous one); None runs the base model.
+        Into quantized weights nothing is folded (:func:`fimtune.generate.mergeable`): the adapter runs beside them."""
         if not hasattr(self.model, "merge_adapter"):  # a plain model: nothing to choose
             yield
             return
-        if adapter != self._merged:
-            if self._merged is not None:
+        if adapter != self._adapter:
+            if self._adapter is not None and mergeable(self.model):
                 self.model.unmerge_adapter()
             if adapter is not None:
                 self.model.set_adapter(adapter)
-                self.model.merge_adapter(adapter_names=[adapter])
-            self._merged = adapter
+                if mergeable(self.model):
+                    self.model.merge_adapter(adapter_names=[adapter])
+            self._adapter = adapter
         if adapter is None:
             with self.model.disable_adapter():
                 yield
