@@ -180,6 +180,21 @@ def test_streamed_pieces_never_show_a_stop_string(tiny_tokenizer):
     assert "".join(pieces) == "x = 1" and not any("\n" in p for p in pieces)
 
 
+@pytest.mark.parametrize("text, stop", [("x = 1 # é", " # é"), ("print('注释')", "'注")])
+def test_a_stop_string_is_held_back_while_a_character_after_its_start_is_incomplete(tiny_tokenizer, text, stop):
+    """A character of several bytes comes in several tokens, shown as U+FFFD until whole: the start
+    of a stop string before it may still become that stop string, and is not streamed."""
+    pr = FimPrompter(tiny_tokenizer)
+    ids = pr.encode(text)
+    assert any(pr.decode(ids[:i]).endswith("\ufffd") for i in range(len(ids)))  # split into bytes
+    tracker, streamed = TextTracker(pr, GenerationParams(stop=[stop])), ""
+    for token in ids:
+        streamed += tracker.push(token)
+        if tracker.stopped:
+            break
+    assert tracker.stopped and streamed + tracker.flush() == tracker.text == text[: text.index(stop)]
+
+
 def test_pick_tokens():
     logits = torch.tensor([[0.0, 3.0, 2.9, -1.0], [5.0, 0.0, 0.0, 0.0]])
     assert pick_tokens(logits, GenerationParams()).tolist() == [1, 0]

@@ -230,13 +230,16 @@ def holdback(text: str, stops: list[str]) -> int:
     >>> holdback("x = 1\\n", ["\\n#", "\\n\\n"])
     1
     """
-    held = len(text) - len(text.rstrip(REPLACEMENT_CHAR))
+    whole = text.rstrip(
+        REPLACEMENT_CHAR
+    )  # a character still coming shows as U+FFFD: held, and what may start a stop before it
+    held = 0
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), held, -1):
-            if text.endswith(stop[:n]):
+        for n in range(min(len(stop) - 1, len(whole)), held, -1):
+            if whole.endswith(stop[:n]):
                 held = n
                 break
-    return held
+    return held + len(text) - len(whole)
 
 
 class TextTracker:
