@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -121,6 +122,19 @@ def test_sampling_values_at_their_edges_complete(fuzz_url):
         for route, body in cases:
             r = c.post(route, json=body)
             assert r.status_code == 200, (route, body, r.text[:300])
+
+
+def test_a_seed_gives_its_answer_whatever_is_asked_beside_it(fuzz_url):
+    # sampling jobs of the same parameters share a batch, whose rows draw from one generator: seeded
+    # ones go alone, so two prompts of one request, and two requests at once, each get the answer alone
+    body = {"prompt": "def f(", "suffix": "\n", "max_tokens": 6, "temperature": 1.0, "seed": 7}
+    with httpx.Client(base_url=fuzz_url, timeout=60) as c:
+        alone = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        both = c.post("/v1/completions", json={**body, "prompt": ["def f(", "def f("]}).json()["choices"]
+        with ThreadPoolExecutor(2) as pool:
+            at_once = list(pool.map(lambda _: c.post("/v1/completions", json=body).json(), range(2)))
+    assert [x["text"] for x in both] == [alone, alone]
+    assert [r["choices"][0]["text"] for r in at_once] == [alone, alone]
 
 
 def test_llamacpp_seed_minus_one_is_a_random_seed(fuzz_url):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import sys
 import threading
@@ -170,6 +171,9 @@ class Event:
     error: Exception | None = None
 
 
+_SEEDED = itertools.count()  # a key of its own for each seeded sampling job
+
+
 class Job:
     """One request on its way through the engine; created on the event loop."""
 
@@ -189,7 +193,9 @@ class Job:
         self.on_cancel: Callable[[], None] | None = None  # told of a cancel (an engine in another process)
         self._cancelled = threading.Event()
         sampling = ("greedy",) if params.greedy else (params.temperature, params.top_p, params.top_k, params.seed)
-        self.key = (adapter, *sampling)
+        # Jobs of one key share a batch, and a batch's rows draw from one generator: a seeded job
+        # goes alone, so that its seed gives its answer whatever else is asked at the time.
+        self.key = (adapter, *sampling, None if params.greedy or params.seed is None else next(_SEEDED))
         self._bind()
 
     def _bind(self) -> None:
