@@ -70,6 +70,10 @@ def test_fuzzed_bodies_get_no_500(fuzz_url, route, data):
 
 GENERIC = [
     (b"\xff\xfe\xfa not utf-8", "invalid UTF-8"),
+    (
+        b'{"inputs": "\\ud800x", "prompt": "\\udc00", "input_prefix": "x", "input_extra": [{"filename": "\\ud800"}]}',
+        "lone surrogates",
+    ),
     (b'{"inputs": "x", ', "truncated JSON"),
     (b"[1, 2, 3]", "not an object"),
     (b"x" * 200_000, "oversized body"),
@@ -116,6 +120,7 @@ def test_sampling_values_at_their_edges_complete(fuzz_url):
     cases = [
         ("/generate", {"inputs": "x", "parameters": {"do_sample": True, "temperature": 1e-40, "seed": 2**64 - 1}}),
         ("/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 1e-40, "seed": -(2**63)}),
+        ("/v1/completions", {"prompt": "s = '\U0001f600'", "max_tokens": 2}),  # sent as a surrogate pair: one character
         ("/infill", {"input_prefix": "x", "n_predict": 2, "temperature": 1e-40, "seed": 2**64 - 1}),
     ]
     with httpx.Client(base_url=fuzz_url, timeout=60) as c:

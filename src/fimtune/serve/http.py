@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import threading
 import time
 from collections import Counter, defaultdict
@@ -33,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 OPENAI_STYLE = ("/v1/", "/infill")
 OPEN_ROUTES = ("/health",)  # answered without the API key
 TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+SURROGATE = re.compile("[\ud800-\udfff]")
 STATUS_CLIENT_GONE = 499  # nginx's "client closed request": recorded in metrics, never seen by a client
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -91,12 +93,28 @@ async def read_json(request: Request, schema: type[Body], max_bytes: int) -> Bod
         raise ApiError(400, f"the body is not valid JSON ({e})", "body", "invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(422, "the body must be a JSON object", "body")
+    if _lone_surrogate(data):  # JSON escapes them (`\\ud800`); no text is made of them, and no tokenizer takes them
+        raise ApiError(
+            400, "the body is not valid JSON: a string holds half of a UTF-16 surrogate pair", "body", "invalid_json"
+        )
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"] if not _is_type_tag(str(p))) or "body"
         raise ApiError(422, f"{where}: {first['msg']}", where) from None
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """Whether a string in ``value`` (parsed JSON) holds a surrogate code point (U+D800-U+DFFF):
+    json.loads makes them of escapes not in pairs (pairs become one character)."""
+    if isinstance(value, str):
+        return not value.isascii() and SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_surrogate(v) for v in value)
+    return False
 
 
 def _is_type_tag(part: str) -> bool:
