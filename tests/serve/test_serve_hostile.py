@@ -83,6 +83,7 @@ SPECIFIC = {
         {"inputs": "x", "parameters": {"max_new_tokens": -5}},
         {"inputs": "x", "parameters": {"max_new_tokens": 10**12}},
         {"inputs": "x", "parameters": {"temperature": -1.0}},
+        {"inputs": "x", "parameters": {"do_sample": True, "temperature": float("inf")}},
         {"inputs": "x", "parameters": {"do_sample": True, "seed": 2**64}},  # past torch's seeds
         {"inputs": 5},
     ],
@@ -99,6 +100,7 @@ SPECIFIC = {
         {"input_prefix": "x", "n_predict": 10**12},
         {"input_prefix": "x", "input_extra": "not a list"},
         {"input_prefix": 5},
+        {"input_prefix": "x", "n_predict": 2, "temperature": float("nan")},
     ],  # llama.cpp reads temperature <= 0 as greedy: not an error
 }
 

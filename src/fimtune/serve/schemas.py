@@ -29,7 +29,8 @@ Seed = Annotated[int | None, Field(ge=-(2**63), le=2**64 - 1)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # JSON's NaN and Infinity (Python's json reads them) are no temperature or probability
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 # ---- TGI -------------------------------------------------------------------------------
