@@ -123,6 +123,7 @@ def test_sampling_values_at_their_edges_complete(fuzz_url):
         ("/generate", {"inputs": "x", "parameters": {"do_sample": True, "temperature": 1e-40, "seed": 2**64 - 1}}),
         ("/v1/completions", {"prompt": "x", "max_tokens": 2, "temperature": 1e-40, "seed": -(2**63)}),
         ("/v1/completions", {"prompt": "s = '\U0001f600'", "max_tokens": 2}),  # sent as a surrogate pair: one character
+        ("/v1/completions", {"prompt": "x", "suffix": "y"}),  # no max_tokens: OpenAI's 16, within the server's 8
         ("/infill", {"input_prefix": "x", "n_predict": 2, "temperature": 1e-40, "seed": 2**64 - 1}),
     ]
     with httpx.Client(base_url=fuzz_url, timeout=60) as c:

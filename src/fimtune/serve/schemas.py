@@ -107,7 +107,7 @@ class CompletionRequest(_Body):
     model: str | None = None
     prompt: str | list[str]
     suffix: str | None = None
-    max_tokens: int | None = Field(OPENAI_DEFAULT_MAX_TOKENS, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # unsent: OPENAI_DEFAULT_MAX_TOKENS, within the server's limit
     temperature: float | None = Field(OPENAI_DEFAULT_TEMPERATURE, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 or 0: off

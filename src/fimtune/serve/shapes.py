@@ -88,7 +88,7 @@ async def tgi_events(svc: Service, job: Job, head: str, p: s.TgiParameters) -> A
 async def completions(svc: Service, request: Request, req: s.CompletionRequest) -> Any:
     name, adapter = svc.model(req.model, "model")
     temperature = s.OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
-    max_tokens = req.max_tokens or s.OPENAI_DEFAULT_MAX_TOKENS
+    max_tokens = req.max_tokens or min(s.OPENAI_DEFAULT_MAX_TOKENS, svc.limits.max_new_tokens)
     params = svc.params(max_tokens, "max_tokens", temperature, req.top_p, req.top_k, req.stops(), req.seed)
     texts, suffix = req.prompts(), req.suffix
     if suffix is not None:  # Continue & co: the FIM prompt is ours to build
