@@ -47,10 +47,16 @@ def row_losses(model: Any, batch: dict[str, Any]) -> tuple[list[float], list[int
 
     device = next(model.parameters()).device
     batch = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
-    logits = forward_logits(model, batch)[:, :-1].float()
+    logits = forward_logits(model, batch)
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return loss.sum(1).tolist(), (labels != IGNORE_INDEX).sum(1).tolist()
+    # a row at a time: one row's logits in fp32 (2048 x 49k: 0.4 GB) at once, not the batch's
+    sums = torch.stack(
+        [
+            F.cross_entropy(row[:-1].float(), row_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+            for row, row_labels in zip(logits, labels, strict=True)
+        ]
+    )
+    return sums.tolist(), (labels != IGNORE_INDEX).sum(1).tolist()
 
 
 def format_batches(docs: Any, spec: Any, batch_size: int, limit: int | None) -> list[dict[str, Any]]:
