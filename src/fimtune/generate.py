@@ -66,6 +66,7 @@ class Completion:
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
     cached_tokens: int = 0  # prompt tokens whose KV cache came from an earlier request
+    stop_string: bool = False  # it stopped at a stop string (or a line's end), not at an end token
 
 
 class FimPrompter:
@@ -363,7 +364,7 @@ def _completion(prompter: FimPrompter, new: list[int], n_prompt: int, params: Ge
     text = prompter.tokenizer.decode(body, skip_special_tokens=False)
     text, stopped = postprocess(text, params)
     reason = "stop" if end is not None or stopped else "length"
-    return Completion(text, n_prompt, len(body) + (end is not None), reason)
+    return Completion(text, n_prompt, len(body) + (end is not None), reason, stop_string=stopped)
 
 
 # --------------------------------------------------------------------------------------

@@ -55,6 +55,20 @@ def test_tgi_generate_is_greedy_generate_on_the_fim_prompt(client, reference):
     assert details["details"] == {"finish_reason": "length", "generated_tokens": 12, "seed": None}
 
 
+def test_an_answer_cut_at_a_stop_string_says_so_in_each_apis_words(client):
+    text = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": GREEDY}).json()["generated_text"]
+    stop = text.strip()[2:4]  # in the greedy answer, after its start
+    assert len(stop) == 2 and stop in text
+    tgi = {"inputs": PSM_INPUTS, "parameters": {**GREEDY, "stop": [stop], "details": True}}
+    details = client.post("/generate", json=tgi).json()["details"]
+    assert details["finish_reason"] == "stop_sequence"  # TGI's: "eos_token" is the model's end token
+    infill = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 12, "temperature": 0}
+    plain = client.post("/infill", json=infill).json()
+    assert plain["stop_type"] == "limit"
+    cut = plain["content"].strip()[2:4]
+    assert cut and client.post("/infill", json={**infill, "stop": [cut]}).json()["stop_type"] == "word"  # llama.cpp's
+
+
 @pytest.mark.parametrize("route,body", [("/generate_stream", {}), ("/", {"stream": True})])
 def test_tgi_stream_sends_token_events_then_the_text(client, route, body):
     expected = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": GREEDY}).json()["generated_text"]

@@ -121,7 +121,8 @@ class _RowState:
             self.row.on_token(token, piece, end)
 
     def completion(self) -> Completion:
-        return Completion(self.tracker.text, len(self.row.prompt), self.n_new, self.reason, self.cached)
+        n_prompt, stopped = len(self.row.prompt), self.tracker.stopped
+        return Completion(self.tracker.text, n_prompt, self.n_new, self.reason, self.cached, stopped)
 
 
 class _Joining:

@@ -83,7 +83,7 @@ class TgiToken(BaseModel):
 
 
 class TgiDetails(BaseModel):
-    finish_reason: str  # "length" | "eos_token"
+    finish_reason: str  # "length" | "eos_token" | "stop_sequence"
     generated_tokens: int
     seed: int | None = None
 
@@ -206,7 +206,7 @@ class InfillResponse(BaseModel):
     content: str
     stop: bool = True
     model: str
-    stop_type: str  # "eos" | "limit"
+    stop_type: str  # "eos" | "word" (a stop string) | "limit"
     tokens_predicted: int
     tokens_evaluated: int
     tokens_cached: int

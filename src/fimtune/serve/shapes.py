@@ -49,7 +49,7 @@ async def tgi(svc: Service, request: Request, req: s.TgiRequest, stream: bool) -
 
 
 def tgi_details(done: Completion, p: s.TgiParameters) -> s.TgiDetails:
-    reason = "length" if done.finish_reason == "length" else "eos_token"
+    reason = "length" if done.finish_reason == "length" else "stop_sequence" if done.stop_string else "eos_token"
     return s.TgiDetails(finish_reason=reason, generated_tokens=done.completion_tokens, seed=p.seed)
 
 
@@ -179,7 +179,7 @@ def infill_response(done: Completion, name: str, started: float) -> s.InfillResp
     return s.InfillResponse(
         content=done.text,
         model=name,
-        stop_type="limit" if done.finish_reason == "length" else "eos",
+        stop_type="limit" if done.finish_reason == "length" else "word" if done.stop_string else "eos",
         tokens_predicted=done.completion_tokens,
         tokens_evaluated=done.prompt_tokens,
         tokens_cached=done.cached_tokens,
