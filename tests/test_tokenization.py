@@ -121,3 +121,36 @@ def test_fingerprint_ignores_how_arrow_chunks_the_rows(texts):
     table = pa.Table.from_batches(pa.Table.from_pydict({"content": texts}).to_batches(max_chunksize=7))
     assert table.column("content").num_chunks > 1
     assert dataset_fingerprint(datasets.Dataset(table), "content") == dataset_fingerprint(one, "content")
+
+
+def test_fim_tokens_a_tokenizer_does_not_mark_special_stay_text_in_code(tmp_path):
+    """Qwen2.5-Coder, CodeGemma and DeepSeek-Coder add their FIM tokens unmarked as special, which
+    `encode_special_tokens` alone would still match in a file's text: training rows and a client's
+    prefix would then hold real FIM tokens. They are encoded as text; the real ones still serve."""
+    from tokenizers import AddedToken
+
+    from fimtune.generate import FimPrompter
+    from tests.conftest import train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer(["<|endoftext|>"])
+    names = ["<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>"]
+    tokenizer.add_tokens([AddedToken(name, special=False) for name in names])
+    fim_ids = set(tokenizer.convert_tokens_to_ids(names))
+    text = "s = '<|fim_middle|>' + \"<|fim_prefix|>\"\n"
+    in_text = set(tokenizer.convert_tokens_to_ids(names[:2]))
+    backend = tokenizer.backend_tokenizer
+    backend.encode_special_tokens = True
+    assert in_text <= set(backend.encode(text).ids)  # encode_special_tokens alone keeps them tokens
+    backend.encode_special_tokens = False
+    for ids in (
+        encode_batch(tokenizer, [text])[0].tolist(),
+        tokenize_split(split([text]), tokenizer, cache_dir=tmp_path, progress=False).doc(0).tolist(),
+    ):
+        assert not set(ids) & fim_ids and tokenizer.decode(ids) == text
+    prompter = FimPrompter(tokenizer)
+    ids = prompter.encode(text)
+    assert not set(ids) & fim_ids and prompter.decode(ids) == text
+    prompt = prompter.build(text, "\n")
+    assert [t for t in prompt if t in fim_ids] == [prompter.fim.prefix, prompter.fim.suffix, prompter.fim.middle]
+    assert prompter.encode_formatted("<|fim_prefix|>x") == [prompter.fim.prefix, *prompter.encode("x")]
+    assert tokenizer.backend_tokenizer.get_added_tokens_decoder()[prompter.fim.middle].special is False  # unchanged

@@ -11,7 +11,9 @@ reader never sees half a cache.
 
 Documents are tokenized as plain text: no BOS/EOS added (the packer adds the separator),
 and a literal ``<|endoftext|>`` or ``<fim_prefix>`` inside a source file stays text rather
-than becoming a control token (the recipe's tokenizer call would turn it into one).
+than becoming a control token (the recipe's tokenizer call would turn it into one). That holds
+for added tokens shaped as control tokens that a tokenizer does not mark special (Qwen2.5-Coder's,
+CodeGemma's and DeepSeek-Coder's FIM tokens): they are encoded as text too (:func:`text_backend`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +36,7 @@ import numpy as np
 from fimtune.errors import FimtuneError
 
 CACHE_ENV = "FIMTUNE_CACHE"
-CACHE_FORMAT = "fimtune-tokens-v1"  # bump when the files or the encoding options change
+CACHE_FORMAT = "fimtune-tokens-v2"  # bump when the files or the encoding options change
 HASH_ROWS = 65536  # rows gathered at a time when hashing a shuffled or selected split
 BATCH_DOCS = 512  # documents per encode_batch call (the Rust side spreads them over cores)
 TOKEN_DTYPE = np.int32
@@ -111,6 +114,48 @@ def fast_backend(tokenizer: Any) -> Any:
 # --------------------------------------------------------------------------------------
 
 
+def control_like(content: str) -> bool:
+    """Whether an added token reads as a control token: ``<fim_prefix>``, ``<|fim_middle|>``,
+    ``<｜fim▁hole｜>``, ``▁<PRE>`` (not a run of spaces or a word a tokenizer added)."""
+    body = content.lstrip("\u2581")
+    return len(body) > 2 and body.startswith("<") and body.endswith(">")
+
+
+def _unmarked(backend: Any) -> bool:
+    """Whether ``backend`` has added tokens shaped as control tokens that are not marked special:
+    `encode_special_tokens` reads special ones only as text, and would match these as the tokens."""
+    return any(not t.special and control_like(t.content) for t in backend.get_added_tokens_decoder().values())
+
+
+def _marked(backend: Any) -> Any:
+    """A copy of ``backend`` with its control-like added tokens marked special (ids unchanged)."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(backend.to_str())
+    for token in data.get("added_tokens", []):
+        if control_like(token["content"]):
+            token["special"] = True
+    return Tokenizer.from_str(json.dumps(data))
+
+
+# tokenizer -> (its added tokens, the copy that encodes them as text), for tokenizers that need one
+_TEXT_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def text_backend(tokenizer: Any) -> Any:
+    """The `tokenizers` backend that encodes ``tokenizer``'s documents as plain text under
+    :func:`_plain_text`: its own, or where it has control-like added tokens not marked special, a
+    copy with them marked (made once, again when its added tokens change)."""
+    backend = fast_backend(tokenizer)
+    if not _unmarked(backend):
+        return backend
+    added = tuple((i, t.content, t.special) for i, t in sorted(backend.get_added_tokens_decoder().items()))
+    cached = _TEXT_BACKENDS.get(tokenizer)
+    if cached is None or cached[0] != added:
+        _TEXT_BACKENDS[tokenizer] = cached = (added, _marked(backend))
+    return cached[1]
+
+
 @contextlib.contextmanager
 def _plain_text(backend: Any) -> Iterator[Any]:
     """Encode special-token strings found in the text as ordinary text, with no padding or
@@ -135,10 +180,12 @@ def backend_copy(tokenizer: Any, special_tokens_as_text: bool) -> Any:
     """A `tokenizers` backend of its own, for threads that encode at once (flipping settings of a
     shared backend around each call, as :func:`encode_flat` does, is not thread-safe): it never pads
     or truncates, and encodes special-token strings as ordinary text (as encode_flat does) or as
-    the tokens. A snapshot: tokens added later are not in it."""
+    the tokens (as text: control-like added tokens too, :func:`text_backend`). A snapshot: tokens
+    added later are not in it."""
     from tokenizers import Tokenizer
 
-    backend = Tokenizer.from_str(fast_backend(tokenizer).to_str())
+    shared = fast_backend(tokenizer)
+    backend = _marked(shared) if special_tokens_as_text and _unmarked(shared) else Tokenizer.from_str(shared.to_str())
     backend.encode_special_tokens = special_tokens_as_text
     backend.no_padding()
     backend.no_truncation()
@@ -147,7 +194,7 @@ def backend_copy(tokenizer: Any, special_tokens_as_text: bool) -> Any:
 
 def encode_flat(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """All ``texts`` encoded as plain text, no special tokens: (ids int32 concatenated, lengths int64)."""
-    with _plain_text(fast_backend(tokenizer)) as backend:
+    with _plain_text(text_backend(tokenizer)) as backend:
         encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
     lengths = np.fromiter((len(e) for e in encodings), dtype=OFFSET_DTYPE, count=len(encodings))
     ids = np.fromiter(
