@@ -21,19 +21,22 @@ def test_hostile_tree_builds_with_every_bad_file_counted(tmp_path, capsys):
     os.symlink(root / "missing.py", root / "dangling.py")  # a broken link
     write(root, "broken.ipynb", '{"cells": [ {"cell_type": "code", "source": ')  # truncated JSON
     write(root, "wrong.ipynb", json.dumps({"cells": "not a list"}))
+    lone = '{"cells": [{"cell_type": "code", "source": "s = \'\\ud83d\'"}]}'  # half of a surrogate pair
+    write(root, "surrogate.ipynb", lone)
+    write(root, "deep.ipynb", "[" * 200_000 + "]" * 200_000)  # deeper than Python's JSON reader goes
     os.symlink("/proc/self/mem", root / "unreadable.py")  # a file whose read fails, also for root
     os.mkfifo(root / "pipe.py")  # would block a naive reader
 
     out = tmp_path / "out"
     assert main(["data", "build", str(root), "--out", str(out), "--quiet", "--validation-size", "1"]) == 0
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["kept"] == 2 and stats["files_seen"] == 10
+    assert stats["kept"] == 2 and stats["files_seen"] == 12
     assert stats["skipped_files"] == {
         "binary": 1,  # NUL bytes behind a .py name
         "undecodable": 1,  # latin-1
         "too_large": 1,  # 50 MB, skipped by its size before any read
         "broken_symlink": 1,
-        "malformed_notebook": 2,
+        "malformed_notebook": 4,
         "unreadable": 2,  # a read that fails, a FIFO
     }
     assert stats["skipped_dirs"] == {"symlink_dir": 1}  # the loop is never followed

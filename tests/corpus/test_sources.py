@@ -44,7 +44,10 @@ def test_jsonl_table(tmp_path):
         {"content": "\x00binary"},
     ]
     path = tmp_path / "files.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n\n", encoding="utf-8")
+    deep = "[" * 200_000 + "]" * 200_000  # deeper than Python's JSON reader goes: a malformed row
+    # a byte order mark first (some editors write one): not part of the first row
+    lines = "\n".join(json.dumps(r) for r in rows) + f"\n{{broken\n{deep}\n\n"
+    path.write_text(lines, encoding="utf-8-sig")
     source = resolve_path(str(path), ExitStack())
     docs = docs_of(source)
     assert [(d.repo_id, d.file_path, d.language) for d in docs] == [
@@ -52,7 +55,7 @@ def test_jsonl_table(tmp_path):
         ("files", "y.rs", "rust"),
         ("files", "row-0000002", "unknown"),
     ]
-    assert source.tally.skipped_files == {"blocked_suffix": 1, "malformed_row": 2, "binary": 1}
+    assert source.tally.skipped_files == {"blocked_suffix": 1, "malformed_row": 3, "binary": 1}
 
 
 def test_json_array_with_notebook_rows(tmp_path):

@@ -50,6 +50,10 @@ def notebook_to_code(raw: str, keep_markdown: bool = False) -> tuple[str, str]:
         elif kind == "markdown" and keep_markdown and source.strip():
             parts.append(as_comment(source.strip("\n"), line_comment(language)))
     code = CELL_SEPARATOR.join(p for p in parts if p.strip())
+    try:
+        code.encode("utf-8")
+    except UnicodeEncodeError:  # JSON escapes (`\\ud83d`) not in pairs: no text is made of them
+        raise MalformedNotebook("a cell holds half of a UTF-16 surrogate pair") from None
     return (code + "\n" if code else ""), language
 
 
@@ -91,6 +95,8 @@ def _parse(raw: str) -> dict[str, Any]:
         nb = json.loads(raw)
     except ValueError as e:
         raise MalformedNotebook(f"not JSON: {e}") from None
+    except RecursionError:
+        raise MalformedNotebook("not JSON that Python reads: nested too deep") from None
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
         raise MalformedNotebook("no list of cells (nbformat 4 is expected)")
     return nb

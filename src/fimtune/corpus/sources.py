@@ -313,14 +313,14 @@ def _parquet_rows(path: str, text_column: str) -> Iterator[dict[str, Any]]:
 
 def _json_rows(path: str, text_column: str) -> Iterator[Any]:
     """Rows of a JSON Lines file, or of a .json file holding one array of objects."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte order mark is no row
         head = f.read(1024).lstrip()
         f.seek(0)
         if head.startswith("["):
             try:
                 rows = json.load(f)
-            except ValueError as e:
-                raise DataError(f"'{path}' is not valid JSON: {e}") from None
+            except (ValueError, RecursionError) as e:
+                raise DataError(f"'{path}' is not valid JSON: {e or 'nested too deep'}") from None
             lines: Iterable[Any] = rows if isinstance(rows, list) else [rows]
         else:
             lines = (_json_line(line) for line in f if line.strip())
@@ -335,7 +335,7 @@ def _json_rows(path: str, text_column: str) -> Iterator[Any]:
 def _json_line(line: str) -> Any:
     try:
         return json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for Python's reader
         return None
 
 
