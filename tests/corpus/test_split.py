@@ -123,3 +123,32 @@ def test_build_head_mode(tmp_path):
     dd = datasets.load_from_disk(str(tmp_path / "out"))
     assert dd["validation"]["file_path"] == ["m00.py", "m01.py", "m02.py"]
     assert dd["train"]["file_path"][0] == "m03.py"
+
+
+def test_a_chain_of_near_duplicates_lands_on_one_side(tmp_path):
+    """A ~ B and B ~ C, A and C not alike: with keep_near_duplicates all three share a side (C was
+    compared with the kept texts only, and B, a duplicate of A, was not among them)."""
+    import datasets
+
+    from fimtune.corpus.dedup import jaccard, shingles
+
+    words = [f"tok{i}" for i in range(400)]
+
+    def doc(changed: dict[int, str]) -> str:
+        ws = [changed.get(k, w) for k, w in enumerate(words)]
+        return "\n".join(" ".join(ws[i : i + 8]) for i in range(0, len(ws), 8)) + "\n"
+
+    b_changes = {k: f"chg{k}" for k in range(0, 400, 80)}
+    chain = [doc({}), doc(b_changes), doc({**b_changes, **{k: f"chh{k}" for k in range(40, 400, 80)}})]
+    a, b, c = (shingles(t) for t in chain)
+    assert jaccard(a, b) >= 0.85 and jaccard(b, c) >= 0.85 and jaccard(a, c) < 0.85
+    src = tmp_path / "src"
+    for name, text in zip("abc", chain, strict=True):
+        write(src, f"chain_{name}.py", text)
+    for i in range(5):
+        write(src, f"m{i}.py", code(f"m{i}"))
+    for seed in range(6):
+        out = tmp_path / f"out{seed}"
+        build([str(src)], out, keep_near_duplicates=True, validation_size=2, min_alnum_fraction=0, seed=seed)
+        sides = {p for p in datasets.load_from_disk(str(out))["validation"]["file_path"] if p.startswith("chain_")}
+        assert sides in (set(), {"chain_a.py", "chain_b.py", "chain_c.py"}), (seed, sides)

@@ -175,21 +175,22 @@ def near_dedup(corpus: Corpus, cfg: CorpusConfig, progress: bool = True) -> None
     """Link near-duplicates among the files exact dedup kept; drop them unless keep_near_duplicates."""
     if not cfg.near_dedup:
         return
-    from fimtune.corpus.dedup import find_near_duplicates
+    from fimtune.corpus.dedup import find_near_duplicates, near_duplicate_pairs
 
     candidates = [i for i in range(len(corpus.docs)) if i not in corpus.dropped]
-    found = find_near_duplicates(
-        [corpus.docs[i].content for i in candidates],
-        threshold=cfg.near_dedup_threshold,
-        ngram=cfg.near_dedup_ngram,
-        num_perm=cfg.near_dedup_num_perm,
-        progress=progress,
-    )
-    for i, j in zip(candidates, found, strict=True):
-        if j is None:
-            continue
-        corpus.links.append((i, candidates[j]))
-        if not cfg.keep_near_duplicates:
+    texts = [corpus.docs[i].content for i in candidates]
+    options = {
+        "threshold": cfg.near_dedup_threshold,
+        "ngram": cfg.near_dedup_ngram,
+        "num_perm": cfg.near_dedup_num_perm,
+        "progress": progress,
+    }
+    if cfg.keep_near_duplicates:  # every pair: a chain of them must land on one side of the split
+        corpus.links.extend((candidates[i], candidates[j]) for i, j in near_duplicate_pairs(texts, **options))
+        return
+    for i, j in zip(candidates, find_near_duplicates(texts, **options), strict=True):
+        if j is not None:
+            corpus.links.append((i, candidates[j]))
             corpus.dropped[i] = "near_duplicate"
 
 

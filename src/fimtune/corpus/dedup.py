@@ -145,29 +145,56 @@ def find_near_duplicates(
     verified on the exact Jaccard of the shingle sets; of several verified ones, the
     earliest wins.
     """
+    return [verified[0] if verified else None for verified in _matches(texts, threshold, ngram, num_perm, progress)]
+
+
+def near_duplicate_pairs(
+    texts: Sequence[str],
+    threshold: float = 0.85,
+    ngram: int = DEFAULT_NGRAM,
+    num_perm: int = DEFAULT_NUM_PERM,
+    progress: bool = True,
+) -> list[tuple[int, int]]:
+    """Every (later, earlier) pair of near-duplicate texts, for texts that are all kept: in a chain
+    A ~ B ~ C where A and C are not alike, both links (:func:`find_near_duplicates` indexes the
+    kept texts only: B, a duplicate of A, is not there for C to find).
+
+    >>> a = "def add(a, b):\\n    return a + b  # the sum of a and b, as a number\\n"
+    >>> near_duplicate_pairs([a, a.replace("number", "value"), "x = 1\\n"], threshold=0.8, progress=False)
+    [(1, 0)]
+    """
+    found = _matches(texts, threshold, ngram, num_perm, progress, index_all=True)
+    return [(i, j) for i, verified in enumerate(found) for j in verified]
+
+
+def _matches(
+    texts: Sequence[str], threshold: float, ngram: int, num_perm: int, progress: bool, index_all: bool = False
+) -> list[list[int]]:
+    """For each text, the earlier indexed texts it near-duplicates (verified), in order; the texts
+    that match none are indexed (``index_all``: every text)."""
     from datasketch import LeanMinHash
     from tqdm.auto import tqdm
 
     perms = permutations(num_perm)
     lsh = lsh_index(threshold, num_perm)
-    signatures: dict[int, np.ndarray] = {}  # of the indexed (kept) texts
+    signatures: dict[int, np.ndarray] = {}  # of the indexed texts
 
     @lru_cache(maxsize=SHINGLE_CACHE)
     def shingle_set(i: int) -> np.ndarray:
         return shingles(texts[i], ngram)
 
-    result: list[int | None] = []
+    result: list[list[int]] = []
     for i in tqdm(range(len(texts)), desc="near-dedup", unit="file", disable=not progress):
         hashes = shingle_hashes(texts[i], ngram)
         if hashes.size == 0:
-            result.append(None)
+            result.append([])
             continue
         sig = signature(hashes, perms)  # repeats do not change a minimum: no need for unique here
         mh = LeanMinHash(seed=MINHASH_SEED, hashvalues=sig, scheme="affine32")
         candidates = plausible(sorted(lsh.query(mh)), sig, signatures, threshold)
         verified = [j for j in candidates if jaccard(shingle_set(i), shingle_set(j)) >= threshold]
-        result.append(verified[0] if verified else None)
-        if not verified:
+        result.append(verified)
+        if index_all or not verified:
             lsh.insert(i, mh, check_duplication=False)
             signatures[i] = sig
     return result
