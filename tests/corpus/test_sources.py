@@ -122,6 +122,24 @@ def test_clone_by_file_url_and_bare_repo(tmp_path):
         assert source.repo_id == "bare" and len(docs_of(source)) == 2
 
 
+def test_a_clones_symlinks_are_followed_inside_it_only(tmp_path):
+    """A cloned repository's file symlinks come from whoever wrote it: one to a file outside the
+    clone (a user's own secrets, say) is skipped and counted; one inside is followed. A local
+    folder's links are the user's own, followed as before."""
+    write(tmp_path, "home/notes.py", code("private"))
+    upstream = tmp_path / "upstream"
+    upstream.mkdir()
+    os.symlink(tmp_path / "home" / "notes.py", upstream / "outside.py")
+    os.symlink("pkg/a.py", upstream / "inside.py")
+    git_repo(upstream, {"pkg/a.py": code("a")})
+    with ExitStack() as stack:
+        source = resolve_path(upstream.as_uri(), stack)
+        assert [d.file_path for d in docs_of(source)] == ["inside.py", "pkg/a.py"]
+        assert source.tally.skipped_files == {"symlink_outside": 1}
+    local = resolve_path(str(upstream), ExitStack())
+    assert [d.file_path for d in docs_of(local)] == ["inside.py", "outside.py", "pkg/a.py"]
+
+
 def test_clone_failure_names_the_url(tmp_path):
     url = (tmp_path / "nowhere").as_uri()
     with pytest.raises(DataError, match=f"cannot clone '{url}'"), ExitStack() as stack:

@@ -75,7 +75,7 @@ class Tally:
 
 
 def walk_folder(
-    root: str, repo_id: str, tally: Tally, respect_gitignore: bool = True
+    root: str, repo_id: str, tally: Tally, respect_gitignore: bool = True, links_inside: bool = False
 ) -> Iterator[tuple[str, str, str]]:
     """(repo_id, path relative to its repo, absolute path) of each candidate file, in sorted order.
 
@@ -83,12 +83,21 @@ def walk_folder(
     repo_id and paths relative to it, and the `.gitignore` files above it stop applying.
     Skipped folders go to ``tally.skipped_dirs`` (never listed); files matched by a
     `.gitignore`, broken symlinks and symlink loops go to ``tally.skipped_files``.
+    ``links_inside``: a file symlink is followed only to a file inside ``root`` (a repository
+    cloned from elsewhere could link to the user's own files: `symlink_outside`).
     """
-    yield from _walk(root, "", [], tally, respect_gitignore, (repo_id, ""))
+    inside = os.path.join(os.path.realpath(root), "") if links_inside else None
+    yield from _walk(root, "", [], tally, respect_gitignore, (repo_id, ""), inside)
 
 
 def _walk(
-    path: str, rel: str, specs: list, tally: Tally, respect_gitignore: bool, repo: tuple[str, str]
+    path: str,
+    rel: str,
+    specs: list,
+    tally: Tally,
+    respect_gitignore: bool,
+    repo: tuple[str, str],
+    inside: str | None = None,
 ) -> Iterator[tuple[str, str, str]]:
     try:
         with os.scandir(path) as it:
@@ -110,13 +119,15 @@ def _walk(
             if reason:
                 tally.skip_dir(reason)
             else:
-                yield from _walk(entry.path, entry_rel, specs, tally, respect_gitignore, repo)
+                yield from _walk(entry.path, entry_rel, specs, tally, respect_gitignore, repo, inside)
             continue
         if kind == "symlink_dir":
             tally.skip_dir("symlink_dir")
             continue
         tally.seen()
-        if kind in ("broken_symlink", "symlink_loop"):
+        if inside is not None and entry.is_symlink() and not os.path.realpath(entry.path).startswith(inside):
+            kind = "symlink_outside"
+        if kind in ("broken_symlink", "symlink_loop", "symlink_outside"):
             tally.skip(kind)
         elif specs and gitignored(specs, entry_rel, is_dir=False):
             tally.skip("gitignore")

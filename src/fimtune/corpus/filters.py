@@ -35,6 +35,7 @@ REASONS: dict[str, str] = {
     "language_not_selected": "language not among --languages",
     "broken_symlink": "symlink to nothing",
     "symlink_loop": "symlink loop",
+    "symlink_outside": "in a cloned repository, a symlink to a file outside it",
     "unreadable": "could not be read (permission, I/O error, or not a regular file such as a FIFO)",
     "too_large": "larger than --max-file-size (checked before reading)",
     "binary": "holds NUL bytes",

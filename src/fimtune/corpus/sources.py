@@ -53,6 +53,8 @@ class Source:
     root: str = ""
     """Folder to walk (folder, git, editable package) or file to read (table)."""
     tally: Tally = field(default_factory=Tally)
+    cloned: bool = False
+    """A repository cloned from a URL or a bare repo: its symlinks are followed only inside it."""
 
     def summary(self) -> dict[str, Any]:
         t = self.tally
@@ -98,7 +100,7 @@ def repo_name(url_or_path: str) -> str:
 def resolve_path(text: str, stack: ExitStack) -> Source:
     """A folder, a git repo (local, bare, or URL) or a parquet/jsonl/json file."""
     if is_git_url(text):
-        return Source("git", text, repo_name(text), clone(text, stack))
+        return Source("git", text, repo_name(text), clone(text, stack), cloned=True)
     path = Path(text).expanduser()
     try:
         path.stat()
@@ -112,7 +114,7 @@ def resolve_path(text: str, stack: ExitStack) -> Source:
     name = path.resolve().name
     if os.path.isdir(path):
         if (path / "HEAD").is_file() and (path / "objects").is_dir():  # a bare repository: check it out
-            return Source("git", text, repo_name(name), clone(path.resolve().as_uri(), stack))
+            return Source("git", text, repo_name(name), clone(path.resolve().as_uri(), stack), cloned=True)
         kind = "git" if (path / ".git").exists() else "folder"
         return Source(kind, text, name, str(path))
     if path.suffix.lower() in TABLE_SUFFIXES and os.path.isfile(path):
@@ -199,7 +201,8 @@ def _hub_offline() -> bool:
 def iter_documents(source: Source, cfg: CorpusConfig) -> Iterator[Document]:
     """The usable documents of ``source`` in path order; ``source.tally`` counts the rest."""
     if source.kind in ("folder", "git") or (source.kind == "package" and source.root):
-        for repo_id, rel, path in walk_folder(source.root, source.repo_id, source.tally, cfg.respect_gitignore):
+        walk = walk_folder(source.root, source.repo_id, source.tally, cfg.respect_gitignore, source.cloned)
+        for repo_id, rel, path in walk:
             doc = read_file(path, rel, repo_id, cfg, source.tally)
             if doc:
                 yield doc
