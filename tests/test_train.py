@@ -120,6 +120,22 @@ def test_new_run_refuses_a_non_empty_folder(tmp_path, tiny_tokenizer, repetitive
     assert (tmp_path / "run" / "x").read_text() == "keep me"
 
 
+def test_a_validation_split_too_small_for_one_row_is_told(tmp_path, tiny_tokenizer, repetitive_data, caplog):
+    from accelerate import Accelerator
+
+    from fimtune.tokens import ensure_fim_tokens
+
+    base = model_dir(tmp_path, tiny_tokenizer, "gpt_bigcode")
+    fim_tokens, _ = ensure_fim_tokens(tiny_tokenizer)
+    for length, told in ((64, False), (2048, True)):  # 3 validation files of ~150 tokens
+        caplog.clear()
+        cfg = run_config(tmp_path, base, repetitive_data, f"small-{length}", f"packing.seq_length={length}")
+        with caplog.at_level(logging.WARNING):
+            _, make_eval, _ = training_rows(cfg, tiny_tokenizer, fim_tokens, Accelerator(cpu=True))
+        assert (next(make_eval(), None) is None) == told
+        assert ("no validation loss will be logged" in caplog.text) == told
+
+
 @pytest.fixture
 def flash_attention_2_on_the_cpu(monkeypatch):
     """transformers' FlashAttention-2 path with its two CUDA kernels (dense causal, and causal per

@@ -6,6 +6,7 @@ data.path (a `fimtune data build` folder) | data.hf (a Hub dataset id)
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 
 from fimtune.config import DataConfig, RunConfig
 from fimtune.errors import DataError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
 
@@ -125,6 +128,14 @@ def training_rows(cfg: RunConfig, tokenizer: Any, fim_tokens: Any, accelerator: 
     rows = train_rows(train_docs, cfg, fim_tokens, sep, rank, world)
     n_rows = rows.rows_per_epoch() * world
     val = eval_rows(val_docs, cfg, fim_tokens, sep, rank, world) if len(splits["validation"]) else None
+    if val is not None and val.stats.rows == 0 and accelerator.is_main_process:
+        log.warning(
+            "the validation split's %d documents (%s tokens) pack into no row of %d tokens: no validation "
+            "loss will be logged; add validation files or lower packing.seq_length",
+            len(splits["validation"]),
+            f"{val.stats.tokens:,}",
+            cfg.packing.seq_length,
+        )
     bs = cfg.train.batch_size
 
     def make_eval() -> Iterator[dict[str, Any]]:
