@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -104,10 +105,48 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_tokeni
     )
     with pytest.raises(FimtuneError, match=r"loss became (nan|inf) at step (\d+)") as err:
         quiet_fit(cfg)
-    failed = int(str(err.value).split("at step ")[1].split(";")[0])
+    failed = int(re.search(r"at step (\d+)", str(err.value)).group(1))
     last = checkpoint.latest_checkpoint(tmp_path / "nan")
     assert last is not None and last.name == f"step-{failed - 1:06d}"
     assert all(torch.isfinite(t).all() for t in adapter(tmp_path / "nan").values())
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0])
+def test_an_infinite_gradient_never_reaches_a_checkpoint(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache, monkeypatch, max_grad_norm
+):
+    """One gradient overflows at step 3 (as fp16 activations can) while the loss stays finite:
+    clipped, the gradient norm is inf and the clipped gradients NaN; unclipped, AdamW makes the
+    weights NaN. Either way the run stops without a checkpoint of step 3, even as its last step."""
+    from fimtune import train
+
+    def with_an_overflow(cfg, accelerator):
+        s = setup(cfg, accelerator)
+        first = next(p for p in s.model.parameters() if p.requires_grad)
+        calls = iter(range(10**6))
+
+        def overflow(p):
+            if next(calls) == 2:
+                p.grad.view(-1)[0] = float("inf")
+
+        first.register_post_accumulate_grad_hook(overflow)
+        return s
+
+    setup = train.setup
+    monkeypatch.setattr(train, "setup", with_an_overflow)
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    name = f"inf-{max_grad_norm}"
+    overrides = (
+        "train.save_every=1",
+        "train.eval_every=0",
+        "train.max_steps=3",
+        f"train.max_grad_norm={max_grad_norm}",
+    )
+    why = "gradient norm became inf at step 3" if max_grad_norm else "weights are not finite after step 3"
+    with pytest.raises(FimtuneError, match=why):
+        quiet_fit(run_config(tmp_path, base, repetitive_data, name, *overrides))
+    assert checkpoint.latest_checkpoint(tmp_path / name).name == "step-000002"
+    assert all(torch.isfinite(t).all() for t in adapter(tmp_path / name).values())
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_tokenizer, repetitive_data, token_cache):

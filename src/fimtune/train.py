@@ -432,6 +432,8 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     bar.close()
     final = validate(s, tc.eval_batches)
     metrics.write({"step": s.max_steps, **final})
+    if final and not math.isfinite(final["val_loss"]):
+        raise diverged(f"the validation loss is {final['val_loss']} after the last step", run_dir)
     if acc.is_main_process and final:
         print(f"validation loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f}) after {s.max_steps} steps")
     acc.wait_for_everyone()
@@ -545,14 +547,21 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
 
     def values() -> tuple[float, float | None, float]:
         loss_value, norm_value = read()
-        if not math.isfinite(loss_value):
-            raise FimtuneError(
-                f"loss became {loss_value} at step {step + 1}; the last good checkpoint is kept in {run_dir} "
-                "(lower train.learning_rate or use model.dtype=fp32)"
-            )
+        # before this step's checkpoint: a gradient norm of inf or NaN gave the weights NaN
+        for what, value in (("loss", loss_value), ("gradient norm", norm_value if grad_norm is not None else 0.0)):
+            if not math.isfinite(value):
+                raise diverged(f"the {what} became {value} at step {step + 1}", run_dir)
         return loss_value, None if grad_norm is None else norm_value, seconds()
 
     return values
+
+
+def diverged(what: str, run_dir: Path) -> FimtuneError:
+    """The error of a run that diverged: what happened, where its checkpoints are, what to try."""
+    return FimtuneError(
+        f"{what}: training stopped; the checkpoints written before are kept in {run_dir}. A new run with "
+        "a lower train.learning_rate (or model.dtype=fp32) may avoid it"
+    )
 
 
 def _on_device(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -708,6 +717,10 @@ def save(s: Setup, run_dir: Path, step: int) -> None:
     acc = s.accelerator
     acc.wait_for_everyone()
     state_dict = adapter_state_dict(acc, s.model)  # collective: gathers shards under FSDP / ZeRO-3
+    # Weights made NaN by a step whose loss was finite (unclipped inf gradients, say) are never saved.
+    bad = sum(not bool(v.isfinite().all()) for v in state_dict.values() if v.is_floating_point())
+    if acc.reduce(_on_device(float(bad), acc.device), "sum") > 0:
+        raise diverged(f"the adapter's weights are not finite after step {step} (not saved)", run_dir)
     sharding = optimizer_sharding(acc)
     if sharding:
         if acc.is_main_process:
