@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from fimtune import checkpoint
+from fimtune.config import load_run_config
 from fimtune.errors import FimtuneError
 from tests.runs import model_dir, quiet_fit, run_config
 
@@ -151,8 +152,8 @@ def test_an_infinite_gradient_never_reaches_a_checkpoint(
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
     base = model_dir(tmp_path, tiny_tokenizer, "llama")
-    args = cli_args(tmp_path, base, repetitive_data, "disk", 4)
-    quiet_fit(run_config(tmp_path, base, repetitive_data, "disk", *args[1:], "train.max_steps=4", "train.save_every=2"))
+    args = [*cli_args(tmp_path, base, repetitive_data, "disk", 8), "train.save_every=2"]
+    quiet_fit(load_run_config(None, args[1:]), stop_after=4)  # the settings the command below resumes with
     run = tmp_path / "disk"
     before = {p.name for p in checkpoint.checkpoints(run)}
     state_size = (run / "state" / "training_state.pt").stat().st_size
@@ -164,7 +165,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_tok
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    cmd = [sys.executable, "-m", "fimtune", *args, "train.max_steps=8", "train.save_every=2", "--resume"]
+    cmd = [sys.executable, "-m", "fimtune", *args, "--resume"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=fill_disk)
     assert res.returncode == 2

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from fimtune.config import load_run_config
 from fimtune.dataset import training_rows
+from fimtune.errors import FimtuneError
 from fimtune.train import forward_logits
 from tests import tiny
 from tests.runs import metrics, model_dir, quiet_fit, run_config
@@ -105,6 +106,23 @@ def test_resume_is_exact(tmp_path, tiny_tokenizer, repetitive_data, token_cache)
     wa = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(tmp_path / "parted" / "adapter" / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_settings_that_change_the_run(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    """A resumed run's optimizer and schedule keep some old settings (the learning rate in the
+    optimizer's state) and take others midway (the schedule's length): a change of the run itself is
+    refused, naming it, and config.yaml stays; when to log, evaluate and save may change."""
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    extra = ("train.max_steps=8", "train.save_every=0", "train.eval_every=4")
+    quiet_fit(run_config(tmp_path, base, repetitive_data, "run", *extra), stop_after=4)
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    for change in ("train.learning_rate=1e-3", "train.max_steps=16", "lora.r=4", "packing.seq_length=32", "seed=1"):
+        key = change.split("=")[0]
+        with pytest.raises(FimtuneError, match=rf"--resume: these settings differ .*{key}: "):
+            quiet_fit(run_config(tmp_path, base, repetitive_data, "run", *extra, change), resume=True)
+        assert (tmp_path / "run" / "config.yaml").read_text() == saved
+    run = quiet_fit(run_config(tmp_path, base, repetitive_data, "run", *extra, "train.log_every=2"), resume=True)
+    assert max(r["step"] for r in metrics(run) if "loss" in r) == 8
 
 
 def test_new_run_refuses_a_non_empty_folder(tmp_path, tiny_tokenizer, repetitive_data, token_cache):

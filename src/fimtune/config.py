@@ -425,6 +425,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def changes(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of each field that differs between two configs of one class."""
+
+    def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    a, b = flat(to_dict(old)), flat(to_dict(new))
+    return [(key, a[key], b[key]) for key in a if a[key] != b[key]]
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.max_steps=10` -> (['train', 'max_steps'], 10); values are read as YAML."""
     if "=" not in text:

@@ -396,6 +396,8 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     run_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
     from_checkpoint = prepare_run_dir(run_dir, resume)  # every process checks before any writes
+    if from_checkpoint:
+        check_resumed_config(cfg, run_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -690,6 +692,46 @@ def _progress(start: int, total: int, disable: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, desc="train", unit="step", disable=disable, dynamic_ncols=True)
+
+
+# What a resumed run may set differently from the run it continues: when to evaluate, log and save,
+# and how the same steps are computed (kernels, compilation, memory, precision); the rest (data, FIM,
+# packing, LoRA, optimizer, schedule, seed) is the run itself.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "output_dir",
+        "model.attn_implementation",
+        "model.dtype",
+        "train.mixed_precision",
+        "train.gradient_checkpointing",
+        "train.compile",
+        "train.activation_memory",
+        "train.attention_kernel",
+        "train.cuda_graphs",
+        "train.loss_chunk_tokens",
+        "train.eval_every",
+        "train.eval_batches",
+        "train.log_every",
+        "train.save_every",
+    }
+)
+
+
+def check_resumed_config(cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse to resume ``run_dir`` with settings that change the run (its ``config.yaml`` says what
+    it was): the optimizer's state and the schedule would silently keep some of the old ones."""
+    from fimtune.config import changes, load_run_config
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    changed = [c for c in changes(load_run_config(saved), cfg) if c[0] not in RESUMABLE_CHANGES]
+    if changed:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
+        raise FimtuneError(
+            f"--resume: these settings differ from the run's {saved}: {listed}. Resume with that file "
+            f"(fimtune train --config {saved} --resume), or train into a new output_dir"
+        )
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
