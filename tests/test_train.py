@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fimtune import checkpoint
 from fimtune.config import load_run_config
 from fimtune.dataset import training_rows
 from fimtune.errors import FimtuneError
@@ -123,6 +124,22 @@ def test_resume_refuses_settings_that_change_the_run(tmp_path, tiny_tokenizer, r
         assert (tmp_path / "run" / "config.yaml").read_text() == saved
     run = quiet_fit(run_config(tmp_path, base, repetitive_data, "run", *extra, "train.log_every=2"), resume=True)
     assert max(r["step"] for r in metrics(run) if "loss" in r) == 8
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    """Each process's place in its share of the rows is saved: on another number of processes the
+    same place is other rows (run 2 x 2 rows, resumed on 1 x 4, repeated and skipped data)."""
+    import json
+
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    cfg = run_config(tmp_path, base, repetitive_data, "procs", "train.max_steps=4", "train.save_every=0")
+    quiet_fit(cfg, stop_after=2)
+    meta_file = checkpoint.latest_checkpoint(tmp_path / "procs") / "state" / "trainer_state.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["processes"] == 1
+    meta_file.write_text(json.dumps({**meta, "processes": 2}))  # as a two-process run writes it
+    with pytest.raises(FimtuneError, match="written by 2 process.*this run has 1"):
+        quiet_fit(cfg, resume=True)
 
 
 def test_new_run_refuses_a_non_empty_folder(tmp_path, tiny_tokenizer, repetitive_data, token_cache):

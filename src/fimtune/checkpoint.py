@@ -23,7 +23,7 @@ and renames it once all have::
     step-000050/state/
       training_state.pt           scheduler, RNG (no optimizer)
       optimizer-rank0.pt ...      optimizer-rank{N-1}.pt: each process's part
-      trainer_state.json          ... "world_size": N, "optimizer_sharding": "DeepSpeed ZeRO-2"
+      trainer_state.json          ... "processes": N, "world_size": N, "optimizer_sharding": "DeepSpeed ZeRO-2"
 """
 
 from __future__ import annotations

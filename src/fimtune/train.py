@@ -779,13 +779,14 @@ def save(s: Setup, run_dir: Path, step: int) -> None:
             model.save_pretrained(folder, state_dict=state_dict, save_embedding_layers=False)
             check_not_empty(folder / "adapter_model.safetensors", model)
 
-        data = s.train_rows.state_dict()
+        data = s.train_rows.state_dict()  # each process's place in its share of the rows
+        extra: dict[str, Any] = {"processes": acc.num_processes}
         if sharding:
-            extra = {"optimizer_sharding": sharding}
+            extra["optimizer_sharding"] = sharding
             parts = acc.num_processes
             checkpoint.save_checkpoint(run_dir, step, save_adapter, None, s.scheduler, data, extra, parts)
         else:
-            checkpoint.save_checkpoint(run_dir, step, save_adapter, s.optimizer, s.scheduler, data)
+            checkpoint.save_checkpoint(run_dir, step, save_adapter, s.optimizer, s.scheduler, data, extra)
     acc.wait_for_everyone()
 
 
@@ -816,6 +817,13 @@ def restore(s: Setup, run_dir: Path) -> int:
     meta, state = checkpoint.load_state(ckpt)
     sharding = optimizer_sharding(acc)
     check_same_sharding(ckpt, meta, sharding, acc.num_processes)
+    processes = meta.get("processes", acc.num_processes)  # not recorded before: as this run
+    if processes != acc.num_processes:
+        raise FimtuneError(
+            f"checkpoint '{ckpt}' was written by {processes} process(es) and this run has {acc.num_processes}: "
+            "each process's place in its share of the data was saved; resume with the number of processes "
+            "it was trained with"
+        )
     weights = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
     with whole_parameters(acc, s.model) as model:
         loaded = set_peft_model_state_dict(model, weights)
