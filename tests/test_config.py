@@ -48,6 +48,43 @@ def test_bad_overrides_name_the_key(override, fragment):
         load_run_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.log_every=0",  # a ZeroDivisionError after the first step
+        "train.batch_size=0",
+        "train.gradient_accumulation_steps=0",
+        "packing.seq_length=0",
+        "lora.r=0",
+        "lora.dropout=1.5",
+        "train.learning_rate=-1",
+        "train.learning_rate=.nan",
+        "seed=-1",
+        "train.max_grad_norm=-1",  # a negative clip factor: gradient ascent, exit 0
+        "train.max_steps=0",  # was a whole epoch
+        "train.max_steps=-3",  # was no step and no adapter, exit 0
+        "fim.fim_rate=1.5",
+        "data.validation_size=0",
+    ],
+)
+def test_numbers_out_of_range_name_the_key(override, tmp_path):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"config key '{key}' must be"):
+        load_run_config(None, [override])
+    p = tmp_path / "c.yaml"
+    section, _, name = key.rpartition(".")
+    value = override.split("=")[1]
+    p.write_text(f"{section}:\n  {name}: {value}\n" if section else f"{name}: {value}\n")
+    with pytest.raises(ConfigError, match=f"{p}: config key '{key}' must be"):
+        load_run_config(p)
+
+
+def test_numbers_at_their_edges_load():
+    edges = ["train.max_steps=null", "train.eval_every=0", "train.save_every=0", "train.max_grad_norm=0"]
+    cfg = load_run_config(None, [*edges, "lora.dropout=0", "train.learning_rate=0", "seed=4294967295"])
+    assert cfg.train.max_steps is None and cfg.seed == 2**32 - 1
+
+
 def test_yaml_unknown_key_names_file_and_key(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  learning_rte: 0.1\n")

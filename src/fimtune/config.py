@@ -21,10 +21,12 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import os
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -504,8 +506,43 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load the training configuration (see :class:`RunConfig`)."""
-    return load_config(RunConfig, path, overrides)
+    """Load the training configuration (see :class:`RunConfig`), its numbers checked (:data:`RANGES`)."""
+    cfg = load_config(RunConfig, path, overrides)
+    for key, ok, wanted in RANGES:
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            where = f"{path}: " if path else ""
+            raise ConfigError(f"{where}config key '{key}' must be {wanted}; got {value!r}")
+    return cfg
+
+
+# (key, check, what the check wants) of the numbers of a RunConfig; None passes (where a key may be null)
+RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("seed", lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1"),
+    ("lora.r", lambda v: v >= 1, "at least 1"),
+    ("lora.alpha", lambda v: v > 0, "more than 0"),
+    ("lora.dropout", lambda v: 0 <= v < 1, "from 0 up to (not including) 1"),
+    ("fim.fim_rate", lambda v: 0 <= v <= 1, "from 0 to 1"),
+    ("fim.spm_rate", lambda v: 0 <= v <= 1, "from 0 to 1"),
+    ("fim.piece_tokens", lambda v: v >= 0, "0 or more"),
+    ("packing.seq_length", lambda v: v >= 2, "at least 2"),
+    ("data.validation_size", lambda v: v >= 1, "at least 1 (or null: a tenth of the rows)"),
+    ("train.max_steps", lambda v: v >= 1, "at least 1 (or null: num_epochs decides)"),
+    ("train.num_epochs", lambda v: v > 0, "more than 0"),
+    ("train.batch_size", lambda v: v >= 1, "at least 1"),
+    ("train.gradient_accumulation_steps", lambda v: v >= 1, "at least 1"),
+    ("train.learning_rate", lambda v: v >= 0, "0 or more"),
+    ("train.warmup_steps", lambda v: v >= 0, "0 or more"),
+    ("train.weight_decay", lambda v: v >= 0, "0 or more"),
+    ("train.max_grad_norm", lambda v: v >= 0, "0 (no clipping) or more"),
+    ("train.activation_memory", lambda v: 0 < v <= 1, "more than 0, up to 1"),
+    ("train.loss_chunk_tokens", lambda v: v >= 0, "0 (all logits at once) or more"),
+    ("train.eval_every", lambda v: v >= 0, "0 (only at the end) or more"),
+    ("train.eval_batches", lambda v: v >= 0, "0 or more (or null: the whole split)"),
+    ("train.log_every", lambda v: v >= 1, "at least 1"),
+    ("train.save_every", lambda v: v >= 0, "0 (only at the end) or more"),
+]
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
