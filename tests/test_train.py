@@ -142,6 +142,25 @@ def test_resume_refuses_another_number_of_processes(tmp_path, tiny_tokenizer, re
         quiet_fit(cfg, resume=True)
 
 
+def test_rows_longer_than_the_models_positions(tmp_path, tiny_tokenizer, repetitive_data, token_cache, caplog):
+    """GPT-BigCode's 256 learned positions: rows of 512 are refused before anything else (an index
+    past them is a device-side assert on a GPU); Llama's rotary positions run past its stated
+    context, with a warning."""
+    from fimtune.train import make_accelerator, setup
+
+    for family, refused in (("gpt_bigcode", True), ("llama", False)):
+        base = model_dir(tmp_path, tiny_tokenizer, family)
+        cfg = run_config(tmp_path, base, repetitive_data, f"long-{family}", "packing.seq_length=512")
+        caplog.clear()
+        if refused:
+            with pytest.raises(FimtuneError, match="packing.seq_length=512 is longer than the model's 256 learned"):
+                setup(cfg, make_accelerator(cfg))
+        else:
+            with caplog.at_level(logging.WARNING):
+                setup(cfg, make_accelerator(cfg))
+            assert "past the model's stated context of 256" in caplog.text
+
+
 def test_new_run_refuses_a_non_empty_folder(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
     from fimtune.errors import FimtuneError
 

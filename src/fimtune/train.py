@@ -59,6 +59,27 @@ class Setup:
     cuda_graphs: bool = False  # blocks replayed as CUDA graphs (on a GPU): steps marked, bounds padded
 
 
+def check_context(model: Any, seq_length: int) -> None:
+    """Refuse rows longer than a model's learned position embeddings (GPT-BigCode's `wpe`: an index
+    past them is an IndexError, on a GPU a device-side assert); warn past a rotary model's stated
+    context (it runs, but past what it was trained on)."""
+    from fimtune.evaluate.variants import context_length
+
+    limit = context_length(model)
+    if limit is None or seq_length <= limit:
+        return
+    tokens = model.get_input_embeddings()
+    learned = any(
+        isinstance(m, torch.nn.Embedding) and m is not tokens and m.num_embeddings == limit for m in model.modules()
+    )
+    if learned:
+        raise FimtuneError(
+            f"packing.seq_length={seq_length} is longer than the model's {limit} learned positions: "
+            f"set packing.seq_length to {limit} or less"
+        )
+    log.warning("packing.seq_length=%d is past the model's stated context of %d tokens", seq_length, limit)
+
+
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on matrices, none on norms, biases and embeddings rows (1-D).
 
@@ -107,6 +128,7 @@ def setup(cfg: RunConfig, accelerator: Any) -> Setup:
     tokenizer = _fresh_tokenizer(cfg.model.name_or_path)
     fim_tokens, added = ensure_fim_tokens(tokenizer)
     model = load_base_model(cfg.model, accelerator.device, training=True)
+    check_context(model, cfg.packing.seq_length)
     new_ids = add_token_rows(model, tokenizer, added)
     model, loss_chunk = prepare_model(model, cfg, accelerator, new_ids)
 
