@@ -122,7 +122,10 @@ def test_resume_refuses_settings_that_change_the_run(tmp_path, tiny_tokenizer, r
         with pytest.raises(FimtuneError, match=rf"--resume: these settings differ .*{key}: "):
             quiet_fit(run_config(tmp_path, base, repetitive_data, "run", *extra, change), resume=True)
         assert (tmp_path / "run" / "config.yaml").read_text() == saved
-    run = quiet_fit(run_config(tmp_path, base, repetitive_data, "run", *extra, "train.log_every=2"), resume=True)
+    again = run_config(tmp_path, base, repetitive_data, "run", *extra, "train.log_every=2")
+    with pytest.raises(FimtuneError, match="--stop-after 3: the run is at step 4 already"):
+        quiet_fit(again, resume=True, stop_after=3)
+    run = quiet_fit(again, resume=True)
     assert max(r["step"] for r in metrics(run) if "loss" in r) == 8
 
 

@@ -426,6 +426,8 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     s = setup(cfg, accelerator)
     acc, tc = s.accelerator, cfg.train
     start_step = restore(s, run_dir) if from_checkpoint else 0
+    if stop_after is not None and stop_after <= start_step:
+        raise FimtuneError(f"--stop-after {stop_after}: the run is at step {start_step} already (its last checkpoint)")
     if acc.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
         s.tokenizer.save_pretrained(run_dir / "tokenizer")
