@@ -164,6 +164,25 @@ def test_rows_longer_than_the_models_positions(tmp_path, tiny_tokenizer, repetit
             assert "past the model's stated context of 256" in caplog.text
 
 
+def test_a_run_trained_with_relative_paths_loads_from_any_folder(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache, monkeypatch
+):
+    from fimtune.config import load_run_config as load
+    from fimtune.model import load_run
+
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    monkeypatch.chdir(tmp_path)
+    rel = [f"model.name_or_path={base.name}", f"data.path={repetitive_data.relative_to(tmp_path)}"]
+    cfg = run_config(tmp_path, base, repetitive_data, "rel", "train.max_steps=2", *rel, "output_dir=rel")
+    assert cfg.model.name_or_path == base.name and cfg.output_dir == "rel"
+    quiet_fit(cfg, stop_after=1)
+    saved = load(tmp_path / "rel" / "config.yaml")
+    assert (saved.model.name_or_path, saved.data.path) == (str(base), str(repetitive_data))
+    quiet_fit(cfg, resume=True)  # the same relative settings resume it
+    monkeypatch.chdir(tmp_path.parent)
+    assert load_run(tmp_path / "rel", torch.device("cpu")).model is not None
+
+
 def test_new_run_refuses_a_non_empty_folder(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
     from fimtune.errors import FimtuneError
 

@@ -545,6 +545,23 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
 ]
 
 
+def resolved_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its local paths absolute, so that a run folder's config loads from any working
+    folder: ``output_dir``, and ``model.name_or_path`` and ``data.path`` where they exist here (a
+    Hub id and `embedded` stay as they are)."""
+
+    def local(path: str | None) -> str | None:
+        found = Path(path).expanduser() if path else None
+        return str(found.resolve()) if found is not None and found.exists() else path
+
+    return dataclasses.replace(
+        cfg,
+        output_dir=str(Path(cfg.output_dir).expanduser().resolve()),
+        model=dataclasses.replace(cfg.model, name_or_path=local(cfg.model.name_or_path)),
+        data=dataclasses.replace(cfg.data, path=local(cfg.data.path)),
+    )
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write ``cfg`` as YAML (the resolved config of a run), atomically."""
     path = Path(path)

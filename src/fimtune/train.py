@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fimtune import checkpoint
-from fimtune.config import RunConfig, save_config
+from fimtune.config import RunConfig, resolved_paths, save_config
 from fimtune.errors import FimtuneError
 from fimtune.fast import copy_to_host
 
@@ -415,6 +415,7 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     ``stop_after`` ends the run after that step with a checkpoint, as an interruption would
     (the schedule still spans ``max_steps``); ``fit(cfg, resume=True)`` continues it.
     """
+    cfg = resolved_paths(cfg)  # config.yaml and the adapter's base name then load from any folder
     run_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
     from_checkpoint = prepare_run_dir(run_dir, resume)  # every process checks before any writes
@@ -749,7 +750,8 @@ def check_resumed_config(cfg: RunConfig, run_dir: Path) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
-    changed = [c for c in changes(load_run_config(saved), cfg) if c[0] not in RESUMABLE_CHANGES]
+    before = resolved_paths(load_run_config(saved))  # a run saved with relative paths: as from here
+    changed = [c for c in changes(before, cfg) if c[0] not in RESUMABLE_CHANGES]
     if changed:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
         raise FimtuneError(
