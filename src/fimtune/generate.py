@@ -231,9 +231,8 @@ def holdback(text: str, stops: list[str]) -> int:
     >>> holdback("x = 1\\n", ["\\n#", "\\n\\n"])
     1
     """
-    whole = text.rstrip(
-        REPLACEMENT_CHAR
-    )  # a character still coming shows as U+FFFD: held, and what may start a stop before it
+    # a character still coming shows as U+FFFD: it is held, and whatever may start a stop before it
+    whole = text.rstrip(REPLACEMENT_CHAR)
     held = 0
     for stop in stops:
         for n in range(min(len(stop) - 1, len(whole)), held, -1):
