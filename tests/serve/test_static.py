@@ -688,10 +688,21 @@ def test_rows_that_wait_together_join_together_with_overlapped_joins(tiny_tokeni
     assert len(began) == 1 and static.single_prefills == 2  # only the lone row beside the steps (and the first)
 
 
+def calling_code():
+    """The code that called the torch function a mode's `__torch_function__` is handling (past the
+    modes above it on the stack, each of which calls the function on from its own
+    `__torch_function__`)."""
+    frame = sys._getframe(2)
+    while frame.f_code.co_name == "__torch_function__":
+        frame = frame.f_back
+    return frame.f_code
+
+
 class HostValuesOnADevice(TorchFunctionMode):
     """Records where fimtune's code makes a tensor of host values on a device (`torch.tensor(...,
-    device=...)`): on a GPU, PyTorch waits for the stream after such a copy (all the work queued
-    before it), so the decoding loop must not make one."""
+    device=...)`), or sets a number at tensor indices (`t[index] = 0.0`: PyTorch makes the number a
+    host tensor and `index_put_` copies it to the device): on a GPU, PyTorch waits for the stream
+    after such a copy (all the work queued before it), so the decoding loop must not make one."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -699,11 +710,18 @@ class HostValuesOnADevice(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None:
-            caller = sys._getframe(1).f_code
+        made = func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None
+        if made or (func is torch.Tensor.__setitem__ and self.number_at_indices(*args)):
+            caller = calling_code()
             if f"{os.sep}fimtune{os.sep}" in caller.co_filename:
                 self.calls.append(f"{caller.co_filename}:{caller.co_name}")
         return func(*args, **kwargs)
+
+    @staticmethod
+    def number_at_indices(tensor, key, value) -> bool:
+        key = key if isinstance(key, tuple) else (key,)
+        advanced = any(isinstance(k, (torch.Tensor, list)) for k in key)
+        return advanced and isinstance(value, (bool, int, float))
 
 
 class HostReads(TorchFunctionMode):
@@ -719,7 +737,7 @@ class HostReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", "") in self.READS:
-            caller = sys._getframe(1).f_code
+            caller = calling_code()
             if caller is not fast.copy_to_host.__code__:
                 self.calls.append(f"{func.__name__} in {os.path.basename(caller.co_filename)}:{caller.co_name}")
         return func(*args, **(kwargs or {}))

@@ -968,7 +968,7 @@ class StaticSession:
             raise ValueError("each joining prompt needs a slot and must fit into the slots filled so far")
         self.owner.batches += 1
         index = copy_to_device(slots, self.owner.device)
-        self.bucket.mask[index] = self.owner.shut
+        _shut_rows(self.bucket.mask, index, self.owner.shut)
         return self._prefill(prompts, index, torch.arange(len(prompts), device=self.owner.device))
 
     @torch.inference_mode()
@@ -1030,7 +1030,7 @@ class StaticSession:
         if admission.done is not None:
             torch.cuda.current_stream(self.owner.device).wait_event(admission.done)
         slots = copy_to_device([admission.slot], self.owner.device)
-        self.bucket.mask[slots] = self.owner.shut
+        _shut_rows(self.bucket.mask, slots, self.owner.shut)
         rows = torch.arange(1, device=self.owner.device)
         return self._place(slots, rows, admission.logits, admission.states, admission.positions, None)
 
@@ -1062,6 +1062,15 @@ class StaticSession:
         b.mask[slots, 0, 0, :width] = torch.where(real, owner.open, owner.shut).to(owner.mask_dtype)
         b.positions[slots] = positions[rows, -1:]  # each step adds 1 first
         return logits[rows]
+
+
+def _shut_rows(mask: torch.Tensor, rows: torch.Tensor, shut: Any) -> None:
+    """Shut every position of ``mask``'s ``rows`` (indices on its device), queued without a wait.
+
+    Not ``mask[rows] = shut``: for a CUDA tensor PyTorch makes the number a host tensor, and
+    ``index_put_`` copies it from pageable memory, waiting for the stream (the step queued ahead).
+    """
+    mask.index_fill_(0, rows, shut)
 
 
 def padded_rows(n: int, size: int, device: torch.device) -> torch.Tensor:
