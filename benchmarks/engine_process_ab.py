@@ -10,9 +10,10 @@ latency.py's load (16 clients in a process of their own, 10 OpenAI FIM requests 
 32 new tokens) to one server, then to the other, the order swapped every round, so that a drift of
 the machine falls on both. The model is latency.py's: StarCoderBase-1B's shape with random bf16
 weights on a GPU, a tiny one with `--shape tiny`. Prints a row per round and server, then each
-server's median of the rounds' p50 and p95. `--overlap-joins` adds both servers with joins prefilled
-beside the decoding steps (`fimtune serve --overlap-joins`, set on the same engines between loads by
-`set_batching`): four configurations a round, their order reversed every round.
+server's median of the rounds' p50 and p95. `--overlap-joins` runs both servers with a row that joins
+alone prefilled beside the decoding steps (the default) and with every join stalling the batch
+(`fimtune serve --no-overlap-joins`), set on the same engines between loads by `set_batching`: four
+configurations a round, their order reversed every round.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main() -> int:
     parser.add_argument(
         "--overlap-joins",
         action="store_true",
-        help="also both servers with joins prefilled beside the decoding steps (4 configurations a round)",
+        help="both servers with joins prefilled beside the decoding steps and without (4 configurations a round)",
     )
     args = latency_gpu.ab_parse(parser)
     from fimtune.serve.app import create_app
@@ -48,7 +49,8 @@ def main() -> int:
     thread_ready = time.perf_counter() - began
     rows: list[dict[str, Any]] = []
     servers = [("thread", url_thread, engine)]
-    batchings = [("", {})] + ([("+overlap", {"overlap_joins": True})] if args.overlap_joins else [])
+    overlapped = [("+overlap", {"overlap_joins": True}), ("+in-line", {"overlap_joins": False})]
+    batchings = overlapped if args.overlap_joins else [("", {})]
     try:
         with latency_gpu.process_server(args, key, time.monotonic() + 3600) as (apart, _, url_process, process_ready):
             print(f"ready: thread {thread_ready:.1f} s, process {process_ready:.1f} s", flush=True)

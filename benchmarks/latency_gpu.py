@@ -36,12 +36,14 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
     server ...        uvicorn on 127.0.0.1, 16 clients x 10 OpenAI `/v1/completions` FIM requests
                       (1,024 + 32 tokens each; target p95 <= 200 ms) with the server's defaults
                       (a batch starts 2 ms after its first request; on a GPU rows join the batch
-                      in flight and prompts are tokenized in threads); then variants: the engine
-                      in a process of its own (`fimtune serve --engine-process`: built and warmed
-                      up there, then its defaults and its joins overlapped, changed there by
-                      `set_batching`; skipped with --no-engine-process-row); joins prefilled
-                      beside the decoding steps (`--overlap-joins`); each batch run to its end;
-                      rows joining 4 at a time (or after 20 ms); batching that waits while
+                      in flight, one that joins alone prefilled beside the decoding steps, and
+                      prompts are tokenized in threads); then variants: every join stalling the
+                      batch (`--no-overlap-joins`); rows joining 4 at a time (or after 20 ms),
+                      then the same stalling the batch; the engine in a process of its own
+                      (`fimtune serve --engine-process`: built and warmed up there, then its
+                      defaults and every join stalling, changed there by `set_batching`;
+                      skipped with --no-engine-process-row); each batch run to its end;
+                      batching that waits while
                       requests arrive (up to 50 ms); (GPU) prompts tokenized on the event loop,
                       as in runs 1-6; other batching waits (--batch-wait-variants) and switch
                       intervals (--switch-interval-variants).
@@ -829,16 +831,17 @@ def server_rows(
         load(s, url, CLIENTS, 1, args.clients_in_process)  # one untimed request per client: first batches
         svc = app.state.service
         threads = svc.tokenize_in_threads
-        # limits changed per run: the server's defaults (rows join the batch in flight; on a GPU
-        # prompts tokenized in threads); joins prefilled beside the steps (an option); each batch
-        # run to its end; rows joining 4 at a time (or after 20 ms); that, waiting while requests
-        # arrive; then other batching waits (the rows measured before last, as the budget allows)
+        # limits changed per run: the server's defaults (rows join the batch in flight, a row that
+        # joins alone prefilled beside the steps; on a GPU prompts tokenized in threads); every join
+        # stalling the batch (the default before run 9); rows joining 4 at a time (or after 20 ms),
+        # then that with every join stalling the batch (run 9's best); each batch run to its end;
+        # that, waiting while requests arrive; then other batching waits (as the budget allows)
         no_joins = {"continuous_batching": False}
         arrivals = {**no_joins, "batch_max_wait_ms": ARRIVALS_MAX_WAIT_MS}
-        joins = {"continuous_batching": True, "join_min_rows": 4, "join_wait_ms": 20.0}
-        overlap = {"continuous_batching": True, "overlap_joins": True}
+        in_line = {"continuous_batching": True, "overlap_joins": False}
+        groups = {"continuous_batching": True, "join_min_rows": 4, "join_wait_ms": 20.0}
         apart = {"engine_process": True}  # the defaults, the model in a process of its own
-        variants: list[dict[str, Any]] = [{}, apart, overlap, no_joins, joins, arrivals]
+        variants: list[dict[str, Any]] = [{}, in_line, groups, {**groups, **in_line}, apart, no_joins, arrivals]
         if args.no_engine_process_row:
             variants.remove(apart)
         if threads:  # and as in runs 1-6: prompts tokenized on the event loop
@@ -850,8 +853,8 @@ def server_rows(
             if time.monotonic() > deadline - need_s:
                 print(f"-- server {changes}: skipped (budget)", flush=True)
                 continue
-            if changes == apart:  # the defaults, then joins overlapped: the engine built once for both
-                rows += process_server_rows(s, args, key, _graphs(engine), deadline, [{}, overlap])
+            if changes == apart:  # the defaults, then every join stalling the batch: one engine for both
+                rows += process_server_rows(s, args, key, _graphs(engine), deadline, [{}, in_line])
                 continue
             # the engine's limits through `set_batching`; where prompts are tokenized is the server's
             limits = {name: value for name, value in changes.items() if name != "tokenize_in_threads"}

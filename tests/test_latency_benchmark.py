@@ -49,22 +49,23 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
     assert list(rows).index(prefill["scenario"]) > list(rows).index(next(n for n in rows if n.startswith("server")))
     assert "aten::mm" in Path(prefill["table"]).read_text() or "aten::addmm" in Path(prefill["table"]).read_text()
     served = [r for name, r in rows.items() if name.startswith("server 16")]  # the first variant's
-    assert len(served) == 7 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
+    assert len(served) == 8 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
     assert all(0 < r["prefill_s"] < r["busy_s"] and 0 <= r["device_wait_s"] < r["busy_s"] for r in served)
-    # the defaults (rows join, a fixed 2 ms wait); the same with the engine in a process of its own (its
-    # counters read through the pipe), then its joins prefilled beside the steps (set there, through
-    # the pipe); joins prefilled beside the steps; each batch to its end; rows joining 4 at a time; each
-    # batch to its end with batching that waits while requests arrive; on a CPU the prompts are
-    # tokenized on the event loop in all; the clients are a process of their own
-    assert [r["engine_process"] for r in served] == [False, True, True, False, False, False, False]
-    assert all(served[i]["joined"] > 0 and served[i]["batches"] > 0 for i in (1, 2))
+    # the defaults (rows join, one joining alone prefilled beside the steps, a fixed 2 ms wait); every
+    # join stalling the batch; rows joining 4 at a time, then that stalling the batch; the defaults with
+    # the engine in a process of its own (its counters read through the pipe), then its joins stalling
+    # the batch (set there, through the pipe); each batch to its end; each batch to its end with
+    # batching that waits while requests arrive; on a CPU the prompts are tokenized on the event loop
+    # in all; the clients are a process of their own
+    assert [r["engine_process"] for r in served] == [False] * 4 + [True, True] + [False] * 2
+    assert all(served[i]["joined"] > 0 and served[i]["batches"] > 0 for i in (4, 5))
     assert all(0 < r["joins"] <= r["joined"] if r["joined"] else r["joins"] == 0 for r in served)
-    assert served[1]["cuda_graphs_active"]
-    assert [r["continuous_batching"] for r in served] == [True, True, True, True, False, True, False]
-    assert served[4]["joined"] == 0
-    assert [r["overlap_joins"] for r in served] == [False, False, True, True, False, False, False]
-    assert served[0]["join_min_rows"] == 1 and served[5]["join_min_rows"] == 4
-    waits = [(r["batch_max_wait_ms"], r["tokenize_in_threads"]) for r in (served[0], served[1], served[4], served[6])]
+    assert served[4]["cuda_graphs_active"]
+    assert [r["continuous_batching"] for r in served] == [True] * 6 + [False] * 2
+    assert served[6]["joined"] == 0
+    assert [r["overlap_joins"] for r in served] == [True, False] * 3 + [True, True]
+    assert [r["join_min_rows"] for r in served[:4]] == [1, 1, 4, 4]
+    waits = [(r["batch_max_wait_ms"], r["tokenize_in_threads"]) for r in (served[0], served[4], served[6], served[7])]
     assert waits == [(0.0, False), (0.0, False), (0.0, False), (50.0, False)]
     assert not any(r["clients_in_process"] for r in served)
     for r in served:  # the answers' timing headers, split: the parts are each the server's, within its total
@@ -83,7 +84,7 @@ def test_engine_process_ab_sends_the_load_to_both_servers_in_turns(tmp_path):
     )  # fmt: skip
     report = json.loads(out.read_text())
     order = [(r["round"], r["name"]) for r in report["rows"]]
-    first = ["thread", "thread+overlap", "process", "process+overlap"]
+    first = ["thread+overlap", "thread+in-line", "process+overlap", "process+in-line"]
     assert order == [(0, name) for name in first] + [(1, name) for name in first[::-1]]  # reversed every round
     assert all(r["errors"] == 0 and r["runs"] == 32 and r["p50_ms"] > 0 for r in report["rows"])
     assert all(0 < r["split_ms"]["inference"]["p50"] <= r["split_ms"]["total"]["p50"] for r in report["rows"])

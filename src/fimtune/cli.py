@@ -330,9 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--overlap-joins",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="GPU, continuous batching: prefill a prompt that waits alone on a stream of its own beside the "
-        "batch's decoding steps (default: the batch waits for it; prompts that wait together join together)",
+        "batch's decoding steps (the default; prompts that wait together join together; "
+        "--no-overlap-joins: the batch waits for every join's prefill)",
     )
     srv.add_argument(
         "--no-prefill-graphs",

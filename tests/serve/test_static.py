@@ -397,8 +397,10 @@ def test_no_cuda_graphs_and_no_continuous_batching_flags():
         assert limits_from_args(ns).decode_attention == kind
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "embedded", "--decode-attention", "fast"])
-    assert defaults.gemv_steps is True and defaults.overlap_joins is False
-    assert limits_from_args(build_parser().parse_args(["serve", "embedded", "--overlap-joins"])).overlap_joins
+    assert defaults.gemv_steps is True and defaults.overlap_joins is True
+    assert (
+        limits_from_args(build_parser().parse_args(["serve", "embedded", "--no-overlap-joins"])).overlap_joins is False
+    )
     assert limits_from_args(build_parser().parse_args(["serve", "embedded", "--no-gemv-steps"])).gemv_steps is False
     ns = build_parser().parse_args(["serve", "embedded", "--batch-wait-ms", "5", "--batch-max-wait-ms", "0"])
     assert (limits_from_args(ns).batch_wait_ms, limits_from_args(ns).batch_max_wait_ms) == (5.0, 0.0)

@@ -264,8 +264,8 @@ def limits_from_args(ns: Any) -> Limits:
         lim.decode_attention = ns.decode_attention
     if getattr(ns, "no_gemv_steps", False):
         lim.gemv_steps = False
-    if getattr(ns, "overlap_joins", False):
-        lim.overlap_joins = True
+    if getattr(ns, "overlap_joins", None) is not None:
+        lim.overlap_joins = ns.overlap_joins
     if lim.max_input_tokens <= 8:
         raise FimtuneError("--max-input-tokens must be more than 8 (the FIM tokens and some code)")
     return lim

@@ -41,7 +41,7 @@ mask shut after its prompt and open again from the next step's slot on (position
 row, so the gap changes nothing). A session with too few free slots moves into the next bucket
 first (:meth:`StaticSession.grow`: its cache rows, mask and positions are copied over).
 
-Overlapped joins (an option: `Decoder.run(overlap_joins=True)`, `fimtune serve --overlap-joins`):
+Overlapped joins (`Decoder.run(overlap_joins=True)`; the server's default, `--no-overlap-joins`):
 a joining prompt that fits a prefill graph is prefilled on a CUDA stream of its own
 (:meth:`StaticSession.begin_admit`) while the batch goes on decoding, its slot decoding along
 unused; it is put in (:meth:`StaticSession.finish_admit`) at the first step after its prefill
