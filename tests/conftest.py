@@ -40,6 +40,30 @@ def train_tiny_tokenizer(special_tokens: list[str], vocab_size: int = TINY_VOCAB
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=special_tokens[0] if special_tokens else None)
 
 
+def train_sentencepiece_style_tokenizer(prepend: str = "normalizer", vocab_size: int = TINY_VOCAB):
+    """A BPE with byte fallback that writes spaces as "▁" and puts one before each text it encodes
+    (SentencePiece's dummy prefix), as Llama's, CodeLlama's and Mistral's: through a `Prepend`
+    normalizer (``prepend="normalizer"``, transformers' legacy Llama tokenizers) or a `Metaspace`
+    pre-tokenizer (``"metaspace"``); CodeLlama's FIM tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    if prepend == "normalizer":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    specials = ["<unk>", "<s>", "</s>", "\u2581<PRE>", "\u2581<SUF>", "\u2581<MID>", "\u2581<EOT>"]
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + bytes_, show_progress=False)
+    tok.train_from_iterator(code_samples(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", bos_token="<s>")
+
+
 @pytest.fixture(scope="session")
 def _tiny_tokenizer_session():
     return train_tiny_tokenizer(STARCODER_SPECIALS)

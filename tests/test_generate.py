@@ -65,6 +65,31 @@ def test_fim_token_text_in_code_stays_text(tiny_tokenizer):
     assert ids.count(pr.fim.middle) == 1 and ids[-1] == pr.fim.middle
 
 
+@pytest.mark.parametrize("prepend", ["normalizer", "metaspace"])
+def test_a_sentencepiece_style_suffix_and_completion_keep_their_spaces(prepend):
+    """Llama-style tokenizers put a "▁" before each text they encode, and their decoders drop the
+    first space of a text. A hole's suffix goes on from the code before it, as in training (the
+    document's tokens, or a char-unit suffix encoded as a continuation): no "▁" added. A completion
+    goes on from the prefix: its leading spaces are kept. The prefix starts the file: it keeps its."""
+    from fimtune.generate import _completion
+    from fimtune.tokenization import encode_flat
+    from tests.conftest import train_sentencepiece_style_tokenizer
+
+    tokenizer = train_sentencepiece_style_tokenizer(prepend)
+    pr = FimPrompter(tokenizer)
+    prefix, suffix = "def add(a, b):\n", "    return a + b\n"
+    ids = pr.build(prefix, suffix)
+    start, end = ids.index(pr.fim.suffix), ids.index(pr.fim.middle)
+    assert ids[1:start] == encode_flat(tokenizer, [prefix])[0].tolist()
+    pieces = "".join(tokenizer.convert_ids_to_tokens(ids[start + 1 : end]))
+    assert pieces == suffix.replace(" ", "\u2581"), pieces
+    assert ids[start + 1 : end] == encode_flat(tokenizer, [suffix], True)[0].tolist()
+    for middle in ("    s = a + b\n", "turn a + b", " x"):
+        assert pr.decode(pr.encode_continued(middle)) == middle
+    new = [*pr.encode_continued("    return a"), pr.end_ids[0]]  # a model's new tokens, then an end
+    assert _completion(pr, new, 3, GenerationParams()).text == "    return a"
+
+
 def test_prompts_encode_as_the_training_cache_and_from_many_threads_at_once(tiny_tokenizer):
     """The server tokenizes requests in a thread pool while its worker decodes: the prompter never
     changes a tokenizer setting (once it flipped special-token parsing around each encode)."""

@@ -44,7 +44,7 @@ def doc_list(docs: Documents) -> list[list[int]]:
 
 
 def spec(**kw) -> PackSpec:
-    return PackSpec(tokens=T, separator=SEP, seq_length=SEQ, **kw)
+    return PackSpec(**{"tokens": T, "separator": SEP, "seq_length": SEQ, **kw})
 
 
 def test_docstring_examples():
@@ -186,7 +186,7 @@ def test_char_unit_packs_whole_texts(tiny_tokenizer):
     texts = ["def f(x):\n    return x * 2\n", "", "class A:\n    pass\n", "print('héllo')\n"] * 10
     ids, lengths = encode_flat(tiny_tokenizer, texts)
     docs = Documents(ids, np.concatenate([[0], np.cumsum(lengths)]), texts=texts)
-    docs.encode = lambda t: encode_flat(tiny_tokenizer, t)
+    docs.encode = lambda t, continued: encode_flat(tiny_tokenizer, t, continued)
     ep = pack_epoch(docs, spec(unit="char", spans="line", shuffle=False), 0)
     assert 0 < ep.stats.fim < ep.stats.documents
     bounds = np.append(ep.doc_starts, len(ep.ids))
@@ -213,7 +213,7 @@ def test_stack_rows():
 @pytest.mark.parametrize("unit", ["token", "char"])
 def test_an_empty_split_packs_to_nothing(unit):
     docs = Documents(
-        np.zeros(0, np.int32), np.zeros(1, np.int64), texts=[], encode=lambda t: (np.zeros(0), np.zeros(0))
+        np.zeros(0, np.int32), np.zeros(1, np.int64), texts=[], encode=lambda t, continued: (np.zeros(0), np.zeros(0))
     )
     ep = pack_epoch(docs, spec(unit=unit), 0)
     assert (ep.stats.documents, ep.stats.tokens, ep.stats.rows, len(ep.tail)) == (0, 0, 0, 0)
@@ -262,3 +262,31 @@ def test_pieces_are_fimmed_as_documents_of_their_own(tiny_tokenizer, token_cache
     assert chars.offsets[-1] == len(chars.tokens) and len(chars.offsets) == len(chars.texts) + 1
     ep = pack_epoch(chars, pack_spec(cfg, T, SEP, shuffle=False), 0)
     assert ep.stats.documents == ep.stats.fim == len(chars.texts)
+
+
+@pytest.mark.parametrize("prepend", ["normalizer", "metaspace"])
+def test_char_unit_parts_of_a_sentencepiece_style_tokenizer_get_no_dummy_prefix(prepend):
+    """Llama-style tokenizers put a "▁" before each text they encode. A FIM'd document's prefix starts
+    it, so it gets one, as the whole document does; its middle and suffix go on from text before
+    them, so they get none: the parts' pieces, put back in order, spell the whole document's."""
+    from fimtune.tokenization import encode_flat
+    from fimtune.tokens import ensure_fim_tokens
+    from tests.conftest import train_sentencepiece_style_tokenizer
+
+    tokenizer = train_sentencepiece_style_tokenizer(prepend)
+    tokens, _ = ensure_fim_tokens(tokenizer)
+    texts = ["def add(a, b):\n    return a + b\n", "x = 1\nif x:\n    print('é')\n", "class A:\n    pass\n"] * 20
+    ids, lengths = encode_flat(tokenizer, texts)
+    docs = Documents(ids, np.concatenate([[0], np.cumsum(lengths)]), texts=texts)
+    docs.encode = lambda t, continued: encode_flat(tokenizer, t, continued)
+    ep = pack_epoch(docs, spec(unit="char", fim_rate=1.0, spm_rate=0.5, shuffle=False, tokens=tokens), 0)
+    assert ep.stats.fim == len(texts) and 0 < ep.stats.spm < len(texts)
+    bounds = np.append(ep.doc_starts, len(ep.ids))
+
+    def pieces(token_ids):
+        return "".join(tokenizer.convert_ids_to_tokens([int(i) for i in token_ids]))
+
+    for d in range(len(texts)):
+        whole = ids[int(docs.offsets[d]) : int(docs.offsets[d + 1])]
+        parts = unpermute(ep.ids[bounds[d] : bounds[d + 1] - 1].tolist(), tokens)
+        assert pieces(parts) == pieces(whole), (d, tokenizer.convert_ids_to_tokens(parts))

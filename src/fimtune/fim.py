@@ -267,8 +267,12 @@ def permute_text(
     fim_rate: float = 0.5,
     spm_rate: float = 0.5,
     spans: str = "uniform",
+    encode_continued: Callable[[str], Sequence[int]] | None = None,
 ) -> list[int]:
-    """FIM at the character level: cut ``text`` (see :func:`cut_text`), then ``encode`` each part alone.
+    """FIM at the character level: cut ``text`` (see :func:`cut_text`), then encode each part alone:
+    the first part with text by ``encode``, the parts after it by ``encode_continued`` (default
+    ``encode``), which goes on from text before it (for a SentencePiece-style tokenizer, no "▁"
+    before it: :func:`fimtune.tokenization.continuation`).
 
     No token ever straddles a cut, so the model never sees a token split in two, and
     decoding the three parts gives back the text exactly. A text left as is comes back as
@@ -282,5 +286,8 @@ def permute_text(
     cut = cut_text(text, rng, fim_rate, spm_rate, spans)
     if cut is None:
         return list(encode(text))
-    parts = [np.asarray(encode(part), dtype=np.int64) for part in (cut.prefix, cut.middle, cut.suffix)]
+    later = encode_continued or encode
+    begun = (False, bool(cut.prefix), bool(cut.prefix or cut.middle))  # whether text came before each part
+    texts = (cut.prefix, cut.middle, cut.suffix)
+    parts = [np.asarray((later if b else encode)(t), dtype=np.int64) for t, b in zip(texts, begun, strict=True)]
     return assemble(*parts, cut.spm, tokens).tolist()

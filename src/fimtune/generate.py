@@ -78,7 +78,7 @@ class FimPrompter:
     (code, as training saw it) and one that reads them as the tokens (prompts a client formatted)."""
 
     def __init__(self, tokenizer: Any) -> None:
-        from fimtune.tokenization import backend_copy
+        from fimtune.tokenization import backend_copy, continuation
         from fimtune.tokens import document_separator_id, find_fim_tokens
 
         names = find_fim_tokens(tokenizer)
@@ -90,6 +90,7 @@ class FimPrompter:
         self.names = names
         self._formatted = backend_copy(tokenizer, special_tokens_as_text=False)
         self._plain = backend_copy(tokenizer, special_tokens_as_text=True)
+        self._continued = continuation(self._plain)  # a suffix goes on from the code before the hole
         self.fim = FimTokens(
             prefix=vocab[names.prefix], middle=vocab[names.middle], suffix=vocab[names.suffix], pad=pad
         )
@@ -106,11 +107,20 @@ class FimPrompter:
         """Each of ``texts`` as :meth:`encode` gives it, in one call."""
         return _released(self._plain, texts)
 
+    def encode_continued(self, text: str) -> list[int]:
+        """Code that goes on from code before it (a hole's suffix), as training saw it: for a
+        SentencePiece-style tokenizer, without the "▁" it puts before each text it encodes."""
+        return _released(self._continued, [text])[0]
+
     def encode_formatted(self, text: str) -> list[int]:
         """A prompt a client formatted itself: special-token strings in it are the special tokens."""
         return _released(self._formatted, [text])[0]
 
     def decode(self, ids: list[int]) -> str:
+        """A completion's text: it goes on from the code before the hole, so its leading spaces are
+        its own (a SentencePiece-style tokenizer's decoder would drop the first one)."""
+        if self._continued is not self._plain:
+            return self._continued.decode(ids, skip_special_tokens=False)
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def build(
@@ -127,7 +137,7 @@ class FimPrompter:
         ``context`` (other files) goes before the prefix and gets only the room the hole leaves.
         """
         budget = max_input_tokens - FIM_OVERHEAD
-        p, s = fit_context(*self.encode_many([prefix, suffix]), budget, trim_step)
+        p, s = fit_context(self.encode(prefix), self.encode_continued(suffix), budget, trim_step)
         if context:
             p = trim_start(self.encode(context), budget - len(p) - len(s), trim_step) + p
         f = self.fim
@@ -360,8 +370,7 @@ def _completion(prompter: FimPrompter, new: list[int], n_prompt: int, params: Ge
     ends = set(prompter.end_ids)
     end = next((i for i, t in enumerate(new) if t in ends), None)
     body = new if end is None else new[:end]
-    text = prompter.tokenizer.decode(body, skip_special_tokens=False)
-    text, stopped = postprocess(text, params)
+    text, stopped = postprocess(prompter.decode(body), params)
     reason = "stop" if end is not None or stopped else "length"
     return Completion(text, n_prompt, len(body) + (end is not None), reason, stop_string=stopped)
 

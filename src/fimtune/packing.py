@@ -71,7 +71,8 @@ class Documents:
     offsets: np.ndarray  # int64 [n_docs + 1]
     newline_mask: np.ndarray | None = None  # unit token, spans line: newline_mask[token id]
     texts: Any = None  # unit char: texts[lo:hi] -> list[str]
-    encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | None = None  # unit char: -> (ids, lengths)
+    # unit char: (texts, whether each goes on from text before it) -> (ids, lengths)
+    encode: Callable[[list[str], bool], tuple[np.ndarray, np.ndarray]] | None = None
     chars: int = 0  # characters of all documents (for chars per token)
 
 
@@ -225,13 +226,30 @@ def fim_text_epoch(docs: Documents, rng: np.random.Generator, spec: PackSpec) ->
         text_cuts = [cut_text(t, rng, spec.fim_rate, spec.spm_rate, spec.spans) for t in docs.texts[d0:d1]]
         fim[d0:d1] = [c is not None for c in text_cuts]
         spm[d0:d1] = [c is not None and c.spm for c in text_cuts]
-        part_ids, part_lens = docs.encode([p for c in text_cuts if c is not None for p in c[:3]])
+        part_ids, part_lens = _encode_parts(docs.encode, [c for c in text_cuts if c is not None])
         lengths[d0:d1][fim[d0:d1]] = part_lens.reshape(-1, 3).sum(1) + 4
         t0, t1 = int(offsets[d0]), int(offsets[d1])
         src = np.concatenate([docs.tokens[t0:t1], part_ids.astype(TOKEN_DTYPE), const])
         blocks.append(gather_segments(src, *_text_layout(offsets[d0 : d1 + 1] - t0, part_lens, fim[d0:d1], spm[d0:d1])))
     joined = np.concatenate(blocks) if blocks else np.zeros(0, TOKEN_DTYPE)
     return joined, Cuts(fim, spm, np.zeros(n, np.int64), np.zeros(n, np.int64)), lengths
+
+
+def _encode_parts(encode: Callable[[list[str], bool], tuple], cuts: list) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of each cut's prefix, middle and suffix, in that order, and each part's length. The
+    first part with text starts its document; the parts after it go on from that text, so they are
+    encoded without a SentencePiece-style dummy prefix (:func:`fimtune.tokenization.continuation`)."""
+    parts = [part for c in cuts for part in (c.prefix, c.middle, c.suffix)]
+    continued = np.array([(False, bool(c.prefix), bool(c.prefix or c.middle)) for c in cuts], bool).reshape(-1)
+    ids, lens, starts = [], np.zeros(len(parts), np.int64), np.zeros(len(parts), np.int64)
+    base = 0
+    for flag in (False, True):
+        (where,) = np.nonzero(continued == flag)
+        group_ids, group_lens = encode([parts[i] for i in where], flag)
+        lens[where], starts[where] = group_lens, base + np.cumsum(group_lens) - group_lens
+        ids.append(np.asarray(group_ids, TOKEN_DTYPE))
+        base += len(group_ids)
+    return gather_segments(np.concatenate(ids), starts, lens), lens
 
 
 def _text_layout(offsets: np.ndarray, part_lens: np.ndarray, fim: np.ndarray, spm: np.ndarray) -> tuple:
@@ -460,7 +478,10 @@ def documents(ds: Any, tokenizer: Any, cfg: RunConfig, column: str = "content", 
     if cfg.fim.unit == "token" and cfg.fim.spans == "line":
         docs.newline_mask = newline_mask(tokenizer)
     if cfg.fim.unit == "char":
-        docs.texts, docs.encode = TextColumn(ds, column), lambda texts: encode_flat(tokenizer, texts)
+        docs.texts, docs.encode = (
+            TextColumn(ds, column),
+            lambda texts, continued: encode_flat(tokenizer, texts, continued),
+        )
     if cfg.fim.piece_tokens and cfg.fim.unit == "token":
         docs.offsets = split_documents(docs.offsets, cfg.fim.piece_tokens)
     elif cfg.fim.piece_tokens:  # char unit: pieces of whole lines, re-tokenized

@@ -156,6 +156,93 @@ def text_backend(tokenizer: Any) -> Any:
     return cached[1]
 
 
+def _drop_dummy_prefix(node: Any) -> bool:
+    """Take the dummy prefix out of ``node`` (a tokenizer.json normalizer or pre-tokenizer, in place):
+    SentencePiece's "▁" before a text (a `Prepend` normalizer, a `Metaspace` that prepends) or
+    byte-level BPE's `add_prefix_space`. Whether it had one."""
+    if not isinstance(node, dict):
+        return False
+    kind = node.get("type")
+    if kind == "Sequence":
+        key = "normalizers" if "normalizers" in node else "pretokenizers"
+        items = node.get(key) or []
+        kept = [n for n in items if not (isinstance(n, dict) and n.get("type") == "Prepend")]
+        node[key] = kept
+        dropped = [_drop_dummy_prefix(n) for n in kept]  # each of them, not up to the first
+        return len(kept) != len(items) or any(dropped)
+    if kind == "Metaspace":
+        had = node.get("prepend_scheme", "always") != "never" or bool(node.get("add_prefix_space"))
+        node["prepend_scheme"] = "never"
+        node.pop("add_prefix_space", None)
+        return had
+    if kind == "ByteLevel" and node.get("add_prefix_space"):
+        node["add_prefix_space"] = False
+        return True
+    return False
+
+
+def _keep_first_space(decoder: Any) -> bool:
+    """Take out of ``decoder`` (tokenizer.json's, in place) what drops the dummy prefix's space at
+    the start of a decoded text (a `Strip` of one leading space, a `Metaspace` that prepends).
+    Whether it had that."""
+    if not isinstance(decoder, dict):
+        return False
+    if decoder.get("type") == "Sequence":
+        items = decoder.get("decoders") or []
+        kept = [d for d in items if not (isinstance(d, dict) and d.get("type") == "Strip" and d.get("start"))]
+        decoder["decoders"] = kept
+        dropped = [_keep_first_space(d) for d in kept]
+        return len(kept) != len(items) or any(dropped)
+    if decoder.get("type") == "Metaspace":
+        had = decoder.get("prepend_scheme", "always") != "never" or bool(decoder.get("add_prefix_space"))
+        decoder["prepend_scheme"] = "never"
+        decoder.pop("add_prefix_space", None)
+        return had
+    return False
+
+
+def continuation(backend: Any) -> Any:
+    """``backend`` for text that goes on from text before it (a FIM middle or suffix): a copy
+    without the dummy prefix that SentencePiece-style tokenizers (Llama, CodeLlama, Mistral) put
+    before each text they encode, so ``"    return"`` after a cut gets its four spaces, not five,
+    as in the whole document's tokens, and that decodes a completion's leading spaces (their
+    decoders drop the first, taking it for the dummy prefix); ``backend`` itself where it has
+    none (StarCoder's, GPT-2's)."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(backend.to_str())
+    normalizer = data.get("normalizer")
+    had = isinstance(normalizer, dict) and normalizer.get("type") == "Prepend"
+    if had:
+        data["normalizer"] = None
+    had = _drop_dummy_prefix(data.get("normalizer")) | had
+    had = _drop_dummy_prefix(data.get("pre_tokenizer")) | had
+    decoder = data.get("decoder")
+    if isinstance(decoder, dict) and decoder.get("type") == "Strip" and decoder.get("start"):
+        data["decoder"] = None
+        had = True
+    had = _keep_first_space(data.get("decoder")) | had
+    if not had:
+        return backend
+    copy = Tokenizer.from_str(json.dumps(data))
+    copy.encode_special_tokens = backend.encode_special_tokens
+    return copy
+
+
+# tokenizer -> (its added tokens, the continuation copy of its text backend)
+_CONTINUATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def continuation_text_backend(tokenizer: Any) -> Any:
+    """:func:`text_backend`, for text that goes on from text before it (:func:`continuation`)."""
+    backend = text_backend(tokenizer)
+    added = tuple((i, t.content, t.special) for i, t in sorted(backend.get_added_tokens_decoder().items()))
+    cached = _CONTINUATIONS.get(tokenizer)
+    if cached is None or cached[0] != added:
+        _CONTINUATIONS[tokenizer] = cached = (added, continuation(backend))
+    return cached[1]
+
+
 @contextlib.contextmanager
 def _plain_text(backend: Any) -> Iterator[Any]:
     """Encode special-token strings found in the text as ordinary text, with no padding or
@@ -192,9 +279,10 @@ def backend_copy(tokenizer: Any, special_tokens_as_text: bool) -> Any:
     return backend
 
 
-def encode_flat(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """All ``texts`` encoded as plain text, no special tokens: (ids int32 concatenated, lengths int64)."""
-    with _plain_text(text_backend(tokenizer)) as backend:
+def encode_flat(tokenizer: Any, texts: list[str], continued: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """All ``texts`` encoded as plain text, no special tokens: (ids int32 concatenated, lengths int64).
+    ``continued``: each goes on from text before it (no dummy prefix: :func:`continuation`)."""
+    with _plain_text(continuation_text_backend(tokenizer) if continued else text_backend(tokenizer)) as backend:
         encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
     lengths = np.fromiter((len(e) for e in encodings), dtype=OFFSET_DTYPE, count=len(encodings))
     ids = np.fromiter(
