@@ -33,3 +33,66 @@ def test_merged_model_matches_base_plus_adapter(
 def test_merge_refuses_non_run_and_non_empty_out(tmp_path, capsys):
     assert main(["merge", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_merge_keeps_the_run_and_its_base_and_replaces_an_old_merge_only_when_done(
+    tmp_path, tiny_tokenizer_without_fim, repetitive_data, token_cache, capsys, monkeypatch
+):
+    """--out never deletes what the merge reads (the run, a folder holding it, its base model); a
+    file, a link or a folder of the run is refused by name. A run trained with an attention this
+    machine lacks merges (on the CPU, with transformers' default), and the merged model stops
+    where fimtune's completions stop. With --overwrite, an interrupt before the new folder is in
+    place leaves the old one whole."""
+    import yaml
+
+    from fimtune.generate import FimPrompter
+    from fimtune.merge import merge_run
+
+    base = model_dir(tmp_path, tiny_tokenizer_without_fim, "gpt_bigcode")
+    run = quiet_fit(run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=2", "train.eval_every=0"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["attn_implementation"] = "flash_attention_2"  # trained on a GPU with flash-attn ...
+    config["model"]["quantization"] = "4bit"  # ... as QLoRA: completions here load the base unquantized
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    before = sorted(p.name for p in run.iterdir())
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "link").symlink_to(run)
+    refusals = {
+        str(run): "holds the run folder",
+        str(tmp_path): "holds the run folder",
+        str(base): "holds the run's base model",
+        str(run / "checkpoints"): "a folder of the run",
+        str(tmp_path / "a-file"): "is a file",
+        str(tmp_path / "link"): "symbolic link",
+    }
+    assert main(["complete", str(run), "--prefix", "def f(x):", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    for out, message in refusals.items():
+        assert main(["merge", str(run), "--out", out, "--overwrite"]) == 2, out
+        assert message in capsys.readouterr().err, out
+    assert sorted(p.name for p in run.iterdir()) == before and (base / "config.json").is_file()
+    early = tmp_path / "early"  # a run stopped before its first checkpoint: no adapter
+    early.mkdir()
+    (early / "config.yaml").write_text((run / "config.yaml").read_text())
+    assert main(["complete", str(early), "--prefix", "def f(x):", "--max-new-tokens", "2"]) == 2
+    assert "has no adapter" in capsys.readouterr().err
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), "--out", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.generation_config.eos_token_id == FimPrompter(AutoTokenizer.from_pretrained(out)).end_ids
+    first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    rename = type(out).rename
+
+    def interrupted(self, target):
+        if self.name.endswith(".tmp"):  # the new folder, about to take the old one's place
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(type(out), "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merge_run(run, out, overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == first
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == []

@@ -105,3 +105,42 @@ def test_embedded_model_loads_from_gguf():
     model = load_base_model(ModelConfig(name_or_path="embedded"), torch.device("cpu"))
     assert model.config.model_type == "llama" and model.config.vocab_size == 49152
     assert model.dtype == torch.float32
+
+
+def test_a_run_loads_for_completions_off_a_gpu_whatever_attention_and_quantization_it_trained_with():
+    """Off a CUDA GPU a QLoRA run's base loads unquantized and FlashAttention gives way to the
+    default attention (bitsandbytes and flash-attn need a GPU); on a GPU the run's settings stand."""
+    from fimtune.model import inference_model_config
+
+    trained = ModelConfig(quantization="4bit", attn_implementation="flash_attention_2")
+    here = inference_model_config(trained, torch.device("cpu"))
+    assert (here.quantization, here.attn_implementation) == ("none", None)
+    assert inference_model_config(trained, torch.device("cuda")) == trained
+    varlen = ModelConfig(attn_implementation="varlen")
+    assert inference_model_config(varlen, torch.device("cpu")) == varlen
+
+
+def test_an_interrupted_gguf_dequantization_leaves_nothing_in_the_cache(tmp_path, tiny_tokenizer, monkeypatch):
+    """The dequantized copy is written under a temporary name: an interrupt (here, while the
+    tokenizer is saved) leaves no half-written folder behind, and the next load writes it whole."""
+    import transformers
+
+    from fimtune import model as model_module
+    from fimtune.hub import ModelSource
+
+    monkeypatch.setenv("FIMTUNE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny.gpt_bigcode(len(tiny_tokenizer))
+    )
+
+    def interrupted(_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_module, "load_tokenizer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model_module.materialize_gguf(ModelSource(str(tmp_path), "m.gguf"))
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+    monkeypatch.setattr(model_module, "load_tokenizer", lambda _: tiny_tokenizer)
+    out = model_module.materialize_gguf(ModelSource(str(tmp_path), "m.gguf"))
+    assert (out / "config.json").is_file() and [p.name for p in out.parent.iterdir()] == [out.name]

@@ -123,7 +123,7 @@ def offline_path(name: str) -> str:
 def hub_error(name: str, err: Exception) -> FimtuneError:
     """The message for a Hub id that could not be loaded (offline, gated, misspelt)."""
     return FimtuneError(
-        f"could not load '{name}' from the Hugging Face Hub ({type(err).__name__}). Offline or gated? "
+        f"could not load '{name}' from the Hugging Face Hub ({type(err).__name__}: {err}). Offline or gated? "
         f"Download it where you have network (`hf download {name} --local-dir DIR`, after "
         f"`hf auth login` for gated models) and pass the folder instead, or use `embedded`."
     )

@@ -2,8 +2,12 @@
 
 The merged folder holds the weights (safetensors, added FIM token rows included), the
 config and the tokenizer; it loads with plain ``AutoModelForCausalLM.from_pretrained(DIR)``
-and gives the logits of base + adapter. A quantized (QLoRA) base is loaded unquantized for
-the merge. The folder is written under a temporary name and renamed when complete.
+and gives the logits of base + adapter. Its generation config stops where fimtune's
+completions stop (the document separator and the FIM tokens), so `generate` and other servers
+end a completion there too. A quantized (QLoRA) base is loaded unquantized for the merge, with
+transformers' default attention (the merge runs on the CPU). The folder is written under a
+temporary name and renamed when complete; with ``--overwrite`` the old folder is set aside
+first and comes back if the rename fails, so an interrupt never loses both.
 """
 
 from __future__ import annotations
@@ -20,27 +24,68 @@ from fimtune.errors import FimtuneError
 def merge_run(run_dir: Path, out: Path, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Merge the adapter of ``run_dir`` into its base and save the result to ``out``."""
     from fimtune.config import load_run_config
+    from fimtune.generate import FimPrompter
     from fimtune.model import is_run_dir, load_run
 
     if not is_run_dir(run_dir):
         raise FimtuneError(
             f"'{run_dir}' is not a run folder (no config.yaml + adapter/): train one with `fimtune train`"
         )
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FimtuneError(f"'{out}' exists and is not empty: choose another --out or pass --overwrite")
     cfg = load_run_config(run_dir / "config.yaml")
-    model_cfg = replace(cfg.model, quantization="none")
+    out = checked_out(out, run_dir, cfg.model.name_or_path, overwrite)
+    model_cfg = replace(cfg.model, quantization="none", attn_implementation=None)
     loaded = load_run(run_dir, torch.device("cpu"), dtype or torch.float32, model_cfg=model_cfg)
     merged = loaded.model.merge_and_unload()
-    tmp = out.with_name(f".{out.name}.tmp")
+    merged.generation_config.eos_token_id = FimPrompter(loaded.tokenizer).end_ids
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_folder(tmp, out, old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def checked_out(out: Path, run_dir: Path, base: str, overwrite: bool) -> Path:
+    """``out`` as an absolute path, once it is a place a merge may write: a clear error for a file,
+    a link, a folder that holds the run or its base model (``--overwrite`` would delete them), or
+    a non-empty folder without ``--overwrite``."""
+    if out.is_symlink():
+        raise FimtuneError(f"--out '{out}' is a symbolic link: give the folder it points to, or a new one")
+    if out.exists() and not out.is_dir():
+        raise FimtuneError(f"--out '{out}' is a file: give a folder")
+    resolved = out.resolve()
+    if resolved.parent == resolved:
+        raise FimtuneError(f"--out '{out}' is the file system's root: give a folder for the merged model")
+    keep = {"the run folder": run_dir.resolve()}
+    if Path(base).exists():
+        keep["the run's base model"] = Path(base).resolve()
+    for what, path in keep.items():
+        if path == resolved or resolved in path.parents:
+            raise FimtuneError(f"--out '{out}' holds {what} ('{path}'), which the merge needs: choose another folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FimtuneError(f"'{out}' exists and is not empty: choose another --out or pass --overwrite")
+        if keep["the run folder"] in resolved.parents:
+            raise FimtuneError(f"--out '{out}' is a folder of the run: --overwrite would replace part of it")
+    return resolved
+
+
+def replace_folder(new: Path, out: Path, old: Path) -> None:
+    """Rename folder ``new`` to ``out``; an ``out`` already there is renamed to ``old`` first, and back
+    if the rename fails, then deleted."""
+    moved = out.exists()
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        if moved and not out.exists():
+            old.rename(out)
+        raise
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)

@@ -112,8 +112,12 @@ def materialize_gguf(src: ModelSource) -> Path:
         del model.config.quantization_config
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    load_tokenizer(_label(src)).save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(_label(src)).save_pretrained(tmp)
+    except BaseException:  # an interrupt or a full disk: no half-written copy left in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(out)
     except OSError:  # another process finished first
@@ -365,6 +369,12 @@ def load_for_inference(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if is_run_dir(target):
         return load_run(Path(target), device, dtype)
+    if (Path(target) / "config.yaml").is_file() and not (Path(target) / "config.json").is_file():
+        raise FimtuneError(
+            f"run folder '{target}' has no adapter (adapter/adapter_config.json): its training stopped "
+            "before the first checkpoint, or the folder was copied without checkpoints/; train it "
+            "(`fimtune train --resume`) or give a run that saved one"
+        )
     from copy import deepcopy
 
     tokenizer = deepcopy(load_tokenizer(str(target)))
@@ -372,6 +382,31 @@ def load_for_inference(
     model = load_base_model(ModelConfig(name_or_path=str(target)), device, dtype)
     add_token_rows(model, tokenizer, added)
     return Loaded(model.eval(), tokenizer, str(target))
+
+
+def inference_model_config(cfg: ModelConfig, device: torch.device) -> ModelConfig:
+    """A run's model section for completions on ``device``: off a CUDA GPU, a quantized (QLoRA) base
+    loads unquantized (bitsandbytes needs one; the adapter applies the same, as `fimtune merge`
+    applies it) and FlashAttention kernels give way to transformers' default attention."""
+    from dataclasses import replace
+
+    if device.type == "cuda":
+        return cfg
+    if cfg.quantization != "none":
+        log.info(
+            "model.quantization=%s needs a CUDA GPU: loading the base unquantized on the %s",
+            cfg.quantization,
+            device.type,
+        )
+        cfg = replace(cfg, quantization="none")
+    if (cfg.attn_implementation or "").startswith("flash_attention"):
+        log.info(
+            "model.attn_implementation=%s needs a CUDA GPU: transformers' default attention on the %s",
+            cfg.attn_implementation,
+            device.type,
+        )
+        cfg = replace(cfg, attn_implementation=None)
+    return cfg
 
 
 def load_run(
@@ -388,7 +423,7 @@ def load_run(
 
     cfg = load_run_config(run_dir / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
-    base = load_base_model(model_cfg or cfg.model, device, dtype)
+    base = load_base_model(model_cfg or inference_model_config(cfg.model, device), device, dtype)
     if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
         # The added rows' trained values come from the adapter; the start values do not matter.
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
