@@ -106,6 +106,14 @@ def test_truncation_keeps_the_first_statement_of_a_statement_hole():
     assert truncate_block(gen, PREFIX, SUFFIX, "statement", "python") == "    for x in xs:\n        s += x\n"
 
 
+@pytest.mark.parametrize("blank", ["\n", "  \n", "\r\n"])
+def test_a_statement_with_a_blank_line_is_kept_whole(blank):
+    """A blank line shorter than the statement's indent stays a line when the statement is parsed
+    alone, so its rows still match the text's: a perfect answer is kept whole."""
+    statement = f"    for x in xs:\n        y = x + 1\n{blank}        s += y\n"
+    assert truncate_block(statement + SUFFIX, PREFIX, SUFFIX, "statement", "python") == statement
+
+
 def test_truncation_keeps_a_whole_body_and_stops_at_the_dedent():
     prefix, suffix = "def total(xs):\n", "\nprint(total([1, 2]))\n"
     gen = "    s = 0\n    for x in xs:\n        s += x\n    return s\ndef other():\n    pass\n"

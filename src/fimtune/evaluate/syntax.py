@@ -263,12 +263,19 @@ def first_statement(text: str, language: str) -> str:
     if parser is None or not code:
         return text
     base = indent_of(code[0])
-    dedented = "".join(line[base:] if line[:base].strip() == "" else line for line in lines)
+    dedented = "".join(_dedented(line, base) for line in lines)  # one line for each line: rows match
     root = parser.parse(dedented.encode("utf-8")).root_node
     stmts = [c for c in root.named_children if c.type != "comment"]
     if not stmts or stmts[0].has_error or stmts[0].type == "ERROR":
         return text
     return "".join(lines[: stmts[0].end_point.row + 1])
+
+
+def _dedented(line: str, base: int) -> str:
+    """``line`` without ``base`` leading spaces; a blank line stays a line (its newline kept)."""
+    if not line.strip():
+        return line[len(line.rstrip("\r\n")) :]
+    return line[base:] if line[:base].strip() == "" else line
 
 
 def truncate_block(completion: str, prefix: str, suffix: str, unit: str, language: str) -> str:
