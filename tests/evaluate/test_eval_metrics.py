@@ -60,3 +60,18 @@ def test_held_out_files_skip_empty_files_and_find_languages():
     )
     files = held_out_files(split, "content")
     assert [(f.path, f.language) for f in files] == [("a.py", "python"), ("c.py", "python"), ("d.c", "c")]
+
+
+def test_files_that_share_a_path_are_checked_and_drawn_apart():
+    """Two repositories' setup.py: one parses, one (Python 2) does not; each is checked on its own,
+    and a hole at the same offsets of each is two holes."""
+    from fimtune.evaluate.holes import draw_holes
+    from fimtune.evaluate.infill import parse_checker
+
+    py3 = SourceFile("setup.py", "python", "print('a')\n")
+    py2 = SourceFile("setup.py", "python", "print 'bb'\n")  # as long: holes at the same offsets
+    for order in ([py3, py2], [py2, py3]):
+        check = parse_checker()
+        assert [check(f) for f in order] == [f is py3 for f in order]
+    holes = draw_holes([py3, py2], 2, seed=0, kinds=("line",))
+    assert {h.file for h in holes} == {py3, py2}

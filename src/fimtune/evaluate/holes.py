@@ -198,7 +198,7 @@ def draw_holes(files: list[SourceFile], n: int, seed: int, kinds: tuple[str, ...
     """
     rng = np.random.default_rng([seed, HOLE_STREAM])
     holes: list[Hole] = []
-    seen: set[tuple[str, int, int]] = set()
+    seen: set[tuple[SourceFile, int, int]] = set()  # by file, not path: repositories share paths
     live = [k for k in kinds if _pool(files, k)]
     turn = 0
     while len(holes) < n and live:
@@ -207,7 +207,7 @@ def draw_holes(files: list[SourceFile], n: int, seed: int, kinds: tuple[str, ...
         if hole is None:
             live.remove(kind)
             continue
-        seen.add((hole.file.path, hole.start, hole.end))
+        seen.add((hole.file, hole.start, hole.end))
         holes.append(hole)
         turn += 1
     return holes
@@ -220,10 +220,10 @@ def _pool(files: list[SourceFile], kind: str) -> list[SourceFile]:
 
 
 def _draw_one(
-    kind: str, pool: list[SourceFile], rng: np.random.Generator, seen: set[tuple[str, int, int]]
+    kind: str, pool: list[SourceFile], rng: np.random.Generator, seen: set[tuple[SourceFile, int, int]]
 ) -> Hole | None:
     for _ in range(DRAW_TRIES):
         hole = cut_hole(kind, pool[int(rng.integers(len(pool)))], rng)
-        if hole is not None and (hole.file.path, hole.start, hole.end) not in seen:
+        if hole is not None and (hole.file, hole.start, hole.end) not in seen:
             return hole
     return None

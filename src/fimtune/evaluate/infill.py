@@ -95,6 +95,19 @@ def filled_parses(hole: Hole, completion: str, original_parses: Callable[[Source
     return parses(hole.prefix + completion + hole.suffix, lang)
 
 
+def parse_checker() -> Callable[[SourceFile], bool | None]:
+    """Whether a file parses as it is (None: no grammar for its language), each file checked once.
+    Files are told apart by their text too, not by path alone: repositories share paths (setup.py)."""
+    cache: dict[SourceFile, bool | None] = {}
+
+    def original_parses(f: SourceFile) -> bool | None:
+        if f not in cache:
+            cache[f] = parses(f.text, f.language) if f.language else None
+        return cache[f]
+
+    return original_parses
+
+
 def score(hole: Hole, completion: str, original_parses: Callable[[SourceFile], bool | None]) -> dict[str, Any]:
     return {
         "exact_match": exact_match(completion, hole.middle),
@@ -158,12 +171,7 @@ def evaluate(
     Returns ``{"holes", "mode", "kinds": {kind|all: {"n", "base", "tuned", "delta"}}, "samples"}``.
     """
     holes = draw_holes(files, n_holes, seed)
-    cache: dict[str, bool | None] = {}
-
-    def original_parses(f: SourceFile) -> bool | None:
-        if f.path not in cache:
-            cache[f.path] = parses(f.text, f.language) if f.language else None
-        return cache[f.path]
+    original_parses = parse_checker()
 
     completions, scores = {}, {}
     for name in VARIANTS:
