@@ -133,3 +133,20 @@ def test_truncation_drops_an_unfinished_last_line():
 def test_truncation_keeps_the_text_when_nothing_parses():
     gen = "    for x in xs\n        s += x\n"  # a syntax error on the first line
     assert truncate_block(gen, PREFIX, SUFFIX, "statement", "python") == gen
+
+
+def test_block_holes_come_from_the_files_that_have_blocks():
+    """A package's many `__init__.py` files have no block to cut: block holes are drawn from the
+    files that have one, so the kind is not given up on after a run of misses."""
+    core = SourceFile(
+        "pkg/core.py",
+        "python",
+        "def f(x):\n    if x:\n        y = x + 1\n        return y\n    return 0\n\n"
+        "def g(xs):\n    for x in xs:\n        print(x)\n    return len(xs)\n",
+    )
+    inits = [
+        SourceFile(f"pkg/m{i}/__init__.py", "python", f"from .m import t{i}\n__all__ = ['t{i}']\n") for i in range(30)
+    ]
+    for seed in range(10):
+        kinds = [h.kind for h in draw_holes([core, *inits], 12, seed)]
+        assert kinds.count("block") >= 3, (seed, kinds)  # core.py has 4 blocks

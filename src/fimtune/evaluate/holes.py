@@ -199,11 +199,12 @@ def draw_holes(files: list[SourceFile], n: int, seed: int, kinds: tuple[str, ...
     rng = np.random.default_rng([seed, HOLE_STREAM])
     holes: list[Hole] = []
     seen: set[tuple[SourceFile, int, int]] = set()  # by file, not path: repositories share paths
-    live = [k for k in kinds if _pool(files, k)]
+    pools = {k: _pool(files, k) for k in kinds}
+    live = [k for k in kinds if pools[k]]
     turn = 0
     while len(holes) < n and live:
         kind = live[turn % len(live)]
-        hole = _draw_one(kind, _pool(files, kind), rng, seen)
+        hole = _draw_one(kind, pools[kind], rng, seen)
         if hole is None:
             live.remove(kind)
             continue
@@ -214,8 +215,14 @@ def draw_holes(files: list[SourceFile], n: int, seed: int, kinds: tuple[str, ...
 
 
 def _pool(files: list[SourceFile], kind: str) -> list[SourceFile]:
+    """The files a hole of ``kind`` is drawn from: for blocks, those with a block to cut (a package's
+    many `__init__.py` files would otherwise use up the draws, and the kind be given up on)."""
     if kind == "block":
-        return [f for f in files if f.language is not None and parser_for(f.language) is not None]
+        return [
+            f
+            for f in files
+            if f.language is not None and parser_for(f.language) is not None and block_candidates(f.text, f.language)
+        ]
     return files
 
 
