@@ -75,3 +75,20 @@ def test_files_that_share_a_path_are_checked_and_drawn_apart():
         assert [check(f) for f in order] == [f is py3 for f in order]
     holes = draw_holes([py3, py2], 2, seed=0, kinds=("line",))
     assert {h.file for h in holes} == {py3, py2}
+
+
+def test_exact_match_keeps_nesting_and_what_a_span_makes_of_the_code_beside_it():
+    """A block whose `return` moved into its loop is another program; a span that lost its leading
+    space glues two words; a line that lost its indentation, or tabs for spaces, is the same code."""
+    text = "def total(xs):\n    s = 0\n    for x in xs:\n        s += x\n    return s\n"
+    start = text.index("for")
+    block = Hole("block", SourceFile("t.py", "python", text), start, len(text))
+    moved = "for x in xs:\n        s += x\n        return s\n"
+    assert score(block, moved, lambda f: True)["exact_match"] is False
+    assert score(block, "for x in xs:\n\t\ts += x\n\treturn s\n", lambda f: True)["exact_match"] is True
+    span = Hole("span", SourceFile("t.py", "python", text), text.index(" s\n"), text.index(" s\n") + 2)
+    assert span.middle == " s"
+    assert score(span, "s", lambda f: True)["exact_match"] is False  # "returns"
+    assert score(span, " s", lambda f: True)["exact_match"] is True
+    line = Hole("line", SourceFile("t.py", "python", text), text.index("    s = 0"), text.index("    s = 0") + 9)
+    assert score(line, "s = 0", lambda f: True)["exact_match"] is True

@@ -10,8 +10,12 @@ window of the file; generation is greedy and stops at end-of-text or any FIM tok
 Metrics, per hole kind and over all holes (the SantaCoder/StarCoder FIM benchmark reports
 exact match; edit similarity and parse rate follow CodeXGLUE and SAFIM):
 
-- exact match after whitespace normalisation (every whitespace run -> one space, ends stripped);
-- edit similarity ``difflib.SequenceMatcher.ratio`` on the normalised texts (1 = identical);
+- exact match of the hole's lines filled (from the start of its first line to the end of its
+  last: a span glued to the code beside it differs) after layout normalisation (each line's
+  indentation as its nesting level, other whitespace runs as one space, blank lines dropped:
+  a block whose statements moved in or out of a loop differs, a tab for four spaces does not);
+- edit similarity ``difflib.SequenceMatcher.ratio`` on the normalised completion and reference
+  (1 = identical);
 - parse rate: the share of filled files (the whole file with the completion in the hole) that
   still parse, among holes in files of a language with a parser whose original text parses.
 """
@@ -34,12 +38,18 @@ ALL = "all"
 
 
 def normalise(text: str) -> str:
-    """Whitespace runs become one space; ends are stripped.
+    """``text``'s layout reduced to what changes its meaning in most languages: each non-blank
+    line's indentation becomes its nesting level (the rank of its width among the text's widths,
+    a tab counting 4 columns), its other whitespace runs one space; blank lines are dropped.
 
-    >>> normalise("  if x:\\n\\t  return  y \\n")
-    'if x: return y'
+    >>> normalise("  if x:\\n\\t  return  y \\n\\n  z()\\n")
+    'if x:\\n  return y\\nz()'
     """
-    return " ".join(text.split())
+    lines = [line.expandtabs(4).rstrip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    widths = [len(line) - len(line.lstrip()) for line in lines]
+    level = {w: i for i, w in enumerate(sorted(set(widths)))}
+    return "\n".join("  " * level[w] + " ".join(line.split()) for line, w in zip(lines, widths, strict=True))
 
 
 def exact_match(prediction: str, reference: str) -> bool:
@@ -47,8 +57,19 @@ def exact_match(prediction: str, reference: str) -> bool:
 
     >>> exact_match("return  x\\n", "    return x"), exact_match("return x", "return y")
     (True, False)
+    >>> exact_match("for x in xs:\\n    s += x\\nreturn s", "for x in xs:\\n    s += x\\n    return s")
+    False
     """
     return normalise(prediction) == normalise(reference)
+
+
+def filled_lines(hole: Hole, completion: str) -> str:
+    """The lines of ``hole`` with ``completion`` in it: from the start of the hole's first line
+    to the end of its last, so that what the completion makes of the code beside it counts."""
+    text = hole.file.text
+    start = text.rfind("\n", 0, hole.start) + 1
+    end = text.find("\n", hole.end)
+    return text[start : hole.start] + completion + text[hole.end : len(text) if end < 0 else end]
 
 
 def edit_similarity(prediction: str, reference: str) -> float:
@@ -110,7 +131,7 @@ def parse_checker() -> Callable[[SourceFile], bool | None]:
 
 def score(hole: Hole, completion: str, original_parses: Callable[[SourceFile], bool | None]) -> dict[str, Any]:
     return {
-        "exact_match": exact_match(completion, hole.middle),
+        "exact_match": exact_match(filled_lines(hole, completion), filled_lines(hole, hole.middle)),
         "edit_similarity": edit_similarity(completion, hole.middle),
         "parses": filled_parses(hole, completion, original_parses),
     }
