@@ -150,3 +150,13 @@ def test_block_holes_come_from_the_files_that_have_blocks():
     for seed in range(10):
         kinds = [h.kind for h in draw_holes([core, *inits], 12, seed)]
         assert kinds.count("block") >= 3, (seed, kinds)  # core.py has 4 blocks
+
+
+def test_no_block_hole_holds_a_line_left_of_its_first():
+    """A string's text at column 0 inside a block would end it for the dedent rule that stops
+    generation and scoring, so no answer could match: such blocks are not cut."""
+    text = 'def f(x):\n    if x:\n        msg = """\\\nhello\n"""\n        return msg\n    return 0\n'
+    assert parses(text, "python")
+    blocks = block_candidates(text, "python")
+    assert all(not b.first_row < 3 <= b.last_row for b in blocks), blocks
+    assert block_candidates("def f(x):\n    if x:\n        y = 1\n        return y\n    return 0\n", "python")

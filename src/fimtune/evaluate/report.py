@@ -29,8 +29,10 @@ def fmt_estimate(e: dict[str, Any] | None, signed: bool = False) -> str:
     '0.500 [0.237, 0.763]'
     >>> fmt_estimate({"value": -0.1, "lo": None, "hi": None, "n": 1}, signed=True)
     '-0.100'
+    >>> fmt_estimate({"value": 0.0, "lo": 0.0, "hi": 1.0, "n": 0})
+    '-'
     """
-    if e is None:
+    if e is None or e.get("n") == 0:  # nothing measured (e.g. a parse rate with no checkable file)
         return "-"
     num = "{:+.3f}" if signed else "{:.3f}"
     text = num.format(e["value"])
@@ -210,7 +212,7 @@ def bar_panels(path: Path, title: str, panels: dict[str, dict[str, tuple]], ylim
         for j, variant in enumerate(("base", "tuned")):
             ests = [pair[j] for pair in groups.values()]
             xs = [i + (j - 0.5) * 0.38 for i in range(len(groups))]
-            vals = [e["value"] for e in ests]
+            vals = [e["value"] if e.get("n") != 0 else float("nan") for e in ests]  # no bar for nothing measured
             errs = [[_below(e) for e in ests], [_above(e) for e in ests]]
             ax.bar(xs, vals, width=0.38, yerr=errs, capsize=3, color=COLORS[variant], label=variant)
         ax.set_xticks(range(len(groups)), [f"{g}\nn={pair[1]['n']}" for g, pair in groups.items()], fontsize=8)

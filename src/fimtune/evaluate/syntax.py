@@ -205,7 +205,12 @@ def _whole_lines(block: Block, lines: list[str]) -> bool:
         return False
     before = lines[block.first_row].encode("utf-8")[: block.start_col]
     after = lines[block.last_row].encode("utf-8")[block.end_col :]
-    return not before.strip() and not after.strip()
+    if before.strip() or after.strip():
+        return False
+    # A line left of the first (a string's or comment's text at column 0) would end the block for
+    # the dedent rule that stops generation and scoring (cut_at_dedent): no answer could match.
+    inner = lines[block.first_row + 1 : block.last_row + 1]
+    return all(indent_of(line) >= len(before) for line in inner if line.strip())
 
 
 # --------------------------------------------------------------------------------------
