@@ -180,6 +180,21 @@ def test_too_few_rows_is_a_clear_error():
     assert list(EvalRows(docs, spec())) == []
 
 
+def test_an_epoch_that_packs_into_no_row_is_skipped_not_an_error():
+    """FIM adds 3 tokens to each document it cuts, so a split near one row packs into one row in
+    some epochs and none in others: those are skipped, the run goes on (epoch 5 of this seed)."""
+    lengths = np.full(10, 5)
+    docs = Documents(np.full(int(lengths.sum()), 9, np.int32), np.concatenate([[0], np.cumsum(lengths)]))
+    seq2 = PackSpec(tokens=T, separator=SEP, seq_length=70, seed=2)
+    rows_by_epoch = [len(pack_epoch(docs, seq2, e)) for e in range(20)]
+    assert rows_by_epoch[0] == 1 and 0 in rows_by_epoch[1:8] and max(rows_by_epoch) == 1
+    rows, epochs = TrainRows(docs, seq2), []
+    for _ in range(8):
+        next(rows)
+        epochs.append(rows.epoch)
+    assert epochs == [e for e in range(20) if rows_by_epoch[e]][:8]
+
+
 def test_char_unit_packs_whole_texts(tiny_tokenizer):
     from fimtune.tokenization import encode_flat
 
