@@ -77,6 +77,8 @@ GENERIC = [
     (b'{"inputs": "x", ', "truncated JSON"),
     (b"[1, 2, 3]", "not an object"),
     (b"x" * 200_000, "oversized body"),
+    (b'{"inputs": "x", "z": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested deeper than the parser goes"),
+    (b'{"inputs": "x", "prompt": "x", "z": ' + b"[" * 600 + b'"\\ud800"' + b"]" * 600 + b"}", "a surrogate deep down"),
 ]
 SPECIFIC = {
     "/generate": [

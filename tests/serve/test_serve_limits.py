@@ -68,12 +68,15 @@ def test_api_key_guards_every_route_but_health(tiny_run):
             assert r.status_code == 401 and error_field(r.json()) == "authorization", path
         wrong = c.get("/info", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
-        ok = c.post(
-            "/generate",
-            json={"inputs": PSM, "parameters": {"max_new_tokens": 2}},
-            headers={"Authorization": "Bearer sekrit"},
-        )
-        assert ok.status_code == 200 and ok.json()["generated_text"]
+        for scheme in ("Bearer", "bearer", "BEARER"):  # the scheme's case does not matter (RFC 9110)
+            ok = c.post(
+                "/generate",
+                json={"inputs": PSM, "parameters": {"max_new_tokens": 2}},
+                headers={"Authorization": f"{scheme} sekrit"},
+            )
+            assert ok.status_code == 200 and ok.json()["generated_text"], scheme
+        for header in ("sekrit", "Basic sekrit", "Bearer  sekrit x", "Bearersekrit"):
+            assert c.get("/info", headers={"Authorization": header}).status_code == 401, header
 
 
 def test_pickled_weights_are_refused(tmp_path, tiny_run):

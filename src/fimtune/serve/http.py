@@ -91,6 +91,8 @@ async def read_json(request: Request, schema: type[Body], max_bytes: int) -> Bod
         data = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON ({e})", "body", "invalid_json") from None
+    except RecursionError:  # arrays or objects nested deeper than the parser goes
+        raise ApiError(400, "the body is not valid JSON: nested too deeply", "body", "invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(422, "the body must be a JSON object", "body")
     if _lone_surrogate(data):  # JSON escapes them (`\\ud800`); no text is made of them, and no tokenizer takes them
@@ -107,13 +109,19 @@ async def read_json(request: Request, schema: type[Body], max_bytes: int) -> Bod
 
 def _lone_surrogate(value: Any) -> bool:
     """Whether a string in ``value`` (parsed JSON) holds a surrogate code point (U+D800-U+DFFF):
-    json.loads makes them of escapes not in pairs (pairs become one character)."""
-    if isinstance(value, str):
-        return not value.isascii() and SURROGATE.search(value) is not None
-    if isinstance(value, dict):
-        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_lone_surrogate(v) for v in value)
+    json.loads makes them of escapes not in pairs (pairs become one character). Iterative: any
+    depth json.loads parsed."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and SURROGATE.search(item) is not None:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return False
 
 
@@ -122,9 +130,15 @@ def _is_type_tag(part: str) -> bool:
     return part in TYPE_TAGS or part.startswith(("list[", "dict[", "function-"))
 
 
+# Line breaks JSON leaves raw (it escapes those below U+0020), which clients that split lines as
+# str.splitlines does (httpx's iter_lines, under huggingface_hub's InferenceClient) cut an event at
+LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def sse(data: dict[str, Any] | str) -> str:
     """One server-sent event: ``data: {json}`` and a blank line."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False).translate(LINE_BREAKS)
+    return f"data: {text}\n\n"
 
 
 class Gate:
@@ -133,7 +147,7 @@ class Gate:
     def __init__(self, app: ASGIApp, metrics: Metrics, api_key: str | None = None) -> None:
         self.app = app
         self.metrics = metrics
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -163,8 +177,9 @@ class Gate:
             self.metrics.observe(path, status, time.perf_counter() - start)
 
     def _authorized(self, scope: Scope) -> bool:
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        return hmac.compare_digest(given, self.expected or b"")
+        scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        # the scheme's case does not matter (RFC 9110: `bearer KEY` is `Bearer KEY`)
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.expected or b"")
 
 
 class _Histogram:
