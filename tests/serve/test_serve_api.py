@@ -82,6 +82,19 @@ def test_tgi_stream_sends_token_events_then_the_text(client, route, body):
     assert {"id", "text", "logprob", "special"} <= set(events[0]["token"])
 
 
+def test_stream_events_survive_clients_that_split_lines_at_unicode_line_breaks(client):
+    """httpx's iter_lines (huggingface_hub's InferenceClient reads streams with it) splits at U+2028,
+    U+2029 and U+0085 as str.splitlines does: the events escape them, so each stays one line."""
+    import json
+
+    inputs = "<fim_prefix>s = 'a\u2028b\u2029c\x85d'\n<fim_suffix>\n<fim_middle>"
+    body = {"inputs": inputs, "parameters": {**GREEDY, "max_new_tokens": 2, "return_full_text": True}}
+    with client.stream("POST", "/generate_stream", json=body) as r:
+        lines = [line for line in r.iter_lines() if line]
+    events = [json.loads(line.removeprefix("data:")) for line in lines]
+    assert events[-1]["generated_text"].startswith(inputs)
+
+
 def test_stop_strings_cut_the_text(client):
     whole = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": {**GREEDY, "max_new_tokens": 30}})
     text = whole.json()["generated_text"]
@@ -214,3 +227,29 @@ def test_info_health_and_metrics(client):
     assert 0 < float(busy.split()[1]) < 60  # the model ran, for a moment
     for name in ("fimtune_prefill_seconds_total", "fimtune_device_wait_seconds_total"):  # the GPU path's only
         assert float(next(line for line in text.splitlines() if line.startswith(name + " ")).split()[1]) == 0
+
+
+def test_bf16_weights_come_back_exactly_after_any_number_of_adapter_switches(tiny_run, other_adapter):
+    """In bf16, W + dW - dW is not W: unmerging at each switch let the rounding add up, and every
+    model the server serves drifted. The base layers' own weights are put back instead: after 30
+    switches among two adapters and the base, the weights are the loaded ones, bit for bit, and each
+    adapter's logits are those of its first use."""
+    from fimtune.serve.engine import Limits, load_engine
+
+    limits = Limits(**TEST_LIMITS)
+    engine, prompter, mode = load_engine(str(tiny_run), [f"other={other_adapter}"], limits, "auto", torch.bfloat16)
+    model = engine.decoder.model
+    loaded = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.tensor([prompter.build(PREFIX, SUFFIX, mode, 200)])
+
+    def logits(adapter):
+        with engine._use_adapter(adapter), torch.no_grad():
+            return model(input_ids=ids).logits[0, -1].float()
+
+    first = {a: logits(a) for a in ("default", "other", None)}
+    assert not torch.equal(first["default"], first[None])  # the adapter is folded in, and changes the output
+    for _ in range(15):
+        logits("default"), logits("other")
+    again = {a: logits(a) for a in ("default", "other", None)}
+    assert all(torch.equal(again[a], first[a]) for a in first)
+    assert all(torch.equal(p, loaded[n]) for n, p in model.named_parameters())

@@ -305,6 +305,8 @@ class Engine:
         self._paused = False
         self._stopping = False
         self._adapter: str | None = None  # the adapter in use now (folded into the weights where mergeable)
+        # bf16/fp16 weights: the base layers' own weights, put back at each switch (an unmerge rounds)
+        self._base_weights: list[tuple[Any, dict[str, Any]]] | None = None
         self._running: list[Job] = []
         self._thread: threading.Thread | None = None
         self.ready = threading.Event()  # set once the worker has warmed up (compiled the CUDA graphs)
@@ -550,6 +552,35 @@ class Engine:
             self.counters.cancelled += 1
             job.fail(JobCancelled())
 
+    def _keep_base_weights(self) -> None:
+        """Before the first fold into weights that are not fp32: a copy of each adapted layer's own
+        weights. There W + dW - dW is not W (each sum rounds), and the rounding adds up over the
+        switches of a server that serves several adapters (its base and every adapter drift)."""
+        if self._base_weights is not None or mergeable(self.model, exactly=True):
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._base_weights = [
+            (layer, {name: p.detach().clone() for name, p in layer.get_base_layer().named_parameters(recurse=False)})
+            for layer in self.model.modules()
+            if isinstance(layer, BaseTunerLayer)
+        ]
+
+    def _unmerge(self) -> None:
+        """Take the folded adapter out of the weights: exactly, by its own arithmetic in fp32, else
+        by putting the kept weights back."""
+        import torch
+
+        if self._base_weights is None:
+            self.model.unmerge_adapter()
+            return
+        with torch.no_grad():
+            for layer, weights in self._base_weights:
+                base = layer.get_base_layer()
+                for name, weight in weights.items():
+                    getattr(base, name).copy_(weight)
+                layer.merged_adapters.clear()
+
     @contextlib.contextmanager
     def _use_adapter(self, adapter: str | None) -> Iterator[None]:
         """Fold ``adapter`` into the weights (unfolding the previous one); None runs the base model.
@@ -559,10 +590,11 @@ class Engine:
             return
         if adapter != self._adapter:
             if self._adapter is not None and mergeable(self.model):
-                self.model.unmerge_adapter()
+                self._unmerge()
             if adapter is not None:
                 self.model.set_adapter(adapter)
                 if mergeable(self.model):
+                    self._keep_base_weights()
                     self.model.merge_adapter(adapter_names=[adapter])
             self._adapter = adapter
         if adapter is None:
