@@ -300,7 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="another run's adapter")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8080)
-    srv.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
+    srv.add_argument(
+        "--api-key",
+        default=os.environ.get("FIMTUNE_API_KEY"),
+        help="require `Authorization: Bearer KEY` on every route but /health (default: $FIMTUNE_API_KEY, "
+        "which keeps the key out of the process list)",
+    )
     srv.add_argument(
         "--mode",
         choices=["auto", "psm", "spm"],

@@ -95,6 +95,41 @@ def test_stream_events_survive_clients_that_split_lines_at_unicode_line_breaks(c
     assert events[-1]["generated_text"].startswith(inputs)
 
 
+def test_options_at_their_neutral_values_are_taken_and_echo_streams_the_prompt_first(client):
+    """Clients send other servers' options at their neutral values (huggingface_hub sends TGI's as
+    null, OpenAI clients penalties of 0): those are taken; any other value is refused (422, above).
+    OpenAI's `echo` streams the prompt first, as its answer without streaming starts with it."""
+    tgi = {"repetition_penalty": None, "frequency_penalty": None, "top_n_tokens": None, "watermark": False}
+    r = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": {**GREEDY, **tgi}})
+    assert r.status_code == 200, r.text
+    body = {
+        "prompt": "def f(",
+        "max_tokens": 3,
+        "temperature": 0,
+        "echo": True,
+        "presence_penalty": 0,
+        "logit_bias": {},
+    }
+    whole = client.post("/v1/completions", json=body)
+    assert whole.status_code == 200, whole.text
+    text = whole.json()["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = [e for e in sse_events(r) if isinstance(e, dict)]
+    assert text.startswith("def f(") and "".join(e["choices"][0]["text"] for e in events) == text
+
+
+def test_an_infill_of_no_tokens_reads_the_prompt_and_generates_nothing(client):
+    """llama.vim warms the server up with `n_predict: 0` requests (its ring of context chunks)."""
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 0}
+    r = client.post("/infill", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert (out["content"], out["tokens_predicted"]) == ("", 0) and out["tokens_evaluated"] > 5
+    with client.stream("POST", "/infill", json={**body, "stream": True}) as r:
+        events = sse_events(r)
+    assert len(events) == 1 and events[0]["stop"] is True and events[0]["content"] == ""
+
+
 def test_stop_strings_cut_the_text(client):
     whole = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": {**GREEDY, "max_new_tokens": 30}})
     text = whole.json()["generated_text"]

@@ -15,7 +15,19 @@ PSM = "<fim_prefix>def f(x):\n    <fim_suffix>\n<fim_middle>"
         ("/generate", {"inputs": PSM, "parameters": {"max_new_tokens": 65}}, 422, "parameters.max_new_tokens"),
         ("/v1/completions", {"prompt": "x", "suffix": "", "max_tokens": 1000}, 422, "max_tokens"),
         ("/infill", {"input_prefix": "x", "n_predict": 65}, 422, "n_predict"),
-        ("/infill", {"input_prefix": "x", "n_predict": 0}, 422, "n_predict"),
+        ("/infill", {"input_prefix": "x", "n_predict": -2}, 422, "n_predict"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 2}, 422, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "best_of": 3}, 422, "best_of"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 422, "presence_penalty"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"50256": -100}}, 422, "logit_bias"),
+        ("/generate", {"inputs": PSM, "parameters": {"repetition_penalty": 1.2}}, 422, "parameters.repetition_penalty"),
+        ("/generate", {"inputs": PSM, "parameters": {"top_n_tokens": 5}}, 422, "parameters.top_n_tokens"),
+        (
+            "/generate",
+            {"inputs": PSM, "parameters": {"decoder_input_details": True}},
+            422,
+            "parameters.decoder_input_details",
+        ),
         ("/generate", {"inputs": "x = 1\n" * 300}, 422, "inputs"),  # not a FIM prompt: too long is an error
         ("/v1/completions", {"prompt": "x = 1\n" * 300}, 422, "prompt"),
         ("/generate", {"inputs": PSM, "parameters": {"stop": ["a"] * 17}}, 422, "parameters.stop"),
@@ -77,6 +89,17 @@ def test_api_key_guards_every_route_but_health(tiny_run):
             assert ok.status_code == 200 and ok.json()["generated_text"], scheme
         for header in ("sekrit", "Basic sekrit", "Bearer  sekrit x", "Bearersekrit"):
             assert c.get("/info", headers={"Authorization": header}).status_code == 401, header
+
+
+def test_the_api_key_can_come_from_the_environment(monkeypatch):
+    """$FIMTUNE_API_KEY keeps the key out of the process list (a flag's value is in it); --api-key wins."""
+    from fimtune.cli import build_parser
+
+    monkeypatch.setenv("FIMTUNE_API_KEY", "from-env")
+    assert build_parser().parse_args(["serve", "embedded"]).api_key == "from-env"
+    assert build_parser().parse_args(["serve", "embedded", "--api-key", "flag"]).api_key == "flag"
+    monkeypatch.delenv("FIMTUNE_API_KEY")
+    assert build_parser().parse_args(["serve", "embedded"]).api_key is None
 
 
 def test_pickled_weights_are_refused(tmp_path, tiny_run):

@@ -10,9 +10,10 @@ and range-checked here, and checked against the server's limits in :mod:`fimtune
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # Defaults of the APIs themselves, when a request does not say.
 TGI_DEFAULT_NEW_TOKENS = 100
@@ -33,7 +34,34 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
+def unsupported(value: Any, info: ValidationInfo, neutral: dict[str, tuple[Any, ...]]) -> Any:
+    """An option other servers honour and this one does not: sent with a value other than its neutral
+    ones, a clear error (ignored, it would change nothing a client asked for)."""
+    values = neutral[info.field_name]
+    if value not in values:
+        raise ValueError(f"not supported by this server: leave it out (or send {json.dumps(values[-1])})")
+    return value
+
+
 # ---- TGI -------------------------------------------------------------------------------
+
+
+# Options of TGI and OpenAI this server does not have, each with its neutral values
+TGI_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "repetition_penalty": (None, 1.0),
+    "frequency_penalty": (None, 0.0),
+    "typical_p": (None, 1.0),
+    "top_n_tokens": (None, 0),
+    "decoder_input_details": (False,),
+    "watermark": (False,),
+}
+OPENAI_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None,),
+    "best_of": (None, 1),
+    "presence_penalty": (None, 0.0),
+    "frequency_penalty": (None, 0.0),
+    "logit_bias": (None, {}),
+}
 
 
 class TgiParameters(_Body):
@@ -48,6 +76,18 @@ class TgiParameters(_Body):
     truncate: int | None = Field(None, ge=1)
     details: bool = False
     adapter_id: str | None = None  # TGI's multi-LoRA field: one of GET /v1/models
+    # TGI's, not supported: refused unless neutral
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    typical_p: float | None = None
+    top_n_tokens: int | None = None
+    decoder_input_details: bool = False
+    watermark: bool = False
+
+    @field_validator(*TGI_UNSUPPORTED)
+    @classmethod
+    def _supported(cls, v: Any, info: ValidationInfo) -> Any:
+        return unsupported(v, info, TGI_UNSUPPORTED)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -116,6 +156,17 @@ class CompletionRequest(_Body):
     n: int = Field(1, ge=1, le=1)
     seed: Seed = None
     echo: bool = False
+    # OpenAI's, not supported: refused unless neutral
+    logprobs: int | None = None
+    best_of: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator(*OPENAI_UNSUPPORTED)
+    @classmethod
+    def _supported(cls, v: Any, info: ValidationInfo) -> Any:
+        return unsupported(v, info, OPENAI_UNSUPPORTED)
 
     @field_validator("prompt")
     @classmethod
@@ -185,7 +236,7 @@ class InfillRequest(_Body):
     input_suffix: str = ""
     input_extra: list[InfillExtra] = Field(default_factory=list)
     prompt: str = ""  # llama.vim: the current line up to the cursor, after input_prefix
-    n_predict: int = Field(-1, ge=-1)  # -1: up to the server's max_new_tokens
+    n_predict: int = Field(-1, ge=-1)  # -1: up to the server's max_new_tokens; 0: none (llama.vim's warm-ups)
     temperature: float = LLAMACPP_DEFAULT_TEMPERATURE  # <= 0: greedy
     top_k: int = LLAMACPP_DEFAULT_TOP_K
     top_p: float = Field(LLAMACPP_DEFAULT_TOP_P, gt=0, le=1)
@@ -193,13 +244,6 @@ class InfillRequest(_Body):
     stream: bool = False
     seed: Seed = None  # -1: a random one (llama.cpp)
     model: str | None = None
-
-    @field_validator("n_predict")
-    @classmethod
-    def _not_zero(cls, v: int) -> int:
-        if v == 0:
-            raise ValueError("n_predict must be -1 (server limit) or at least 1")
-        return v
 
 
 class InfillResponse(BaseModel):

@@ -100,7 +100,9 @@ async def completions(svc: Service, request: Request, req: s.CompletionRequest) 
         if len(prompts) > 1:
             raise ApiError(422, "prompt: streaming takes one prompt", "prompt")
         job = svc.submit(prompts[0], params, adapter, stream=True)
-        return StreamingResponse(openai_events(svc, job, meta), media_type="text/event-stream", headers=SSE_HEADERS)
+        echo = texts[0] if req.echo else ""  # the prompt first, as in the answer without streaming
+        events = openai_events(svc, job, meta, echo)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     jobs = submit_all(svc, prompts, params, adapter)
     done = await svc.results(request, jobs)
     echo = req.prompts() if req.echo else [""] * len(done)
@@ -118,8 +120,9 @@ def usage(done: list[Completion]) -> s.Usage:
     return s.Usage(prompt_tokens=prompt, completion_tokens=new, total_tokens=prompt + new, prompt_tokens_details=cached)
 
 
-async def openai_events(svc: Service, job: Job, meta: dict[str, Any]) -> AsyncIterator[str]:
-    """`data: {chunk}` per piece of text, a last chunk with `finish_reason` and usage, then `data: [DONE]`."""
+async def openai_events(svc: Service, job: Job, meta: dict[str, Any], echo: str = "") -> AsyncIterator[str]:
+    """`data: {chunk}` per piece of text (``echo``, the prompt, first), a last chunk with `finish_reason`
+    and usage, then `data: [DONE]`."""
 
     def chunk(text: str, reason: str | None = None, **extra: Any) -> str:
         choice = s.CompletionChoice(index=0, text=text, finish_reason=reason)
@@ -127,6 +130,8 @@ async def openai_events(svc: Service, job: Job, meta: dict[str, Any]) -> AsyncIt
 
     sent = ""
     try:
+        if echo:
+            yield chunk(echo)
         async for event in job.events_until_done():
             if event.kind == "token" and event.text:
                 sent += event.text
@@ -165,6 +170,13 @@ async def infill(svc: Service, request: Request, req: s.InfillRequest) -> Any:
     params = svc.params(n_predict, "n_predict", req.temperature, req.top_p, req.top_k, req.stop, seed)
     context = extra_context(req)
     prompt = await svc.prepare(lambda: svc.fim_prompt(req.input_prefix + req.prompt, req.input_suffix, context))
+    if req.n_predict == 0:  # llama.vim warms its context up so: the prompt is read, nothing generated
+        final = infill_response(Completion("", len(prompt), 0, "length"), name, time.perf_counter())
+        if req.stream:
+            return StreamingResponse(
+                iter([sse(final.model_dump())]), media_type="text/event-stream", headers=SSE_HEADERS
+            )
+        return JSONResponse(jsonable_encoder(final))
     job = svc.submit(prompt, params, adapter, req.stream)
     started = time.perf_counter()
     if req.stream:
