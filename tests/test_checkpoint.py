@@ -68,7 +68,10 @@ def test_whole_optimizer_checkpoint_layout_is_unchanged(tmp_path):
     ckpt = checkpoint.latest_checkpoint(tmp_path)
     assert sorted(p.name for p in (ckpt / "state").iterdir()) == ["trainer_state.json", "training_state.pt"]
     assert json.loads((ckpt / "state" / "trainer_state.json").read_text()) == {"step": 1, "data": {"offset": 0}}
-    assert {"optimizer", "scheduler", "rng"} == checkpoint.load_state(ckpt)[1].keys()
+    # "rng" stays the main process's random state (what checkpoints before "rng_per_process" hold)
+    state = checkpoint.load_state(ckpt)[1]
+    assert {"optimizer", "scheduler", "rng", "rng_per_process"} == state.keys()
+    assert state["rng_per_process"][0]["python"] == state["rng"]["python"]
 
 
 def _two_writers(rank: int, run_dir, store) -> None:

@@ -2,6 +2,7 @@
 
 import itertools
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -776,3 +777,66 @@ def test_resume_refuses_an_adapter_that_does_not_fit(tmp_path, tiny_tokenizer, r
     save_file({k.replace("layers.", "blocks."): v for k, v in weights.items()}, str(path))
     with pytest.raises(FimtuneError, match=f"{len(weights)} of its {len(weights)} weights match no parameter"):
         quiet_fit(cfg, resume=True)
+
+
+def test_a_log_line_has_the_mean_loss_of_its_steps_and_the_rate_its_last_step_used(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache
+):
+    """As transformers' Trainer logs them: the loss is the mean over the steps since the last line
+    (not the last step's alone), and the learning rate is the one the step used (the first step of
+    a warm-up uses 0), also across a resume between two lines."""
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    extra = ("train.max_steps=6", "train.eval_every=0", "train.save_every=0", "train.warmup_steps=3")
+
+    def lines(name: str, *more: str, **kw) -> dict[int, dict]:
+        run = quiet_fit(run_config(tmp_path, base, repetitive_data, name, *extra, *more), **kw)
+        return {r["step"]: r for r in metrics(run) if "loss" in r}
+
+    each = lines("each", "train.log_every=1")
+    assert each[1]["lr"] == 0.0 and 0 < each[2]["lr"] < each[3]["lr"]
+    lr = float(run_config(tmp_path, base, repetitive_data).train.learning_rate)
+    assert each[4]["lr"] == pytest.approx(lr)  # the warm-up's end: step 4 is the first at the full rate
+    by3 = lines("by3", "train.log_every=3")
+    assert sorted(by3) == [3, 6]
+    for end in (3, 6):
+        assert by3[end]["loss"] == pytest.approx(sum(each[k]["loss"] for k in range(end - 2, end + 1)) / 3, rel=1e-6)
+        assert by3[end]["lr"] == each[end]["lr"]
+    lines("parted", "train.log_every=3", stop_after=4)
+    parted = lines("parted", "train.log_every=3", resume=True)
+    assert parted[6]["loss"] == pytest.approx(by3[6]["loss"], rel=1e-6)  # steps 5-6 after the resume, 4 before
+
+
+def test_fp16_steps_the_loss_scaler_skips_are_not_a_divergence(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache, monkeypatch
+):
+    """Under fp16 accelerate's loss scaler skips a step whose scaled gradients overflow and lowers its
+    scale (routine in a run's first steps): the run goes on, the skipped steps log no gradient norm
+    and the schedule waits for a step that is taken. (A CPU has no fp16 scaler: one is put on the
+    accelerator, as accelerate's is under fp16, and the first two steps' gradients overflow.)"""
+    from fimtune import train as train_module
+
+    make, setup = train_module.make_accelerator, train_module.setup
+
+    def with_scaler(cfg):
+        acc = make(cfg)
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        # as accelerate does under fp16: the gradients are unscaled before they are clipped
+        acc.unscale_gradients = lambda optimizer=None: [acc.scaler.unscale_(o.optimizer) for o in acc._optimizers]
+        return acc
+
+    def overflowing(cfg, acc):
+        s = setup(cfg, acc)
+        backwards = []
+        first = next(p for p in s.model.parameters() if p.requires_grad)
+        first.register_hook(lambda g: g * float("inf") if len(backwards.append(1) or backwards) <= 2 else g)
+        return s
+
+    monkeypatch.setattr(train_module, "make_accelerator", with_scaler)
+    monkeypatch.setattr(train_module, "setup", overflowing)
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    extra = ("train.max_steps=6", "train.eval_every=0", "train.log_every=1", "train.warmup_steps=2")
+    run = quiet_fit(run_config(tmp_path, base, repetitive_data, "fp16", *extra))
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert len(rows) == 6 and [r["step"] for r in rows if "grad_norm" not in r] == [1, 2], rows
+    assert all(math.isfinite(r["grad_norm"]) for r in rows[2:])
+    assert [r["lr"] for r in rows[:4]] == [0.0, 0.0, 0.0, rows[3]["lr"]] and rows[3]["lr"] > 0  # the warm-up waited

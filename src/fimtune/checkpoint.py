@@ -96,12 +96,14 @@ def save_checkpoint(
     data_state: dict[str, Any],
     extra: dict[str, Any] | None = None,
     optimizer_parts: int = 0,
+    rng: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write `checkpoints/step-N/{adapter,state}` atomically and point `adapter`, `state` at it.
 
     ``save_adapter(folder)`` writes the PEFT adapter (``model.save_pretrained``).
     ``optimizer_parts`` > 0: ``optimizer`` is None and the processes have written that many parts of
     it into :func:`pending_folder` (:func:`save_optimizer_part`), which this completes.
+    ``rng``: each process's :func:`rng_state`, in process order (default: this process's alone).
     """
     ckpt_root = run_dir / CHECKPOINTS
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,8 @@ def save_checkpoint(
     try:
         save_adapter(tmp / "adapter")
         (tmp / "state").mkdir(parents=True, exist_ok=bool(optimizer_parts))
-        states = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+        per_process = rng or [rng_state()]
+        states = {"scheduler": scheduler.state_dict(), "rng": per_process[0], "rng_per_process": per_process}
         if optimizer_parts:
             _check_parts(tmp, optimizer_parts)
         else:

@@ -352,6 +352,22 @@ class Loaded:
     run_dir: Path | None = None
 
 
+def position_limit(model: Any) -> tuple[int | None, bool]:
+    """The positions ``model``'s config states, and whether they are learned embeddings (GPT-BigCode's
+    `wpe`: a position past them is an IndexError, on a GPU a device-side assert) rather than rotary
+    (past them it runs, on what it was not trained on)."""
+    from fimtune.evaluate.variants import context_length
+
+    limit = context_length(model)
+    if limit is None:
+        return None, False
+    tokens = model.get_input_embeddings()
+    learned = any(
+        isinstance(m, torch.nn.Embedding) and m is not tokens and m.num_embeddings == limit for m in model.modules()
+    )
+    return limit, learned
+
+
 def is_run_dir(path: str | Path) -> bool:
     p = Path(path)
     return (p / "config.yaml").is_file() and (p / "adapter" / "adapter_config.json").is_file()

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,21 +57,22 @@ class Setup:
     tokens_per_step: int
     loss_chunk: int = 0  # tokens per chunk of the loss (0: all logits at once)
     cuda_graphs: bool = False  # blocks replayed as CUDA graphs (on a GPU): steps marked, bounds padded
+    skipped_in_a_row: int = 0  # steps fp16's loss scaler skipped in a row, up to the last
+    resumed_window: dict[str, Any] = field(default_factory=dict)  # a checkpoint's steps since its last log line
+
+
+MAX_SKIPPED_STEPS = 25  # in a row: the scaler halves its scale at each (2^16 down to 2^-9), then it is a divergence
 
 
 def check_context(model: Any, seq_length: int) -> None:
     """Refuse rows longer than a model's learned position embeddings (GPT-BigCode's `wpe`: an index
     past them is an IndexError, on a GPU a device-side assert); warn past a rotary model's stated
     context (it runs, but past what it was trained on)."""
-    from fimtune.evaluate.variants import context_length
+    from fimtune.model import position_limit
 
-    limit = context_length(model)
+    limit, learned = position_limit(model)
     if limit is None or seq_length <= limit:
         return
-    tokens = model.get_input_embeddings()
-    learned = any(
-        isinstance(m, torch.nn.Embedding) and m is not tokens and m.num_embeddings == limit for m in model.modules()
-    )
     if learned:
         raise FimtuneError(
             f"packing.seq_length={seq_length} is longer than the model's {limit} learned positions: "
@@ -433,11 +434,11 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
         save_config(cfg, run_dir / "config.yaml")
         s.tokenizer.save_pretrained(run_dir / "tokenizer")
     acc.wait_for_everyone()
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=acc.is_main_process)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=acc.is_main_process, resumed_at=start_step)
     metrics.truncate(start_step)  # events logged after the checkpoint by an interrupted run
     bar = _progress(start_step, s.max_steps, disable=not acc.is_main_process)
     s.model.train()
-    log_window = _Window()
+    log_window = _Window(**s.resumed_window)  # the steps since the last log line, before the checkpoint
     pending: _Pending | None = None  # the step whose loss is not read yet (read once the next is queued)
     for step in range(start_step, s.max_steps):
         if tc.eval_every and step % tc.eval_every == 0:
@@ -447,11 +448,11 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
         values = train_step(s, tc, run_dir, step)
         done = step + 1
         _finish(pending, s, tc, metrics, bar, log_window)  # waits for the previous step only
-        pending = _Pending(done, values, s.scheduler.get_last_lr()[0])
+        pending = _Pending(done, values)
         if (tc.save_every and done % tc.save_every == 0) or done in (s.max_steps, stop_after):
             _finish(pending, s, tc, metrics, bar, log_window)
             pending = None
-            save(s, run_dir, done)
+            save(s, run_dir, done, log_window)
         if done == stop_after:
             bar.close()
             return run_dir
@@ -561,8 +562,19 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
         step_loss = loss if step_loss is None else step_loss + loss
     # Under DeepSpeed this clips nothing (its step did, by train.max_grad_norm) and returns the norm it saw.
     grad_norm = acc.clip_grad_norm_(_clipped_parameters(s), tc.max_grad_norm) if tc.max_grad_norm else None
+    lr = s.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler's next is the next step's)
     s.optimizer.step()
-    s.scheduler.step()
+    # fp16's loss scaler skips a step whose gradients overflowed (inf or NaN) and lowers its scale:
+    # routine in the first steps, not a divergence; the schedule waits for a step that is taken, as
+    # in transformers' Trainer. (The scaler read its overflow flag on the host already.)
+    skipped = acc.scaler is not None and acc.optimizer_step_was_skipped
+    s.skipped_in_a_row = s.skipped_in_a_row + 1 if skipped else 0
+    if s.skipped_in_a_row >= MAX_SKIPPED_STEPS:
+        raise diverged(
+            f"fp16's loss scaler skipped {MAX_SKIPPED_STEPS} steps in a row (their gradients overflowed)", run_dir
+        )
+    if not skipped:
+        s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=not in_place)
     assert step_loss is not None
     loss_mean = acc.reduce(step_loss, "sum") / n_tokens
@@ -572,13 +584,17 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
     read = copy_to_host(torch.stack([loss_mean.float().reshape(()), norm.float().reshape(())]))
     seconds = took()
 
-    def values() -> tuple[float, float | None, float]:
+    def values() -> tuple[float, float | None, float, float]:
         loss_value, norm_value = read()
-        # before this step's checkpoint: a gradient norm of inf or NaN gave the weights NaN
-        for what, value in (("loss", loss_value), ("gradient norm", norm_value if grad_norm is not None else 0.0)):
+        # before this step's checkpoint: a gradient norm of inf or NaN gave the weights NaN (unless
+        # fp16's loss scaler skipped the step)
+        checked = norm_value if grad_norm is not None and not skipped else 0.0
+        for what, value in (("loss", loss_value), ("gradient norm", checked)):
             if not math.isfinite(value):
                 raise diverged(f"the {what} became {value} at step {step + 1}", run_dir)
-        return loss_value, None if grad_norm is None else norm_value, seconds()
+        if skipped:
+            log.info("step %d: fp16 gradients overflowed; the loss scaler skipped the step", step + 1)
+        return loss_value, None if grad_norm is None or skipped else norm_value, seconds(), lr
 
     return values
 
@@ -664,6 +680,8 @@ class _Window:
 
     seconds: float = 0.0
     tokens: int = 0
+    losses: list[float] = field(default_factory=list)  # each step's loss
+    norms: list[float] = field(default_factory=list)  # each step's gradient norm (skipped steps' none)
 
 
 @dataclass
@@ -671,21 +689,26 @@ class _Pending:
     """A step queued on the device whose loss is not read yet."""
 
     done: int  # steps done once it finishes
-    values: Callable[[], tuple[float, float | None, float]]  # loss, grad norm, seconds
-    lr: float
+    values: Callable[[], tuple[float, float | None, float, float]]  # loss, grad norm, seconds, its learning rate
 
 
 def _finish(pending: _Pending | None, s: Setup, tc: Any, metrics: Any, bar: Any, window: _Window) -> None:
     """Read ``pending``'s loss (waiting for that step), log it and move the progress bar."""
     if pending is None:
         return
-    loss, grad_norm, seconds = pending.values()
+    loss, grad_norm, seconds, lr = pending.values()
     window.seconds, window.tokens = window.seconds + seconds, window.tokens + s.tokens_per_step
+    window.losses.append(loss)
+    if grad_norm is not None:
+        window.norms.append(grad_norm)
     if pending.done % tc.log_every == 0 or pending.done == s.max_steps:
-        rec = {"step": pending.done, "loss": loss, "lr": pending.lr, "tokens_per_s": window.tokens / window.seconds}
-        metrics.write(rec if grad_norm is None else {**rec, "grad_norm": grad_norm})
-        window.seconds, window.tokens = 0.0, 0
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{pending.lr:.2e}", tok_s=f"{s.tokens_per_step / seconds:,.0f}")
+        # the means over the steps since the last line, as transformers' Trainer logs them; the
+        # learning rate the last step used
+        loss_mean = sum(window.losses) / len(window.losses)
+        rec = {"step": pending.done, "loss": loss_mean, "lr": lr, "tokens_per_s": window.tokens / window.seconds}
+        metrics.write({**rec, "grad_norm": sum(window.norms) / len(window.norms)} if window.norms else rec)
+        window.seconds, window.tokens, window.losses, window.norms = 0.0, 0, [], []
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{s.tokens_per_step / seconds:,.0f}")
     bar.update(1)
 
 
@@ -777,9 +800,11 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
     return False
 
 
-def save(s: Setup, run_dir: Path, step: int) -> None:
+def save(s: Setup, run_dir: Path, step: int, window: _Window | None = None) -> None:
     """Checkpoint ``step``: the main process writes it, except a split optimizer state (DeepSpeed ZeRO,
     sharded FSDP), of which every process writes its part first."""
+    from accelerate.utils import gather_object
+
     from fimtune.engines import adapter_state_dict, optimizer_part, optimizer_sharding
 
     acc = s.accelerator
@@ -789,6 +814,8 @@ def save(s: Setup, run_dir: Path, step: int) -> None:
     bad = sum(not bool(v.isfinite().all()) for v in state_dict.values() if v.is_floating_point())
     if acc.reduce(_on_device(float(bad), acc.device), "sum") > 0:
         raise diverged(f"the adapter's weights are not finite after step {step} (not saved)", run_dir)
+    # each process's random state (a GPU's dropout draws from its own device's generator)
+    rng = gather_object([checkpoint.rng_state()]) if acc.num_processes > 1 else [checkpoint.rng_state()]
     sharding = optimizer_sharding(acc)
     if sharding:
         if acc.is_main_process:
@@ -807,12 +834,14 @@ def save(s: Setup, run_dir: Path, step: int) -> None:
 
         data = s.train_rows.state_dict()  # each process's place in its share of the rows
         extra: dict[str, Any] = {"processes": acc.num_processes}
+        if window is not None:  # the losses of the steps since the last log line: a resumed run logs their mean
+            extra["log_window"] = {"losses": window.losses, "norms": window.norms}
         if sharding:
             extra["optimizer_sharding"] = sharding
             parts = acc.num_processes
-            checkpoint.save_checkpoint(run_dir, step, save_adapter, None, s.scheduler, data, extra, parts)
+            checkpoint.save_checkpoint(run_dir, step, save_adapter, None, s.scheduler, data, extra, parts, rng)
         else:
-            checkpoint.save_checkpoint(run_dir, step, save_adapter, s.optimizer, s.scheduler, data, extra)
+            checkpoint.save_checkpoint(run_dir, step, save_adapter, s.optimizer, s.scheduler, data, extra, rng=rng)
     acc.wait_for_everyone()
 
 
@@ -865,8 +894,10 @@ def restore(s: Setup, run_dir: Path) -> int:
         drop_empty_groups(state["optimizer"], state["scheduler"])
         s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
-    checkpoint.set_rng_state(state["rng"])
+    per_process = state.get("rng_per_process") or []  # checkpoints before it: the main process's alone
+    checkpoint.set_rng_state(per_process[acc.process_index] if len(per_process) == acc.num_processes else state["rng"])
     s.train_rows.load_state_dict(meta["data"])
+    s.resumed_window = meta.get("log_window", {})
     return int(meta["step"])
 
 
@@ -901,9 +932,10 @@ def drop_empty_groups(optimizer_state: dict[str, Any], scheduler_state: dict[str
 class MetricsLog:
     """Append-only `metrics.jsonl` (and TensorBoard when installed)."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool, resumed_at: int = 0) -> None:
         self.path, self.enabled = path, enabled
-        self.tb = _tensorboard(path.parent) if enabled else None
+        # a resumed run's TensorBoard drops what the interrupted one logged after its checkpoint
+        self.tb = _tensorboard(path.parent, resumed_at + 1 if resumed_at else None) if enabled else None
 
     def truncate(self, step: int) -> None:
         """Keep the events before ``step`` (and the training log of ``step`` itself); atomic."""
@@ -933,14 +965,14 @@ class MetricsLog:
             self.tb.flush()
 
 
-def _tensorboard(run_dir: Path) -> Any:
+def _tensorboard(run_dir: Path, purge_step: int | None = None) -> Any:
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
 # --------------------------------------------------------------------------------------
