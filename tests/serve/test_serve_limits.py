@@ -123,3 +123,38 @@ def test_pickled_weights_are_refused(tmp_path, tiny_run):
         parse_adapters(["no-equals-sign"])
     with pytest.raises(FimtuneError, match="not base or default"):
         parse_adapters([f"base={tiny_run}"])
+
+
+def test_limits_past_a_models_learned_positions_are_lowered_to_fit(tmp_path, tiny_tokenizer, caplog):
+    """A GPT-BigCode of 256 learned positions served with room for 1,000 prompt tokens: the prompt's
+    room is lowered to 256 - max_new_tokens at start-up, so a long prompt is trimmed to fit (its
+    forward would fail past the positions: a 500, on a GPU a device-side assert)."""
+    from tests import tiny
+
+    from fimtune.errors import FimtuneError
+    from fimtune.serve.app import create_app
+    from fimtune.serve.engine import Limits, load_engine
+
+    base = tiny.save_model_folder(tiny.gpt_bigcode(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "bigcode")
+    limits = Limits(**{**TEST_LIMITS, "max_input_tokens": 1000, "max_new_tokens": 64})
+    with caplog.at_level("WARNING"):
+        engine, prompter, mode = load_engine(str(base), [], limits, "auto")
+    assert engine.limits.max_input_tokens == 256 - 64 and "lowered from 1000 to 192" in caplog.text
+    body = {"input_prefix": "x = 1\n" * 300, "input_suffix": "\n", "n_predict": 64, "temperature": 0}
+    with running(create_app(engine, prompter, mode)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/infill", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens_evaluated"] <= 192
+    with pytest.raises(FimtuneError, match="no room for a prompt"):
+        load_engine(str(base), [], Limits(**{**TEST_LIMITS, "max_new_tokens": 250}), "auto")
+    # with the engine in a process of its own, the server's handlers learn the lowered room from it
+    from serve_helpers import make_process_app
+
+    app = make_process_app(base, max_input_tokens=1000, max_new_tokens=64)
+    try:
+        assert app.state.service.limits.max_input_tokens == 192
+        with running(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+            r = c.post("/infill", json=body)
+        assert r.status_code == 200 and r.json()["tokens_evaluated"] <= 192, r.text
+    finally:
+        app.state.service.engine.stop()

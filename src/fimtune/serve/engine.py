@@ -688,6 +688,7 @@ def load_engine(
             raise FimtuneError(f"--adapter {name}: the name is taken by the served model; pick another")
         models[name] = name
     model = attach_adapters(loaded.model, adapters)
+    fit_limits_to_positions(limits, model)
     if quantize == "int8":
         if adapters:
             raise FimtuneError("--quantize int8 serves one model: drop --adapter, or serve without --quantize")
@@ -712,6 +713,42 @@ def load_engine(
     base_name = _base_name(loaded.run_dir) if loaded.run_dir else loaded.name
     engine = Engine(decoder, models, loaded.name, limits, base_name)
     return engine, FimPrompter(loaded.tokenizer), prompt_mode(mode, loaded.run_dir)
+
+
+def fit_limits_to_positions(limits: Limits, model: Any) -> None:
+    """Lower ``limits.max_input_tokens`` (in place) so that a prompt and its new tokens fit ``model``'s
+    learned positions (past them its forward fails: a 500, on a GPU a device-side assert that ends
+    the process's use of the GPU); past a rotary model's stated context, a warning."""
+    from fimtune.model import position_limit
+
+    limit, learned = position_limit(model)
+    if limit is None or limits.max_input_tokens + limits.max_new_tokens <= limit:
+        return
+    if not learned:
+        log.warning(
+            "--max-input-tokens %d + --max-new-tokens %d is past the model's stated context of %d tokens",
+            limits.max_input_tokens,
+            limits.max_new_tokens,
+            limit,
+        )
+        return
+    room = limit - limits.max_new_tokens
+    if room <= MIN_INPUT_TOKENS:
+        raise FimtuneError(
+            f"--max-new-tokens {limits.max_new_tokens} leaves no room for a prompt in the model's {limit} "
+            f"positions: lower it below {limit - MIN_INPUT_TOKENS}"
+        )
+    log.warning(
+        "--max-input-tokens lowered from %d to %d: the model has %d positions, and --max-new-tokens is %d",
+        limits.max_input_tokens,
+        room,
+        limit,
+        limits.max_new_tokens,
+    )
+    limits.max_input_tokens = room
+
+
+MIN_INPUT_TOKENS = 8  # the FIM tokens and some code (as `fimtune serve` checks --max-input-tokens)
 
 
 def _base_name(run_dir: Path) -> str:

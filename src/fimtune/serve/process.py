@@ -160,6 +160,7 @@ class EngineProcess:
         info = first[1]
         self.models, self.default_model, self.base_name = info["models"], info["default_model"], info["base_name"]
         self.device_type, self._described = info["device_type"], info["describe"]
+        self.limits.max_input_tokens = info["max_input_tokens"]  # the handlers trim prompts to it
         self._receiver = threading.Thread(target=self._receive, name="fimtune-engine-receiver", daemon=True)
         self._receiver.start()
         return FimPrompter(info["tokenizer"]), info["mode"]
@@ -393,6 +394,7 @@ def _engine_main(conn: Any, factory: EngineFactory, threads: int | None, log_lev
             "base_name": engine.base_name,
             "device_type": engine.device_type,
             "describe": engine.describe(),
+            "max_input_tokens": engine.limits.max_input_tokens,  # lowered there to the model's positions
         }
     )
 
