@@ -69,7 +69,8 @@ fi
 
 # 2. Training: fimtune's step (c) (run 9: 82,858 tokens/s, 97.5% of the target, the host still
 #    barely setting its pace); naive bf16 (b) and the recipe's regime (a), for the ratios in one run,
-#    before anything new can fault the process's CUDA context. Then the graphs with the frozen
+#    before anything new can fault the process's CUDA context; (b) without attention dropout, as (c)
+#    trains (its kernels have none: the like-for-like ratio, never measured). Then the graphs with the frozen
 #    base's products in FP8 (run 8: 84.8 ms of GPU time a step against (c)'s 93, but more host work,
 #    which the graphs take out; never run); the CUDA graphs alone (run 9: +0.8%); LoRA's rank-wide
 #    products as fused sums; the blocks' kernels started from C++; QLoRA (its memory target, 5.62 GiB
@@ -77,7 +78,7 @@ fi
 #    (c) and the graphs with FP8 are profiled (GPU time, then the host's); variants past the budget
 #    are skipped.
 share=$(($(left) - $(part latency && echo 175 || echo 5)))  # the latency part's warm-up alone takes ~80 s
-part train && timeout $share python3 benchmarks/train_throughput.py --variants c,b,a,c-graphs-fp8,c-graphs,c-lora-sums,c-cpp-wrapper,qlora,c-graphs-mem,c-mem \
+part train && timeout $share python3 benchmarks/train_throughput.py --variants c,b,a,b-attn0,c-graphs-fp8,c-graphs,c-lora-sums,c-cpp-wrapper,qlora,c-graphs-mem,c-mem \
     --activation-memory 0.85 --budget-s $((share - 40)) --profile /tmp/gpu-profiles --profile-variants c,c-graphs-fp8 \
     --json "$OUT/train.json" 2>&1 | tee "$OUT/train.log"
 

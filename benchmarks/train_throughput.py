@@ -13,6 +13,7 @@ batch 4 x 2048 tokens, on a fresh model (same seed, same random weights):
 (a) recipe   the seed's regime: fp32 weights, SDPA, gradient checkpointing; a plain PEFT loop
              (`model(input_ids, labels=...)`, `loss.backward()`, `optimizer.step()`)
 (b) naive    fp32 weights under bf16 autocast, SDPA; the same plain PEFT loop
+b-attn0      (b) without attention dropout, as (c) trains (its kernels have none)
 (c) fimtune  `fimtune.train.prepare_model` + `fimtune.train.train_step`, defaults for a CUDA
              GPU: bf16 weights + autocast, `varlen` FlashAttention, the loss in chunks of
              4096 tokens, compiled blocks, hashed dropout masks, fused AdamW, FlashAttention-4
@@ -52,8 +53,11 @@ c-repeat-kv  c-fa2 with StarCoder's one key/value head repeated for the 16 query
 qlora        (c) on a 4-bit NF4 base (bitsandbytes, double quantization), gradient
              checkpointing, no compile
 
-TFLOP/s counts 4.9 GFLOP per token for the 1B shape (../shared/DESIGN.md): the forward, and the
-backward through activations (no weight gradients of the frozen base). Before (c) trains, its
+TFLOP/s counts the model's FLOPs a token (:func:`flop_per_token`: 5.08 GFLOP for the 1B shape at
+2048 tokens; runs 1-9 counted 4.9, 3.7% too few): the forward, and the backward through activations
+(no weight gradients of the frozen base). (c) trains without attention dropout (its varlen kernels
+have none; the model's other dropouts stay), where (a) and (b) keep StarCoder's 0.1 in SDPA: `b-attn0`
+is (b) without it, the like-for-like baseline. Before (c) trains, its
 loss on a fixed batch is checked against plain transformers (SDPA, full logits).
 
 Each variant also reports `queue_ms`: the host's time to queue a step (the median of the calls;
@@ -83,7 +87,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-GFLOP_PER_TOKEN = {"starcoderbase-1b": 4.9, "tiny": None, "narrow": None}
+SHAPE_NAMES = ["starcoderbase-1b", "tiny", "narrow"]
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 TINY = {"vocab_size": 512, "n_positions": 256, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_inner": 128}
 NARROW = {"vocab_size": 512, "n_embd": 128, "n_inner": 512}  # the 1B's 24 blocks and 16 heads, thin
@@ -92,6 +96,7 @@ ALL = [
     "c",
     "b",
     "a",
+    "b-attn0",
     "c-ckpt",
     "qlora",
     "c-mb2",
@@ -125,14 +130,36 @@ def model_config(shape: str) -> Any:
     return config
 
 
-def random_model(shape: str, device: torch.device, dtype: torch.dtype, attn: str) -> Any:
+def random_model(
+    shape: str, device: torch.device, dtype: torch.dtype, attn: str, attention_dropout: float | None = None
+) -> Any:
     """The same random weights every time (initialised in fp32 on ``device``, then cast)."""
     from transformers import AutoModelForCausalLM
 
+    config = model_config(shape)
+    if attention_dropout is not None:
+        config.attn_pdrop = attention_dropout
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(model_config(shape), dtype=torch.float32, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
     return model.to(dtype)
+
+
+def flop_per_token(config: Any, length: int) -> float:
+    """A training token's FLOPs for LoRA on a frozen GPT-BigCode: the forward (2 a weight of the
+    matrix products, the head included, and causal attention's two products: QK^T and PV over half
+    the row on average), and the backward through the activations (the products again, attention's
+    four: dQ, dK, dV, dP); no gradient of the frozen weights, LoRA's own negligible.
+
+    >>> round(flop_per_token(model_config("starcoderbase-1b"), 2048) / 1e9, 2)
+    5.08
+    """
+    d, layers, vocab = config.n_embd, config.n_layer, config.vocab_size
+    kv = d // config.n_head * (1 if getattr(config, "multi_query", True) else config.n_head)
+    inner = config.n_inner or 4 * d
+    weights = layers * (d * (d + 2 * kv) + d * d + 2 * d * inner) + d * vocab
+    attention = layers * 2 * (2 * d * length / 2)
+    return 4 * weights + 3 * attention
 
 
 def batches(vocab: int, batch: int, length: int, device: torch.device, docs: bool, seed: int = 1):
@@ -180,10 +207,16 @@ def run_config(args: argparse.Namespace, *extra: str) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-def plain_peft(args: argparse.Namespace, device: torch.device, autocast: bool, checkpointing: bool) -> dict:
+def plain_peft(
+    args: argparse.Namespace,
+    device: torch.device,
+    autocast: bool,
+    checkpointing: bool,
+    attention_dropout: float | None = None,
+) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    model = random_model(args.shape, device, torch.float32, "sdpa")
+    model = random_model(args.shape, device, torch.float32, "sdpa", attention_dropout)
     if checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -436,6 +469,10 @@ def timed(step: Any, args: argparse.Namespace, device: torch.device) -> dict:
             t = time.perf_counter()
             result = step()
             queues.append(time.perf_counter() - t)
+            if not callable(result):  # a plain loop's step read its loss: it ended as it returned
+                losses.append(result)
+                reads.append(time.perf_counter())
+                continue
         if queued is not None:
             losses.append(read(queued))
             reads.append(time.perf_counter())
@@ -453,8 +490,8 @@ def timed(step: Any, args: argparse.Namespace, device: torch.device) -> dict:
         "warmup_s": warmup_s,
         "last_loss": losses[-1],
     }
-    if GFLOP_PER_TOKEN.get(args.shape):
-        out["tflops"] = tokens / sec * GFLOP_PER_TOKEN[args.shape] / 1000
+    if args.shape == "starcoderbase-1b":
+        out["tflops"] = tokens / sec * flop_per_token(model_config(args.shape), args.length) / 1e12
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -470,8 +507,11 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
         torch.cuda.reset_peak_memory_stats()
     if name == "a":
         return plain_peft(args, device, autocast=False, checkpointing=True)
-    if name == "b":
-        return plain_peft(args, device, autocast=device.type == "cuda", checkpointing=False)
+    if name in ("b", "b-attn0"):
+        attention_dropout = 0.0 if name == "b-attn0" else None
+        return plain_peft(
+            args, device, autocast=device.type == "cuda", checkpointing=False, attention_dropout=attention_dropout
+        )
     if name == "qlora" and device.type != "cuda":
         return {"skipped": "needs a CUDA GPU (bitsandbytes)"}
     if name in GRAPHS and device.type != "cuda":
@@ -512,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--variants", default=",".join(ALL), help=f"comma-separated, of {','.join(ALL)}")
-    p.add_argument("--shape", choices=sorted(GFLOP_PER_TOKEN), default="starcoderbase-1b")
+    p.add_argument("--shape", choices=sorted(SHAPE_NAMES), default="starcoderbase-1b")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=3)

@@ -35,3 +35,37 @@ def test_train_throughput_benchmark_runs_every_variant_on_a_tiny_shape(tmp_path)
     # fimtune's loss path (attention, loss) agrees with plain transformers on the same batch.
     assert res["c"]["check"]["rel_diff"] < 1e-4
     assert "(c)/(a)" in proc.stdout and "(c)/(b)" in proc.stdout
+
+
+def test_each_step_is_timed_once_whether_it_waits_for_its_end_or_not():
+    """A plain loop's step returns once it ended; fimtune's returns a reader of its loss, read once
+    the next step is queued. Either way each of the timed steps counts once, end to end: a plain
+    loop's last interval was ~0 (its end read again after the loop), biasing the median down."""
+    import argparse
+    import doctest
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_throughput
+    finally:
+        sys.path.pop(0)
+    args = argparse.Namespace(warmup=1, steps=4, batch=1, length=1, shape="tiny")
+
+    def plain():
+        time.sleep(0.02)
+        return 1.0
+
+    ends: list[float] = []
+
+    def queued():  # a device that runs each step 20 ms after the one before; the host only queues it
+        end = max(time.perf_counter(), ends[-1] if ends else 0.0) + 0.02
+        ends.append(end)
+        return lambda: (time.sleep(max(0.0, end - time.perf_counter())), 1.0)[1:]
+
+    for step in (plain, queued):
+        out = train_throughput.timed(step, args, torch.device("cpu"))
+        assert out["step_ms_min"] > 15 and out["step_ms"] < 60, (step.__name__, out)
+    assert doctest.testmod(train_throughput).failed == 0  # the 1B's FLOPs a token
