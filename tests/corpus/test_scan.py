@@ -167,3 +167,30 @@ def test_saved_dataset_folders_are_skipped(tmp_path):
     write(tmp_path, "data/mine/train/state.json", '{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
     docs, tally = scan_folder(tmp_path)
     assert list(docs) == ["a.py"] and tally.skipped_dirs == {"saved_dataset": 1}
+
+
+def test_a_subfolder_of_a_repository_keeps_the_gitignores_above_it(tmp_path):
+    """git applies a repository's .gitignore files to its subfolders: building one subfolder of a
+    monorepo leaves out what they ignore there, as `git check-ignore` does."""
+    write(tmp_path, "mono/.git/HEAD", "ref: refs/heads/main\n")
+    write(tmp_path, "mono/.gitignore", "generated/\nsecrets_local.py\n/top.py\n")
+    write(tmp_path, "mono/pkg/.gitignore", "*.tmp.py\n")
+    write(tmp_path, "mono/pkg/core/c.py", code("c"))
+    write(tmp_path, "mono/pkg/core/d.tmp.py", code("d"))
+    write(tmp_path, "mono/pkg/core/sub/.gitignore", "!keep.tmp.py\n")
+    write(tmp_path, "mono/pkg/core/sub/keep.tmp.py", code("keep"))
+    write(tmp_path, "mono/pkg/generated/api.py", code("api"))
+    write(tmp_path, "mono/pkg/secrets_local.py", code("s"))
+    write(tmp_path, "mono/pkg/top.py", code("top"))  # /top.py is anchored at mono/: not this one
+    docs, tally = scan_folder(tmp_path / "mono" / "pkg" / "core")
+    assert sorted(docs) == ["c.py", "sub/keep.tmp.py"] and tally.skipped_files["gitignore"] == 1
+    docs, tally = scan_folder(tmp_path / "mono" / "pkg")
+    assert sorted(docs) == ["core/c.py", "core/sub/keep.tmp.py", "top.py"]
+    assert tally.skipped_dirs["gitignore"] == 1 and tally.skipped_files["gitignore"] == 2
+
+
+def test_a_link_through_a_file_is_a_broken_link(tmp_path):
+    write(tmp_path, "ok.py", code("ok"))
+    os.symlink("ok.py/nothing", tmp_path / "link.py")
+    docs, tally = scan_folder(tmp_path)
+    assert list(docs) == ["ok.py"] and tally.skipped_files == {"broken_symlink": 1}

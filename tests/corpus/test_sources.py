@@ -161,3 +161,31 @@ def test_hub_offline_fails_fast(monkeypatch):
     with pytest.raises(DataError, match="smangrul/hf-stack-v1: the Hugging Face Hub .* is not reachable"):
         resolve_hub("smangrul/hf-stack-v1")
     assert time.monotonic() - start < 5
+
+
+def test_a_clones_links_into_its_git_folder_and_its_tracked_ignored_files(tmp_path):
+    """A cloned repository may link to files of its own .git folder (its config holds the clone's
+    URL, its logs the user's git name and e-mail): skipped and counted. A file a .gitignore matches
+    but git tracks (force-added, or committed before the rule) is in a fresh clone because git
+    keeps it: it is read, as git would give it."""
+    upstream = tmp_path / "upstream"
+    upstream.mkdir()
+    os.symlink(".git/config", upstream / "cfg.ini")
+    os.symlink(".git/logs/HEAD", upstream / "log.txt")
+    git_repo(upstream, {"pkg/a.py": code("a"), ".gitignore": "*.gen.py\n"})
+    write(upstream, "schema.gen.py", code("schema"))
+    subprocess.run(["git", "add", "-f", "schema.gen.py"], cwd=upstream, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "commit", "-q", "-m", "generated"],
+        cwd=upstream,
+        check=True,
+        capture_output=True,
+        env={**os.environ, **GIT_ENV},
+    )
+    with ExitStack() as stack:
+        source = resolve_path(upstream.as_uri(), stack)
+        assert [d.file_path for d in docs_of(source)] == ["pkg/a.py", "schema.gen.py"]
+        assert source.tally.skipped_files["symlink_into_vcs"] == 2
+    local = resolve_path(str(upstream), ExitStack())  # the user's own folder: its .gitignore applies
+    assert [d.file_path for d in docs_of(local)] == ["pkg/a.py"]
+    assert local.tally.skipped_files["symlink_into_vcs"] == 2 and local.tally.skipped_files["gitignore"] == 1

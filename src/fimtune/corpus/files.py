@@ -15,9 +15,11 @@ import stat
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from fimtune.config import CorpusConfig
 from fimtune.corpus.filters import (
+    VCS_DIRS,
     decode,
     dir_reason,
     quality_reason,
@@ -87,7 +89,41 @@ def walk_folder(
     cloned from elsewhere could link to the user's own files: `symlink_outside`).
     """
     inside = os.path.join(os.path.realpath(root), "") if links_inside else None
-    yield from _walk(root, "", [], tally, respect_gitignore, (repo_id, ""), inside)
+    specs = _gitignores_above(root) if respect_gitignore else []
+    yield from _walk(root, "", specs, tally, respect_gitignore, (repo_id, ""), inside)
+
+
+class _Above:
+    """A `.gitignore` of a folder above the walked one (in the same repository): it sees paths from
+    its own folder, ``prefix`` (the walked folder's path from there) first."""
+
+    def __init__(self, spec: Any, prefix: str) -> None:
+        self.spec, self.prefix = spec, prefix
+
+    def check_file(self, path: str) -> Any:
+        return self.spec.check_file(self.prefix + path)
+
+
+def _gitignores_above(root: str) -> list:
+    """The `.gitignore` files between ``root``'s repository root and ``root`` (git applies them to a
+    subfolder too), as specs for paths relative to ``root``; none outside a repository."""
+    here = os.path.realpath(root)
+    folders, parent = [], here
+    while True:
+        if os.path.exists(os.path.join(parent, GIT_MARKER)):
+            break
+        up = os.path.dirname(parent)
+        if up == parent:  # no repository above
+            return []
+        folders.append(up)
+        parent = up
+    specs = []
+    for folder in reversed(folders):
+        path = os.path.join(folder, GITIGNORE)
+        if os.path.isfile(path):
+            prefix = os.path.relpath(here, folder).replace(os.sep, "/") + "/"
+            specs.append(("", _Above(_load_gitignore(path), prefix)))
+    return specs
 
 
 def _walk(
@@ -125,9 +161,13 @@ def _walk(
             tally.skip_dir("symlink_dir")
             continue
         tally.seen()
-        if inside is not None and entry.is_symlink() and not os.path.realpath(entry.path).startswith(inside):
-            kind = "symlink_outside"
-        if kind in ("broken_symlink", "symlink_loop", "symlink_outside"):
+        if entry.is_symlink() and kind == "file":
+            target = os.path.realpath(entry.path)
+            if inside is not None and not target.startswith(inside):
+                kind = "symlink_outside"
+            elif VCS_DIRS & set(target[len(inside or "") :].split(os.sep)):
+                kind = "symlink_into_vcs"
+        if kind in ("broken_symlink", "symlink_loop", "symlink_outside", "symlink_into_vcs"):
             tally.skip(kind)
         elif specs and gitignored(specs, entry_rel, is_dir=False):
             tally.skip("gitignore")
@@ -152,9 +192,9 @@ def _entry_kind(entry: os.DirEntry) -> str:
         return "dir" if entry.is_dir(follow_symlinks=False) else "file"
     try:
         st = os.stat(entry.path)
-    except FileNotFoundError:
-        return "broken_symlink"
-    except OSError as e:
+    except OSError as e:  # a missing target, or a path to it through a file (ENOTDIR)
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "broken_symlink"
         return "symlink_loop" if e.errno == errno.ELOOP else "file"
     return "symlink_dir" if stat.S_ISDIR(st.st_mode) else "file"
 
@@ -216,9 +256,9 @@ def _read_bytes(path: str, max_file_size: int) -> tuple[bytes, str | None]:
     """The bytes of a regular file, or a reason: stat first, so big files are never read."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        return b"", "broken_symlink" if os.path.islink(path) else "unreadable"
     except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return b"", "broken_symlink" if os.path.islink(path) else "unreadable"
         return b"", "symlink_loop" if e.errno == errno.ELOOP else "unreadable"
     if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a device never ends
         return b"", "unreadable"

@@ -36,6 +36,7 @@ REASONS: dict[str, str] = {
     "broken_symlink": "symlink to nothing",
     "symlink_loop": "symlink loop",
     "symlink_outside": "in a cloned repository, a symlink to a file outside it",
+    "symlink_into_vcs": "a symlink to a file in a version-control folder (a repository's .git/config, logs: names, paths)",
     "unreadable": "could not be read (permission, I/O error, or not a regular file such as a FIFO)",
     "too_large": "larger than --max-file-size (checked before reading)",
     "binary": "holds NUL bytes",

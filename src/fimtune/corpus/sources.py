@@ -201,7 +201,10 @@ def _hub_offline() -> bool:
 def iter_documents(source: Source, cfg: CorpusConfig) -> Iterator[Document]:
     """The usable documents of ``source`` in path order; ``source.tally`` counts the rest."""
     if source.kind in ("folder", "git") or (source.kind == "package" and source.root):
-        walk = walk_folder(source.root, source.repo_id, source.tally, cfg.respect_gitignore, source.cloned)
+        # a fresh clone holds only tracked files: one a .gitignore matches was committed (force-added,
+        # or before the rule), and git keeps it, so no .gitignore applies there
+        gitignore = cfg.respect_gitignore and not source.cloned
+        walk = walk_folder(source.root, source.repo_id, source.tally, gitignore, source.cloned)
         for repo_id, rel, path in walk:
             doc = read_file(path, rel, repo_id, cfg, source.tally)
             if doc:
