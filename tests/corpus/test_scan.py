@@ -187,6 +187,9 @@ def test_a_subfolder_of_a_repository_keeps_the_gitignores_above_it(tmp_path):
     docs, tally = scan_folder(tmp_path / "mono" / "pkg")
     assert sorted(docs) == ["core/c.py", "core/sub/keep.tmp.py", "top.py"]
     assert tally.skipped_dirs["gitignore"] == 1 and tally.skipped_files["gitignore"] == 2
+    # a folder the repository ignores, asked for by name (a project's .venv/.../site-packages, say)
+    docs, tally = scan_folder(tmp_path / "mono" / "pkg" / "generated")
+    assert list(docs) == ["api.py"] and not tally.skipped_files
 
 
 def test_a_link_through_a_file_is_a_broken_link(tmp_path):

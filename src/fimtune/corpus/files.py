@@ -77,7 +77,12 @@ class Tally:
 
 
 def walk_folder(
-    root: str, repo_id: str, tally: Tally, respect_gitignore: bool = True, links_inside: bool = False
+    root: str,
+    repo_id: str,
+    tally: Tally,
+    respect_gitignore: bool = True,
+    links_inside: bool = False,
+    ancestors: bool = True,
 ) -> Iterator[tuple[str, str, str]]:
     """(repo_id, path relative to its repo, absolute path) of each candidate file, in sorted order.
 
@@ -86,10 +91,12 @@ def walk_folder(
     Skipped folders go to ``tally.skipped_dirs`` (never listed); files matched by a
     `.gitignore`, broken symlinks and symlink loops go to ``tally.skipped_files``.
     ``links_inside``: a file symlink is followed only to a file inside ``root`` (a repository
-    cloned from elsewhere could link to the user's own files: `symlink_outside`).
+    cloned from elsewhere could link to the user's own files: `symlink_outside`). ``ancestors``: the
+    `.gitignore` files between ``root``'s repository root and ``root`` apply too (unless they
+    ignore ``root`` itself); not for an installed package's folder.
     """
     inside = os.path.join(os.path.realpath(root), "") if links_inside else None
-    specs = _gitignores_above(root) if respect_gitignore else []
+    specs = _gitignores_above(root) if respect_gitignore and ancestors else []
     yield from _walk(root, "", specs, tally, respect_gitignore, (repo_id, ""), inside)
 
 
@@ -123,7 +130,9 @@ def _gitignores_above(root: str) -> list:
         if os.path.isfile(path):
             prefix = os.path.relpath(here, folder).replace(os.sep, "/") + "/"
             specs.append(("", _Above(_load_gitignore(path), prefix)))
-    return specs
+    # A folder the repository ignores (a virtual environment's site-packages inside a project, a
+    # build output) was asked for by name: its own files are wanted, whatever the rules above say.
+    return [] if specs and gitignored(specs, "", is_dir=True) else specs
 
 
 def _walk(

@@ -204,7 +204,8 @@ def iter_documents(source: Source, cfg: CorpusConfig) -> Iterator[Document]:
         # a fresh clone holds only tracked files: one a .gitignore matches was committed (force-added,
         # or before the rule), and git keeps it, so no .gitignore applies there
         gitignore = cfg.respect_gitignore and not source.cloned
-        walk = walk_folder(source.root, source.repo_id, source.tally, gitignore, source.cloned)
+        ancestors = source.kind != "package"  # a package's folder is no repository's
+        walk = walk_folder(source.root, source.repo_id, source.tally, gitignore, source.cloned, ancestors)
         for repo_id, rel, path in walk:
             doc = read_file(path, rel, repo_id, cfg, source.tally)
             if doc:
