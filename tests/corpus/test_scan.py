@@ -197,3 +197,12 @@ def test_a_link_through_a_file_is_a_broken_link(tmp_path):
     os.symlink("ok.py/nothing", tmp_path / "link.py")
     docs, tally = scan_folder(tmp_path)
     assert list(docs) == ["ok.py"] and tally.skipped_files == {"broken_symlink": 1}
+
+
+def test_a_byte_order_mark_is_no_content(tmp_path):
+    """A file with a UTF-8 byte order mark reads as its copy without one: the same text, so exact
+    dedup finds them (with the mark kept, the two landed on both sides of the split)."""
+    write(tmp_path, "a.py", code("scale"))
+    write(tmp_path, "b.py", b"\xef\xbb\xbf" + code("scale").encode())
+    docs, _ = scan_folder(tmp_path)
+    assert docs["a.py"] == docs["b.py"] == code("scale")

@@ -189,3 +189,28 @@ def test_a_clones_links_into_its_git_folder_and_its_tracked_ignored_files(tmp_pa
     local = resolve_path(str(upstream), ExitStack())  # the user's own folder: its .gitignore applies
     assert [d.file_path for d in docs_of(local)] == ["pkg/a.py"]
     assert local.tally.skipped_files["symlink_into_vcs"] == 2 and local.tally.skipped_files["gitignore"] == 1
+
+
+def test_table_rows_and_files_name_languages_alike_and_read_bytes_strictly(tmp_path):
+    """A `lang` column's names (The Stack's `C++`, `C#`) are the suffixes' (`cpp`, `csharp`); a Qt
+    translation file (`.ts`, XML) is no TypeScript; in JSON Lines a first line that is an array is
+    a malformed row, not the whole file, and a line that is not UTF-8 is counted `undecodable`
+    (as such a file in a folder is), never read with replacement characters."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "stack.parquet"
+    table = {"file_path": ["a.cpp", "b.cs", "c"], "lang": ["C++", "C#", "Shell"], "content": [code("a")] * 3}
+    pq.write_table(pa.table(table), path)
+    assert [d.language for d in docs_of(resolve_path(str(path), ExitStack()))] == ["cpp", "csharp", "shell"]
+    qt = '<?xml version="1.0" encoding="utf-8"?>\n<!DOCTYPE TS>\n<TS version="2.1">\n<context>x</context>\n</TS>\n'
+    write(tmp_path, "app/app_de.ts", qt)
+    write(tmp_path, "app/main.ts", "export const answer: number = 42;\nconsole.log(answer);\n")
+    docs = docs_of(resolve_path(str(tmp_path / "app"), ExitStack()))
+    assert [(d.file_path, d.language) for d in docs] == [("app_de.ts", "xml"), ("main.ts", "typescript")]
+    lines = tmp_path / "rows.jsonl"
+    good = json.dumps({"content": code("good")}).encode()
+    lines.write_bytes(b'["not", "an object"]\n' + good + b"\n" + b'{"content": "caf\xe9 = 1"}\n' + good + b"\n")
+    source = resolve_path(str(lines), ExitStack())
+    assert len(docs_of(source)) == 2
+    assert source.tally.skipped_files == {"malformed_row": 1, "undecodable": 1}

@@ -27,7 +27,7 @@ from fimtune.corpus.filters import (
     size_reason,
     suffix_reason,
 )
-from fimtune.corpus.languages import NOTEBOOK_SUFFIX, language_of
+from fimtune.corpus.languages import NOTEBOOK_SUFFIX, content_language, language_of
 from fimtune.corpus.notebooks import MalformedNotebook, notebook_to_code
 
 GITIGNORE = ".gitignore"
@@ -258,7 +258,7 @@ def read_file(path: str, rel: str, repo_id: str, cfg: CorpusConfig, tally: Tally
             text, language = notebook_to_code(text, keep_markdown=cfg.notebook_markdown)
         except MalformedNotebook:
             return tally.skip("malformed_notebook")
-    return accept(Document(repo_id, rel, language, text), cfg, tally)
+    return accept(Document(repo_id, rel, content_language(language, text), text), cfg, tally)
 
 
 def _read_bytes(path: str, max_file_size: int) -> tuple[bytes, str | None]:

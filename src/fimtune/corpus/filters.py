@@ -184,13 +184,14 @@ def size_reason(size: int, max_file_size: int) -> str | None:
 def decode(data: bytes) -> tuple[str | None, str | None]:
     """(text, None) for UTF-8 text, else (None, `binary` | `undecodable`).
 
-    >>> decode(b"x = 1\\n"), decode(b"\\x89PNG\\x00\\x01"), decode(b"caf\\xe9")
-    (('x = 1\\n', None), (None, 'binary'), (None, 'undecodable'))
+    >>> decode(b"x = 1\\n"), decode(b"\\x89PNG\\x00\\x01"), decode(b"caf\\xe9"), decode(b"\\xef\\xbb\\xbfx\\n")
+    (('x = 1\\n', None), (None, 'binary'), (None, 'undecodable'), ('x\\n', None))
     """
     if b"\0" in data:
         return None, "binary"
     try:
-        return data.decode("utf-8"), None
+        # a byte order mark is no text: kept, a file and its copy without one would differ (dedup)
+        return data.decode("utf-8-sig"), None
     except UnicodeDecodeError:
         return None, "undecodable"
 

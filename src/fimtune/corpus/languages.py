@@ -153,6 +153,45 @@ LINE_COMMENTS: dict[str, str] = {
 DEFAULT_LINE_COMMENT = "#"
 
 
+# Language names datasets use (The Stack's `lang`, GitHub's linguist) that differ from the names
+# above, which the file suffixes give
+LANGUAGE_ALIASES = {
+    "c++": "cpp",
+    "c#": "csharp",
+    "f#": "fsharp",
+    "objective-c++": "objective-c",
+    "bash": "shell",
+    "sh": "shell",
+    "zsh": "shell",
+    "js": "javascript",
+    "ts": "typescript",
+    "py": "python",
+    "golang": "go",
+}
+
+
+def canonical_language(name: str) -> str:
+    """``name`` (a dataset's language column) as the suffixes name it.
+
+    >>> canonical_language("C++"), canonical_language("C#"), canonical_language("Python")
+    ('cpp', 'csharp', 'python')
+    """
+    lowered = name.strip().lower()
+    return LANGUAGE_ALIASES.get(lowered, lowered)
+
+
+def content_language(language: str | None, text: str) -> str | None:
+    """``language`` corrected by the text where a suffix is shared: a Qt translation file (`.ts`,
+    XML) is no TypeScript.
+
+    >>> content_language("typescript", '<?xml version="1.0"?>\\n<!DOCTYPE TS>'), content_language("typescript", "let x = 1")
+    ('xml', 'typescript')
+    """
+    if language == "typescript" and text.lstrip().startswith("<?xml"):
+        return "xml"
+    return language
+
+
 def language_of(path: str) -> str | None:
     """The language of a file from its name (case-insensitive suffix), or None when unknown.
 

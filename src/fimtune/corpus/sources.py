@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlparse
 from fimtune.config import CorpusConfig
 from fimtune.corpus.files import Document, Tally, accept, read_file, walk_folder
 from fimtune.corpus.filters import path_dirs_reason, secret_name_reason, size_reason, suffix_reason
-from fimtune.corpus.languages import NOTEBOOK_SUFFIX, UNKNOWN, language_of
+from fimtune.corpus.languages import NOTEBOOK_SUFFIX, UNKNOWN, canonical_language, content_language, language_of
 from fimtune.corpus.notebooks import MalformedNotebook, notebook_to_code
 from fimtune.errors import DataError
 
@@ -250,6 +250,8 @@ def table_documents(rows: Iterable[Any], source: Source, cfg: CorpusConfig) -> I
 
 def _row_document(i: int, row: Any, source: Source, cfg: CorpusConfig) -> Document | None:
     tally = source.tally
+    if row is UNDECODABLE_ROW:
+        return tally.skip("undecodable")
     text = row.get(cfg.text_column) if isinstance(row, dict) else None
     if not isinstance(text, str):
         return tally.skip("malformed_row")
@@ -266,7 +268,8 @@ def _row_document(i: int, row: Any, source: Source, cfg: CorpusConfig) -> Docume
     reason = size_reason(size, cfg.max_file_size) or ("binary" if "\0" in text else None)
     if reason:
         return tally.skip(reason)
-    language = (_first_str(row, LANGUAGE_COLUMNS) or language_of(path) or UNKNOWN).lower()
+    column = _first_str(row, LANGUAGE_COLUMNS)
+    language = content_language(canonical_language(column) if column else language_of(path) or UNKNOWN, text)
     if path.lower().endswith(NOTEBOOK_SUFFIX) and text.lstrip().startswith("{"):
         try:
             text, language = notebook_to_code(text, keep_markdown=cfg.notebook_markdown)
@@ -319,18 +322,21 @@ def _parquet_rows(path: str, text_column: str) -> Iterator[dict[str, Any]]:
 
 
 def _json_rows(path: str, text_column: str) -> Iterator[Any]:
-    """Rows of a JSON Lines file, or of a .json file holding one array of objects."""
-    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte order mark is no row
-        head = f.read(1024).lstrip()
+    """Rows of a JSON Lines file, or of a .json file holding one array of objects. A line that is
+    not UTF-8 is `UNDECODABLE_ROW` (counted as `undecodable`, as such a file in a folder is)."""
+    with open(path, "rb") as f:
+        head = f.read(1024).lstrip(b"\xef\xbb\xbf \t\r\n")
         f.seek(0)
-        if head.startswith("["):
+        if path.lower().endswith(".json") and head.startswith(b"["):
             try:
-                rows = json.load(f)
+                rows = json.loads(f.read().decode("utf-8-sig"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"'{path}' is not UTF-8: {e}") from None
             except (ValueError, RecursionError) as e:
                 raise DataError(f"'{path}' is not valid JSON: {e or 'nested too deep'}") from None
             lines: Iterable[Any] = rows if isinstance(rows, list) else [rows]
         else:
-            lines = (_json_line(line) for line in f if line.strip())
+            lines = (_json_bytes_line(line, i == 0) for i, line in enumerate(f) if line.strip())
         checked = False
         for row in lines:
             if not checked and isinstance(row, dict):
@@ -344,6 +350,17 @@ def _json_line(line: str) -> Any:
         return json.loads(line)
     except (ValueError, RecursionError):  # RecursionError: nested too deep for Python's reader
         return None
+
+
+UNDECODABLE_ROW = object()  # a JSON Lines line that is not UTF-8
+
+
+def _json_bytes_line(line: bytes, first: bool) -> Any:
+    try:
+        text = line.decode("utf-8-sig" if first else "utf-8")  # -sig: a byte order mark is no row
+    except UnicodeDecodeError:
+        return UNDECODABLE_ROW
+    return _json_line(text)
 
 
 def _batch_rows(batch: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
