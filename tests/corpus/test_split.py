@@ -152,3 +152,24 @@ def test_a_chain_of_near_duplicates_lands_on_one_side(tmp_path):
         build([str(src)], out, keep_near_duplicates=True, validation_size=2, min_alnum_fraction=0, seed=seed)
         sides = {p for p in datasets.load_from_disk(str(out))["validation"]["file_path"] if p.startswith("chain_")}
         assert sides in (set(), {"chain_a.py", "chain_b.py", "chain_c.py"}), (seed, sides)
+
+
+def test_the_split_does_not_depend_on_the_order_of_the_sources(tmp_path):
+    """The same files and seed give the same validation files whichever order the sources come in,
+    and adding a file moves no other file to the other side."""
+    import datasets
+
+    for folder in ("sa", "sb"):
+        for i in range(10):
+            write(tmp_path / folder, f"{folder[-1]}{i}.py", code(f"{folder}_{i}"))
+
+    def validation(*sources: str) -> set[str]:
+        out = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}"
+        build([str(tmp_path / s) for s in sources], out, validation_size=4)
+        return set(datasets.load_from_disk(str(out))["validation"]["file_path"])
+
+    first = validation("sa", "sb")
+    assert len(first) == 4 and validation("sb", "sa") == first
+    write(tmp_path / "sa", "new.py", code("a_new_one"))
+    grown = validation("sa", "sb")
+    assert len(first & grown) >= 3  # the new file may take one place, nothing else moves

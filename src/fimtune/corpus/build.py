@@ -207,6 +207,7 @@ def split_kept(corpus: Corpus, kept: list[int], cfg: CorpusConfig) -> tuple[list
         split_by=cfg.split_by,
         mode=cfg.split_mode,
         seed=cfg.seed,
+        keys=[f"{corpus.docs[i].repo_id}/{corpus.docs[i].file_path}" for i in kept],
     )
 
 

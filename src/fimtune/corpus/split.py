@@ -16,6 +16,7 @@ empty validation split (said in the stats).
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -75,11 +76,15 @@ def split_files(
     split_by: str = "file",
     mode: str = "random",
     seed: int = 0,
+    keys: Sequence[str] | None = None,
 ) -> tuple[list[bool], dict[str, Any]]:
     """(is_validation per file, info) for files in path order.
 
     ``duplicate_of[i]`` is the index of the file whose cluster file i belongs to (i itself
-    when none). Units are files, or repos with ``split_by="repo"``.
+    when none). Units are files, or repos with ``split_by="repo"``. ``keys`` (a name for each
+    file, e.g. `repo/path`): the random order of the groups is that of a seeded hash of their
+    smallest key, so the split does not depend on the order the files came in (the sources'
+    order on the command line), and a file added or changed moves no other file's group.
     """
     check_split_args(validation_fraction, validation_size)
     n = len(repo_ids)
@@ -98,7 +103,9 @@ def split_files(
     n_units = units(list(range(n)))
     target = validation_target(n_units, validation_fraction, validation_size)
     order = list(members)  # groups in path order of their first file
-    if mode == "random":
+    if mode == "random" and keys is not None:
+        order.sort(key=lambda g: _rank(seed, min(keys[i] for i in members[g])))
+    elif mode == "random":
         random.Random(seed).shuffle(order)
     chosen = _take_groups(order, members, units, target, n)
     is_val = [False] * n
@@ -120,6 +127,10 @@ def split_files(
     if n_val == 0:
         info["note"] = "validation is empty: " + _why_empty(n_units, target, split_by)
     return is_val, info
+
+
+def _rank(seed: int, key: str) -> bytes:
+    return hashlib.sha256(f"{seed}\0{key}".encode()).digest()
 
 
 def _why_empty(n_units: int, target: int, split_by: str) -> str:
