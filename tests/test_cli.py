@@ -60,3 +60,19 @@ def test_overrides_may_follow_options(capsys):
 def test_unknown_option_is_an_argparse_error():
     res = run_cli("config", "--no-such-flag")
     assert res.returncode == 2 and "unrecognized arguments: --no-such-flag" in res.stderr
+
+
+def test_dry_run_and_config_refuse_what_a_run_would(capsys):
+    """`--dry-run` refuses what the run itself refuses after loading its model (two data sources,
+    quantization without a CUDA GPU); `fimtune config` checks the numbers' ranges as a run does."""
+    demo = ["train", "--config", "configs/smollm2-demo.yaml"]
+    assert main([*demo, "data.hf=smangrul/hf-stack-v1", "--dry-run"]) == 2  # data.path is set too
+    assert "set exactly one of data.path" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main([*demo, "model.quantization=4bit", "--dry-run"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert main([*demo, "--dry-run"]) == 0
+    capsys.readouterr()
+    assert main(["config", "lora.r=0"]) == 2 and "'lora.r' must be at least 1" in capsys.readouterr().err

@@ -41,6 +41,8 @@ def test_list_and_optional_overrides():
         ("train.gradient_checkpointing=maybe", "must be true or false"),
         ("lora=3", "is a section"),
         ("max_steps", "key=value"),
+        ("train.max_steps.x=1", "'train.max_steps' is not a section"),  # was a TypeError traceback
+        ("model.attn_implementation=flash", "must be one of sdpa, eager"),  # was transformers' traceback
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):
@@ -93,6 +95,21 @@ def test_yaml_unknown_key_names_file_and_key(tmp_path):
     assert str(p) in str(e.value) and "train.learning_rate" in str(e.value)
 
 
+def test_yaml_key_given_twice_is_an_error(tmp_path):
+    """YAML keeps the last of two equal keys: `lora:` twice would lose the first section's values."""
+    p = tmp_path / "dup.yaml"
+    p.write_text("lora:\n  r: 4\nlora:\n  alpha: 3\n")
+    with pytest.raises(ConfigError, match="the key 'lora' is given twice"):
+        load_run_config(p)
+    p.write_text("lora:\n  r: 4\n  r: 16\n")
+    with pytest.raises(ConfigError, match="the key 'r' is given twice"):
+        load_run_config(p)
+    assert load_run_config(None, ["model.attn_implementation=kernels-community/flash-attn"]).model
+    seed = Path(__file__).parents[1] / "configs" / "seed-starcoderbase-1b.yaml"  # sets train.max_steps
+    with pytest.raises(ConfigError, match="'train.max_steps' is not a section"):  # was a TypeError
+        load_run_config(seed, ["train.max_steps.x=1"])
+
+
 def test_yaml_not_a_mapping_and_missing(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("- a\n- b\n")
@@ -140,6 +157,14 @@ def test_seed_preset_is_the_model_card():
     assert (t.max_steps, t.batch_size, t.learning_rate, t.warmup_steps, t.weight_decay) == (100, 4, 5e-4, 30, 0.01)
     assert t.lr_scheduler == "cosine"
     assert (cfg.data.hf, cfg.data.text_column, cfg.data.validation_size) == ("smangrul/hf-stack-v1", "content", 4000)
+    # the recipe's own step, on a GPU too (where fimtune's defaults compile and chunk the loss)
+    assert (t.compile, t.loss_chunk_tokens, t.hashed_dropout, cfg.model.attn_implementation) == (
+        False,
+        0,
+        False,
+        "sdpa",
+    )
+    assert (t.mixed_precision, t.gradient_checkpointing, cfg.packing.mode) == ("no", True, "seed_exact")
 
 
 def test_every_field_has_help():

@@ -24,7 +24,7 @@ from fimtune.config import (
     describe,
     field_docs,
     from_dict,
-    load_config,
+    load_run_config,
     read_yaml,
 )
 from fimtune.errors import FimtuneError
@@ -106,16 +106,16 @@ def cmd_data_build(ns: argparse.Namespace) -> int:
 def cmd_data_inspect(ns: argparse.Namespace) -> int:
     from fimtune.preview import inspect_dataset
 
-    cfg: RunConfig = load_config(RunConfig, ns.config, ns.overrides)
+    cfg: RunConfig = load_run_config(ns.config, ns.overrides)
     print(inspect_dataset(Path(ns.dataset), model=ns.model, n=ns.n, cfg=cfg, split=ns.split))
     return 0
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from fimtune.config import load_run_config
-
     cfg = load_run_config(ns.config, ns.overrides)
-    from fimtune.train import describe_plan
+    from fimtune.train import describe_plan, preflight
+
+    preflight(cfg)  # what a run would refuse only after loading the model, refused now (--dry-run too)
 
     main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`, one plan, not one per process
     if main_process:
@@ -168,7 +168,7 @@ def cmd_config(ns: argparse.Namespace) -> int:
 
         from fimtune.config import to_dict
 
-        cfg = load_config(RunConfig, ns.config, ns.overrides)
+        cfg = load_run_config(ns.config, ns.overrides)
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     for key, tp, default, doc in describe(RunConfig):

@@ -470,11 +470,29 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> di
             hint = typing.get_type_hints(tp)[name]
             if i == len(path) - 1:
                 node[name] = value
+            elif not dataclasses.is_dataclass(hint):
+                raise ConfigError(f"config key '{where}{name}' is not a section, so '{text}' is invalid")
             else:
                 node[name] = dict(node.get(name) or {})
                 node = node[name]
             tp, where = hint, f"{where}{name}."
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in a mapping (it would keep the last one:
+    `lora:` twice loses the first section's values without a word)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"the key '{key}' is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -483,7 +501,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist (presets live in configs/)")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
     if data is None:
@@ -508,6 +526,13 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load the training configuration (see :class:`RunConfig`), its numbers checked (:data:`RANGES`)."""
     cfg = load_config(RunConfig, path, overrides)
+    attn = cfg.model.attn_implementation
+    if attn is not None and attn not in ATTENTIONS and "/" not in attn:  # "org/kernel": a Hub kernel
+        where = f"{path}: " if path else ""
+        raise ConfigError(
+            f"{where}config key 'model.attn_implementation' must be one of {', '.join(ATTENTIONS)} "
+            f"(or null: the default for the device); got {attn!r}"
+        )
     for key, ok, wanted in RANGES:
         section, _, name = key.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, name)
@@ -516,6 +541,9 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
             raise ConfigError(f"{where}config key '{key}' must be {wanted}; got {value!r}")
     return cfg
 
+
+# model.attn_implementation: transformers' attentions, and fimtune's packed-document one
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "varlen")
 
 # (key, check, what the check wants) of the numbers of a RunConfig; None passes (where a key may be null)
 RANGES: list[tuple[str, Callable[[Any], bool], str]] = [

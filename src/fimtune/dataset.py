@@ -20,10 +20,15 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "validation")
 
 
-def load_splits(cfg: DataConfig, seed: int = 0) -> Any:
-    """The train and validation splits named by ``cfg`` (exactly one of `path`, `hf`)."""
+def check_source(cfg: DataConfig) -> None:
+    """Exactly one of `path`, `hf`."""
     if bool(cfg.path) == bool(cfg.hf):
         raise DataError("set exactly one of data.path (a `fimtune data build` folder) or data.hf (a Hub dataset id)")
+
+
+def load_splits(cfg: DataConfig, seed: int = 0) -> Any:
+    """The train and validation splits named by ``cfg`` (exactly one of `path`, `hf`)."""
+    check_source(cfg)
     splits = _from_disk(Path(cfg.path)) if cfg.path else _from_hub(cfg, seed)
     for name in SPLITS:
         if cfg.text_column not in splits[name].column_names:

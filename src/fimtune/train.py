@@ -993,6 +993,18 @@ ASSUMED_FLOPS = {
 }
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Refuse what a run would refuse only after loading its model and data: its data source, and
+    quantization (bitsandbytes) without a CUDA GPU. `fimtune train` checks it before the plan, so
+    `--dry-run` says so too."""
+    from fimtune.dataset import check_source
+    from fimtune.model import quantization_config
+
+    check_source(cfg.data)
+    if cfg.model.quantization != "none" and not torch.cuda.is_available():
+        quantization_config(cfg.model.quantization, torch.device("cpu"))  # its error, with what to do
+
+
 def describe_plan(cfg: RunConfig) -> str:
     """What `fimtune train` will do: trainable parameters, tokens per step, device, dtype, duration."""
     import os
