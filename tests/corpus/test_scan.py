@@ -173,15 +173,12 @@ def test_a_subfolder_of_a_repository_keeps_the_gitignores_above_it(tmp_path):
     """git applies a repository's .gitignore files to its subfolders: building one subfolder of a
     monorepo leaves out what they ignore there, as `git check-ignore` does."""
     write(tmp_path, "mono/.git/HEAD", "ref: refs/heads/main\n")
-    write(tmp_path, "mono/.gitignore", "generated/\nsecrets_local.py\n/top.py\n")
-    write(tmp_path, "mono/pkg/.gitignore", "*.tmp.py\n")
-    write(tmp_path, "mono/pkg/core/c.py", code("c"))
-    write(tmp_path, "mono/pkg/core/d.tmp.py", code("d"))
-    write(tmp_path, "mono/pkg/core/sub/.gitignore", "!keep.tmp.py\n")
-    write(tmp_path, "mono/pkg/core/sub/keep.tmp.py", code("keep"))
-    write(tmp_path, "mono/pkg/generated/api.py", code("api"))
-    write(tmp_path, "mono/pkg/secrets_local.py", code("s"))
-    write(tmp_path, "mono/pkg/top.py", code("top"))  # /top.py is anchored at mono/: not this one
+    ignores = {"": "generated/\nsecrets_local.py\n/top.py\n", "pkg/": "*.tmp.py\n", "pkg/core/sub/": "!keep.tmp.py\n"}
+    for folder, rules in ignores.items():
+        write(tmp_path, f"mono/{folder}.gitignore", rules)
+    # pkg/top.py: mono/.gitignore's /top.py is anchored at mono/, not this one
+    for name in ("core/c", "core/d.tmp", "core/sub/keep.tmp", "generated/api", "secrets_local", "top"):
+        write(tmp_path, f"mono/pkg/{name}.py", code(name.replace("/", "_").replace(".", "_")))
     docs, tally = scan_folder(tmp_path / "mono" / "pkg" / "core")
     assert sorted(docs) == ["c.py", "sub/keep.tmp.py"] and tally.skipped_files["gitignore"] == 1
     docs, tally = scan_folder(tmp_path / "mono" / "pkg")
