@@ -90,6 +90,14 @@ def test_a_sentencepiece_style_suffix_and_completion_keep_their_spaces(prepend):
     assert _completion(pr, new, 3, GenerationParams()).text == "    return a"
 
 
+def test_a_byte_level_tokenizer_needs_no_continuation_copy(tiny_tokenizer):
+    """StarCoder's and SmolLM2's byte-level tokenizers put nothing before a text: no copy is made."""
+    from fimtune.tokenization import continuation, fast_backend
+
+    backend = fast_backend(tiny_tokenizer)
+    assert continuation(backend) is backend
+
+
 def test_prompts_encode_as_the_training_cache_and_from_many_threads_at_once(tiny_tokenizer):
     """The server tokenizes requests in a thread pool while its worker decodes: the prompter never
     changes a tokenizer setting (once it flipped special-token parsing around each encode)."""

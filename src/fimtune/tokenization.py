@@ -138,6 +138,11 @@ def _marked(backend: Any) -> Any:
     return Tokenizer.from_str(json.dumps(data))
 
 
+def _added_tokens(backend: Any) -> tuple:
+    """``backend``'s added tokens (id, text, special): a copy made of it is made again when they change."""
+    return tuple((i, t.content, t.special) for i, t in sorted(backend.get_added_tokens_decoder().items()))
+
+
 # tokenizer -> (its added tokens, the copy that encodes them as text), for tokenizers that need one
 _TEXT_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -149,56 +154,34 @@ def text_backend(tokenizer: Any) -> Any:
     backend = fast_backend(tokenizer)
     if not _unmarked(backend):
         return backend
-    added = tuple((i, t.content, t.special) for i, t in sorted(backend.get_added_tokens_decoder().items()))
+    added = _added_tokens(backend)
     cached = _TEXT_BACKENDS.get(tokenizer)
     if cached is None or cached[0] != added:
         _TEXT_BACKENDS[tokenizer] = cached = (added, _marked(backend))
     return cached[1]
 
 
-def _drop_dummy_prefix(node: Any) -> bool:
-    """Take the dummy prefix out of ``node`` (a tokenizer.json normalizer or pre-tokenizer, in place):
-    SentencePiece's "▁" before a text (a `Prepend` normalizer, a `Metaspace` that prepends) or
-    byte-level BPE's `add_prefix_space`. Whether it had one."""
+def _never_prepends(node: Any, decoder: bool = False) -> Any:
+    """``node`` (a normalizer, pre-tokenizer or decoder of tokenizer.json, changed in place) without
+    what puts a dummy prefix before a text, or takes its space off a decoded one: a `Prepend`
+    normalizer, a `Strip` of leading spaces (both dropped: None), a `Metaspace` that prepends,
+    byte-level BPE's `add_prefix_space` (its decoder's setting of that name changes nothing); inside
+    a `Sequence` too."""
     if not isinstance(node, dict):
-        return False
+        return node
     kind = node.get("type")
+    if kind == "Prepend" or (kind == "Strip" and node.get("start")):
+        return None
     if kind == "Sequence":
-        key = "normalizers" if "normalizers" in node else "pretokenizers"
-        items = node.get(key) or []
-        kept = [n for n in items if not (isinstance(n, dict) and n.get("type") == "Prepend")]
-        node[key] = kept
-        dropped = [_drop_dummy_prefix(n) for n in kept]  # each of them, not up to the first
-        return len(kept) != len(items) or any(dropped)
-    if kind == "Metaspace":
-        had = node.get("prepend_scheme", "always") != "never" or bool(node.get("add_prefix_space"))
+        key = next((k for k in ("normalizers", "pretokenizers", "decoders") if k in node), None)
+        if key is not None:
+            node[key] = [n for n in (_never_prepends(n, decoder) for n in node[key] or []) if n is not None]
+    elif kind == "Metaspace":
         node["prepend_scheme"] = "never"
         node.pop("add_prefix_space", None)
-        return had
-    if kind == "ByteLevel" and node.get("add_prefix_space"):
+    elif kind == "ByteLevel" and node.get("add_prefix_space") and not decoder:
         node["add_prefix_space"] = False
-        return True
-    return False
-
-
-def _keep_first_space(decoder: Any) -> bool:
-    """Take out of ``decoder`` (tokenizer.json's, in place) what drops the dummy prefix's space at
-    the start of a decoded text (a `Strip` of one leading space, a `Metaspace` that prepends).
-    Whether it had that."""
-    if not isinstance(decoder, dict):
-        return False
-    if decoder.get("type") == "Sequence":
-        items = decoder.get("decoders") or []
-        kept = [d for d in items if not (isinstance(d, dict) and d.get("type") == "Strip" and d.get("start"))]
-        decoder["decoders"] = kept
-        dropped = [_keep_first_space(d) for d in kept]
-        return len(kept) != len(items) or any(dropped)
-    if decoder.get("type") == "Metaspace":
-        had = decoder.get("prepend_scheme", "always") != "never" or bool(decoder.get("add_prefix_space"))
-        decoder["prepend_scheme"] = "never"
-        decoder.pop("add_prefix_space", None)
-        return had
-    return False
+    return node
 
 
 def continuation(backend: Any) -> Any:
@@ -211,18 +194,11 @@ def continuation(backend: Any) -> Any:
     from tokenizers import Tokenizer
 
     data = json.loads(backend.to_str())
-    normalizer = data.get("normalizer")
-    had = isinstance(normalizer, dict) and normalizer.get("type") == "Prepend"
-    if had:
-        data["normalizer"] = None
-    had = _drop_dummy_prefix(data.get("normalizer")) | had
-    had = _drop_dummy_prefix(data.get("pre_tokenizer")) | had
-    decoder = data.get("decoder")
-    if isinstance(decoder, dict) and decoder.get("type") == "Strip" and decoder.get("start"):
-        data["decoder"] = None
-        had = True
-    had = _keep_first_space(data.get("decoder")) | had
-    if not had:
+    parts = ("normalizer", "pre_tokenizer", "decoder")
+    before = json.dumps([data.get(part) for part in parts])
+    for part in parts:
+        data[part] = _never_prepends(data.get(part), decoder=part == "decoder")
+    if json.dumps([data.get(part) for part in parts]) == before:
         return backend
     copy = Tokenizer.from_str(json.dumps(data))
     copy.encode_special_tokens = backend.encode_special_tokens
@@ -236,7 +212,7 @@ _CONTINUATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def continuation_text_backend(tokenizer: Any) -> Any:
     """:func:`text_backend`, for text that goes on from text before it (:func:`continuation`)."""
     backend = text_backend(tokenizer)
-    added = tuple((i, t.content, t.special) for i, t in sorted(backend.get_added_tokens_decoder().items()))
+    added = _added_tokens(backend)
     cached = _CONTINUATIONS.get(tokenizer)
     if cached is None or cached[0] != added:
         _CONTINUATIONS[tokenizer] = cached = (added, continuation(backend))

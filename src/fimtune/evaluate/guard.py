@@ -9,8 +9,8 @@ nothing. In the child, :func:`main`:
   too (``os.remove``/``unlink``/``rmdir``/``rename``/``replace``: inside it they work, so
   ``tempfile`` does),
 - replaces destructive or escaping functions (chmod, chdir, kill, signals to other processes,
-  fork, exec, ``subprocess``, ``shutil.rmtree``, ``os._exit``, sockets...) with ones that raise
-  ``PermissionError``,
+  fork, exec, ``subprocess``, ``shutil.move``/``copy``, ``os._exit``, sockets...) with ones that
+  raise ``PermissionError``; ``shutil.rmtree`` works inside the folder only,
 - hides ``ctypes`` and ``resource`` (no easy way around the guards or the limits),
 - then runs ``sys.argv[1]`` as ``__main__``. A program that exits before its end (``exit()``,
   ``sys.exit(0)``, ``raise SystemExit``) fails with status 3: the checks after the exit never ran.

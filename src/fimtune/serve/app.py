@@ -30,7 +30,7 @@ from fimtune import __version__
 from fimtune.errors import FimtuneError
 from fimtune.serve import schemas as s
 from fimtune.serve import shapes
-from fimtune.serve.engine import Engine, Limits
+from fimtune.serve.engine import MIN_INPUT_TOKENS, Engine, Limits
 from fimtune.serve.http import CONTENT_TYPE, ApiError, Gate, error_response, read_json
 from fimtune.serve.process import EngineProcess
 from fimtune.serve.service import Service
@@ -266,8 +266,8 @@ def limits_from_args(ns: Any) -> Limits:
         lim.gemv_steps = False
     if getattr(ns, "overlap_joins", None) is not None:
         lim.overlap_joins = ns.overlap_joins
-    if lim.max_input_tokens <= 8:
-        raise FimtuneError("--max-input-tokens must be more than 8 (the FIM tokens and some code)")
+    if lim.max_input_tokens <= MIN_INPUT_TOKENS:
+        raise FimtuneError(f"--max-input-tokens must be more than {MIN_INPUT_TOKENS} (the FIM tokens and some code)")
     return lim
 
 

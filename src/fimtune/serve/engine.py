@@ -106,6 +106,8 @@ class Limits:
         return asdict(self)
 
 
+MIN_INPUT_TOKENS = 8  # a prompt's room must be more: the FIM tokens and some code
+
 # The limits the worker reads anew for each batch (and each join), which `Engine.set_batching` may
 # change while it serves; the others are settled at start-up or checked by the handlers.
 BATCHING_LIMITS = (
@@ -746,9 +748,6 @@ def fit_limits_to_positions(limits: Limits, model: Any) -> None:
         limits.max_new_tokens,
     )
     limits.max_input_tokens = room
-
-
-MIN_INPUT_TOKENS = 8  # the FIM tokens and some code (as `fimtune serve` checks --max-input-tokens)
 
 
 def _base_name(run_dir: Path) -> str:
