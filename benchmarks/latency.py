@@ -339,6 +339,13 @@ def main() -> int:
         "default: trees,trees+sdpa,trees+cublas",
     )
     gpu.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="the server rows this many times, every other pass in reverse order (after a first round "
+        "of the defaults, reported apart)",
+    )
+    gpu.add_argument(
         "--server-all-variants",
         action="store_true",
         help="the server rows for every --graphs variant (default: the first)",

@@ -34,7 +34,11 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
                       at batch 1 and 16: kernel time per step against its wall time, kernels per
                       step, the largest kernels' shares; whole tables in DIR  (diagnostics)
     server ...        uvicorn on 127.0.0.1, 16 clients x 10 OpenAI `/v1/completions` FIM requests
-                      (1,024 + 32 tokens each; target p95 <= 200 ms) with the server's defaults
+                      (1,024 + 32 tokens each; target p95 <= 200 ms): a first round with the
+                      server's defaults (reported apart: the first prompts of each shape), then the
+                      compared rows (--passes N: N times, every other pass in reverse order),
+                      each with its eager prefills' host time on shapes seen before and new ones:
+                      the server's defaults
                       (a batch starts 2 ms after its first request; on a GPU rows join the batch
                       in flight, one that joins alone prefilled beside the decoding steps, and
                       prompts are tokenized in threads); then variants: every join stalling the
@@ -794,9 +798,11 @@ def process_server_rows(
     graphs: str,
     deadline: float,
     variants: list[dict[str, Any]],
+    label: str = "",
 ) -> list[dict[str, Any]]:
     """The server with the engine in a process of its own: a row for each of ``variants`` (batching
-    limits changed in the engine's process, `set_batching`), as the budget allows."""
+    limits changed in the engine's process, `set_batching`), as the budget allows; ``label`` as
+    :func:`server_run`'s."""
     rows = []
     with process_server(args, key, deadline) as (engine, app, url, ready_s):
         load(s, url, CLIENTS, 1, args.clients_in_process)  # one untimed request per client: first batches
@@ -806,8 +812,11 @@ def process_server_rows(
                 print(f"-- server {changes}, engine process: skipped (budget)", flush=True)
                 continue
             with batching(engine, changes):
-                label = f"{graphs}, engine process"
-                rows.append(server_run(s, engine, url, ready_s, args.clients_in_process, threads, label))
+                rows.append(
+                    server_run(
+                        s, engine, url, ready_s, args.clients_in_process, threads, f"{graphs}, engine process", label
+                    )
+                )
     return rows
 
 
@@ -831,6 +840,13 @@ def server_rows(
         load(s, url, CLIENTS, 1, args.clients_in_process)  # one untimed request per client: first batches
         svc = app.state.service
         threads = svc.tokenize_in_threads
+        # The defaults' whole load once before the compared rows, reported apart: what the first
+        # prompts of each shape cost (kernels that build a plan per new shape, such as cuDNN's
+        # attention, in eager prefills) shows there, not in whichever row comes first (in runs 9
+        # and 10 the first row was the slowest, whatever its setting)
+        rows.append(
+            server_run(s, engine, url, ready_s, args.clients_in_process, threads, _graphs(engine), "first round")
+        )
         # limits changed per run: the server's defaults (rows join the batch in flight, a row that
         # joins alone prefilled beside the steps; on a GPU prompts tokenized in threads); every join
         # stalling the batch (the default before run 9); rows joining 4 at a time (or after 20 ms),
@@ -848,20 +864,28 @@ def server_rows(
             variants.append({"tokenize_in_threads": False})
         variants += [{"batch_wait_ms": ms} for ms in args.batch_wait_variants]
         variants += [{"switch_interval_ms": ms} for ms in args.switch_interval_variants]
-        for changes in variants:
+        # --passes: the rows again, every other pass in reverse order (the engine in a process of
+        # its own in the first only), so that no setting always runs first or last
+        order = [(1, changes) for changes in variants]
+        for number in range(2, args.passes + 1):
+            order += [(number, c) for c in (variants if number % 2 else variants[::-1]) if c != apart]
+        for number, changes in order:
+            label = f"pass {number}" if args.passes > 1 else ""
             need_s = 60 if changes == apart and args.device == "cuda" else 10  # there: a build and a warm-up
             if time.monotonic() > deadline - need_s:
-                print(f"-- server {changes}: skipped (budget)", flush=True)
+                print(f"-- server {changes}{', ' + label if label else ''}: skipped (budget)", flush=True)
                 continue
             if changes == apart:  # the defaults, then every join stalling the batch: one engine for both
-                rows += process_server_rows(s, args, key, _graphs(engine), deadline, [{}, in_line])
+                rows += process_server_rows(s, args, key, _graphs(engine), deadline, [{}, in_line], label)
                 continue
             # the engine's limits through `set_batching`; where prompts are tokenized is the server's
             limits = {name: value for name, value in changes.items() if name != "tokenize_in_threads"}
             svc.tokenize_in_threads = tokenize = changes.get("tokenize_in_threads", threads)
             try:
                 with batching(engine, limits):
-                    rows.append(server_run(s, engine, url, ready_s, args.clients_in_process, tokenize, _graphs(engine)))
+                    rows.append(
+                        server_run(s, engine, url, ready_s, args.clients_in_process, tokenize, _graphs(engine), label)
+                    )
             finally:
                 svc.tokenize_in_threads = threads
     finally:
@@ -870,11 +894,14 @@ def server_rows(
 
 
 def server_run(
-    s: Setup, engine: Any, url: str, ready_s: float, in_process: bool, threads: bool, graphs: str
+    s: Setup, engine: Any, url: str, ready_s: float, in_process: bool, threads: bool, graphs: str, label: str = ""
 ) -> dict[str, Any]:
-    """16 clients x 10 requests on the server at ``url``; ``engine`` is an Engine or an EngineProcess."""
+    """16 clients x 10 requests on the server at ``url``; ``engine`` is an Engine or an EngineProcess;
+    ``label`` (e.g. "pass 2") ends the row's scenario."""
     lim = engine.limits
     before, counted = engine.snapshot()
+    static = getattr(getattr(engine, "decoder", None), "static", None)  # in this process only
+    eager_before = (list(static.eager_prefills), list(static.eager_prefill_s)) if static is not None else None
     began = time.perf_counter()
     got = load(s, url, CLIENTS, REQUESTS_PER_CLIENT, in_process)
     seconds, usages, errors = got.seconds, got.usages, got.errors
@@ -885,7 +912,9 @@ def server_run(
     row: dict[str, Any] = {
         "scenario": f"server 16, {graphs}, wait {lim.batch_wait_ms:g}/{lim.batch_max_wait_ms:g}ms, "
         f"{joins}, tokenize {'threads' if threads else 'loop'}, switch {lim.switch_interval_ms:g}ms"
-        + (", clients in-process" if in_process else ""),
+        + (", clients in-process" if in_process else "")
+        + (f", {label}" if label else ""),
+        "label": label,
         "batch_max_wait_ms": lim.batch_max_wait_ms,
         "tokenize_in_threads": threads,
         "clients_in_process": in_process,
@@ -913,6 +942,13 @@ def server_run(
         "device_wait_s": stats.device_wait_s - before.device_wait_s,
         "cuda_graphs_active": engine.describe()["cuda_graphs_active"],
     }
+    if eager_before is not None:  # batches of prompts prefilled eagerly, on shapes seen before and new ones
+        calls = [now - then for now, then in zip(static.eager_prefills, eager_before[0], strict=True)]
+        host = [now - then for now, then in zip(static.eager_prefill_s, eager_before[1], strict=True)]
+        row["eager_prefills"] = {
+            kind: {"calls": n, "host_ms": 1000 * sec / max(1, n)}
+            for kind, n, sec in zip(("seen_shape", "new_shape"), calls, host, strict=True)
+        }
     if seconds:
         row["split_ms"] = split = time_split(got)
         row |= stats_ms(seconds)
@@ -931,6 +967,12 @@ def server_run(
             f"{row['device_wait_s'] / max(row['busy_s'], 1e-9):.0%} waiting for the GPU's steps; ms p50/p95: "
             + ", ".join(f"{name} {v['p50']:.0f}/{v['p95']:.0f}" for name, v in split.items())
         )
+        if "eager_prefills" in row:
+            seen, new = row["eager_prefills"]["seen_shape"], row["eager_prefills"]["new_shape"]
+            row["note"] += (
+                f"; eager prefills: {seen['calls']} of shapes seen before ({seen['host_ms']:.1f} ms of host each), "
+                f"{new['calls']} of new ones ({new['host_ms']:.1f} ms)"
+            )
     else:
         row["note"] = f"no request succeeded: {errors[:1]}"
     return row

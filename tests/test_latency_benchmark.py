@@ -18,6 +18,7 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
     run_script(
         "benchmarks/latency.py", "--device", "cpu", "--shape", "tiny", "--budget-s", "150",
         "--batch-wait-variants", "", "--graphs", "trees,trees+eager-prefill,trees+prefill", "--json", str(out),
+        "--passes", "2",
         "--profile-step", str(tmp_path / "profile"), "--profile-prefill", str(tmp_path / "profile"),
         env={"OMP_NUM_THREADS": "1", "PATH": ""},
     )  # fmt: skip
@@ -48,9 +49,24 @@ def test_gpu_latency_benchmark_runs_on_a_tiny_shape(tmp_path):
     assert 0 <= prefill["small_ms"] <= prefill["busy_ms"] and prefill["small_per_step"] <= prefill["per_step"]
     assert list(rows).index(prefill["scenario"]) > list(rows).index(next(n for n in rows if n.startswith("server")))
     assert "aten::mm" in Path(prefill["table"]).read_text() or "aten::addmm" in Path(prefill["table"]).read_text()
-    served = [r for name, r in rows.items() if name.startswith("server 16")]  # the first variant's
-    assert len(served) == 8 and all(r["errors"] == 0 and r["requests"] == 160 for r in served)
-    assert all(0 < r["prefill_s"] < r["busy_s"] and 0 <= r["device_wait_s"] < r["busy_s"] for r in served)
+    everything = [r for name, r in rows.items() if name.startswith("server 16")]  # the first variant's
+    assert all(r["errors"] == 0 and r["requests"] == 160 for r in everything)
+    assert all(0 < r["prefill_s"] < r["busy_s"] and 0 <= r["device_wait_s"] < r["busy_s"] for r in everything)
+    # a first round of the defaults, reported apart; then the compared rows twice, the second pass in
+    # reverse order and without the engine in a process of its own
+    first, served, again = everything[0], everything[1:9], everything[9:]
+    assert first["label"] == "first round" and first["continuous_batching"] and first["overlap_joins"]
+    assert [r["label"] for r in served] == ["pass 1"] * 8 and [r["label"] for r in again] == ["pass 2"] * 6
+    setting = ("continuous_batching", "overlap_joins", "join_min_rows", "batch_max_wait_ms")
+    in_line = [tuple(r[k] for k in setting) for r in served if not r["engine_process"]]
+    assert [tuple(r[k] for k in setting) for r in again] == in_line[::-1]
+    # each in-process row counts its eager prefills (on a CPU every prompt's), by whether the shape
+    # (rows, width) was new; the first round meets the first shapes
+    counted = [r for r in everything if not r["engine_process"]]
+    assert all("eager_prefills" not in r for r in everything if r["engine_process"])
+    assert all(sum(k["calls"] for k in r["eager_prefills"].values()) > 0 for r in counted)
+    assert first["eager_prefills"]["new_shape"]["calls"] > 0
+    assert sum(r["eager_prefills"]["seen_shape"]["calls"] for r in counted) > 0
     # the defaults (rows join, one joining alone prefilled beside the steps, a fixed 2 ms wait); every
     # join stalling the batch; rows joining 4 at a time, then that stalling the batch; the defaults with
     # the engine in a process of its own (its counters read through the pipe), then its joins stalling

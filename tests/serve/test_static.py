@@ -172,6 +172,17 @@ def test_single_prompts_prefilled_padded_to_a_length_bucket_give_generate_tokens
     assert static._single.states[0][0].shape[2] == 256 and not static._prefill_graphs  # no CUDA: nothing captured
 
 
+def test_eager_prefills_are_counted_by_whether_their_shape_was_seen_before(tiny_tokenizer):
+    """Batches of prompts prefill eagerly; each call counts as a new shape (rows, width) or one seen
+    before, with the host's seconds in it: kernels that plan per shape pay on a shape's first call."""
+    static = StaticDecoding(tiny_model("gpt_bigcode", tiny_tokenizer), MAX_LENGTH, 4, backend=None)
+    for prompts in ([[5, 6, 7], [8, 9]], [[1, 2], [3, 4, 5]], [[1, 2, 3, 4], [5]], [[7]], [[9, 9, 9], [1]]):
+        static.run_prefill(prompts)
+    assert static.eager_shapes == {(2, 3), (2, 4), (1, 1)}
+    assert static.eager_prefills == [2, 3]  # (2, 3) twice more after its first call
+    assert all(s > 0 for s in static.eager_prefill_s)
+
+
 def test_a_joining_row_is_prefilled_padded_and_gets_its_own_tokens(tiny_tokenizer):
     model, pr = never_ending(tiny_model("gpt_bigcode", tiny_tokenizer), tiny_tokenizer), FimPrompter(tiny_tokenizer)
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)

@@ -570,6 +570,12 @@ class StaticDecoding:
         self.stream = torch.cuda.Stream(self.device, priority=HIGHEST_PRIORITY) if self.device.type == "cuda" else None
         self.prefill_graphs_s = 0.0  # seconds spent capturing them
         self.single_prefills = 0  # prompts prefilled padded to a length bucket (through its graph on CUDA)
+        # Batches of prompts prefilled eagerly, by shape (rows, width): kernels that build a plan per
+        # new shape (cuDNN's attention) pay it on a shape's first call; the host's seconds in those
+        # calls against the others tell (latency_gpu.py's server rows)
+        self.eager_shapes: set[tuple[int, int]] = set()
+        self.eager_prefills = [0, 0]  # calls: on a shape seen before, on a new one
+        self.eager_prefill_s = [0.0, 0.0]  # the host's seconds in them, the same way
         self.warmup_s = 0.0
         self.warmup_by_bucket: dict[int, float] = {}  # seconds per batch size (compiling, mostly)
         self.batches = 0  # batches started (warm-up included)
@@ -752,8 +758,14 @@ class StaticDecoding:
             length = next((n for n in self.prefill_lengths if n >= len(prompts[0])), None)
             if length is not None:
                 return self._prefill_single(prompts[0], length)
+        began = time.perf_counter()
         ids, positions, mask = prefill_inputs(prompts, self.device)
         logits, states = self._prefill(ids, positions, mask)
+        shape = (ids.shape[0], ids.shape[1])
+        new = shape not in self.eager_shapes
+        self.eager_shapes.add(shape)
+        self.eager_prefills[new] += 1
+        self.eager_prefill_s[new] += time.perf_counter() - began
         return logits, states, positions, mask
 
     def _prefill_single(
