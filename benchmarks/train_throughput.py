@@ -42,6 +42,8 @@ c-graphs-mem c-graphs keeping a share of the activations (as c-mem: the GPU pres
              graphs' memory pool is its own, so the peak may differ from c-mem's
 c-graphs-fp8 c-graphs with the frozen base's products in FP8 (as c-fp8): less GPU time and more
              host work than (c) in run 8, so measured where the host's work is replayed
+c-graphs-fp8-mem c-graphs-fp8 keeping a share of the activations (as c-mem): the FP8 copies of
+             the weights put c-graphs-fp8 over 16 GiB in run 10
 c-fp8       (c) with the frozen base's products in FP8 (rowwise scales: `fast.fp8_frozen_products`):
              Hopper's FP8 rate against bf16's (an option, measured here); its loss on a fixed
              batch against the same model's in bf16 tells what the rounding costs
@@ -115,9 +117,11 @@ ALL = [
     "c-graphs",
     "c-graphs-mem",
     "c-graphs-fp8",
+    "c-graphs-fp8-mem",
 ]
 
-GRAPHS = ("c-graphs", "c-graphs-mem", "c-graphs-fp8")  # train.cuda_graphs
+GRAPHS = ("c-graphs", "c-graphs-mem", "c-graphs-fp8", "c-graphs-fp8-mem")  # train.cuda_graphs
+FP8 = ("c-fp8", "c-graphs-fp8", "c-graphs-fp8-mem")  # the frozen base's products in FP8
 
 
 def model_config(shape: str) -> Any:
@@ -258,7 +262,7 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
         extra += [f"train.batch_size={rows}", "train.gradient_accumulation_steps=2"]
     if variant == "c-eager":
         extra.append("train.compile=false")
-    if variant in ("c-mem", "c-graphs-mem"):
+    if variant in ("c-mem", "c-graphs-mem", "c-graphs-fp8-mem"):
         extra.append(f"train.activation_memory={args.activation_memory}")
     if variant == "c-nodrop":
         extra.append("lora.dropout=0.0")
@@ -301,7 +305,7 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     if variant == "c-lora-sums" and compiled:
         fast.compile_blocks(model, narrow_max=fast.NARROW_PRODUCT_MAX)  # the same blocks, compiled anew
         result["narrow_products"] = fast.NARROW_PRODUCT_MAX
-    if variant in ("c-fp8", "c-graphs-fp8"):
+    if variant in FP8:
         before, logits = fixed_batch_loss(model, args, device, chunk)
         result["fp8_layers"] = fast.fp8_frozen_products(model)
         after, fp8_logits = fixed_batch_loss(model, args, device, chunk)
@@ -312,7 +316,7 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
             "logits_rel_diff": relative_difference(fp8_logits, logits),
         }
         if compiled:  # the same blocks, compiled anew
-            fast.compile_blocks(model, mode="reduce-overhead" if variant == "c-graphs-fp8" else None)
+            fast.compile_blocks(model, mode="reduce-overhead" if variant in GRAPHS else None)
     result["cpp_wrapper"] = bool(torch._inductor.config.cpp_wrapper)
     result["lora_rank_padded"] = any(isinstance(m, fast._RankPaddedA) for m in model.modules())
     result["loss_chunk_tokens"] = chunk

@@ -562,7 +562,8 @@ def test_blocks_replayed_as_cuda_graphs_train_as_the_compiled_blocks(
 ):
     """`train.cuda_graphs`: the steps' losses and gradient norms as without CUDA graphs, read after
     later steps replayed the graphs (and validation ran between), and no graph skipped; also with
-    two micro-batches a step, whose second replays the graphs over the first's outputs."""
+    two micro-batches a step, whose second replays the graphs over the first's outputs; and (FP8
+    GPUs) with the frozen products in FP8, near them."""
     from torch._dynamo.utils import counters
 
     base = no_dropout_model(tmp_path, tiny_tokenizer)
@@ -579,6 +580,10 @@ def test_blocks_replayed_as_cuda_graphs_train_as_the_compiled_blocks(
     assert counters["inductor"]["cudagraph_skips"] == skips
     assert graphed == pytest.approx(plain, rel=1e-2)
     assert len(graphed_norms) == 6 and graphed_norms == pytest.approx(plain_norms, rel=2e-2)
+    if torch.cuda.get_device_capability() >= (8, 9):  # with the frozen products in FP8 (run 10's fastest)
+        fp8, fp8_norms = run("graphs-fp8", "train.cuda_graphs=true", "train.fp8_base=true")
+        assert counters["inductor"]["cudagraph_skips"] == skips
+        assert fp8 == pytest.approx(plain, rel=0.05) and fp8_norms == pytest.approx(plain_norms, rel=0.1)
     torch._dynamo.reset()
 
 

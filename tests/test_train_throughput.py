@@ -27,7 +27,7 @@ def test_train_throughput_benchmark_runs_every_variant_on_a_tiny_shape(tmp_path)
     report = json.loads(out.read_text())
     res = report["results"]
     assert list(res) == benchmark_variants()  # every variant, in order
-    gpu_only = ("qlora", "c-graphs", "c-graphs-mem", "c-graphs-fp8")
+    gpu_only = ("qlora", "c-graphs", "c-graphs-mem", "c-graphs-fp8", "c-graphs-fp8-mem")
     assert all("needs a CUDA GPU" in res[name]["skipped"] for name in gpu_only)
     for name, r in res.items():
         if name not in gpu_only:

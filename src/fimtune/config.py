@@ -224,16 +224,17 @@ class TrainConfig:
     twice the bf16 rate, but each product rounds to 3 mantissa bits, so the loss is not the bf16
     loss. Costs ~2 bytes a frozen parameter for the FP8 copies of the weights. GPUs of compute
     capability 8.9 or more (Ada, Hopper, Blackwell), or the CPU (slow: for checks); one process or
-    DDP, not FSDP or DeepSpeed. On an H200 the 1B shape's step took 10% less GPU time but ran 12%
-    slower: its operators added more host time, which set the pace (benchmarks/RESULTS.md, run 8)."""
+    DDP, not FSDP or DeepSpeed. Pair it with `cuda_graphs`: on an H200 the 1B shape then trained
+    at ~99,000 tokens/s against ~82,000 in bf16 (16.9 GiB at the peak); alone it ran 12% slower,
+    its operators adding host time, which set the pace (benchmarks/RESULTS.md, runs 8 and 10)."""
     cuda_graphs: bool = False
     """With `compile` on a CUDA GPU: each compiled block's forward and backward passes replayed as
     CUDA graphs (inductor's `reduce-overhead` mode), one launch each instead of one per kernel, so
     the host's work no longer sets a step's pace (on an H200 it did for the 1B shape:
     benchmarks/RESULTS.md, run 8). The documents' bounds are padded with empty documents to a power
     of two of entries, so that batches share a few graphs. Costs the graphs' memory pool; not with
-    gradient checkpointing, DeepSpeed or FSDP; on a CPU the blocks run compiled, without graphs. Not
-    yet measured on a GPU."""
+    gradient checkpointing, DeepSpeed or FSDP; on a CPU the blocks run compiled, without graphs. On
+    an H200 the 1B shape's step gained 0.6-2.8% alone, and 21% with `fp8_base` (RESULTS.md, run 10)."""
     loss_chunk_tokens: int | None = None
     """Compute the loss this many tokens at a time, so the (tokens x vocabulary) logits never
     exist at once (0: all at once); default: 4096 on CUDA GPUs, 0 on CPUs. With `compile` on a
