@@ -92,3 +92,21 @@ def test_exact_match_keeps_nesting_and_what_a_span_makes_of_the_code_beside_it()
     assert score(span, " s", lambda f: True)["exact_match"] is True
     line = Hole("line", SourceFile("t.py", "python", text), text.index("    s = 0"), text.index("    s = 0") + 9)
     assert score(line, "s = 0", lambda f: True)["exact_match"] is True
+
+
+def test_a_block_filled_at_another_depth_is_not_an_exact_match():
+    """A block hole starts a line, so only the code beside it shows its depth: the nearest non-blank
+    line above and below count, also across a blank line."""
+    text = "def total(xs):\n    s = 0\n    for x in xs:\n        a = f(x)\n        if a:\n            s += a\n\n    return s\n"
+    start = text.index("        if a:")
+    block = Hole("block", SourceFile("t.py", "python", text), start, text.index("\n\n") + 1)
+    assert block.middle == "        if a:\n            s += a\n"
+    assert score(block, "    if a:\n        s += a\n", lambda f: True)["exact_match"] is False  # out of the loop
+    assert score(block, block.middle, lambda f: True)["exact_match"] is True
+    assert score(block, "        if a:\n          s += a\n", lambda f: True)["exact_match"] is True  # 2-space body
+    text = "def f(xs):\n    for x in xs:\n        y = x * 2\n        s += g(y,\n               x)\n    return s\n"
+    start = text.index("        s += g")
+    block = Hole("block", SourceFile("t.py", "python", text), start, text.index("    return"))
+    deeper = "            s += g(y,\n                   x)\n"  # one level too deep, after a simple statement
+    assert score(block, deeper, lambda f: True)["exact_match"] is False
+    assert score(block, block.middle, lambda f: True)["exact_match"] is True

@@ -65,10 +65,17 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 def filled_lines(hole: Hole, completion: str) -> str:
     """The lines of ``hole`` with ``completion`` in it: from the start of the hole's first line
-    to the end of its last, so that what the completion makes of the code beside it counts."""
+    to the end of its last, so that what the completion makes of the code beside it counts. A
+    block's lines start at a line start, so for a block also the nearest non-blank line above and
+    below it: they show its depth, and a block filled at another depth differs."""
     text = hole.file.text
     start = text.rfind("\n", 0, hole.start) + 1
-    end = text.find("\n", hole.end)
+    end = hole.end
+    if hole.kind == "block":
+        above = text[:start].rstrip()
+        start = text.rfind("\n", 0, len(above)) + 1 if above else 0
+        end = len(text) - len(text[end:].lstrip())  # the next non-blank line's first character
+    end = text.find("\n", end)
     return text[start : hole.start] + completion + text[hole.end : len(text) if end < 0 else end]
 
 
