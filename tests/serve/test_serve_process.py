@@ -248,6 +248,13 @@ def test_timeouts_there_and_a_server_that_outlives_its_engine(tiny_run):
         assert c.get("/health").status_code == 503 and not engine.alive()
         again = c.post("/generate", json={"inputs": psm("y = "), "parameters": {"max_new_tokens": 2}})
         assert again.status_code == 503 and again.json()["error_type"] == "engine_gone"
+        # a stream asked for afterwards gets the same 503, not a 200 whose first event is the error
+        for path, body in (
+            ("/v1/completions", {"prompt": "x", "suffix": "", "max_tokens": 5, "stream": True}),
+            ("/generate_stream", {"inputs": psm("y = "), "parameters": {"max_new_tokens": 2}}),
+        ):
+            streamed = c.post(path, json=body)
+            assert streamed.status_code == 503 and "engine_gone" in streamed.text, (path, streamed.text)
         assert c.get("/info").json()["engine_process"] is True  # the last answer, not a hang
         with ThreadPoolExecutor(2) as stoppers:  # the server's shutdown and an at-exit hook, say
             assert list(stoppers.map(lambda _: engine.stop(), range(2))) == [None, None]

@@ -210,7 +210,8 @@ class EngineProcess:
     # ---- what the routes use ---------------------------------------------------------
 
     def submit(self, job: Job, arrival: Arrival | None = None) -> None:
-        """Send ``job`` to the engine; :class:`QueueFull` when `queue_size` jobs wait already."""
+        """Send ``job`` to the engine; :class:`QueueFull` when `queue_size` jobs wait already,
+        :class:`EngineGone` once the engine's process has ended (before a stream's answer begins)."""
         with self._lock:
             full = len(self._queued) >= self.limits.queue_size
             if full:
@@ -226,8 +227,7 @@ class EngineProcess:
         if self._gone is not None:
             if arrival is not None:
                 arrival.done()
-            job.fail(EngineGone(self._gone))
-            return
+            raise EngineGone(self._gone)
         arrived = arrival is not None and arrival.take()  # a counted one: it ends in the engine's process
         job.on_cancel = functools.partial(self._send_quietly, ("cancel", jid))
         left = job.deadline - time.monotonic()
@@ -236,7 +236,7 @@ class EngineProcess:
             with self._lock:
                 self._jobs.pop(jid, None)
                 self._queued.discard(jid)
-            job.fail(EngineGone(self._gone or "the engine process cannot be reached"))
+            raise EngineGone(self._gone or "the engine process cannot be reached")
 
     def arrival(self) -> Arrival:
         # it calls `_arrived`, as on an Engine; decided once, so a later `set_batching` never unbalances it

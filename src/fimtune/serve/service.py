@@ -145,6 +145,8 @@ class Service:
                 "overloaded",
                 {"Retry-After": str(RETRY_AFTER_S)},
             ) from None
+        except EngineGone as e:  # before a stream's answer begins: its status, not an error event
+            raise job_error(e, self.limits) from None
         return job
 
     async def result(self, request: Request, job: Job) -> Completion:
