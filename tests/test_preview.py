@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 from fimtune.cli import main
@@ -63,3 +64,31 @@ def test_not_a_dataset_folder(tmp_path, capsys):
 def test_unknown_split(tiny_dataset_dir):
     with pytest.raises(DataError, match="no split 'test'"):
         inspect_dataset(tiny_dataset_dir, "embedded", 1, load_run_config(), split="test")
+
+
+@pytest.mark.parametrize("spm", [False, True])
+def test_a_sentencepiece_style_row_shows_each_part_with_its_spaces(spm):
+    """The suffix and middle go on from text before them (encoded without the "▁" a text starts
+    with): shown whole, where a SentencePiece-style decoder would drop their first space; the
+    prefix starts the text and shows as the file's start. Byte-level tokenizers show the same."""
+    from fimtune.fim import assemble
+    from fimtune.preview import _marks, render_ids
+    from fimtune.tokenization import encode_flat
+    from fimtune.tokens import document_separator_id, ensure_fim_tokens, find_fim_tokens
+    from tests.conftest import STARCODER_SPECIALS, train_sentencepiece_style_tokenizer, train_tiny_tokenizer
+
+    prefix, middle, suffix = "def f(x):\n", "    return x\n", "    # end\n"
+    for tokenizer in (train_sentencepiece_style_tokenizer(), train_tiny_tokenizer(STARCODER_SPECIALS)):
+        fim, _ = ensure_fim_tokens(tokenizer)
+        names = find_fim_tokens(tokenizer)
+        parts = [
+            encode_flat(tokenizer, [text], going_on)[0]
+            for text, going_on in ((prefix, False), (middle, True), (suffix, True))
+        ]
+        marks = _marks(tokenizer, names, fim, document_separator_id(tokenizer))
+        row = assemble(*parts, spm, fim)
+        p, m, s = (f"⟦{name}⟧" for name in (names.prefix, names.middle, names.suffix))
+        one = f"{p}{s}{suffix}{m}{prefix}{middle}" if spm else f"{p}{prefix}{s}{suffix}{m}{middle}"
+        assert render_ids(row, tokenizer, marks, False) == one
+        # two examples in a row, the second right after the first
+        assert render_ids(np.concatenate([row, row]), tokenizer, marks, False) == one * 2

@@ -126,18 +126,34 @@ def _row_title(k: int, n: int, packed: Any) -> str:
 
 
 def render_ids(ids: np.ndarray, tokenizer: Any, marks: dict[int, tuple[str, str]], color: bool) -> str:
-    """Decode ``ids``, showing each marked id (FIM tokens, separator) as a highlighted name."""
+    """Decode ``ids``, showing each marked id (FIM tokens, separator) as a highlighted name.
+
+    A run of text that starts a text (a row's first, after a separator, a prefix: PSM's after its
+    mark, SPM's after the middle mark) decodes as a text; the others (a suffix, PSM's middle) go
+    on from text before them, as training encoded them, so they decode with their leading spaces
+    (a SentencePiece-style decoder drops a text's first space).
+    """
+    from fimtune.tokenization import continuation_text_backend
+
+    going_on = continuation_text_backend(tokenizer)
     out: list[str] = []
     run: list[int] = []
+    last, spm = None, False  # the last mark's kind; whether this example is laid out SPM
+
+    def flush() -> None:
+        if run:
+            starts = last in (None, "separator", "prefix") or (last == "middle" and spm)
+            out.append(tokenizer.decode(run) if starts else going_on.decode(run, skip_special_tokens=False))
+            run.clear()
+
     for t in np.asarray(ids).tolist():
         if t not in marks:
             run.append(t)
             continue
-        if run:
-            out.append(tokenizer.decode(run))
-            run = []
         kind, name = marks[t]
+        laid_out_spm = kind == "suffix" and last == "prefix" and not run  # <PRE><SUF>: SPM
+        flush()
+        spm, last = laid_out_spm or (spm and kind != "prefix"), kind
         out.append(f"\x1b[{ANSI[kind]}m{name}{ANSI_RESET}" if color else BRACKETS.format(name))
-    if run:
-        out.append(tokenizer.decode(run))
+    flush()
     return "".join(out)
