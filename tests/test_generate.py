@@ -90,6 +90,54 @@ def test_a_sentencepiece_style_suffix_and_completion_keep_their_spaces(prepend):
     assert _completion(pr, new, 3, GenerationParams()).text == "    return a"
 
 
+def test_a_completion_cut_inside_a_character_keeps_the_text_streamed_before_it():
+    """A byte-fallback decoder makes a whole run of byte tokens U+FFFD when its last character is
+    unfinished (generation stopped inside it), the characters before it too, a newline written as
+    <0x0A> included: the final text went back on what had been streamed."""
+    from fimtune.generate import TextTracker, _completion
+    from fimtune.tokens import ensure_fim_tokens
+    from tests.conftest import train_sentencepiece_style_tokenizer
+
+    tokenizer = train_sentencepiece_style_tokenizer()
+    ensure_fim_tokens(tokenizer)
+    pr, vocab = FimPrompter(tokenizer), tokenizer.get_vocab()
+    full = pr.encode_continued("x = 1\n# \u4e2d\u6587")  # two 3-byte characters
+    newline_then_cut = [vocab["x"], vocab["<0x0A>"], vocab["<0xF0>"], vocab["<0x9F>"]]  # an emoji's first 2 bytes
+    for ids in (full[:-2], full[:-1], newline_then_cut):
+        tracker = TextTracker(pr, GenerationParams())
+        streamed = "".join(tracker.push(i) for i in ids)
+        final = _completion(pr, ids, 0, GenerationParams()).text
+        assert final.startswith(streamed) and final == tracker.text, (streamed, final)
+        assert final.rstrip("\ufffd") and final.endswith("\ufffd")
+    assert _completion(pr, newline_then_cut, 0, GenerationParams()).text.startswith("x\n")
+    assert pr.decode(full) == "x = 1\n# \u4e2d\u6587"  # a whole text decodes as it did
+
+
+def test_an_empty_stop_string_stops_nothing(tiny_tokenizer):
+    """`--stop ""` (or an API's empty stop) ended generation after the first token in `generate`'s
+    path, where the server's decoder ignores it."""
+    model, pr = tiny.gpt_bigcode(len(tiny_tokenizer)), FimPrompter(tiny_tokenizer)
+    hole = [("def f(x):\n    ", "\n")]
+    plain = complete_batch(model, pr, hole, GenerationParams(max_new_tokens=8))
+    empty = complete_batch(model, pr, hole, GenerationParams(max_new_tokens=8, stop=[""]))
+    assert [(c.text, c.completion_tokens) for c in empty] == [(c.text, c.completion_tokens) for c in plain]
+    assert plain[0].completion_tokens > 1
+
+
+@pytest.mark.parametrize("prepend", ["normalizer", "metaspace"])
+def test_a_prefix_after_context_goes_on_from_it(prepend):
+    """Other files' text (llama.cpp's `input_extra`) goes before the prefix: the prefix then goes on
+    from it, with no "▁" of its own before it, as the second part of a training text."""
+    from tests.conftest import train_sentencepiece_style_tokenizer
+
+    pr = FimPrompter(train_sentencepiece_style_tokenizer(prepend))
+    ids = pr.build("def f():\n    return ", "\n", context="import os\n")
+    text = pr.tokenizer.decode(ids[1 : ids.index(pr.fim.suffix)])  # a text from its start: its first "▁" dropped
+    assert text == "import os\ndef f():\n    return "
+    alone = pr.build("def f():\n    return ", "\n")
+    assert alone[1 : alone.index(pr.fim.suffix)] == pr.encode("def f():\n    return ")
+
+
 def test_a_byte_level_tokenizer_needs_no_continuation_copy(tiny_tokenizer):
     """StarCoder's and SmolLM2's byte-level tokenizers put nothing before a text: no copy is made."""
     from fimtune.tokenization import continuation, fast_backend
@@ -405,6 +453,26 @@ def test_complete_command_prints_the_completion(tmp_path, tiny_tokenizer, capsys
     assert "new tokens" in out.err
     assert main(["complete", str(folder), "--prefix-file", str(tmp_path / "missing.py")]) == 2
     assert "--prefix-file" in capsys.readouterr().err
+
+
+def test_complete_fits_a_long_prompt_to_learned_positions_and_reads_files_as_the_corpus_does(
+    tmp_path, tiny_tokenizer, capsys
+):
+    """A prompt of 2,048 tokens + 128 new is past the tiny GPT-BigCode's 256 learned positions: the
+    prompt is cut to fit (as `fimtune eval` and the server fit theirs), not an IndexError. A file's
+    UTF-8 BOM is not code, and its CRLF line ends are kept (as the corpus keeps them)."""
+    from fimtune.cli import main
+
+    model = tiny.gpt_bigcode(len(tiny_tokenizer))
+    folder = tiny.save_model_folder(model, tiny_tokenizer, tmp_path / "base")
+    (tmp_path / "long.py").write_text("def f(x):\n    return x + 1\n" * 400)
+    assert main(["complete", str(folder), "--prefix-file", str(tmp_path / "long.py"), "--max-new-tokens", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "to fit the model's 256 positions" in err and "4 new tokens" in err, err
+    (tmp_path / "bom.py").write_bytes("\ufeffdef f():\r\n    ".encode())
+    from fimtune.generate import _read_text
+
+    assert _read_text(None, str(tmp_path / "bom.py"), "--prefix-file") == "def f():\r\n    "
 
 
 def test_doctests():

@@ -118,10 +118,21 @@ class FimPrompter:
 
     def decode(self, ids: list[int]) -> str:
         """A completion's text: it goes on from the code before the hole, so its leading spaces are
-        its own (a SentencePiece-style tokenizer's decoder would drop the first one)."""
-        if self._continued is not self._plain:
-            return self._continued.decode(ids, skip_special_tokens=False)
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        its own (a SentencePiece-style tokenizer's decoder would drop the first one). A character
+        still unfinished at the end shows as U+FFFD, and only it: a byte-fallback decoder makes a
+        whole run of byte tokens U+FFFD when its last character is unfinished, so the tokens of
+        that character (a UTF-8 character's first 3 bytes at most) are decoded apart."""
+        text = self._decode(ids)
+        if text.endswith(REPLACEMENT_CHAR):
+            for k in range(1, min(4, len(ids))):
+                head = self._decode(ids[:-k])
+                if not head.endswith(REPLACEMENT_CHAR):
+                    return head + self._decode(ids[-k:])
+        return text
+
+    def _decode(self, ids: list[int]) -> str:
+        backend = self._continued if self._continued is not self._plain else self.tokenizer
+        return backend.decode(ids, skip_special_tokens=False)
 
     def build(
         self,
@@ -137,7 +148,9 @@ class FimPrompter:
         ``context`` (other files) goes before the prefix and gets only the room the hole leaves.
         """
         budget = max_input_tokens - FIM_OVERHEAD
-        p, s = fit_context(self.encode(prefix), self.encode_continued(suffix), budget, trim_step)
+        # after context the prefix goes on from it (for a SentencePiece-style tokenizer, no "▁" before it)
+        p = self.encode_continued(prefix) if context else self.encode(prefix)
+        p, s = fit_context(p, self.encode_continued(suffix), budget, trim_step)
         if context:
             p = trim_start(self.encode(context), budget - len(p) - len(s), trim_step) + p
         f = self.fim
@@ -349,7 +362,7 @@ def complete_batch(
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     sample = params.temperature > 0
-    stops = [*params.stop, *(["\n"] if params.single_line else [])]
+    stops = [*(stop for stop in params.stop if stop), *(["\n"] if params.single_line else [])]  # "" stops nothing
     criteria = [TextStop(prompter.tokenizer, width, stops, done)] if stops or done is not None else []
     out = model.generate(
         input_ids=ids,
@@ -440,10 +453,11 @@ def merge_adapter(model: Any, name: str | None = None) -> None:
 
 
 def _read_text(text: str | None, path: str | None, flag: str) -> str:
+    """``text``, or the file at ``path`` as the corpus reads code: UTF-8, a BOM dropped, line ends kept."""
     if path is None:
         return text or ""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise FimtuneError(f"{flag} {path}: cannot read it as UTF-8 text ({e.__class__.__name__})") from None
 
@@ -475,6 +489,7 @@ def params_from_args(ns: Any) -> GenerationParams:
 
 def main(ns: Any) -> int:
     """`fimtune complete`: print one completion of the hole between --prefix and --suffix."""
+    from fimtune.evaluate.variants import context_length, fit_params
     from fimtune.model import load_for_inference
 
     prefix = _read_text(ns.prefix, ns.prefix_file, "--prefix-file")
@@ -482,6 +497,14 @@ def main(ns: Any) -> int:
     params = params_from_args(ns)
     check_weights(ns.target)
     loaded = load_for_inference(ns.target)
+    fitted = fit_params(loaded.model, params)  # past learned positions a forward fails
+    if fitted != params:
+        print(
+            f"--max-input-tokens {fitted.max_input_tokens}, --max-new-tokens {fitted.max_new_tokens}: "
+            f"lowered to fit the model's {context_length(loaded.model)} positions",
+            file=sys.stderr,
+        )
+        params = fitted
     prompter = FimPrompter(loaded.tokenizer)
     if getattr(ns, "compare_base", False) and hasattr(loaded.model, "disable_adapter"):
         with loaded.model.disable_adapter():  # before merging: the base is the weights without the adapter
