@@ -183,6 +183,39 @@ def test_eager_prefills_are_counted_by_whether_their_shape_was_seen_before(tiny_
     assert all(s > 0 for s in static.eager_prefill_s)
 
 
+def test_joins_never_take_a_session_past_learned_positions(tiny_tokenizer):
+    """The cache rounds its slots up to a multiple of 64, past a GPT-BigCode's 250 learned
+    positions: a join must fit the positions, since the slots of finished rows decode on until the
+    session ends (past them, an IndexError, on a GPU a device-side assert)."""
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTBigCodeConfig(
+        vocab_size=len(tiny_tokenizer), n_positions=250, n_embd=32, n_layer=2, n_head=4, n_inner=64,
+        multi_query=True, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model, pr = never_ending(GPTBigCodeForCausalLM(config).eval(), tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    static = StaticDecoding(model, 250, 4, backend=None)  # as the server: 200 input + 50 new tokens
+    assert static.max_length == 256 and static.fits(1, 200, 50) and not static.fits(1, 200, 51)
+    first = pr.encode("def f(x):\n    return x\n" * 40)[-200:]
+    late = pr.encode("y = 1\n")
+    offered, done = [], {}
+
+    def join(room, fits):
+        offered.append(fits(len(late), 46))
+        return (
+            [Row(late, GenerationParams(max_new_tokens=46), on_done=lambda c: done.setdefault("late", c))]
+            if len(offered) == 10 and offered[-1]
+            else []
+        )
+
+    decoder = Decoder(model, pr, static=static)
+    [out] = decoder.run([Row(first, GenerationParams(max_new_tokens=50))], join=join)
+    assert out.completion_tokens == 50 and decoder.static is static  # no fault turned the fast path off
+    assert offered[9] is False and "late" not in done  # at length 210: 210 + 46 > 250
+    assert offered[0] is True  # at length 201: 201 + 46 <= 250
+
+
 def test_a_joining_row_is_prefilled_padded_and_gets_its_own_tokens(tiny_tokenizer):
     model, pr = never_ending(tiny_model("gpt_bigcode", tiny_tokenizer), tiny_tokenizer), FimPrompter(tiny_tokenizer)
     params = GenerationParams(max_new_tokens=NEW, max_input_tokens=BUDGET)

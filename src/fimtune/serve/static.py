@@ -111,6 +111,7 @@ from fimtune.fast import (
     raise_recompile_limit,
     register_attention,
 )
+from fimtune.model import position_limit
 
 log = logging.getLogger(__name__)
 
@@ -526,6 +527,10 @@ class StaticDecoding:
             raise ValueError(f"attention={attention!r}: one of {', '.join(DECODE_ATTENTIONS)}")
         self.model = base_model(model)
         self.max_length = -(-max_length // SLOT_ALIGN) * SLOT_ALIGN  # cache slots a row holds
+        # ... and those a session may fill: the slots of finished rows decode on until it ends, and
+        # past learned positions (GPT-BigCode's `wpe`) a forward fails
+        limit, learned = position_limit(self.model)
+        self.room = min(self.max_length, limit) if learned and limit else self.max_length
         self.buckets = batch_buckets(max_batch_size)
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -639,7 +644,7 @@ class StaticDecoding:
 
         (The last new token is fed too: the decoder starts each step before it reads the tokens.)
         """
-        return rows <= self.buckets[-1] and prompt_tokens + new_tokens <= self.max_length
+        return rows <= self.buckets[-1] and prompt_tokens + new_tokens <= self.room
 
     @torch.inference_mode()
     def start(self, prompts: list[list[int]]) -> tuple[StaticSession, torch.Tensor]:
@@ -956,14 +961,14 @@ class StaticSession:
 
     def can_admit(self, prompt_tokens: int, new_tokens: int) -> bool:
         """Whether a prompt joins now: it fits into the slots filled so far, and its new tokens after them."""
-        return prompt_tokens <= self.length and self.length + new_tokens <= self.owner.max_length
+        return prompt_tokens <= self.length and self.length + new_tokens <= self.owner.room
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` [size] (one per slot, on the device); the logits [size, V] after them."""
         owner, b = self.owner, self.bucket
-        if self.length >= owner.max_length:
-            raise RuntimeError(f"the static cache holds {owner.max_length} tokens; check `fits` first")
+        if self.length >= owner.room:
+            raise RuntimeError(f"a session fills {owner.room} slots of the static cache; check `fits` first")
         b.ids.copy_(tokens[:, None])
         b.positions.add_(1)
         b.mask[:, 0, 0, self.length] = owner.open
