@@ -339,6 +339,11 @@ def main() -> int:
         "default: trees,trees+sdpa,trees+cublas",
     )
     gpu.add_argument(
+        "--requests-per-client",
+        type=int,
+        help="the server rows' requests of each of the 16 clients (default 10: each row's p95 rests on 8 of 160)",
+    )
+    gpu.add_argument(
         "--passes",
         type=int,
         default=1,

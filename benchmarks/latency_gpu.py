@@ -812,11 +812,7 @@ def process_server_rows(
                 print(f"-- server {changes}, engine process: skipped (budget)", flush=True)
                 continue
             with batching(engine, changes):
-                rows.append(
-                    server_run(
-                        s, engine, url, ready_s, args.clients_in_process, threads, f"{graphs}, engine process", label
-                    )
-                )
+                rows.append(server_run(s, engine, url, ready_s, args, threads, f"{graphs}, engine process", label))
     return rows
 
 
@@ -844,9 +840,7 @@ def server_rows(
         # prompts of each shape cost (kernels that build a plan per new shape, such as cuDNN's
         # attention, in eager prefills) shows there, not in whichever row comes first (in runs 9
         # and 10 the first row was the slowest, whatever its setting)
-        rows.append(
-            server_run(s, engine, url, ready_s, args.clients_in_process, threads, _graphs(engine), "first round")
-        )
+        rows.append(server_run(s, engine, url, ready_s, args, threads, _graphs(engine), "first round"))
         # limits changed per run: the server's defaults (rows join the batch in flight, a row that
         # joins alone prefilled beside the steps; on a GPU prompts tokenized in threads); every join
         # stalling the batch (the default before run 9); rows joining 4 at a time (or after 20 ms),
@@ -883,9 +877,7 @@ def server_rows(
             svc.tokenize_in_threads = tokenize = changes.get("tokenize_in_threads", threads)
             try:
                 with batching(engine, limits):
-                    rows.append(
-                        server_run(s, engine, url, ready_s, args.clients_in_process, tokenize, _graphs(engine), label)
-                    )
+                    rows.append(server_run(s, engine, url, ready_s, args, tokenize, _graphs(engine), label))
             finally:
                 svc.tokenize_in_threads = threads
     finally:
@@ -894,16 +886,24 @@ def server_rows(
 
 
 def server_run(
-    s: Setup, engine: Any, url: str, ready_s: float, in_process: bool, threads: bool, graphs: str, label: str = ""
+    s: Setup,
+    engine: Any,
+    url: str,
+    ready_s: float,
+    args: argparse.Namespace,
+    threads: bool,
+    graphs: str,
+    label: str = "",
 ) -> dict[str, Any]:
-    """16 clients x 10 requests on the server at ``url``; ``engine`` is an Engine or an EngineProcess;
-    ``label`` (e.g. "pass 2") ends the row's scenario."""
+    """16 clients x 10 requests (`--requests-per-client`) on the server at ``url``; ``engine`` is an
+    Engine or an EngineProcess; ``label`` (e.g. "pass 2") ends the row's scenario."""
+    in_process, per_client = args.clients_in_process, args.requests_per_client or REQUESTS_PER_CLIENT
     lim = engine.limits
     before, counted = engine.snapshot()
     static = getattr(getattr(engine, "decoder", None), "static", None)  # in this process only
     eager_before = (list(static.eager_prefills), list(static.eager_prefill_s)) if static is not None else None
     began = time.perf_counter()
-    got = load(s, url, CLIENTS, REQUESTS_PER_CLIENT, in_process)
+    got = load(s, url, CLIENTS, per_client, in_process)
     seconds, usages, errors = got.seconds, got.usages, got.errors
     wall = time.perf_counter() - began
     stats, counters = engine.snapshot()
@@ -927,7 +927,7 @@ def server_run(
         "engine_process": graphs.endswith("engine process"),
         "joined": stats.joined - before.joined,
         "joins": stats.joins - before.joins,  # each prefilled its rows together: joined / joins rows a join
-        "requests": CLIENTS * REQUESTS_PER_CLIENT,
+        "requests": CLIENTS * per_client,
         "errors": len(errors),
         "error_samples": errors[:3],
         "seconds": wall,
