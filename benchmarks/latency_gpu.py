@@ -34,23 +34,22 @@ generates its 32 tokens (the rows report the mean). Rows, in this order:
                       at batch 1 and 16: kernel time per step against its wall time, kernels per
                       step, the largest kernels' shares; whole tables in DIR  (diagnostics)
     server ...        uvicorn on 127.0.0.1, 16 clients x 10 OpenAI `/v1/completions` FIM requests
-                      (1,024 + 32 tokens each; target p95 <= 200 ms): a first round with the
-                      server's defaults (reported apart: the first prompts of each shape), then the
-                      compared rows (--passes N: N times, every other pass in reverse order),
-                      each with its eager prefills' host time on shapes seen before and new ones:
-                      the server's defaults
-                      (a batch starts 2 ms after its first request; on a GPU rows join the batch
-                      in flight, one that joins alone prefilled beside the decoding steps, and
-                      prompts are tokenized in threads); then variants: every join stalling the
-                      batch (`--no-overlap-joins`); rows joining 4 at a time (or after 20 ms),
+                      (1,024 + 32 tokens each; --requests-per-client; target p95 <= 200 ms).
+                      First a round of the server's defaults, reported apart (the first prompts of
+                      each shape), then the compared rows (--passes N: N times, every other pass
+                      in reverse order, the engine-process rows in the first only), each with its
+                      eager prefills' host time on shapes seen before and on new ones: the
+                      server's defaults (a batch starts 2 ms after its first request; on a GPU
+                      rows join the batch in flight, one that joins alone prefilled beside the
+                      decoding steps, and prompts are tokenized in threads); every join stalling
+                      the batch (`--no-overlap-joins`); rows joining 4 at a time (or after 20 ms),
                       then the same stalling the batch; the engine in a process of its own
                       (`fimtune serve --engine-process`: built and warmed up there, then its
                       defaults and every join stalling, changed there by `set_batching`;
                       skipped with --no-engine-process-row); each batch run to its end;
-                      batching that waits while
-                      requests arrive (up to 50 ms); (GPU) prompts tokenized on the event loop,
-                      as in runs 1-6; other batching waits (--batch-wait-variants) and switch
-                      intervals (--switch-interval-variants).
+                      batching that waits while requests arrive (up to 50 ms); (GPU) prompts
+                      tokenized on the event loop, as in runs 1-6; other batching waits
+                      (--batch-wait-variants) and switch intervals (--switch-interval-variants).
                       The clients are threads of another process (load_clients.py), as editors are;
                       `--clients-in-process`: threads of the server's own process (runs 1-6).
                       For the first variant only (`--server-all-variants`: for each)

@@ -558,13 +558,8 @@ class StaticDecoding:
         self._prefill = self._forward_prefill
         if prefill_graphs is None:
             prefill_graphs = self.device.type == "cuda" and not self.compile_prefill_at_warmup
-        positions = getattr(self.model.config, "n_positions", None) or getattr(
-            self.model.config, "max_position_embeddings", None
-        )
         self.prefill_lengths = (  # the length buckets of single-prompt prefills (tensor `logits_to_keep` needed)
-            prefill_lengths(self.max_length, prefill_graph_tokens, positions)
-            if prefill_graphs and self.keep_logits
-            else []
+            prefill_lengths(self.max_length, prefill_graph_tokens, limit) if prefill_graphs and self.keep_logits else []
         )
         self.prefill_graphs_on = bool(self.prefill_lengths)  # False once a capture failed (or switched off)
         self._single: _Single | None = None  # the buffers every single-prompt prefill shares
