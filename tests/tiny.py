@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 
 
-def gpt_bigcode(vocab_size: int, seed: int = 0, tie: bool = True, n_embd: int = 32):
-    """Four multi-query heads of ``n_embd // 4`` (8 by default)."""
+def gpt_bigcode(vocab_size: int, seed: int = 0, tie: bool = True, n_embd: int = 32, n_positions: int = 256):
+    """Four multi-query heads of ``n_embd // 4`` (8 by default), ``n_positions`` learned positions."""
     from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
     torch.manual_seed(seed)
     cfg = GPTBigCodeConfig(
         vocab_size=vocab_size,
-        n_positions=256,
+        n_positions=n_positions,
         n_embd=n_embd,
         n_layer=2,
         n_head=4,

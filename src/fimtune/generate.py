@@ -453,13 +453,18 @@ def merge_adapter(model: Any, name: str | None = None) -> None:
 
 
 def _read_text(text: str | None, path: str | None, flag: str) -> str:
-    """``text``, or the file at ``path`` as the corpus reads code: UTF-8, a BOM dropped, line ends kept."""
+    """``text``, or the file at ``path`` as the corpus reads code (UTF-8, a BOM dropped, line ends kept)."""
+    from fimtune.corpus.filters import decode
+
     if path is None:
         return text or ""
     try:
-        return Path(path).read_bytes().decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise FimtuneError(f"{flag} {path}: cannot read it as UTF-8 text ({e.__class__.__name__})") from None
+        read, why = decode(Path(path).read_bytes())
+    except OSError as e:
+        read, why = None, e.__class__.__name__
+    if read is None:
+        raise FimtuneError(f"{flag} {path}: cannot read it as UTF-8 text ({why})")
+    return read
 
 
 def params_from_args(ns: Any) -> GenerationParams:

@@ -187,14 +187,10 @@ def test_joins_never_take_a_session_past_learned_positions(tiny_tokenizer):
     """The cache rounds its slots up to a multiple of 64, past a GPT-BigCode's 250 learned
     positions: a join must fit the positions, since the slots of finished rows decode on until the
     session ends (past them, an IndexError, on a GPU a device-side assert)."""
-    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
-
-    torch.manual_seed(0)
-    config = GPTBigCodeConfig(
-        vocab_size=len(tiny_tokenizer), n_positions=250, n_embd=32, n_layer=2, n_head=4, n_inner=64,
-        multi_query=True, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    model, pr = never_ending(GPTBigCodeForCausalLM(config).eval(), tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    model, pr = (
+        never_ending(tiny.gpt_bigcode(len(tiny_tokenizer), n_positions=250), tiny_tokenizer),
+        FimPrompter(tiny_tokenizer),
+    )
     static = StaticDecoding(model, 250, 4, backend=None)  # as the server: 200 input + 50 new tokens
     assert static.max_length == 256 and static.fits(1, 200, 50) and not static.fits(1, 200, 51)
     first = pr.encode("def f(x):\n    return x\n" * 40)[-200:]
