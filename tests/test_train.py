@@ -110,7 +110,7 @@ def test_resume_is_exact(tmp_path, tiny_tokenizer, repetitive_data, token_cache)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_refuses_settings_that_change_the_run(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+def test_resume_refuses_settings_that_change_the_run(tmp_path, tiny_tokenizer, repetitive_data, token_cache, caplog):
     """A resumed run's optimizer and schedule keep some old settings (the learning rate in the
     optimizer's state) and take others midway (the schedule's length): a change of the run itself is
     refused, naming it, and config.yaml stays; when to log, evaluate and save may change."""
@@ -126,8 +126,11 @@ def test_resume_refuses_settings_that_change_the_run(tmp_path, tiny_tokenizer, r
     again = run_config(tmp_path, base, repetitive_data, "run", *extra, "train.log_every=2")
     with pytest.raises(FimtuneError, match="--stop-after 3: the run is at step 4 already"):
         quiet_fit(again, resume=True, stop_after=3)
-    run = quiet_fit(again, resume=True)
+    with caplog.at_level(logging.WARNING, logger="fimtune.train"):
+        run = quiet_fit(again, resume=True, stop_after=20)  # past the end: the run ends, validated
+    assert "--stop-after 20: the run's last step is 8; it runs to its end" in caplog.text
     assert max(r["step"] for r in metrics(run) if "loss" in r) == 8
+    assert [r["step"] for r in metrics(run) if "val_loss" in r][-1] == 8
 
 
 def test_resume_refuses_another_number_of_processes(tmp_path, tiny_tokenizer, repetitive_data, token_cache):

@@ -430,6 +430,9 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     start_step = restore(s, run_dir) if from_checkpoint else 0
     if stop_after is not None and stop_after <= start_step:
         raise FimtuneError(f"--stop-after {stop_after}: the run is at step {start_step} already (its last checkpoint)")
+    if stop_after is not None and stop_after >= s.max_steps:
+        log.warning("--stop-after %d: the run's last step is %d; it runs to its end", stop_after, s.max_steps)
+        stop_after = None  # its end: the final validation too, not a stop to resume from
     if acc.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
         s.tokenizer.save_pretrained(run_dir / "tokenizer")
@@ -979,13 +982,13 @@ def _tensorboard(run_dir: Path, purge_step: int | None = None) -> Any:
 # The plan (`--dry-run`): no weights, no data
 # --------------------------------------------------------------------------------------
 
-# Sustained training throughput assumed for the duration estimate, FLOP/s, by device class. Hopper
-# (compute capability 9.x): fimtune's own LoRA step on the StarCoderBase-1B shape ran at 308 TFLOP/s
-# on an H200 with PyTorch's flash kernels and 342 with FlashAttention-4 and the GPU preset's
-# settings (benchmarks/RESULTS.md, run 4, counting the same FLOP); other bf16 GPUs: about half an
-# A100's dense peak.
+# Sustained training throughput assumed for the duration estimate, FLOP/s, by device class, in the
+# plan's own count (4 x the parameters a token; 6 x with gradient checkpointing). Hopper (compute
+# capability 9.x): fimtune's own LoRA step on the StarCoderBase-1B shape with the GPU preset's
+# settings ran at 78,192 tokens/s on an H200 (benchmarks/RESULTS.md, run 10), 357 TFLOP/s in that
+# count; other bf16 GPUs: about half an A100's dense peak.
 ASSUMED_FLOPS = {
-    "hopper-bf16": 300e12,
+    "hopper-bf16": 350e12,
     "cuda-bf16": 150e12,
     "cuda-fp16": 100e12,
     "cuda-fp32": 20e12,
