@@ -126,6 +126,29 @@ def test_existing_out_needs_overwrite_and_must_be_a_build(tmp_path, capsys):
     assert rc == 2 and "not a dataset folder written by fimtune: refusing" in err
 
 
+@pytest.mark.parametrize(
+    "held",
+    [
+        {"stats.json": '{"my": "analytics numbers"}\n'},
+        {"dataset_dict.json": '{"splits": ["train"]}'},
+        {"dataset_dict.json": '{"splits": ["train"]}', "stats.json": '{"kept": 3}'},
+        {"dataset_dict.json": '{"splits": ["train"]}', "stats.json": "not json"},
+    ],
+    ids=["stats_only", "dataset_dict_only", "foreign_stats", "unparsable_stats"],
+)
+def test_overwrite_refuses_a_folder_that_only_looks_like_a_build(tmp_path, capsys, held):
+    write(tmp_path, "src/a.py", code("a"))
+    project = tmp_path / "myproject"
+    for name, text in {**held, "notes.txt": "years of work\n", "code.py": "print('precious')\n"}.items():
+        write(project, name, text)
+    before = {p.name: p.read_text() for p in project.iterdir()}
+    rc, _, err = run_main([str(tmp_path / "src"), "--out", str(project), "--overwrite"], capsys)
+    assert rc == 2 and f"'{project}' exists and is not a dataset folder written by fimtune: refusing" in err
+    assert "pass another --out" in err
+    assert {p.name: p.read_text() for p in project.iterdir()} == before
+    assert leftovers(tmp_path, "myproject") == ["myproject"]
+
+
 def test_output_inside_the_source_is_not_read_back(tmp_path):
     write(tmp_path, "a.py", code("a"))
     write(tmp_path, "b.py", code("b"))

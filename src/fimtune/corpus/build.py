@@ -43,6 +43,8 @@ COLUMNS = ("repo_id", "file_path", "language", "content", "size", "id")
 STATS_FILE = "stats.json"
 DATASET_MARKER = "dataset_dict.json"
 TOP_REASONS_IN_ERRORS = 4
+BUILD_STATS_KEYS = frozenset({"fimtune_version", "sources", "kept", "skipped_files", "splits", "config"})
+"""Keys every build's stats.json holds: how `--overwrite` tells an earlier build from other folders."""
 
 
 @dataclass
@@ -115,14 +117,30 @@ def check_config(cfg: CorpusConfig) -> None:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """An existing ``out`` needs --overwrite, and is only replaced when it looks like an earlier build."""
+    """An existing ``out`` needs --overwrite, and is only replaced when it is an earlier build (or empty)."""
     if not out.exists() and not out.is_symlink():
         return
     if not overwrite:
         raise DataError(f"output folder '{out}' already exists: pass --overwrite to replace it")
-    is_build = out.is_dir() and ((out / STATS_FILE).is_file() or (out / DATASET_MARKER).is_file())
-    if not is_build and not (out.is_dir() and not any(out.iterdir())):
-        raise DataError(f"'{out}' exists and is not a dataset folder written by fimtune: refusing to overwrite it")
+    if not is_earlier_build(out) and not (out.is_dir() and not any(out.iterdir())):
+        raise DataError(
+            f"'{out}' exists and is not a dataset folder written by fimtune: refusing to overwrite it "
+            f"(a build holds {DATASET_MARKER} and the {STATS_FILE} this command writes); "
+            "pass another --out, or empty that folder yourself"
+        )
+
+
+def is_earlier_build(out: Path) -> bool:
+    """Whether ``out`` is a folder this builder wrote: the saved dataset's marker beside a stats.json
+    that holds the keys every build writes. A file of that name alone (a project's own stats.json)
+    does not make a folder one to delete."""
+    if not out.is_dir() or not (out / DATASET_MARKER).is_file():
+        return False
+    try:
+        stats = json.loads((out / STATS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(stats, dict) and stats.keys() >= BUILD_STATS_KEYS
 
 
 # --------------------------------------------------------------------------------------
