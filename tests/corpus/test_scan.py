@@ -49,6 +49,23 @@ def test_nested_gitignore_with_negation(tmp_path):
     assert "build/b.py" in docs and "a.gen.py" in docs
 
 
+def test_invalid_gitignore_lines_are_skipped_like_git_does(tmp_path, caplog):
+    """`bin\\` (a Windows habit), a lone `!` and `[z-a]` are no patterns: git skips those lines and
+    keeps the rest of the file, and so does the scan, with one warning naming the file."""
+    write(tmp_path, "vendor/.gitignore", "bin\\\n!\n*.tmp.py\n[z-a]\nobj/\n")
+    write(tmp_path, "vendor/bin/tool.py", code("tool"))
+    write(tmp_path, "vendor/lib.py", code("lib"))
+    write(tmp_path, "vendor/scratch.tmp.py", code("scratch"))
+    write(tmp_path, "vendor/obj/gen.py", code("gen"))
+    with caplog.at_level("WARNING", logger="fimtune.corpus.files"):
+        docs, tally = scan_folder(tmp_path)
+    assert sorted(docs) == ["vendor/bin/tool.py", "vendor/lib.py"]
+    assert tally.skipped_files["gitignore"] == 1 and tally.skipped_dirs["gitignore"] == 1
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert str(tmp_path / "vendor" / ".gitignore") in warning
+    assert "3 line(s)" in warning and "'bin\\\\', '!', '[z-a]'" in warning
+
+
 def test_binary_undecodable_blocked_empty_unknown(tmp_path):
     write(tmp_path, "ok.py", code("ok"))
     write(tmp_path, "nul.py", b"x = 1\x00\x00")

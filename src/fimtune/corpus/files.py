@@ -10,7 +10,9 @@ a file is read, so a 50 MB file is never read whole.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
 import stat
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -29,6 +31,8 @@ from fimtune.corpus.filters import (
 )
 from fimtune.corpus.languages import NOTEBOOK_SUFFIX, content_language, language_of
 from fimtune.corpus.notebooks import MalformedNotebook, notebook_to_code
+
+log = logging.getLogger(__name__)
 
 GITIGNORE = ".gitignore"
 GIT_MARKER = ".git"  # a folder (or, in worktrees and submodules, a file)
@@ -213,9 +217,34 @@ def _load_gitignore(path: str):
 
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            return pathspec.GitIgnoreSpec.from_lines(f.read().splitlines())
+            lines = f.read().splitlines()
     except OSError:
-        return pathspec.GitIgnoreSpec.from_lines([])
+        lines = []
+    try:
+        return pathspec.GitIgnoreSpec.from_lines(lines)
+    except (ValueError, re.error):  # one bad line (`bin\`, a lone `!`, `[z-a]`): git skips it, so do we
+        return pathspec.GitIgnoreSpec.from_lines(_valid_gitignore_lines(path, lines))
+
+
+def _valid_gitignore_lines(path: str, lines: list[str]) -> list[str]:
+    """The lines of the `.gitignore` at ``path`` that compile, in order; a warning names the others."""
+    import pathspec
+
+    valid, invalid = [], []
+    for line in lines:
+        try:
+            pathspec.GitIgnoreSpec.from_lines([line])
+        except (ValueError, re.error):
+            invalid.append(line)
+        else:
+            valid.append(line)
+    log.warning(
+        "%s: ignoring %d line(s) that are not valid patterns (git ignores them too): %s",
+        path,
+        len(invalid),
+        ", ".join(repr(line) for line in invalid),
+    )
+    return valid
 
 
 def gitignored(specs: list, rel: str, is_dir: bool) -> bool:
