@@ -126,6 +126,17 @@ def test_decode():
     assert decode(b"\xff\xfeabc") == (None, "undecodable")
 
 
+def test_decode_utf16_after_its_byte_order_mark():
+    text = 'param([string]$Name)\nWrite-Host "Hello, $Name"\n'
+    assert decode(text.encode("utf-16-le")) == (None, "binary")  # no mark: NUL bytes, as before
+    assert decode(b"\xff\xfe" + text.encode("utf-16-le")) == (text, None)
+    assert decode(b"\xfe\xff" + text.encode("utf-16-be")) == (text, None)
+    assert decode(b"\xff\xfe" + "é🙂\n".encode("utf-16-le")) == ("é🙂\n", None)  # a surrogate pair
+    assert decode(b"\xff\xfe" + "x\0y".encode("utf-16-le")) == (None, "binary")
+    assert decode(b"\xff\xfe\x00\xd8x\x00") == (None, "undecodable")  # half a surrogate pair
+    assert decode(b"\xfe\xff\x00x\x00") == (None, "undecodable")  # an odd length
+
+
 def test_empty():
     assert empty_reason("") == empty_reason("\n  \n\t") == "empty"
     assert quality_reason("   \n", **LIMITS) == "empty"

@@ -87,6 +87,18 @@ def test_binary_undecodable_blocked_empty_unknown(tmp_path):
     assert tally.files_seen == 8 and tally.usable == 1
 
 
+def test_utf16_files_with_a_byte_order_mark_are_read(tmp_path):
+    """PowerShell 5 and Visual Studio save UTF-16 with a byte order mark: text, not `binary`."""
+    script = 'param([string]$Name)\nWrite-Host "Hello, $Name"\nGet-ChildItem -Path . | Sort-Object Length\n'
+    program = "class Tool { static void Main() { System.Console.WriteLine(1); } }\n"
+    write(tmp_path, "deploy.ps1", script.encode("utf-16"))  # the mark, then the machine's byte order
+    write(tmp_path, "Tool.cs", b"\xfe\xff" + program.encode("utf-16-be"))
+    write(tmp_path, "cut.py", b"\xff\xfe" + code("cut").encode("utf-16-le")[:-1])  # an odd length
+    docs, tally = scan_folder(tmp_path)
+    assert docs == {"Tool.cs": program, "deploy.ps1": script}
+    assert tally.skipped_files == {"undecodable": 1}
+
+
 def test_huge_file_is_never_read(tmp_path):
     write(tmp_path, "ok.py", code("ok"))
     with open(tmp_path / "huge.py", "wb") as f:

@@ -14,6 +14,7 @@ checks run on the fewest files. Content checks follow StarCoder's quality filter
 
 from __future__ import annotations
 
+import codecs
 import re
 import string
 
@@ -39,8 +40,8 @@ REASONS: dict[str, str] = {
     "symlink_into_vcs": "a symlink to a file in a version-control folder (a repository's .git/config, logs: names, paths)",
     "unreadable": "could not be read (permission, I/O error, or not a regular file such as a FIFO)",
     "too_large": "larger than --max-file-size (checked before reading)",
-    "binary": "holds NUL bytes",
-    "undecodable": "not valid UTF-8",
+    "binary": "holds NUL bytes (or, in UTF-16 text, NUL characters)",
+    "undecodable": "not valid UTF-8, nor UTF-16 after a byte order mark",
     "malformed_notebook": "a .ipynb that is not a readable notebook",
     "malformed_row": "a parquet/jsonl row without text in --text-column",
     "empty": "empty or whitespace only (a notebook: no code cells left)",
@@ -104,6 +105,7 @@ HEAD_CHARS_PER_LINE = 400  # bounds the head we search when the first lines are 
 
 ALNUM_BYTES = (string.ascii_letters + string.digits).encode("ascii")
 ASCII_BYTES = bytes(range(128))
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def dir_reason(name: str, has_pyvenv_cfg: bool = False, is_saved_dataset: bool = False) -> str | None:
@@ -182,11 +184,15 @@ def size_reason(size: int, max_file_size: int) -> str | None:
 
 
 def decode(data: bytes) -> tuple[str | None, str | None]:
-    """(text, None) for UTF-8 text, else (None, `binary` | `undecodable`).
+    """(text, None) for UTF-8 text, or UTF-16 text after its byte order mark; else (None, `binary` | `undecodable`).
 
     >>> decode(b"x = 1\\n"), decode(b"\\x89PNG\\x00\\x01"), decode(b"caf\\xe9"), decode(b"\\xef\\xbb\\xbfx\\n")
     (('x = 1\\n', None), (None, 'binary'), (None, 'undecodable'), ('x\\n', None))
+    >>> decode(b"\\xff\\xfex\\x00\\n\\x00"), decode(b"\\xfe\\xff\\x00x\\x00\\n"), decode(b"\\xff\\xfex")
+    (('x\\n', None), ('x\\n', None), (None, 'undecodable'))
     """
+    if data.startswith(UTF16_BOMS):  # Windows tools (PowerShell 5, Visual Studio) write these: NULs are text
+        return _decode_utf16(data)
     if b"\0" in data:
         return None, "binary"
     try:
@@ -194,6 +200,15 @@ def decode(data: bytes) -> tuple[str | None, str | None]:
         return data.decode("utf-8-sig"), None
     except UnicodeDecodeError:
         return None, "undecodable"
+
+
+def _decode_utf16(data: bytes) -> tuple[str | None, str | None]:
+    """UTF-16 ``data`` that starts with its byte order mark, as text without the mark."""
+    try:
+        text = data.decode("utf-16")  # the mark gives the byte order, and is dropped
+    except UnicodeDecodeError:  # an odd length, half a surrogate pair
+        return None, "undecodable"
+    return (None, "binary") if "\0" in text else (text, None)
 
 
 def secret_reason(text: str) -> str | None:
