@@ -66,3 +66,26 @@ def test_notebooks_in_a_folder(tmp_path):
     assert [(d.file_path, d.language) for d in docs] == [("good.ipynb", "python")]
     assert docs[0].content == code("nb")
     assert source.tally.skipped_files == {"malformed_notebook": 1, "empty": 1}
+
+
+def test_kernel_language_is_named_as_the_suffixes_name_it(tmp_path):
+    """A .NET kernel says `C#`, a xeus-cling one `C++`: the notebook's code is `csharp`/`cpp`, as
+    `.cs`/`.cpp` files are, and `--languages` names either way select both."""
+    program = "class Prog { static void Main() { System.Console.WriteLine(1); } }\n"
+    sums = "var total = new[] { 1, 2, 3 }.Sum();\nConsole.WriteLine(total);"
+    write(tmp_path, "calc.ipynb", notebook([("markdown", "Compute a total"), ("code", sums)], "C#"))
+    write(tmp_path, "Prog.cs", program)
+    write(tmp_path, "vec.ipynb", notebook([("code", "std::vector<int> v{1, 2, 3};")], "C++"))
+    source = Source("folder", str(tmp_path), "nbs", str(tmp_path))
+    docs = list(iter_documents(source, CorpusConfig(notebook_markdown=True)))
+    assert [(d.file_path, d.language) for d in docs] == [
+        ("Prog.cs", "csharp"),
+        ("calc.ipynb", "csharp"),
+        ("vec.ipynb", "cpp"),
+    ]
+    assert docs[1].content == f"// Compute a total\n\n{sums}\n"
+    for selected in (["csharp"], ["C#"]):
+        source = Source("folder", str(tmp_path), "nbs", str(tmp_path))
+        docs = list(iter_documents(source, CorpusConfig(languages=selected)))
+        assert [d.file_path for d in docs] == ["Prog.cs", "calc.ipynb"], selected
+        assert source.tally.skipped_files == {"language_not_selected": 1}

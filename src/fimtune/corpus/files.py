@@ -29,7 +29,7 @@ from fimtune.corpus.filters import (
     size_reason,
     suffix_reason,
 )
-from fimtune.corpus.languages import NOTEBOOK_SUFFIX, content_language, language_of
+from fimtune.corpus.languages import NOTEBOOK_SUFFIX, canonical_language, content_language, language_of
 from fimtune.corpus.notebooks import MalformedNotebook, notebook_to_code
 
 log = logging.getLogger(__name__)
@@ -314,7 +314,7 @@ def _read_bytes(path: str, max_file_size: int) -> tuple[bytes, str | None]:
 
 def accept(doc: Document, cfg: CorpusConfig, tally: Tally) -> Document | None:
     """``doc`` when its language is selected and its content passes the quality filters."""
-    if cfg.languages and doc.language not in {lang.lower() for lang in cfg.languages}:
+    if cfg.languages and doc.language not in {canonical_language(lang) for lang in cfg.languages}:
         return tally.skip("language_not_selected")
     reason = quality_reason(
         doc.content,

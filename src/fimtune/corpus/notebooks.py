@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fimtune.corpus.languages import line_comment
+from fimtune.corpus.languages import canonical_language, line_comment
 
 SHELL_PREFIX = "!"
 CAPTURE_MAGIC = "%%capture"
@@ -77,16 +77,18 @@ def as_comment(text: str, marker: str = "#") -> str:
 
 
 def notebook_language(nb: dict[str, Any]) -> str:
-    """The kernel's language (kernelspec, then language_info), lower-cased; `python` by default.
+    """The kernel's language (kernelspec, then language_info) as file suffixes name it; `python` by default.
 
     >>> notebook_language({"metadata": {"language_info": {"name": "R"}}}), notebook_language({})
     ('r', 'python')
+    >>> notebook_language({"metadata": {"kernelspec": {"language": "C#"}}})
+    'csharp'
     """
     meta = nb.get("metadata") if isinstance(nb.get("metadata"), dict) else {}
     for section, key in (("kernelspec", "language"), ("language_info", "name")):
         value = (meta.get(section) or {}).get(key) if isinstance(meta.get(section), dict) else None
         if isinstance(value, str) and value.strip():
-            return value.strip().lower()
+            return canonical_language(value)
     return DEFAULT_LANGUAGE
 
 
