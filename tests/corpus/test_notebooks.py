@@ -1,13 +1,22 @@
 """Notebooks: code cells only, the recipe's drop rule, markdown as comments, malformed ones counted."""
 
 import json
+import os
 
 import pytest
 from corpus_helpers import code, notebook, write
 
 from fimtune.config import CorpusConfig
+from fimtune.corpus import files
 from fimtune.corpus.notebooks import MalformedNotebook, keep_code_cell, notebook_to_code
 from fimtune.corpus.sources import Source, iter_documents
+
+
+def scan(root, **fields) -> tuple[list, files.Tally]:
+    """The documents of folder ``root`` (config from keyword fields), and its tally."""
+    source = Source("folder", str(root), root.name, str(root))
+    return list(iter_documents(source, CorpusConfig(**fields))), source.tally
+
 
 CELLS = [
     ("markdown", "# Training\nWe fine-tune."),
@@ -89,3 +98,29 @@ def test_kernel_language_is_named_as_the_suffixes_name_it(tmp_path):
         docs = list(iter_documents(source, CorpusConfig(languages=selected)))
         assert [d.file_path for d in docs] == ["Prog.cs", "calc.ipynb"], selected
         assert source.tally.skipped_files == {"language_not_selected": 1}
+
+
+def test_size_limit_is_for_a_notebooks_code_not_its_saved_outputs(tmp_path):
+    """A saved plot (base64 in the JSON) may make the .ipynb far larger than its code: the limit is
+    for the code, and the raw read stops at NOTEBOOK_RAW_SIZE_FACTOR times it."""
+    limit = 10_000
+    plot = {"output_type": "display_data", "data": {"image/png": "iVBORw0KGgo" * 3_000}}  # 33 KB
+    with_plot = json.loads(notebook([("code", code("plot"))]))
+    with_plot["cells"][0]["outputs"] = [plot]
+    write(tmp_path, "a/plot.ipynb", json.dumps(with_plot))
+    write(tmp_path, "a/long_code.ipynb", notebook([("code", code("long", lines=150))]))  # 12 KB of code
+    write(tmp_path, "a/long.py", code("long", lines=150))
+    assert os.path.getsize(tmp_path / "a/plot.ipynb") > 3 * limit > len(code("plot"))
+    docs, tally = scan(tmp_path / "a", max_file_size=limit)
+    assert [(d.file_path, d.content) for d in docs] == [("plot.ipynb", code("plot"))]
+    assert tally.skipped_files == {"too_large": 2}  # long_code.ipynb, long.py
+    assert tally.bytes_read == sum(os.path.getsize(tmp_path / f"a/{n}") for n in ("plot.ipynb", "long_code.ipynb"))
+
+    huge = json.loads(notebook([("code", code("huge"))]))
+    huge["cells"][0]["outputs"] = [plot] * (files.NOTEBOOK_RAW_SIZE_FACTOR * limit // 33_000 + 1)
+    write(tmp_path, "b/huge_outputs.ipynb", json.dumps(huge))
+    write(tmp_path, "b/ok.py", code("ok"))
+    assert os.path.getsize(tmp_path / "b/huge_outputs.ipynb") > files.NOTEBOOK_RAW_SIZE_FACTOR * limit
+    docs, tally = scan(tmp_path / "b", max_file_size=limit)
+    assert [d.file_path for d in docs] == ["ok.py"] and tally.skipped_files == {"too_large": 1}
+    assert tally.bytes_read == len(code("ok"))  # the huge notebook is never read

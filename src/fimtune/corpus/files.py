@@ -38,6 +38,9 @@ GITIGNORE = ".gitignore"
 GIT_MARKER = ".git"  # a folder (or, in worktrees and submodules, a file)
 VIRTUALENV_MARKER = "pyvenv.cfg"
 SAVED_DATASET_MARKER = "dataset_dict.json"  # what `DatasetDict.save_to_disk` writes
+NOTEBOOK_RAW_SIZE_FACTOR = 20
+"""A notebook's saved outputs (a plot is base64 in its JSON) may dwarf its code: its .ipynb is read
+up to this many times --max-file-size, and the limit itself applies to the code it converts to."""
 
 
 @dataclass
@@ -275,18 +278,22 @@ def read_file(path: str, rel: str, repo_id: str, cfg: CorpusConfig, tally: Tally
         reason = "unknown_language"
     if reason:
         return tally.skip(reason)
-    data, reason = _read_bytes(path, cfg.max_file_size)
+    is_notebook = name.lower().endswith(NOTEBOOK_SUFFIX)
+    data, reason = _read_bytes(path, cfg.max_file_size * (NOTEBOOK_RAW_SIZE_FACTOR if is_notebook else 1))
     if reason:
         return tally.skip(reason)
     tally.bytes_read += len(data)
     text, reason = decode(data)
     if reason:
         return tally.skip(reason)
-    if name.lower().endswith(NOTEBOOK_SUFFIX):
+    if is_notebook:
         try:
             text, language = notebook_to_code(text, keep_markdown=cfg.notebook_markdown)
         except MalformedNotebook:
             return tally.skip("malformed_notebook")
+        reason = size_reason(len(text.encode("utf-8")), cfg.max_file_size)  # the limit is for the code
+        if reason:
+            return tally.skip(reason)
     return accept(Document(repo_id, rel, content_language(language, text), text), cfg, tally)
 
 

@@ -39,7 +39,7 @@ REASONS: dict[str, str] = {
     "symlink_outside": "in a cloned repository, a symlink to a file outside it",
     "symlink_into_vcs": "a symlink to a file in a version-control folder (a repository's .git/config, logs: names, paths)",
     "unreadable": "could not be read (permission, I/O error, or not a regular file such as a FIFO)",
-    "too_large": "larger than --max-file-size (checked before reading)",
+    "too_large": "larger than --max-file-size (checked before reading; for a notebook, its code)",
     "binary": "holds NUL bytes (or, in UTF-16 text, NUL characters)",
     "undecodable": "not valid UTF-8, nor UTF-16 after a byte order mark",
     "malformed_notebook": "a .ipynb that is not a readable notebook",
