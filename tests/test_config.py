@@ -66,6 +66,7 @@ def test_bad_overrides_name_the_key(override, fragment):
         "train.max_steps=0",  # was a whole epoch
         "train.max_steps=-3",  # was no step and no adapter, exit 0
         "fim.fim_rate=1.5",
+        "fim.line_end_rate=-0.5",
         "data.validation_size=0",
     ],
 )
@@ -79,6 +80,15 @@ def test_numbers_out_of_range_name_the_key(override, tmp_path):
     p.write_text(f"{section}:\n  {name}: {value}\n" if section else f"{name}: {value}\n")
     with pytest.raises(ConfigError, match=f"{p}: config key '{key}' must be"):
         load_run_config(p)
+
+
+def test_line_end_cuts_need_character_cuts_at_line_starts():
+    with pytest.raises(
+        ConfigError, match=r"'fim.line_end_rate'.*fim.unit=char and fim.spans=line \(got unit 'token', spans 'line'\)"
+    ):
+        load_run_config(None, ["fim.line_end_rate=0.5", "fim.spans=line"])
+    cfg = load_run_config(None, ["fim.line_end_rate=0.5", "fim.spans=line", "fim.unit=char"])
+    assert cfg.fim.line_end_rate == 0.5
 
 
 def test_numbers_at_their_edges_load():

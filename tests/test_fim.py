@@ -175,6 +175,35 @@ def test_text_line_spans_give_whole_line_middles():
         assert cut.middle == "" or cut.middle.endswith("\n")
 
 
+def test_line_end_rate_leaves_the_middles_last_newline_to_the_suffix():
+    text = "import os\n\ndef main():\n    print(os.getcwd())\n    return 0"
+    moved = kept = 0
+    for seed in range(300):
+        plain = cut_text(text, np.random.default_rng(seed), fim_rate=1.0, spans="line")
+        at_end = cut_text(text, np.random.default_rng(seed), fim_rate=1.0, spans="line", line_end_rate=1.0)
+        assert at_end.prefix + at_end.middle + at_end.suffix == text
+        assert (at_end.prefix, at_end.spm) == (plain.prefix, plain.spm)  # the same draws, one more after
+        if plain.middle.endswith("\n"):
+            assert (at_end.middle, at_end.suffix) == (plain.middle[:-1], "\n" + plain.suffix)
+        else:  # empty, or the text's last line (no newline)
+            assert at_end == plain
+        half = cut_text(text, np.random.default_rng(seed), fim_rate=1.0, spans="line", line_end_rate=0.5)
+        assert half in (plain, at_end)
+        if plain.middle.endswith("\n") and half != plain:
+            moved += 1
+        elif plain.middle.endswith("\n"):
+            kept += 1
+    assert moved > 50 and kept > 50
+    crlf = text.replace("\n", "\r\n")
+    for seed in range(50):
+        plain = cut_text(crlf, np.random.default_rng(seed), fim_rate=1.0, spans="line")
+        cut = cut_text(crlf, np.random.default_rng(seed), fim_rate=1.0, spans="line", line_end_rate=1.0)
+        assert cut.prefix + cut.middle + cut.suffix == crlf
+        assert cut.middle == (plain.middle[:-2] if plain.middle.endswith("\r\n") else plain.middle)
+    with_rate = cut_text(text, np.random.default_rng(0), fim_rate=1.0, line_end_rate=1.0)  # uniform spans: no draw
+    assert with_rate == cut_text(text, np.random.default_rng(0), fim_rate=1.0)
+
+
 def test_char_unit_never_splits_a_token_and_round_trips(tiny_tokenizer):
     def encode(s):
         return encode_batch(tiny_tokenizer, [s])[0].tolist()

@@ -195,20 +195,30 @@ def test_an_epoch_that_packs_into_no_row_is_skipped_not_an_error():
     assert epochs == [e for e in range(20) if rows_by_epoch[e]][:8]
 
 
-def test_char_unit_packs_whole_texts(tiny_tokenizer):
+@pytest.mark.parametrize("line_end_rate", [0.0, 1.0])
+def test_char_unit_packs_whole_texts(tiny_tokenizer, line_end_rate):
     from fimtune.tokenization import encode_flat
 
     texts = ["def f(x):\n    return x * 2\n", "", "class A:\n    pass\n", "print('héllo')\n"] * 10
     ids, lengths = encode_flat(tiny_tokenizer, texts)
     docs = Documents(ids, np.concatenate([[0], np.cumsum(lengths)]), texts=texts)
     docs.encode = lambda t, continued: encode_flat(tiny_tokenizer, t, continued)
-    ep = pack_epoch(docs, spec(unit="char", spans="line", shuffle=False), 0)
+    ep = pack_epoch(docs, spec(unit="char", spans="line", shuffle=False, line_end_rate=line_end_rate), 0)
     assert 0 < ep.stats.fim < ep.stats.documents
     bounds = np.append(ep.doc_starts, len(ep.ids))
     for d, text in enumerate(texts):
         joined = ep.ids[bounds[d] : bounds[d + 1]].tolist()
         assert joined[-1] == SEP
         assert tiny_tokenizer.decode(unpermute(joined[:-1], T)) == text
+    # every text's lines end in a newline: so does each middle, unless line_end_rate left it to the suffix
+    ep = pack_epoch(docs, spec(unit="char", spans="line", shuffle=False, line_end_rate=line_end_rate,
+                               fim_rate=1.0, spm_rate=0.0), 0)  # fmt: skip
+    bounds, middles = np.append(ep.doc_starts, len(ep.ids)), []
+    for d in range(len(texts)):
+        joined = ep.ids[bounds[d] : bounds[d + 1] - 1].tolist()  # PSM: [P] prefix [S] suffix [M] middle
+        middles.append(tiny_tokenizer.decode(joined[joined.index(T.middle) + 1 :]))
+    whole = [m.endswith("\n") for m in middles if m]
+    assert len(whole) > 5 and all(whole) == (line_end_rate == 0) and any(whole) == (line_end_rate == 0)
 
 
 def test_builders_read_the_run_config():

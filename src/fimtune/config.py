@@ -102,6 +102,10 @@ class FimConfig:
     """`token`: cut between tokens (the recipe); `char`: cut characters and re-tokenize."""
     spans: Literal["uniform", "line"] = "uniform"
     """`uniform`: cut points anywhere; `line`: cut points at line starts (whole-line middles)."""
+    line_end_rate: float = 0.0
+    """`unit: char` with `spans: line`: the share of middles that end at their last line's end,
+    its newline left to the suffix, as in an editor's hole at the end of a line (0: every middle
+    ends at a line start, with its newline)."""
     piece_tokens: int = 0
     """Cut documents into pieces of at most about this many tokens, then FIM each piece as a
     document of its own (0: whole documents, the recipe). Token unit: near-equal pieces of at
@@ -540,6 +544,12 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
         if value is not None and not (math.isfinite(value) and ok(value)):
             where = f"{path}: " if path else ""
             raise ConfigError(f"{where}config key '{key}' must be {wanted}; got {value!r}")
+    if cfg.fim.line_end_rate > 0 and (cfg.fim.unit, cfg.fim.spans) != ("char", "line"):
+        where = f"{path}: " if path else ""
+        raise ConfigError(
+            f"{where}config key 'fim.line_end_rate' cuts middles at line ends, in characters: it needs "
+            f"fim.unit=char and fim.spans=line (got unit {cfg.fim.unit!r}, spans {cfg.fim.spans!r}), or set it to 0"
+        )
     return cfg
 
 
@@ -554,6 +564,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("lora.dropout", lambda v: 0 <= v < 1, "from 0 up to (not including) 1"),
     ("fim.fim_rate", lambda v: 0 <= v <= 1, "from 0 to 1"),
     ("fim.spm_rate", lambda v: 0 <= v <= 1, "from 0 to 1"),
+    ("fim.line_end_rate", lambda v: 0 <= v <= 1, "from 0 to 1"),
     ("fim.piece_tokens", lambda v: v >= 0, "0 or more"),
     ("packing.seq_length", lambda v: v >= 2, "at least 2"),
     ("data.validation_size", lambda v: v >= 1, "at least 1 (or null: a tenth of the rows)"),

@@ -240,14 +240,24 @@ class TextCut(NamedTuple):
 
 
 def cut_text(
-    text: str, rng: np.random.Generator, fim_rate: float = 0.5, spm_rate: float = 0.5, spans: str = "uniform"
+    text: str,
+    rng: np.random.Generator,
+    fim_rate: float = 0.5,
+    spm_rate: float = 0.5,
+    spans: str = "uniform",
+    line_end_rate: float = 0.0,
 ) -> TextCut | None:
     """Draw a FIM cut of ``text`` at character positions (line starts when ``spans="line"``).
 
-    Same draws as :func:`permute`, over ``len(text) + 1`` positions (or the line starts).
+    Same draws as :func:`permute`, over ``len(text) + 1`` positions (or the line starts). With
+    ``spans="line"`` and ``line_end_rate`` > 0, one more draw for each cut: with that probability
+    a middle that ends in a newline leaves it (with a CRLF's "\\r") to the suffix, as an editor's
+    hole at the end of a line does (the middle ends at its last line's end).
 
     >>> cut_text("ab\\ncd\\nef\\n", np.random.default_rng(0), fim_rate=1.0, spans="line")
     TextCut(prefix='ab\\n', middle='cd\\n', suffix='ef\\n', spm=True)
+    >>> cut_text("ab\\ncd\\nef\\n", np.random.default_rng(0), fim_rate=1.0, spans="line", line_end_rate=1.0)
+    TextCut(prefix='ab\\n', middle='cd', suffix='\\nef\\n', spm=True)
     """
     if spans not in SPANS:
         raise ValueError(f"spans must be one of {SPANS}, not {spans!r}")
@@ -256,6 +266,8 @@ def cut_text(
     if cut is None:
         return None
     a, b = (cut.lo, cut.hi) if points is None else (int(points[cut.lo]), int(points[cut.hi]))
+    if points is not None and line_end_rate > 0 and rng.random() < line_end_rate and b > a and text[b - 1] == NEWLINE:
+        b -= 2 if text[a : b - 1].endswith("\r") else 1  # a CRLF line's end is before its "\r"
     return TextCut(text[:a], text[a:b], text[b:], cut.spm)
 
 
@@ -268,6 +280,7 @@ def permute_text(
     spm_rate: float = 0.5,
     spans: str = "uniform",
     encode_continued: Callable[[str], Sequence[int]] | None = None,
+    line_end_rate: float = 0.0,
 ) -> list[int]:
     """FIM at the character level: cut ``text`` (see :func:`cut_text`), then encode each part alone:
     the first part with text by ``encode``, the parts after it by ``encode_continued`` (default
@@ -283,7 +296,7 @@ def permute_text(
     >>> permute_text("ab\\ncd\\nef\\n", np.random.default_rng(0), t, encode, 1.0, 0.0, "line")
     [1, 97, 98, 10, 3, 101, 102, 10, 2, 99, 100, 10]
     """
-    cut = cut_text(text, rng, fim_rate, spm_rate, spans)
+    cut = cut_text(text, rng, fim_rate, spm_rate, spans, line_end_rate)
     if cut is None:
         return list(encode(text))
     later = encode_continued or encode

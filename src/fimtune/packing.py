@@ -59,6 +59,7 @@ class PackSpec:
     spm_rate: float = 0.5
     unit: str = "token"  # "token" | "char"
     spans: str = "uniform"  # "uniform" | "line"
+    line_end_rate: float = 0.0  # unit char, spans line: share of middles that leave their last newline to the suffix
     shuffle: bool = True
     seed: int = 0
 
@@ -223,7 +224,9 @@ def fim_text_epoch(docs: Documents, rng: np.random.Generator, spec: PackSpec) ->
     fim, spm, lengths, blocks = np.zeros(n, bool), np.zeros(n, bool), np.diff(offsets) + 1, []
     for d0 in range(0, n, TEXT_BLOCK_DOCS):
         d1 = min(n, d0 + TEXT_BLOCK_DOCS)
-        text_cuts = [cut_text(t, rng, spec.fim_rate, spec.spm_rate, spec.spans) for t in docs.texts[d0:d1]]
+        text_cuts = [
+            cut_text(t, rng, spec.fim_rate, spec.spm_rate, spec.spans, spec.line_end_rate) for t in docs.texts[d0:d1]
+        ]
         fim[d0:d1] = [c is not None for c in text_cuts]
         spm[d0:d1] = [c is not None and c.spm for c in text_cuts]
         part_ids, part_lens = _encode_parts(docs.encode, [c for c in text_cuts if c is not None])
@@ -472,6 +475,7 @@ def pack_spec(cfg: RunConfig, tokens: FimTokens, separator: int, *, shuffle: boo
         spm_rate=cfg.fim.spm_rate,
         unit=cfg.fim.unit,
         spans=cfg.fim.spans,
+        line_end_rate=cfg.fim.line_end_rate,
         shuffle=cfg.packing.shuffle if shuffle is None else shuffle,
         seed=cfg.seed,
     )

@@ -85,7 +85,8 @@ def _summary(dataset: str, model: str, separator: str, docs: Any, cfg: RunConfig
         f"model      {model}",
         f"separator  {separator} after every document",
         f"FIM        fim_rate {cfg.fim.fim_rate}, spm_rate {cfg.fim.spm_rate}, unit {cfg.fim.unit}, "
-        f"spans {cfg.fim.spans}, seed {cfg.seed}, epoch 0: {s.fim:,} of {s.documents:,} documents FIM'd ({pct:.1f}%): "
+        f"spans {cfg.fim.spans}{f', line_end_rate {cfg.fim.line_end_rate}' if cfg.fim.line_end_rate else ''}, "
+        f"seed {cfg.seed}, epoch 0: {s.fim:,} of {s.documents:,} documents FIM'd ({pct:.1f}%): "
         f"SPM {s.spm:,}, PSM {s.psm:,}; plain {s.plain:,}",
         f"packing    {cfg.packing.mode}, seq_length {packed.seq_length}: {s.rows:,} rows, "
         f"{s.tail:,} tail tokens dropped (of {s.tokens:,} after FIM and separators)",
