@@ -1,5 +1,8 @@
 """`fimtune merge`: a plain transformers model with the logits of base + adapter."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,10 +45,10 @@ def test_merge_keeps_the_run_and_its_base_and_replaces_an_old_merge_only_when_do
     file, a link or a folder of the run is refused by name. A run trained with an attention this
     machine lacks merges (on the CPU, with transformers' default), and the merged model stops
     where fimtune's completions stop. With --overwrite, an interrupt before the new folder is in
-    place leaves the old one whole."""
+    place leaves the old one whole. A run with LoRA on the tied head is refused, nothing written."""
     import yaml
 
-    from fimtune.generate import FimPrompter
+    from fimtune.generate import FimPrompter, mergeable
     from fimtune.merge import merge_run
 
     base = model_dir(tmp_path, tiny_tokenizer_without_fim, "gpt_bigcode")
@@ -71,6 +74,14 @@ def test_merge_keeps_the_run_and_its_base_and_replaces_an_old_merge_only_when_do
         assert main(["merge", str(run), "--out", out, "--overwrite"]) == 2, out
         assert message in capsys.readouterr().err, out
     assert sorted(p.name for p in run.iterdir()) == before and (base / "config.json").is_file()
+    legacy = tmp_path / "legacy"  # LoRA on the tied head, as runs could train before fimtune refused it
+    shutil.copytree(run, legacy, ignore=shutil.ignore_patterns("checkpoints"))
+    adapter_config = legacy / "adapter" / "adapter_config.json"
+    values = json.loads(adapter_config.read_text())
+    adapter_config.write_text(json.dumps({**values, "target_modules": [*values["target_modules"], "lm_head"]}))
+    assert main(["merge", str(legacy), "--out", str(tmp_path / "new" / "merged")]) == 2
+    assert "has LoRA on lm_head" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    assert not mergeable(load_run(legacy, torch.device("cpu")).model)  # `complete` leaves it unmerged
     early = tmp_path / "early"  # a run stopped before its first checkpoint: no adapter
     early.mkdir()
     (early / "config.yaml").write_text((run / "config.yaml").read_text())

@@ -41,6 +41,19 @@ def test_targets_that_match_nothing_are_an_error_naming_the_modules():
         resolve_target_modules(tiny.llama(64), ["c_attn", "nope"])
 
 
+def test_lora_on_tied_embeddings_is_refused_naming_the_module():
+    """Merged, LoRA on a tied embedding would change both (one matrix): refused when the run is set
+    up (and in `--dry-run`'s plan); untied, lm_head may train; all-linear leaves a tied head alone."""
+    for make, target in [(tiny.gpt_bigcode, "lm_head"), (lambda v: tiny.llama(v, tie=True), "embed_tokens")]:
+        with pytest.raises(
+            FimtuneError, match=f"lora.target_modules=.*{target}.*drop {target} from lora.target_modules"
+        ):
+            attach_lora(make(68), LoraConfig(target_modules=["q_proj", "c_attn", target]), [64, 65])
+    assert resolve_target_modules(tiny.llama(64), ["q_proj", "lm_head"]) == ["q_proj", "lm_head"]
+    peft_model = attach_lora(tiny.llama(68, tie=True), LoraConfig(target_modules=None), [64, 65])
+    assert "lm_head" not in peft_model.peft_config["default"].target_modules
+
+
 @pytest.mark.parametrize("make", [tiny.gpt_bigcode, tiny.llama], ids=["gpt_bigcode", "llama"])
 def test_only_lora_and_new_token_rows_train(make):
     model = make(64)

@@ -436,8 +436,13 @@ def mergeable(model: Any, exactly: bool = False) -> bool:
     dequantizes, adds and quantizes again, and 4-bit steps are larger than most of a LoRA's
     change, which is then lost; unmerging does not give the weights back). ``exactly``: fp32
     weights only, where unmerging gives the base back (in bf16, W + dW - dW moves some ~8% of the
-    elements of W by a rounding step)."""
+    elements of W by a rounding step). Nor into tied embeddings (a run trained before fimtune refused
+    LoRA on them): folded into the one shared matrix, the change would reach both embeddings."""
+    from fimtune.model import lora_on_tied_embeddings
+
     if not hasattr(model, "merge_adapter") or getattr(model.config, "quantization_config", None) is not None:
+        return False
+    if lora_on_tied_embeddings(model):
         return False
     return not exactly or all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
 

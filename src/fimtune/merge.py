@@ -5,9 +5,11 @@ config and the tokenizer; it loads with plain ``AutoModelForCausalLM.from_pretra
 and gives the logits of base + adapter. Its generation config stops where fimtune's
 completions stop (the document separator and the FIM tokens), so `generate` and other servers
 end a completion there too. A quantized (QLoRA) base is loaded unquantized for the merge, with
-transformers' default attention (the merge runs on the CPU). The folder is written under a
-temporary name and renamed when complete; with ``--overwrite`` the old folder is set aside
-first and comes back if the rename fails, so an interrupt never loses both.
+transformers' default attention (the merge runs on the CPU). A run with LoRA on tied embeddings
+(trained before `fimtune train` refused it) is refused: merged, its change would land in both
+embeddings at once. The folder is written under a temporary name and renamed when complete; with
+``--overwrite`` the old folder is set aside first and comes back if the rename fails, so an
+interrupt never loses both.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def merge_run(run_dir: Path, out: Path, dtype: torch.dtype | None = None, overwr
     """Merge the adapter of ``run_dir`` into its base and save the result to ``out``."""
     from fimtune.config import load_run_config
     from fimtune.generate import FimPrompter
-    from fimtune.model import is_run_dir, load_run
+    from fimtune.model import is_run_dir, load_run, lora_on_tied_embeddings, tied_embedding_names, tied_lora_problem
 
     if not is_run_dir(run_dir):
         raise FimtuneError(
@@ -35,6 +37,13 @@ def merge_run(run_dir: Path, out: Path, dtype: torch.dtype | None = None, overwr
     out = checked_out(out, run_dir, cfg.model.name_or_path, overwrite)
     model_cfg = replace(cfg.model, quantization="none", attn_implementation=None)
     loaded = load_run(run_dir, torch.device("cpu"), dtype or torch.float32, model_cfg=model_cfg)
+    if on_tied := lora_on_tied_embeddings(loaded.model):
+        tied = tied_embedding_names(loaded.model.get_base_model())
+        raise FimtuneError(
+            f"run '{run_dir}' has LoRA on {', '.join(on_tied)} (its lora.target_modules): "
+            f"{tied_lora_problem(on_tied, tied)}; nothing was written: train the run again without "
+            f"{', '.join(on_tied)} in lora.target_modules (fimtune now refuses it), then merge"
+        )
     merged = loaded.model.merge_and_unload()
     merged.generation_config.eos_token_id = FimPrompter(loaded.tokenizer).end_ids
     tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")

@@ -234,12 +234,51 @@ def resolve_target_modules(model: Any, targets: list[str] | None) -> list[str] |
             f"(modules here: {', '.join(existing)})",
             stacklevel=2,
         )
+    tied = tied_embedding_names(model)
+    if on_tied := [t for t in matched if t in tied]:
+        raise FimtuneError(
+            f"lora.target_modules={','.join(targets)}: {tied_lora_problem(on_tied, tied)}; drop "
+            f"{', '.join(on_tied)} from lora.target_modules (the tied head trains through the input "
+            "embeddings' rows: the added FIM tokens' rows train there)"
+        )
     return matched
 
 
 def tied_embeddings(model: Any) -> bool:
+    """Whether ``model``'s input and output embeddings share their weight (PEFT-wrapped or not)."""
     out = model.get_output_embeddings()
-    return out is not None and out.weight is model.get_input_embeddings().weight
+    return out is not None and not {id(p) for p in out.parameters()}.isdisjoint(
+        id(p) for p in model.get_input_embeddings().parameters()
+    )
+
+
+def tied_embedding_names(model: Any) -> list[str]:
+    """The names of ``model``'s input and output embeddings (``["wte", "lm_head"]``) when they are
+    tied, else []."""
+    if not tied_embeddings(model):
+        return []
+    return [_child_name(model, model.get_input_embeddings()), _child_name(model, model.get_output_embeddings())]
+
+
+def lora_on_tied_embeddings(peft_model: Any) -> list[str]:
+    """The tied embeddings of a PEFT model that carry LoRA layers (runs trained before fimtune
+    refused them): merging folds their change into the one shared matrix."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    if not tied_embeddings(base):
+        return []
+    embeddings = (base.get_input_embeddings(), base.get_output_embeddings())
+    return [_child_name(base, e) for e in embeddings if any(isinstance(m, LoraLayer) for m in e.modules())]
+
+
+def tied_lora_problem(on_tied: list[str], tied: list[str]) -> str:
+    """Why LoRA on ``on_tied``, modules of the tied embeddings ``tied`` (input, output), gives a
+    wrong merged model."""
+    return (
+        f"LoRA on {', '.join(on_tied)} changes this model's input and output embeddings at once "
+        f"({' and '.join(tied)} are tied: one matrix), so a merged model's logits would not be base + adapter"
+    )
 
 
 def attach_lora(model: Any, cfg: LoraConfig, new_token_ids: list[int]) -> Any:
