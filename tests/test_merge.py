@@ -32,6 +32,20 @@ def test_merged_model_matches_base_plus_adapter(
         torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-4)
     assert not list((tmp_path / "merged").glob("adapter_*"))  # a plain model, not an adapter
 
+    # Merged in fp32, saved in the run's model.dtype (auto: the base's dtype) unless --dtype says.
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("dtype: auto", "dtype: fp16"))
+    base_config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**base_config, "dtype": "bfloat16"}))  # as a bf16 base states
+    weights = merged.state_dict()
+    for dtype, argv in [(torch.float16, []), (torch.bfloat16, ["--dtype", "auto"])]:
+        assert main(["merge", str(run), "--out", str(tmp_path / str(dtype)), *argv]) == 0
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / str(dtype)).state_dict()
+        assert all(torch.equal(w, weights[n].to(dtype)) for n, w in saved.items()), dtype
+    (base / "config.json").write_text(json.dumps({k: v for k, v in base_config.items() if k != "dtype"}))
+    from fimtune.merge import saved_dtype
+
+    assert saved_dtype("auto", str(base)) == torch.float32  # a base that states none
+
 
 def test_merge_refuses_non_run_and_non_empty_out(tmp_path, capsys):
     assert main(["merge", str(tmp_path), "--out", str(tmp_path / "m")]) == 2

@@ -152,7 +152,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 def cmd_merge(ns: argparse.Namespace) -> int:
     from fimtune.merge import merge_run
 
-    out = merge_run(Path(ns.run), Path(ns.out), overwrite=ns.overwrite)
+    out = merge_run(Path(ns.run), Path(ns.out), dtype=ns.dtype, overwrite=ns.overwrite)
     print(f"merged model written to {out} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0
 
@@ -397,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("run", help="a run folder written by `fimtune train`")
     merge.add_argument("--out", required=True, help="output folder (written atomically)")
     merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    merge.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16", "auto"],
+        help="dtype of the saved weights, merged in fp32 (default: the run's model.dtype; auto: the base model's)",
+    )
     merge.set_defaults(func=cmd_merge)
 
     config = sub.add_parser("config", parents=[common], help="list config fields, or print a resolved config")

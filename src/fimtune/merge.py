@@ -2,14 +2,15 @@
 
 The merged folder holds the weights (safetensors, added FIM token rows included), the
 config and the tokenizer; it loads with plain ``AutoModelForCausalLM.from_pretrained(DIR)``
-and gives the logits of base + adapter. Its generation config stops where fimtune's
-completions stop (the document separator and the FIM tokens), so `generate` and other servers
-end a completion there too. A quantized (QLoRA) base is loaded unquantized for the merge, with
-transformers' default attention (the merge runs on the CPU). A run with LoRA on tied embeddings
-(trained before `fimtune train` refused it) is refused: merged, its change would land in both
-embeddings at once. The folder is written under a temporary name and renamed when complete; with
-``--overwrite`` the old folder is set aside first and comes back if the rename fails, so an
-interrupt never loses both.
+and gives the logits of base + adapter. The adapter is merged in fp32, and the weights saved in
+the run's `model.dtype` (`auto`: the base model's) unless ``--dtype`` names another. Its
+generation config stops where fimtune's completions stop (the document separator and the FIM
+tokens), so `generate` and other servers end a completion there too. A quantized (QLoRA) base
+is loaded unquantized for the merge, with transformers' default attention (the merge runs on the
+CPU). A run with LoRA on tied embeddings (trained before `fimtune train` refused it) is refused:
+merged, its change would land in both embeddings at once. The folder is written under a
+temporary name and renamed when complete; with ``--overwrite`` the old folder is set aside
+first and comes back if the rename fails, so an interrupt never loses both.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 from fimtune.errors import FimtuneError
 
 
-def merge_run(run_dir: Path, out: Path, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
-    """Merge the adapter of ``run_dir`` into its base and save the result to ``out``."""
+def merge_run(run_dir: Path, out: Path, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Merge the adapter of ``run_dir`` into its base and save the result to ``out``, its weights in
+    ``dtype`` (a `model.dtype` name; default: the run's, see :func:`saved_dtype`)."""
     from fimtune.config import load_run_config
     from fimtune.generate import FimPrompter
     from fimtune.model import is_run_dir, load_run, lora_on_tied_embeddings, tied_embedding_names, tied_lora_problem
@@ -35,8 +37,10 @@ def merge_run(run_dir: Path, out: Path, dtype: torch.dtype | None = None, overwr
         )
     cfg = load_run_config(run_dir / "config.yaml")
     out = checked_out(out, run_dir, cfg.model.name_or_path, overwrite)
+    save_dtype = saved_dtype(dtype or cfg.model.dtype, cfg.model.name_or_path)
     model_cfg = replace(cfg.model, quantization="none", attn_implementation=None)
-    loaded = load_run(run_dir, torch.device("cpu"), dtype or torch.float32, model_cfg=model_cfg)
+    # Merged in fp32 whatever the weights are saved in: W + BA is rounded once, at the end.
+    loaded = load_run(run_dir, torch.device("cpu"), torch.float32, model_cfg=model_cfg)
     if on_tied := lora_on_tied_embeddings(loaded.model):
         tied = tied_embedding_names(loaded.model.get_base_model())
         raise FimtuneError(
@@ -44,7 +48,7 @@ def merge_run(run_dir: Path, out: Path, dtype: torch.dtype | None = None, overwr
             f"{tied_lora_problem(on_tied, tied)}; nothing was written: train the run again without "
             f"{', '.join(on_tied)} in lora.target_modules (fimtune now refuses it), then merge"
         )
-    merged = loaded.model.merge_and_unload()
+    merged = loaded.model.merge_and_unload().to(save_dtype)
     merged.generation_config.eos_token_id = FimPrompter(loaded.tokenizer).end_ids
     tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -56,6 +60,20 @@ def merge_run(run_dir: Path, out: Path, dtype: torch.dtype | None = None, overwr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def saved_dtype(choice: str, base: str) -> torch.dtype:
+    """The dtype a merged model is saved in: ``choice`` (`fp32`, `bf16`, `fp16`), or for `auto` the
+    one the base model's config states (a bf16 base gives a bf16 model of its size), fp32 where it
+    states none."""
+    from fimtune.model import DTYPES, model_config
+
+    if choice != "auto":
+        return DTYPES[choice]
+    stated = getattr(model_config(base), "dtype", None)
+    if isinstance(stated, str):
+        stated = getattr(torch, stated, None)
+    return stated if stated in DTYPES.values() else torch.float32
 
 
 def checked_out(out: Path, run_dir: Path, base: str, overwrite: bool) -> Path:
