@@ -10,7 +10,15 @@ import pytest
 from corpus_helpers import GIT_ENV, code, git_repo, notebook, write
 
 from fimtune.config import CorpusConfig
-from fimtune.corpus.sources import is_git_url, iter_documents, repo_name, resolve_hub, resolve_package, resolve_path
+from fimtune.corpus.sources import (
+    is_git_url,
+    iter_documents,
+    repo_name,
+    resolve_hub,
+    resolve_package,
+    resolve_path,
+    resolve_sources,
+)
 from fimtune.errors import DataError
 
 
@@ -103,6 +111,17 @@ def test_local_git_repo_is_a_folder_with_its_name(tmp_path):
     assert (source.kind, source.repo_id) == ("git", "myrepo")
     assert [d.file_path for d in docs_of(source)] == ["a.py"]
     assert source.tally.skipped_dirs == {"git": 1}
+
+
+def test_repositories_that_share_a_name_get_ids_of_their_own(tmp_path):
+    for owner in ("client", "server", "other/client"):
+        write(tmp_path, f"{owner}/app/m.py", code(owner.replace("/", "_")))
+    paths = [str(tmp_path / p / "app") for p in ("client", "server", "client", "other/client")]
+    ids = [s.repo_id for s in resolve_sources([*paths, str(tmp_path / "server")], [], [], ExitStack())]
+    # client/app twice is one repository; other/client/app shares "client/app" too: whole paths
+    assert ids == [*(str(tmp_path / p / "app") for p in ("client", "server", "client", "other/client")), "server"]
+    two = [s.repo_id for s in resolve_sources(paths[:2], [], [], ExitStack())]
+    assert two == ["client/app", "server/app"]
 
 
 def test_clone_by_file_url_and_bare_repo(tmp_path):

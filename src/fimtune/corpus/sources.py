@@ -83,7 +83,37 @@ def resolve_sources(paths: list[str], packages: list[str], hf: list[str], stack:
     local = {i: resolve_path(p, stack) for i, p in enumerate(paths) if not is_git_url(p)}
     tail = [resolve_package(name) for name in packages] + [resolve_hub(dataset_id) for dataset_id in hf]
     cloned = {i: resolve_path(p, stack) for i, p in enumerate(paths) if is_git_url(p)}
-    return [local[i] if i in local else cloned[i] for i in range(len(paths))] + tail
+    return distinct_repo_ids([local[i] if i in local else cloned[i] for i in range(len(paths))]) + tail
+
+
+def distinct_repo_ids(sources: list[Source]) -> list[Source]:
+    """Give repositories that share a name but not a place longer ids (``client/app``, ``server/app``,
+    or the whole path where those agree too): one id is one repository in the stats and in
+    `--split-by repo`. The same repository given twice keeps its one id."""
+    groups: dict[str, dict[str, list[Source]]] = {}
+    for s in sources:
+        where = s.label if s.cloned and is_git_url(s.label) else os.path.realpath(s.root)
+        groups.setdefault(s.repo_id, {}).setdefault(where, []).append(s)
+    for places in groups.values():
+        if len(places) < 2:
+            continue
+        longer = {where: _parent_and_name(where) for where in places}
+        if len(set(longer.values())) < len(longer):
+            longer = {where: where for where in places}
+        for where, same in places.items():
+            for s in same:
+                s.repo_id = longer[where]
+    return sources
+
+
+def _parent_and_name(where: str) -> str:
+    """The last two components of a path or URL, without `.git`.
+
+    >>> _parent_and_name("/home/me/client/app"), _parent_and_name("https://github.com/org/app.git")
+    ('client/app', 'org/app')
+    """
+    parts = where.rstrip("/").replace(":", "/").split("/")
+    return "/".join([*parts[-2:-1], repo_name(parts[-1])])
 
 
 def is_git_url(text: str) -> bool:
