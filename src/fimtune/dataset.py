@@ -29,12 +29,24 @@ def check_source(cfg: DataConfig) -> None:
 def load_splits(cfg: DataConfig, seed: int = 0) -> Any:
     """The train and validation splits named by ``cfg`` (exactly one of `path`, `hf`)."""
     check_source(cfg)
+    if cfg.path and (cfg.validation_size is not None or cfg.split_mode != "random"):
+        log.warning(
+            "data.validation_size and data.split_mode apply to data.hf sources: '%s' keeps the validation "
+            "split it was built with (`fimtune data build --validation-size N` sets it)",
+            cfg.path,
+        )
     splits = _from_disk(Path(cfg.path)) if cfg.path else _from_hub(cfg, seed)
     for name in SPLITS:
         if cfg.text_column not in splits[name].column_names:
             raise DataError(
                 f"split '{name}' has no column '{cfg.text_column}' (columns: {', '.join(splits[name].column_names)}); "
                 "set data.text_column"
+            )
+        feature = splits[name].features[cfg.text_column]
+        if getattr(feature, "dtype", None) not in ("string", "large_string", "null"):
+            raise DataError(
+                f"split '{name}': column '{cfg.text_column}' holds {feature}, not text; set data.text_column "
+                f"to a column of strings (columns: {', '.join(splits[name].column_names)})"
             )
     if len(splits["train"]) == 0:
         raise DataError("the training split is empty: add sources or lower the validation share")
@@ -50,7 +62,7 @@ def _from_disk(path: Path) -> Any:
     missing = [s for s in SPLITS if s not in dd]
     if missing:
         raise DataError(f"dataset '{path}' lacks the split(s) {', '.join(missing)}")
-    return dd
+    return dd.with_format(None)  # rows as Python values, whatever format the folder was saved with
 
 
 def _from_hub(cfg: DataConfig, seed: int) -> Any:
@@ -133,6 +145,12 @@ def training_rows(cfg: RunConfig, tokenizer: Any, fim_tokens: Any, accelerator: 
     rows = train_rows(train_docs, cfg, fim_tokens, sep, rank, world)
     n_rows = rows.rows_per_epoch() * world
     val = eval_rows(val_docs, cfg, fim_tokens, sep, rank, world) if len(splits["validation"]) else None
+    if val is None and accelerator.is_main_process:
+        log.warning(
+            "the validation split is empty: no validation loss will be logged; build the data with "
+            "validation files (`fimtune data build`: a validation share, or more than one repository "
+            "with --split-by repo)"
+        )
     if val is not None and val.stats.rows == 0 and accelerator.is_main_process:
         log.warning(
             "the validation split's %d documents (%s tokens) pack into no row of %d tokens: no validation "

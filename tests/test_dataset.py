@@ -1,0 +1,61 @@
+"""Loading a run's data: a `fimtune data build` folder read as its rows, its columns checked."""
+
+import logging
+
+import pytest
+
+from fimtune.config import load_run_config
+from fimtune.dataset import load_splits, training_rows
+from fimtune.errors import DataError
+from tests.conftest import corpus_texts, write_dataset_dir
+
+
+def data_config(path, *overrides):
+    return load_run_config(None, [f"data.path={path}", "packing.seq_length=64", *overrides]).data
+
+
+def test_a_folder_saved_with_a_format_gives_its_rows_as_text(tmp_path):
+    import datasets
+
+    path = write_dataset_dir(tmp_path / "data", corpus_texts(6), corpus_texts(3))
+    datasets.load_from_disk(str(path)).with_format("arrow").save_to_disk(str(tmp_path / "arrow"))
+    splits = load_splits(data_config(tmp_path / "arrow"))
+    assert splits["train"][0]["content"] == corpus_texts(6)[0]
+
+
+def test_a_text_column_of_other_values_is_named(tmp_path):
+    path = write_dataset_dir(tmp_path / "data", corpus_texts(6), corpus_texts(3))
+    with pytest.raises(
+        DataError, match=r"split 'train': column 'size' holds Value\('int64'\), not text; set data.text_column"
+    ):
+        load_splits(data_config(path, "data.text_column=size"))
+
+
+def test_split_settings_for_the_hub_with_a_folder_are_told(tmp_path, caplog):
+    path = write_dataset_dir(tmp_path / "data", corpus_texts(6), corpus_texts(3))
+    with caplog.at_level(logging.WARNING, logger="fimtune.dataset"):
+        splits = load_splits(data_config(path, "data.validation_size=1"))
+    assert len(splits["validation"]) == 3
+    assert "data.validation_size and data.split_mode apply to data.hf sources" in caplog.text
+
+
+def test_an_empty_validation_split_is_told(tmp_path, tiny_tokenizer, token_cache, caplog):
+    import datasets
+    from accelerate import Accelerator
+
+    from fimtune.tokens import ensure_fim_tokens
+
+    text = datasets.Features({"content": datasets.Value("string")})
+    splits = {"train": corpus_texts(8), "validation": []}
+    datasets.DatasetDict(
+        {k: datasets.Dataset.from_dict({"content": v}, features=text) for k, v in splits.items()}
+    ).save_to_disk(
+        str(tmp_path / "data"), num_shards={"train": 1, "validation": 1}
+    )  # as `fimtune data build` writes a split it holds nothing back for
+    cfg = load_run_config(None, [f"data.path={tmp_path / 'data'}", "packing.seq_length=64"])
+    with caplog.at_level(logging.WARNING, logger="fimtune.dataset"):
+        _, make_eval, _ = training_rows(
+            cfg, tiny_tokenizer, ensure_fim_tokens(tiny_tokenizer)[0], Accelerator(cpu=True)
+        )
+    assert next(make_eval(), None) is None
+    assert "the validation split is empty: no validation loss will be logged" in caplog.text
