@@ -10,7 +10,9 @@ nothing. In the child, :func:`main`:
   ``tempfile`` does),
 - replaces destructive or escaping functions (chmod, chdir, kill, signals to other processes,
   fork, exec, ``subprocess``, ``shutil.move``/``copy``, ``os._exit``, sockets...) with ones that
-  raise ``PermissionError``; ``shutil.rmtree`` works inside the folder only,
+  raise ``PermissionError``, in ``os`` and in ``posix`` below it, and the process starter of
+  ``subprocess`` and ``multiprocessing``'s spawn start (``_posixsubprocess.fork_exec``: a new
+  interpreter would run without these guards); ``shutil.rmtree`` works inside the folder only,
 - hides ``ctypes`` and ``resource`` (no easy way around the guards or the limits),
 - then runs ``sys.argv[1]`` as ``__main__``. A program that exits before its end (``exit()``,
   ``sys.exit(0)``, ``raise SystemExit``) fails with status 3: the checks after the exit never ran.
@@ -103,12 +105,16 @@ def _inside_only(name: str, real, root: str):  # noqa: ANN001, ANN202
 
 
 def _block_functions(root: str) -> None:
+    import _posixsubprocess
+    import posix
     import signal
     import socket
 
     for name in BLOCKED_OS:
-        if hasattr(os, name):
-            setattr(os, name, _refuse(f"os.{name}"))
+        for module in (os, posix):
+            if hasattr(module, name):
+                setattr(module, name, _refuse(f"{module.__name__}.{name}"))
+    _posixsubprocess.fork_exec = _refuse("starting a process")  # subprocess, multiprocessing's spawn
     for name in INSIDE_ONLY_OS:
         setattr(os, name, _inside_only(f"os.{name}", getattr(os, name), root))
     shutil._use_fd_functions = False  # type: ignore[attr-defined]  # its deletes by path, checked above
