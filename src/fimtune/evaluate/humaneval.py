@@ -34,7 +34,9 @@ from fimtune.evaluate.stats import ks_for, mean_estimate, pass_at_k, proportion
 from fimtune.evaluate.variants import VARIANTS, generate, variant
 from fimtune.generate import FimPrompter, GenerationParams
 
-STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+# Where a completion's function ends (the BigCode harness's stops): a top-level statement, a
+# decorator, a comment or a markdown fence
+STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@", "\n```"]
 MAX_NEW_TOKENS = 256  # covers nearly every canonical solution; runaway rows cost the whole batch this many steps
 MAX_INPUT_TOKENS = 1024  # the longest prompt is about 600 tokens
 SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.2, 0.95  # Codex's pass@1 sampling, when samples > 1
