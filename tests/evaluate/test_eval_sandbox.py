@@ -70,20 +70,23 @@ def test_destructive_functions_are_refused_and_the_folder_is_private(tmp_path):
     assert r.passed and r.output.startswith("hi ") and "HOME" in r.output and "FIMTUNE_CACHE" not in r.output
 
 
-def test_processes_started_below_os_are_refused(tmp_path):
+def test_processes_started_below_os_and_other_processes_files_are_refused(tmp_path):
     """`posix` under `os`, and the process starter of `subprocess` and of multiprocessing's spawn
-    start (a fresh interpreter, without the guards), are refused too: nothing runs outside."""
+    start (a fresh interpreter, without the guards), are refused too: nothing runs outside. The
+    evaluator's environment (its tokens) cannot be read through /proc; the program's own can."""
     marker = tmp_path / f"escape-{uuid.uuid4().hex}"
     spawn = (
         "import multiprocessing as mp\n"
         f"p = mp.get_context('spawn').Process(target=exec, args=(\"open({str(marker)!r}, 'w')\",))\n"
         "p.start()\np.join()\n"
     )
-    for src in ("import posix\nposix.fork()", "import posix\nposix.system('true')", spawn):
+    environ = "import os\nprint(open(f'/proc/{os.getppid()}/environ', 'rb').read())"
+    for src in ("import posix\nposix.fork()", "import posix\nposix.system('true')", spawn, environ):
         r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
         assert r.status == "failed" and "PermissionError" in r.output, (src, r.output)
     time.sleep(0.2)
     assert not marker.exists()
+    assert run_program("print(len(open('/proc/self/status').read()) > 0)", timeout_s=5.0).output == "True\n"
 
 
 def test_a_completion_ends_where_a_decorated_helper_or_a_fence_begins():

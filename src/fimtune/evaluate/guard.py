@@ -5,7 +5,8 @@ process whose working folder is a private temporary folder; importing this modul
 nothing. In the child, :func:`main`:
 
 - makes writes outside the working folder fail (``open``, ``io.open``, ``os.open``,
-  ``io.FileIO``, ``os.mkdir``/``makedirs`` check the resolved path), and deletes and renames
+  ``io.FileIO``, ``os.mkdir``/``makedirs`` check the resolved path), and reads of other
+  processes' ``/proc`` files (the evaluator's ``environ``: its tokens), and deletes and renames
   too (``os.remove``/``unlink``/``rmdir``/``rename``/``replace``: inside it they work, so
   ``tempfile`` does),
 - replaces destructive or escaping functions (chmod, chdir, kill, signals to other processes,
@@ -57,6 +58,14 @@ def _inside(path: object, root: str) -> bool:
     return real == root or real.startswith(root + os.sep)
 
 
+def _other_process(path: object) -> bool:
+    """Whether ``path`` is in another process's ``/proc`` folder (the evaluator's environment, say)."""
+    if isinstance(path, int):
+        return False
+    parts = os.path.realpath(os.fsdecode(os.fspath(path))).split(os.sep)  # type: ignore[arg-type]
+    return len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] != str(os.getpid())
+
+
 def _refuse(name: str):  # noqa: ANN202
     def refused(*args: object, **kwargs: object) -> None:
         raise PermissionError(f"sandbox: {name} is not allowed")
@@ -70,11 +79,15 @@ def _guard_writes(root: str) -> None:
     def open_(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202
         if WRITE_MODE_CHARS & set(mode) and not _inside(file, root):
             raise PermissionError(f"sandbox: writing outside its folder is not allowed: {file!r}")
+        if _other_process(file):
+            raise PermissionError(f"sandbox: reading another process's files is not allowed: {file!r}")
         return real_open(file, mode, *args, **kwargs)
 
     def os_open(path, flags, *args, **kwargs):  # noqa: ANN001, ANN202
         if flags & WRITE_FLAGS and not _inside(path, root):
             raise PermissionError(f"sandbox: writing outside its folder is not allowed: {path!r}")
+        if _other_process(path):
+            raise PermissionError(f"sandbox: reading another process's files is not allowed: {path!r}")
         return real_os_open(path, flags, *args, **kwargs)
 
     def mkdir(path, *args, **kwargs):  # noqa: ANN001, ANN202
@@ -86,6 +99,8 @@ def _guard_writes(root: str) -> None:
         def __init__(self, file, mode="r", *args, **kwargs) -> None:  # noqa: ANN001
             if WRITE_MODE_CHARS & set(mode) and not _inside(file, root):
                 raise PermissionError(f"sandbox: writing outside its folder is not allowed: {file!r}")
+            if _other_process(file):
+                raise PermissionError(f"sandbox: reading another process's files is not allowed: {file!r}")
             super().__init__(file, mode, *args, **kwargs)
 
     builtins.open = io.open = open_
