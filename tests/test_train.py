@@ -632,6 +632,7 @@ def test_cuda_graphs_are_refused_where_blocks_cannot_replay_them(tmp_path, tiny_
         cfg = run_config(tmp_path, base, repetitive_data, "refused", "train.cuda_graphs=true", *more)
         with pytest.raises(FimtuneError, match=f"train.cuda_graphs: .*{why}"):
             quiet_fit(cfg)
+        assert not (tmp_path / "refused").exists()  # the run folder it made is gone with it
 
 
 @pytest.mark.gpu

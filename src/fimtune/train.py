@@ -423,9 +423,15 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     if from_checkpoint:
         check_resumed_config(cfg, run_dir)
     accelerator.wait_for_everyone()
+    created = not run_dir.exists()
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-    s = setup(cfg, accelerator)
+    try:
+        s = setup(cfg, accelerator)
+    except BaseException:  # a refused setting, a model or data that does not load: no empty run folder left
+        if created and accelerator.is_main_process and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
     acc, tc = s.accelerator, cfg.train
     start_step = restore(s, run_dir) if from_checkpoint else 0
     if stop_after is not None and stop_after <= start_step:
