@@ -8,6 +8,7 @@ import torch
 from fimtune.config import LoraConfig, ModelConfig
 from fimtune.errors import FimtuneError
 from fimtune.model import (
+    add_token_rows,
     attach_lora,
     count_parameters,
     load_base_model,
@@ -66,6 +67,25 @@ def test_only_lora_and_new_token_rows_train(make):
     assert names and all("lora_" in n or "trainable_tokens" in n or "modules_to_save" in n for n in names)
     trainable, total = count_parameters(peft_model)
     assert 0 < trainable < total
+
+
+def test_fim_tokens_the_tokenizer_has_past_the_models_rows_get_rows_that_train(tiny_tokenizer_without_fim):
+    """CodeLlama-34b's tokenizer holds its FIM tokens past the model's 32,000 rows: nothing is added,
+    yet the model needs rows for them, and they must train."""
+    from fimtune.tokens import FAMILIES, ensure_fim_tokens
+
+    tokenizer = tiny_tokenizer_without_fim
+    rows = len(tokenizer)
+    names = FAMILIES[-1].names()  # CodeLlama's
+    tokenizer.add_special_tokens({"extra_special_tokens": names}, replace_extra_special_tokens=False)
+    fim, added = ensure_fim_tokens(tokenizer)
+    assert added == [] and min(fim.prefix, fim.middle, fim.suffix) >= rows
+    model = tiny.llama(rows)
+    new_ids = add_token_rows(model, tokenizer, added, fim)
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert {fim.prefix, fim.middle, fim.suffix} <= set(new_ids) and min(new_ids) >= rows
+    model(torch.tensor([[fim.prefix, 5, fim.suffix, 6, fim.middle]]))  # was an IndexError
+    assert add_token_rows(tiny.llama(len(tokenizer)), tokenizer, [], fim) == []  # rows there: none to train
 
 
 def test_qlora_on_cpu_is_a_clear_error():

@@ -22,6 +22,7 @@ import torch
 
 from fimtune.config import LoraConfig, ModelConfig
 from fimtune.errors import FimtuneError
+from fimtune.fim import FimTokens
 from fimtune.hub import ModelSource, hub_error, load_tokenizer, offline_path, resolve_model
 
 log = logging.getLogger(__name__)
@@ -191,14 +192,20 @@ def quantization_config(kind: str, device: torch.device) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-def add_token_rows(model: Any, tokenizer: Any, added: list[str]) -> list[int]:
-    """Resize the embeddings for tokens added to ``tokenizer``; return the new rows' ids."""
-    if not added:
-        return []
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        # Mean-resizing starts the new rows at the mean of the old ones (transformers' default).
+def add_token_rows(model: Any, tokenizer: Any, added: list[str], fim: FimTokens | None = None) -> list[int]:
+    """Give the embeddings a row for every token of ``tokenizer``; return the ids of the rows to
+    train: the tokens ``added``, and ``fim``'s tokens that the model had no row for. A tokenizer may
+    hold FIM tokens its model lacks: CodeLlama-34b's and the -Python models' tokenizers add
+    ``▁<PRE>``, ``▁<MID>``, ``▁<SUF>``, ``▁<EOT>`` past their 32,000 rows (their ids were an
+    IndexError, on a GPU a device-side assert)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        # Mean-resizing starts the new rows near the old ones (transformers' default).
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    return [tokenizer.convert_tokens_to_ids(t) for t in added]
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in added}
+    if fim is not None:
+        ids |= {i for i in (fim.prefix, fim.middle, fim.suffix, fim.pad) if i >= rows}
+    return sorted(ids)
 
 
 def module_names(model: Any) -> list[str]:
@@ -433,9 +440,9 @@ def load_for_inference(
     from copy import deepcopy
 
     tokenizer = deepcopy(load_tokenizer(str(target)))
-    _, added = ensure_fim_tokens(tokenizer)
+    fim, added = ensure_fim_tokens(tokenizer)
     model = load_base_model(ModelConfig(name_or_path=str(target)), device, dtype)
-    add_token_rows(model, tokenizer, added)
+    add_token_rows(model, tokenizer, added, fim)
     return Loaded(model.eval(), tokenizer, str(target))
 
 

@@ -130,7 +130,7 @@ def setup(cfg: RunConfig, accelerator: Any) -> Setup:
     fim_tokens, added = ensure_fim_tokens(tokenizer)
     model = load_base_model(cfg.model, accelerator.device, training=True)
     check_context(model, cfg.packing.seq_length)
-    new_ids = add_token_rows(model, tokenizer, added)
+    new_ids = add_token_rows(model, tokenizer, added, fim_tokens)
     model, loss_chunk = prepare_model(model, cfg, accelerator, new_ids)
 
     train_rows, make_eval_rows, n_rows = training_rows(cfg, tokenizer, fim_tokens, accelerator)
