@@ -88,6 +88,24 @@ def test_fim_tokens_the_tokenizer_has_past_the_models_rows_get_rows_that_train(t
     assert add_token_rows(tiny.llama(len(tokenizer)), tokenizer, [], fim) == []  # rows there: none to train
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_added_tokens_on_a_models_padding_rows_start_at_the_mean(tiny_tokenizer_without_fim, tie):
+    """Embeddings padded past the tokenizer (Pythia, Phi-2): the added FIM tokens take rows that
+    were never trained; they start where resized rows do, at the known rows' mean."""
+    from fimtune.tokens import ensure_fim_tokens
+
+    tokenizer = tiny_tokenizer_without_fim
+    known = len(tokenizer)
+    model = tiny.llama(known + 8, tie=tie)
+    _, added = ensure_fim_tokens(tokenizer)
+    new_ids = add_token_rows(model, tokenizer, added)
+    assert len(new_ids) == 4 and max(new_ids) < known + 8  # no resize: the padding rows hold them
+    for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+        mean = embedding.weight[:known].mean(0)
+        assert all(torch.allclose(embedding.weight[i], mean) for i in new_ids)
+        assert not torch.allclose(embedding.weight[known + 6], mean)  # rows no token uses stay
+
+
 def test_qlora_on_cpu_is_a_clear_error():
     with pytest.raises(FimtuneError, match="needs a CUDA GPU"):
         quantization_config("4bit", torch.device("cpu"))

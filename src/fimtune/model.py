@@ -197,12 +197,19 @@ def add_token_rows(model: Any, tokenizer: Any, added: list[str], fim: FimTokens 
     train: the tokens ``added``, and ``fim``'s tokens that the model had no row for. A tokenizer may
     hold FIM tokens its model lacks: CodeLlama-34b's and the -Python models' tokenizers add
     ``▁<PRE>``, ``▁<MID>``, ``▁<SUF>``, ``▁<EOT>`` past their 32,000 rows (their ids were an
-    IndexError, on a GPU a device-side assert)."""
+    IndexError, on a GPU a device-side assert). Added tokens that land on rows a model has past its
+    tokenizer's (embeddings padded to a multiple) start at the mean of the known rows, as resized
+    rows do."""
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         # Mean-resizing starts the new rows near the old ones (transformers' default).
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     ids = {tokenizer.convert_tokens_to_ids(t) for t in added}
+    if padded := sorted(i for i in ids if i < rows):  # rows past the tokenizer's (Pythia, Phi-2): never trained
+        known = len(tokenizer) - len(added)  # the rows of the tokens the model was trained with
+        with torch.no_grad():
+            for embedding in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
+                embedding.weight[padded] = embedding.weight[:known].mean(0).to(embedding.weight.dtype)
     if fim is not None:
         ids |= {i for i in (fim.prefix, fim.middle, fim.suffix, fim.pad) if i >= rows}
     return sorted(ids)
