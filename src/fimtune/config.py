@@ -531,9 +531,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load the training configuration (see :class:`RunConfig`), its numbers checked (:data:`RANGES`)."""
     cfg = load_config(RunConfig, path, overrides)
+    where = f"{path}: " if path else ""
     attn = cfg.model.attn_implementation
     if attn is not None and attn not in ATTENTIONS and "/" not in attn:  # "org/kernel": a Hub kernel
-        where = f"{path}: " if path else ""
         raise ConfigError(
             f"{where}config key 'model.attn_implementation' must be one of {', '.join(ATTENTIONS)} "
             f"(or null: the default for the device); got {attn!r}"
@@ -542,10 +542,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
         section, _, name = key.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, name)
         if value is not None and not (math.isfinite(value) and ok(value)):
-            where = f"{path}: " if path else ""
             raise ConfigError(f"{where}config key '{key}' must be {wanted}; got {value!r}")
     if cfg.fim.line_end_rate > 0 and (cfg.fim.unit, cfg.fim.spans) != ("char", "line"):
-        where = f"{path}: " if path else ""
         raise ConfigError(
             f"{where}config key 'fim.line_end_rate' cuts middles at line ends, in characters: it needs "
             f"fim.unit=char and fim.spans=line (got unit {cfg.fim.unit!r}, spans {cfg.fim.spans!r}), or set it to 0"

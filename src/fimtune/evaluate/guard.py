@@ -73,21 +73,23 @@ def _refuse(name: str):  # noqa: ANN202
     return refused
 
 
+def _check_open(path: object, writing: bool, root: str) -> None:
+    """Refuse opening ``path``: for writing outside the folder, or another process's ``/proc`` files."""
+    if writing and not _inside(path, root):
+        raise PermissionError(f"sandbox: writing outside its folder is not allowed: {path!r}")
+    if _other_process(path):
+        raise PermissionError(f"sandbox: reading another process's files is not allowed: {path!r}")
+
+
 def _guard_writes(root: str) -> None:
     real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
 
     def open_(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202
-        if WRITE_MODE_CHARS & set(mode) and not _inside(file, root):
-            raise PermissionError(f"sandbox: writing outside its folder is not allowed: {file!r}")
-        if _other_process(file):
-            raise PermissionError(f"sandbox: reading another process's files is not allowed: {file!r}")
+        _check_open(file, bool(WRITE_MODE_CHARS & set(mode)), root)
         return real_open(file, mode, *args, **kwargs)
 
     def os_open(path, flags, *args, **kwargs):  # noqa: ANN001, ANN202
-        if flags & WRITE_FLAGS and not _inside(path, root):
-            raise PermissionError(f"sandbox: writing outside its folder is not allowed: {path!r}")
-        if _other_process(path):
-            raise PermissionError(f"sandbox: reading another process's files is not allowed: {path!r}")
+        _check_open(path, bool(flags & WRITE_FLAGS), root)
         return real_os_open(path, flags, *args, **kwargs)
 
     def mkdir(path, *args, **kwargs):  # noqa: ANN001, ANN202
@@ -97,10 +99,7 @@ def _guard_writes(root: str) -> None:
 
     class FileIO(io.FileIO):
         def __init__(self, file, mode="r", *args, **kwargs) -> None:  # noqa: ANN001
-            if WRITE_MODE_CHARS & set(mode) and not _inside(file, root):
-                raise PermissionError(f"sandbox: writing outside its folder is not allowed: {file!r}")
-            if _other_process(file):
-                raise PermissionError(f"sandbox: reading another process's files is not allowed: {file!r}")
+            _check_open(file, bool(WRITE_MODE_CHARS & set(mode)), root)
             super().__init__(file, mode, *args, **kwargs)
 
     builtins.open = io.open = open_
