@@ -51,8 +51,18 @@ def test_tgi_generate_is_greedy_generate_on_the_fim_prompt(client, reference):
     assert r.json()["generated_text"] == reference(PREFIX, SUFFIX, 12)
     full = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": {**GREEDY, "return_full_text": True}})
     assert full.json()["generated_text"] == PSM_INPUTS + r.json()["generated_text"]
-    details = client.post("/", json={"inputs": PSM_INPUTS, "parameters": {**GREEDY, "details": True}}).json()
+    details = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": {**GREEDY, "details": True}}).json()
     assert details["details"] == {"finish_reason": "length", "generated_tokens": 12, "seed": None}
+
+
+def test_tgi_root_answers_a_list_of_one(client):
+    """TGI's `POST /` (its `compat_generate`) wraps the answer in a list, as the Inference API does:
+    TGI's own Python client reads `payload[0]`. Streamed, it is `/generate_stream`'s stream."""
+    body = {"inputs": PSM_INPUTS, "parameters": {**GREEDY, "details": True}}
+    one = client.post("/generate", json=body).json()
+    r = client.post("/", json=body)
+    assert r.status_code == 200 and r.json() == [one]
+    assert int(r.headers["x-generated-tokens"]) == 12
 
 
 def test_an_answer_cut_at_a_stop_string_says_so_in_each_apis_words(client):

@@ -102,7 +102,7 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
     async def tgi_root(request: Request) -> Any:
         req = await read_json(request, s.TgiRequest, limit)
         with svc.arriving():
-            return await shapes.tgi(svc, request, req, stream=req.stream)
+            return await shapes.tgi(svc, request, req, stream=req.stream, listed=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:

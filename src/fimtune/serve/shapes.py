@@ -30,7 +30,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # --------------------------------------------------------------------------------------
 
 
-async def tgi(svc: Service, request: Request, req: s.TgiRequest, stream: bool) -> Any:
+async def tgi(svc: Service, request: Request, req: s.TgiRequest, stream: bool, listed: bool = False) -> Any:
+    """``listed``: TGI's `POST /`, whose answer (not streamed) is a list of one, as the Inference API's."""
     p = req.parameters
     temperature = (1.0 if p.temperature is None else p.temperature) if p.sampling() else 0.0
     new_tokens = p.max_new_tokens or min(s.TGI_DEFAULT_NEW_TOKENS, svc.limits.max_new_tokens)
@@ -45,7 +46,8 @@ async def tgi(svc: Service, request: Request, req: s.TgiRequest, stream: bool) -
         return StreamingResponse(tgi_events(svc, job, head, p), media_type="text/event-stream", headers=SSE_HEADERS)
     done = await svc.result(request, job)
     out = s.TgiResponse(generated_text=head + done.text, details=tgi_details(done, p) if p.details else None)
-    return JSONResponse(out.model_dump(exclude_none=not p.details), headers=svc.finished([job], [done]))
+    body = out.model_dump(exclude_none=not p.details)
+    return JSONResponse([body] if listed else body, headers=svc.finished([job], [done]))
 
 
 def tgi_details(done: Completion, p: s.TgiParameters) -> s.TgiDetails:
