@@ -112,3 +112,14 @@ def free_port() -> int:
 def test_quickstart_block_is_found():
     assert len(quickstart_commands()) == 7
     assert re.search(r"^make demo", README, re.M) and re.search(r"^make test", README, re.M)
+
+
+def test_the_continue_config_names_a_model_the_serve_command_serves():
+    """Continue sends its `model`; the server answers 404 for a name it does not serve (the run
+    folder's name, `base`, or an `--adapter` name)."""
+    section = README.split("### 4. Serve")[1]
+    serve = next(line for line in section.splitlines() if line.startswith("fimtune serve runs/"))
+    served = {Path(shlex.split(serve)[2]).name, "base"}
+    config = README.split("**Continue**")[1].split("```yaml\n")[1].split("```")[0]
+    model = re.search(r"^\s+model: (\S+)$", config, re.M)
+    assert model is not None and model.group(1) in served, (model, served)
