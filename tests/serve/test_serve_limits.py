@@ -51,6 +51,16 @@ def test_bad_requests_name_the_field(client, route, body, status, field):
     assert error_field(r.json()) == field
 
 
+def test_unknown_routes_and_methods_answer_in_the_apis_shape(client):
+    """A path or method not served is an error in the shape of the API the path is of, as others are."""
+    chat = client.post("/v1/chat/completions", json={"messages": []})
+    assert chat.status_code == 404 and chat.json()["error"]["param"] == "path"
+    assert "POST /v1/chat/completions" in chat.json()["error"]["message"]
+    get = client.get("/generate")
+    assert get.status_code == 405 and get.json()["error_type"] == "invalid_request" and get.headers["allow"] == "POST"
+    assert client.get("/infill").json()["error"]["code"] == 405
+
+
 def test_a_long_fim_prompt_is_fitted_not_refused(client):
     long_psm = "<fim_prefix>" + "x = 1\n" * 300 + "<fim_suffix>" + "y = 2\n" * 300 + "<fim_middle>"
     r = client.post("/generate", json={"inputs": long_psm, "parameters": {"max_new_tokens": 2, "details": True}})

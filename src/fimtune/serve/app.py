@@ -25,6 +25,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from fimtune import __version__
 from fimtune.errors import FimtuneError
@@ -66,6 +67,7 @@ def create_app(engine: Engine | EngineProcess, prompter: Any, mode: str, api_key
     app = FastAPI(title="fimtune", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = svc
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _routing_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(Gate, metrics=svc.metrics, api_key=api_key)
     _add_routes(app, svc)
@@ -74,6 +76,14 @@ def create_app(engine: Engine | EngineProcess, prompter: Any, mode: str, api_key
 
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:
     return error_response(request.url.path, err)
+
+
+async def _routing_error(request: Request, err: HTTPException) -> JSONResponse:
+    """No such route (404) or method (405, with its `Allow` header): in the shape of the API the path is of."""
+    kind = "not_found" if err.status_code == 404 else "invalid_request"
+    message = f"{err.detail}: {request.method} {request.url.path}"
+    headers = dict(err.headers) if err.headers else None
+    return error_response(request.url.path, ApiError(err.status_code, message, "path", kind, headers))
 
 
 async def _internal_error(request: Request, err: Exception) -> JSONResponse:
