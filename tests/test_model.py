@@ -42,6 +42,22 @@ def test_targets_that_match_nothing_are_an_error_naming_the_modules():
         resolve_target_modules(tiny.llama(64), ["c_attn", "nope"])
 
 
+def test_targets_may_name_a_module_by_its_path_as_peft_matches_them():
+    """`attn.c_proj` is GPTBigCode's attention projection alone (`c_proj` is the MLP's too): PEFT
+    matches a name's end after a dot, and so does the check (it refused or dropped them)."""
+    model = tiny.gpt_bigcode(64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_target_modules(model, ["attn.c_proj", "c_attn"]) == ["attn.c_proj", "c_attn"]
+    peft_model = attach_lora(model, LoraConfig(target_modules=["attn.c_proj"]), [])
+    adapted = {n.rsplit(".", 1)[0] for n, _ in peft_model.named_modules() if n.endswith("lora_A")}
+    assert adapted == {f"base_model.model.transformer.h.{i}.attn.c_proj" for i in range(2)}
+    with pytest.raises(FimtuneError, match="matches no module"):
+        resolve_target_modules(model, ["mlp.c_attn", "h.c_fc"])
+    with pytest.raises(FimtuneError, match="drop transformer.wte"):
+        resolve_target_modules(model, ["c_attn", "transformer.wte"])
+
+
 def test_lora_on_tied_embeddings_is_refused_naming_the_module():
     """Merged, LoRA on a tied embedding would change both (one matrix): refused when the run is set
     up (and in `--dry-run`'s plan); untied, lm_head may train; all-linear leaves a tied head alone."""

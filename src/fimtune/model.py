@@ -224,8 +224,10 @@ def module_names(model: Any) -> list[str]:
 def resolve_target_modules(model: Any, targets: list[str] | None) -> list[str] | str:
     """The LoRA targets for ``model``: the family's default or the user's, checked.
 
-    Names that match no module are named in a warning beside the names that exist
-    (the recipe's `q_attn` matches nothing in StarCoderBase-1B); if none match, an error.
+    A name matches as PEFT matches it: a module's name or its end after a dot (`c_proj`: every
+    `c_proj`; `attn.c_proj`: the attention's alone). Names that match no module are named in a
+    warning beside the names that exist (the recipe's `q_attn` matches nothing in
+    StarCoderBase-1B); if none match, an error.
     """
     if targets is None:
         targets = DEFAULT_TARGETS.get(getattr(model.config, "model_type", ""))
@@ -234,8 +236,10 @@ def resolve_target_modules(model: Any, targets: list[str] | None) -> list[str] |
     if targets in (["all-linear"], "all-linear"):
         return "all-linear"
     existing = module_names(model)
-    missing = [t for t in targets if t not in existing]
-    matched = [t for t in dict.fromkeys(targets) if t in existing]
+    full = [n for n, m in model.named_modules() if getattr(m, "weight", None) is not None]
+    found = {t for t in targets if any(n == t or n.endswith("." + t) for n in full)}
+    missing = [t for t in targets if t not in found]
+    matched = [t for t in dict.fromkeys(targets) if t in found]
     if not matched:
         raise FimtuneError(
             f"lora.target_modules={','.join(targets)} matches no module of this model; "
@@ -249,7 +253,7 @@ def resolve_target_modules(model: Any, targets: list[str] | None) -> list[str] |
             stacklevel=2,
         )
     tied = tied_embedding_names(model)
-    if on_tied := [t for t in matched if t in tied]:
+    if on_tied := [t for t in matched if t.rsplit(".", 1)[-1] in tied]:
         raise FimtuneError(
             f"lora.target_modules={','.join(targets)}: {tied_lora_problem(on_tied, tied)}; drop "
             f"{', '.join(on_tied)} from lora.target_modules (the tied head trains through the input "
