@@ -140,6 +140,29 @@ def test_local_folder_model_loads(tmp_path, tiny_tokenizer):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
+def test_default_attention_is_sdpa_where_the_model_has_it_else_eager(tmp_path, tiny_tokenizer):
+    """GPT-Neo (BLOOM, MPT, ...) has no SDPA: named, transformers refuses it; the default must load
+    it with eager attention, as transformers' own default does."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    cfg = GPTNeoConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1]],
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    tiny.save_model_folder(GPTNeoForCausalLM(cfg), tiny_tokenizer, tmp_path / "neo")
+    neo = load_base_model(ModelConfig(name_or_path=str(tmp_path / "neo")), torch.device("cpu"))
+    assert neo.config._attn_implementation == "eager"
+    tiny.save_model_folder(tiny.llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "llama")
+    llama = load_base_model(ModelConfig(name_or_path=str(tmp_path / "llama")), torch.device("cpu"))
+    assert llama.config._attn_implementation == "sdpa"
+
+
 def test_a_model_folder_with_pickled_weights_only_is_refused(tmp_path, tiny_tokenizer):
     model = tiny.llama(len(tiny_tokenizer))
     folder = tiny.save_model_folder(model, tiny_tokenizer, tmp_path / "m")

@@ -77,9 +77,12 @@ def default_attn_implementation(device: torch.device, training: bool = False) ->
     return "sdpa"
 
 
-def attn_implementation(choice: str | None, device: torch.device, training: bool = False) -> str:
-    """The name transformers is given: ``varlen`` is registered under fimtune's own name."""
-    choice = choice or default_attn_implementation(device, training)
+def attn_implementation(choice: str | None, device: torch.device, training: bool = False) -> str | None:
+    """The name transformers is given: ``varlen`` is registered under fimtune's own name. SDPA by
+    default is transformers' own default (None), which gives way to eager attention in models that
+    have no SDPA (GPT-Neo, BLOOM, MPT); named, it is an error there."""
+    if choice is None and (choice := default_attn_implementation(device, training)) == "sdpa":
+        return None
     if choice == "varlen":
         from fimtune.fast import register_varlen
 
