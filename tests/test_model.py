@@ -58,6 +58,13 @@ def test_targets_may_name_a_module_by_its_path_as_peft_matches_them():
         resolve_target_modules(model, ["c_attn", "transformer.wte"])
 
 
+def test_a_target_lora_cannot_adapt_is_a_clear_error():
+    """The norms are among the modules an unmatched name's message lists; PEFT refuses them with a
+    ValueError, which must reach the command line as one line naming the setting."""
+    with pytest.raises(FimtuneError, match="lora.target_modules=q_proj,input_layernorm: .*not supported"):
+        attach_lora(tiny.llama(64), LoraConfig(target_modules=["q_proj", "input_layernorm"]), [])
+
+
 def test_lora_on_tied_embeddings_is_refused_naming_the_module():
     """Merged, LoRA on a tied embedding would change both (one matrix): refused when the run is set
     up (and in `--dry-run`'s plan); untied, lm_head may train; all-linear leaves a tied head alone."""

@@ -316,18 +316,23 @@ def attach_lora(model: Any, cfg: LoraConfig, new_token_ids: list[int]) -> Any:
                 _child_name(model, model.get_input_embeddings()),
                 _child_name(model, model.get_output_embeddings()),
             ]
+    targets = resolve_target_modules(model, cfg.target_modules)
     peft_cfg = PeftLoraConfig(
         task_type="CAUSAL_LM",
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=resolve_target_modules(model, cfg.target_modules),
+        target_modules=targets,
         bias=cfg.bias,
         use_dora=cfg.use_dora,
         use_rslora=cfg.use_rslora,
         **extra,
     )
-    return get_peft_model(model, peft_cfg)
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:  # a module LoRA cannot adapt (a norm: `ln_1`, `input_layernorm`)
+        names = targets if isinstance(targets, str) else ",".join(targets)
+        raise FimtuneError(f"lora.target_modules={names}: {e}") from None
 
 
 def _child_name(model: Any, module: Any) -> str:
