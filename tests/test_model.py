@@ -187,6 +187,21 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         load_base_model(ModelConfig(name_or_path=str(tmp_path / "x.gguf")), torch.device("cpu"))
 
 
+def test_a_folder_of_gguf_files_or_an_adapter_given_as_the_model_says_what_to_pass(tmp_path):
+    from fimtune.hub import resolve_model
+
+    (tmp_path / "gguf").mkdir()
+    for name in ("m-Q8_0.gguf", "m-Q4_K_M.gguf"):
+        (tmp_path / "gguf" / name).write_bytes(b"GGUF")
+    with pytest.raises(FimtuneError, match=r"pass one of its GGUF files: .*m-Q4_K_M\.gguf, .*m-Q8_0\.gguf"):
+        resolve_model(str(tmp_path / "gguf"))
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
+    for folder in ("run", "run/adapter"):
+        with pytest.raises(FimtuneError, match="LoRA adapter, not a model: .*the run folder.*fimtune merge"):
+            resolve_model(str(tmp_path / folder))
+
+
 def test_unreachable_hub_id_fails_fast(monkeypatch):
     import time
 

@@ -72,11 +72,25 @@ def resolve_model(name_or_path: str) -> ModelSource:
         return ModelSource(str(path.parent), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FimtuneError(f"model folder '{path}' has no config.json (expected a transformers model folder)")
+            raise FimtuneError(
+                f"model folder '{path}' has no config.json (expected a transformers model folder){_instead(path)}"
+            )
         return ModelSource(str(path))
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise FimtuneError(f"model '{name_or_path}' is neither a model folder, a .gguf file nor a Hub id")
     return ModelSource(name_or_path)
+
+
+def _instead(folder: Path) -> str:
+    """What a folder without config.json holds that is meant as a model: GGUF files, a LoRA adapter."""
+    if ggufs := sorted(folder.glob("*.gguf")):
+        return f"; pass one of its GGUF files: {', '.join(map(str, ggufs))}"
+    if any((folder / sub / "adapter_config.json").is_file() for sub in (".", "adapter")):
+        return (
+            "; it holds a LoRA adapter, not a model: complete, serve and eval take the run folder "
+            "(the one with config.yaml), and `fimtune merge RUN --out DIR` makes a model of a run"
+        )
+    return ""
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
