@@ -33,6 +33,19 @@ def test_cli_inspect_end_to_end(embedded, tiny_dataset_dir, token_cache, capsys)
     assert any(p.is_dir() for p in token_cache.iterdir())  # tokens cached for training to reuse
 
 
+def test_cli_inspect_uses_the_run_configs_model(tiny_dataset_dir, token_cache, tmp_path, tiny_tokenizer, capsys):
+    """Without --model, the tokenizer is the run's (model.name_or_path), as training will use:
+    a StarCoder-family model's own FIM tokens, none added (it showed SmolLM2's, adding four)."""
+    from tests import tiny
+
+    folder = tiny.save_model_folder(tiny.gpt_bigcode(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "sc")
+    (tmp_path / "run.yaml").write_text(f"model:\n  name_or_path: {folder}\n")
+    for args in (["--config", str(tmp_path / "run.yaml")], [f"model.name_or_path={folder}"]):
+        assert main(["data", "inspect", str(tiny_dataset_dir), "--n", "0", *args]) == 0
+        out = capsys.readouterr().out
+        assert f"model      {folder}: FIM tokens of the" in out and "WILL ADD" not in out
+
+
 def test_inspect_uses_the_run_config(embedded, tiny_dataset_dir, token_cache):
     cfg = load_run_config(None, ["fim.fim_rate=1.0", "fim.spm_rate=1.0"])
     out = inspect_dataset(tiny_dataset_dir, "embedded", 2, cfg)

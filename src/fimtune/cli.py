@@ -107,7 +107,8 @@ def cmd_data_inspect(ns: argparse.Namespace) -> int:
     from fimtune.preview import inspect_dataset
 
     cfg: RunConfig = load_run_config(ns.config, ns.overrides)
-    print(inspect_dataset(Path(ns.dataset), model=ns.model, n=ns.n, cfg=cfg, split=ns.split))
+    model = ns.model or cfg.model.name_or_path  # the run's tokenizer, as training will use
+    print(inspect_dataset(Path(ns.dataset), model=model, n=ns.n, cfg=cfg, split=ns.split))
     return 0
 
 
@@ -227,10 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokenize a dataset, apply FIM and packing as training will, and print samples.",
     )
     inspect.add_argument("dataset", help="a folder written by `fimtune data build`")
-    inspect.add_argument("--model", default="embedded", help="model whose tokenizer to use (`embedded`: SmolLM2-135M)")
+    inspect.add_argument(
+        "--model",
+        help="model whose tokenizer to use (default: the run config's model.name_or_path, `embedded`: SmolLM2-135M)",
+    )
     inspect.add_argument("--n", type=int, default=3, help="packed samples to print")
     inspect.add_argument("--split", default="train", help="split to inspect")
-    inspect.add_argument("--config", help="a run config (its fim, packing and seed apply)")
+    inspect.add_argument("--config", help="a run config (its model, fim, packing and seed apply)")
     inspect.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fim.spm_rate=1.0")
     inspect.set_defaults(func=cmd_data_inspect)
 
