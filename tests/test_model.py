@@ -212,6 +212,24 @@ def test_unreachable_hub_id_fails_fast(monkeypatch):
     assert time.perf_counter() - t < 20
 
 
+def test_behind_a_proxy_the_hub_is_reachable_when_the_proxy_is(monkeypatch):
+    """Where only a proxy reaches out (HTTPS_PROXY, which huggingface_hub uses), the probe asks the
+    proxy: it tried the Hub directly and called it unreachable; NO_PROXY hosts are tried directly."""
+    import socket
+
+    from fimtune.hub import hub_reachable
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        assert not hub_reachable(timeout=1)
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        assert hub_reachable(timeout=1)
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        assert not hub_reachable(timeout=1)
+
+
 @pytest.mark.slow
 def test_embedded_model_loads_from_gguf():
     model = load_base_model(ModelConfig(name_or_path="embedded"), torch.device("cpu"))

@@ -10,6 +10,7 @@ import importlib.metadata
 import os
 import socket
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -97,11 +98,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hub endpoint answers a TCP connection within ``timeout`` seconds.
 
     Offline, huggingface_hub retries for most of a minute before it gives up; this probe
-    lets a command fail in seconds instead.
+    lets a command fail in seconds instead. Behind a proxy (`HTTPS_PROXY`, which huggingface_hub
+    uses too), the proxy is what must answer.
     """
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
     url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urllib.parse.urlparse(proxy if "://" in proxy else f"http://{proxy}")
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
