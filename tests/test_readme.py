@@ -123,3 +123,7 @@ def test_the_continue_config_names_a_model_the_serve_command_serves():
     config = README.split("**Continue**")[1].split("```yaml\n")[1].split("```")[0]
     model = re.search(r"^\s+model: (\S+)$", config, re.M)
     assert model is not None and model.group(1) in served, (model, served)
+    from fimtune.serve.engine import Limits
+
+    max_tokens = re.search(r"^\s+maxTokens: (\d+)$", config, re.M)  # Continue's default, 4096, is a 422
+    assert max_tokens is not None and int(max_tokens.group(1)) <= Limits().max_new_tokens
