@@ -129,6 +129,18 @@ def test_yaml_not_a_mapping_and_missing(tmp_path):
         load_run_config(tmp_path / "nope.yaml")
 
 
+def test_yaml_not_utf8_or_a_folder_names_the_file(tmp_path):
+    """A Latin-1 file was a UnicodeDecodeError traceback; a UTF-16 one (PowerShell's `>`) too."""
+    p = tmp_path / "c.yaml"
+    p.write_bytes("output_dir: runs/café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"config file '{p}' is not UTF-8 text .*save it as UTF-8"):
+        load_run_config(p)
+    p.write_text("output_dir: runs/café\n", encoding="utf-16")  # with its byte-order mark
+    assert load_run_config(p).output_dir == "runs/café"
+    with pytest.raises(ConfigError, match=f"config file '{tmp_path}' is not a file"):
+        load_run_config(tmp_path)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
     cfg = load_run_config(path)

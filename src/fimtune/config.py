@@ -504,10 +504,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file '{p}' does not exist (presets live in configs/)")
+        what = "is not a file" if p.exists() else "does not exist"
+        raise ConfigError(f"config file '{p}' {what} (presets live in configs/)")
     try:
-        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file '{p}' cannot be read: {e.strerror}") from None
+    try:  # bytes: PyYAML reads UTF-8, and UTF-16 by its byte-order mark (PowerShell's `>`)
+        data = yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
+        if isinstance(e, yaml.reader.ReaderError) and e.encoding != "unicode":  # bytes that do not decode
+            raise ConfigError(
+                f"config file '{p}' is not UTF-8 text ({e.reason} at byte {e.position}): save it as UTF-8"
+            ) from None
         raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
     if data is None:
         return {}
