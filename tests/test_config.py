@@ -120,6 +120,16 @@ def test_yaml_key_given_twice_is_an_error(tmp_path):
         load_run_config(seed, ["train.max_steps.x=1"])
 
 
+def test_yaml_section_not_a_mapping_with_an_override(tmp_path):
+    """`lora: 3` in the file and `lora.r=4` on the command line was a TypeError traceback."""
+    p = tmp_path / "c.yaml"
+    p.write_text("lora: 3\n")
+    with pytest.raises(ConfigError, match="config key 'lora' is a section: give a mapping, not 3"):
+        load_run_config(p, ["lora.r=4"])
+    p.write_text("lora:\n")  # an empty section, its keys commented out, takes overrides
+    assert load_run_config(p, ["lora.r=4"]).lora.r == 4
+
+
 def test_yaml_not_a_mapping_and_missing(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("- a\n- b\n")

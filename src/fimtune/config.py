@@ -478,7 +478,10 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> di
             elif not dataclasses.is_dataclass(hint):
                 raise ConfigError(f"config key '{where}{name}' is not a section, so '{text}' is invalid")
             else:
-                node[name] = dict(node.get(name) or {})
+                section = node.get(name)
+                if section is not None and not isinstance(section, dict):  # `lora: 3` in the file
+                    raise ConfigError(f"config key '{where}{name}' is a section: give a mapping, not {section!r}")
+                node[name] = dict(section or {})
                 node = node[name]
             tp, where = hint, f"{where}{name}."
     return data
