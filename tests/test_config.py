@@ -82,6 +82,24 @@ def test_numbers_out_of_range_name_the_key(override, tmp_path):
         load_run_config(p)
 
 
+def test_an_overrides_error_does_not_blame_the_file(tmp_path):
+    """`--config FILE train.batch_size=0` said FILE had the bad value: the user looks there in vain."""
+    seed = Path(__file__).parents[1] / "configs" / "seed-starcoderbase-1b.yaml"
+    for override, fragment in [
+        ("train.batch_size=0", "config key 'train.batch_size' must be at least 1; got 0"),
+        ("train.max_steps=abc", "config key 'train.max_steps' must be an integer; got 'abc'"),
+        ("fim={fim_rate: 2}", "config key 'fim.fim_rate' must be from 0 to 1; got 2.0"),
+        ("model.attn_implementation=flash", "config key 'model.attn_implementation' must be one of"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_run_config(seed, [override])
+        assert str(e.value).startswith(fragment), str(e.value)
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  batch_size: 0\n")  # the file's own error still names it, overrides or not
+    with pytest.raises(ConfigError, match=f"^{p}: config key 'train.batch_size' must be at least 1"):
+        load_run_config(p, ["train.max_steps=3"])
+
+
 def test_line_end_cuts_need_character_cuts_at_line_starts():
     with pytest.raises(
         ConfigError, match=r"'fim.line_end_rate'.*fim.unit=char and fim.spans=line \(got unit 'token', spans 'line'\)"

@@ -461,7 +461,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key=value` overrides to the nested dict ``data`` (checked against ``cls``)."""
+    """Apply `key=value` overrides to the nested dict ``data`` (checked against ``cls``, their values
+    too: an override's error is raised here, so that what `from_dict` then finds is in ``data``)."""
     data = dict(data)
     for text in overrides:
         path, value = parse_override(text)
@@ -474,6 +475,7 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> di
                 raise _unknown_key(name, names, where)
             hint = typing.get_type_hints(tp)[name]
             if i == len(path) - 1:
+                coerce(value, hint, f"{where}{name}")
                 node[name] = value
             elif not dataclasses.is_dataclass(hint):
                 raise ConfigError(f"config key '{where}{name}' is not a section, so '{text}' is invalid")
@@ -529,7 +531,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Load dataclass ``cls`` from an optional YAML file plus `key=value` overrides."""
+    """Load dataclass ``cls`` from an optional YAML file plus `key=value` overrides; an error names
+    the file where the file's own keys are wrong, not where an override is."""
     data = read_yaml(path) if path else {}
     data = apply_overrides(cls, data, overrides or [])
     if path:
@@ -543,22 +546,27 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load the training configuration (see :class:`RunConfig`), its numbers checked (:data:`RANGES`)."""
     cfg = load_config(RunConfig, path, overrides)
-    where = f"{path}: " if path else ""
+    given = [".".join(parse_override(text)[0]) for text in overrides or []]
+
+    def where(key: str) -> str:  # the file, unless an override gave the key (or its section)
+        return f"{path}: " if path and not any(key == g or key.startswith(f"{g}.") for g in given) else ""
+
     attn = cfg.model.attn_implementation
     if attn is not None and attn not in ATTENTIONS and "/" not in attn:  # "org/kernel": a Hub kernel
         raise ConfigError(
-            f"{where}config key 'model.attn_implementation' must be one of {', '.join(ATTENTIONS)} "
-            f"(or null: the default for the device); got {attn!r}"
+            f"{where('model.attn_implementation')}config key 'model.attn_implementation' must be one of "
+            f"{', '.join(ATTENTIONS)} (or null: the default for the device); got {attn!r}"
         )
     for key, ok, wanted in RANGES:
         section, _, name = key.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, name)
         if value is not None and not (math.isfinite(value) and ok(value)):
-            raise ConfigError(f"{where}config key '{key}' must be {wanted}; got {value!r}")
+            raise ConfigError(f"{where(key)}config key '{key}' must be {wanted}; got {value!r}")
     if cfg.fim.line_end_rate > 0 and (cfg.fim.unit, cfg.fim.spans) != ("char", "line"):
         raise ConfigError(
-            f"{where}config key 'fim.line_end_rate' cuts middles at line ends, in characters: it needs "
-            f"fim.unit=char and fim.spans=line (got unit {cfg.fim.unit!r}, spans {cfg.fim.spans!r}), or set it to 0"
+            f"{where('fim.line_end_rate')}config key 'fim.line_end_rate' cuts middles at line ends, in characters: "
+            f"it needs fim.unit=char and fim.spans=line (got unit {cfg.fim.unit!r}, spans {cfg.fim.spans!r}), "
+            "or set it to 0"
         )
     return cfg
 
