@@ -76,3 +76,13 @@ def test_dry_run_and_config_refuse_what_a_run_would(capsys):
     assert main([*demo, "--dry-run"]) == 0
     capsys.readouterr()
     assert main(["config", "lora.r=0"]) == 2 and "'lora.r' must be at least 1" in capsys.readouterr().err
+
+
+def test_data_build_config_file_errors_name_the_file(tmp_path, capsys):
+    """A typo in `data build --config FILE` named the key but not the file."""
+    p = tmp_path / "corpus.yaml"
+    p.write_text("near_dedup_treshold: 0.9\n")
+    assert main(["data", "build", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {p}: unknown config key 'near_dedup_treshold'"), err
+    assert "did you mean 'near_dedup_threshold'" in err

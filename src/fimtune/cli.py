@@ -27,7 +27,7 @@ from fimtune.config import (
     load_run_config,
     read_yaml,
 )
-from fimtune.errors import FimtuneError
+from fimtune.errors import ConfigError, FimtuneError
 
 EXIT_USER_ERROR = 2
 
@@ -66,7 +66,12 @@ def dataclass_from_args(cls: type, ns: argparse.Namespace, config_path: str | No
         if isinstance(value, str) and hints[f.name] not in (str, str | None):
             value = _parse_scalar(value)
         data[f.name] = coerce(value, hints[f.name], "--" + f.name.replace("_", "-"))
-    return from_dict(cls, data)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:  # the flags were checked above: the error is the file's
+        if not config_path:
+            raise
+        raise ConfigError(f"{config_path}: {e}") from None
 
 
 def _parse_scalar(text: str) -> Any:
