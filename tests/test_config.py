@@ -24,6 +24,15 @@ def test_defaults_and_overrides():
     assert cfg.packing.seq_length == RunConfig().packing.seq_length
 
 
+def test_text_overrides_keep_their_text():
+    """YAML read `output_dir=1.10` as 1.1, `=010` as 8 (octal) and a date as a date (an error)."""
+    for text in ("1.10", "010", "2024-06-01", "yes", "1_000"):
+        cfg = load_run_config(None, [f"output_dir={text}", f"data.hf={text}"])
+        assert (cfg.output_dir, cfg.data.hf) == (text, text)
+    cfg = load_run_config(None, ["data.hf=null", "model.attn_implementation=~", "output_dir='a b'"])
+    assert (cfg.data.hf, cfg.model.attn_implementation, cfg.output_dir) == (None, None, "a b")
+
+
 def test_list_and_optional_overrides():
     cfg = load_run_config(None, ["lora.target_modules=q_proj,v_proj", "train.max_steps=null"])
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]

@@ -475,6 +475,9 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> di
                 raise _unknown_key(name, names, where)
             hint = typing.get_type_hints(tp)[name]
             if i == len(path) - 1:
+                text_field = hint is str or str in typing.get_args(hint)
+                if text_field and value is not None and not isinstance(value, (str, list, dict)):
+                    value = text.split("=", 1)[1].strip()  # `output_dir=1.10`: 1.10, not YAML's 1.1
                 coerce(value, hint, f"{where}{name}")
                 node[name] = value
             elif not dataclasses.is_dataclass(hint):
