@@ -157,6 +157,18 @@ def test_yaml_section_not_a_mapping_with_an_override(tmp_path):
     assert load_run_config(p, ["lora.r=4"]).lora.r == 4
 
 
+def test_yaml_merge_keys_and_odd_keys(tmp_path):
+    """The duplicate-key check refused YAML's merge key (`<<: *anchor`) and crashed (TypeError) on a
+    list or mapping as a key."""
+    p = tmp_path / "c.yaml"
+    p.write_text("lora: &lora\n  r: 4\n  alpha: 8\ntrain:\n  <<: {max_steps: 3, batch_size: 2}\n  max_steps: 5\n")
+    cfg = load_run_config(p)
+    assert (cfg.lora.r, cfg.train.max_steps, cfg.train.batch_size) == (4, 5, 2)
+    p.write_text("train:\n  [max_steps, batch_size]: 3\n")
+    with pytest.raises(ConfigError, match=f"(?s)config file '{p}' is not valid YAML: .*unhashable key"):
+        load_run_config(p)
+
+
 def test_yaml_not_a_mapping_and_missing(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("- a\n- b\n")
