@@ -849,3 +849,39 @@ def test_fp16_steps_the_loss_scaler_skips_are_not_a_divergence(
     assert len(rows) == 6 and [r["step"] for r in rows if "grad_norm" not in r] == [1, 2], rows
     assert all(math.isfinite(r["grad_norm"]) for r in rows[2:])
     assert [r["lr"] for r in rows[:4]] == [0.0, 0.0, 0.0, rows[3]["lr"]] and rows[3]["lr"] > 0  # the warm-up waited
+
+
+def test_fp16_loss_scale_is_resumed(tmp_path, tiny_tokenizer, repetitive_data, token_cache, monkeypatch):
+    """The loss scaler's scale is part of the run: resumed at its initial scale, the steps after a
+    resume overflow again and are skipped where the uninterrupted run took them. (Gradients rounded
+    to fp16's range, on a CPU scaler starting high, overflow in the first steps.)"""
+    from fimtune import train as train_module
+
+    make, setup = train_module.make_accelerator, train_module.setup
+
+    def with_scaler(cfg):
+        acc = make(cfg)
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+        acc.unscale_gradients = lambda optimizer=None: [acc.scaler.unscale_(o.optimizer) for o in acc._optimizers]
+        return acc
+
+    def fp16_gradients(cfg, acc):
+        s = setup(cfg, acc)
+        for p in s.model.parameters():
+            if p.requires_grad:
+                p.register_hook(lambda g: g.half().to(g.dtype))
+        return s
+
+    monkeypatch.setattr(train_module, "make_accelerator", with_scaler)
+    monkeypatch.setattr(train_module, "setup", fp16_gradients)
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    extra = ("train.max_steps=8", "train.eval_every=0", "train.log_every=1", "train.save_every=0")
+
+    def steps(run):
+        return {r["step"]: (r["loss"], r.get("grad_norm"), r["lr"]) for r in metrics(run) if "loss" in r}
+
+    whole = steps(quiet_fit(run_config(tmp_path, base, repetitive_data, "whole", *extra)))
+    assert whole[1][1] is None and whole[6][1] is not None  # skipped at first, taken later
+    parted = run_config(tmp_path, base, repetitive_data, "parted", *extra)
+    quiet_fit(parted, stop_after=5)
+    assert steps(quiet_fit(parted, resume=True)) == whole

@@ -14,7 +14,7 @@ A run folder after two saves::
 
 A checkpoint folder appears complete or not at all (rename is atomic), and the links move
 to it only afterwards, so a crash at any moment leaves the previous checkpoint readable.
-`state/` holds the optimizer, scheduler, RNG states and the data position.
+`state/` holds the optimizer, scheduler, fp16 loss scaler, RNG states and the data position.
 
 When each process holds only its part of the optimizer state (DeepSpeed ZeRO, sharded FSDP),
 every process writes its part into the same temporary folder and the main process completes
@@ -97,6 +97,7 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     optimizer_parts: int = 0,
     rng: list[dict[str, Any]] | None = None,
+    scaler: Any = None,
 ) -> Path:
     """Write `checkpoints/step-N/{adapter,state}` atomically and point `adapter`, `state` at it.
 
@@ -104,6 +105,7 @@ def save_checkpoint(
     ``optimizer_parts`` > 0: ``optimizer`` is None and the processes have written that many parts of
     it into :func:`pending_folder` (:func:`save_optimizer_part`), which this completes.
     ``rng``: each process's :func:`rng_state`, in process order (default: this process's alone).
+    ``scaler``: fp16's loss scaler (its scale and growth count), if the run has one.
     """
     ckpt_root = run_dir / CHECKPOINTS
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -118,6 +120,8 @@ def save_checkpoint(
         (tmp / "state").mkdir(parents=True, exist_ok=bool(optimizer_parts))
         per_process = rng or [rng_state()]
         states = {"scheduler": scheduler.state_dict(), "rng": per_process[0], "rng_per_process": per_process}
+        if scaler is not None:
+            states["scaler"] = scaler.state_dict()
         if optimizer_parts:
             _check_parts(tmp, optimizer_parts)
         else:

@@ -848,9 +848,13 @@ def save(s: Setup, run_dir: Path, step: int, window: _Window | None = None) -> N
         if sharding:
             extra["optimizer_sharding"] = sharding
             parts = acc.num_processes
-            checkpoint.save_checkpoint(run_dir, step, save_adapter, None, s.scheduler, data, extra, parts, rng)
+            checkpoint.save_checkpoint(
+                run_dir, step, save_adapter, None, s.scheduler, data, extra, parts, rng, acc.scaler
+            )
         else:
-            checkpoint.save_checkpoint(run_dir, step, save_adapter, s.optimizer, s.scheduler, data, extra, rng=rng)
+            checkpoint.save_checkpoint(
+                run_dir, step, save_adapter, s.optimizer, s.scheduler, data, extra, rng=rng, scaler=acc.scaler
+            )
     acc.wait_for_everyone()
 
 
@@ -870,7 +874,7 @@ def check_not_empty(adapter_file: Path, model: Any) -> None:
 
 
 def restore(s: Setup, run_dir: Path) -> int:
-    """Load adapter weights, optimizer, scheduler, RNG and data position; return the step."""
+    """Load adapter weights, optimizer, scheduler, loss scaler, RNG and data position; return the step."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -903,6 +907,8 @@ def restore(s: Setup, run_dir: Path) -> int:
         drop_empty_groups(state["optimizer"], state["scheduler"])
         s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
+    if acc.scaler is not None and "scaler" in state:  # fp16: the scale it had reached, not the initial one
+        acc.scaler.load_state_dict(state["scaler"])
     per_process = state.get("rng_per_process") or []  # checkpoints before it: the main process's alone
     checkpoint.set_rng_state(per_process[acc.process_index] if len(per_process) == acc.num_processes else state["rng"])
     s.train_rows.load_state_dict(meta["data"])
