@@ -105,3 +105,21 @@ def test_two_processes_write_and_reload_their_own_parts(tmp_path):
     mp.spawn(_two_writers, args=(tmp_path / "run", tmp_path / "store"), nprocs=2)
     ckpt = checkpoint.latest_checkpoint(tmp_path / "run")
     assert checkpoint.load_state(ckpt)[0]["world_size"] == 2
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world" * 10], ids=["empty", "garbage"])
+@pytest.mark.parametrize(
+    "damaged", ["state/training_state.pt", "state/trainer_state.json", "adapter/adapter_model.safetensors"]
+)
+def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path, damaged, content):
+    """A file of a checkpoint cut or overwritten (a filesystem's crash, an interrupted copy): the error
+    names the checkpoint and says to delete it, whatever the reader raises (torch.load: EOFError or
+    UnpicklingError; safetensors: its own type)."""
+    import re
+
+    _, opt, sched = optimizer_after_a_step(0)
+    ckpt = checkpoint.save_checkpoint(tmp_path, 1, write_adapter, opt, sched, {"offset": 0})
+    (ckpt / damaged).write_bytes(content)
+    with pytest.raises(FimtuneError, match=rf"checkpoint '{re.escape(str(ckpt))}' is unreadable .*; delete it"):
+        checkpoint.load_state(ckpt)
+        checkpoint.load_adapter(ckpt)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -44,6 +45,9 @@ from fimtune.errors import FimtuneError
 CHECKPOINTS = "checkpoints"
 KEEP_LAST = 2
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# What reading a damaged file raises: torch.load a cut archive RuntimeError, an empty file EOFError,
+# other bytes UnpicklingError; json ValueError; safetensors its own type.
+_UNREADABLE = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError)
 
 
 def fsync_tree(path: Path) -> None:
@@ -195,10 +199,12 @@ def read_optimizer_part(ckpt: Path, rank: int) -> dict[str, Any]:
     path = optimizer_part_path(ckpt, rank)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise FimtuneError(
-            f"checkpoint '{ckpt}' is unreadable ({e}); delete it to resume from the one before"
-        ) from None
+    except _UNREADABLE as e:
+        raise _unreadable(ckpt, e) from None
+
+
+def _unreadable(ckpt: Path, e: Exception) -> FimtuneError:
+    return FimtuneError(f"checkpoint '{ckpt}' is unreadable ({e}); delete it to resume from the one before")
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -233,8 +239,17 @@ def load_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         meta = json.loads((ckpt / "state" / "trainer_state.json").read_text(encoding="utf-8"))
         tensors = torch.load(ckpt / "state" / "training_state.pt", map_location="cpu", weights_only=False)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise FimtuneError(
-            f"checkpoint '{ckpt}' is unreadable ({e}); delete it to resume from the one before"
-        ) from None
+    except _UNREADABLE as e:
+        raise _unreadable(ckpt, e) from None
     return meta, tensors
+
+
+def load_adapter(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The adapter weights of checkpoint folder ``ckpt``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    except (*_UNREADABLE, SafetensorError) as e:
+        raise _unreadable(ckpt, e) from None

@@ -876,7 +876,6 @@ def check_not_empty(adapter_file: Path, model: Any) -> None:
 def restore(s: Setup, run_dir: Path) -> int:
     """Load adapter weights, optimizer, scheduler, loss scaler, RNG and data position; return the step."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     from fimtune.engines import load_optimizer_part, optimizer_sharding, whole_parameters
 
@@ -892,7 +891,7 @@ def restore(s: Setup, run_dir: Path) -> int:
             "each process's place in its share of the data was saved; resume with the number of processes "
             "it was trained with"
         )
-    weights = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    weights = checkpoint.load_adapter(ckpt)
     with whole_parameters(acc, s.model) as model:
         loaded = set_peft_model_state_dict(model, weights)
     if loaded.unexpected_keys:  # PEFT loads what matches by name, silently
