@@ -123,3 +123,20 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path, damaged, conten
     with pytest.raises(FimtuneError, match=rf"checkpoint '{re.escape(str(ckpt))}' is unreadable .*; delete it"):
         checkpoint.load_state(ckpt)
         checkpoint.load_adapter(ckpt)
+
+
+def test_a_run_folder_copied_with_its_links_followed_saves_again(tmp_path):
+    """A copy that followed the links (shutil.copytree's default, `cp -L`, object-store syncs) has
+    folders for `adapter` and `state`: the next checkpoint makes them links again."""
+    import shutil
+
+    _, opt, sched = optimizer_after_a_step(0)
+    checkpoint.save_checkpoint(tmp_path / "run", 1, write_adapter, opt, sched, {"offset": 0})
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run", copy)
+    assert (copy / "state").is_dir() and not (copy / "state").is_symlink()
+    assert checkpoint.latest_checkpoint(copy).name == "step-000001"
+    checkpoint.save_checkpoint(copy, 2, write_adapter, opt, sched, {"offset": 1})
+    for name in ("adapter", "state"):
+        assert (copy / name).is_symlink() and (copy / name).resolve() == copy / "checkpoints" / "step-000002" / name
+    assert checkpoint.latest_checkpoint(copy).name == "step-000002"

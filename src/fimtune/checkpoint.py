@@ -84,11 +84,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _link(run_dir: Path, name: str, target: Path) -> None:
     """Point ``run_dir/name`` at ``target`` (relative), replacing the old link atomically."""
-    tmp = run_dir / f".{name}.link-tmp"
+    tmp, path = run_dir / f".{name}.link-tmp", run_dir / name
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     tmp.symlink_to(target.relative_to(run_dir))
-    os.replace(tmp, run_dir / name)
+    if path.is_dir() and not path.is_symlink():  # a copy of the run folder that followed the links
+        shutil.rmtree(path)
+    os.replace(tmp, path)
 
 
 def save_checkpoint(
