@@ -762,6 +762,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.mixed_precision",
         "train.gradient_checkpointing",
         "train.compile",
+        "train.hashed_dropout",  # with compile by default: another mask stream, the same rates
         "train.activation_memory",
         "train.attention_kernel",
         "train.cuda_graphs",
