@@ -888,3 +888,17 @@ def test_fp16_loss_scale_is_resumed(tmp_path, tiny_tokenizer, repetitive_data, t
     parted = run_config(tmp_path, base, repetitive_data, "parted", *extra)
     quiet_fit(parted, stop_after=5)
     assert steps(quiet_fit(parted, resume=True)) == whole
+
+
+def test_a_warmup_as_long_as_the_run_is_warned(caplog):
+    """30 warm-up steps in a 10-step run: the learning rate never reaches its peak; said, not refused
+    (short smoke runs keep a preset's warm-up)."""
+    from fimtune.train import make_optimizer
+
+    model = tiny.llama(64)
+    for warmup, steps, warned in ((30, 10, True), (10, 10, True), (3, 10, False)):
+        cfg = load_run_config(None, [f"train.warmup_steps={warmup}"])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fimtune.train"):
+            make_optimizer(model, cfg, torch.device("cpu"), steps)
+        assert ("never reaches train.learning_rate" in caplog.text) == warned, (warmup, steps)

@@ -243,6 +243,14 @@ def make_optimizer(model: Any, cfg: RunConfig, device: torch.device, max_steps: 
     from transformers import get_scheduler
 
     tc = cfg.train
+    if tc.warmup_steps >= max_steps > 0:
+        log.warning(
+            "train.warmup_steps=%d is not less than the run's %d steps: the learning rate rises all the "
+            "run and never reaches train.learning_rate=%g (lower train.warmup_steps)",
+            tc.warmup_steps,
+            max_steps,
+            tc.learning_rate,
+        )
     optimizer = torch.optim.AdamW(
         param_groups(model, tc.weight_decay), lr=tc.learning_rate, fused=(device.type == "cuda") or None
     )
