@@ -1,6 +1,7 @@
 """The fast training path computes what the plain path computes: attention, loss, gradients, compiled blocks."""
 
 import importlib.util
+import logging
 from typing import Any
 
 import pytest
@@ -797,6 +798,41 @@ def test_chunked_loss_of_a_lora_model_matches_the_plain_loss(tiny_tokenizer, fam
         torch.testing.assert_close(grads_got[k], grads_want[k], rtol=1e-4, atol=1e-6)
     # The head is back in place after the loss.
     assert isinstance(model.get_base_model().get_output_embeddings(), torch.nn.Linear)
+
+
+def test_a_model_that_caps_its_logits_takes_its_loss_from_whole_logits(tiny_tokenizer, caplog):
+    """Gemma 2 caps its logits after the output head (`final_logit_softcapping`): with the head
+    bypassed, its forward would cap the hidden states, and the chunked loss be another loss."""
+    from accelerate.utils import DistributedType
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from fimtune.config import load_run_config
+    from fimtune.train import prepare_model
+    from tests.test_engines import accelerator
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        final_logit_softcapping=2.0,
+        initializer_range=0.5,
+        attn_implementation="eager",
+    )
+    cfg = load_run_config(None, ["model.name_or_path=x", "train.loss_chunk_tokens=7", "train.compile=false"])
+    with caplog.at_level(logging.INFO, logger="fimtune.train"):
+        model, chunk = prepare_model(Gemma2ForCausalLM(config), cfg, accelerator(DistributedType.NO, 1), [])
+    batch = packed_batch(len(tiny_tokenizer))
+    with torch.no_grad():
+        got, _ = summed_loss(model.eval(), batch, chunk)
+        want, _ = summed_loss(model, batch, 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert chunk == 0 and any("final_logit_softcapping=2" in r.getMessage() for r in caplog.records)
 
 
 def test_added_token_rows_train_through_the_chunked_loss(tiny_tokenizer):

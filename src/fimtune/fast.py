@@ -674,6 +674,15 @@ def chunked_cross_entropy(
     return total
 
 
+def logit_softcap(model: Any) -> float | None:
+    """The cap ``model`` puts on its logits after its output head (``cap * tanh(logits / cap)``:
+    Gemma 2's `final_logit_softcapping`), or None. The chunked loss cannot take such a model's
+    logits: with the head bypassed, its forward would cap the hidden states instead."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "final_logit_softcapping", None) or None
+
+
 @contextlib.contextmanager
 def head_bypassed(model: Any) -> Iterator[torch.nn.Module]:
     """Within the block the model's output head is the identity (its forward returns hidden

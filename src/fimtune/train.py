@@ -161,7 +161,7 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
     path (attention dropout off under `varlen`, LoRA inputs uncast, compiled blocks);
     returns it with the loss chunk (tokens; 0: whole logits)."""
     from fimtune.engines import deepspeed_stage, sharded_parameters
-    from fimtune.fast import VARLEN, disable_attention_dropout, speed_up
+    from fimtune.fast import VARLEN, disable_attention_dropout, logit_softcap, speed_up
     from fimtune.model import attach_lora
 
     tc = cfg.train
@@ -233,6 +233,14 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
             "whole only inside the model's forward",
             chunk,
             engine,
+        )
+        chunk = 0
+    if chunk and (cap := logit_softcap(model)):
+        log.info(
+            "the loss takes all logits at once (no chunks of %d tokens): the model caps its logits after "
+            "the output head (final_logit_softcapping=%g), which the chunks bypass",
+            chunk,
+            cap,
         )
         chunk = 0
     return model, chunk
