@@ -315,3 +315,30 @@ def test_char_unit_parts_of_a_sentencepiece_style_tokenizer_get_no_dummy_prefix(
         whole = ids[int(docs.offsets[d]) : int(docs.offsets[d + 1])]
         parts = unpermute(ep.ids[bounds[d] : bounds[d + 1] - 1].tolist(), tokens)
         assert pieces(parts) == pieces(whole), (d, tokenizer.convert_ids_to_tokens(parts))
+
+
+@pytest.mark.parametrize("fim_rate", [0.0, 1.0])
+def test_char_unit_pieces_after_the_first_get_no_dummy_prefix(fim_rate, token_cache):
+    """Char-unit pieces of a text after its first go on from the text before them: a Llama-style
+    tokenizer puts no "▁" before them (nor before a FIM'd one's first part), so the pieces, put back
+    in order, spell the whole text's tokens, as token-unit pieces do."""
+    from datasets import Dataset
+
+    from fimtune.tokens import document_separator_id, ensure_fim_tokens
+    from tests.conftest import train_sentencepiece_style_tokenizer
+
+    tokenizer = train_sentencepiece_style_tokenizer()
+    tokens, _ = ensure_fim_tokens(tokenizer)
+    sep = document_separator_id(tokenizer)
+    texts = ["def f(a):\n" + "".join(f"    x{i} = a + {i}\n" for i in range(30))] * 2
+    cfg = RunConfig()
+    cfg.fim.unit, cfg.fim.spans, cfg.fim.piece_tokens, cfg.fim.fim_rate = "char", "line", 40, fim_rate
+    docs = packing.documents(Dataset.from_dict({"content": texts}), tokenizer, cfg, progress=False)
+    assert len(docs.texts) > len(texts)
+    ep = pack_epoch(docs, pack_spec(cfg, tokens, sep, shuffle=False), 0)
+    assert ep.stats.fim == (len(docs.texts) if fim_rate else 0)
+    bounds = np.append(ep.doc_starts, len(ep.ids))
+    pieces = [unpermute(ep.ids[a : b - 1].tolist(), tokens) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    whole = tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+    spelled = "".join(tokenizer.convert_ids_to_tokens([i for piece in pieces for i in piece]))
+    assert spelled == "".join(tokenizer.convert_ids_to_tokens(whole)) * len(texts)

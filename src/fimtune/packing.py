@@ -74,6 +74,7 @@ class Documents:
     texts: Any = None  # unit char: texts[lo:hi] -> list[str]
     # unit char: (texts, whether each goes on from text before it) -> (ids, lengths)
     encode: Callable[[list[str], bool], tuple[np.ndarray, np.ndarray]] | None = None
+    continued: np.ndarray | None = None  # unit char: bool [n_docs], whether each goes on from text before it
     chars: int = 0  # characters of all documents (for chars per token)
 
 
@@ -221,6 +222,7 @@ def fim_text_epoch(docs: Documents, rng: np.random.Generator, spec: PackSpec) ->
     if docs.texts is None or docs.encode is None:
         raise FimtuneError("fim.unit=char needs the documents' texts and the tokenizer")
     n, offsets, const = len(docs.offsets) - 1, docs.offsets, _const(spec.tokens, spec.separator)
+    going_on = np.zeros(n, bool) if docs.continued is None else np.asarray(docs.continued, bool)
     fim, spm, lengths, blocks = np.zeros(n, bool), np.zeros(n, bool), np.diff(offsets) + 1, []
     for d0 in range(0, n, TEXT_BLOCK_DOCS):
         d1 = min(n, d0 + TEXT_BLOCK_DOCS)
@@ -229,7 +231,8 @@ def fim_text_epoch(docs: Documents, rng: np.random.Generator, spec: PackSpec) ->
         ]
         fim[d0:d1] = [c is not None for c in text_cuts]
         spm[d0:d1] = [c is not None and c.spm for c in text_cuts]
-        part_ids, part_lens = _encode_parts(docs.encode, [c for c in text_cuts if c is not None])
+        cuts = [c for c in text_cuts if c is not None]
+        part_ids, part_lens = _encode_parts(docs.encode, cuts, going_on[d0:d1][fim[d0:d1]])
         lengths[d0:d1][fim[d0:d1]] = part_lens.reshape(-1, 3).sum(1) + 4
         t0, t1 = int(offsets[d0]), int(offsets[d1])
         src = np.concatenate([docs.tokens[t0:t1], part_ids.astype(TOKEN_DTYPE), const])
@@ -238,17 +241,29 @@ def fim_text_epoch(docs: Documents, rng: np.random.Generator, spec: PackSpec) ->
     return joined, Cuts(fim, spm, np.zeros(n, np.int64), np.zeros(n, np.int64)), lengths
 
 
-def _encode_parts(encode: Callable[[list[str], bool], tuple], cuts: list) -> tuple[np.ndarray, np.ndarray]:
+def _encode_parts(
+    encode: Callable[[list[str], bool], tuple], cuts: list, going_on: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The ids of each cut's prefix, middle and suffix, in that order, and each part's length. The
-    first part with text starts its document; the parts after it go on from that text, so they are
-    encoded without a SentencePiece-style dummy prefix (:func:`fimtune.tokenization.continuation`)."""
+    first part with text starts its document, unless the document goes on from text before it
+    (``going_on``: a piece after the first of its text); the parts after it go on from that text, so
+    they are encoded without a SentencePiece-style dummy prefix (:func:`fimtune.tokenization.continuation`)."""
     parts = [part for c in cuts for part in (c.prefix, c.middle, c.suffix)]
-    continued = np.array([(False, bool(c.prefix), bool(c.prefix or c.middle)) for c in cuts], bool).reshape(-1)
-    ids, lens, starts = [], np.zeros(len(parts), np.int64), np.zeros(len(parts), np.int64)
+    begun = [
+        (g, g or bool(c.prefix), g or bool(c.prefix or c.middle)) for c, g in zip(cuts, going_on.tolist(), strict=True)
+    ]
+    return encode_texts(encode, parts, np.array(begun, bool).reshape(-1))
+
+
+def encode_texts(
+    encode: Callable[[list[str], bool], tuple], texts: list[str], continued: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``texts`` encoded in order, each going on from text before it or not (``continued``): (ids, lengths)."""
+    ids, lens, starts = [], np.zeros(len(texts), np.int64), np.zeros(len(texts), np.int64)
     base = 0
     for flag in (False, True):
         (where,) = np.nonzero(continued == flag)
-        group_ids, group_lens = encode([parts[i] for i in where], flag)
+        group_ids, group_lens = encode([texts[i] for i in where], flag)
         lens[where], starts[where] = group_lens, base + np.cumsum(group_lens) - group_lens
         ids.append(np.asarray(group_ids, TOKEN_DTYPE))
         base += len(group_ids)
@@ -499,23 +514,28 @@ def documents(ds: Any, tokenizer: Any, cfg: RunConfig, column: str = "content", 
         docs.offsets = split_documents(docs.offsets, cfg.fim.piece_tokens)
     elif cfg.fim.piece_tokens:  # char unit: pieces of whole lines, re-tokenized
         chars_per_token = split.chars / max(1, len(split.tokens))
-        texts = split_texts(docs.texts[0 : len(docs.texts)], max(1, round(cfg.fim.piece_tokens * chars_per_token)))
-        ids, lengths = encode_flat(tokenizer, texts)
-        docs = Documents(ids, np.concatenate([[0], np.cumsum(lengths)]), texts=texts, encode=docs.encode)
+        max_chars = max(1, round(cfg.fim.piece_tokens * chars_per_token))
+        texts, continued = split_texts(docs.texts[0 : len(docs.texts)], max_chars)
+        continued = np.array(continued, bool)  # a piece after the first of its text: no dummy prefix before it
+        ids, lengths = encode_texts(docs.encode, texts, continued)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        docs = Documents(ids, offsets, texts=texts, encode=docs.encode, continued=continued)
         docs.chars = split.chars
     return docs
 
 
-def split_texts(texts: list[str], max_chars: int) -> list[str]:
+def split_texts(texts: list[str], max_chars: int) -> tuple[list[str], list[bool]]:
     """Each text cut at line ends into pieces of at most ``max_chars`` characters (a longer line is a
-    piece of its own); an empty text stays one empty piece.
+    piece of its own); an empty text stays one empty piece. Also returns, for each piece, whether it
+    goes on from text before it (every piece but its text's first).
 
     >>> split_texts(["a\\nbb\\nccc\\n", ""], 5)
-    ['a\\nbb\\n', 'ccc\\n', '']
+    (['a\\nbb\\n', 'ccc\\n', ''], [False, True, False])
     """
     pieces: list[str] = []
+    continued: list[bool] = []
     for text in texts:
-        current, size = [], 0
+        current, size, first = [], 0, len(pieces)
         for line in text.splitlines(keepends=True):
             if current and size + len(line) > max_chars:
                 pieces.append("".join(current))
@@ -523,7 +543,8 @@ def split_texts(texts: list[str], max_chars: int) -> list[str]:
             current.append(line)
             size += len(line)
         pieces.append("".join(current))
-    return pieces
+        continued += [k > first for k in range(first, len(pieces))]
+    return pieces, continued
 
 
 def train_rows(
