@@ -523,6 +523,29 @@ def test_complete_compare_base_prints_base_and_tuned(tmp_path, tiny_tokenizer, r
     assert base_text == expected.text
 
 
+def test_the_base_of_a_run_that_added_fim_tokens_is_its_base_model_at_every_load(
+    tmp_path, tiny_tokenizer_without_fim, repetitive_data, token_cache
+):
+    """The base behind a run (adapter disabled: `complete --compare-base`, `fimtune eval`, the server's
+    `base`) reads the FIM tokens the run added through the rows training started from, as the base
+    model loads alone: not through random rows drawn anew at each load."""
+    from fimtune.model import load_for_inference, load_run
+    from tests.runs import model_dir, quiet_fit, run_config
+
+    base_dir = model_dir(tmp_path, tiny_tokenizer_without_fim, "llama")
+    run = quiet_fit(run_config(tmp_path, base_dir, repetitive_data, "run", "train.max_steps=2", "train.eval_every=0"))
+    prompter = FimPrompter(load_for_inference(base_dir).tokenizer)
+    ids = torch.tensor([prompter.build("def f(x):\n    ", "\n    return y\n")])
+    with torch.no_grad():
+        plain = load_for_inference(base_dir).model(ids).logits
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            model = load_run(run, torch.device("cpu")).model
+            with model.disable_adapter():
+                # rows at the mean, plus transformers' noise of 1e-9 times their covariance
+                torch.testing.assert_close(model(ids).logits, plain, rtol=0, atol=0.05)
+
+
 def test_a_tokenizer_that_pads_and_truncates_changes_no_prompt_or_cached_ids(tiny_tokenizer):
     """A tokenizer.json may carry padding and truncation (and a `tokenizer(..., padding=True)` call
     leaves them set on its backend): fimtune's own encoding (prompts, the training cache) neither

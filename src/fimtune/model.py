@@ -506,7 +506,9 @@ def load_run(
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     base = load_base_model(model_cfg or inference_model_config(cfg.model, device), device, dtype)
     if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-        # The added rows' trained values come from the adapter; the start values do not matter.
-        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        # The tuned model's added rows come from the adapter; the base (adapter disabled: `fimtune eval`,
+        # `complete --compare-base`, the server's `base`) reads them as training started them, at the mean
+        # of the known rows, not at random values that change from one load to the next.
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
     return Loaded(model.eval(), tokenizer, run_dir.name, run_dir)
