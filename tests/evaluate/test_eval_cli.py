@@ -54,3 +54,7 @@ def test_eval_rejects_bad_input(tmp_path, tiny_run, capsys):
     assert "choose among loss, infill, humaneval" in capsys.readouterr().err
     assert main(["eval", str(tiny_run), "--holes", "0"]) == 2
     assert "--holes must be at least 1" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["eval", str(tiny_run), "--tasks", "humaneval", "--out", str(tmp_path / "file" / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the report folder" in err and "humaneval: running" not in err  # before the tasks

@@ -51,6 +51,17 @@ def check_args(ns: argparse.Namespace) -> None:
             raise FimtuneError(f"{flag} must be at least 1, got {value}")
 
 
+def report_folder(out: Path) -> Path:
+    """``out``, created and writable: checked before the tasks (which may take hours), not after them."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FimtuneError(f"cannot create the report folder '{out}' ({e.strerror or e}): pass --out DIR") from None
+    if not os.access(out, os.W_OK):
+        raise FimtuneError(f"the report folder '{out}' is not writable: pass --out DIR")
+    return out
+
+
 class Progress:
     """A progress bar per task on stderr (tqdm; silent when stderr is not a terminal)."""
 
@@ -166,7 +177,7 @@ def main(ns: argparse.Namespace) -> int:
 
     check_args(ns)
     tasks, run = parse_tasks(ns.tasks), Path(ns.run)
-    out = Path(ns.out) if ns.out else run / EVAL_DIR
+    out = report_folder(Path(ns.out) if ns.out else run / EVAL_DIR)
     t0 = time.perf_counter()
     ctx = load(run)
     load_s = time.perf_counter() - t0
@@ -177,7 +188,6 @@ def main(ns: argparse.Namespace) -> int:
         results[task] = RUNNERS[task](ctx, ns)
         results[task]["wall_s"] = round(time.perf_counter() - t, 2)
         print(f"{task}: done in {results[task]['wall_s']:.1f} s", file=sys.stderr, flush=True)
-    out.mkdir(parents=True, exist_ok=True)
     if "infill" in results:
         write_jsonl(out / "infill_samples.jsonl", results["infill"].pop("samples"))
     if "humaneval" in results:
