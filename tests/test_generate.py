@@ -261,6 +261,22 @@ def test_streamed_pieces_never_show_a_stop_string(tiny_tokenizer):
     assert "".join(pieces) == "x = 1" and not any("\n" in p for p in pieces)
 
 
+def test_a_single_line_ends_before_a_crlf_line_end(tiny_tokenizer):
+    """In a CRLF file (the corpus keeps line ends) a line ends with "\r\n": a single line is cut before
+    its CR too, streamed or not, or an editor gets a stray CR before the line end after the cursor."""
+    assert postprocess("x = 1\r\ny", GenerationParams(single_line=True)) == ("x = 1", True)
+    assert postprocess("x = 1\ry\nz", GenerationParams(single_line=True)) == ("x = 1\ry", True)
+    pr = FimPrompter(tiny_tokenizer)
+    ids = pr.encode("x = 1\r\ny = 2")
+    assert any(pr.decode(ids[:i]).endswith("\r") for i in range(len(ids)))  # the CR comes alone
+    tracker, streamed = TextTracker(pr, GenerationParams(single_line=True)), ""
+    for token in ids:
+        streamed += tracker.push(token)
+        if tracker.stopped:
+            break
+    assert tracker.stopped and streamed == tracker.text == "x = 1"
+
+
 @pytest.mark.parametrize("text, stop", [("x = 1 # é", " # é"), ("print('注释')", "'注")])
 def test_a_stop_string_is_held_back_while_a_character_after_its_start_is_incomplete(tiny_tokenizer, text, stop):
     """A character of several bytes comes in several tokens, shown as U+FFFD until whole: the start

@@ -235,14 +235,17 @@ def fit_context(prefix: list[int], suffix: list[int], budget: int, step: int = 1
 
 
 def postprocess(text: str, params: GenerationParams) -> tuple[str, bool]:
-    """Cut ``text`` at the first stop string (or newline in single-line mode): (text, stopped).
+    """Cut ``text`` at the first stop string (or line end in single-line mode, CRLF whole): (text, stopped).
 
     >>> postprocess("return x\\ny = 1", GenerationParams(single_line=True))
+    ('return x', True)
+    >>> postprocess("return x\\r\\ny = 1", GenerationParams(single_line=True))
     ('return x', True)
     """
     cuts = [i for i in (text.find(s) for s in params.stop if s) if i >= 0]
     if params.single_line and "\n" in text:
-        cuts.append(text.index("\n"))
+        end = text.index("\n")
+        cuts.append(end - 1 if text[:end].endswith("\r") else end)
     if not cuts:
         return text, False
     return text[: min(cuts)], True
@@ -280,7 +283,9 @@ class TextTracker:
         """Add a generated (non-end) token; return the new text that is safe to show."""
         self.ids.append(token)
         self.text, self.stopped = postprocess(self.prompter.decode(self.ids), self.params)
-        end = len(self.text) if self.stopped else len(self.text) - holdback(self.text, self.params.stop)
+        # single-line: a trailing CR may be a CRLF line end's start
+        stops = [*self.params.stop, *(["\r\n"] if self.params.single_line else [])]
+        end = len(self.text) if self.stopped else len(self.text) - holdback(self.text, stops)
         piece = self.text[self.sent : end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return piece
