@@ -467,20 +467,23 @@ def timed(step: Any, args: argparse.Namespace, device: torch.device) -> dict:
     sync(device)
     warmup_s = time.perf_counter() - t0
     losses, reads, queues, queued = [], [], [], None
-    for i in range(args.steps + 2):
-        result = None
-        if i <= args.steps:  # the next step is queued before this one is read
-            t = time.perf_counter()
-            result = step()
-            queues.append(time.perf_counter() - t)
-            if not callable(result):  # a plain loop's step read its loss: it ended as it returned
-                losses.append(result)
-                reads.append(time.perf_counter())
-                continue
+    while len(reads) <= args.steps:  # `args.steps` + 1 ends: `args.steps` intervals
+        t = time.perf_counter()
+        result = step()
+        queues.append(time.perf_counter() - t)
+        if not callable(result):  # a plain loop's step read its loss: it ended as it returned
+            losses.append(result)
+            reads.append(time.perf_counter())
+            continue
+        # A queued step's predecessor is read once it is queued, so each interval spans a step queued
+        # while the one before runs; the last one too: the step after it is queued, then drained untimed
+        # (read with nothing queued after it, its end came a host's queueing time early: ~0 on a CPU).
         if queued is not None:
             losses.append(read(queued))
             reads.append(time.perf_counter())
         queued = result
+    if queued is not None:
+        read(queued)  # the step queued after the last timed one
     sync(device)
     times = [b - a for a, b in zip(reads, reads[1:], strict=False)]  # `args.steps` steps, end to end
     sec = statistics.median(times)

@@ -40,7 +40,8 @@ def test_train_throughput_benchmark_runs_every_variant_on_a_tiny_shape(tmp_path)
 def test_each_step_is_timed_once_whether_it_waits_for_its_end_or_not():
     """A plain loop's step returns once it ended; fimtune's returns a reader of its loss, read once
     the next step is queued. Either way each of the timed steps counts once, end to end: a plain
-    loop's last interval was ~0 (its end read again after the loop), biasing the median down."""
+    loop's last interval was ~0 (its end read again after the loop), biasing the median down; so
+    was a queued step's where the host set the pace (its end read with no step queued after it)."""
     import argparse
     import doctest
     import time
@@ -65,7 +66,11 @@ def test_each_step_is_timed_once_whether_it_waits_for_its_end_or_not():
         ends.append(end)
         return lambda: (time.sleep(max(0.0, end - time.perf_counter())), 1.0)[1:]
 
-    for step in (plain, queued):
+    def host_bound():  # a step the host takes 20 ms to queue, whose device work ends as it is queued
+        time.sleep(0.02)
+        return lambda: (1.0,)
+
+    for step in (plain, queued, host_bound):
         out = train_throughput.timed(step, args, torch.device("cpu"))
         assert out["step_ms_min"] > 15 and out["step_ms"] < 60, (step.__name__, out)
     assert doctest.testmod(train_throughput).failed == 0  # the 1B's FLOPs a token
