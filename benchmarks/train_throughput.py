@@ -57,10 +57,11 @@ qlora        (c) on a 4-bit NF4 base (bitsandbytes, double quantization), gradie
 
 TFLOP/s counts the model's FLOPs a token (:func:`flop_per_token`: 5.08 GFLOP for the 1B shape at
 2048 tokens; runs 1-9 counted 4.9, 3.7% too few): the forward, and the backward through activations
-(no weight gradients of the frozen base). (c) trains without attention dropout (its varlen kernels
-have none; the model's other dropouts stay), where (a) and (b) keep StarCoder's 0.1 in SDPA: `b-attn0`
-is (b) without it, the like-for-like baseline. Before (c) trains, its
-loss on a fixed batch is checked against plain transformers (SDPA, full logits).
+(no weight gradients of the frozen base); for `c-docs`, attention inside each document, as its
+kernels attend (~4.73 GFLOP a token for its documents; whole rows were counted before). (c) trains
+without attention dropout (its varlen kernels have none; the model's other dropouts stay), where (a)
+and (b) keep StarCoder's 0.1 in SDPA: `b-attn0` is (b) without it, the like-for-like baseline.
+Before (c) trains, its loss on a fixed batch is checked against plain transformers (SDPA, full logits).
 
 Each variant also reports `queue_ms`: the host's time to queue a step (the median of the calls;
 fimtune's step returns before the GPU ends it). Near `step_ms`, the host sets the pace, unless
@@ -149,21 +150,38 @@ def random_model(
     return model.to(dtype)
 
 
-def flop_per_token(config: Any, length: int) -> float:
+def flop_per_token(config: Any, length: int, context: float | None = None) -> float:
     """A training token's FLOPs for LoRA on a frozen GPT-BigCode: the forward (2 a weight of the
     matrix products, the head included, and causal attention's two products: QK^T and PV over half
     the row on average), and the backward through the activations (the products again, attention's
     four: dQ, dK, dV, dP); no gradient of the frozen weights, LoRA's own negligible.
 
+    ``context``: the keys a token attends to on average, where rows hold several documents (the
+    attention stays inside each: :func:`attention_context`); half the row by default.
+
     >>> round(flop_per_token(model_config("starcoderbase-1b"), 2048) / 1e9, 2)
     5.08
+    >>> round(flop_per_token(model_config("starcoderbase-1b"), 2048, context=416.5) / 1e9, 2)  # c-docs's rows
+    4.73
     """
     d, layers, vocab = config.n_embd, config.n_layer, config.vocab_size
     kv = d // config.n_head * (1 if getattr(config, "multi_query", True) else config.n_head)
     inner = config.n_inner or 4 * d
     weights = layers * (d * (d + 2 * kv) + d * d + 2 * d * inner) + d * vocab
-    attention = layers * 2 * (2 * d * length / 2)
+    attention = layers * 2 * (2 * d * (length / 2 if context is None else context))
     return 4 * weights + 3 * attention
+
+
+def attention_context(rows: list[dict]) -> float:
+    """The keys a token attends to on average in these rows, causal attention inside each document
+    (position ids restart at each): half of each document, as `length / 2` is of a row of one.
+
+    >>> attention_context([{"position_ids": torch.arange(2048)[None]}])
+    1024.0
+    >>> attention_context([{"position_ids": torch.cat([torch.arange(1024), torch.arange(1024)])[None]}])
+    512.0
+    """
+    return torch.cat([r["position_ids"].flatten() for r in rows]).double().mean().item() + 0.5
 
 
 def batches(vocab: int, batch: int, length: int, device: torch.device, docs: bool, seed: int = 1):
@@ -343,7 +361,11 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     from torch._dynamo.utils import counters
 
     skips = counters["inductor"]["cudagraph_skips"]
-    result.update(timed(step, args, device))
+    context = None
+    if variant == "c-docs":  # attention inside each document: fewer FLOPs than over whole rows
+        trained = batches(model.config.vocab_size, rows, args.length, torch.device("cpu"), docs=True)
+        context = attention_context([next(trained) for _ in range(args.warmup + args.steps + 2)])
+    result.update(timed(step, args, device, context))
     if graphs:  # graphs inductor ran without CUDA graphs (a reason is logged)
         result["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"] - skips)
     profiled = args.profile_variants is None or variant in args.profile_variants.split(",")
@@ -450,7 +472,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(step: Any, args: argparse.Namespace, device: torch.device) -> dict:
+def timed(step: Any, args: argparse.Namespace, device: torch.device, context: float | None = None) -> dict:
     """Warm-up steps (compilation happens there), then timed steps, one after the other as in
     training: median seconds per step, from one step's end to the next's.
 
@@ -498,7 +520,7 @@ def timed(step: Any, args: argparse.Namespace, device: torch.device) -> dict:
         "last_loss": losses[-1],
     }
     if args.shape == "starcoderbase-1b":
-        out["tflops"] = tokens / sec * flop_per_token(model_config(args.shape), args.length) / 1e12
+        out["tflops"] = tokens / sec * flop_per_token(model_config(args.shape), args.length, context) / 1e12
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out

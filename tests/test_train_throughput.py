@@ -74,3 +74,21 @@ def test_each_step_is_timed_once_whether_it_waits_for_its_end_or_not():
         out = train_throughput.timed(step, args, torch.device("cpu"))
         assert out["step_ms_min"] > 15 and out["step_ms"] < 60, (step.__name__, out)
     assert doctest.testmod(train_throughput).failed == 0  # the 1B's FLOPs a token
+
+
+def test_rows_of_several_documents_count_attention_inside_each():
+    """c-docs's varlen kernels attend inside each document: its TFLOP/s counts that, not whole rows."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_throughput as tt
+    finally:
+        sys.path.pop(0)
+    config = tt.model_config("starcoderbase-1b")
+    one = next(tt.batches(512, 4, 2048, torch.device("cpu"), docs=False))
+    assert tt.flop_per_token(config, 2048, tt.attention_context([one])) == tt.flop_per_token(config, 2048)
+    rows = tt.batches(512, 4, 2048, torch.device("cpu"), docs=True)
+    docs = tt.attention_context([next(rows) for _ in range(8)])
+    assert 300 < docs < 600  # log-normal documents, median ~400 tokens: far less than half a row
+    assert tt.flop_per_token(config, 2048, docs) < 0.95 * tt.flop_per_token(config, 2048)
