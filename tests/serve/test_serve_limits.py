@@ -168,3 +168,16 @@ def test_limits_past_a_models_learned_positions_are_lowered_to_fit(tmp_path, tin
         assert r.status_code == 200 and r.json()["tokens_evaluated"] <= 192, r.text
     finally:
         app.state.service.engine.stop()
+
+
+def test_a_run_folder_named_base_is_refused(tmp_path, tiny_run):
+    """A run's base model is served as `base`: a run folder of that name would be that name too,
+    and its requests (the default model's) were answered by the base, its adapter unused."""
+    import shutil
+
+    from fimtune.errors import FimtuneError
+
+    run = tmp_path / "base"
+    shutil.copytree(tiny_run, run)
+    with pytest.raises(FimtuneError, match="'base', is the served name of its base model"):
+        make_app(run)

@@ -684,6 +684,11 @@ def load_engine(
     loaded = load_for_inference(target, device=device, dtype=dtype)
     models: dict[str, str | None] = {loaded.name: "default" if loaded.run_dir else None}
     if loaded.run_dir:
+        if loaded.name == BASE_MODEL:  # its adapter would be served as the base model, unadapted
+            raise FimtuneError(
+                f"run folder '{target}': its name, {BASE_MODEL!r}, is the served name of its base model; "
+                "serve it from a folder of another name"
+            )
         models[BASE_MODEL] = None
     for name in adapters:
         if name in models:
