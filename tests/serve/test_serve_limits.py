@@ -181,3 +181,44 @@ def test_a_run_folder_named_base_is_refused(tmp_path, tiny_run):
     shutil.copytree(tiny_run, run)
     with pytest.raises(FimtuneError, match="'base', is the served name of its base model"):
         make_app(run)
+
+
+def test_adapters_of_another_base_or_vocabulary_are_refused(tmp_path, tiny_run, tiny_tokenizer):
+    """An extra adapter loads wherever its weights' shapes fit: one trained on another base (a run
+    says which), with another vocabulary (other token ids), or with layers this model lacks was
+    served as if it were this model's."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from serve_helpers import save_adapter
+    from tests import tiny
+
+    from fimtune.errors import FimtuneError
+
+    other_base = tiny.save_model_folder(tiny.llama(len(tiny_tokenizer), seed=7), tiny_tokenizer, tmp_path / "b2")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tiny_run, elsewhere)
+    config = elsewhere / "config.yaml"
+    config.write_text(config.read_text().replace(str(tiny_run.parent / "base"), str(other_base)))
+    with pytest.raises(FimtuneError, match=f"trained on {other_base}, but the served base is"):
+        make_app(tiny_run, [f"x={elsewhere}"])
+
+    vocab = tmp_path / "vocab"
+    shutil.copytree(tiny_run, vocab)
+    tiny_tokenizer.add_tokens(["<extra>"])
+    tiny_tokenizer.save_pretrained(vocab / "tokenizer")
+    with pytest.raises(FimtuneError, match="another vocabulary"):
+        make_app(tiny_run, [f"x={vocab}"])
+
+    deeper = tiny.llama(len(tiny_tokenizer) - 1)
+    deeper.config.num_hidden_layers = 3
+    deeper = type(deeper)(deeper.config)
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(deeper, cfg).save_pretrained(tmp_path / "deeper")
+    for target in (tiny_run, tiny_run.parent / "base"):  # onto a run's PEFT model, or a plain one
+        with pytest.raises(FimtuneError, match="does not fit this model"):
+            make_app(target, [f"x={tmp_path / 'deeper'}"])
+
+    fine = save_adapter(tiny_run.parent / "base", tmp_path / "fine", seed=3)
+    app = make_app(tiny_run.parent / "base", [f"x={fine}", f"y={tiny_run}"])
+    assert list(app.state.service.engine.models) == [str(tiny_run.parent / "base"), "x", "y"]

@@ -634,18 +634,55 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
     return adapters
 
 
+def check_adapter_run(name: str, folder: Path, base_name: str, tokenizer: Any) -> None:
+    """Refuse the adapter of a run (``folder``: a run's `adapter/`) that trained on another base model
+    than ``base_name`` (the served run's base, or the served base model), or with another vocabulary
+    than ``tokenizer``'s (other token ids, FIM tokens added elsewhere): its weights load all the same
+    where their shapes fit, and its requests are answered by a model it was never trained on."""
+    from transformers import AutoTokenizer
+
+    from fimtune.model import is_run_dir
+
+    run = folder.parent
+    if folder.name != "adapter" or not is_run_dir(run):
+        return  # a bare adapter folder: nothing tells its base or tokenizer
+    trained_on = _base_name(run)
+    if _model_path(trained_on) != _model_path(base_name):
+        raise FimtuneError(f"--adapter {name}: run {run} trained on {trained_on}, but the served base is {base_name}")
+    if (run / "tokenizer").is_dir() and AutoTokenizer.from_pretrained(run / "tokenizer").get_vocab() != (
+        tokenizer.get_vocab()
+    ):
+        raise FimtuneError(
+            f"--adapter {name}: run {run} has another vocabulary than the served model's (its tokenizer differs)"
+        )
+
+
+def _model_path(name_or_path: str) -> str:
+    """A local model folder's absolute path (as a run's config holds it); a Hub id or `embedded` as it is."""
+    found = Path(name_or_path).expanduser()
+    return str(found.resolve()) if found.exists() else name_or_path
+
+
 def attach_adapters(model: Any, adapters: dict[str, Path]) -> Any:
-    """Load each adapter into one PEFT model (wrapping a plain model with the first)."""
+    """Load each adapter into one PEFT model (wrapping a plain model with the first); an adapter
+    with weights for modules this model lacks, or without weights for some it adapts, is refused."""
     from peft import PeftModel
 
     for name, folder in adapters.items():
         try:
             if isinstance(model, PeftModel):
-                model.load_adapter(str(folder), adapter_name=name)
+                result = model.load_adapter(str(folder), adapter_name=name)
             else:
                 model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+                result = model.load_adapter(str(folder), adapter_name=name)  # again, for the keys that did not fit
         except (RuntimeError, ValueError, KeyError) as e:
             raise FimtuneError(f"--adapter {name}: cannot load {folder} onto this model ({e})") from None
+        # PEFT's missing keys are those naming the adapter anywhere: "y" is in "layers", for one
+        if unfit := [*result.unexpected_keys, *(k for k in result.missing_keys if f".{name}." in k)]:
+            raise FimtuneError(
+                f"--adapter {name}: {folder} does not fit this model (another base?): "
+                f"{len(unfit)} weights without a place or a value, e.g. {unfit[0]}"
+            )
     return model.eval()
 
 
@@ -694,6 +731,9 @@ def load_engine(
         if name in models:
             raise FimtuneError(f"--adapter {name}: the name is taken by the served model; pick another")
         models[name] = name
+    base_name = _base_name(loaded.run_dir) if loaded.run_dir else loaded.name
+    for name, folder in adapters.items():
+        check_adapter_run(name, folder, base_name, loaded.tokenizer)
     model = attach_adapters(loaded.model, adapters)
     fit_limits_to_positions(limits, model)
     if quantize == "int8":
@@ -717,7 +757,6 @@ def load_engine(
         )
     # The handlers encode on the event loop while the worker decodes: each gets its own tokenizer.
     decoder = Decoder(model, FimPrompter(copy.deepcopy(loaded.tokenizer)), limits.cache_slots, static=static)
-    base_name = _base_name(loaded.run_dir) if loaded.run_dir else loaded.name
     engine = Engine(decoder, models, loaded.name, limits, base_name)
     return engine, FimPrompter(loaded.tokenizer), prompt_mode(mode, loaded.run_dir)
 
