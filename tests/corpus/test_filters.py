@@ -171,6 +171,14 @@ def test_mean_line_length_and_its_limit():
     assert quality_reason(text, **{**LIMITS, "max_mean_line_length": 0}) is None
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_mean_line_length_does_not_depend_on_line_endings(newline):
+    text = newline.join(["x = compute(alpha, beta) + " + "y" * 73] * 10) + newline  # 100 characters a line
+    assert line_length_reason(text, 1000, 100) is None
+    assert line_length_reason(text, 0, 100) is None
+    assert line_length_reason(text, 1000, 99.5) == "long_mean_line"
+
+
 def test_alnum_fraction_and_its_limit():
     text = "x = 1\n" + "#" * 100 + "\n" + "=" * 100 + "\n"
     assert alnum_fraction(text) < 0.25

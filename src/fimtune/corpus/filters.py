@@ -246,12 +246,16 @@ def line_length_reason(text: str, max_line_length: int, max_mean_line_length: fl
     >>> line_length_reason("a" * 50 + "\\n", 40, 100), line_length_reason("ab\\ncd\\n", 40, 1.5)
     ('long_line', 'long_mean_line')
     """
+    lines = None
     # Only a text longer than the limit can hold a line longer than it: skip splitting the rest.
-    if max_line_length and len(text) > max_line_length and max(map(len, text.splitlines())) > max_line_length:
-        return "long_line"
+    if max_line_length and len(text) > max_line_length:
+        lines = text.splitlines()
+        if max(map(len, lines)) > max_line_length:
+            return "long_line"
     if max_mean_line_length:
-        n_lines = text.count("\n") + (0 if text.endswith("\n") else 1)
-        if (len(text) - text.count("\n")) / n_lines > max_mean_line_length:
+        # the same lines (`\r\n` and `\r` end one too, and are no part of it), as StarCoder counts them
+        lines = text.splitlines() if lines is None else lines
+        if lines and sum(map(len, lines)) / len(lines) > max_mean_line_length:
             return "long_mean_line"
     return None
 
