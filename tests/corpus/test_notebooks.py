@@ -46,6 +46,12 @@ def test_kernel_language_and_its_comment_marker():
     assert language == "scala" and content == "// Notes\n\nval x = 1\n"
 
 
+def test_cpp_kernel_names_its_standard():
+    # xeus-cling's kernelspec says "C++17" (its language_info says "c++")
+    content, language = notebook_to_code(notebook([("markdown", "Notes"), ("code", "int x = 1;")], "C++17"), True)
+    assert language == "cpp" and content == "// Notes\n\nint x = 1;\n"
+
+
 def test_source_as_plain_string():
     nb = json.dumps({"cells": [{"cell_type": "code", "source": "x = 1"}]})
     assert notebook_to_code(nb) == ("x = 1\n", "python")

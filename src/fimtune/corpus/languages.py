@@ -157,6 +157,12 @@ DEFAULT_LINE_COMMENT = "#"
 # above, which the file suffixes give
 LANGUAGE_ALIASES = {
     "c++": "cpp",
+    # xeus-cling notebooks' kernelspec language names the standard
+    "c++11": "cpp",
+    "c++14": "cpp",
+    "c++17": "cpp",
+    "c++20": "cpp",
+    "c++23": "cpp",
     "c#": "csharp",
     "f#": "fsharp",
     "objective-c++": "objective-c",
@@ -173,8 +179,8 @@ LANGUAGE_ALIASES = {
 def canonical_language(name: str) -> str:
     """``name`` (a dataset's language column) as the suffixes name it.
 
-    >>> canonical_language("C++"), canonical_language("C#"), canonical_language("Python")
-    ('cpp', 'csharp', 'python')
+    >>> canonical_language("C++"), canonical_language("C++17"), canonical_language("C#"), canonical_language("Python")
+    ('cpp', 'cpp', 'csharp', 'python')
     """
     lowered = name.strip().lower()
     return LANGUAGE_ALIASES.get(lowered, lowered)
