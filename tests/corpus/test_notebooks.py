@@ -52,6 +52,14 @@ def test_cpp_kernel_names_its_standard():
     assert language == "cpp" and content == "// Notes\n\nint x = 1;\n"
 
 
+@pytest.mark.parametrize(
+    "kernel,marker", [("swift", "//"), ("groovy", "//"), ("php", "//"), ("octave", "%"), ("matlab", "%")]
+)
+def test_markdown_comment_marker_of_other_kernels(kernel, marker):
+    content, language = notebook_to_code(notebook([("markdown", "Notes"), ("code", "x = 1")], kernel), True)
+    assert language == kernel and content == f"{marker} Notes\n\nx = 1\n"
+
+
 def test_source_as_plain_string():
     nb = json.dumps({"cells": [{"cell_type": "code", "source": "x = 1"}]})
     assert notebook_to_code(nb) == ("x = 1\n", "python")

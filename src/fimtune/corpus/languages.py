@@ -146,9 +146,22 @@ LINE_COMMENTS: dict[str, str] = {
     "go": "//",
     "java": "//",
     "kotlin": "//",
+    "swift": "//",
+    "dart": "//",
+    "groovy": "//",
+    "php": "//",
+    "objective-c": "//",
+    "objective-cpp": "//",
+    "cuda": "//",
+    "zig": "//",
     "sql": "--",
     "haskell": "--",
     "lua": "--",
+    "clojure": ";",
+    "erlang": "%",
+    "tex": "%",
+    "matlab": "%",
+    "octave": "%",
 }
 DEFAULT_LINE_COMMENT = "#"
 
