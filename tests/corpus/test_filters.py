@@ -203,6 +203,7 @@ def test_languages():
     assert language_of("a/b.py") == "python"
     assert language_of("nb.ipynb") == "python"
     assert language_of("Dockerfile") == "dockerfile"
+    assert language_of("src/makefile") == language_of("GNUmakefile") == "makefile"
     assert language_of("LICENSE") is None
     assert language_of(".bashrc") is None
     assert line_comment("rust") == "//"

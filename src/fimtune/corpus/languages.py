@@ -116,6 +116,7 @@ EXTENSION_LANGUAGES: dict[str, str] = {
 
 FILENAME_LANGUAGES: dict[str, str] = {
     "Makefile": "makefile",
+    "makefile": "makefile",  # GNU make reads GNUmakefile, makefile and Makefile
     "GNUmakefile": "makefile",
     "Dockerfile": "dockerfile",
     "CMakeLists.txt": "cmake",
