@@ -511,4 +511,4 @@ def load_run(
         # of the known rows, not at random values that change from one load to the next.
         base.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
-    return Loaded(model.eval(), tokenizer, run_dir.name, run_dir)
+    return Loaded(model.eval(), tokenizer, run_dir.resolve().name, run_dir)  # `.`: the folder's own name

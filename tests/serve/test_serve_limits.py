@@ -222,3 +222,16 @@ def test_adapters_of_another_base_or_vocabulary_are_refused(tmp_path, tiny_run, 
     fine = save_adapter(tiny_run.parent / "base", tmp_path / "fine", seed=3)
     app = make_app(tiny_run.parent / "base", [f"x={fine}", f"y={tiny_run}"])
     assert list(app.state.service.engine.models) == [str(tiny_run.parent / "base"), "x", "y"]
+
+
+def test_a_run_served_from_its_own_folder_takes_the_folders_name(tiny_run, monkeypatch):
+    """`fimtune serve .` in a run folder: the model is named after the folder (it was named '', so
+    `/v1/models` listed an empty id and a client naming the run got a 404)."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tiny_run)
+    app = make_app(Path("."))
+    try:
+        assert list(app.state.service.engine.models) == [tiny_run.name, "base"]
+    finally:
+        app.state.service.engine.stop()
