@@ -99,7 +99,7 @@ SPECIFIC = {
         {"prompt": "x", "max_tokens": 2, "seed": -(2**63) - 1},
     ],
     "/infill": [
-        {"input_prefix": "x", "n_predict": 10**12},
+        {"input_prefix": "x", "n_predict": -5},
         {"input_prefix": "x", "input_extra": "not a list"},
         {"input_prefix": 5},
         {"input_prefix": "x", "n_predict": 2, "temperature": float("nan")},

@@ -14,7 +14,6 @@ PSM = "<fim_prefix>def f(x):\n    <fim_suffix>\n<fim_middle>"
     [
         ("/generate", {"inputs": PSM, "parameters": {"max_new_tokens": 65}}, 422, "parameters.max_new_tokens"),
         ("/v1/completions", {"prompt": "x", "suffix": "", "max_tokens": 1000}, 422, "max_tokens"),
-        ("/infill", {"input_prefix": "x", "n_predict": 65}, 422, "n_predict"),
         ("/infill", {"input_prefix": "x", "n_predict": -2}, 422, "n_predict"),
         ("/v1/completions", {"prompt": "x", "logprobs": 2}, 422, "logprobs"),
         ("/v1/completions", {"prompt": "x", "best_of": 3}, 422, "best_of"),
@@ -235,3 +234,14 @@ def test_a_run_served_from_its_own_folder_takes_the_folders_name(tiny_run, monke
         assert list(app.state.service.engine.models) == [tiny_run.name, "base"]
     finally:
         app.state.service.engine.stop()
+
+
+def test_infill_lowers_n_predict_to_the_limit_as_llama_cpp_does(client):
+    """llama.cpp's server lowers an n_predict above its own to it; llama.vim and llama.vscode ask 128
+    by default, which was a 422 (and no suggestion) from a server of a lower limit."""
+    body = {"input_prefix": "x = ", "n_predict": 10**12, "temperature": 0}
+    r = client.post("/infill", json=body)
+    assert r.status_code == 200, r.text
+    limit = TEST_LIMITS["max_new_tokens"]
+    assert r.json()["tokens_predicted"] <= limit
+    assert r.json()["stop_type"] != "limit" or r.json()["tokens_predicted"] == limit

@@ -167,7 +167,9 @@ def extra_context(req: s.InfillRequest) -> str:
 
 async def infill(svc: Service, request: Request, req: s.InfillRequest) -> Any:
     name, adapter = svc.model(req.model, "model")
-    n_predict = req.n_predict if req.n_predict > 0 else svc.limits.max_new_tokens
+    # -1: up to the limit; above it, lowered to it, as llama.cpp's server lowers a slot's n_predict
+    # (llama.vim and llama.vscode ask 128 by default: refused, a server of a lower limit showed nothing)
+    n_predict = min(req.n_predict, svc.limits.max_new_tokens) if req.n_predict > 0 else svc.limits.max_new_tokens
     seed = None if req.seed == s.LLAMACPP_RANDOM_SEED else req.seed
     params = svc.params(n_predict, "n_predict", req.temperature, req.top_p, req.top_k, req.stop, seed)
     context = extra_context(req)
