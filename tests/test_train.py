@@ -818,6 +818,19 @@ def test_a_log_line_has_the_mean_loss_of_its_steps_and_the_rate_its_last_step_us
     assert parted[6]["loss"] == pytest.approx(by3[6]["loss"], rel=1e-6)  # steps 5-6 after the resume, 4 before
 
 
+def with_cpu_scaler(make, init_scale: float):
+    """``make`` (fimtune's make_accelerator) whose accelerator has a loss scaler, as accelerate's has
+    under fp16 (a CPU has none): the gradients are unscaled before they are clipped."""
+
+    def made(cfg):
+        acc = make(cfg)
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        acc.unscale_gradients = lambda optimizer=None: [acc.scaler.unscale_(o.optimizer) for o in acc._optimizers]
+        return acc
+
+    return made
+
+
 def test_fp16_steps_the_loss_scaler_skips_are_not_a_divergence(
     tmp_path, tiny_tokenizer, repetitive_data, token_cache, monkeypatch
 ):
@@ -827,14 +840,7 @@ def test_fp16_steps_the_loss_scaler_skips_are_not_a_divergence(
     accelerator, as accelerate's is under fp16, and the first two steps' gradients overflow.)"""
     from fimtune import train as train_module
 
-    make, setup = train_module.make_accelerator, train_module.setup
-
-    def with_scaler(cfg):
-        acc = make(cfg)
-        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-        # as accelerate does under fp16: the gradients are unscaled before they are clipped
-        acc.unscale_gradients = lambda optimizer=None: [acc.scaler.unscale_(o.optimizer) for o in acc._optimizers]
-        return acc
+    setup = train_module.setup
 
     def overflowing(cfg, acc):
         s = setup(cfg, acc)
@@ -843,7 +849,7 @@ def test_fp16_steps_the_loss_scaler_skips_are_not_a_divergence(
         first.register_hook(lambda g: g * float("inf") if len(backwards.append(1) or backwards) <= 2 else g)
         return s
 
-    monkeypatch.setattr(train_module, "make_accelerator", with_scaler)
+    monkeypatch.setattr(train_module, "make_accelerator", with_cpu_scaler(train_module.make_accelerator, 2.0**16))
     monkeypatch.setattr(train_module, "setup", overflowing)
     base = model_dir(tmp_path, tiny_tokenizer, "llama")
     extra = ("train.max_steps=6", "train.eval_every=0", "train.log_every=1", "train.warmup_steps=2")
@@ -860,13 +866,7 @@ def test_fp16_loss_scale_is_resumed(tmp_path, tiny_tokenizer, repetitive_data, t
     to fp16's range, on a CPU scaler starting high, overflow in the first steps.)"""
     from fimtune import train as train_module
 
-    make, setup = train_module.make_accelerator, train_module.setup
-
-    def with_scaler(cfg):
-        acc = make(cfg)
-        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
-        acc.unscale_gradients = lambda optimizer=None: [acc.scaler.unscale_(o.optimizer) for o in acc._optimizers]
-        return acc
+    setup = train_module.setup
 
     def fp16_gradients(cfg, acc):
         s = setup(cfg, acc)
@@ -875,7 +875,7 @@ def test_fp16_loss_scale_is_resumed(tmp_path, tiny_tokenizer, repetitive_data, t
                 p.register_hook(lambda g: g.half().to(g.dtype))
         return s
 
-    monkeypatch.setattr(train_module, "make_accelerator", with_scaler)
+    monkeypatch.setattr(train_module, "make_accelerator", with_cpu_scaler(train_module.make_accelerator, 2.0**24))
     monkeypatch.setattr(train_module, "setup", fp16_gradients)
     base = model_dir(tmp_path, tiny_tokenizer, "llama")
     extra = ("train.max_steps=8", "train.eval_every=0", "train.log_every=1", "train.save_every=0")
