@@ -21,6 +21,13 @@ PSM = "<fim_prefix>def f(x):\n    <fim_suffix>\n<fim_middle>"
         ("/v1/completions", {"prompt": "x", "logit_bias": {"50256": -100}}, 422, "logit_bias"),
         ("/generate", {"inputs": PSM, "parameters": {"repetition_penalty": 1.2}}, 422, "parameters.repetition_penalty"),
         ("/generate", {"inputs": PSM, "parameters": {"top_n_tokens": 5}}, 422, "parameters.top_n_tokens"),
+        ("/generate", {"inputs": PSM, "parameters": {"best_of": 2, "do_sample": True}}, 422, "parameters.best_of"),
+        (
+            "/generate",
+            {"inputs": PSM, "parameters": {"grammar": {"type": "regex", "value": "a+"}}},
+            422,
+            "parameters.grammar",
+        ),
         (
             "/generate",
             {"inputs": PSM, "parameters": {"decoder_input_details": True}},

@@ -52,8 +52,10 @@ TGI_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (None, 0.0),
     "typical_p": (None, 1.0),
     "top_n_tokens": (None, 0),
+    "best_of": (None, 1),  # GET /info says max_best_of 1, as TGI does where it has no more
     "decoder_input_details": (False,),
     "watermark": (False,),
+    "grammar": (None,),
 }
 OPENAI_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "logprobs": (None,),
@@ -81,8 +83,10 @@ class TgiParameters(_Body):
     frequency_penalty: float | None = None
     typical_p: float | None = None
     top_n_tokens: int | None = None
+    best_of: int | None = None
     decoder_input_details: bool = False
     watermark: bool = False
+    grammar: dict[str, Any] | None = None
 
     @field_validator(*TGI_UNSUPPORTED)
     @classmethod
