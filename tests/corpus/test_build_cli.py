@@ -222,6 +222,23 @@ def test_bad_config_values_are_user_errors(tmp_path, capsys):
     assert rc == 2 and "--near-dedup-threshold must be in (0, 1]" in err
     with pytest.raises(DataError, match="no sources given"):
         build([], tmp_path / "o")
+    # NaN fails no comparison: it turned the filter off
+    rc, _, err = run_main([str(tmp_path / "src"), "--out", str(tmp_path / "o"), "--min-alnum-fraction", "nan"], capsys)
+    assert rc == 2 and "--min-alnum-fraction must be >= 0" in err
+
+
+def test_a_language_no_file_name_gives_is_warned(tmp_path, caplog):
+    """`--languages pyton` matched nothing, silently (a Hub dataset's column may name others: a warning)."""
+    import logging
+
+    write(tmp_path, "src/a.py", code("a"))
+    write(tmp_path, "src/b.py", code("b"))
+    with caplog.at_level(logging.WARNING, logger="fimtune.corpus.build"):
+        build([str(tmp_path / "src")], tmp_path / "o", languages=["python", "C++", "Markdown"])
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="fimtune.corpus.build"), pytest.raises(DataError):
+        build([str(tmp_path / "src")], tmp_path / "o2", languages=["pyton"])
+    assert "--languages pyton: no file name or suffix gives this language (did you mean python?)" in caplog.text
 
 
 def test_hf_offline_mode_without_a_cached_copy(tmp_path):

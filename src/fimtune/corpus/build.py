@@ -16,8 +16,10 @@ Python API::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -32,10 +34,13 @@ from typing import Any
 from fimtune import __version__
 from fimtune.config import CorpusConfig
 from fimtune.corpus.files import Document
+from fimtune.corpus.languages import KNOWN_LANGUAGES, canonical_language
 from fimtune.corpus.sources import Source, iter_documents, resolve_sources
 from fimtune.corpus.split import check_split_args, split_files, union_groups
 from fimtune.corpus.stats import CHARS_PER_TOKEN_ESTIMATE, TOKENS_NOTE, format_stats, merged, size_table
 from fimtune.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["build_corpus", "format_stats"]
 
@@ -111,9 +116,17 @@ def check_config(cfg: CorpusConfig) -> None:
     if cfg.near_dedup_num_perm < 2:
         raise ConfigError(f"--near-dedup-num-perm must be >= 2; got {cfg.near_dedup_num_perm}")
     for name in ("max_file_size", "max_line_length", "max_mean_line_length", "min_alnum_fraction"):
-        if getattr(cfg, name) < 0:
+        if not getattr(cfg, name) >= 0:  # NaN too, which no file fails: it turned the filter off
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 disables it); got {getattr(cfg, name)}")
     check_split_args(cfg.validation_fraction, cfg.validation_size)
+    for name in cfg.languages or []:
+        if (language := canonical_language(name)) not in KNOWN_LANGUAGES:  # a Hub dataset's own names may be others
+            close = difflib.get_close_matches(language, sorted(KNOWN_LANGUAGES), n=1)
+            log.warning(
+                "--languages %s: no file name or suffix gives this language%s; files are kept by theirs",
+                name,
+                f" (did you mean {close[0]}?)" if close else "",
+            )
 
 
 def check_out(out: Path, overwrite: bool) -> None:

@@ -129,6 +129,9 @@ FILENAME_LANGUAGES: dict[str, str] = {
     "WORKSPACE": "starlark",
 }
 
+# the languages file names and suffixes give (`--languages` names others only for a Hub dataset's column)
+KNOWN_LANGUAGES = frozenset(EXTENSION_LANGUAGES.values()) | frozenset(FILENAME_LANGUAGES.values())
+
 LINE_COMMENTS: dict[str, str] = {
     "python": "#",
     "r": "#",
