@@ -582,3 +582,17 @@ def test_a_tokenizer_that_pads_and_truncates_changes_no_prompt_or_cached_ids(tin
     assert [ids.tolist() for ids in encode_batch(tiny_tokenizer, [prefix, suffix])] == cached
     assert (backend.padding, backend.truncation) == settings
     assert len(expected[0]) > 64 and len(cached[1]) % 64 != 0  # what padding or cutting would have changed
+
+
+def test_int8_refuses_a_run_with_lora_on_tied_embeddings(tiny_tokenizer):
+    """Merged, LoRA on a tied head lands in the input embeddings too (`fimtune merge` refuses it):
+    int8 would serve logits far from base + adapter, or fail at the first request."""
+    from peft import LoraConfig, get_peft_model
+
+    from fimtune.errors import FimtuneError
+    from fimtune.serve.quantize import quantize_int8
+
+    model = tiny_model("gpt_bigcode", tiny_tokenizer)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "lm_head"], init_lora_weights=False))
+    with pytest.raises(FimtuneError, match="LoRA on lm_head"):
+        quantize_int8(peft_model)

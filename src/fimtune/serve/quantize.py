@@ -54,6 +54,14 @@ def quantize_int8(model: Any) -> Any:
     if not hasattr(torch, "_weight_int8pack_mm"):
         raise FimtuneError(f"--quantize int8 needs PyTorch's int8 kernel, missing from torch {torch.__version__}")
     if hasattr(model, "merge_and_unload"):
+        from fimtune.model import lora_on_tied_embeddings, tied_embedding_names, tied_lora_problem
+
+        if on_tied := lora_on_tied_embeddings(model):  # as `fimtune merge` refuses it
+            tied = tied_embedding_names(model.get_base_model())
+            raise FimtuneError(
+                f"--quantize int8 merges the adapter into the weights, but it has LoRA on {', '.join(on_tied)}: "
+                f"{tied_lora_problem(on_tied, tied)}; serve this run without --quantize"
+            )
         model = model.merge_and_unload()
     model = model.to(torch.bfloat16)
     _replace_linears(model)
