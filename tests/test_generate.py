@@ -90,6 +90,39 @@ def test_a_sentencepiece_style_suffix_and_completion_keep_their_spaces(prepend):
     assert _completion(pr, new, 3, GenerationParams()).text == "    return a"
 
 
+@pytest.mark.parametrize("prepend", ["normalizer", "metaspace"])
+def test_a_completion_that_starts_its_document_loses_the_dummy_prefix_training_gave_it(prepend):
+    """A hole with no prefix: training (char unit: the middle is the document's first part; token
+    unit: the document's own tokens) taught a SentencePiece-style model to write "▁def", the dummy
+    prefix included; decoded as a continuation, the completion began with a space the file lacks."""
+    from unittest import mock
+
+    import numpy as np
+
+    from fimtune.fim import TextCut
+    from fimtune.generate import TextTracker, _completion
+    from fimtune.packing import Documents, PackSpec, pack_epoch
+    from fimtune.tokenization import encode_flat
+    from tests.conftest import train_sentencepiece_style_tokenizer
+
+    tokenizer = train_sentencepiece_style_tokenizer(prepend)
+    pr = FimPrompter(tokenizer)
+    middle, suffix = "def add(a, b):\n", "    return a + b\n"
+    docs = Documents(np.zeros(1, np.int32), np.array([0, 1]), texts=[middle + suffix])
+    docs.encode = lambda texts, continued: encode_flat(tokenizer, texts, continued)
+    spec = PackSpec(tokens=pr.fim, separator=2, seq_length=1, fim_rate=1.0, unit="char", shuffle=False)
+    with mock.patch("fimtune.packing.cut_text", return_value=TextCut("", middle, suffix, False)):
+        trained = pack_epoch(docs, spec, 0).ids.tolist()
+    prompt = pr.build("", suffix)
+    assert trained[: len(prompt)] == prompt and pr.starts_document(prompt)
+    new = trained[len(prompt) :]  # what the model learned to write here: the middle, then the separator
+    assert _completion(pr, new, len(prompt), GenerationParams(), pr.starts_document(prompt)).text == middle
+    tracker = TextTracker(pr, GenerationParams(), pr.starts_document(prompt))
+    assert "".join(tracker.push(t) for t in new[:-1]) + tracker.flush() == middle
+    assert not pr.starts_document(pr.build("x = 1\n", suffix))  # after a prefix: a continuation, as before
+    assert not pr.starts_document(pr.build("", suffix, context="# a.py\n"))
+
+
 def test_a_completion_cut_inside_a_character_keeps_the_text_streamed_before_it():
     """A byte-fallback decoder makes a whole run of byte tokens U+FFFD when its last character is
     unfinished (generation stopped inside it), the characters before it too, a newline written as

@@ -116,22 +116,30 @@ class FimPrompter:
         """A prompt a client formatted itself: special-token strings in it are the special tokens."""
         return _released(self._formatted, [text])[0]
 
-    def decode(self, ids: list[int]) -> str:
+    def starts_document(self, prompt: list[int]) -> bool:
+        """Whether a completion of ``prompt`` starts its document: no prefix and no context, so
+        ``<fim_prefix><fim_suffix> suffix <fim_middle>`` (PSM and SPM alike). Training encodes such a
+        middle as a document's start: a SentencePiece-style tokenizer's dummy "▁" before it."""
+        return len(prompt) >= 2 and prompt[1] == self.fim.suffix and prompt[-1] == self.fim.middle
+
+    def decode(self, ids: list[int], starts: bool = False) -> str:
         """A completion's text: it goes on from the code before the hole, so its leading spaces are
-        its own (a SentencePiece-style tokenizer's decoder would drop the first one). A character
+        its own (a SentencePiece-style tokenizer's decoder would drop the first one), unless it
+        ``starts`` its document (:meth:`starts_document`): then that first space is the dummy prefix
+        training put before it, and is dropped. A character
         still unfinished at the end shows as U+FFFD, and only it: a byte-fallback decoder makes a
         whole run of byte tokens U+FFFD when its last character is unfinished, so the tokens of
         that character (a UTF-8 character's first 3 bytes at most) are decoded apart."""
-        text = self._decode(ids)
+        text = self._decode(ids, starts)
         if text.endswith(REPLACEMENT_CHAR):
             for k in range(1, min(4, len(ids))):
-                head = self._decode(ids[:-k])
+                head = self._decode(ids[:-k], starts)
                 if not head.endswith(REPLACEMENT_CHAR):
                     return head + self._decode(ids[-k:])
         return text
 
-    def _decode(self, ids: list[int]) -> str:
-        backend = self._continued if self._continued is not self._plain else self.tokenizer
+    def _decode(self, ids: list[int], starts: bool = False) -> str:
+        backend = self._continued if self._continued is not self._plain and not starts else self.tokenizer
         return backend.decode(ids, skip_special_tokens=False)
 
     def build(
@@ -271,9 +279,10 @@ def holdback(text: str, stops: list[str]) -> int:
 class TextTracker:
     """Decodes one row's new tokens as they come: the text so far, and whether a stop string ended it."""
 
-    def __init__(self, prompter: FimPrompter, params: GenerationParams) -> None:
+    def __init__(self, prompter: FimPrompter, params: GenerationParams, starts: bool = False) -> None:
         self.prompter = prompter
         self.params = params
+        self.starts = starts  # the completion starts its document (FimPrompter.starts_document)
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0  # characters handed out by `push` and `flush`
@@ -282,7 +291,7 @@ class TextTracker:
     def push(self, token: int) -> str:
         """Add a generated (non-end) token; return the new text that is safe to show."""
         self.ids.append(token)
-        self.text, self.stopped = postprocess(self.prompter.decode(self.ids), self.params)
+        self.text, self.stopped = postprocess(self.prompter.decode(self.ids, self.starts), self.params)
         # single-line: a trailing CR may be a CRLF line end's start
         stops = [*self.params.stop, *(["\r\n"] if self.params.single_line else [])]
         end = len(self.text) if self.stopped else len(self.text) - holdback(self.text, stops)
@@ -381,14 +390,19 @@ def complete_batch(
         eos_token_id=prompter.end_ids,
         pad_token_id=pad,
     )
-    return [_completion(prompter, row[width:].tolist(), len(p), params) for row, p in zip(out, prompts, strict=True)]
+    return [
+        _completion(prompter, row[width:].tolist(), len(p), params, prompter.starts_document(p))
+        for row, p in zip(out, prompts, strict=True)
+    ]
 
 
-def _completion(prompter: FimPrompter, new: list[int], n_prompt: int, params: GenerationParams) -> Completion:
+def _completion(
+    prompter: FimPrompter, new: list[int], n_prompt: int, params: GenerationParams, starts: bool = False
+) -> Completion:
     ends = set(prompter.end_ids)
     end = next((i for i, t in enumerate(new) if t in ends), None)
     body = new if end is None else new[:end]
-    text, stopped = postprocess(prompter.decode(body), params)
+    text, stopped = postprocess(prompter.decode(body, starts), params)
     reason = "stop" if end is not None or stopped else "length"
     return Completion(text, n_prompt, len(body) + (end is not None), reason, stop_string=stopped)
 

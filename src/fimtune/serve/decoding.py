@@ -92,7 +92,7 @@ class _RowState:
     def __init__(self, row: Row, prompter: FimPrompter, cached: int = 0) -> None:
         self.row = row
         self.ends = set(prompter.end_ids)
-        self.tracker = TextTracker(prompter, row.params)
+        self.tracker = TextTracker(prompter, row.params, prompter.starts_document(row.prompt))
         self.cached = cached
         self.n_new = 0
         self.reason = "length"
