@@ -666,15 +666,15 @@ def _model_path(name_or_path: str) -> str:
 def attach_adapters(model: Any, adapters: dict[str, Path]) -> Any:
     """Load each adapter into one PEFT model (wrapping a plain model with the first); an adapter
     with weights for modules this model lacks, or without weights for some it adapts, is refused."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel, get_peft_model
 
     for name, folder in adapters.items():
         try:
-            if isinstance(model, PeftModel):
-                result = model.load_adapter(str(folder), adapter_name=name)
-            else:
-                model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
-                result = model.load_adapter(str(folder), adapter_name=name)  # again, for the keys that did not fit
+            if not isinstance(model, PeftModel):  # wrapped as PeftModel.from_pretrained does, which keeps
+                config = PeftConfig.from_pretrained(str(folder))  # the load's result (the keys that did not fit)
+                config.inference_mode = True
+                model = get_peft_model(model, config, adapter_name=name)
+            result = model.load_adapter(str(folder), adapter_name=name)
         except (RuntimeError, ValueError, KeyError) as e:
             raise FimtuneError(f"--adapter {name}: cannot load {folder} onto this model ({e})") from None
         # PEFT's missing keys are those naming the adapter anywhere: "y" is in "layers", for one
