@@ -46,6 +46,21 @@ def lora_with_b(vocab: int):
     return model
 
 
+def test_attention_without_cudnn_leaves_the_flag_as_it_found_it():
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with pytest.raises(ValueError), fast.without_cudnn_attention():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        raise ValueError
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)  # switched off by the user: it stays off
+    try:
+        with fast.without_cudnn_attention():
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 def test_cu_seq_lens_mark_every_document_and_row():
     pos = torch.tensor([[0, 1, 2, 0, 1], [3, 4, 0, 1, 2]])
     assert fast.cu_seq_lens(pos, 2, 5, torch.device("cpu")).tolist() == [0, 3, 5, 7, 10]

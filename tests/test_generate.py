@@ -157,6 +157,16 @@ def test_an_empty_stop_string_stops_nothing(tiny_tokenizer):
     assert plain[0].completion_tokens > 1
 
 
+def test_batched_completion_leaves_cudnn_attention_out(tiny_tokenizer):
+    """Each batch's width and each step's keys are new shapes, and cuDNN's attention builds a plan
+    for each (on Hopper, where PyTorch prefers it): `generate` runs without it, and the flag is back after."""
+    model, pr = tiny.gpt_bigcode(len(tiny_tokenizer)), FimPrompter(tiny_tokenizer)
+    cudnn = []
+    model.register_forward_pre_hook(lambda *_: cudnn.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    done = complete_batch(model, pr, holes(2), GenerationParams(max_new_tokens=4))
+    assert len(done) == 2 and len(cudnn) > 2 and not any(cudnn) and torch.backends.cuda.cudnn_sdp_enabled()
+
+
 @pytest.mark.parametrize("prepend", ["normalizer", "metaspace"])
 def test_a_prefix_after_context_goes_on_from_it(prepend):
     """Other files' text (llama.cpp's `input_extra`) goes before the prefix: the prefix then goes on

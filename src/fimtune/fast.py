@@ -1298,6 +1298,28 @@ def speed_up(
     return done
 
 
+@contextlib.contextmanager
+def without_cudnn_attention() -> Iterator[None]:
+    """SDPA without cuDNN's attention inside the block (flash, memory-efficient or math instead),
+    as the process had it after.
+
+    For attention calls whose shapes keep changing: eager prefills of batches (rows x width) and
+    `generate`'s padded batches. PyTorch 2.11 sends SDPA to cuDNN first on Hopper and later GPUs,
+    masked calls included, and cuDNN builds an execution plan for each new shape: in run 11 (H200) a
+    batch's eager prefill of a shape not seen before held the host 75-81 ms against 14-21 ms for a
+    shape seen before (RESULTS.md). Shapes fixed at start-up (captured prefills and steps) keep it.
+    The switch is process-wide (PyTorch's flag): the block should be the only attention running.
+    """
+    if not torch.backends.cuda.cudnn_sdp_enabled():
+        yield
+        return
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 def copy_to_device(values: list, device: torch.device) -> torch.Tensor:
     """``values`` (ints, or lists of them) as a long tensor on ``device``, queued without waiting.
 

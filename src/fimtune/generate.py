@@ -369,6 +369,8 @@ def complete_batch(
     """
     from transformers import StoppingCriteriaList
 
+    from fimtune.fast import without_cudnn_attention
+
     prompts = [prompter.build(p, s, params.mode, params.max_input_tokens, trim_step=params.trim_step) for p, s in holes]
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
@@ -378,18 +380,19 @@ def complete_batch(
     sample = params.temperature > 0
     stops = [*(stop for stop in params.stop if stop), *(["\n"] if params.single_line else [])]  # "" stops nothing
     criteria = [TextStop(prompter.tokenizer, width, stops, done)] if stops or done is not None else []
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        stopping_criteria=StoppingCriteriaList(criteria),
-        max_new_tokens=params.max_new_tokens,
-        do_sample=sample,
-        temperature=params.temperature if sample else None,
-        top_p=params.top_p if sample else None,
-        top_k=params.top_k if sample else None,
-        eos_token_id=prompter.end_ids,
-        pad_token_id=pad,
-    )
+    with without_cudnn_attention():  # each batch's width, and each step's keys, a new shape
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            stopping_criteria=StoppingCriteriaList(criteria),
+            max_new_tokens=params.max_new_tokens,
+            do_sample=sample,
+            temperature=params.temperature if sample else None,
+            top_p=params.top_p if sample else None,
+            top_k=params.top_k if sample else None,
+            eos_token_id=prompter.end_ids,
+            pad_token_id=pad,
+        )
     return [
         _completion(prompter, row[width:].tolist(), len(p), params, prompter.starts_document(p))
         for row, p in zip(out, prompts, strict=True)

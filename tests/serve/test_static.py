@@ -174,13 +174,22 @@ def test_single_prompts_prefilled_padded_to_a_length_bucket_give_generate_tokens
 
 def test_eager_prefills_are_counted_by_whether_their_shape_was_seen_before(tiny_tokenizer):
     """Batches of prompts prefill eagerly; each call counts as a new shape (rows, width) or one seen
-    before, with the host's seconds in it: kernels that plan per shape pay on a shape's first call."""
-    static = StaticDecoding(tiny_model("gpt_bigcode", tiny_tokenizer), MAX_LENGTH, 4, backend=None)
+    before, with the host's seconds in it: kernels that plan per shape pay on a shape's first call,
+    so cuDNN's attention, which does, is left out of them (and back after each); so is it from the
+    eager decoder's forwards, whose keys grow a step at a time."""
+    model, pr = tiny_model("gpt_bigcode", tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    static = StaticDecoding(model, MAX_LENGTH, 4, backend=None)
+    cudnn = []
+    model.register_forward_pre_hook(lambda *_: cudnn.append(torch.backends.cuda.cudnn_sdp_enabled()))
     for prompts in ([[5, 6, 7], [8, 9]], [[1, 2], [3, 4, 5]], [[1, 2, 3, 4], [5]], [[7]], [[9, 9, 9], [1]]):
         static.run_prefill(prompts)
     assert static.eager_shapes == {(2, 3), (2, 4), (1, 1)}
     assert static.eager_prefills == [2, 3]  # (2, 3) twice more after its first call
     assert all(s > 0 for s in static.eager_prefill_s)
+    assert cudnn == [False] * 5 and torch.backends.cuda.cudnn_sdp_enabled()
+    cudnn.clear()
+    Decoder(model, pr).run(rows_for(pr, GenerationParams(max_new_tokens=3), 2))
+    assert len(cudnn) >= 3 and not any(cudnn) and torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def test_joins_never_take_a_session_past_learned_positions(tiny_tokenizer):

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fimtune.fast import copy_to_device, copy_to_host
+from fimtune.fast import copy_to_device, copy_to_host, without_cudnn_attention
 from fimtune.generate import Completion, FimPrompter, GenerationParams, TextTracker, pick_tokens
 from fimtune.serve.kvcache import DEFAULT_CACHE_SLOTS, CacheSlot, Drafter, PromptCache, crop_cache, new_cache
 from fimtune.serve.static import OVERLAP_MAX_STEPS, forward_keywords
@@ -218,7 +218,8 @@ class Decoder:
             kwargs["attention_mask"] = mask
         if self.keep_logits:
             kwargs["logits_to_keep"] = keep
-        out = self.model(input_ids=torch.tensor(ids, device=self.device), **kwargs)
+        with without_cudnn_attention():  # each step's keys a new shape
+            out = self.model(input_ids=torch.tensor(ids, device=self.device), **kwargs)
         return out.logits[:, -keep:, :]
 
     def _run_one(self, row: Row, adapter: str | None, generator: torch.Generator | None) -> Completion:

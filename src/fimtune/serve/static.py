@@ -110,6 +110,7 @@ from fimtune.fast import (
     product_decompositions,
     raise_recompile_limit,
     register_attention,
+    without_cudnn_attention,
 )
 from fimtune.model import position_limit
 
@@ -760,7 +761,8 @@ class StaticDecoding:
                 return self._prefill_single(prompts[0], length)
         began = time.perf_counter()
         ids, positions, mask = prefill_inputs(prompts, self.device)
-        logits, states = self._prefill(ids, positions, mask)
+        with without_cudnn_attention():  # its plan per new shape costs more than its kernel saves
+            logits, states = self._prefill(ids, positions, mask)
         shape = (ids.shape[0], ids.shape[1])
         new = shape not in self.eager_shapes
         self.eager_shapes.add(shape)
