@@ -230,7 +230,9 @@ class TrainConfig:
     capability 8.9 or more (Ada, Hopper, Blackwell), or the CPU (slow: for checks); one process or
     DDP, not FSDP or DeepSpeed. Pair it with `cuda_graphs`: on an H200 the 1B shape then trained
     at ~99,000 tokens/s against ~82,000 in bf16 (16.9 GiB at the peak); alone it ran 12% slower,
-    its operators adding host time, which set the pace (benchmarks/RESULTS.md, runs 8 and 10)."""
+    its operators adding host time, which set the pace (benchmarks/RESULTS.md, runs 8 and 10).
+    Experimental: on an H200, a tiny model's training run with both gave ~0.6x the gradient norms
+    of bf16 products, which the CPU does not reproduce (RESULTS.md, run 11)."""
     cuda_graphs: bool = False
     """With `compile` on a CUDA GPU: each compiled block's forward and backward passes replayed as
     CUDA graphs (inductor's `reduce-overhead` mode), one launch each instead of one per kernel, so
