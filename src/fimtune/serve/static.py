@@ -867,8 +867,9 @@ class StaticDecoding:
         began = time.perf_counter()
         self._prefill = torch.compile(self._forward_prefill, backend=self._backend or "inductor", dynamic=True)
         one, short = [0] * prompt_tokens, [0] * (prompt_tokens // 2)
-        for prompts in ([one], [one, one], [one, short]):
-            self._prefill(*prefill_inputs(prompts, self.device))
+        with without_cudnn_attention():  # as `run_prefill` runs it
+            for prompts in ([one], [one, one], [one, short]):
+                self._prefill(*prefill_inputs(prompts, self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.prefill_compiled = True
