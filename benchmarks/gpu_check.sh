@@ -46,9 +46,10 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 python3 -c 'import torch; from fimtune import fast; print("FlashAttention-4:", fast.fa4_unavailable(torch.device("cuda")) or "available")'
 
 # 1. The CUDA tests. `tests` (the default): first the FP8 products on their own and in the tiny
-#    model's LoRA gradients (new: in run 11 the graphs' training test with FP8 products gave ~0.6x
-#    the bf16 products' gradient norms, where the CPU gives the same norms; these place the fault),
-#    then the serving ones (all passed in run 10; run 11's part ran out of time before them), then
+#    model's LoRA gradients, then `fimtune train` with them uncompiled (new: in run 11 the graphs'
+#    training test with FP8 products gave ~0.6x the bf16 products' gradient norms, where the CPU
+#    gives the same norms; these place the fault), then the serving ones (all passed in run 10;
+#    run 11's part ran out of time before them), then
 #    the graphs' training test (run 11: failed in its FP8 arm, above); `alltests`: every one (the
 #    step never waits for the GPU, graphs replay what eager computes, FlashAttention-4 against
 #    PyTorch's kernels, ...). A failing test prints its report at once (tests/conftest.py). With
@@ -60,6 +61,7 @@ if part tests || part alltests; then
     else
         selected=(tests/test_fast.py::test_fp8_products_on_a_gpu_match_bf16_products_within_their_rounding
             tests/test_fast.py::test_fp8_products_on_a_gpu_give_the_tiny_models_lora_gradients
+            tests/test_train.py::test_fp8_base_and_checkpointing_train_on_cuda
             "tests/serve/test_static.py::test_cuda_graphs_on_a_gpu_give_generate_tokens[trees-auto]"
             tests/serve/test_static.py::test_a_gpu_batch_with_joins_never_waits_for_the_stream
             tests/serve/test_static.py::test_a_captured_product_keeps_its_cublas_workspace_when_the_cache_is_let_go_of
