@@ -88,6 +88,26 @@ def test_parquet_table_and_missing_column(tmp_path):
         docs_of(resolve_path(str(path), ExitStack()), text_column="text")
 
 
+def test_a_parquet_file_damaged_past_its_footer_names_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # strings that are not UTF-8: the footer reads fine, the rows do not
+    path = tmp_path / "latin.parquet"
+    pq.write_table(pa.table({"content": [code("a") + "# MARKER\n"]}), path, compression="none")
+    path.write_bytes(path.read_bytes().replace(b"MARKER", b"\xff\xfe\xff\xfe\xff\xfe"))
+    with pytest.raises(DataError, match="cannot read parquet file '.*latin.parquet' after row 0: .*write or download"):
+        docs_of(resolve_path(str(path), ExitStack()))
+    # a damaged compressed page
+    path = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table({"content": [code(str(i)) for i in range(2000)]}), path, compression="snappy")
+    data = bytearray(path.read_bytes())
+    data[100:4000] = bytes(b ^ 0xFF for b in data[100:4000])
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="cannot read parquet file '.*damaged.parquet' after row 0"):
+        docs_of(resolve_path(str(path), ExitStack()))
+
+
 def test_missing_path_and_unsupported_file(tmp_path):
     with pytest.raises(DataError, match="does-not-exist' does not exist"):
         resolve_path(str(tmp_path / "does-not-exist"), ExitStack())

@@ -338,6 +338,7 @@ def _file_rows(path: str, text_column: str) -> Iterator[Any]:
 
 
 def _parquet_rows(path: str, text_column: str) -> Iterator[dict[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -347,8 +348,22 @@ def _parquet_rows(path: str, text_column: str) -> Iterator[dict[str, Any]]:
     names = pf.schema_arrow.names
     _check_column(text_column, names, f"'{path}'")
     wanted = [c for c in (text_column, *PATH_COLUMNS, *REPO_COLUMNS, *LANGUAGE_COLUMNS) if c in names]
-    for batch in pf.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=list(dict.fromkeys(wanted))):
-        yield from batch.to_pylist()
+    batches = pf.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=list(dict.fromkeys(wanted)))
+    done = 0
+    while True:
+        # A damaged page (bad compression, a cut-off column chunk, strings that are not UTF-8) only
+        # shows when its batch is read, long after the footer opened fine.
+        try:
+            batch = next(batches, None)
+            rows = batch.to_pylist() if batch is not None else []
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise DataError(
+                f"cannot read parquet file '{path}' after row {done}: {e}; the file is damaged, write or download it again"
+            ) from None
+        if batch is None:
+            return
+        done += len(rows)
+        yield from rows
 
 
 def _json_rows(path: str, text_column: str) -> Iterator[Any]:
