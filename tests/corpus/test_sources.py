@@ -88,6 +88,21 @@ def test_parquet_table_and_missing_column(tmp_path):
         docs_of(resolve_path(str(path), ExitStack()), text_column="text")
 
 
+def test_a_text_column_that_is_not_text_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "bytes.parquet"
+    pq.write_table(pa.table({"content": [code("a").encode()], "stars": [3]}), path)
+    with pytest.raises(DataError, match="bytes.parquet': column 'content' holds binary, not text; set --text-column"):
+        docs_of(resolve_path(str(path), ExitStack()))
+    with pytest.raises(DataError, match="column 'stars' holds int64, not text"):
+        docs_of(resolve_path(str(path), ExitStack()), text_column="stars")
+    path = tmp_path / "categories.parquet"  # dictionary-encoded strings are text
+    pq.write_table(pa.table({"content": pa.array([code("c")]).dictionary_encode()}), path)
+    assert len(docs_of(resolve_path(str(path), ExitStack()))) == 1
+
+
 def test_a_parquet_file_damaged_past_its_footer_names_the_file(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -326,6 +326,9 @@ def _hub_rows(dataset_id: str, text_column: str) -> Iterator[dict[str, Any]]:
         hint = "; HF_HUB_OFFLINE is set, so only a cached copy can load" if _hub_offline() else ""
         raise DataError(f"--hf {dataset_id}: could not load its train split ({type(e).__name__}: {e}){hint}") from None
     _check_column(text_column, ds.column_names, f"--hf {dataset_id}")
+    feature = ds.features[text_column]
+    dtype = getattr(feature, "dtype", type(feature).__name__)
+    _check_text_type(text_column, dtype, dtype in ("string", "large_string"), f"--hf {dataset_id}")
     for batch in ds.iter(batch_size=TABLE_BATCH_ROWS):
         yield from _batch_rows(batch)
 
@@ -347,6 +350,9 @@ def _parquet_rows(path: str, text_column: str) -> Iterator[dict[str, Any]]:
         raise DataError(f"cannot read parquet file '{path}': {e}") from None
     names = pf.schema_arrow.names
     _check_column(text_column, names, f"'{path}'")
+    kind = pf.schema_arrow.field(text_column).type
+    kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+    _check_text_type(text_column, str(kind), pa.types.is_string(kind) or pa.types.is_large_string(kind), f"'{path}'")
     wanted = [c for c in (text_column, *PATH_COLUMNS, *REPO_COLUMNS, *LANGUAGE_COLUMNS) if c in names]
     batches = pf.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=list(dict.fromkeys(wanted)))
     done = 0
@@ -416,3 +422,9 @@ def _batch_rows(batch: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
 def _check_column(text_column: str, columns: list[str], where: str) -> None:
     if text_column not in columns:
         raise DataError(f"{where} has no column '{text_column}' (columns: {', '.join(columns)}); set --text-column")
+
+
+def _check_text_type(text_column: str, kind: str, is_text: bool, where: str) -> None:
+    """A text column of another type (binary, numbers) would make every row `malformed_row`."""
+    if not is_text:
+        raise DataError(f"{where}: column '{text_column}' holds {kind}, not text; set --text-column to a string column")
