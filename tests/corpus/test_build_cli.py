@@ -108,6 +108,22 @@ def test_zero_usable_files_names_the_source(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_zero_usable_rows_and_a_folder_of_table_shards_say_what_to_pass(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    rc, _, err = run_main([str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and f"source '{tmp_path / 'empty.jsonl'}' holds no rows" in err
+    write(tmp_path, "rows.jsonl", json.dumps({"content": 3}) + "\n")
+    rc, _, err = run_main([str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "has no usable rows (1 seen; skipped: 1 malformed_row)" in err
+    shards = tmp_path / "download"
+    write(shards, "data/train-00000.jsonl", json.dumps({"content": code("a")}) + "\n")
+    write(shards, "README.md", "")
+    rc, _, err = run_main([str(shards), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "its 1 .parquet/.jsonl file(s) are read as tables only when named themselves" in err
+    assert f"pass them as sources (e.g. {shards / 'data'}/*.jsonl) instead of their folder" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_symlink_loop_source(tmp_path, capsys):
     os.symlink(tmp_path / "loop", tmp_path / "loop")
     rc, _, err = run_main([str(tmp_path / "loop"), "--out", str(tmp_path / "o")], capsys)

@@ -48,6 +48,8 @@ COLUMNS = ("repo_id", "file_path", "language", "content", "size", "id")
 STATS_FILE = "stats.json"
 DATASET_MARKER = "dataset_dict.json"
 TOP_REASONS_IN_ERRORS = 4
+FOLDER_TABLE_SUFFIXES = (".parquet", ".jsonl")
+"""Table files that, inside a folder with nothing usable, mean the user meant the tables (.json is config)."""
 BUILD_STATS_KEYS = frozenset({"fimtune_version", "sources", "kept", "skipped_files", "splits", "config"})
 """Keys every build's stats.json holds: how `--overwrite` tells an earlier build from other folders."""
 
@@ -181,14 +183,34 @@ def scan(sources: list[Source], cfg: CorpusConfig, progress: bool = True) -> Cor
 
 def no_usable_files_message(source: Source) -> str:
     t = source.tally
+    if t.files_seen == 0 and source.kind in ("table", "hub"):
+        return f"source '{source.label}' holds no rows; check that it is the file you meant"
     if t.files_seen == 0:
         return f"source '{source.label}' holds no files (skipped folders: {dict(t.skipped_dirs) or 'none'})"
     ranked = sorted(t.skipped_files.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_REASONS_IN_ERRORS]
     top = ", ".join(f"{n} {reason}" for reason, n in ranked)
+    what = "rows" if source.kind in ("table", "hub") else "files"
+    tables = _table_files(source.root) if source.kind in ("folder", "git") else []
+    if tables:  # Hub downloads and dataset dumps: a folder of shards is read as code, file by file
+        folder, suffix = os.path.dirname(tables[0]), os.path.splitext(tables[0])[1]
+        return (
+            f"source '{source.label}' has no usable files ({t.files_seen} seen; skipped: {top}); its "
+            f"{len(tables)} .parquet/.jsonl file(s) are read as tables only when named themselves: "
+            f"pass them as sources (e.g. {folder}/*{suffix}) instead of their folder"
+        )
     return (
-        f"source '{source.label}' has no usable files ({t.files_seen} seen; skipped: {top}); check the path, "
+        f"source '{source.label}' has no usable {what} ({t.files_seen} seen; skipped: {top}); check the path, "
         "or loosen the filters (--max-file-size, --languages, --min-alnum-fraction, ...)"
     )
+
+
+def _table_files(root: str) -> list[str]:
+    """The .parquet/.jsonl files under ``root`` (symlinked folders not followed), in sorted order."""
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        found += sorted(os.path.join(folder, n) for n in names if n.lower().endswith(FOLDER_TABLE_SUFFIXES))
+    return found
 
 
 def exact_dedup(corpus: Corpus, drop: bool) -> None:
