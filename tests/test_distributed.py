@@ -71,11 +71,12 @@ def train(
     env = {**os.environ, "FIMTUNE_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    PRINTED[name] = res.stdout
+    PRINTED[name], WARNED[name] = res.stdout, res.stderr
     return root / name
 
 
 PRINTED: dict[str, str] = {}  # each run's standard output, by run name
+WARNED: dict[str, str] = {}  # and its standard error
 
 
 def records(run: Path, key: str) -> dict[int, float]:
@@ -97,6 +98,8 @@ def test_two_processes_match_one_with_the_same_global_batch(setup_dirs):
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     for line in ("run folder:", "validation loss"):  # and one process says it
         assert PRINTED["one"].count(line) == PRINTED["two"].count(line) == 1, PRINTED["two"]
+    # the warning of 6 steps under train.warmup_steps=30: the main process gives it, once
+    assert WARNED["one"].count("train.warmup_steps=") == WARNED["two"].count("train.warmup_steps=") == 1
 
 
 def test_two_process_checkpoint_resumes_exactly(setup_dirs):

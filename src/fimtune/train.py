@@ -435,6 +435,8 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     cfg = resolved_paths(cfg)  # config.yaml and the adapter's base name then load from any folder
     run_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
+    if not accelerator.is_main_process:  # the main process warns for all: each warning once a run, not once a process
+        logging.getLogger("fimtune").setLevel(logging.ERROR)
     from_checkpoint = prepare_run_dir(run_dir, resume)  # every process checks before any writes
     if from_checkpoint:
         check_resumed_config(cfg, run_dir)
