@@ -274,3 +274,21 @@ def test_an_interrupted_gguf_dequantization_leaves_nothing_in_the_cache(tmp_path
     monkeypatch.setattr(model_module, "load_tokenizer", lambda _: tiny_tokenizer)
     out = model_module.materialize_gguf(ModelSource(str(tmp_path), "m.gguf"))
     assert (out / "config.json").is_file() and [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_a_cache_folder_that_cannot_be_written_is_a_clear_error_naming_the_gguf(tmp_path, tiny_tokenizer, monkeypatch):
+    """A read-only or full cache ($FIMTUNE_CACHE) was a traceback from deep in save_pretrained."""
+    import transformers
+
+    from fimtune import model as model_module
+    from fimtune.hub import ModelSource
+
+    (tmp_path / "cache").write_text("a file, not a folder")
+    monkeypatch.setenv("FIMTUNE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny.gpt_bigcode(len(tiny_tokenizer))
+    )
+    monkeypatch.setattr(model_module, "load_tokenizer", lambda _: tiny_tokenizer)
+    with pytest.raises(FimtuneError, match=r"m\.gguf.*set FIMTUNE_CACHE to a writable folder"):
+        model_module.materialize_gguf(ModelSource(str(tmp_path), "m.gguf"))

@@ -119,8 +119,13 @@ def materialize_gguf(src: ModelSource) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(_label(src)).save_pretrained(tmp)
-    except BaseException:  # an interrupt or a full disk: no half-written copy left in the cache
+    except BaseException as e:  # an interrupt or a full disk: no half-written copy left in the cache
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a read-only or full cache folder
+            raise FimtuneError(
+                f"could not write the dequantized copy of GGUF file '{gguf}' to {out.parent} ({e}); "
+                f"set {CACHE_ENV} to a writable folder with room for it"
+            ) from None
         raise
     try:
         tmp.rename(out)
