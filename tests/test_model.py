@@ -195,6 +195,11 @@ def test_a_folder_of_gguf_files_or_an_adapter_given_as_the_model_says_what_to_pa
         (tmp_path / "gguf" / name).write_bytes(b"GGUF")
     with pytest.raises(FimtuneError, match=r"pass one of its GGUF files: .*m-Q4_K_M\.gguf, .*m-Q8_0\.gguf"):
         resolve_model(str(tmp_path / "gguf"))
+    (tmp_path / "gguf" / "config.json").write_text("{}")  # a GGUF release with its config beside the files
+    with pytest.raises(FimtuneError, match=r"has a config.json but no weights .*pass one of its GGUF files: "):
+        resolve_model(str(tmp_path / "gguf"))
+    (tmp_path / "gguf" / "model.safetensors").write_bytes(b"")
+    assert resolve_model(str(tmp_path / "gguf")).gguf_file is None  # weights: a transformers folder
     (tmp_path / "run" / "adapter").mkdir(parents=True)
     (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
     for folder in ("run", "run/adapter"):

@@ -76,10 +76,16 @@ def resolve_model(name_or_path: str) -> ModelSource:
             raise FimtuneError(
                 f"model folder '{path}' has no config.json (expected a transformers model folder){_instead(path)}"
             )
+        if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir()) and (hint := _instead(path)):
+            # a GGUF release with a config.json beside its files: transformers would look for weights
+            raise FimtuneError(f"model folder '{path}' has a config.json but no weights (safetensors, bin){hint}")
         return ModelSource(str(path))
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise FimtuneError(f"model '{name_or_path}' is neither a model folder, a .gguf file nor a Hub id")
     return ModelSource(name_or_path)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")  # transformers' weight files
 
 
 def _instead(folder: Path) -> str:
