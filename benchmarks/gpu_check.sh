@@ -94,10 +94,11 @@ part train && timeout $share python3 benchmarks/train_throughput.py --variants c
 #    row counts its eager prefills on shapes seen before and new ones (run 11: 75-81 ms of host time
 #    for a new shape against 14-21 ms for one seen before; cuDNN's attention, which plans per shape,
 #    is now left out of them: the new shapes' figure should fall to the others'). The engine in a process of its own has its own A/B (engine_process_ab.py) and
-#    is left out here, as the cuBLAS batch-of-one steps are (slower in runs 7 and 10). Then a
-#    profile of one prompt's prefill.
+#    is left out here, as the cuBLAS batch-of-one steps are (slower in runs 7 and 10). Then profiles
+#    of 16 decoding steps at batch 1 and 16 (new: run 11's batch-1 step took 1.46 ms, ~3x the time
+#    to read the weights once; which kernels take it was never profiled) and of one prompt's prefill.
 part latency && cd benchmarks && timeout $(($(left) - 5)) python3 latency.py --device cuda --shape starcoderbase-1b \
     --no-generate-static --graphs trees --passes 2 --no-engine-process-row --budget-s $(($(left) - 30)) \
-    --profile-prefill /tmp/gpu-profiles --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency-full.log" |
+    --profile-step /tmp/gpu-profiles --profile-prefill /tmp/gpu-profiles --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency-full.log" |
     grep -v -E '^[VIW][0-9]{4}|^ +- |^ +File' | tee "$OUT/latency.log"
 for f in /tmp/gpu-profiles/*.txt; do [ -f "$f" ] && printf '\n== %s\n' "${f##*/}" && cat "$f"; done > "$OUT/profiles.txt"
