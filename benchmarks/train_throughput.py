@@ -38,7 +38,7 @@ c-cpp-wrapper (c) with its compiled blocks run by C++ code inductor writes, not 
 c-graphs    (c) with each compiled block's forward and backward graphs replayed as CUDA graphs
              (`train.cuda_graphs`: inductor's `reduce-overhead` mode): one launch a graph, not one
              a kernel and FlashAttention-4's Python per call (the host's time a step; measured here)
-c-graphs-mem c-graphs keeping a share of the activations (as c-mem: the GPU preset's setting): the
+c-graphs-mem c-graphs keeping a share of the activations (as c-mem: the GPU preset's before run 11): the
              graphs' memory pool is its own, so the peak may differ from c-mem's
 c-graphs-fp8 c-graphs with the frozen base's products in FP8 (as c-fp8): less GPU time and more
              host work than (c) in run 8, so measured where the host's work is replayed

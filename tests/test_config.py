@@ -207,7 +207,7 @@ def test_fast_preset_is_the_recipe_on_the_fast_path():
     fast = load_run_config(Path(__file__).parents[1] / "configs" / "starcoderbase-1b.yaml")
     assert (fast.model.dtype, fast.model.attn_implementation) == ("bf16", "varlen")
     assert (fast.train.compile, fast.train.loss_chunk_tokens, fast.train.mixed_precision) == (True, 4096, "bf16")
-    assert fast.train.activation_memory == 0.85
+    assert fast.train.activation_memory == 1.0  # as the benchmark's (c): 14.98 GiB, under the 16 GiB target
     assert (fast.train.hashed_dropout, seed.train.hashed_dropout) == (True, False)
     assert fast.train.attention_kernel == "auto"
     assert fast.packing.mode == "boundary_aware"
