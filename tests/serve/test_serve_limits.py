@@ -118,6 +118,22 @@ def test_the_api_key_can_come_from_the_environment(monkeypatch):
     assert build_parser().parse_args(["serve", "embedded"]).api_key is None
 
 
+def test_a_port_in_use_is_refused_before_the_model_loads(monkeypatch):
+    """Loading a model (and compiling its CUDA graphs) takes minutes: a taken port must fail first, saying so."""
+    import socket
+
+    from fimtune.cli import build_parser
+    from fimtune.errors import FimtuneError
+    from fimtune.serve import app, engine
+
+    monkeypatch.setattr(engine, "load_engine", lambda *a, **k: pytest.fail("the model loaded"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        ns = build_parser().parse_args(["serve", "embedded", "--port", str(port)])
+        with pytest.raises(FimtuneError, match=f"127.0.0.1:{port} is in use .*--port"):
+            app.main(ns)
+
+
 def test_pickled_weights_are_refused(tmp_path, tiny_run):
     import shutil
 

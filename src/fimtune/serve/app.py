@@ -17,8 +17,10 @@ its own (:mod:`fimtune.serve.process`). Bound to 127.0.0.1 unless told otherwise
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -281,6 +283,25 @@ def limits_from_args(ns: Any) -> Limits:
     return lim
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads, so that a port in use fails at once.
+
+    It listens only once uvicorn serves it: until then a client is refused rather than kept waiting.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise FimtuneError(
+                f"{host}:{port} is in use (another server?): stop it, or pick another port with --port"
+            ) from None
+        raise FimtuneError(f"cannot bind {host}:{port} ({e.strerror or e}): check --host and --port") from None
+    return sock
+
+
 def main(ns: Any) -> int:
     """`fimtune serve TARGET`: load the model and adapters, then serve until interrupted."""
     import uvicorn
@@ -289,6 +310,7 @@ def main(ns: Any) -> int:
     from fimtune.serve.engine import load_engine
 
     limits = limits_from_args(ns)
+    sock = bind_socket(ns.host, ns.port)
     if ns.host not in LOOPBACK_HOSTS:
         log.warning(
             "binding to %s: other machines can reach this server%s", ns.host, "" if ns.api_key else "; use --api-key"
@@ -314,5 +336,6 @@ def main(ns: Any) -> int:
         f"serving {', '.join(engine.models)} ({mode.upper()} prompts{graphs}{where}) on http://{ns.host}:{ns.port}",
         flush=True,
     )
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level="info")
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=ns.host, port=ns.port, log_level="info"))
+    server.run(sockets=[sock])
+    return 0 if server.started else 3  # uvicorn's own status for a server that never started
