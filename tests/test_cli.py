@@ -62,6 +62,25 @@ def test_unknown_option_is_an_argparse_error():
     assert res.returncode == 2 and "unrecognized arguments: --no-such-flag" in res.stderr
 
 
+@pytest.mark.parametrize(
+    "args,usage,hint",
+    [
+        (["data", "build", "--pakage", "peft", "--out", "x"], "fimtune data build", "(did you mean --package?)"),
+        (
+            ["train", "--max-steps", "3"],
+            "fimtune train",
+            "(config fields are key=value overrides: train.max_steps=...)",
+        ),
+        (["eval", "run", "--hole", "3", "--x"], "fimtune eval", "unrecognized arguments: --x"),
+    ],
+)
+def test_unknown_option_shows_its_commands_usage_and_the_likely_meaning(capsys, args, usage, hint):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"usage: {usage} ") and hint in err
+
+
 def test_dry_run_and_config_refuse_what_a_run_would(capsys):
     """`--dry-run` refuses what the run itself refuses after loading its model (two data sources,
     quantization without a CUDA GPU); `fimtune config` checks the numbers' ranges as a run does."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import sys
 import typing
@@ -421,6 +422,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ``ns`` ran, so that its errors show that command's usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            name = getattr(ns, action.dest, None)
+            if name in action.choices:
+                return _command_parser(action.choices[name], ns)
+    return parser
+
+
+def _unrecognized(parser: argparse.ArgumentParser, ns: argparse.Namespace, extra: list[str]) -> typing.NoReturn:
+    """Stop on arguments no command takes, naming the flag or `key=value` override that was likely meant."""
+    command = _command_parser(parser, ns)
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    flag = next((e.split("=")[0] for e in extra if e.startswith("--")), None)
+    if flag:
+        flags = [o for a in command._actions for o in a.option_strings if o.startswith("--")]
+        keys = [key for key, *_ in describe(RunConfig)] if hasattr(ns, "overrides") else []
+        name = flag[2:].replace("-", "_")
+        fields = [k for k in keys if k.rsplit(".", 1)[-1] == name]
+        if close := difflib.get_close_matches(flag, flags, n=1):
+            message += f" (did you mean {close[0]}?)"
+        elif fields:
+            message += f" (config fields are key=value overrides: {fields[0]}=...)"
+    command.error(message)
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
     return f"warning: {message}\n"
 
@@ -440,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(ns, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             ns.overrides = [*ns.overrides, *extra]
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            _unrecognized(parser, ns, extra)
     if not getattr(ns, "func", None):  # a group without its subcommand: show its help
         helper = {"data": lambda: parser.parse_args(["data", "--help"])}.get(ns.command or "")
         if helper is None:
