@@ -57,6 +57,14 @@ def test_overrides_may_follow_options(capsys):
     assert "r: 32" in out and "max_steps: 3" in out
 
 
+def test_output_to_a_reader_that_left_ends_quietly():
+    """`fimtune config | head`: the reader closes the pipe; no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "fimtune", "config"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before it writes a byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err
+
+
 def test_unknown_option_is_an_argparse_error():
     res = run_cli("config", "--no-such-flag")
     assert res.returncode == 2 and "unrecognized arguments: --no-such-flag" in res.stderr

@@ -31,6 +31,7 @@ from fimtune.config import (
 from fimtune.errors import ConfigError, FimtuneError
 
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # as a shell reports a process ended by SIGPIPE
 
 
 # --------------------------------------------------------------------------------------
@@ -476,7 +477,13 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USER_ERROR
         helper()
     try:
-        return ns.func(ns)
+        code = ns.func(ns)
+        sys.stdout.flush()  # here, where a reader that left (`fimtune config | head`) can be told apart
+        return code
+    except BrokenPipeError:
+        # The reader of the output closed it: nothing more to say, and no traceback at exit's flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except FimtuneError as e:
         if ns.debug:
             raise
