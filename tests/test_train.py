@@ -190,6 +190,18 @@ def test_a_run_trained_with_relative_paths_loads_from_any_folder(
     assert load_run(tmp_path / "rel", torch.device("cpu")).model is not None
 
 
+def test_resume_without_a_checkpoint_says_the_run_starts_over(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache, caplog
+):
+    """`--resume` of a run stopped before its first checkpoint (or of a mistyped output_dir) trains
+    from step 0, and says so."""
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    with caplog.at_level("WARNING", logger="fimtune"):
+        run = quiet_fit(run_config(tmp_path, base, repetitive_data, "new", "train.max_steps=2"), resume=True)
+    assert f"--resume: '{run}' holds no checkpoint yet: the run starts at step 0" in caplog.text
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2]
+
+
 def test_new_run_refuses_a_non_empty_folder(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
     from fimtune.errors import FimtuneError
 

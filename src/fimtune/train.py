@@ -440,6 +440,8 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     from_checkpoint = prepare_run_dir(run_dir, resume)  # every process checks before any writes
     if from_checkpoint:
         check_resumed_config(cfg, run_dir)
+    elif resume:  # a run stopped before its first checkpoint starts over; so does a mistyped output_dir
+        log.warning("--resume: '%s' holds no checkpoint yet: the run starts at step 0", run_dir)
     accelerator.wait_for_everyone()
     created = not run_dir.exists()
     if accelerator.is_main_process:
