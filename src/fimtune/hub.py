@@ -76,7 +76,7 @@ def resolve_model(name_or_path: str) -> ModelSource:
             raise FimtuneError(
                 f"model folder '{path}' has no config.json (expected a transformers model folder){_instead(path)}"
             )
-        if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir()) and (hint := _instead(path)):
+        if not any(p.name.endswith(TRANSFORMERS_WEIGHTS) for p in path.iterdir()) and (hint := _instead(path)):
             # a GGUF release with a config.json beside its files: transformers would look for weights
             raise FimtuneError(f"model folder '{path}' has a config.json but no weights (safetensors, bin){hint}")
         return ModelSource(str(path))
@@ -85,7 +85,7 @@ def resolve_model(name_or_path: str) -> ModelSource:
     return ModelSource(name_or_path)
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")  # transformers' weight files
+TRANSFORMERS_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".index.json")  # what from_pretrained reads
 
 
 def _instead(folder: Path) -> str:
