@@ -65,6 +65,26 @@ def test_output_to_a_reader_that_left_ends_quietly():
     assert proc.wait(timeout=60) == 141 and err == "", err
 
 
+@pytest.mark.parametrize(
+    "command, shown",
+    [
+        (["eval"], ["infill holes cut in held-out files (default: 200)", "(default: 16)"]),
+        (["complete"], ["(default: 128)", "0: greedy (default: 0.0)", "prompt layout (default: psm)"]),
+        (["serve"], ["port to listen on (default: 8080)", "(default: loopback only)"]),
+        (["data", "build"], ["(default: content)", "(default: 0.85)"]),
+    ],
+)
+def test_each_commands_help_gives_the_defaults(capsys, command, shown):
+    """Options with a default say it, once; none says `None`, an empty list or argparse's own marker,
+    and a plain switch (`--single-line`) says nothing of being off."""
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # the help's lines joined, as wrapped
+    assert all(s in out for s in shown), out
+    assert not any(bad in out for bad in ("default: None", "SUPPRESS", "(default: [])", "stop at the first newline ("))
+    assert out.count("(default: loopback only)") <= 1
+
+
 def test_unknown_option_is_an_argparse_error():
     res = run_cli("config", "--no-such-flag")
     assert res.returncode == 2 and "unrecognized arguments: --no-such-flag" in res.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import os
 import sys
 import typing
@@ -46,7 +47,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         tp = typing.get_type_hints(cls)[f.name]
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        help_text = docs.get(f.name, "") + ("" if f.default is None else f" (default: {f.default})")
         if tp is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
@@ -189,6 +190,16 @@ def cmd_config(ns: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that gives each option's default, where it has one its text does not already give."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if default is None or default is False or default in ([], "", argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)" if action.option_strings else text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fimtune",
@@ -196,13 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fimtune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = functools.partial(argparse.ArgumentParser, formatter_class=_DefaultsFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=commands)
     # `--debug` is accepted after the subcommand too; SUPPRESS keeps the top-level value.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     data = sub.add_parser("data", help="build and inspect training corpora")
-    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", parser_class=commands)
 
     build = data_sub.add_parser(
         "build",
@@ -288,9 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     suf = comp.add_mutually_exclusive_group()
     suf.add_argument("--suffix", default="", help="the code after the cursor")
     suf.add_argument("--suffix-file", help="a file holding the code after the cursor")
-    comp.add_argument("--max-new-tokens", type=int, default=128)
+    comp.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     comp.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    comp.add_argument("--top-p", type=float, default=0.95)
+    comp.add_argument(
+        "--top-p", type=float, default=0.95, help="sample among the likeliest tokens of this total probability"
+    )
     comp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
     comp.add_argument("--max-input-tokens", type=int, default=2048, help="fit the prompt to this many tokens")
     comp.add_argument("--mode", choices=["psm", "spm"], default="psm", help="prompt layout")
@@ -310,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("target", help="a run folder, or a base model (`embedded`, Hub id, folder, .gguf)")
     srv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="another run's adapter")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--port", type=int, default=8080, help="port to listen on")
     srv.add_argument(
         "--api-key",
         default=os.environ.get("FIMTUNE_API_KEY"),
