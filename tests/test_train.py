@@ -202,6 +202,18 @@ def test_resume_without_a_checkpoint_says_the_run_starts_over(
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2]
 
 
+def test_a_data_path_that_is_no_dataset_is_refused_before_the_model_loads(tmp_path, tiny_tokenizer, monkeypatch):
+    """Loading a 1B model takes a minute or more: a mistyped data.path must fail first."""
+    from fimtune import model as model_module
+    from fimtune.errors import DataError
+
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    monkeypatch.setattr(model_module, "load_base_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(DataError, match="'.*no-such-data' is not a dataset folder: build one with `fimtune data build"):
+        quiet_fit(run_config(tmp_path, base, tmp_path / "no-such-data"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_new_run_refuses_a_non_empty_folder(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
     from fimtune.errors import FimtuneError
 

@@ -26,6 +26,12 @@ def check_source(cfg: DataConfig) -> None:
         raise DataError("set exactly one of data.path (a `fimtune data build` folder) or data.hf (a Hub dataset id)")
 
 
+def check_folder(path: Path) -> None:
+    """``path`` is a dataset folder (what can be told without reading it: before a model loads)."""
+    if not (path / "dataset_dict.json").is_file():
+        raise DataError(f"'{path}' is not a dataset folder: build one with `fimtune data build SOURCE --out {path}`")
+
+
 def load_splits(cfg: DataConfig, seed: int = 0) -> Any:
     """The train and validation splits named by ``cfg`` (exactly one of `path`, `hf`)."""
     check_source(cfg)
@@ -56,8 +62,7 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> Any:
 def _from_disk(path: Path) -> Any:
     import datasets
 
-    if not (path / "dataset_dict.json").is_file():
-        raise DataError(f"'{path}' is not a dataset folder: build one with `fimtune data build SOURCE --out {path}`")
+    check_folder(path)
     dd = datasets.load_from_disk(str(path))
     missing = [s for s in SPLITS if s not in dd]
     if missing:

@@ -119,12 +119,15 @@ def make_accelerator(cfg: RunConfig) -> Any:
 def setup(cfg: RunConfig, accelerator: Any) -> Setup:
     from accelerate.utils import set_seed
 
-    from fimtune.dataset import training_rows
+    from fimtune.dataset import check_folder, check_source, training_rows
     from fimtune.engines import configure_deepspeed, refuse_fsdp1, tied_embeddings_shown
     from fimtune.model import add_token_rows, load_base_model
     from fimtune.tokens import ensure_fim_tokens
 
     refuse_fsdp1(accelerator)
+    check_source(cfg.data)  # a mistyped data.path fails now, not after the model's minutes of loading
+    if cfg.data.path:
+        check_folder(Path(cfg.data.path))
     set_seed(cfg.seed)
     tokenizer = _fresh_tokenizer(cfg.model.name_or_path)
     fim_tokens, added = ensure_fim_tokens(tokenizer)
