@@ -565,6 +565,15 @@ def test_rowwise_fp8_rounds_each_row_to_three_mantissa_bits_with_a_power_of_two_
     assert ((back - x).abs() <= 2**-4 * x.abs() + 2**-9 * scale).all()
 
 
+def near_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """FP8 products' LoRA gradients against plain ones: each in direction and in size (a GPU's
+    training run once gave ~0.6x the norms)."""
+    assert got.keys() == want.keys()
+    for k, g in want.items():
+        assert F.cosine_similarity(got[k].flatten(), g.flatten(), dim=0) > 0.9, k
+        assert got[k].norm().item() == pytest.approx(g.norm().item(), rel=0.1), (k, (got[k].norm() / g.norm()).item())
+
+
 def test_fp8_products_run_the_frozen_layers_and_keep_the_model_as_it_was(tiny_tokenizer):
     """The frozen base layers under LoRA as FP8 products: the weights, their names and the adapter
     are unchanged; outputs move by FP8's rounding (not more, not zero); LoRA's gradients keep their
@@ -594,10 +603,7 @@ def test_fp8_products_run_the_frozen_layers_and_keep_the_model_as_it_was(tiny_to
     moved = ((fp8_logits - logits).norm() / logits.norm()).item()
     assert 1e-4 < moved < 0.1, moved
     torch.testing.assert_close(fp8_loss, loss, rtol=0.02, atol=0)
-    assert fp8_grads.keys() == grads.keys()
-    for k, g in grads.items():  # the direction and the size (a GPU's training run once gave ~0.6x the norms)
-        assert F.cosine_similarity(fp8_grads[k].flatten(), g.flatten(), dim=0) > 0.9, k
-        assert fp8_grads[k].norm().item() == pytest.approx(g.norm().item(), rel=0.1), k
+    near_gradients(fp8_grads, grads)
     assert fast.fp8_frozen_products(model) == 0  # converted layers are not converted twice
     layer = next(m for m in model.modules() if type(m) is fast._Float8Frozen)
     model.to("meta", torch.float64)  # the FP8 copies move with the weight, and are never cast
@@ -662,9 +668,7 @@ def test_fp8_products_on_a_gpu_give_the_tiny_models_lora_gradients(tiny_tokenize
 
     (loss, want), (fp8_loss, got) = grads(False), grads(True)
     torch.testing.assert_close(fp8_loss, loss, rtol=0.02, atol=0)
-    for k, g in want.items():
-        assert F.cosine_similarity(got[k].flatten(), g.flatten(), dim=0) > 0.9, k
-        assert got[k].norm().item() == pytest.approx(g.norm().item(), rel=0.1), (k, (got[k].norm() / g.norm()).item())
+    near_gradients(got, want)
     torch._dynamo.reset()
 
 
