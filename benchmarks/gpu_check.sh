@@ -45,10 +45,11 @@ fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 python3 -c 'import torch; from fimtune import fast; print("FlashAttention-4:", fast.fa4_unavailable(torch.device("cuda")) or "available")'
 
-# 1. The CUDA tests. `tests` (the default): first the FP8 products on their own and in the tiny
-#    model's LoRA gradients, then `fimtune train` with them uncompiled (new: in run 11 the graphs'
-#    training test with FP8 products gave ~0.6x the bf16 products' gradient norms, where the CPU
-#    gives the same norms; these place the fault), then the serving ones (all passed in run 10;
+# 1. The CUDA tests. `tests` (the default): first the FP8 products on their own (eager, and under
+#    CUDA graphs) and in the tiny model's LoRA gradients (eager, compiled, under graphs: a failure
+#    names each gradient out of line), then `fimtune train` with them uncompiled (new: in run 11 the
+#    graphs' training test with FP8 products gave ~0.6x the bf16 products' gradient norms, where the
+#    CPU gives the same norms; these place the fault), then the serving ones (all passed in run 10;
 #    run 11's part ran out of time before them), then
 #    the graphs' training test (run 11: failed in its FP8 arm, above); `alltests`: every one (the
 #    step never waits for the GPU, graphs replay what eager computes, FlashAttention-4 against

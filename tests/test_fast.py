@@ -566,12 +566,17 @@ def test_rowwise_fp8_rounds_each_row_to_three_mantissa_bits_with_a_power_of_two_
 
 
 def near_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    """FP8 products' LoRA gradients against plain ones: each in direction and in size (a GPU's
-    training run once gave ~0.6x the norms)."""
+    """FP8 products' LoRA gradients against plain ones: each in direction (cosine > 0.9) and in size
+    (within 10%). A GPU's training run once gave ~0.6x the norms: a failure names every tensor out
+    of line, with its cosine and size ratio, so one run tells which layers and blocks."""
     assert got.keys() == want.keys()
+    off = []
     for k, g in want.items():
-        assert F.cosine_similarity(got[k].flatten(), g.flatten(), dim=0) > 0.9, k
-        assert got[k].norm().item() == pytest.approx(g.norm().item(), rel=0.1), (k, (got[k].norm() / g.norm()).item())
+        cosine = F.cosine_similarity(got[k].flatten().float(), g.flatten().float(), dim=0).item()
+        ratio = (got[k].float().norm() / g.float().norm()).item()
+        if not (cosine > 0.9 and abs(ratio - 1) <= 0.1):
+            off.append(f"{k}: cosine {cosine:.3f}, size {ratio:.3f}x")
+    assert not off, f"{len(off)} of {len(want)} gradients out of line:\n" + "\n".join(off)
 
 
 def test_fp8_products_run_the_frozen_layers_and_keep_the_model_as_it_was(tiny_tokenizer):
@@ -617,13 +622,14 @@ def test_fp8_products_run_the_frozen_layers_and_keep_the_model_as_it_was(tiny_to
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("mode", ["eager", "graphs"])
 @pytest.mark.parametrize("shape", [(2048, 2304), (32, 48), (64, 32)])
-def test_fp8_products_on_a_gpu_match_bf16_products_within_their_rounding(shape, compiled):
+def test_fp8_products_on_a_gpu_match_bf16_products_within_their_rounding(shape, mode):
     """cuBLAS's FP8 kernels (rowwise scales) on StarCoder's c_attn shape and two of the tiny
-    model's (a training test's gradient norms came out ~0.6x there), eager and compiled as in the
-    blocks: the output and the input's gradient near the bf16 product's, in direction and size, as
-    on the CPU."""
+    model's (a training test's gradient norms came out ~0.6x there), eager, and compiled and
+    replayed as CUDA graphs (`train.cuda_graphs`, the failing test's; compiled alone: the next
+    test, in the model): the output and the input's gradient near the bf16 product's, in direction
+    and size, as on the CPU."""
     cuda = torch.device("cuda")
     torch.manual_seed(0)
     torch._dynamo.reset()
@@ -636,35 +642,48 @@ def test_fp8_products_on_a_gpu_match_bf16_products_within_their_rounding(shape, 
     holder = torch.nn.Module()
     holder.base_layer = layer
     assert fast.fp8_frozen_products(holder) == 1
-    got = (torch.compile(layer) if compiled else layer)(x)
+    if mode != "eager":
+        layer = torch.compile(layer, mode="reduce-overhead" if mode == "graphs" else None)
+        for _ in range(2 if mode == "graphs" else 0):  # recorded, then replayed: the replay is checked
+            x.grad = None
+            torch.compiler.cudagraph_mark_step_begin()
+            layer(x).backward(grad)
+        x.grad = None
+        torch.compiler.cudagraph_mark_step_begin()
+    got = layer(x)
     got.backward(grad)
     for what, a, b in (("output", got, want), ("input's gradient", x.grad, want_grad)):
         assert a.dtype == torch.bfloat16
         moved = ((a.float() - b.float()).norm() / b.float().norm()).item()
         size = (a.float().norm() / b.float().norm()).item()
         assert 1e-3 < moved < 0.06 and abs(size - 1) < 0.03, (what, moved, size)
+    torch._dynamo.reset()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, True])
-def test_fp8_products_on_a_gpu_give_the_tiny_models_lora_gradients(tiny_tokenizer, compiled):
+@pytest.mark.parametrize("mode", ["eager", "compiled", "graphs"])
+def test_fp8_products_on_a_gpu_give_the_tiny_models_lora_gradients(tiny_tokenizer, mode):
     """The tiny model's LoRA gradients on a GPU, with the fast path's changes (rank padding, LoRA
     inputs uncast) under bf16 autocast, the frozen products in FP8 against bf16: each gradient in
     direction and size as on the CPU (`test_fp8_products_run_the_frozen_layers_...`). A GPU
-    training run with FP8 products once gave ~0.6x the gradient norms: this places the fault
-    between the product (the test above) and the training loop."""
+    training run with FP8 products under CUDA graphs once gave ~0.6x the gradient norms: this
+    places the fault between the product (the test above) and the training loop. Under graphs,
+    the third pass's gradients (after a recording and a replay) are compared."""
     cuda = torch.device("cuda")
     batch = {k: v.to(cuda) for k, v in packed_batch(len(tiny_tokenizer)).items()}
 
     def grads(fp8):
         torch._dynamo.reset()
         model = lora_with_b(len(tiny_tokenizer)).to(cuda)
-        fast.speed_up(model, compile=compiled, autocast=True, fp8=fp8)
+        fast.speed_up(model, compile=mode != "eager", autocast=True, fp8=fp8, cuda_graphs=mode == "graphs")
         assert sum(type(m) is fast._Float8Frozen for m in model.modules()) == (8 if fp8 else 0)
-        with torch.autocast("cuda", torch.bfloat16):
-            loss, _ = summed_loss(model, batch, 8)
-        loss.backward()
-        return loss.detach(), {k: p.grad.float() for k, p in model.named_parameters() if p.requires_grad}
+        for _ in range(3 if mode == "graphs" else 1):
+            model.zero_grad(set_to_none=True)
+            torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast("cuda", torch.bfloat16):
+                loss, _ = summed_loss(model, batch, 8)
+            loss.backward()
+        return loss.detach().clone(), {k: p.grad.float() for k, p in model.named_parameters() if p.requires_grad}
 
     (loss, want), (fp8_loss, got) = grads(False), grads(True)
     torch.testing.assert_close(fp8_loss, loss, rtol=0.02, atol=0)
