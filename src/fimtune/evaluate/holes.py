@@ -5,7 +5,7 @@ A hole is a character range ``[start, end)`` of a file; the model sees the text 
 
     text    "def f(x):\\n    y = x + 1\\n    return y\\n"
     line    [10, 23)  middle "    y = x + 1"                  (indentation in, newline out)
-    block   [10, 40)  middle "    y = x + 1\\n    return y\\n"  (whole lines, unit "body")
+    block   [10, 37)  middle "    y = x + 1\\n    return y\\n"  (whole lines, unit "body")
     span    [14, 19)  middle "y = x"                           (any characters)
 
 As in the SantaCoder/StarCoder single-line benchmark, a line hole is one non-blank line;

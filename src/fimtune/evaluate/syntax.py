@@ -289,7 +289,7 @@ def truncate_block(completion: str, prefix: str, suffix: str, unit: str, languag
     1. cut at the first line that dedents below the completion's first line (the block ended);
     2. a statement hole keeps its first statement (a body keeps all of its statements);
     3. drop trailing lines until ``prefix + kept + suffix`` parses (never below one line);
-       when no whole-line prefix parses, the result of step 2 is kept as it is.
+       when no whole-line prefix parses, the result of step 2 is kept (ending in a newline).
 
     >>> prefix, suffix = "def f(x):\\n", "    return y\\n"
     >>> truncate_block("    y = x + 1\\n    return y\\nprint(f(1))\\n", prefix, suffix, "statement", "python")
