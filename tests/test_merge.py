@@ -1,7 +1,12 @@
 """`fimtune merge`: a plain transformers model with the logits of base + adapter."""
 
 import json
+import os
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fimtune.cli import main
 from fimtune.model import load_run
-from tests.runs import model_dir, quiet_fit, run_config
+from tests.runs import ROOT, model_dir, quiet_fit, run_config
 
 
 @pytest.mark.parametrize(("family", "fim_in_vocab"), [("gpt_bigcode", False), ("llama", True)])
@@ -120,4 +125,28 @@ def test_merge_keeps_the_run_and_its_base_and_replaces_an_old_merge_only_when_do
         merge_run(run, out, overwrite=True)
     monkeypatch.undo()
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == first
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == []
+
+
+def test_a_full_disk_while_merging_is_told_and_leaves_the_old_merge(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache
+):
+    """A write that fails (a full disk, here a file size limit) is one clean error naming --out; no
+    temporary folder is left and an old merged model stays whole."""
+    base = model_dir(tmp_path, tiny_tokenizer, "gpt_bigcode")
+    run = quiet_fit(run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=2", "train.eval_every=0"))
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # an old merge that --overwrite would replace
+
+    def fill_disk():  # files may grow to 100 kB, then writes fail with EFBIG like a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    cmd = [sys.executable, "-m", "fimtune", "merge", str(run), "--out", str(out), "--overwrite"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=fill_disk)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"error: could not write the merged model to '{out}'" in res.stderr and "Traceback" not in res.stderr
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == []

@@ -56,6 +56,9 @@ def merge_run(run_dir: Path, out: Path, dtype: str | None = None, overwrite: boo
         merged.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
         replace_folder(tmp, out, old)
+    except Exception as e:  # disk full, quota, permissions (safetensors raises its own type for these)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FimtuneError(f"could not write the merged model to '{out}' ({e}); '{out}' is as it was") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
