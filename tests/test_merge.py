@@ -144,7 +144,8 @@ def test_a_full_disk_while_merging_is_told_and_leaves_the_old_merge(
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
     cmd = [sys.executable, "-m", "fimtune", "merge", str(run), "--out", str(out), "--overwrite"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # no bytecode written: Python would leave .pyc files cut at the limit, which later imports fail on
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=fill_disk)
     assert res.returncode == 2, res.stderr[-2000:]
     assert f"error: could not write the merged model to '{out}'" in res.stderr and "Traceback" not in res.stderr
