@@ -1,5 +1,8 @@
 """The CLI shell: help without torch, one-line user errors with exit code 2, --debug."""
 
+import os
+import resource
+import signal
 import subprocess
 import sys
 
@@ -63,6 +66,24 @@ def test_output_to_a_reader_that_left_ends_quietly():
     proc.stdout.close()  # before it writes a byte
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and err == "", err
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_no_output(tmp_path):
+    """A write that fails for want of room (here a file size limit: EFBIG, as ENOSPC for a full
+    disk) is told in one line, exit code 2, no traceback; the corpus folder is not made."""
+
+    def size_limit():  # files may grow to 20 kB; writes past it fail instead of killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    out = tmp_path / "data"
+    cmd = [sys.executable, "-m", "fimtune", "data", "build", "--package", "pathspec", "--out", str(out), "--quiet"]
+    # no bytecode written: Python would leave .pyc files cut at the limit, which later imports fail on
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, preexec_fn=size_limit)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: a write failed: [Errno 27] File too large;")
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import errno
 import functools
 import os
 import sys
@@ -33,6 +34,8 @@ from fimtune.errors import ConfigError, FimtuneError
 
 EXIT_USER_ERROR = 2
 EXIT_BROKEN_PIPE = 141  # as a shell reports a process ended by SIGPIPE
+# A full disk, a quota, a file size limit, a read-only file system: the machine's state, not a fault
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 # --------------------------------------------------------------------------------------
@@ -502,6 +505,11 @@ def main(argv: list[str] | None = None) -> int:
         if ns.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:
+        if ns.debug or e.errno not in FULL_DISK_ERRNOS:
+            raise
+        print(f"error: a write failed: {e}; free space (or write elsewhere) and run again", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
