@@ -68,6 +68,12 @@ def test_output_to_a_reader_that_left_ends_quietly():
     assert proc.wait(timeout=60) == 141 and err == "", err
 
 
+def test_stop_after_no_step_is_refused_before_anything_loads(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--stop-after", "0", f"output_dir={out}"]) == 2
+    assert capsys.readouterr().err == "error: --stop-after must be a step, 1 or more (got 0)\n" and not out.exists()
+
+
 def test_a_full_disk_is_one_error_line_and_leaves_no_output(tmp_path):
     """A write that fails for want of room (here a file size limit: EFBIG, as ENOSPC for a full
     disk) is told in one line, exit code 2, no traceback; the corpus folder is not made."""

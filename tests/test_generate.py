@@ -512,6 +512,9 @@ def test_complete_command_prints_the_completion(tmp_path, tiny_tokenizer, capsys
     assert "new tokens" in out.err
     assert main(["complete", str(folder), "--prefix-file", str(tmp_path / "missing.py")]) == 2
     assert "--prefix-file" in capsys.readouterr().err
+    for flag, value in (("--max-input-tokens", "0"), ("--max-new-tokens", "0"), ("--top-p", "0")):
+        assert main(["complete", str(folder), "--prefix", "x", flag, value]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {flag} must be")
 
 
 def test_complete_fits_a_long_prompt_to_learned_positions_and_reads_files_as_the_corpus_does(

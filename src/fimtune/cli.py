@@ -124,6 +124,8 @@ def cmd_data_inspect(ns: argparse.Namespace) -> int:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    if ns.stop_after is not None and ns.stop_after < 1:
+        raise FimtuneError(f"--stop-after must be a step, 1 or more (got {ns.stop_after})")
     cfg = load_run_config(ns.config, ns.overrides)
     from fimtune.train import describe_plan, preflight
 

@@ -496,6 +496,7 @@ def _read_text(text: str | None, path: str | None, flag: str) -> str:
 
 def params_from_args(ns: Any) -> GenerationParams:
     """`fimtune complete` flags -> :class:`GenerationParams`, checked."""
+    max_input_tokens = getattr(ns, "max_input_tokens", None)  # 0 is a value (refused below), not "unset"
     params = GenerationParams(
         max_new_tokens=ns.max_new_tokens,
         temperature=ns.temperature,
@@ -504,7 +505,7 @@ def params_from_args(ns: Any) -> GenerationParams:
         stop=list(ns.stop or []),
         single_line=ns.single_line,
         mode=ns.mode,
-        max_input_tokens=getattr(ns, "max_input_tokens", None) or DEFAULT_MAX_INPUT_TOKENS,
+        max_input_tokens=DEFAULT_MAX_INPUT_TOKENS if max_input_tokens is None else max_input_tokens,
     )
     checks = [
         (params.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),

@@ -119,7 +119,8 @@ def test_the_api_key_can_come_from_the_environment(monkeypatch):
 
 
 def test_a_port_in_use_is_refused_before_the_model_loads(monkeypatch):
-    """Loading a model (and compiling its CUDA graphs) takes minutes: a taken port must fail first, saying so."""
+    """Loading a model (and compiling its CUDA graphs) takes minutes: a taken port must fail first,
+    saying so; so do a port out of range and --threads 0."""
     import socket
 
     from fimtune.cli import build_parser
@@ -132,6 +133,9 @@ def test_a_port_in_use_is_refused_before_the_model_loads(monkeypatch):
         ns = build_parser().parse_args(["serve", "embedded", "--port", str(port)])
         with pytest.raises(FimtuneError, match=f"127.0.0.1:{port} is in use .*--port"):
             app.main(ns)
+    for flags, said in ((["--port", "70000"], "--port 70000: a port is 0-65535"), (["--threads", "0"], "--threads")):
+        with pytest.raises(FimtuneError, match=said):
+            app.main(build_parser().parse_args(["serve", "embedded", *flags]))
 
 
 def test_pickled_weights_are_refused(tmp_path, tiny_run):

@@ -292,6 +292,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
     try:
         sock.bind((host, port))
+    except OverflowError:  # a port past 0-65535
+        sock.close()
+        raise FimtuneError(f"--port {port}: a port is 0-65535 (0: any free one)") from None
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
@@ -310,22 +313,25 @@ def main(ns: Any) -> int:
     from fimtune.serve.engine import load_engine
 
     limits = limits_from_args(ns)
+    threads = getattr(ns, "threads", None)
+    if threads is not None and threads < 1:
+        raise FimtuneError(f"--threads must be at least 1 (got {threads})")
     sock = bind_socket(ns.host, ns.port)
     if ns.host not in LOOPBACK_HOSTS:
         log.warning(
             "binding to %s: other machines can reach this server%s", ns.host, "" if ns.api_key else "; use --api-key"
         )
     dtype = DTYPES.get(getattr(ns, "dtype", None) or "")
-    if getattr(ns, "threads", None):
+    if threads:
         import torch
 
-        torch.set_num_threads(ns.threads)
+        torch.set_num_threads(threads)
     mode = getattr(ns, "mode", None) or "auto"
     quantize = getattr(ns, "quantize", None)
     engine: Engine | EngineProcess
     if getattr(ns, "engine_process", False):
         factory = functools.partial(load_engine, ns.target, ns.adapter, limits, mode, dtype, quantize=quantize)
-        engine = EngineProcess(factory, limits, threads=getattr(ns, "threads", None))
+        engine = EngineProcess(factory, limits, threads=threads)
         prompter, mode = engine.launch()
     else:
         engine, prompter, mode = load_engine(ns.target, ns.adapter, limits, mode, dtype, quantize=quantize)
