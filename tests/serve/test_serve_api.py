@@ -52,7 +52,28 @@ def test_tgi_generate_is_greedy_generate_on_the_fim_prompt(client, reference):
     full = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": {**GREEDY, "return_full_text": True}})
     assert full.json()["generated_text"] == PSM_INPUTS + r.json()["generated_text"]
     details = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": {**GREEDY, "details": True}}).json()
-    assert details["details"] == {"finish_reason": "length", "generated_tokens": 12, "seed": None}
+    assert {k: details["details"][k] for k in ("finish_reason", "generated_tokens", "seed")} == {
+        "finish_reason": "length",
+        "generated_tokens": 12,
+        "seed": None,
+    }
+
+
+def test_tgi_details_list_the_generated_tokens(client):
+    """TGI's `details` hold `prefill` (empty unless `decoder_input_details`) and `tokens`, the generated
+    ones: TGI's own Python client (`text_generation`, which always asks for details) requires both."""
+    body = {"inputs": PSM_INPUTS, "parameters": {**GREEDY, "details": True}}
+    out = client.post("/generate", json=body).json()
+    details = out["details"]
+    assert details["prefill"] == [] and len(details["tokens"]) == details["generated_tokens"] == 12
+    assert "".join(t["text"] for t in details["tokens"]) == out["generated_text"]
+    with client.stream("POST", "/generate_stream", json=body) as r:
+        events = sse_events(r)
+    assert [t["id"] for t in details["tokens"]] == [e["token"]["id"] for e in events]
+    stop = out["generated_text"].strip()[2:4]
+    cut = client.post("/generate", json={**body, "parameters": {**body["parameters"], "stop": [stop]}}).json()
+    assert "".join(t["text"] for t in cut["details"]["tokens"]) == cut["generated_text"]
+    assert len(cut["details"]["tokens"]) == cut["details"]["generated_tokens"]
 
 
 def test_tgi_root_answers_a_list_of_one(client):

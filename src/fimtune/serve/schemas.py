@@ -132,9 +132,16 @@ class TgiDetails(BaseModel):
     seed: int | None = None
 
 
+class TgiGenerateDetails(TgiDetails):
+    """`/generate`'s details: those of a stream's last event, and the tokens."""
+
+    prefill: list[TgiToken] = Field(default_factory=list)  # empty: `decoder_input_details` is not supported
+    tokens: list[TgiToken]
+
+
 class TgiResponse(BaseModel):
     generated_text: str
-    details: TgiDetails | None = None
+    details: TgiGenerateDetails | None = None
 
 
 class TgiStreamEvent(BaseModel):

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from fimtune.generate import Completion, FimPrompter, GenerationParams
-from fimtune.serve.engine import Arrival, Engine, EngineGone, Job, JobCancelled, JobTimeout, Limits, QueueFull
+from fimtune.serve.engine import Arrival, Engine, EngineGone, Event, Job, JobCancelled, JobTimeout, Limits, QueueFull
 from fimtune.serve.http import STATUS_CLIENT_GONE, ApiError, Metrics
 from fimtune.serve.process import EngineProcess
 
@@ -149,9 +149,10 @@ class Service:
             raise job_error(e, self.limits) from None
         return job
 
-    async def result(self, request: Request, job: Job) -> Completion:
-        """Wait for ``job``; cancel it when the client goes away or the deadline passes."""
-        task = asyncio.ensure_future(_final(job))
+    async def result(self, request: Request, job: Job, tokens: list[Event] | None = None) -> Completion:
+        """Wait for ``job``; cancel it when the client goes away or the deadline passes. ``tokens``
+        gets a streaming job's token events."""
+        task = asyncio.ensure_future(_final(job, tokens))
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
@@ -185,8 +186,10 @@ class Service:
                 job.cancel()  # no-op for finished jobs; drops the rest when one failed
 
 
-async def _final(job: Job) -> Completion:
+async def _final(job: Job, tokens: list[Event] | None = None) -> Completion:
     async for event in job.events_until_done():
+        if event.kind == "token" and tokens is not None:
+            tokens.append(event)
         if event.kind == "error":
             raise event.error or JobCancelled()
         if event.kind == "done" and event.completion is not None:

@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from fimtune.generate import Completion
 from fimtune.serve import schemas as s
-from fimtune.serve.engine import Job, JobCancelled
+from fimtune.serve.engine import Event, Job, JobCancelled
 from fimtune.serve.http import ApiError, sse
 from fimtune.serve.service import Service, job_error, submit_all
 
@@ -41,11 +41,17 @@ async def tgi(svc: Service, request: Request, req: s.TgiRequest, stream: bool, l
     _, adapter = svc.model(p.adapter_id, "parameters.adapter_id")
     prompt = await svc.prepare(lambda: svc.formatted_prompt(req.inputs, "inputs", p.truncate))
     head = req.inputs if p.return_full_text else ""
-    job = svc.submit(prompt, params, adapter, stream)
+    job = svc.submit(prompt, params, adapter, stream or p.details)  # details list the tokens: a stream's
     if stream:
         return StreamingResponse(tgi_events(svc, job, head, p), media_type="text/event-stream", headers=SSE_HEADERS)
-    done = await svc.result(request, job)
-    out = s.TgiResponse(generated_text=head + done.text, details=tgi_details(done, p) if p.details else None)
+    events: list[Event] = []
+    done = await svc.result(request, job, events)
+    details = (
+        s.TgiGenerateDetails(**tgi_details(done, p).model_dump(), tokens=tgi_tokens(events, done))
+        if p.details
+        else None
+    )
+    out = s.TgiResponse(generated_text=head + done.text, details=details)
     body = out.model_dump(exclude_none=not p.details)
     return JSONResponse([body] if listed else body, headers=svc.finished([job], [done]))
 
@@ -53,6 +59,15 @@ async def tgi(svc: Service, request: Request, req: s.TgiRequest, stream: bool, l
 def tgi_details(done: Completion, p: s.TgiParameters) -> s.TgiDetails:
     reason = "length" if done.finish_reason == "length" else "stop_sequence" if done.stop_string else "eos_token"
     return s.TgiDetails(finish_reason=reason, generated_tokens=done.completion_tokens, seed=p.seed)
+
+
+def tgi_tokens(events: list[Event], done: Completion) -> list[s.TgiToken]:
+    """TGI's `details.tokens`: one per token event; the text a stop string's check held back goes to the last."""
+    tokens = [s.TgiToken(id=e.token, text=e.text, special=e.end) for e in events]
+    sent = "".join(t.text for t in tokens)
+    if tokens and done.text.startswith(sent):
+        tokens[-1].text += done.text[len(sent) :]
+    return tokens
 
 
 async def tgi_events(svc: Service, job: Job, head: str, p: s.TgiParameters) -> AsyncIterator[str]:
