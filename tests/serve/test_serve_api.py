@@ -209,6 +209,9 @@ def test_continue_style_streaming_request(client):
     assert all(c["object"] == "text_completion" and c["model"] == "run" for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert "".join(c["choices"][0]["text"] for c in chunks)
+    # as OpenAI's chunks: `finish_reason` null until the last, `logprobs` null (clients test `=== null`)
+    assert all(c["choices"][0]["finish_reason"] is None and "usage" not in c for c in chunks[:-1])
+    assert all(c["choices"][0]["logprobs"] is None for c in chunks)
 
 
 def test_models_pick_the_adapter(client):

@@ -143,7 +143,8 @@ async def openai_events(svc: Service, job: Job, meta: dict[str, Any], echo: str 
 
     def chunk(text: str, reason: str | None = None, **extra: Any) -> str:
         choice = s.CompletionChoice(index=0, text=text, finish_reason=reason)
-        return sse(s.CompletionResponse(**meta, choices=[choice], **extra).model_dump(exclude_none=True))
+        out = s.CompletionResponse(**meta, choices=[choice], **extra)
+        return sse(out.model_dump(exclude=None if out.usage else {"usage"}))  # `finish_reason` null till the last
 
     sent = ""
     try:
