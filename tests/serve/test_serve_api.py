@@ -190,6 +190,16 @@ def test_openai_completion_builds_the_fim_prompt_from_prompt_and_suffix(client, 
     assert usage["completion_tokens"] == 10 and usage["total_tokens"] == usage["prompt_tokens"] + 10
 
 
+def test_openai_fields_sent_as_null_take_their_defaults(client):
+    """OpenAI's API takes null for each optional field (`n`, `stream` and `echo` too), as clients
+    that write every field of their request type send them."""
+    body = {"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 3, "temperature": 0}
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    r = client.post("/v1/completions", json={**body, "n": None, "stream": None, "echo": None})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == plain
+
+
 def test_continue_style_streaming_request(client):
     body = {
         "model": "run",

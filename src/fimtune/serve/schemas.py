@@ -163,10 +163,10 @@ class CompletionRequest(_Body):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 or 0: off
     stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
+    stream: bool | None = False  # OpenAI's optional fields may be null: their defaults
+    n: int | None = Field(1, ge=1, le=1)
     seed: Seed = None
-    echo: bool = False
+    echo: bool | None = False
     # OpenAI's, not supported: refused unless neutral
     logprobs: int | None = None
     best_of: int | None = None
