@@ -292,7 +292,7 @@ def test_info_health_and_metrics(client):
     assert info["fim"]["mode"] == "spm" and info["fim"]["prefix"] == "<fim_prefix>"
     assert info["fim"]["template"] == "<fim_prefix><fim_suffix>{suffix}<fim_middle>{prefix}"
     assert info["fim"]["templates"]["psm"] == "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
-    assert info["limits"]["max_new_tokens"] == 64 and info["max_input_tokens"] == 200
+    assert info["limits"]["max_new_tokens"] == 64 and info["max_input_tokens"] == info["max_input_length"] == 200
     assert info["models"] == ["run", "base", "other"] and info["adapters"] == ["run", "other"]
     assert client.get("/health").json() == {"status": "ok"}
     client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": GREEDY})

@@ -169,6 +169,7 @@ def server_info(svc: Service) -> dict[str, Any]:
         "router": "fimtune",
         "version": __version__,
         "max_input_tokens": lim.max_input_tokens,
+        "max_input_length": lim.max_input_tokens,  # TGI 1.x's name, which Continue's TGI provider reads
         "max_total_tokens": lim.max_input_tokens + lim.max_new_tokens,
         "max_concurrent_requests": lim.queue_size,
         "max_batch_size": lim.max_batch_size,
