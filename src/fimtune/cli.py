@@ -342,7 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="prompt layout (auto: SPM if the run trained on it)",
     )
-    srv.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: fp32 on CPU)")
+    srv.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        help="weights dtype (default: a run's model.dtype; for `auto` and base models bf16 or fp16 on GPUs, fp32 on CPU)",
+    )
     srv.add_argument("--quantize", choices=["int8"], help="CPU: int8 weights, ~2x faster tokens (one model only)")
     srv.add_argument("--threads", type=int, help="CPU threads for generation (default: torch's choice)")
     srv.add_argument(
