@@ -377,6 +377,16 @@ def test_fp8_base_trains_near_the_plain_run_and_saves_a_plain_adapter(
     assert keys(fp8) == keys(plain)
 
 
+def test_resume_may_turn_fp8_base_on(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    """`train.fp8_base` is how the frozen products are computed (their precision), not the run itself:
+    a run resumes with it turned on, as it may with another `train.mixed_precision`."""
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    extra = ("train.max_steps=4", "train.save_every=0", "train.eval_every=0", "lora.dropout=0.0")
+    quiet_fit(run_config(tmp_path, base, repetitive_data, "run", *extra), stop_after=2)
+    run = quiet_fit(run_config(tmp_path, base, repetitive_data, "run", *extra, "train.fp8_base=true"), resume=True)
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3, 4]
+
+
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
     """Loss normalised by the label tokens of the whole step: 2 x 2 rows == 1 x 4 rows."""
     base = model_dir(tmp_path, tiny_tokenizer, "llama")

@@ -789,6 +789,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.activation_memory",
         "train.attention_kernel",
         "train.cuda_graphs",
+        "train.fp8_base",  # the frozen products' precision: the adapter and its state are as without it
         "train.loss_chunk_tokens",
         "train.eval_every",
         "train.eval_batches",
