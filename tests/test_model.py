@@ -297,3 +297,35 @@ def test_a_cache_folder_that_cannot_be_written_is_a_clear_error_naming_the_gguf(
     monkeypatch.setattr(model_module, "load_tokenizer", lambda _: tiny_tokenizer)
     with pytest.raises(FimtuneError, match=r"m\.gguf.*set FIMTUNE_CACHE to a writable folder"):
         model_module.materialize_gguf(ModelSource(str(tmp_path), "m.gguf"))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_run_whose_fim_tokens_took_padding_rows_reloads_as_trained(tmp_path, tiny_tokenizer_without_fim, tie):
+    """Added FIM tokens that took a model's padding rows start at the known rows' mean in training: the
+    reloaded run's base (adapter disabled: `fimtune eval`'s base loss) reads them there too, not at the
+    padding rows' untrained values, and the tuned model is the trained one."""
+    from fimtune.config import load_run_config, save_config
+    from fimtune.model import load_run
+    from fimtune.tokens import ensure_fim_tokens
+
+    base = tiny.save_model_folder(
+        tiny.llama(len(tiny_tokenizer_without_fim) + 8, tie=tie), tiny_tokenizer_without_fim, tmp_path / "base"
+    )
+    tokenizer = tiny_tokenizer_without_fim
+    fim, added = ensure_fim_tokens(tokenizer)
+    model = load_base_model(ModelConfig(name_or_path=str(base)), torch.device("cpu"))
+    trained = attach_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0), add_token_rows(model, tokenizer, added))
+    with torch.no_grad():  # stands in for training: every trainable weight moves
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    run = tmp_path / "run"
+    trained.save_pretrained(run / "adapter", save_embedding_layers=False)
+    tokenizer.save_pretrained(run / "tokenizer")
+    save_config(load_run_config(None, [f"model.name_or_path={base}"]), run / "config.yaml")
+    ids = torch.tensor([[fim.prefix, 5, 6, fim.suffix, 7, fim.middle, 8]])
+    loaded = load_run(run, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, trained.eval()(ids).logits, rtol=0, atol=1e-6)
+        with loaded.model.disable_adapter(), trained.disable_adapter():
+            torch.testing.assert_close(loaded.model(ids).logits, trained(ids).logits, rtol=0, atol=1e-6)

@@ -495,6 +495,15 @@ def inference_model_config(cfg: ModelConfig, device: torch.device) -> ModelConfi
     return cfg
 
 
+def _added_fim_tokens(name_or_path: str) -> list[str]:
+    """The FIM token names training added to the tokenizer of base model ``name_or_path``."""
+    from copy import deepcopy
+
+    from fimtune.tokens import ensure_fim_tokens
+
+    return ensure_fim_tokens(deepcopy(load_tokenizer(name_or_path)))[1]
+
+
 def load_run(
     run_dir: Path, device: torch.device, dtype: torch.dtype | None = None, model_cfg: ModelConfig | None = None
 ) -> Loaded:
@@ -506,14 +515,18 @@ def load_run(
     from transformers import AutoTokenizer
 
     from fimtune.config import load_run_config
+    from fimtune.tokens import STARCODER
 
     cfg = load_run_config(run_dir / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
-    base = load_base_model(model_cfg or inference_model_config(cfg.model, device), device, dtype)
-    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-        # The tuned model's added rows come from the adapter; the base (adapter disabled: `fimtune eval`,
-        # `complete --compare-base`, the server's `base`) reads them as training started them, at the mean
-        # of the known rows, not at random values that change from one load to the next.
-        base.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model_cfg = model_cfg or inference_model_config(cfg.model, device)
+    base = load_base_model(model_cfg, device, dtype)
+    # The tuned model's added rows come from the adapter; the base (adapter disabled: `fimtune eval`,
+    # `complete --compare-base`, the server's `base`) reads them as training started them, at the mean
+    # of the known rows: resized rows, and padding rows the added tokens took (as `add_token_rows` did),
+    # not at random or untrained values.
+    rows = base.get_input_embeddings().weight.shape[0]
+    padded = len(tokenizer) < rows + len(STARCODER.names())  # the added tokens may sit on padding rows
+    add_token_rows(base, tokenizer, _added_fim_tokens(model_cfg.name_or_path) if padded else [])
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
     return Loaded(model.eval(), tokenizer, run_dir.resolve().name, run_dir)  # `.`: the folder's own name
