@@ -138,3 +138,22 @@ def test_a_program_may_delete_and_rename_inside_its_folder_but_not_signal_or_con
         r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
         assert r.status == "failed" and "PermissionError" in r.output, (src, r.output)
     assert victim.read_text() == "keep"
+
+
+def test_the_guards_hold_below_os_and_after_reloading_it(tmp_path):
+    """`posix` holds the functions `os` re-exports: reloading `os` (or calling `posix` directly)
+    must not give back deletes, renames, opens for writing or folders outside the folder."""
+    victim = tmp_path / "keep.txt"
+    victim.write_text("keep")
+    made = tmp_path / "made"
+    attempts = [
+        f"import os, importlib\nimportlib.reload(os)\nos.remove({str(victim)!r})",
+        f"import os, importlib\nimportlib.reload(os)\nos.close(os.open({str(victim)!r}, os.O_WRONLY | os.O_TRUNC))",
+        f"import posix\nposix.unlink({str(victim)!r})",
+        f"import posix\nposix.rename({str(victim)!r}, 'here.txt')",
+        f"import posix\nposix.mkdir({str(made)!r})",
+    ]
+    for src in attempts:
+        r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
+        assert r.status == "failed" and "PermissionError" in r.output, (src, r.output)
+    assert victim.read_text() == "keep" and not made.exists()

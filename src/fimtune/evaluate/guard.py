@@ -8,7 +8,8 @@ nothing. In the child, :func:`main`:
   ``io.FileIO``, ``os.mkdir``/``makedirs`` check the resolved path), and reads of other
   processes' ``/proc`` files (the evaluator's ``environ``: its tokens), and deletes and renames
   too (``os.remove``/``unlink``/``rmdir``/``rename``/``replace``: inside it they work, so
-  ``tempfile`` does),
+  ``tempfile`` does); in ``os`` and in ``posix`` below it, so ``importlib.reload(os)`` does
+  not undo them,
 - replaces destructive or escaping functions (chmod, chdir, kill, signals to other processes,
   fork, exec, ``subprocess``, ``shutil.move``/``copy``, ``os._exit``, sockets...) with ones that
   raise ``PermissionError``, in ``os`` and in ``posix`` below it, and the process starter of
@@ -82,6 +83,8 @@ def _check_open(path: object, writing: bool, root: str) -> None:
 
 
 def _guard_writes(root: str) -> None:
+    import posix
+
     real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
 
     def open_(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN202
@@ -103,7 +106,9 @@ def _guard_writes(root: str) -> None:
             super().__init__(file, mode, *args, **kwargs)
 
     builtins.open = io.open = open_
-    os.open, os.mkdir, io.FileIO = os_open, mkdir, FileIO
+    os.open = posix.open = os_open  # posix too: `importlib.reload(os)` takes its functions from there
+    os.mkdir = posix.mkdir = mkdir
+    io.FileIO = FileIO
 
 
 def _inside_only(name: str, real, root: str):  # noqa: ANN001, ANN202
@@ -130,7 +135,8 @@ def _block_functions(root: str) -> None:
                 setattr(module, name, _refuse(f"{module.__name__}.{name}"))
     _posixsubprocess.fork_exec = _refuse("starting a process")  # subprocess, multiprocessing's spawn
     for name in INSIDE_ONLY_OS:
-        setattr(os, name, _inside_only(f"os.{name}", getattr(os, name), root))
+        for module in (os, posix):
+            setattr(module, name, _inside_only(f"{module.__name__}.{name}", getattr(module, name), root))
     shutil._use_fd_functions = False  # type: ignore[attr-defined]  # its deletes by path, checked above
     shutil.rmtree = _inside_only("shutil.rmtree", shutil.rmtree, root)  # type: ignore[assignment]
     for module, names in ((signal, BLOCKED_SIGNAL), (socket, BLOCKED_SOCKET)):
