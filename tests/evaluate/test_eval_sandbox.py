@@ -157,3 +157,18 @@ def test_the_guards_hold_below_os_and_after_reloading_it(tmp_path):
         r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
         assert r.status == "failed" and "PermissionError" in r.output, (src, r.output)
     assert victim.read_text() == "keep" and not made.exists()
+
+
+def test_opens_and_folders_relative_to_a_folder_descriptor_are_refused(tmp_path):
+    """A relative path with ``dir_fd`` names a file in that folder, not in the working folder."""
+    victim = tmp_path / "keep.txt"
+    victim.write_text("keep")
+    fd = f"import os\nfd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
+    attempts = [
+        fd + "os.close(os.open('keep.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=fd))",
+        fd + "os.mkdir('made', dir_fd=fd)",
+    ]
+    for src in attempts:
+        r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
+        assert r.status == "failed" and "PermissionError" in r.output, (src, r.output)
+    assert victim.read_text() == "keep" and not (tmp_path / "made").exists()

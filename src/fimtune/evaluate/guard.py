@@ -5,11 +5,11 @@ process whose working folder is a private temporary folder; importing this modul
 nothing. In the child, :func:`main`:
 
 - makes writes outside the working folder fail (``open``, ``io.open``, ``os.open``,
-  ``io.FileIO``, ``os.mkdir``/``makedirs`` check the resolved path), and reads of other
-  processes' ``/proc`` files (the evaluator's ``environ``: its tokens), and deletes and renames
-  too (``os.remove``/``unlink``/``rmdir``/``rename``/``replace``: inside it they work, so
-  ``tempfile`` does); in ``os`` and in ``posix`` below it, so ``importlib.reload(os)`` does
-  not undo them,
+  ``io.FileIO``, ``os.mkdir``/``makedirs`` check the resolved path and refuse ``dir_fd``),
+  and reads of other processes' ``/proc`` files (the evaluator's ``environ``: its tokens),
+  and deletes and renames too (``os.remove``/``unlink``/``rmdir``/``rename``/``replace``:
+  inside it they work, so ``tempfile`` does); in ``os`` and in ``posix`` below it, so
+  ``importlib.reload(os)`` does not undo them,
 - replaces destructive or escaping functions (chmod, chdir, kill, signals to other processes,
   fork, exec, ``subprocess``, ``shutil.move``/``copy``, ``os._exit``, sockets...) with ones that
   raise ``PermissionError``, in ``os`` and in ``posix`` below it, and the process starter of
@@ -82,6 +82,12 @@ def _check_open(path: object, writing: bool, root: str) -> None:
         raise PermissionError(f"sandbox: reading another process's files is not allowed: {path!r}")
 
 
+def _check_dir_fd(name: str, kwargs: dict[str, object]) -> None:
+    """Refuse a path relative to a folder descriptor: it names a file in that folder, not in ours."""
+    if kwargs.get("dir_fd") is not None:
+        raise PermissionError(f"sandbox: {name} relative to a folder descriptor is not allowed")
+
+
 def _guard_writes(root: str) -> None:
     import posix
 
@@ -92,10 +98,12 @@ def _guard_writes(root: str) -> None:
         return real_open(file, mode, *args, **kwargs)
 
     def os_open(path, flags, *args, **kwargs):  # noqa: ANN001, ANN202
+        _check_dir_fd("os.open", kwargs)
         _check_open(path, bool(flags & WRITE_FLAGS), root)
         return real_os_open(path, flags, *args, **kwargs)
 
     def mkdir(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        _check_dir_fd("os.mkdir", kwargs)
         if not _inside(path, root):
             raise PermissionError(f"sandbox: creating folders outside its folder is not allowed: {path!r}")
         return real_mkdir(path, *args, **kwargs)
