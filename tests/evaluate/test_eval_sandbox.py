@@ -109,6 +109,7 @@ def test_a_program_that_exits_before_its_checks_fails(tmp_path):
         "    import sys\n    sys.exit(0)\n",
         "    raise SystemExit\n",
         "    import os\n    os._exit(0)\n",
+        "    import builtins, sys\n    builtins.SystemExit = KeyError\n    sys.exit(0)\n",  # the name swapped
     ]
     completions = [body + "quit()\n", *(e + body for e in exits)]
     results = run_programs([program(problem, c) for c in completions], timeout_s=5.0, memory_mb=MEMORY_MB)

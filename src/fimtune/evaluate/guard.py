@@ -167,12 +167,13 @@ def main() -> None:
     _guard_writes(root)
     _block_functions(root)
     sys.argv = [path]
+    early_exit = SystemExit  # the class itself: the program may rebind the name in `builtins`
     try:
         exec(code, {"__name__": "__main__", "__builtins__": builtins})
-    except SystemExit as e:
+    except early_exit as e:
         print(f"sandbox: the program exited before its end (SystemExit({e.code!r}))", file=sys.stderr)
         sys.stderr.flush()
-        raise SystemExit(EARLY_EXIT_STATUS) from None
+        raise early_exit(EARLY_EXIT_STATUS) from None
 
 
 if __name__ == "__main__":
