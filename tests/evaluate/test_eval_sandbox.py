@@ -115,6 +115,8 @@ def test_a_program_that_exits_before_its_checks_fails(tmp_path):
     results = run_programs([program(problem, c) for c in completions], timeout_s=5.0, memory_mb=MEMORY_MB)
     assert [r.status for r in results] == ["failed"] * len(completions), [r.output for r in results]
     assert run_program(program(problem, problem["canonical_solution"]), timeout_s=5.0).passed
+    quiet = "    import os\n    print('noise', file=open(os.devnull, 'w'))\n"  # output thrown away: no write outside
+    assert run_program(program(problem, quiet + problem["canonical_solution"]), timeout_s=5.0).passed
 
 
 def test_a_program_may_delete_and_rename_inside_its_folder_but_not_signal_or_connect(tmp_path):

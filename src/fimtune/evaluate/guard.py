@@ -4,7 +4,7 @@
 process whose working folder is a private temporary folder; importing this module does
 nothing. In the child, :func:`main`:
 
-- makes writes outside the working folder fail (``open``, ``io.open``, ``os.open``,
+- makes writes outside the working folder (``os.devnull`` aside) fail (``open``, ``io.open``, ``os.open``,
   ``io.FileIO``, ``os.mkdir``/``makedirs`` check the resolved path and refuse ``dir_fd``),
   and reads of other processes' ``/proc`` files (the evaluator's ``environ``: its tokens),
   and deletes and renames too (``os.remove``/``unlink``/``rmdir``/``rename``/``replace``:
@@ -59,6 +59,10 @@ def _inside(path: object, root: str) -> bool:
     return real == root or real.startswith(root + os.sep)
 
 
+def _devnull(path: object) -> bool:
+    return not isinstance(path, int) and os.path.realpath(os.fsdecode(os.fspath(path))) == os.devnull  # type: ignore[arg-type]
+
+
 def _other_process(path: object) -> bool:
     """Whether ``path`` is in another process's ``/proc`` folder (the evaluator's environment, say)."""
     if isinstance(path, int):
@@ -75,8 +79,9 @@ def _refuse(name: str):  # noqa: ANN202
 
 
 def _check_open(path: object, writing: bool, root: str) -> None:
-    """Refuse opening ``path``: for writing outside the folder, or another process's ``/proc`` files."""
-    if writing and not _inside(path, root):
+    """Refuse opening ``path``: for writing outside the folder (``os.devnull`` aside: output thrown
+    away), or another process's ``/proc`` files."""
+    if writing and not _inside(path, root) and not _devnull(path):
         raise PermissionError(f"sandbox: writing outside its folder is not allowed: {path!r}")
     if _other_process(path):
         raise PermissionError(f"sandbox: reading another process's files is not allowed: {path!r}")
