@@ -365,7 +365,7 @@ def complete_batch(
 
     A row stops generating once its new text holds a stop string (a newline, single-line) or
     ``done(new_text)`` holds, so a batch ends with its last row rather than at ``max_new_tokens``;
-    the text is cut at the stop afterwards.
+    the text is cut at the stop afterwards. Greedy batches shrink as their rows finish (:func:`_greedy_rows`).
     """
     from transformers import StoppingCriteriaList
 
@@ -380,23 +380,73 @@ def complete_batch(
     sample = params.temperature > 0
     stops = [*(stop for stop in params.stop if stop), *(["\n"] if params.single_line else [])]  # "" stops nothing
     criteria = [TextStop(prompter.tokenizer, width, stops, done)] if stops or done is not None else []
+    options = dict(
+        max_new_tokens=params.max_new_tokens,
+        do_sample=sample,
+        temperature=params.temperature if sample else None,
+        top_p=params.top_p if sample else None,
+        top_k=params.top_k if sample else None,
+        eos_token_id=prompter.end_ids,
+        pad_token_id=pad,
+    )
     with without_cudnn_attention():  # each batch's width, and each step's keys, a new shape
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            stopping_criteria=StoppingCriteriaList(criteria),
-            max_new_tokens=params.max_new_tokens,
-            do_sample=sample,
-            temperature=params.temperature if sample else None,
-            top_p=params.top_p if sample else None,
-            top_k=params.top_k if sample else None,
-            eos_token_id=prompter.end_ids,
-            pad_token_id=pad,
-        )
+        if sample:  # one call: the rows draw from one random stream, which a smaller batch would shift
+            out = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=StoppingCriteriaList(criteria),
+                                 **options)  # fmt: skip
+            news = [row[width:].tolist() for row in out]
+        else:
+            news = _greedy_rows(model, ids, mask, criteria, prompter.end_ids, options)
     return [
-        _completion(prompter, row[width:].tolist(), len(p), params, prompter.starts_document(p))
-        for row, p in zip(out, prompts, strict=True)
+        _completion(prompter, new, len(p), params, prompter.starts_document(p))
+        for new, p in zip(news, prompts, strict=True)
     ]
+
+
+class RowsDone:
+    """A ``StoppingCriteria`` that keeps which rows are done (an end token, or one of ``criteria``)
+    in ``done``, and ends the whole call once at least ``share`` of the rows are."""
+
+    def __init__(self, criteria: list[Any], end_ids: list[int], rows: int, share: float = 0.5) -> None:
+        self.criteria, self.end_ids, self.share = criteria, end_ids, share
+        self.done = torch.zeros(rows, dtype=torch.bool)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        ended = torch.isin(input_ids[:, -1], torch.tensor(self.end_ids, device=input_ids.device)).cpu()
+        for criterion in self.criteria:
+            ended |= criterion(input_ids, scores, **kwargs).cpu()
+        self.done |= ended
+        if self.done.sum() >= self.share * len(self.done):
+            return torch.ones_like(ended, device=input_ids.device)
+        return self.done.to(input_ids.device)
+
+
+def _greedy_rows(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, criteria: list[Any], end_ids: list[int], options: dict
+) -> list[list[int]]:
+    """Greedy new tokens of each row of ``ids``; each time half the rows are done, ``generate`` goes on
+    with the others only (and their KV cache), so that a row that runs to ``max_new_tokens`` does not
+    keep the finished rows computing. The same tokens as one call: greedy rows do not depend on each other."""
+    from transformers import DynamicCache, StoppingCriteriaList
+
+    width, rows, prompt_mask = ids.shape[1], list(range(len(ids))), mask
+    news: list[list[int]] = [[] for _ in rows]
+    cache = DynamicCache()
+    while rows:
+        left = options["max_new_tokens"] - (ids.shape[1] - width)
+        stop = RowsDone(criteria, end_ids, len(rows))
+        ids = model.generate(input_ids=ids, attention_mask=mask, cache=cache,
+                             stopping_criteria=StoppingCriteriaList([stop]), **{**options, "max_new_tokens": left})  # fmt: skip
+        for r, row in zip(rows, ids, strict=True):
+            news[r] = row[width:].tolist()
+        if ids.shape[1] - width >= options["max_new_tokens"]:
+            break
+        keep = (~stop.done).nonzero().flatten().to(ids.device)
+        rows = [rows[i] for i in keep.tolist()]
+        cache.batch_select_indices(keep)
+        ids = ids[keep]
+        # the prompts' left padding, then every new token
+        mask = torch.cat([prompt_mask[rows], prompt_mask.new_ones(len(rows), ids.shape[1] - width)], dim=1)
+    return news
 
 
 def _completion(

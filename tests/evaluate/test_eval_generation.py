@@ -60,3 +60,22 @@ def test_complete_batch_stops_each_row_at_its_stop(tiny_tokenizer):
     assert [c.text for c in cut] == [c.text.split(stop)[0] for c in full]
     assert all(c.completion_tokens <= f.completion_tokens for c, f in zip(cut, full, strict=True))
     assert cut[0].finish_reason == "stop" and cut[0].completion_tokens < full[0].completion_tokens
+
+
+def test_finished_rows_leave_a_greedy_batch(tiny_tokenizer):
+    from dataclasses import replace
+
+    from fimtune.generate import complete_batch
+
+    model, prompter = tiny.llama(len(tiny_tokenizer)), FimPrompter(tiny_tokenizer)
+    holes = [HOLES[0]] * 5 + HOLES[1:]
+    params = GenerationParams(max_new_tokens=40)
+    stop = complete_batch(model, prompter, holes[:1], params)[0].text[4:6]  # the first 5 rows reach it early
+    params = replace(params, stop=[stop])
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    together = complete_batch(model, prompter, holes, params)
+    hook.remove()
+    alone = [complete_batch(model, prompter, [h], params)[0] for h in holes]
+    assert together == alone
+    assert rows[0] == len(holes) and rows[-1] < len(holes)  # the batch went on with the unfinished rows only
