@@ -428,21 +428,23 @@ def _greedy_rows(
     keep the finished rows computing. The same tokens as one call: greedy rows do not depend on each other."""
     from transformers import DynamicCache, StoppingCriteriaList
 
+    from fimtune.serve.static import forward_keywords
+
     width, rows, prompt_mask = ids.shape[1], list(range(len(ids))), mask
     news: list[list[int]] = [[] for _ in rows]
-    cache = DynamicCache()
+    kv, keyword = DynamicCache(), forward_keywords(model)[0]  # `cache` from transformers 5.24, `past_key_values` before
     while rows:
         left = options["max_new_tokens"] - (ids.shape[1] - width)
         stop = RowsDone(criteria, end_ids, len(rows))
-        ids = model.generate(input_ids=ids, attention_mask=mask, cache=cache,
-                             stopping_criteria=StoppingCriteriaList([stop]), **{**options, "max_new_tokens": left})  # fmt: skip
+        ids = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=StoppingCriteriaList([stop]),
+                             **{keyword: kv}, **{**options, "max_new_tokens": left})  # fmt: skip
         for r, row in zip(rows, ids, strict=True):
             news[r] = row[width:].tolist()
         if ids.shape[1] - width >= options["max_new_tokens"]:
             break
         keep = (~stop.done).nonzero().flatten().to(ids.device)
         rows = [rows[i] for i in keep.tolist()]
-        cache.batch_select_indices(keep)
+        kv.batch_select_indices(keep)
         ids = ids[keep]
         # the prompts' left padding, then every new token
         mask = torch.cat([prompt_mask[rows], prompt_mask.new_ones(len(rows), ids.shape[1] - width)], dim=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tests import tiny
 
@@ -62,12 +63,15 @@ def test_complete_batch_stops_each_row_at_its_stop(tiny_tokenizer):
     assert cut[0].finish_reason == "stop" and cut[0].completion_tokens < full[0].completion_tokens
 
 
-def test_finished_rows_leave_a_greedy_batch(tiny_tokenizer):
+@pytest.mark.parametrize("family", ["llama", "gpt_bigcode"])
+def test_finished_rows_leave_a_greedy_batch(tiny_tokenizer, family):
+    """Greedy rows that are done leave the batch (with their KV cache rows): the other rows' tokens
+    are those each gets alone, and the later steps run fewer rows."""
     from dataclasses import replace
 
     from fimtune.generate import complete_batch
 
-    model, prompter = tiny.llama(len(tiny_tokenizer)), FimPrompter(tiny_tokenizer)
+    model, prompter = getattr(tiny, family)(len(tiny_tokenizer)), FimPrompter(tiny_tokenizer)
     holes = [HOLES[0]] * 5 + HOLES[1:]
     params = GenerationParams(max_new_tokens=40)
     stop = complete_batch(model, prompter, holes[:1], params)[0].text[4:6]  # the first 5 rows reach it early
