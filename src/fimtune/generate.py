@@ -391,8 +391,8 @@ def complete_batch(
     )
     with without_cudnn_attention():  # each batch's width, and each step's keys, a new shape
         if sample:  # one call: the rows draw from one random stream, which a smaller batch would shift
-            out = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=StoppingCriteriaList(criteria),
-                                 **options)  # fmt: skip
+            stopping = StoppingCriteriaList(criteria)
+            out = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=stopping, **options)
             news = [row[width:].tolist() for row in out]
         else:
             news = _greedy_rows(model, ids, mask, criteria, prompter.end_ids, options)
@@ -436,8 +436,8 @@ def _greedy_rows(
     while rows:
         left = options["max_new_tokens"] - (ids.shape[1] - width)
         stop = RowsDone(criteria, end_ids, len(rows))
-        ids = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=StoppingCriteriaList([stop]),
-                             **{keyword: kv}, **{**options, "max_new_tokens": left})  # fmt: skip
+        call = {**options, "max_new_tokens": left, keyword: kv}
+        ids = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=StoppingCriteriaList([stop]), **call)
         for r, row in zip(rows, ids, strict=True):
             news[r] = row[width:].tolist()
         if ids.shape[1] - width >= options["max_new_tokens"]:

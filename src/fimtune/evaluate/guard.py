@@ -4,12 +4,12 @@
 process whose working folder is a private temporary folder; importing this module does
 nothing. In the child, :func:`main`:
 
-- makes writes outside the working folder (``os.devnull`` aside) fail (``open``, ``io.open``, ``os.open``,
-  ``io.FileIO``, ``os.mkdir``/``makedirs`` check the resolved path and refuse ``dir_fd``),
-  and reads of other processes' ``/proc`` files (the evaluator's ``environ``: its tokens),
-  and deletes and renames too (``os.remove``/``unlink``/``rmdir``/``rename``/``replace``:
-  inside it they work, so ``tempfile`` does); in ``os`` and in ``posix`` below it, so
-  ``importlib.reload(os)`` does not undo them,
+- makes writes outside the working folder fail, ``os.devnull`` aside (``open``, ``io.open``,
+  ``os.open``, ``io.FileIO``, ``os.mkdir``/``makedirs`` check the resolved path and refuse
+  ``dir_fd``), and reads of other processes' ``/proc`` files (the evaluator's ``environ``: its
+  tokens), and deletes and renames too (``os.remove``/``unlink``/``rmdir``/``rename``/``replace``:
+  inside it they work, so ``tempfile`` does); in ``os`` and ``posix`` below it, and in ``io`` and
+  ``_io`` below it, so reloading ``os`` or ``io`` does not undo them,
 - replaces destructive or escaping functions (chmod, chdir, kill, signals to other processes,
   fork, exec, ``subprocess``, ``shutil.move``/``copy``, ``os._exit``, sockets...) with ones that
   raise ``PermissionError``, in ``os`` and in ``posix`` below it, and the process starter of
