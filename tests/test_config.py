@@ -157,6 +157,17 @@ def test_yaml_section_not_a_mapping_with_an_override(tmp_path):
     assert load_run_config(p, ["lora.r=4"]).lora.r == 4
 
 
+def test_yaml_empty_section_loads_as_its_defaults(tmp_path):
+    """A section whose keys are all commented out was refused ('give a mapping, not None') unless an
+    override named one of its keys."""
+    p = tmp_path / "c.yaml"
+    p.write_text("lora:\n  # r: 4\ntrain:\n  max_steps: 5\n")
+    cfg = load_run_config(p)
+    assert (cfg.lora, cfg.train.max_steps) == (RunConfig().lora, 5)
+    with pytest.raises(ConfigError, match="config key 'lora' is a section: give a mapping, not None"):
+        load_run_config(None, ["lora=null"])  # an override still gives a mapping or a key
+
+
 def test_yaml_merge_keys_and_odd_keys(tmp_path):
     """The duplicate-key check refused YAML's merge key (`<<: *anchor`) and crashed (TypeError) on a
     list or mapping as a key."""

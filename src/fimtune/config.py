@@ -426,6 +426,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     for key, value in (data or {}).items():
         if key not in hints or key not in names:
             raise _unknown_key(str(key), names, where)
+        if value is None and dataclasses.is_dataclass(hints[key]):  # `lora:` with its keys commented out
+            value = {}
         kwargs[key] = coerce(value, hints[key], f"{where}{key}")
     return cls(**kwargs)
 
