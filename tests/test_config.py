@@ -109,6 +109,14 @@ def test_an_overrides_error_does_not_blame_the_file(tmp_path):
         load_run_config(p, ["train.max_steps=3"])
 
 
+def test_a_section_override_keeps_the_files_other_keys():
+    """`lora={r: 8}` over the seed preset reset its alpha, dropout and targets to the defaults."""
+    seed = Path(__file__).parents[1] / "configs" / "seed-starcoderbase-1b.yaml"
+    cfg = load_run_config(seed, ["lora={r: 8, alpha: 16}"])
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 16, 0.1)
+    assert cfg.lora.target_modules == load_run_config(seed).lora.target_modules
+
+
 def test_line_end_cuts_need_character_cuts_at_line_starts():
     with pytest.raises(
         ConfigError, match=r"'fim.line_end_rate'.*fim.unit=char and fim.spans=line \(got unit 'token', spans 'line'\)"

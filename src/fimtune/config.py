@@ -484,6 +484,8 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> di
                 if text_field and value is not None and not isinstance(value, (str, list, dict)):
                     value = text.split("=", 1)[1].strip()  # `output_dir=1.10`: 1.10, not YAML's 1.1
                 coerce(value, hint, f"{where}{name}")
+                if isinstance(value, dict) and isinstance(node.get(name), dict):
+                    value = {**node[name], **value}  # `lora={r: 8}`: the file's other lora keys stay
                 node[name] = value
             elif not dataclasses.is_dataclass(hint):
                 raise ConfigError(f"config key '{where}{name}' is not a section, so '{text}' is invalid")
