@@ -109,6 +109,18 @@ def test_an_overrides_error_does_not_blame_the_file(tmp_path):
         load_run_config(p, ["train.max_steps=3"])
 
 
+def test_none_as_python_writes_it_is_null_where_a_key_takes_null(tmp_path):
+    """`data.hf=None` named a Hub dataset "None", `lora.target_modules=None` a module "None", and
+    `train.max_steps=None` was not an integer: each means null where the key takes one."""
+    cfg = load_run_config(None, ["data.hf=None", "lora.target_modules=None", "train.max_steps=None"])
+    assert (cfg.data.hf, cfg.lora.target_modules, cfg.train.max_steps) == (None, None, None)
+    with pytest.raises(ConfigError, match="model.quantization"):  # a key without null keeps its own choices
+        load_run_config(None, ["model.quantization=None"])
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  hf: None\n")  # in a file too
+    assert load_run_config(p).data.hf is None
+
+
 def test_a_section_override_keeps_the_files_other_keys():
     """`lora={r: 8}` over the seed preset reset its alpha, dropout and targets to the defaults."""
     seed = Path(__file__).parents[1] / "configs" / "seed-starcoderbase-1b.yaml"

@@ -369,7 +369,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' is a section: give a mapping, not {value!r}")
         return from_dict(tp, value, where=f"{key}.")
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if (value is None or value == "None") and type(None) in args:  # `None`: Python's spelling of null
             return None
         errors = []
         for a in args:
