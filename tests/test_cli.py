@@ -138,7 +138,8 @@ def test_unknown_option_shows_its_commands_usage_and_the_likely_meaning(capsys, 
 
 def test_dry_run_and_config_refuse_what_a_run_would(capsys):
     """`--dry-run` refuses what the run itself refuses after loading its model (two data sources,
-    quantization without a CUDA GPU); `fimtune config` checks the numbers' ranges as a run does."""
+    quantization without a CUDA GPU, CUDA graphs of checkpointed or uncompiled blocks); `fimtune
+    config` checks the numbers' ranges as a run does."""
     demo = ["train", "--config", "configs/smollm2-demo.yaml"]
     assert main([*demo, "data.hf=smangrul/hf-stack-v1", "--dry-run"]) == 2  # data.path is set too
     assert "set exactly one of data.path" in capsys.readouterr().err
@@ -147,6 +148,11 @@ def test_dry_run_and_config_refuse_what_a_run_would(capsys):
     if not torch.cuda.is_available():
         assert main([*demo, "model.quantization=4bit", "--dry-run"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+    graphs = ("train.cuda_graphs=true", "train.compile=true")
+    assert main([*demo, *graphs, "train.gradient_checkpointing=true", "--dry-run"]) == 2
+    assert "train.cuda_graphs: checkpointed blocks" in capsys.readouterr().err
+    assert main([*demo, "train.cuda_graphs=true", "train.compile=false", "--dry-run"]) == 2
+    assert "train.cuda_graphs: the graphs are the compiled blocks'" in capsys.readouterr().err
     assert main([*demo, "--dry-run"]) == 0
     capsys.readouterr()
     assert main(["config", "lora.r=0"]) == 2 and "'lora.r' must be at least 1" in capsys.readouterr().err

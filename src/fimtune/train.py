@@ -172,7 +172,7 @@ def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: l
         _check_fp8(accelerator)
     checkpointing = {"use_reentrant": False}
     cuda = accelerator.device.type == "cuda"
-    want_compile = tc.compile if tc.compile is not None else cuda and cfg.model.quantization == "none"
+    want_compile = _compiles(cfg, cuda)
     if tc.cuda_graphs:
         _check_cuda_graphs(cfg, accelerator, want_compile)
 
@@ -544,19 +544,28 @@ def _check_cuda_graphs(cfg: RunConfig, accelerator: Any, compiled: bool) -> None
     """`train.cuda_graphs` where compiled blocks can replay graphs; on a CPU, a note that they will not."""
     from fimtune.engines import weight_engine
 
-    tc = cfg.train
     engine = weight_engine(accelerator)
-    why = None
-    if not compiled:
-        why = "the graphs are the compiled blocks', and train.compile is off (its default off CUDA GPUs and for quantized models)"
-    elif tc.gradient_checkpointing:
-        why = "checkpointed blocks run their forward pass again inside the backward pass, outside the recorded order"
-    elif engine:
+    why = _cuda_graphs_refusal(cfg.train, compiled)
+    if why is None and engine:
         why = f"{engine} gathers or moves the parameters in hooks around each block"
     if why:
         raise FimtuneError(f"train.cuda_graphs: {why}; drop train.cuda_graphs")
     if accelerator.device.type != "cuda":
         log.warning("train.cuda_graphs: no CUDA device; the blocks run compiled, without CUDA graphs")
+
+
+def _cuda_graphs_refusal(tc: Any, compiled: bool) -> str | None:
+    """Why the config's blocks cannot replay CUDA graphs (None: they can, as far as the config tells)."""
+    if not compiled:
+        return "the graphs are the compiled blocks', and train.compile is off (its default off CUDA GPUs and for quantized models)"
+    if tc.gradient_checkpointing:
+        return "checkpointed blocks run their forward pass again inside the backward pass, outside the recorded order"
+    return None
+
+
+def _compiles(cfg: RunConfig, cuda: bool) -> bool:
+    """Whether the blocks are compiled: `train.compile`, by default on CUDA GPUs for unquantized models."""
+    return cfg.train.compile if cfg.train.compile is not None else cuda and cfg.model.quantization == "none"
 
 
 def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tuple[float, float | None, float]]:
@@ -1033,15 +1042,18 @@ ASSUMED_FLOPS = {
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Refuse what a run would refuse only after loading its model and data: its data source, and
-    quantization (bitsandbytes) without a CUDA GPU. `fimtune train` checks it before the plan, so
-    `--dry-run` says so too."""
+    """Refuse what a run would refuse only after loading its model and data: its data source,
+    quantization (bitsandbytes) without a CUDA GPU, and CUDA graphs of blocks that cannot replay
+    them. `fimtune train` checks it before the plan, so `--dry-run` says so too."""
     from fimtune.dataset import check_source
     from fimtune.model import quantization_config
 
     check_source(cfg.data)
-    if cfg.model.quantization != "none" and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cfg.model.quantization != "none" and not cuda:
         quantization_config(cfg.model.quantization, torch.device("cpu"))  # its error, with what to do
+    if cfg.train.cuda_graphs and (why := _cuda_graphs_refusal(cfg.train, _compiles(cfg, cuda))):
+        raise FimtuneError(f"train.cuda_graphs: {why}; drop train.cuda_graphs")
 
 
 def describe_plan(cfg: RunConfig) -> str:
