@@ -98,6 +98,14 @@ def test_default_cache_location(tiny_tokenizer, texts, token_cache):
     assert out.path.parent == token_cache
 
 
+def test_a_cache_folder_that_cannot_be_written_is_a_clear_error(tiny_tokenizer, texts, tmp_path, monkeypatch):
+    """A read-only $FIMTUNE_CACHE, or a file where it should be, was a traceback from mkdir."""
+    (tmp_path / "cache").write_text("a file, not a folder")
+    monkeypatch.setenv("FIMTUNE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FimtuneError, match=r"token cache.*set FIMTUNE_CACHE to a writable folder"):
+        tokenize_split(split(texts), tiny_tokenizer, progress=False)
+
+
 def test_empty_split(tiny_tokenizer, tmp_path):
     out = tokenize_split(split([]), tiny_tokenizer, cache_dir=tmp_path, progress=False)
     assert (out.n_docs, out.n_tokens, out.chars_per_token) == (0, 0, 0.0)

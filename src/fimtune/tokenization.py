@@ -321,8 +321,13 @@ def tokenize_split(
 def _write_cache(ds: Any, tokenizer: Any, column: str, folder: Path, progress: bool) -> None:
     from tqdm.auto import tqdm
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as e:  # a read-only cache folder, or a file where it should be
+        raise FimtuneError(
+            f"could not write the token cache to {folder.parent} ({e}); set {CACHE_ENV} to a writable folder"
+        ) from None
     lengths, chars = [np.zeros(1, OFFSET_DTYPE)], 0
     bar = tqdm(total=ds.num_rows, desc="tokenizing", unit="file", disable=not progress, dynamic_ncols=True)
     try:
