@@ -281,6 +281,17 @@ def test_an_interrupted_gguf_dequantization_leaves_nothing_in_the_cache(tmp_path
     assert (out / "config.json").is_file() and [p.name for p in out.parent.iterdir()] == [out.name]
 
 
+def test_the_gguf_cache_shares_the_token_caches_folder_with_a_tilde_in_fimtune_cache(tmp_path, monkeypatch):
+    """FIMTUNE_CACHE=~/c (quoted, or from a unit file) put dequantized models in ./~/c, beside each
+    working folder, while the token cache went to ~/c."""
+    from fimtune.model import cache_dir
+    from fimtune.tokenization import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FIMTUNE_CACHE", "~/c")
+    assert cache_dir() == cache_root().parent == tmp_path / "c"
+
+
 def test_a_cache_folder_that_cannot_be_written_is_a_clear_error_naming_the_gguf(tmp_path, tiny_tokenizer, monkeypatch):
     """A read-only or full cache ($FIMTUNE_CACHE) was a traceback from deep in save_pretrained."""
     import transformers

@@ -91,7 +91,7 @@ def attn_implementation(choice: str | None, device: torch.device, training: bool
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "fimtune"))
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "fimtune")).expanduser()
 
 
 def materialize_gguf(src: ModelSource) -> Path:
