@@ -284,12 +284,12 @@ def test_an_interrupted_gguf_dequantization_leaves_nothing_in_the_cache(tmp_path
 def test_the_gguf_cache_shares_the_token_caches_folder_with_a_tilde_in_fimtune_cache(tmp_path, monkeypatch):
     """FIMTUNE_CACHE=~/c (quoted, or from a unit file) put dequantized models in ./~/c, beside each
     working folder, while the token cache went to ~/c."""
-    from fimtune.model import cache_dir
+    import fimtune.model as model_module
     from fimtune.tokenization import cache_root
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("FIMTUNE_CACHE", "~/c")
-    assert cache_dir() == cache_root().parent == tmp_path / "c"
+    assert model_module.cache_home() == cache_root().parent == tmp_path / "c"  # the folder GGUF copies go to
 
 
 def test_a_cache_folder_that_cannot_be_written_is_a_clear_error_naming_the_gguf(tmp_path, tiny_tokenizer, monkeypatch):

@@ -24,6 +24,7 @@ from fimtune.config import LoraConfig, ModelConfig
 from fimtune.errors import FimtuneError
 from fimtune.fim import FimTokens
 from fimtune.hub import ModelSource, hub_error, load_tokenizer, offline_path, resolve_model
+from fimtune.tokenization import CACHE_ENV, cache_home
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CACHE_ENV = "FIMTUNE_CACHE"
 
 
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -90,10 +90,6 @@ def attn_implementation(choice: str | None, device: torch.device, training: bool
     return choice
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "fimtune")).expanduser()
-
-
 def materialize_gguf(src: ModelSource) -> Path:
     """Dequantize a GGUF model once into a plain transformers folder (safetensors), cached.
 
@@ -103,7 +99,7 @@ def materialize_gguf(src: ModelSource) -> Path:
     gguf = Path(src.name_or_path) / str(src.gguf_file)
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    out = cache_home() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         return out
     from transformers import AutoModelForCausalLM

@@ -43,9 +43,14 @@ TOKEN_DTYPE = np.int32
 OFFSET_DTYPE = np.int64
 
 
+def cache_home() -> Path:
+    """fimtune's cache folder: ``$FIMTUNE_CACHE`` (``~`` expanded), by default ``~/.cache/fimtune``."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "fimtune")).expanduser()
+
+
 def cache_root() -> Path:
     """``$FIMTUNE_CACHE/tokens``, by default ``~/.cache/fimtune/tokens``."""
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "fimtune")).expanduser() / "tokens"
+    return cache_home() / "tokens"
 
 
 # --------------------------------------------------------------------------------------
