@@ -1,5 +1,7 @@
 """Model loading, FIM token rows and LoRA attachment on tiny GPTBigCode and Llama models."""
 
+import os
+import shutil
 import warnings
 
 import pytest
@@ -279,6 +281,13 @@ def test_an_interrupted_gguf_dequantization_leaves_nothing_in_the_cache(tmp_path
     monkeypatch.setattr(model_module, "load_tokenizer", lambda _: tiny_tokenizer)
     out = model_module.materialize_gguf(ModelSource(str(tmp_path), "m.gguf"))
     assert (out / "config.json").is_file() and [p.name for p in out.parent.iterdir()] == [out.name]
+    # Another process writing the same copy (in another container, with this process's id) keeps its folder.
+    shutil.rmtree(out)
+    theirs = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    theirs.mkdir()
+    (theirs / "config.json").write_text("{}")
+    assert model_module.materialize_gguf(ModelSource(str(tmp_path), "m.gguf")) == out
+    assert (out / "model.safetensors").is_file() and (theirs / "config.json").read_text() == "{}"
 
 
 def test_the_gguf_cache_shares_the_token_caches_folder_with_a_tilde_in_fimtune_cache(tmp_path, monkeypatch):

@@ -11,8 +11,8 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,13 +110,16 @@ def materialize_gguf(src: ModelSource) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp: Path | None = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # a folder of its own: another process's (another container's pid 1 too) is never touched
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         model.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(_label(src)).save_pretrained(tmp)
     except BaseException as e:  # an interrupt or a full disk: no half-written copy left in the cache
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # a read-only or full cache folder
             raise FimtuneError(
                 f"could not write the dequantized copy of GGUF file '{gguf}' to {out.parent} ({e}); "
