@@ -68,6 +68,11 @@ def test_output_to_a_reader_that_left_ends_quietly():
     assert proc.wait(timeout=60) == 141 and err == "", err
 
 
+def test_inspect_refuses_a_negative_sample_count(tmp_path, capsys):
+    assert main(["data", "inspect", str(tmp_path), "--n", "-1"]) == 2  # it printed no sample, silently
+    assert capsys.readouterr().err == "error: --n must be 0 (the summary alone) or more (got -1)\n"
+
+
 def test_stop_after_no_step_is_refused_before_anything_loads(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--stop-after", "0", f"output_dir={out}"]) == 2

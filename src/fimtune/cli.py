@@ -117,6 +117,8 @@ def cmd_data_build(ns: argparse.Namespace) -> int:
 def cmd_data_inspect(ns: argparse.Namespace) -> int:
     from fimtune.preview import inspect_dataset
 
+    if ns.n < 0:
+        raise FimtuneError(f"--n must be 0 (the summary alone) or more (got {ns.n})")
     cfg: RunConfig = load_run_config(ns.config, ns.overrides)
     model = ns.model or cfg.model.name_or_path  # the run's tokenizer, as training will use
     print(inspect_dataset(Path(ns.dataset), model=model, n=ns.n, cfg=cfg, split=ns.split))
