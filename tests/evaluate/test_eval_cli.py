@@ -47,6 +47,16 @@ def test_eval_writes_the_report(tiny_run, token_cache, capsys):
     assert len(samples) == 6 and {"middle", "base_completion", "tuned_completion"} <= samples[0].keys()
 
 
+def test_eval_again_leaves_no_file_of_the_earlier_report(tmp_path, tiny_run, token_cache, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    earlier = ("infill.png", "humaneval.png", "infill_samples.jsonl", "humaneval_samples.jsonl")
+    for name in earlier:  # what an eval of every task left in the folder
+        (out / name).write_text("earlier")
+    assert main(["eval", str(tiny_run), "--tasks", "loss", "--limit", "1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "loss_curves.png", "report.json", "report.md"]
+
+
 def test_eval_rejects_bad_input(tmp_path, tiny_run, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err

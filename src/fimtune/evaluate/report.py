@@ -20,6 +20,7 @@ COLORS = {"base": "#9aa5b1", "tuned": "#2f6fde"}
 FIGURE_DPI = 110
 METRIC_NAMES = {"exact_match": "exact match", "edit_similarity": "edit similarity", "parse_rate": "parse rate"}
 UNITS = {"loss": "rows", "infill": "holes", "humaneval": "problems"}
+PLOTS = ("loss_curves.png", "loss.png", "infill.png", "humaneval.png")
 
 
 def fmt_estimate(e: dict[str, Any] | None, signed: bool = False) -> str:
@@ -132,6 +133,8 @@ def write_report(out: Path, report: dict[str, Any], metrics_path: Path | None) -
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     plots = write_plots(out, report, metrics_path)
+    for name in set(PLOTS) - set(plots):  # an earlier report's plot in this folder would pass for this one's
+        (out / name).unlink(missing_ok=True)
     (out / REPORT_MD).write_text(markdown(report, plots), encoding="utf-8")
     return plots
 

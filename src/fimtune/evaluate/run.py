@@ -5,7 +5,8 @@
     fimtune eval runs/mine --limit 20                       # 20 HumanEval problems, 20 loss rows per format
 
 Writes report.json, report.md, PNG plots, infill_samples.jsonl and humaneval_samples.jsonl
-(every completion of both models, for reading), and prints the table.
+(every completion of both models, for reading), and prints the table. The report replaces
+an earlier one in the same folder, files of tasks it did not run included.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from fimtune.errors import FimtuneError
 
 TASKS = ("loss", "infill", "humaneval")
 EVAL_DIR = "eval"
+SAMPLE_FILES = {  # task -> (its file of completions, the key of its records in the results)
+    "infill": ("infill_samples.jsonl", "samples"),
+    "humaneval": ("humaneval_samples.jsonl", "samples_detail"),
+}
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -188,10 +193,11 @@ def main(ns: argparse.Namespace) -> int:
         results[task] = RUNNERS[task](ctx, ns)
         results[task]["wall_s"] = round(time.perf_counter() - t, 2)
         print(f"{task}: done in {results[task]['wall_s']:.1f} s", file=sys.stderr, flush=True)
-    if "infill" in results:
-        write_jsonl(out / "infill_samples.jsonl", results["infill"].pop("samples"))
-    if "humaneval" in results:
-        write_jsonl(out / "humaneval_samples.jsonl", results["humaneval"].pop("samples_detail"))
+    for task, (name, key) in SAMPLE_FILES.items():
+        if task in results:
+            write_jsonl(out / name, results[task].pop(key))
+        else:  # an earlier eval's samples in this folder would pass for this one's
+            (out / name).unlink(missing_ok=True)
     report = {
         "run": str(run),
         "base_model": ctx["cfg"].model.name_or_path,
