@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fimtune.cli import main
 
 PLOTS = ("loss_curves.png", "loss.png", "infill.png", "humaneval.png")
@@ -55,6 +57,16 @@ def test_eval_again_leaves_no_file_of_the_earlier_report(tmp_path, tiny_run, tok
         (out / name).write_text("earlier")
     assert main(["eval", str(tiny_run), "--tasks", "loss", "--limit", "1", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["loss.png", "loss_curves.png", "report.json", "report.md"]
+
+
+def test_eval_keeps_every_humaneval_sample(tmp_path, tiny_run, token_cache, capsys):
+    args = ["--tasks", "humaneval", "--limit", "2", "--samples", "3", "--out", str(tmp_path)]
+    assert main(["eval", str(tiny_run), *args]) == 0
+    records = [json.loads(line) for line in (tmp_path / "humaneval_samples.jsonl").read_text().splitlines()]
+    assert [(r["task_id"], r["sample"]) for r in records] == [(f"HumanEval/{i}", j) for i in range(2) for j in range(3)]
+    report = json.loads((tmp_path / "report.json").read_text())["tasks"]["humaneval"]
+    for name in ("base", "tuned"):  # pass@1 of 3 samples: the share of the 6 samples that passed
+        assert report[name]["pass@1"]["value"] == pytest.approx(sum(r[f"{name}_passed"] for r in records) / 6)
 
 
 def test_eval_rejects_bad_input(tmp_path, tiny_run, capsys):

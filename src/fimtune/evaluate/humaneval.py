@@ -143,7 +143,7 @@ def evaluate(
         "prompt": "left-to-right",
         "timeout_s": timeout_s,
     }
-    records: list[dict[str, Any]] = [{"task_id": p["task_id"]} for p in problems]
+    records: list[dict[str, Any]] = [{"task_id": p["task_id"], "sample": j} for p in problems for j in range(samples)]
     for name in VARIANTS:
         torch.manual_seed(seed)  # the same sampling stream for both (greedy needs none)
         tick = (lambda k, name=name: progress(name, k, len(holes))) if progress else None
@@ -153,9 +153,9 @@ def evaluate(
         runs = run_programs(sources, timeout_s)
         passed = [[r.passed for r in runs[i * samples : (i + 1) * samples]] for i in range(len(problems))]
         out[name] = summarise(passed, samples)
-        for i, rec in enumerate(records):
-            rec[f"{name}_completion"] = texts[i * samples]
-            rec[f"{name}_passed"] = sum(passed[i])
-            rec[f"{name}_status"] = runs[i * samples].status
+        for rec, text, r in zip(records, texts, runs, strict=True):  # one record per sample, in the holes' order
+            rec[f"{name}_completion"] = text
+            rec[f"{name}_passed"] = int(r.passed)
+            rec[f"{name}_status"] = r.status
     out["samples_detail"] = records
     return out
