@@ -160,7 +160,11 @@ def load(run: Path) -> dict[str, Any]:
     loaded = load_run(run, device)
     return {"cfg": cfg, "model": loaded.model, "tokenizer": loaded.tokenizer,
             "prompter": FimPrompter(loaded.tokenizer),
-            "device": str(device) + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")}  # fmt: skip
+            "device": str(device) + (f" ({_threads(torch.get_num_threads())})" if device.type == "cpu" else "")}  # fmt: skip
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
 
 
 def notes(ctx: dict[str, Any]) -> list[str]:
@@ -171,8 +175,8 @@ def notes(ctx: dict[str, Any]) -> list[str]:
     ]
     if peft_cfg is not None and (getattr(peft_cfg, "trainable_token_indices", None) or peft_cfg.modules_to_save):
         out.append("The base model has no FIM tokens of its own: the run added them, so the base reads them "
-                   "through untrained embedding rows (FIM figures of the base are those of a model that never "
-                   "saw FIM).")  # fmt: skip
+                   "through rows it never trained (drawn near the mean of its known rows, as training started them: FIM "
+                   "figures of the base are those of a model that never saw FIM).")  # fmt: skip
     return out
 
 
