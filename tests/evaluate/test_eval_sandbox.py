@@ -41,6 +41,13 @@ def test_unbounded_allocation_fails_and_the_parent_survives():
     assert run_program("print('still here')").output == "still here\n"
 
 
+def assert_refused(sources: list[str]) -> None:
+    """Each program fails on the guards' PermissionError."""
+    for src in sources:
+        r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
+        assert r.status == "failed" and "PermissionError" in r.output, (src, r.output)
+
+
 def test_writes_outside_its_folder_leave_no_file(tmp_path):
     outside = [tmp_path / f"escape-{uuid.uuid4().hex}.txt", f"/tmp/fimtune-escape-{uuid.uuid4().hex}.txt"]
     attempts = [
@@ -51,19 +58,15 @@ def test_writes_outside_its_folder_leave_no_file(tmp_path):
         f"import os\nos.makedirs({str(tmp_path / 'made')!r})",
         f"open('../../{os.path.basename(outside[1])}', 'w')",
     ]
-    for src in attempts:
-        r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
-        assert r.status == "failed" and "PermissionError" in r.output, src
+    assert_refused(attempts)
     assert not any(os.path.exists(p) for p in outside) and not (tmp_path / "made").exists()
 
 
 def test_destructive_functions_are_refused_and_the_folder_is_private(tmp_path):
     victim = tmp_path / "keep.txt"
     victim.write_text("keep")
-    for src in (f"import os\nos.remove({str(victim)!r})", f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
-                "import subprocess\nsubprocess.run(['true'])", "import os\nos.system('true')"):  # fmt: skip
-        r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
-        assert r.status == "failed" and "PermissionError" in r.output, src
+    assert_refused([f"import os\nos.remove({str(victim)!r})", f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
+                    "import subprocess\nsubprocess.run(['true'])", "import os\nos.system('true')"])  # fmt: skip
     assert victim.read_text() == "keep"
     # Inside its own folder a program may write and read; it sees a clean environment.
     r = run_program("import os\nopen('a.txt', 'w').write('hi')\nprint(open('a.txt').read(), sorted(os.environ))")
@@ -81,9 +84,7 @@ def test_processes_started_below_os_and_other_processes_files_are_refused(tmp_pa
         "p.start()\np.join()\n"
     )
     environ = "import os\nprint(open(f'/proc/{os.getppid()}/environ', 'rb').read())"
-    for src in ("import posix\nposix.fork()", "import posix\nposix.system('true')", spawn, environ):
-        r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
-        assert r.status == "failed" and "PermissionError" in r.output, (src, r.output)
+    assert_refused(["import posix\nposix.fork()", "import posix\nposix.system('true')", spawn, environ])
     time.sleep(0.2)
     assert not marker.exists()
     assert run_program("print(len(open('/proc/self/status').read()) > 0)", timeout_s=5.0).output == "True\n"
@@ -137,9 +138,7 @@ def test_a_program_may_delete_and_rename_inside_its_folder_but_not_signal_or_con
         "import socket\nsocket.create_connection(('127.0.0.1', 9))",
         "import socket\nsocket.socket()",
     ]
-    for src in refused:
-        r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
-        assert r.status == "failed" and "PermissionError" in r.output, (src, r.output)
+    assert_refused(refused)
     assert victim.read_text() == "keep"
 
 
@@ -156,9 +155,7 @@ def test_the_guards_hold_below_os_and_after_reloading_it(tmp_path):
         f"import posix\nposix.rename({str(victim)!r}, 'here.txt')",
         f"import posix\nposix.mkdir({str(made)!r})",
     ]
-    for src in attempts:
-        r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
-        assert r.status == "failed" and "PermissionError" in r.output, (src, r.output)
+    assert_refused(attempts)
     assert victim.read_text() == "keep" and not made.exists()
 
 
@@ -171,9 +168,7 @@ def test_opens_and_folders_relative_to_a_folder_descriptor_are_refused(tmp_path)
         fd + "os.close(os.open('keep.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=fd))",
         fd + "os.mkdir('made', dir_fd=fd)",
     ]
-    for src in attempts:
-        r = run_program(src, timeout_s=5.0, memory_mb=MEMORY_MB)
-        assert r.status == "failed" and "PermissionError" in r.output, (src, r.output)
+    assert_refused(attempts)
     assert victim.read_text() == "keep" and not (tmp_path / "made").exists()
 
 
@@ -182,7 +177,7 @@ def test_reloading_io_does_not_give_back_writes_outside(tmp_path):
     victim = tmp_path / "keep.txt"
     victim.write_text("keep")
     reload = "import io, importlib, pathlib\nimportlib.reload(io)\n"
-    for call in (f"pathlib.Path({str(victim)!r}).write_text('x')", f"io.FileIO({str(victim)!r}, 'w')"):
-        r = run_program(reload + call, timeout_s=5.0, memory_mb=MEMORY_MB)
-        assert r.status == "failed" and "PermissionError" in r.output, (call, r.output)
+    assert_refused(
+        [reload + f"pathlib.Path({str(victim)!r}).write_text('x')", reload + f"io.FileIO({str(victim)!r}, 'w')"]
+    )
     assert victim.read_text() == "keep"
