@@ -138,3 +138,22 @@ def test_size_limit_is_for_a_notebooks_code_not_its_saved_outputs(tmp_path):
     docs, tally = scan(tmp_path / "b", max_file_size=limit)
     assert [d.file_path for d in docs] == ["ok.py"] and tally.skipped_files == {"too_large": 1}
     assert tally.bytes_read == len(code("ok"))  # the huge notebook is never read
+
+
+def test_nbformat_3_worksheets_keep_their_code_cells():
+    """IPython 1-2 saved nbformat 3: cells inside `worksheets`, a code cell's text in `input`."""
+    nb = {
+        "nbformat": 3,
+        "metadata": {"name": ""},
+        "worksheets": [
+            {
+                "cells": [
+                    {"cell_type": "markdown", "source": ["# Fit\n", "a line"]},
+                    {"cell_type": "code", "language": "python", "input": ["import numpy as np\n", "x = np.ones(3)"]},
+                    {"cell_type": "code", "language": "python", "input": "!ls"},
+                ]
+            }
+        ],
+    }
+    assert notebook_to_code(json.dumps(nb)) == ("import numpy as np\nx = np.ones(3)\n", "python")
+    assert notebook_to_code(json.dumps(nb), keep_markdown=True)[0].startswith("# # Fit\n# a line\n\nimport numpy")

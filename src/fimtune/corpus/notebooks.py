@@ -99,16 +99,28 @@ def _parse(raw: str) -> dict[str, Any]:
         raise MalformedNotebook(f"not JSON: {e}") from None
     except RecursionError:
         raise MalformedNotebook("not JSON that Python reads: nested too deep") from None
+    if isinstance(nb, dict) and isinstance(nb.get("worksheets"), list) and "cells" not in nb:
+        nb = {**nb, "cells": _worksheet_cells(nb["worksheets"])}
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
-        raise MalformedNotebook("no list of cells (nbformat 4 is expected)")
+        raise MalformedNotebook("no list of cells (nbformat 4, or nbformat 3 worksheets, is expected)")
     return nb
 
 
+def _worksheet_cells(worksheets: list[Any]) -> list[Any]:
+    """The cells of an nbformat 3 notebook (IPython 1-2), its worksheets' in order."""
+    cells = []
+    for sheet in worksheets:
+        if not isinstance(sheet, dict) or not isinstance(sheet.get("cells"), list):
+            raise MalformedNotebook("a worksheet has no list of cells")
+        cells.extend(sheet["cells"])
+    return cells
+
+
 def _cell(cell: Any) -> tuple[str, str]:
-    """(cell_type, source as one string) of a cell; its source may be a list of lines."""
+    """(cell_type, source as one string) of a cell; its source (`input` in nbformat 3) may be a list of lines."""
     if not isinstance(cell, dict):
         raise MalformedNotebook("a cell is not an object")
-    source = cell.get("source", "")
+    source = cell.get("source", cell.get("input", ""))  # nbformat 3 code cells hold `input`
     if isinstance(source, list) and all(isinstance(s, str) for s in source):
         source = "".join(source)
     if not isinstance(source, str):
