@@ -1,6 +1,7 @@
 """Walking real folders: skipped folders, .gitignore, symlinks, odd files, sizes, counts."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,22 @@ def test_a_byte_order_mark_is_no_content(tmp_path):
     write(tmp_path, "b.py", b"\xef\xbb\xbf" + code("scale").encode())
     docs, _ = scan_folder(tmp_path)
     assert docs["a.py"] == docs["b.py"] == code("scale")
+
+
+def test_a_repositorys_info_exclude_applies_like_its_gitignore(tmp_path):
+    """`.git/info/exclude` holds a clone's own ignore rules (scratch files, local notes): git leaves
+    out what it matches, as a .gitignore's match, and a .gitignore may take a file back."""
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    write(repo, ".git/info/exclude", "scratch_*.py\nnotes/\n")
+    write(repo, "pkg/.gitignore", "!scratch_keep.py\n")
+    for name in ("a", "scratch_b", "notes/c", "pkg/scratch_keep", "pkg/d", "sub/scratch_e", "sub/f"):
+        write(repo, f"{name}.py", code(name.replace("/", "_")))
+    listed = subprocess.run(
+        ["git", "ls-files", "--others", "--exclude-standard", "*.py"], cwd=repo, capture_output=True, text=True
+    )
+    docs, tally = scan_folder(repo)
+    assert sorted(docs) == sorted(listed.stdout.split()) == ["a.py", "pkg/d.py", "pkg/scratch_keep.py", "sub/f.py"]
+    assert tally.skipped_files["gitignore"] == 2 and tally.skipped_dirs["gitignore"] == 1
+    docs, _ = scan_folder(repo / "sub")  # a subfolder of the repository: its rules apply there too
+    assert list(docs) == ["f.py"]

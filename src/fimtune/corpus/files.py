@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 GITIGNORE = ".gitignore"
 GIT_MARKER = ".git"  # a folder (or, in worktrees and submodules, a file)
+INFO_EXCLUDE = os.path.join(GIT_MARKER, "info", "exclude")  # a clone's own ignore rules, below its .gitignore files
 VIRTUALENV_MARKER = "pyvenv.cfg"
 SAVED_DATASET_MARKER = "dataset_dict.json"  # what `DatasetDict.save_to_disk` writes
 NOTEBOOK_RAW_SIZE_FACTOR = 20
@@ -131,7 +132,8 @@ def _gitignores_above(root: str) -> list:
             return []
         folders.append(up)
         parent = up
-    specs = []
+    exclude = _info_exclude(parent) if folders else None  # the root's own is read by the walk
+    specs = [("", _Above(exclude, os.path.relpath(here, parent).replace(os.sep, "/") + "/"))] if exclude else []
     for folder in reversed(folders):
         path = os.path.join(folder, GITIGNORE)
         if os.path.isfile(path):
@@ -140,6 +142,12 @@ def _gitignores_above(root: str) -> list:
     # A folder the repository ignores (a virtual environment's site-packages inside a project, a
     # build output) was asked for by name: its own files are wanted, whatever the rules above say.
     return [] if specs and gitignored(specs, "", is_dir=True) else specs
+
+
+def _info_exclude(repo_root: str) -> Any:
+    """The spec of the repository's `.git/info/exclude`, or None; git ranks it below every .gitignore."""
+    path = os.path.join(repo_root, INFO_EXCLUDE)
+    return _load_gitignore(path) if os.path.isfile(path) else None
 
 
 def _walk(
@@ -160,6 +168,9 @@ def _walk(
     names = {e.name for e in entries}
     if rel and GIT_MARKER in names:  # a nested repository
         repo, specs = (os.path.basename(path), rel), []
+    exclude = _info_exclude(path) if respect_gitignore and GIT_MARKER in names else None
+    if exclude:
+        specs = [*specs, (rel, exclude)]
     if respect_gitignore and GITIGNORE in names:
         specs = [*specs, (rel, _load_gitignore(os.path.join(path, GITIGNORE)))]
     repo_id, repo_rel = repo
