@@ -59,7 +59,7 @@ class CorpusConfig:
     keep_secrets: bool = False
     """Keep files that look like they hold secrets (private keys, cloud tokens, .env files)."""
     respect_gitignore: bool = True
-    """Skip files matched by the `.gitignore` files (nested ones too) of folder sources."""
+    """Skip files matched by the `.gitignore` files (nested ones too) and `.git/info/exclude` of folder sources."""
     notebook_markdown: bool = False
     """Keep the markdown cells of notebooks, as comments, beside the code cells."""
     languages: list[str] | None = None
