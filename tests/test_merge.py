@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -110,7 +111,13 @@ def test_merge_keeps_the_run_and_its_base_and_replaces_an_old_merge_only_when_do
     out = tmp_path / "merged"
     assert main(["merge", str(run), "--out", str(out)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(out)
-    assert merged.generation_config.eos_token_id == FimPrompter(AutoTokenizer.from_pretrained(out)).end_ids
+    prompter = FimPrompter(AutoTokenizer.from_pretrained(out))
+    assert merged.generation_config.eos_token_id == prompter.end_ids
+    # plain `generate` goes as far as `fimtune complete` does (not transformers' default of 20 tokens)
+    assert main(["complete", str(out), "--prefix", "def f(x):\n    ", "--suffix", "\n    return x\n"]) == 0
+    new_tokens = int(re.search(r"(\d+) new tokens", capsys.readouterr().err).group(1))
+    ids = torch.tensor([prompter.build("def f(x):\n    ", "\n    return x\n")])
+    assert merged.generate(ids, attention_mask=torch.ones_like(ids)).shape[1] - ids.shape[1] == new_tokens
     first = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
     rename = type(out).rename

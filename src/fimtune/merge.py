@@ -5,9 +5,9 @@ config and the tokenizer; it loads with plain ``AutoModelForCausalLM.from_pretra
 and gives the logits of base + adapter. The adapter is merged in fp32, and the weights saved in
 the run's `model.dtype` (`auto`: the base model's) unless ``--dtype`` names another. Its
 generation config stops where fimtune's completions stop (the document separator and the FIM
-tokens), so `generate` and other servers end a completion there too. A quantized (QLoRA) base
-is loaded unquantized for the merge, with transformers' default attention (the merge runs on the
-CPU). A run with LoRA on tied embeddings (trained before `fimtune train` refused it) is refused:
+tokens, or `complete`'s default of 128 new tokens), so `generate` and other servers end a
+completion there too. A quantized (QLoRA) base is loaded unquantized for the merge, with
+transformers' default attention (the merge runs on the CPU). A run with LoRA on tied embeddings (trained before `fimtune train` refused it) is refused:
 merged, its change would land in both embeddings at once. The folder is written under a
 temporary name and renamed when complete; with ``--overwrite`` the old folder is set aside
 first and comes back if the rename fails, so an interrupt never loses both.
@@ -28,7 +28,7 @@ def merge_run(run_dir: Path, out: Path, dtype: str | None = None, overwrite: boo
     """Merge the adapter of ``run_dir`` into its base and save the result to ``out``, its weights in
     ``dtype`` (a `model.dtype` name; default: the run's, see :func:`saved_dtype`)."""
     from fimtune.config import load_run_config
-    from fimtune.generate import FimPrompter
+    from fimtune.generate import FimPrompter, GenerationParams
     from fimtune.model import is_run_dir, load_run, lora_on_tied_embeddings, tied_embedding_names, tied_lora_problem
 
     if not is_run_dir(run_dir):
@@ -50,6 +50,8 @@ def merge_run(run_dir: Path, out: Path, dtype: str | None = None, overwrite: boo
         )
     merged = loaded.model.merge_and_unload().to(save_dtype)
     merged.generation_config.eos_token_id = FimPrompter(loaded.tokenizer).end_ids
+    # as long as fimtune's completions may be, not transformers' default of 20 new tokens
+    merged.generation_config.max_new_tokens = GenerationParams.max_new_tokens
     tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
