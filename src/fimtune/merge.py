@@ -7,10 +7,11 @@ the run's `model.dtype` (`auto`: the base model's) unless ``--dtype`` names anot
 generation config stops where fimtune's completions stop (the document separator and the FIM
 tokens, or `complete`'s default of 128 new tokens), so `generate` and other servers end a
 completion there too. A quantized (QLoRA) base is loaded unquantized for the merge, with
-transformers' default attention (the merge runs on the CPU). A run with LoRA on tied embeddings (trained before `fimtune train` refused it) is refused:
-merged, its change would land in both embeddings at once. The folder is written under a
-temporary name and renamed when complete; with ``--overwrite`` the old folder is set aside
-first and comes back if the rename fails, so an interrupt never loses both.
+transformers' default attention (the merge runs on the CPU). A run with LoRA on tied embeddings
+(trained before `fimtune train` refused it) is refused: merged, its change would land in both
+embeddings at once. The folder is written under a temporary name and renamed when complete;
+with ``--overwrite`` the old folder is set aside first and comes back if the rename fails, so an
+interrupt never loses both.
 """
 
 from __future__ import annotations
