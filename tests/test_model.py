@@ -349,3 +349,20 @@ def test_a_run_whose_fim_tokens_took_padding_rows_reloads_as_trained(tmp_path, t
         torch.testing.assert_close(loaded.model(ids).logits, trained.eval()(ids).logits, rtol=0, atol=1e-6)
         with loaded.model.disable_adapter(), trained.disable_adapter():
             torch.testing.assert_close(loaded.model(ids).logits, trained(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_a_run_of_a_model_with_its_own_fim_tokens_reloads_without_its_bases_tokenizer(
+    tmp_path, tiny_tokenizer, monkeypatch
+):
+    """FIM tokens of the model's own (StarCoder's, ids 1-4) were never added: reloading its run
+    does not read the base's tokenizer again to find out, padding rows or not."""
+    import fimtune.model as model_module
+    from fimtune.config import load_run_config, save_config
+
+    base = tiny.save_model_folder(tiny.llama(len(tiny_tokenizer) + 8), tiny_tokenizer, tmp_path / "base")
+    model = load_base_model(ModelConfig(name_or_path=str(base)), torch.device("cpu"))
+    attach_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0), []).save_pretrained(tmp_path / "run" / "adapter")
+    tiny_tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")
+    save_config(load_run_config(None, [f"model.name_or_path={base}"]), tmp_path / "run" / "config.yaml")
+    monkeypatch.setattr(model_module, "_added_fim_tokens", lambda _: pytest.fail("the base's tokenizer was read"))
+    model_module.load_run(tmp_path / "run", torch.device("cpu"))

@@ -524,8 +524,12 @@ def load_run(
     # `complete --compare-base`, the server's `base`) reads them as training started them, at the mean
     # of the known rows: resized rows, and padding rows the added tokens took (as `add_token_rows` did),
     # not at random or untrained values.
+    # Added tokens take the tokenizer's last ids: only FIM names there, on rows the model had, may have
+    # been added onto padding rows (the base's tokenizer tells; StarCoder's own FIM tokens are ids 1-4).
+    names = STARCODER.names()
     rows = base.get_input_embeddings().weight.shape[0]
-    padded = len(tokenizer) < rows + len(STARCODER.names())  # the added tokens may sit on padding rows
-    add_token_rows(base, tokenizer, _added_fim_tokens(model_cfg.name_or_path) if padded else [])
+    last = tokenizer.convert_ids_to_tokens(list(range(max(len(tokenizer) - len(names), 0), len(tokenizer))))
+    maybe = len(tokenizer) < rows + len(names) and set(last) & set(names)
+    add_token_rows(base, tokenizer, _added_fim_tokens(model_cfg.name_or_path) if maybe else [])
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
     return Loaded(model.eval(), tokenizer, run_dir.resolve().name, run_dir)  # `.`: the folder's own name
