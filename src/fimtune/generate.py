@@ -428,7 +428,7 @@ def _greedy_rows(
     keep the finished rows computing. The same tokens as one call: greedy rows do not depend on each other."""
     from transformers import DynamicCache, StoppingCriteriaList
 
-    from fimtune.serve.static import forward_keywords
+    from fimtune.model import forward_keywords
 
     width, rows, prompt_mask = ids.shape[1], list(range(len(ids))), mask
     news: list[list[int]] = [[] for _ in rows]

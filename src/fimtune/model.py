@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import shutil
@@ -533,3 +534,18 @@ def load_run(
     add_token_rows(base, tokenizer, _added_fim_tokens(model_cfg.name_or_path) if maybe else [])
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
     return Loaded(model.eval(), tokenizer, run_dir.resolve().name, run_dir)  # `.`: the folder's own name
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (its LoRA layers, merged or not, included)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def forward_keywords(model: Any) -> tuple[str, bool]:
+    """(the cache keyword of ``model``'s forward, whether it takes ``logits_to_keep``).
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache``; the PEFT wrapper's forward
+    takes ``**kwargs``, so the inner model's signature is read.
+    """
+    forward = inspect.signature(base_model(model).forward).parameters
+    return ("cache" if "cache" in forward else "past_key_values"), "logits_to_keep" in forward

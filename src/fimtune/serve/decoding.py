@@ -35,8 +35,9 @@ import torch
 
 from fimtune.fast import copy_to_device, copy_to_host, without_cudnn_attention
 from fimtune.generate import Completion, FimPrompter, GenerationParams, TextTracker, pick_tokens
+from fimtune.model import forward_keywords
 from fimtune.serve.kvcache import DEFAULT_CACHE_SLOTS, CacheSlot, Drafter, PromptCache, crop_cache, new_cache
-from fimtune.serve.static import OVERLAP_MAX_STEPS, forward_keywords
+from fimtune.serve.static import OVERLAP_MAX_STEPS
 
 if TYPE_CHECKING:
     from fimtune.serve.static import StaticDecoding, StaticSession

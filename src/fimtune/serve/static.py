@@ -94,7 +94,6 @@ the fastest, where it beats SDPA by `AUTO_MARGIN` (:func:`chosen_decoding` route
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -112,7 +111,7 @@ from fimtune.fast import (
     register_attention,
     without_cudnn_attention,
 )
-from fimtune.model import position_limit
+from fimtune.model import base_model, forward_keywords, position_limit
 
 log = logging.getLogger(__name__)
 
@@ -1137,21 +1136,6 @@ def _adapter_state(model: torch.nn.Module) -> int:
         if hasattr(m, "merged_adapters") and hasattr(m, "disable_adapters")
     ]
     return hash(tuple(state))
-
-
-def base_model(model: Any) -> Any:
-    """The transformers model inside a PEFT wrapper (its LoRA layers, merged or not, included)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def forward_keywords(model: Any) -> tuple[str, bool]:
-    """(the cache keyword of ``model``'s forward, whether it takes ``logits_to_keep``).
-
-    transformers 5.24 renamed ``past_key_values`` to ``cache``; the PEFT wrapper's forward
-    takes ``**kwargs``, so the inner model's signature is read.
-    """
-    forward = inspect.signature(base_model(model).forward).parameters
-    return ("cache" if "cache" in forward else "past_key_values"), "logits_to_keep" in forward
 
 
 def _mask_values(attn: str | None, dtype: torch.dtype) -> tuple[Any, Any, torch.dtype]:
