@@ -407,11 +407,11 @@ class RowsDone:
     in ``done``, and ends the whole call once at least ``share`` of the rows are."""
 
     def __init__(self, criteria: list[Any], end_ids: list[int], rows: int, share: float = 0.5) -> None:
-        self.criteria, self.end_ids, self.share = criteria, end_ids, share
+        self.criteria, self.end_ids, self.share = criteria, torch.tensor(end_ids), share
         self.done = torch.zeros(rows, dtype=torch.bool)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        ended = torch.isin(input_ids[:, -1], torch.tensor(self.end_ids, device=input_ids.device)).cpu()
+        ended = torch.isin(input_ids[:, -1].cpu(), self.end_ids)
         for criterion in self.criteria:
             ended |= criterion(input_ids, scores, **kwargs).cpu()
         self.done |= ended
