@@ -52,22 +52,26 @@ BLOCKED_SHUTIL = ("move", "chown", "copy", "copy2", "copyfile", "copytree")  # r
 HIDDEN_MODULES = ("ctypes", "_ctypes", "resource", "psutil")
 
 
+def _real(path: object) -> str | None:
+    """``path`` resolved (links followed); None for an already open descriptor."""
+    return None if isinstance(path, int) else os.path.realpath(os.fsdecode(os.fspath(path)))  # type: ignore[arg-type]
+
+
 def _inside(path: object, root: str) -> bool:
-    if isinstance(path, int):  # an already open descriptor
-        return True
-    real = os.path.realpath(os.fsdecode(os.fspath(path)))  # type: ignore[arg-type]
-    return real == root or real.startswith(root + os.sep)
+    real = _real(path)
+    return real is None or real == root or real.startswith(root + os.sep)
 
 
 def _devnull(path: object) -> bool:
-    return not isinstance(path, int) and os.path.realpath(os.fsdecode(os.fspath(path))) == os.devnull  # type: ignore[arg-type]
+    return _real(path) == os.devnull
 
 
 def _other_process(path: object) -> bool:
     """Whether ``path`` is in another process's ``/proc`` folder (the evaluator's environment, say)."""
-    if isinstance(path, int):
+    real = _real(path)
+    if real is None:
         return False
-    parts = os.path.realpath(os.fsdecode(os.fspath(path))).split(os.sep)  # type: ignore[arg-type]
+    parts = real.split(os.sep)
     return len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] != str(os.getpid())
 
 
