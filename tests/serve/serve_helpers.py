@@ -142,9 +142,11 @@ def error_field(body: dict) -> str | None:
     return err["param"] if isinstance(err, dict) else body["field"]
 
 
-def wait_until(condition, polls: int = 500, delay: float = 0.01) -> None:
-    for _ in range(polls):
-        if condition():
-            return
+def wait_until(condition, timeout_s: float = 30.0, delay: float = 0.01) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout_s`` (a bound for a slow, busy machine:
+    a condition met returns at once)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached in {timeout_s:g} s")
         time.sleep(delay)
-    raise AssertionError("condition not reached")

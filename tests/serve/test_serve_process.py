@@ -296,7 +296,7 @@ def test_fimtune_serve_engine_process_answers_and_stops_with_the_server(tiny_run
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     body = {"input_prefix": "def add(a, b):\n", "input_suffix": "\n", "n_predict": 6, "temperature": 0}
     try:
-        wait_until(lambda: proc.poll() is not None or _up(port), polls=600, delay=0.2)
+        wait_until(lambda: proc.poll() is not None or _up(port), timeout_s=120, delay=0.2)
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         engines = _children(proc.pid)
         assert engines, "no engine process"
@@ -311,7 +311,7 @@ def test_fimtune_serve_engine_process_answers_and_stops_with_the_server(tiny_run
     assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in err, err[-3000:]
     assert "did not stop in time" not in err and "leaked" not in err, err[-3000:]
     assert "the model in a process of its own" in out
-    wait_until(lambda: all(_gone(pid) for pid in engines), polls=100, delay=0.1)
+    wait_until(lambda: all(_gone(pid) for pid in engines), delay=0.1)
 
 
 def _up(port: int) -> bool:
