@@ -174,3 +174,31 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_tok
     assert checkpoint.latest_checkpoint(run).name == "step-000004"
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert adapter(run)  # still loads
+
+
+def test_full_disk_while_a_resumed_run_rewrites_its_tokenizer_keeps_one_that_loads(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache
+):
+    from transformers import AutoTokenizer
+
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    args = [*cli_args(tmp_path, base, repetitive_data, "tok", 8), "train.save_every=2"]
+    quiet_fit(load_run_config(None, args[1:]), stop_after=2)
+    run = tmp_path / "tok"
+    before = {p.name: p.read_bytes() for p in (run / "tokenizer").iterdir()}
+    vocab = AutoTokenizer.from_pretrained(run / "tokenizer").get_vocab()
+    largest = max(len(b) for b in before.values())
+    limit = largest // 2  # the largest tokenizer file cannot be written whole; config.yaml can
+    assert limit > (run / "config.yaml").stat().st_size
+
+    def fill_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    cmd = [sys.executable, "-m", "fimtune", *args, "--resume"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=fill_disk)
+    assert res.returncode == 2 and "tokenizer" in res.stderr.splitlines()[-1], res.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in (run / "tokenizer").iterdir()} == before
+    assert AutoTokenizer.from_pretrained(run / "tokenizer").get_vocab() == vocab
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []  # no temporary folder left

@@ -59,6 +59,26 @@ def fsync_tree(path: Path) -> None:
         _fsync_dir(Path(root))
 
 
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """``tokenizer.save_pretrained(folder)``, each file written whole before it replaces the old one:
+    a resumed run writes the folder again, and one stopped meanwhile (a full disk, a kill) keeps a
+    tokenizer that loads."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer.save_pretrained(tmp)
+        fsync_tree(tmp)
+        folder.mkdir(exist_ok=True)
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, folder / path.name)
+        _fsync_dir(folder)
+    except Exception as e:  # tokenizers' Rust side raises a plain Exception: "File too large (os error 27)"
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise FimtuneError(f"could not write the tokenizer to '{folder}' ({why}); it is as it was") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

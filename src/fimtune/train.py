@@ -464,7 +464,7 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
         stop_after = None  # its end: the final validation too, not a stop to resume from
     if acc.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
-        s.tokenizer.save_pretrained(run_dir / "tokenizer")
+        checkpoint.save_tokenizer(s.tokenizer, run_dir / "tokenizer")
     acc.wait_for_everyone()
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=acc.is_main_process, resumed_at=start_step)
     metrics.truncate(start_step)  # events logged after the checkpoint by an interrupted run
