@@ -86,6 +86,15 @@ def test_cache_key_follows_content_and_tokenizer(tiny_tokenizer, tiny_tokenizer_
     assert tokenizer_fingerprint(tiny_tokenizer_without_fim) != before  # added tokens are part of the key
 
 
+def test_a_new_tokenizers_release_is_a_new_token_cache_key(tiny_tokenizer, monkeypatch):
+    """A release can change how the same serialized tokenizer splits text (a pre-tokenizer's fix)."""
+    import tokenizers
+
+    key = tokenizer_fingerprint(tiny_tokenizer)
+    monkeypatch.setattr(tokenizers, "__version__", tokenizers.__version__ + ".post1")
+    assert tokenizer_fingerprint(tiny_tokenizer) != key
+
+
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FIMTUNE_CACHE", str(tmp_path))
     assert cache_root() == tmp_path / "tokens"

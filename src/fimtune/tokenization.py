@@ -99,9 +99,13 @@ def _hash_strings(lengths: Any, data: Any, chunk: Any) -> None:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of the serialized fast tokenizer: model, normalizer, pre-tokenizer and added tokens."""
+    """A hash of the serialized fast tokenizer (model, normalizer, pre-tokenizer and added tokens)
+    and of the `tokenizers` release that runs it (a release may split the same text otherwise)."""
+    import tokenizers
+
     h = hashlib.blake2b(digest_size=16)
     h.update(CACHE_FORMAT.encode())
+    h.update(tokenizers.__version__.encode())
     h.update(fast_backend(tokenizer).to_str().encode())
     return h.hexdigest()
 
