@@ -123,6 +123,29 @@ def test_full_queue_answers_503_with_retry_after(tiny_run):
         assert "fimtune_rejected_total 2" in c.get("/metrics").text
 
 
+def test_requests_whose_clients_went_away_leave_room_in_a_full_queue(tiny_run):
+    """An editor cancels its request at each keystroke: while the worker is busy those wait in the
+    queue, and must not have the next (live) request refused with 503."""
+    app = make_app(tiny_run, queue_size=2)
+    engine = app.state.service.engine
+    body = {"inputs": psm("x = "), "parameters": {"max_new_tokens": 3}}
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(2) as pool:
+        engine.pause()
+        try:
+            with httpx.Client(base_url=url, timeout=0.3) as hasty:
+                gone = [pool.submit(hasty.post, "/generate", json=body) for _ in range(2)]
+                for f in gone:
+                    with pytest.raises(httpx.ReadTimeout):
+                        f.result()
+            wait_until(lambda: engine.queue_depth() == 2 and all(job._cancelled.is_set() for job in engine._queue))
+            live = pool.submit(c.post, "/generate", json=body)
+            wait_until(lambda: live.done() or engine.counters.cancelled == 2)
+        finally:
+            engine.resume()
+        assert live.result().status_code == 200
+        assert engine.counters.rejected == 0 and engine.counters.cancelled == 2 and engine.queue_depth() == 0
+
+
 def test_timeout_is_408_naming_timeout_s(tiny_run):
     app = make_app(tiny_run, timeout_s=0.5)
     app.state.service.engine.decoder.step_hook = lambda: time.sleep(SLOW_STEP_S)

@@ -104,6 +104,27 @@ def test_a_full_queue_is_503_counted_by_the_server(apart):
     assert engine._query()["arriving"] == 0  # the refused request's arrival ended too
 
 
+def test_requests_whose_clients_went_away_leave_room_in_a_full_queue_there(apart):
+    url, engine = apart
+    body = {"inputs": psm("def q():\n"), "parameters": {"max_new_tokens": 3}}
+    rejected, cancelled = engine.snapshot()[1].rejected, engine.snapshot()[1].cancelled
+    with httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(2) as pool:
+        engine.pause()
+        try:
+            with httpx.Client(base_url=url, timeout=0.3) as hasty:
+                gone = [pool.submit(hasty.post, "/generate", json=body) for _ in range(2)]
+                for f in gone:
+                    with pytest.raises(httpx.ReadTimeout):
+                        f.result()
+            wait_until(lambda: engine.queue_depth() == 0)  # cancelled: they no longer count
+            live = pool.submit(c.post, "/generate", json=body)
+            wait_until(lambda: live.done() or engine.snapshot()[1].cancelled == cancelled + 2)
+        finally:
+            engine.resume()
+        assert live.result().status_code == 200
+    assert engine.snapshot()[1].rejected == rejected and engine.queue_depth() == 0
+
+
 @pytest.mark.parametrize("where", ["server", "apart"])
 def test_batching_changed_while_serving_reaches_the_worker(where, request):
     """`set_batching` on the engine in one process, and through the pipe to the engine's process: a

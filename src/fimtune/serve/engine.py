@@ -352,11 +352,22 @@ class Engine:
             if arrival is not None:
                 arrival.done()
             if len(self._queue) >= self.limits.queue_size:
+                self._drop_stopped()
+            if len(self._queue) >= self.limits.queue_size:
                 self.counters.rejected += 1
                 raise QueueFull()
             self._queue.append(job)
             self._last_arrival = time.monotonic()
             self._cond.notify_all()
+
+    def _drop_stopped(self) -> None:
+        """Give up the queued jobs whose clients went away (or whose time ran out), with the lock held:
+        an editor cancels its request at each keystroke, and while a long batch runs those would fill
+        the queue and have the next requests refused."""
+        stopped = [job for job in self._queue if job.should_stop()]
+        for job in stopped:
+            self._queue.remove(job)
+            self._give_up(job)
 
     def arrival(self) -> Arrival:
         """A request on its way to the queue (the worker may wait for it: `batch_max_wait_ms`)."""

@@ -229,7 +229,7 @@ class EngineProcess:
                 arrival.done()
             raise EngineGone(self._gone)
         arrived = arrival is not None and arrival.take()  # a counted one: it ends in the engine's process
-        job.on_cancel = functools.partial(self._send_quietly, ("cancel", jid))
+        job.on_cancel = functools.partial(self._cancel, jid)
         left = job.deadline - time.monotonic()
         message = ("submit", jid, job.prompt, job.params, job.adapter, left, job.stream, arrived)
         if not self._send_quietly(message):
@@ -237,6 +237,13 @@ class EngineProcess:
                 self._jobs.pop(jid, None)
                 self._queued.discard(jid)
             raise EngineGone(self._gone or "the engine process cannot be reached")
+
+    def _cancel(self, jid: int) -> None:
+        """A job's client went away: it no longer counts against the queue here (the engine's process
+        drops it from its queue when that is full, as `Engine.submit` does)."""
+        with self._lock:
+            self._queued.discard(jid)
+        self._send_quietly(("cancel", jid))
 
     def arrival(self) -> Arrival:
         # it calls `_arrived`, as on an Engine; decided once, so a later `set_batching` never unbalances it
