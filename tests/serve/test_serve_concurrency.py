@@ -169,6 +169,24 @@ def test_a_client_that_goes_away_cancels_its_generation(server, slow):
     assert engine.decoder.stats.generated_tokens - generated < 60  # two 60-token jobs were cut short
 
 
+def test_a_short_request_is_answered_when_it_ends_not_when_its_batch_does(server, slow):
+    """Batched with a long request (the eager path, as on a CPU), a short one's answer comes as soon as
+    its own tokens are done: waiting for the long one would also run it past its timeout."""
+    url, engine = server
+    short = {"inputs": psm("def s():\n"), "parameters": {"max_new_tokens": 2}}
+    long = {"inputs": psm("def l():\n"), "parameters": {"max_new_tokens": 60}}  # ~60 x SLOW_STEP_S
+    with httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(2) as pool:
+        engine.pause()
+        try:
+            futures = [pool.submit(c.post, "/generate", json=body) for body in (long, short)]
+            wait_until(lambda: engine.queue_depth() == 2)
+        finally:
+            engine.resume()
+        wait_until(lambda: futures[1].done(), polls=1000)
+        assert not futures[0].done()  # the long one goes on, alone
+        assert futures[1].result().status_code == 200 and futures[0].result().status_code == 200
+
+
 def test_generation_does_not_block_the_event_loop(server, slow):
     url, engine = server
     body = {"inputs": psm("def h():\n"), "parameters": {"max_new_tokens": 30}}

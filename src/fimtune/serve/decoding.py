@@ -188,12 +188,12 @@ class Decoder:
                 if any(s.n_new for s in states):
                     raise
                 generator = _generator(rows[0].params, self.device)  # its draws as in a first try
-        one = len(rows) == 1
-        done = [self._run_one(rows[0], adapter, generator)] if one else self._run_batch(rows, generator)
-        for row, completion in zip(rows, done, strict=True):
-            if row.on_done is not None:
-                row.on_done(completion)
-        return done
+        if len(rows) > 1:
+            return self._run_batch(rows, generator)  # tells each row's end as it leaves the batch
+        done = self._run_one(rows[0], adapter, generator)
+        if rows[0].on_done is not None:
+            rows[0].on_done(done)
+        return [done]
 
     def warmup(self) -> float:
         """Compile the fast path's steps before the first request (seconds; 0 without it).
@@ -279,7 +279,12 @@ class Decoder:
         while active:
             tokens = pick_tokens(logits, rows[0].params, generator)
             picked = tokens.tolist()  # one read from the device, not one a row
-            keep = [i for i, k in enumerate(active) if not states[k].accept(picked[i])]
+            keep = []
+            for i, k in enumerate(active):
+                if states[k].accept(picked[i]):
+                    self._finish(states[k])  # its answer goes now, not once the longest row ends
+                else:
+                    keep.append(i)
             if not keep:
                 break
             if len(keep) < len(active):  # finished lines leave the batch
@@ -290,7 +295,6 @@ class Decoder:
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
             logits = self._forward(tokens[:, None].tolist(), next_pos[:, None], cache, mask)[:, -1]
             next_pos = next_pos + 1
-        self.stats.generated_tokens += sum(s.n_new for s in states)
         return [s.completion() for s in states]
 
     def _run_static(
