@@ -155,6 +155,22 @@ def test_timeout_is_408_naming_timeout_s(tiny_run):
         assert app.state.service.engine.counters.timeouts == 1
 
 
+def test_a_request_that_timed_out_waiting_in_the_queue_counts_as_a_timeout(tiny_run):
+    """Behind a busy worker (here: paused) the handler gives up on its own: the client's 408 is a
+    timeout in `/metrics` too, not a cancel (a client gone)."""
+    app = make_app(tiny_run, timeout_s=0.3)
+    engine = app.state.service.engine
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        engine.pause()
+        try:
+            r = c.post("/generate", json={"inputs": psm("x = "), "parameters": {"max_new_tokens": 3}})
+        finally:
+            engine.resume()
+        assert r.status_code == 408
+        wait_until(lambda: engine.counters.timeouts + engine.counters.cancelled == 1)
+        assert engine.counters.timeouts == 1 and engine.counters.cancelled == 0
+
+
 def test_a_client_that_goes_away_cancels_its_generation(server, slow):
     url, engine = server
     body = {"inputs": psm("def g():\n"), "parameters": {"max_new_tokens": 60}}

@@ -217,11 +217,12 @@ class Job:
         self.taken_at = time.monotonic()
 
     def should_stop(self) -> bool:
-        """Whether the worker should drop this job now (records why)."""
-        if self._cancelled.is_set():
-            self.stop_reason = "cancelled"
-        elif time.monotonic() > self.deadline:
+        """Whether the worker should drop this job now (records why). Past its deadline it is a
+        timeout, cancelled or not: its handler cancels it so, when the job waited behind a busy worker."""
+        if self.stop_reason is None and time.monotonic() > self.deadline:
             self.stop_reason = "timeout"
+        elif self.stop_reason is None and self._cancelled.is_set():
+            self.stop_reason = "cancelled"
         return self.stop_reason is not None
 
     def row(self, on_done: Callable[[Completion], None] | None = None) -> Row:
