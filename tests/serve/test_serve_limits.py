@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import socket
+from urllib.parse import urlparse
+
 import httpx
 import pytest
-from serve_helpers import TEST_LIMITS, error_field, make_app, running
+from serve_helpers import TEST_LIMITS, error_field, make_app, running, wait_until
 
 PSM = "<fim_prefix>def f(x):\n    <fim_suffix>\n<fim_middle>"
 
@@ -86,6 +90,27 @@ def test_bad_json_and_large_bodies(client):
 
     r = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+
+
+def test_a_client_gone_before_its_body_ended_is_499_not_a_server_error(server, client):
+    """An editor that cancels a request while its body is on the way: counted as a client gone (499),
+    not as the server's failure (500, with a traceback in the log)."""
+    address = urlparse(server[0])
+    routes = ("/generate", "/v1/completions", "/infill")
+
+    def count(route: str, status: int) -> int:
+        found = re.search(
+            rf'fimtune_requests_total{{route="{route}",status="{status}"}} (\d+)', client.get("/metrics").text
+        )
+        return int(found[1]) if found else 0
+
+    before = {route: (count(route, 499), count(route, 500)) for route in routes}
+    for route in routes:
+        with socket.create_connection((address.hostname, address.port)) as sock:
+            head = f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            sock.sendall(head.encode() + b'{"inputs": "def')  # then hang up
+    wait_until(lambda: all(count(route, 499) == before[route][0] + 1 for route in routes))
+    assert all(count(route, 500) == before[route][1] for route in routes)
 
 
 def test_api_key_guards_every_route_but_health(tiny_run):

@@ -27,7 +27,7 @@ from collections import Counter, defaultdict
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -74,7 +74,8 @@ def error_response(path: str, err: ApiError) -> JSONResponse:
 
 
 async def read_json(request: Request, schema: type[Body], max_bytes: int) -> Body:
-    """The request body parsed into ``schema``; 413 past ``max_bytes``, 400 for bad JSON, 422 for bad fields."""
+    """The request body parsed into ``schema``; 413 past ``max_bytes``, 400 for bad JSON, 422 for bad fields
+    (499, which only the metrics see, when the client went away before its body ended)."""
     too_large = ApiError(
         413, f"the body is larger than the server's limit of {max_bytes} bytes (max_body_bytes)", "body", "too_large"
     )
@@ -82,11 +83,14 @@ async def read_json(request: Request, schema: type[Body], max_bytes: int) -> Bod
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone before its body ended (an editor cancelling): no fault of the server's
+        raise ApiError(STATUS_CLIENT_GONE, "the client closed the request", "body", "cancelled") from None
     try:
         data = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as e:
