@@ -342,3 +342,24 @@ def test_char_unit_pieces_after_the_first_get_no_dummy_prefix(fim_rate, token_ca
     whole = tokenizer(texts[0], add_special_tokens=False)["input_ids"]
     spelled = "".join(tokenizer.convert_ids_to_tokens([i for piece in pieces for i in piece]))
     assert spelled == "".join(tokenizer.convert_ids_to_tokens(whole)) * len(texts)
+
+
+def test_texts_are_encoded_a_block_at_a_time(tiny_tokenizer):
+    """`fim.unit: char` pieces re-tokenize the whole split: the tokenizer's encodings (tens of bytes
+    a token) are made a block of texts at a time, not for the whole corpus at once."""
+    from fimtune.tokenization import encode_flat
+
+    batches = []
+
+    def encode(texts, continued):
+        batches.append(len(texts))
+        return encode_flat(tiny_tokenizer, texts, continued)
+
+    texts = [f"x{i} = {i}\n" * (1 + i % 3) for i in range(3000)]
+    continued = np.arange(len(texts)) % 3 == 1
+    ids, lengths = packing.encode_texts(encode, texts, continued)
+    assert max(batches) < len(texts) // 2
+    assert max(batches) <= packing.ENCODE_BLOCK_TEXTS
+    one_by_one = [encode_flat(tiny_tokenizer, [t], bool(c))[0].tolist() for t, c in zip(texts, continued, strict=True)]
+    assert lengths.tolist() == [len(x) for x in one_by_one]
+    assert ids.tolist() == [i for x in one_by_one for i in x]

@@ -44,6 +44,7 @@ TOKEN_DTYPE = np.int32  # the joined stream; rows come out as int64
 ROW_DTYPE = np.int64
 BLOCK_TOKENS = 1 << 22  # documents are joined in blocks of about this many tokens (bounded memory)
 TEXT_BLOCK_DOCS = 256  # `fim.unit: char`: documents re-tokenized per batch
+ENCODE_BLOCK_TEXTS = 1024  # texts per tokenizer call (its encodings hold tens of bytes a token)
 FIM_STREAM, SHUFFLE_STREAM = 0, 1  # the two generators of an epoch: [seed, epoch, stream]
 
 
@@ -258,7 +259,21 @@ def _encode_parts(
 def encode_texts(
     encode: Callable[[list[str], bool], tuple], texts: list[str], continued: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``texts`` encoded in order, each going on from text before it or not (``continued``): (ids, lengths)."""
+    """``texts`` encoded in order, each going on from text before it or not (``continued``): (ids, lengths).
+
+    A block of ``ENCODE_BLOCK_TEXTS`` at a time: `fim.unit: char` pieces re-tokenize a whole split."""
+    blocks = [
+        _encode_block(encode, texts[i : i + ENCODE_BLOCK_TEXTS], continued[i : i + ENCODE_BLOCK_TEXTS])
+        for i in range(0, len(texts), ENCODE_BLOCK_TEXTS)
+    ]
+    if not blocks:
+        return _encode_block(encode, [], continued[:0])
+    return np.concatenate([ids for ids, _ in blocks]), np.concatenate([lens for _, lens in blocks])
+
+
+def _encode_block(
+    encode: Callable[[list[str], bool], tuple], texts: list[str], continued: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     ids, lens, starts = [], np.zeros(len(texts), np.int64), np.zeros(len(texts), np.int64)
     base = 0
     for flag in (False, True):
