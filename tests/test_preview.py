@@ -54,6 +54,15 @@ def test_inspect_uses_the_run_config(embedded, tiny_dataset_dir, token_cache):
     assert "⟦<fim_prefix>⟧⟦<fim_suffix>⟧" in out  # SPM opens with both
 
 
+def test_inspect_counts_the_documents_and_the_pieces_fim_cuts_them_into(embedded, tiny_dataset_dir, token_cache):
+    """With fim.piece_tokens, FIM works on pieces: the report counts the split's 60 documents as
+    documents, and what FIM and packing count as pieces (it said 60 files were hundreds of documents)."""
+    cfg = load_run_config(None, ["fim.piece_tokens=50", "fim.fim_rate=1.0"])
+    out = inspect_dataset(tiny_dataset_dir, "embedded", 0, cfg)
+    n = int(re.search(r": 60 documents \(([\d,]+) pieces, fim.piece_tokens 50\)", out).group(1).replace(",", ""))
+    assert n > 60 and f"{n:,} of {n:,} pieces FIM'd (100.0%)" in out and "after every piece" in out
+
+
 def test_inspect_validation_split_and_colour(embedded, tiny_dataset_dir, token_cache):
     cfg = load_run_config(None, ["packing.seq_length=1024"])  # documents are about 300 tokens long
     out = inspect_dataset(tiny_dataset_dir, "embedded", 3, cfg, split="validation", color=True)

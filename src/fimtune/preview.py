@@ -53,7 +53,12 @@ def inspect_dataset(
     color = sys.stdout.isatty() if color is None else color
     fim_line = _fim_tokens_line(tokenizer, to_add, names)
     lines = _summary(
-        f"{path} [{split}]", f"{model}: {fim_line}", f"{marks[separator][1]} (id {separator})", docs, cfg, packed
+        f"{path} [{split}]: {len(ds):,} documents",
+        f"{model}: {fim_line}",
+        f"{marks[separator][1]} (id {separator})",
+        docs,
+        cfg,
+        packed,
     )
     if split == "train" and cfg.packing.shuffle:
         lines[-1] += "; rows shuffled"
@@ -79,14 +84,15 @@ def load_split(path: Path, split: str, column: str = "content") -> Any:
 def _summary(dataset: str, model: str, separator: str, docs: Any, cfg: RunConfig, packed: Any) -> list[str]:
     s, n_tokens = packed.stats, int(docs.offsets[-1])
     pct = 100 * s.fim / max(1, s.documents)
+    units = "pieces" if cfg.fim.piece_tokens else "documents"  # what FIM and packing count
+    pieces = f" ({s.documents:,} pieces, fim.piece_tokens {cfg.fim.piece_tokens})" if cfg.fim.piece_tokens else ""
     lines = [
-        f"dataset    {dataset}: {s.documents:,} documents, {n_tokens:,} tokens, "
-        f"{docs.chars / max(1, n_tokens):.2f} chars per token",
+        f"dataset    {dataset}{pieces}, {n_tokens:,} tokens, {docs.chars / max(1, n_tokens):.2f} chars per token",
         f"model      {model}",
-        f"separator  {separator} after every document",
+        f"separator  {separator} after every {units[:-1]}",
         f"FIM        fim_rate {cfg.fim.fim_rate}, spm_rate {cfg.fim.spm_rate}, unit {cfg.fim.unit}, "
         f"spans {cfg.fim.spans}{f', line_end_rate {cfg.fim.line_end_rate}' if cfg.fim.line_end_rate else ''}, "
-        f"seed {cfg.seed}, epoch 0: {s.fim:,} of {s.documents:,} documents FIM'd ({pct:.1f}%): "
+        f"seed {cfg.seed}, epoch 0: {s.fim:,} of {s.documents:,} {units} FIM'd ({pct:.1f}%): "
         f"SPM {s.spm:,}, PSM {s.psm:,}; plain {s.plain:,}",
         f"packing    {cfg.packing.mode}, seq_length {packed.seq_length}: {s.rows:,} rows, "
         f"{s.tail:,} tail tokens dropped (of {s.tokens:,} after FIM and separators)",
