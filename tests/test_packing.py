@@ -363,3 +363,19 @@ def test_texts_are_encoded_a_block_at_a_time(tiny_tokenizer):
     one_by_one = [encode_flat(tiny_tokenizer, [t], bool(c))[0].tolist() for t, c in zip(texts, continued, strict=True)]
     assert lengths.tolist() == [len(x) for x in one_by_one]
     assert ids.tolist() == [i for x in one_by_one for i in x]
+
+
+def test_a_rows_position_ids_cost_does_not_grow_with_the_splits_documents():
+    """A row's position ids look up the document starts inside it (sorted), not scan all of them:
+    over millions of documents the scan cost milliseconds a row, on every training step."""
+    import time
+
+    def seconds(doc_starts: np.ndarray) -> float:
+        t = time.perf_counter()
+        for k in range(100):
+            packing.position_ids(doc_starts, row_start=1000 + 8 * k, seq_length=64)
+        return time.perf_counter() - t
+
+    few, many = np.arange(0, 10_000, 10), np.arange(0, 40_000_000, 10)
+    assert packing.position_ids(many, 1003, 64).tolist() == packing.position_ids(few, 1003, 64).tolist()
+    assert seconds(many) < 20 * seconds(few) + 0.01
