@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -265,3 +266,46 @@ def test_each_process_resumes_its_own_random_state(setup_dirs, tmp_path):
     train(setup_dirs, "parted-apart", 2, 2, "lora.dropout=0.1", "--stop-after", "3", script=script)
     parted = train(setup_dirs, "parted-apart", 2, 2, "lora.dropout=0.1", "--resume", script=script)
     assert records(parted, "loss") == pytest.approx(records(whole, "loss"), rel=1e-6)
+
+
+# Each process in a working folder of its own, given a relative output_dir: as on several machines
+# whose output_dir is not one shared folder (process 1 sees no run folder where process 0 sees its own).
+FOLDERS_APART = """
+import os
+import sys
+
+if os.environ["RANK"] == "1":
+    os.chdir(os.environ["FOLDER_OF_PROCESS_1"])
+from fimtune.cli import main
+sys.exit(main())
+"""
+
+
+def test_a_resume_whose_processes_see_different_checkpoints_is_refused(setup_dirs, tmp_path):
+    """Every process loads the checkpoint itself: one that finds none would start at step 0 beside the
+    others at step 3 (their weights apart, their collectives out of step until gloo's timeout). All
+    refuse, naming what each process found."""
+    train(setup_dirs, "apart", 2, 2, "--stop-after", "3")
+    script = tmp_path / "folders_apart.py"
+    script.write_text(FOLDERS_APART)
+    launch = ["--multi_gpu", "--mixed_precision", "no", "--num_processes", "2", "--num_machines", "1"]
+    config = setup_dirs / "apart" / "config.yaml"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", *launch, "--dynamo_backend", "no"]
+        + ["--main_process_port", "0", str(script), "train", "--config", str(config), "output_dir=apart", "--resume"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=setup_dirs,
+        env={**os.environ, "FIMTUNE_CACHE": str(setup_dirs / "cache"), "FOLDER_OF_PROCESS_1": str(tmp_path)},
+    )
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # the launcher ends its processes (each in a session of its own) on SIGTERM
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+    assert res.returncode != 0
+    assert "process 0: step-000003, process 1: none" in res.stderr, res.stderr[-3000:]
+    assert "a folder all machines share" in res.stderr

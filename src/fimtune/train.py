@@ -441,6 +441,8 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     if not accelerator.is_main_process:  # the main process warns for all: each warning once a run, not once a process
         logging.getLogger("fimtune").setLevel(logging.ERROR)
     from_checkpoint = prepare_run_dir(run_dir, resume)  # every process checks before any writes
+    if resume:
+        check_same_checkpoint(accelerator, run_dir)
     if from_checkpoint:
         check_resumed_config(cfg, run_dir)
     elif resume:  # a run stopped before its first checkpoint starts over; so does a mistyped output_dir
@@ -841,6 +843,24 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FimtuneError(f"output_dir '{run_dir}' is not empty: pass --resume to continue it, or output_dir=NEW_DIR")
     return False
+
+
+def check_same_checkpoint(accelerator: Any, run_dir: Path) -> None:
+    """Refuse a resume whose processes find different checkpoints in ``run_dir`` (or some none): each
+    process loads the checkpoint itself, so on machines that do not share output_dir one would start
+    from another step (or step 0) with other weights, and the processes' collectives fall out of step."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    latest = checkpoint.latest_checkpoint(run_dir)
+    found = gather_object([latest.name if latest is not None else None])
+    if len(set(found)) > 1:
+        listed = ", ".join(f"process {rank}: {name or 'none'}" for rank, name in enumerate(found))
+        raise FimtuneError(
+            f"--resume: the processes find different checkpoints in '{run_dir}' ({listed}): every process "
+            "loads the checkpoint, so output_dir must be a folder all machines share"
+        )
 
 
 def save(s: Setup, run_dir: Path, step: int, window: _Window | None = None) -> None:
