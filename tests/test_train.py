@@ -152,6 +152,25 @@ def test_resume_refuses_another_number_of_processes(tmp_path, tiny_tokenizer, re
         quiet_fit(cfg, resume=True)
 
 
+def test_resume_refuses_a_training_split_rebuilt_at_the_same_path(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache
+):
+    """The checkpoint's place in the rows is a place in its data: `fimtune data build` run again into the
+    same data.path (another file added) would resume it into other rows, silently."""
+    import shutil
+
+    from tests.conftest import corpus_texts, write_dataset_dir
+
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    cfg = run_config(tmp_path, base, repetitive_data, "rebuilt", "train.max_steps=4", "train.save_every=0")
+    quiet_fit(cfg, stop_after=2)
+    texts = corpus_texts(12, lines_per_doc=12)[:10]
+    shutil.rmtree(repetitive_data)
+    write_dataset_dir(repetitive_data, texts * 4 + texts[:1], texts[:3])
+    with pytest.raises(FimtuneError, match=r"training split of 40 documents .* now holds 41 .*new output_dir"):
+        quiet_fit(cfg, resume=True)
+
+
 def test_rows_longer_than_the_models_positions(tmp_path, tiny_tokenizer, repetitive_data, token_cache, caplog):
     """GPT-BigCode's 256 learned positions: rows of 512 are refused before anything else (an index
     past them is a device-side assert on a GPU); Llama's rotary positions run past its stated

@@ -117,6 +117,9 @@ class Batches:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.rows.load_state_dict(state)
 
+    def split_size(self) -> dict[str, int]:
+        return self.rows.split_size()
+
 
 def eval_batches(rows: Any, batch_size: int) -> Iterator[dict[str, Any]]:
     """Evaluation rows in batches of up to ``batch_size``, once."""

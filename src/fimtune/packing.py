@@ -446,6 +446,10 @@ class TrainRows:
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
 
+    def split_size(self) -> dict[str, int]:
+        """The documents and tokens of the split the rows come from (a resumed run checks they are the same)."""
+        return {"documents": len(self.docs.offsets) - 1, "tokens": int(self.docs.offsets[-1])}
+
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 

@@ -896,7 +896,7 @@ def save(s: Setup, run_dir: Path, step: int, window: _Window | None = None) -> N
             check_not_empty(folder / "adapter_model.safetensors", model)
 
         data = s.train_rows.state_dict()  # each process's place in its share of the rows
-        extra: dict[str, Any] = {"processes": acc.num_processes}
+        extra: dict[str, Any] = {"processes": acc.num_processes, "training_split": s.train_rows.split_size()}
         if window is not None:  # the losses of the steps since the last log line: a resumed run logs their mean
             extra["log_window"] = {"losses": window.losses, "norms": window.norms}
         if sharding:
@@ -964,6 +964,14 @@ def restore(s: Setup, run_dir: Path) -> int:
         acc.scaler.load_state_dict(state["scaler"])
     per_process = state.get("rng_per_process") or []  # checkpoints before it: the main process's alone
     checkpoint.set_rng_state(per_process[acc.process_index] if len(per_process) == acc.num_processes else state["rng"])
+    saved_split, split = meta.get("training_split"), s.train_rows.split_size()  # not recorded before: not checked
+    if saved_split is not None and saved_split != split:
+        raise FimtuneError(
+            f"checkpoint '{ckpt}' was trained on a training split of {saved_split['documents']:,} documents "
+            f"({saved_split['tokens']:,} tokens) and data.path now holds {split['documents']:,} ({split['tokens']:,}): "
+            "its place in the rows would point into other data; resume with the data it was trained on, or train "
+            "into a new output_dir"
+        )
     s.train_rows.load_state_dict(meta["data"])
     s.resumed_window = meta.get("log_window", {})
     return int(meta["step"])
