@@ -101,7 +101,7 @@ def test_a_full_disk_is_one_error_line_and_leaves_no_output(tmp_path):
     "command, shown",
     [
         (["eval"], ["infill holes cut in held-out files (default: 200)", "(default: 16)"]),
-        (["complete"], ["(default: 128)", "0: greedy (default: 0.0)", "prompt layout (default: psm)"]),
+        (["complete"], ["(default: 128)", "0: greedy (default: 0.0)", "(default: auto)"]),
         (["serve"], ["port to listen on (default: 8080)", "(default: loopback only)"]),
         (["data", "build"], ["(default: content)", "(default: 0.85)"]),
     ],
@@ -171,3 +171,23 @@ def test_data_build_config_file_errors_name_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {p}: unknown config key 'near_dedup_treshold'"), err
     assert "did you mean 'near_dedup_threshold'" in err
+
+
+def test_complete_on_a_run_lays_out_the_prompt_as_the_server_does(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache, capsys
+):
+    """`fimtune complete RUN` and `fimtune serve RUN` give the same greedy text for the same hole: both
+    default to SPM for a run that trained on SPM examples (fim.spm_rate > 0), PSM otherwise."""
+    from fimtune.serve.engine import prompt_mode
+    from tests.runs import model_dir, quiet_fit, run_config
+
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    run = quiet_fit(run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=5", "train.eval_every=0"))
+    hole = ["--prefix", "def f(x):\n    y = ", "--suffix", "\n    return y\n", "--max-new-tokens", "8"]
+    capsys.readouterr()
+    texts = {}
+    for mode in ["default", "psm", "spm"]:
+        assert main(["complete", str(run), *hole, *([] if mode == "default" else ["--mode", mode])]) == 0
+        texts[mode] = capsys.readouterr().out
+    assert texts["psm"] != texts["spm"]  # the layouts give other text here
+    assert texts["default"] == texts[prompt_mode("auto", run)] == texts["spm"]

@@ -579,9 +579,8 @@ def test_complete_compare_base_prints_base_and_tuned(tmp_path, tiny_tokenizer, r
     assert "--- base" in out and f"--- tuned ({run})" in out
     base_text = out.split("\n", 1)[1].split("--- tuned")[0][:-1]
     plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    [expected] = complete_batch(
-        plain, FimPrompter(tiny_tokenizer), [("def f(x):\n    ", "")], GenerationParams(max_new_tokens=5)
-    )
+    hole, params = [("def f(x):\n    ", "")], GenerationParams(max_new_tokens=5, mode="spm")  # the run's layout
+    [expected] = complete_batch(plain, FimPrompter(tiny_tokenizer), hole, params)
     assert base_text == expected.text
 
 

@@ -314,7 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
     comp.add_argument("--max-input-tokens", type=int, default=2048, help="fit the prompt to this many tokens")
-    comp.add_argument("--mode", choices=["psm", "spm"], default="psm", help="prompt layout")
+    comp.add_argument(
+        "--mode",
+        choices=["auto", "psm", "spm"],
+        default="auto",
+        help="prompt layout (auto: SPM if the run trained on it)",
+    )
     comp.add_argument("--single-line", action="store_true", help="stop at the first newline")
     comp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     comp.add_argument(

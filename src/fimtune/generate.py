@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -546,6 +546,19 @@ def _read_text(text: str | None, path: str | None, flag: str) -> str:
     return read
 
 
+def prompt_mode(choice: str, run_dir: Path | None) -> str:
+    """`auto`: SPM for a run that trained on SPM examples (its cache reuse is far better), else PSM:
+    `fimtune complete` and `fimtune serve` lay out a run's prompts alike."""
+    if choice != "auto":
+        return choice
+    if run_dir is None:
+        return "psm"
+    from fimtune.config import load_run_config
+
+    fim = load_run_config(run_dir / "config.yaml").fim
+    return "spm" if fim.fim_rate > 0 and fim.spm_rate > 0 else "psm"
+
+
 def params_from_args(ns: Any) -> GenerationParams:
     """`fimtune complete` flags -> :class:`GenerationParams`, checked."""
     max_input_tokens = getattr(ns, "max_input_tokens", None)  # 0 is a value (refused below), not "unset"
@@ -590,6 +603,7 @@ def main(ns: Any) -> int:
             file=sys.stderr,
         )
         params = fitted
+    params = replace(params, mode=prompt_mode(ns.mode, loaded.run_dir))
     prompter = FimPrompter(loaded.tokenizer)
     if getattr(ns, "compare_base", False) and hasattr(loaded.model, "disable_adapter"):
         with loaded.model.disable_adapter():  # before merging: the base is the weights without the adapter

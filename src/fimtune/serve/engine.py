@@ -55,6 +55,7 @@ from fimtune.generate import (
     GenerationParams,
     check_weights,
     mergeable,
+    prompt_mode,
     require_safetensors,
 )
 from fimtune.serve.decoding import Decoder, DecodeStats, Joiner, Row
@@ -696,18 +697,6 @@ def attach_adapters(model: Any, adapters: dict[str, Path]) -> Any:
                 f"{len(unfit)} weights without a place or a value, e.g. {unfit[0]}"
             )
     return model.eval()
-
-
-def prompt_mode(choice: str, run_dir: Path | None) -> str:
-    """`auto`: SPM for a run that trained on SPM examples (its cache reuse is far better), else PSM."""
-    if choice != "auto":
-        return choice
-    if run_dir is None:
-        return "psm"
-    from fimtune.config import load_run_config
-
-    fim = load_run_config(run_dir / "config.yaml").fim
-    return "spm" if fim.fim_rate > 0 and fim.spm_rate > 0 else "psm"
 
 
 def load_engine(
