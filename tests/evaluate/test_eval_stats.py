@@ -59,3 +59,17 @@ def test_mean_and_ratio_estimates():
     assert r.value == pytest.approx(m.value) and (r.lo, r.hi) == pytest.approx((m.lo, m.hi))
     ppl = r.exp()
     assert ppl.value == pytest.approx(math.exp(r.value)) and ppl.lo == pytest.approx(math.exp(r.lo))
+
+
+def test_pass_at_k_of_several_samples_keeps_an_interval_when_every_problem_agrees():
+    """pass@1 of 3 problems that all failed (or all passed) is not known exactly: with 2 samples per
+    problem its interval is the one of 1 sample per problem (Wilson over the problems), not a point."""
+    from fimtune.evaluate.humaneval import summarise
+
+    for outcome in (False, True):
+        one = summarise([[outcome]] * 3, 1)["pass@1"]
+        two = summarise([[outcome, outcome]] * 3, 2)["pass@1"]
+        assert (two["value"], two["lo"], two["hi"], two["n"]) == (one["value"], one["lo"], one["hi"], 3)
+        assert two["hi"] - two["lo"] > 0.4
+    mixed = summarise([[True, False], [False, False], [True, True], [True, False]], 2)["pass@1"]
+    assert mixed["lo"] < mixed["value"] == 0.5 < mixed["hi"]

@@ -30,7 +30,7 @@ import torch
 
 from fimtune.errors import FimtuneError
 from fimtune.evaluate.sandbox import DEFAULT_TIMEOUT_S, run_programs
-from fimtune.evaluate.stats import ks_for, mean_estimate, pass_at_k, proportion
+from fimtune.evaluate.stats import bounded_mean, ks_for, pass_at_k, proportion
 from fimtune.evaluate.variants import VARIANTS, generate, variant
 from fimtune.generate import FimPrompter, GenerationParams
 
@@ -101,7 +101,7 @@ class PlainPrompter(FimPrompter):
 
 
 def summarise(passed: list[list[bool]], samples: int) -> dict[str, dict[str, object]]:
-    """pass@k per k: a Wilson interval for one sample per problem, else mean ± 1.96 SE over problems.
+    """pass@k per k: a Wilson interval over the problems (of the mean pass@k for several samples each).
 
     >>> summarise([[True], [False], [True], [True]], 1)["pass@1"]["value"]
     0.75
@@ -111,8 +111,7 @@ def summarise(passed: list[list[bool]], samples: int) -> dict[str, dict[str, obj
     if samples == 1:
         return {"pass@1": proportion(sum(p[0] for p in passed), len(passed)).as_dict()}
     return {
-        f"pass@{k}": mean_estimate([pass_at_k(len(p), sum(p), k) for p in passed], bounds=(0.0, 1.0)).as_dict()
-        for k in ks_for(samples)
+        f"pass@{k}": bounded_mean([pass_at_k(len(p), sum(p), k) for p in passed]).as_dict() for k in ks_for(samples)
     }
 
 

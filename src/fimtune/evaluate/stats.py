@@ -1,4 +1,4 @@
-"""Estimates with 95% intervals: proportions (Wilson), means (± 1.96 SE), ratios of sums, pass@k.
+"""Estimates with 95% intervals: proportions and [0, 1] means (Wilson), means (± 1.96 SE), ratios of sums, pass@k.
 
 Every figure in a report is an :class:`Estimate`: a value, its interval and its sample count.
 
@@ -43,7 +43,7 @@ class Estimate:
         )
 
 
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
     """The Wilson score interval of a proportion ``successes / n``.
 
     It stays inside [0, 1] and is sensible at 0 and n successes, unlike p ± z·SE.
@@ -68,6 +68,20 @@ def proportion(successes: int, n: int) -> Estimate:
     """A rate with its Wilson interval; the value of an empty sample is 0 with interval [0, 1]."""
     lo, hi = wilson_interval(successes, n)
     return Estimate(successes / n if n else 0.0, lo, hi, n, "wilson")
+
+
+def bounded_mean(values: Sequence[float]) -> Estimate:
+    """The mean of values in [0, 1] (pass@k per problem) with the Wilson interval of that share of
+    ``len(values)``: a [0, 1] value's variance is at most p(1 - p), so the interval holds whatever the
+    values, and it is not a point when they all agree (as mean ± 1.96 SE is: 0 of 3 problems).
+
+    >>> bounded_mean([0.0, 0.0, 0.0]) == proportion(0, 3)
+    True
+    """
+    n = len(values)
+    mean = sum(values) / n if n else 0.0
+    lo, hi = wilson_interval(mean * n, n)
+    return Estimate(mean, lo, hi, n, "wilson")
 
 
 def mean_estimate(values: Sequence[float], bounds: tuple[float, float] | None = None) -> Estimate:
