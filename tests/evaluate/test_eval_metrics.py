@@ -110,3 +110,22 @@ def test_a_block_filled_at_another_depth_is_not_an_exact_match():
     deeper = "            s += g(y,\n                   x)\n"  # one level too deep, after a simple statement
     assert score(block, deeper, lambda f: True)["exact_match"] is False
     assert score(block, block.middle, lambda f: True)["exact_match"] is True
+
+
+def test_paired_exact_match_delta_has_an_interval_when_no_hole_differs():
+    """tuned - base exact match over the same holes: Newcombe's square-and-add interval for paired rates,
+    not mean ± 1.96 SE of the differences, a point ([+0.000, +0.000]) when base and tuned agree on
+    every hole. Checked on the Cavo et al. (2012) table of Fagerland, Lydersen & Laake (ch. 8):
+    59 both, 6 only the first, 16 only the second, 80 neither -> -0.0621 (-0.1186 to -0.0046)."""
+    from fimtune.evaluate.infill import paired_deltas
+
+    def rows(pairs):
+        return [{"exact_match": b, "edit_similarity": 0.5} for b in pairs]
+
+    same = paired_deltas(rows([False] * 9), rows([False] * 9))["exact_match"]
+    assert same["value"] == 0.0 and same["lo"] < -0.25 and same["hi"] > 0.25 and same["n"] == 9
+    counts = ((True, True, 59), (False, True, 6), (True, False, 16), (False, False, 80))  # (base, tuned, holes)
+    base = [b for b, _, n in counts for _ in range(n)]
+    tuned = [t for _, t, n in counts for _ in range(n)]
+    cavo = paired_deltas(rows(base), rows(tuned))["exact_match"]
+    assert (cavo["value"], cavo["lo"], cavo["hi"], cavo["n"]) == pytest.approx((-0.0621, -0.1186, -0.0046, 161))

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fimtune.evaluate.holes import KINDS, Hole, SourceFile, draw_holes
-from fimtune.evaluate.stats import mean_estimate, proportion
+from fimtune.evaluate.stats import mean_estimate, paired_difference, proportion
 from fimtune.evaluate.syntax import cut_at_dedent, left_block, parser_for, parses, truncate_block
 from fimtune.evaluate.variants import VARIANTS, generate, variant
 from fimtune.generate import FimPrompter, GenerationParams
@@ -155,10 +155,13 @@ def summarise(scores: list[dict[str, Any]]) -> dict[str, dict[str, object]]:
 
 
 def paired_deltas(base: list[dict[str, Any]], tuned: list[dict[str, Any]]) -> dict[str, dict[str, object]]:
-    """tuned - base per hole, averaged with mean ± 1.96 SE (the same holes, so the pairs cancel noise)."""
+    """tuned - base over the same holes, so the pairs cancel noise: exact match with Newcombe's interval
+    for paired rates, edit similarity per hole with mean ± 1.96 SE."""
     return {
-        metric: mean_estimate([float(t[metric]) - float(b[metric]) for b, t in zip(base, tuned, strict=True)]).as_dict()
-        for metric in ("exact_match", "edit_similarity")
+        "exact_match": paired_difference([b["exact_match"] for b in base], [t["exact_match"] for t in tuned]).as_dict(),
+        "edit_similarity": mean_estimate(
+            [t["edit_similarity"] - b["edit_similarity"] for b, t in zip(base, tuned, strict=True)]
+        ).as_dict(),
     }
 
 

@@ -170,7 +170,8 @@ def _threads(n: int) -> str:
 def notes(ctx: dict[str, Any]) -> list[str]:
     peft_cfg = next(iter(getattr(ctx["model"], "peft_config", {}).values()), None)
     out = [
-        "Intervals are 95%: Wilson for rates; mean ± 1.96 SE for edit similarity; row-level ± 1.96 SE for loss. "
+        "Intervals are 95%: Wilson for rates; Newcombe's paired interval for the exact match's tuned − base; "
+        "mean ± 1.96 SE for edit similarity; row-level ± 1.96 SE for loss. "
         "tuned − base is paired (same rows / holes) for loss, exact match and edit similarity.",
     ]
     if peft_cfg is not None and (getattr(peft_cfg, "trainable_token_indices", None) or peft_cfg.modules_to_save):
