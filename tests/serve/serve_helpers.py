@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 
 from fimtune.serve.engine import Limits
@@ -150,3 +151,11 @@ def wait_until(condition, timeout_s: float = 30.0, delay: float = 0.01) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not reached in {timeout_s:g} s")
         time.sleep(delay)
+
+
+def abandon(url: str, pool, body: dict, n: int = 2, path: str = "/generate") -> None:
+    """``n`` requests whose clients give up after 0.3 s (an editor cancelling at each keystroke)."""
+    with httpx.Client(base_url=url, timeout=0.3) as hasty:
+        for gone in [pool.submit(hasty.post, path, json=body) for _ in range(n)]:
+            with pytest.raises(httpx.ReadTimeout):
+                gone.result()

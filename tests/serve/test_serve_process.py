@@ -19,6 +19,7 @@ import httpx
 import pytest
 from serve_helpers import (
     TEST_LIMITS,
+    abandon,
     answer,
     error_field,
     make_process_app,
@@ -111,11 +112,7 @@ def test_requests_whose_clients_went_away_leave_room_in_a_full_queue_there(apart
     with httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(2) as pool:
         engine.pause()
         try:
-            with httpx.Client(base_url=url, timeout=0.3) as hasty:
-                gone = [pool.submit(hasty.post, "/generate", json=body) for _ in range(2)]
-                for f in gone:
-                    with pytest.raises(httpx.ReadTimeout):
-                        f.result()
+            abandon(url, pool, body)
             wait_until(lambda: engine.queue_depth() == 0)  # cancelled: they no longer count
             live = pool.submit(c.post, "/generate", json=body)
             wait_until(lambda: live.done() or engine.snapshot()[1].cancelled == cancelled + 2)
