@@ -959,3 +959,14 @@ def test_a_warmup_as_long_as_the_run_is_warned(caplog):
         with caplog.at_level(logging.WARNING, logger="fimtune.train"):
             make_optimizer(model, cfg, torch.device("cpu"), steps)
         assert ("never reaches train.learning_rate" in caplog.text) == warned, (warmup, steps)
+
+
+def test_epochs_that_max_steps_overrides_are_warned(tmp_path, tiny_tokenizer, repetitive_data, token_cache, caplog):
+    """`train.max_steps` (100 by default) decides a run's length over `train.num_epochs`: epochs given
+    beside it are said to be ignored, not silently dropped."""
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    extra = ("train.max_steps=2", "train.eval_every=0", "train.num_epochs=3")
+    with caplog.at_level(logging.WARNING, logger="fimtune.train"):
+        run = quiet_fit(run_config(tmp_path, base, repetitive_data, "run", *extra))
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2]
+    assert "train.num_epochs=3 is ignored" in caplog.text

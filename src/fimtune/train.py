@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fimtune import checkpoint
-from fimtune.config import RunConfig, resolved_paths, save_config
+from fimtune.config import RunConfig, TrainConfig, resolved_paths, save_config
 from fimtune.errors import FimtuneError
 from fimtune.fast import copy_to_host
 
@@ -139,7 +139,7 @@ def setup(cfg: RunConfig, accelerator: Any) -> Setup:
     train_rows, make_eval_rows, n_rows = training_rows(cfg, tokenizer, fim_tokens, accelerator)
     world = accelerator.num_processes
     rows_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world
-    max_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * n_rows / rows_per_step))
+    max_steps = run_steps(cfg.train, n_rows, rows_per_step)
     optimizer, scheduler = make_optimizer(model, cfg, accelerator.device, max_steps)
     configure_deepspeed(accelerator, cfg.train.batch_size, cfg.train.max_grad_norm)
     with tied_embeddings_shown(accelerator, model):
@@ -157,6 +157,23 @@ def setup(cfg: RunConfig, accelerator: Any) -> Setup:
         loss_chunk,
         cfg.train.cuda_graphs,
     )
+
+
+def run_steps(tc: TrainConfig, rows_per_epoch: int, rows_per_step: int) -> int:
+    """The run's optimizer steps: `train.max_steps`, else `train.num_epochs` passes over the rows.
+
+    `max_steps` is 100 by default, so epochs given alone would be dropped without a word: warned.
+    """
+    if tc.max_steps is None:
+        return max(1, math.ceil(tc.num_epochs * rows_per_epoch / rows_per_step))
+    if tc.num_epochs != TrainConfig.num_epochs:
+        log.warning(
+            "train.num_epochs=%g is ignored: train.max_steps=%d sets the run's length "
+            "(train.max_steps=null trains by epochs)",
+            tc.num_epochs,
+            tc.max_steps,
+        )
+    return tc.max_steps
 
 
 def prepare_model(model: Any, cfg: RunConfig, accelerator: Any, new_token_ids: list[int]) -> tuple[Any, int]:
