@@ -252,3 +252,28 @@ def test_a_repositorys_info_exclude_applies_like_its_gitignore(tmp_path):
     assert tally.skipped_files["gitignore"] == 2 and tally.skipped_dirs["gitignore"] == 1
     docs, _ = scan_folder(repo / "sub")  # a subfolder of the repository: its rules apply there too
     assert list(docs) == ["f.py"]
+
+
+def test_gitignore_rules_on_folders_and_on_files_in_them_agree_with_git(tmp_path):
+    """A whitelist `.gitignore` (`*`, then `!*/` and `!*.py`) keeps the .py files of every folder,
+    and a rule that takes a folder back (`!sub`) does not take back its files another rule ignores:
+    git decides a path by the last rule that matches the path itself, as `git ls-files` shows."""
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    write(repo, "white/.gitignore", "*\n!*/\n!*.py\nbuild/\n")
+    write(repo, "back/.gitignore", "*.gen.py\nsub\n!sub\n")
+    for name in ("white/a", "white/pkg/b", "white/pkg/deep/c", "back/sub/d", "back/sub/e.gen", "back/f.gen"):
+        write(repo, f"{name}.py", code(name.replace("/", "_").replace(".", "_")))
+    write(repo, "white/pkg/notes.md", "# notes\n\nsome text here\n")
+    write(repo, "white/build/notes.md", "# build notes\n\nsome text here\n")
+    listed = subprocess.run(
+        ["git", "ls-files", "--others", "--exclude-standard"], cwd=repo, capture_output=True, text=True
+    )
+    expected = ["back/.gitignore", "back/sub/d.py", "white/a.py", "white/pkg/b.py", "white/pkg/deep/c.py"]
+    assert sorted(listed.stdout.split()) == expected
+    docs, tally = scan_folder(repo)
+    assert sorted(docs) == [p for p in expected if not p.endswith(".gitignore")]
+    assert tally.skipped_files["gitignore"] == 4  # white/.gitignore, notes.md, sub/e.gen.py, f.gen.py
+    assert tally.skipped_dirs["gitignore"] == 1  # white/build/
+    docs, _ = scan_folder(repo / "white" / "build")  # an ignored folder asked for by name: all its files
+    assert list(docs) == ["notes.md"]

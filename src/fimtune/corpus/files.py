@@ -38,6 +38,7 @@ GITIGNORE = ".gitignore"
 GIT_MARKER = ".git"  # a folder (or, in worktrees and submodules, a file)
 INFO_EXCLUDE = os.path.join(GIT_MARKER, "info", "exclude")  # a clone's own ignore rules, below its .gitignore files
 VIRTUALENV_MARKER = "pyvenv.cfg"
+DIR_MARK = "ps_d"  # pathspec's regex group for the `/` after a folder a pattern matched
 SAVED_DATASET_MARKER = "dataset_dict.json"  # what `DatasetDict.save_to_disk` writes
 NOTEBOOK_RAW_SIZE_FACTOR = 20
 """A notebook's saved outputs (a plot is base64 in its JSON) may dwarf its code: its .ipynb is read
@@ -115,8 +116,8 @@ class _Above:
     def __init__(self, spec: Any, prefix: str) -> None:
         self.spec, self.prefix = spec, prefix
 
-    def check_file(self, path: str) -> Any:
-        return self.spec.check_file(self.prefix + path)
+    def last_match(self, path: str) -> bool | None:
+        return last_match(self.spec, self.prefix + path)
 
 
 def _gitignores_above(root: str) -> list:
@@ -269,10 +270,35 @@ def gitignored(specs: list, rel: str, is_dir: bool) -> bool:
     ignored = False
     for base, spec in specs:
         sub = rel[len(base) + 1 :] if base else rel
-        result = spec.check_file(sub + "/" if is_dir else sub).include
+        sub = sub + "/" if is_dir and sub else sub  # "": the prefix of an `_Above`, a folder already
+        result = spec.last_match(sub) if isinstance(spec, _Above) else last_match(spec, sub)
         if result is not None:
             ignored = result
     return ignored
+
+
+def last_match(spec: Any, path: str) -> bool | None:
+    """Whether the last pattern of ``spec`` that matches ``path`` itself (a folder ends with `/`)
+    ignores it, or None when none does.
+
+    A pattern that matches only a folder above ``path`` (`*/`, `sub`) is passed over: the walk
+    decided that folder already, and descends only into the folders it keeps. (`check_file` of
+    pathspec's GitIgnoreSpec ranks such matches, and `!*/` after `*` kept no folder.)
+    """
+    result = None
+    for pattern in spec.patterns:
+        if pattern.include is not None and _matches_itself(pattern.regex, path):
+            result = pattern.include
+    return result
+
+
+def _matches_itself(regex: re.Pattern, path: str) -> bool:
+    """Whether ``regex`` (a pathspec pattern's) matches ``path``, not only a folder above it. An
+    unanchored one (`*/` is `(?P<ps_d>/)`) matches the first folder first: later matches are tried."""
+    m = regex.search(path)
+    while m and m.groupdict().get(DIR_MARK) is not None and m.end(DIR_MARK) < len(path):
+        m = regex.search(path, m.start() + 1)
+    return m is not None
 
 
 # --------------------------------------------------------------------------------------
