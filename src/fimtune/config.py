@@ -59,7 +59,7 @@ class CorpusConfig:
     keep_secrets: bool = False
     """Keep files that look like they hold secrets (private keys, cloud tokens, .env files)."""
     respect_gitignore: bool = True
-    """Skip files matched by the `.gitignore` files (nested ones too) and `.git/info/exclude` of folder sources."""
+    """Skip untracked files matched by the `.gitignore` files (nested ones too) and `.git/info/exclude` of folder sources (git keeps a tracked one)."""
     notebook_markdown: bool = False
     """Keep the markdown cells of notebooks, as comments, beside the code cells."""
     languages: list[str] | None = None

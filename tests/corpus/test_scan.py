@@ -277,3 +277,30 @@ def test_gitignore_rules_on_folders_and_on_files_in_them_agree_with_git(tmp_path
     assert tally.skipped_dirs["gitignore"] == 1  # white/build/
     docs, _ = scan_folder(repo / "white" / "build")  # an ignored folder asked for by name: all its files
     assert list(docs) == ["notes.md"]
+
+
+def test_files_git_tracks_are_kept_whatever_the_gitignore_says(tmp_path):
+    """A file committed before the rule that matches it (or force-added) is tracked, and git keeps
+    it: the folder gives the files its clone gives, and only untracked files are left out."""
+    from corpus_helpers import GIT_ENV
+
+    repo = tmp_path / "repo"
+    git = {"cwd": repo, "check": True, "env": {**os.environ, **GIT_ENV}}
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    for name in ("a", "old", "build/keep"):
+        write(repo, f"{name}.py", code(name.replace("/", "_")))
+    subprocess.run(["git", "add", "."], **git)
+    write(repo, ".gitignore", "old.py\nnew.py\nbuild/\n")
+    subprocess.run(["git", "add", ".gitignore"], **git)
+    subprocess.run(["git", "commit", "-qm", "x"], **git)
+    write(repo, "new.py", code("new"))  # untracked and ignored
+    write(repo, "build/out.py", code("out"))  # untracked, in an ignored folder
+    docs, tally = scan_folder(repo)
+    assert sorted(docs) == ["a.py", "build/keep.py", "old.py"]
+    assert tally.skipped_files["gitignore"] == 2  # new.py, build/out.py
+    write(repo, "sub/.gitignore", "*.py\n")
+    write(repo, "sub/kept.py", code("kept"))
+    subprocess.run(["git", "add", "-f", "sub/kept.py"], **git)
+    write(repo, "sub/left.py", code("left"))
+    docs, _ = scan_folder(repo / "sub")  # a subfolder: git lists its tracked files from there
+    assert list(docs) == ["kept.py"]

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import stat
+import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ GITIGNORE = ".gitignore"
 GIT_MARKER = ".git"  # a folder (or, in worktrees and submodules, a file)
 INFO_EXCLUDE = os.path.join(GIT_MARKER, "info", "exclude")  # a clone's own ignore rules, below its .gitignore files
 VIRTUALENV_MARKER = "pyvenv.cfg"
+GIT_LS_TIMEOUT_S = 60
 DIR_MARK = "ps_d"  # pathspec's regex group for the `/` after a folder a pattern matched
 SAVED_DATASET_MARKER = "dataset_dict.json"  # what `DatasetDict.save_to_disk` writes
 NOTEBOOK_RAW_SIZE_FACTOR = 20
@@ -106,7 +108,24 @@ def walk_folder(
     """
     inside = os.path.join(os.path.realpath(root), "") if links_inside else None
     specs = _gitignores_above(root) if respect_gitignore and ancestors else []
-    yield from _walk(root, "", specs, tally, respect_gitignore, (repo_id, ""), inside)
+    tracked = _tracked_files(root) if respect_gitignore else set()
+    yield from _walk(root, "", specs, tally, respect_gitignore, (repo_id, ""), inside, tracked)
+
+
+def _tracked_files(folder: str) -> set[str]:
+    """The paths (``folder`` joined with each) of the files git tracks under ``folder``, and of the
+    folders above them: a .gitignore rule leaves out only untracked files, git keeps a committed one.
+    Empty outside a repository, or without git."""
+    try:
+        res = subprocess.run(["git", "-C", folder, "ls-files", "-z"], capture_output=True, timeout=GIT_LS_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    tracked = set()
+    for rel in os.fsdecode(res.stdout).split("\0") if res.returncode == 0 else []:
+        while rel and (path := os.path.join(folder, *rel.split("/"))) not in tracked:
+            tracked.add(path)
+            rel = rel.rpartition("/")[0]
+    return tracked
 
 
 class _Above:
@@ -158,7 +177,8 @@ def _walk(
     tally: Tally,
     respect_gitignore: bool,
     repo: tuple[str, str],
-    inside: str | None = None,
+    inside: str | None,
+    tracked: set[str],
 ) -> Iterator[tuple[str, str, str]]:
     try:
         with os.scandir(path) as it:
@@ -169,6 +189,8 @@ def _walk(
     names = {e.name for e in entries}
     if rel and GIT_MARKER in names:  # a nested repository
         repo, specs = (os.path.basename(path), rel), []
+        if respect_gitignore:
+            tracked |= _tracked_files(path)
     exclude = _info_exclude(path) if respect_gitignore and GIT_MARKER in names else None
     if exclude:
         specs = [*specs, (rel, exclude)]
@@ -180,10 +202,15 @@ def _walk(
         kind = _entry_kind(entry)
         if kind == "dir":
             reason = _dir_reason(entry, entry_rel, specs)
-            if reason:
+            if reason == "gitignore" and entry.path in tracked:  # only its tracked files: all else is ignored
+                import pathspec
+
+                sub = [*specs, (entry_rel, pathspec.GitIgnoreSpec.from_lines(["*"]))]
+                yield from _walk(entry.path, entry_rel, sub, tally, respect_gitignore, repo, inside, tracked)
+            elif reason:
                 tally.skip_dir(reason)
             else:
-                yield from _walk(entry.path, entry_rel, specs, tally, respect_gitignore, repo, inside)
+                yield from _walk(entry.path, entry_rel, specs, tally, respect_gitignore, repo, inside, tracked)
             continue
         if kind == "symlink_dir":
             tally.skip_dir("symlink_dir")
@@ -197,7 +224,7 @@ def _walk(
                 kind = "symlink_into_vcs"
         if kind in ("broken_symlink", "symlink_loop", "symlink_outside", "symlink_into_vcs"):
             tally.skip(kind)
-        elif specs and gitignored(specs, entry_rel, is_dir=False):
+        elif specs and entry.path not in tracked and gitignored(specs, entry_rel, is_dir=False):
             tally.skip("gitignore")
         else:
             yield repo_id, entry_rel[len(repo_rel) + 1 :] if repo_rel else entry_rel, entry.path
