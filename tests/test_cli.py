@@ -26,6 +26,13 @@ def test_no_command_prints_help(capsys):
     assert "COMMAND" in capsys.readouterr().out
 
 
+def test_a_group_without_its_subcommand_prints_its_help_and_exit_2(capsys):
+    """`fimtune data` alone is a usage error as `fimtune` alone is (it exited 0, so a script's
+    `fimtune data $STEP` with an empty STEP passed)."""
+    assert main(["data"]) == 2
+    assert "SUBCOMMAND" in capsys.readouterr().out
+
+
 def test_config_lists_fields_with_help(capsys):
     assert main(["config"]) == 0
     out = capsys.readouterr().out

@@ -500,12 +500,9 @@ def main(argv: list[str] | None = None) -> int:
             ns.overrides = [*ns.overrides, *extra]
         else:
             _unrecognized(parser, ns, extra)
-    if not getattr(ns, "func", None):  # a group without its subcommand: show its help
-        helper = {"data": lambda: parser.parse_args(["data", "--help"])}.get(ns.command or "")
-        if helper is None:
-            parser.print_help()
-            return EXIT_USER_ERROR
-        helper()
+    if not getattr(ns, "func", None):  # no command, or a group without its subcommand: a usage error
+        _command_parser(parser, ns).print_help()
+        return EXIT_USER_ERROR
     try:
         code = ns.func(ns)
         sys.stdout.flush()  # here, where a reader that left (`fimtune config | head`) can be told apart
