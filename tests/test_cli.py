@@ -80,6 +80,20 @@ def test_inspect_refuses_a_negative_sample_count(tmp_path, capsys):
     assert capsys.readouterr().err == "error: --n must be 0 (the summary alone) or more (got -1)\n"
 
 
+@pytest.mark.parametrize("command", ["eval", "merge"])
+def test_a_run_stopped_before_its_first_checkpoint_is_told_so(tmp_path, capsys, command):
+    """eval and merge named a run folder that has its config.yaml but no adapter yet (stopped, or still
+    training, before its first checkpoint) "not a run folder (config.yaml ... missing)", as complete
+    and serve do not."""
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["config", f"output_dir={run}"]) == 0
+    (run / "config.yaml").write_text(capsys.readouterr().out)
+    assert main([command, str(run), *(["--out", str(tmp_path / "merged")] if command == "merge" else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: run folder '{run}' has no adapter") and "--resume" in err, err
+
+
 def test_stop_after_no_step_is_refused_before_anything_loads(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--stop-after", "0", f"output_dir={out}"]) == 2

@@ -30,9 +30,17 @@ def merge_run(run_dir: Path, out: Path, dtype: str | None = None, overwrite: boo
     ``dtype`` (a `model.dtype` name; default: the run's, see :func:`saved_dtype`)."""
     from fimtune.config import load_run_config
     from fimtune.generate import FimPrompter, GenerationParams
-    from fimtune.model import is_run_dir, load_run, lora_on_tied_embeddings, tied_embedding_names, tied_lora_problem
+    from fimtune.model import (
+        check_has_adapter,
+        is_run_dir,
+        load_run,
+        lora_on_tied_embeddings,
+        tied_embedding_names,
+        tied_lora_problem,
+    )
 
     if not is_run_dir(run_dir):
+        check_has_adapter(run_dir)
         raise FimtuneError(
             f"'{run_dir}' is not a run folder (no config.yaml + adapter/): train one with `fimtune train`"
         )

@@ -443,6 +443,17 @@ def is_run_dir(path: str | Path) -> bool:
     return (p / "config.yaml").is_file() and (p / "adapter" / "adapter_config.json").is_file()
 
 
+def check_has_adapter(path: str | Path) -> None:
+    """Refuse a run folder whose training saved no checkpoint yet (its config.yaml, no adapter), which
+    is neither a run to load nor a model."""
+    if (Path(path) / "config.yaml").is_file() and not (Path(path) / "config.json").is_file():
+        raise FimtuneError(
+            f"run folder '{path}' has no adapter (adapter/adapter_config.json): its training stopped "
+            "before the first checkpoint, or the folder was copied without checkpoints/; train it "
+            "(`fimtune train --resume`) or give a run that saved one"
+        )
+
+
 def load_for_inference(
     target: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None
 ) -> Loaded:
@@ -455,12 +466,7 @@ def load_for_inference(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if is_run_dir(target):
         return load_run(Path(target), device, dtype)
-    if (Path(target) / "config.yaml").is_file() and not (Path(target) / "config.json").is_file():
-        raise FimtuneError(
-            f"run folder '{target}' has no adapter (adapter/adapter_config.json): its training stopped "
-            "before the first checkpoint, or the folder was copied without checkpoints/; train it "
-            "(`fimtune train --resume`) or give a run that saved one"
-        )
+    check_has_adapter(target)
     from copy import deepcopy
 
     tokenizer = deepcopy(load_tokenizer(str(target)))
