@@ -33,6 +33,14 @@ def test_text_overrides_keep_their_text():
     assert (cfg.data.hf, cfg.model.attn_implementation, cfg.output_dir) == (None, None, "a b")
 
 
+def test_text_overrides_are_not_read_as_yaml_structures():
+    """A text key's value was cut at ` #` (a YAML comment) without a word, and one with `: ` or a
+    leading `- ` refused as a mapping or a list ("must be a string; got {...}")."""
+    for text in ("runs/try #2", "code/v2: fixed", "- draft", "[x]"):
+        cfg = load_run_config(None, [f"output_dir={text}", f"data.path={text}", f"model.name_or_path={text}"])
+        assert (cfg.output_dir, cfg.data.path, cfg.model.name_or_path) == (text, text, text)
+
+
 def test_list_and_optional_overrides():
     cfg = load_run_config(None, ["lora.target_modules=q_proj,v_proj", "train.max_steps=null"])
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]

@@ -481,8 +481,11 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> di
             hint = typing.get_type_hints(tp)[name]
             if i == len(path) - 1:
                 text_field = hint is str or str in typing.get_args(hint)
-                if text_field and value is not None and not isinstance(value, (str, list, dict)):
-                    value = text.split("=", 1)[1].strip()  # `output_dir=1.10`: 1.10, not YAML's 1.1
+                raw = text.split("=", 1)[1].strip()
+                if text_field and value is not None and not (isinstance(value, str) and raw.startswith(("'", '"'))):
+                    # the text as given, unless quoted: `output_dir=1.10` is 1.10, not YAML's 1.1;
+                    # `runs/try #2` is not cut at a YAML comment, nor `v2: fixed` read as a mapping
+                    value = raw
                 coerce(value, hint, f"{where}{name}")
                 if isinstance(value, dict) and isinstance(node.get(name), dict):
                     value = {**node[name], **value}  # `lora={r: 8}`: the file's other lora keys stay
