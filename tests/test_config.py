@@ -60,6 +60,8 @@ def test_list_and_optional_overrides():
         ("max_steps", "key=value"),
         ("train.max_steps.x=1", "'train.max_steps' is not a section"),  # was a TypeError traceback
         ("model.attn_implementation=flash", "must be one of sdpa, eager"),  # was transformers' traceback
+        ("lora.target_modules=[q_proj, v_proj", "must be a list"),  # was ['[q_proj', 'v_proj']
+        ("lora.target_modules=q_proj,v_proj]", "must be a list"),
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):

@@ -388,6 +388,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is list:
         if isinstance(value, str):
+            if value.strip().startswith("[") or value.strip().endswith("]"):  # YAML that did not parse: `[a, b`
+                raise ConfigError(f"config key '{key}' must be a list, [a, b] or a,b; got {value!r}")
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list; got {value!r}")
