@@ -184,6 +184,18 @@ def test_dry_run_and_config_refuse_what_a_run_would(capsys):
     assert main(["config", "lora.r=0"]) == 2 and "'lora.r' must be at least 1" in capsys.readouterr().err
 
 
+def test_dry_run_refuses_rows_past_learned_positions(tmp_path, tiny_tokenizer, tiny_dataset_dir, capsys):
+    """A GPT-BigCode model's rows longer than its learned positions were refused only once the run
+    had loaded the model (minutes for StarCoderBase-1B); `--dry-run` printed the plan and exit 0."""
+    from tests.runs import model_dir
+
+    base = model_dir(tmp_path, tiny_tokenizer, "gpt_bigcode")  # 256 positions
+    args = ["train", f"model.name_or_path={base}", f"data.path={tiny_dataset_dir}", f"output_dir={tmp_path / 'r'}"]
+    assert main([*args, "packing.seq_length=512", "--dry-run"]) == 2
+    assert "packing.seq_length=512 is longer than the model's 256 learned positions" in capsys.readouterr().err
+    assert main([*args, "packing.seq_length=256", "--dry-run"]) == 0
+
+
 def test_data_build_config_file_errors_name_the_file(tmp_path, capsys):
     """A typo in `data build --config FILE` named the key but not the file."""
     p = tmp_path / "corpus.yaml"

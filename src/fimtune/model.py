@@ -386,6 +386,14 @@ def model_config(name_or_path: str) -> Any:
         raise hub_error(name_or_path, e) from None
 
 
+def stated_positions(name_or_path: str) -> tuple[int | None, bool]:
+    """:func:`position_limit` of a model from its config alone (built on the meta device, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return position_limit(AutoModelForCausalLM.from_config(model_config(name_or_path)))
+
+
 def plan(model_cfg: ModelConfig, lora_cfg: LoraConfig, fim_tokens_to_add: list[str] | None = None) -> Plan:
     """Build the model on the meta device, attach LoRA, count what trains."""
     from transformers import AutoModelForCausalLM

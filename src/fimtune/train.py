@@ -70,7 +70,11 @@ def check_context(model: Any, seq_length: int) -> None:
     context (it runs, but past what it was trained on)."""
     from fimtune.model import position_limit
 
-    limit, learned = position_limit(model)
+    check_positions(*position_limit(model), seq_length)
+
+
+def check_positions(limit: int | None, learned: bool, seq_length: int) -> None:
+    """:func:`check_context` on a model's position limit and whether its positions are learned."""
     if limit is None or seq_length <= limit:
         return
     if learned:
@@ -1087,13 +1091,17 @@ ASSUMED_FLOPS = {
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Refuse what a run would refuse only after loading its model and data: its data source,
-    quantization (bitsandbytes) without a CUDA GPU, and CUDA graphs of blocks that cannot replay
-    them. `fimtune train` checks it before the plan, so `--dry-run` says so too."""
+    """Refuse what a run would refuse only after loading its model and data: its data source, rows
+    longer than the model's learned positions, quantization (bitsandbytes) without a CUDA GPU, and
+    CUDA graphs of blocks that cannot replay them. `fimtune train` checks it before the plan, so
+    `--dry-run` says so too."""
     from fimtune.dataset import check_source
-    from fimtune.model import quantization_config
+    from fimtune.model import quantization_config, stated_positions
 
     check_source(cfg.data)
+    limit, learned = stated_positions(cfg.model.name_or_path)  # the model's config, on the meta device
+    if learned:  # a rotary model's long rows are a warning, which the run gives
+        check_positions(limit, learned, cfg.packing.seq_length)
     cuda = torch.cuda.is_available()
     if cfg.model.quantization != "none" and not cuda:
         quantization_config(cfg.model.quantization, torch.device("cpu"))  # its error, with what to do
