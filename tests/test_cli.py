@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from fimtune.cli import main
+from fimtune.errors import FimtuneError
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -194,6 +195,23 @@ def test_dry_run_refuses_rows_past_learned_positions(tmp_path, tiny_tokenizer, t
     assert main([*args, "packing.seq_length=512", "--dry-run"]) == 2
     assert "packing.seq_length=512 is longer than the model's 256 learned positions" in capsys.readouterr().err
     assert main([*args, "packing.seq_length=256", "--dry-run"]) == 0
+
+
+def test_an_output_dir_that_is_a_file_is_one_error_line(tmp_path, tiny_dataset_dir, capsys):
+    """output_dir naming a file, or a folder under one, was a NotADirectoryError traceback (exit 1)."""
+    from fimtune.train import prepare_run_dir
+
+    note = tmp_path / "notes.txt"
+    note.write_text("mine\n")
+    assert main(["train", f"output_dir={note}", f"data.path={tiny_dataset_dir}"]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: output_dir '{note}': '{note}' is a file, not a folder: pass output_dir=NEW_DIR\n"
+    )
+    for resume in (False, True):
+        with pytest.raises(FimtuneError, match=f"output_dir '{note / 'run'}': '{note}' is a file, not a folder"):
+            prepare_run_dir(note / "run", resume)
+    assert note.read_text() == "mine\n"
 
 
 def test_data_build_config_file_errors_name_the_file(tmp_path, capsys):

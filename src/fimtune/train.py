@@ -855,6 +855,8 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
     A new run needs an empty folder. ``--resume`` needs a checkpoint, or a run interrupted
     before its first one (an empty folder, or its config.yaml is there): that starts over.
     """
+    if file := next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None):
+        raise FimtuneError(f"output_dir '{run_dir}': '{file}' is a file, not a folder: pass output_dir=NEW_DIR")
     if resume:
         if checkpoint.latest_checkpoint(run_dir) is not None:
             return True
