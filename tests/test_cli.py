@@ -214,6 +214,16 @@ def test_an_output_dir_that_is_a_file_is_one_error_line(tmp_path, tiny_dataset_d
     assert note.read_text() == "mine\n"
 
 
+def test_data_build_out_under_a_file_is_one_error_line_before_the_build(tmp_path, capsys):
+    """`--out` under a file was a FileExistsError traceback (exit 1), once the whole build was done."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("def f(x):\n    return x + 1\n")
+    note = tmp_path / "notes.txt"
+    note.write_text("mine\n")
+    assert main(["data", "build", str(tmp_path / "src"), "--out", str(note / "data"), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"error: --out '{note / 'data'}': '{note}' is a file, not a folder\n"
+
+
 def test_data_build_config_file_errors_name_the_file(tmp_path, capsys):
     """A typo in `data build --config FILE` named the key but not the file."""
     p = tmp_path / "corpus.yaml"

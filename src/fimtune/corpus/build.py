@@ -133,6 +133,8 @@ def check_config(cfg: CorpusConfig) -> None:
 
 def check_out(out: Path, overwrite: bool) -> None:
     """An existing ``out`` needs --overwrite, and is only replaced when it is an earlier build (or empty)."""
+    if file := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+        raise DataError(f"--out '{out}': '{file}' is a file, not a folder")
     if not out.exists() and not out.is_symlink():
         return
     if not overwrite:
