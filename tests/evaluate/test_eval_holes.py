@@ -160,3 +160,24 @@ def test_no_block_hole_holds_a_line_left_of_its_first():
     blocks = block_candidates(text, "python")
     assert all(not b.first_row < 3 <= b.last_row for b in blocks), blocks
     assert block_candidates("def f(x):\n    if x:\n        y = 1\n        return y\n    return 0\n", "python")
+
+
+def test_go_function_bodies_are_block_holes():
+    """tree-sitter-go wraps a block's statements in a `statement_list`: a body is its statements,
+    not the list (which ends on the closing brace's line, so no Go body was ever cut)."""
+    pytest.importorskip("tree_sitter_go")
+    text = (
+        'package main\n\nimport "fmt"\n\n'
+        "// Größe returns the size of a name.\n"
+        "func Größe(name string) int {\n"
+        "\tn := len(name)\n"
+        "\tif n > 10 {\n"
+        '\t\tfmt.Println("lang: «", name, "»")\n'
+        "\t\treturn n * 2\n"
+        "\t}\n"
+        "\treturn n\n"
+        "}\n"
+    )
+    blocks = [(b.first_row, b.last_row, b.unit) for b in block_candidates(text, "go")]
+    assert (6, 11, "body") in blocks, blocks
+    assert (7, 10, "statement") in blocks, blocks

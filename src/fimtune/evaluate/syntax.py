@@ -190,6 +190,8 @@ def _body_statements(node: Any) -> list[Any]:
     """The nodes inside a definition's body, when they start below its header (else [])."""
     body = node.child_by_field_name("body")
     inner = list(body.named_children) if body is not None else []
+    if len(inner) == 1 and inner[0].type == "statement_list":  # tree-sitter-go wraps a block's statements
+        inner = list(inner[0].named_children)
     if not inner or inner[0].start_point.row <= node.start_point.row:
         return []
     return inner
