@@ -16,7 +16,7 @@ from fimtune.evaluate.holes import (
     cut_line,
     draw_holes,
 )
-from fimtune.evaluate.syntax import MAX_BLOCK_LINES, block_candidates, parses, truncate_block
+from fimtune.evaluate.syntax import MAX_BLOCK_LINES, block_candidates, left_block, parses, truncate_block
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +181,14 @@ def test_go_function_bodies_are_block_holes():
     blocks = [(b.first_row, b.last_row, b.unit) for b in block_candidates(text, "go")]
     assert (6, 11, "body") in blocks, blocks
     assert (7, 10, "statement") in blocks, blocks
+
+
+@pytest.mark.parametrize("separator", ["\x0c", "\x85", "\u2028"])
+def test_a_line_separator_inside_a_string_does_not_end_a_block(separator):
+    """Lines end at `\\n` only, as tree-sitter counts rows: `str.splitlines` also splits at a form
+    feed, NEL or U+2028 inside a string, whose text then looked dedented and ended the block."""
+    prefix, suffix = "def f(x):\n", "    return 0\n"
+    middle = f'    if x:\n        s = "a{separator}b"\n        return s\n'
+    assert parses(prefix + middle + suffix, "python")
+    assert not left_block(middle)
+    assert truncate_block(middle + suffix + "print(f(1))\n", prefix, suffix, "statement", "python") == middle

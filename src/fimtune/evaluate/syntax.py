@@ -229,6 +229,17 @@ def indent_of(line: str) -> int:
     return len(line) - len(line.lstrip(" \t"))
 
 
+def lines_of(text: str) -> list[str]:
+    """``text``'s lines, each with its ``\\n``: split at ``\\n`` only, as tree-sitter counts rows
+    (``str.splitlines`` also splits at a form feed, NEL or U+2028 inside a string).
+
+    >>> lines_of("a\\r\\nb\\x0cc\\n  ")
+    ['a\\r\\n', 'b\\x0cc\\n', '  ']
+    """
+    parts = text.split("\n")
+    return [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
 def cut_at_dedent(text: str) -> str:
     """Whole lines of ``text`` up to the first non-blank line indented less than its first line.
 
@@ -237,7 +248,7 @@ def cut_at_dedent(text: str) -> str:
     >>> cut_at_dedent("    a = 1\\n    if a:\\n        b()\\nreturn a\\n")
     '    a = 1\\n    if a:\\n        b()\\n'
     """
-    lines = text.splitlines(keepends=True)
+    lines = lines_of(text)
     code = [i for i, line in enumerate(lines) if line.strip()]
     if not code:
         return ""
@@ -265,7 +276,7 @@ def first_statement(text: str, language: str) -> str:
     When the text does not parse as statements, it is returned unchanged.
     """
     parser = parser_for(language)
-    lines = text.splitlines(keepends=True)
+    lines = lines_of(text)
     code = [line for line in lines if line.strip()]
     if parser is None or not code:
         return text
@@ -300,7 +311,7 @@ def truncate_block(completion: str, prefix: str, suffix: str, unit: str, languag
     kept = cut_at_dedent(completion)
     if unit == "statement":
         kept = first_statement(kept, language)
-    lines = kept.splitlines(keepends=True)
+    lines = lines_of(kept)
     for end in range(len(lines), 0, -1):
         candidate = "".join(lines[:end])
         if not candidate.strip():
