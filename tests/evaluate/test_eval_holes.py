@@ -192,3 +192,20 @@ def test_a_line_separator_inside_a_string_does_not_end_a_block(separator):
     assert parses(prefix + middle + suffix, "python")
     assert not left_block(middle)
     assert truncate_block(middle + suffix + "print(f(1))\n", prefix, suffix, "statement", "python") == middle
+
+
+def test_a_body_not_indented_past_its_closing_brace_is_not_cut():
+    """A body ends where the dedent rule (cut_at_dedent) says: an unindented body in a brace language
+    (a UMD wrapper's functions) has its `}` at its own column, so an answer that goes on past the
+    body was kept whole up to some later line that still parses, and a right body scored wrong."""
+    pytest.importorskip("tree_sitter_javascript")
+    text = (
+        "(function () {\n'use strict';\n\n"
+        "function sum(xs) {\nvar s = 0;\nfor (var i = 0; i < xs.length; i++) {\n  s += xs[i];\n}\nreturn s;\n}\n\n"
+        "function twice(x) {\nreturn sum([x, x]);\n}\n\nmodule.exports = { sum: sum, twice: twice };\n})();\n"
+    )
+    blocks = [(b.first_row, b.last_row, b.unit) for b in block_candidates(text, "javascript")]
+    assert blocks == [(5, 7, "statement")]  # the `for` statement; not sum's body (rows 4..8)
+    indented = text.replace("\nvar s", "\n  var s").replace("\nfor", "\n  for").replace("  s +=", "    s +=")
+    indented = indented.replace("\n}\nreturn s;", "\n  }\n  return s;")
+    assert (4, 8, "body") in [(b.first_row, b.last_row, b.unit) for b in block_candidates(indented, "javascript")]

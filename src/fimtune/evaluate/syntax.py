@@ -212,7 +212,16 @@ def _whole_lines(block: Block, lines: list[str]) -> bool:
     # A line left of the first (a string's or comment's text at column 0) would end the block for
     # the dedent rule that stops generation and scoring (cut_at_dedent): no answer could match.
     inner = lines[block.first_row + 1 : block.last_row + 1]
+    if block.unit == "body" and not _dedents_after(block, lines, len(before)):
+        return False
     return all(indent_of(line) >= len(before) for line in inner if line.strip())
+
+
+def _dedents_after(block: Block, lines: list[str], indent: int) -> bool:
+    """Whether the first non-blank line after ``block`` (if any) is left of ``indent``: the dedent
+    rule tells where a body ends, and a brace language's unindented body has its `}` at its column."""
+    below = next((line for line in lines[block.last_row + 1 :] if line.strip()), None)
+    return below is None or indent_of(below) < indent
 
 
 # --------------------------------------------------------------------------------------
