@@ -798,17 +798,21 @@ def process_server_rows(
     deadline: float,
     variants: list[dict[str, Any]],
     label: str = "",
+    skipped: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The server with the engine in a process of its own: a row for each of ``variants`` (batching
-    limits changed in the engine's process, `set_batching`), as the budget allows; ``label`` as
-    :func:`server_run`'s."""
+    limits changed in the engine's process, `set_batching`), as the budget allows (the others named
+    in ``skipped``); ``label`` as :func:`server_run`'s."""
     rows = []
     with process_server(args, key, deadline) as (engine, app, url, ready_s):
         load(s, url, CLIENTS, 1, args.clients_in_process)  # one untimed request per client: first batches
         threads = app.state.service.tokenize_in_threads
         for changes in variants:
             if rows and time.monotonic() > deadline - 10:
-                print(f"-- server {changes}, engine process: skipped (budget)", flush=True)
+                name = f"server {changes}, engine process{', ' + label if label else ''}"
+                print(f"-- {name}: skipped (budget)", flush=True)
+                if skipped is not None:
+                    skipped.append(name)
                 continue
             with batching(engine, changes):
                 rows.append(server_run(s, engine, url, ready_s, args, threads, f"{graphs}, engine process", label))
@@ -821,7 +825,10 @@ def server_rows(
     args: argparse.Namespace,
     deadline: float,
     key: tuple[str, str, bool] = ("trees", "auto", False),
+    skipped: list[str] | None = None,
 ) -> list[dict[str, Any]]:
+    """The server rows (``engine`` behind uvicorn); the names of those the budget leaves out go to
+    ``skipped`` (the report's, beside the rows ``attempt`` skips)."""
     from fimtune.serve.app import create_app
 
     app = create_app(engine, s.prompter, "psm")
@@ -866,10 +873,13 @@ def server_rows(
             label = f"pass {number}" if args.passes > 1 else ""
             need_s = 60 if changes == apart and args.device == "cuda" else 10  # there: a build and a warm-up
             if time.monotonic() > deadline - need_s:
-                print(f"-- server {changes}{', ' + label if label else ''}: skipped (budget)", flush=True)
+                name = f"server {changes}{', ' + label if label else ''}"
+                print(f"-- {name}: skipped (budget)", flush=True)
+                if skipped is not None:
+                    skipped.append(name)
                 continue
             if changes == apart:  # the defaults, then every join stalling the batch: one engine for both
-                rows += process_server_rows(s, args, key, _graphs(engine), deadline, [{}, in_line], label)
+                rows += process_server_rows(s, args, key, _graphs(engine), deadline, [{}, in_line], label, skipped)
                 continue
             # the engine's limits through `set_batching`; where prompts are tokenized is the server's
             limits = {name: value for name, value in changes.items() if name != "tokenize_in_threads"}
@@ -1095,7 +1105,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if i > 0 and not args.server_all_variants:
             continue
         rows = attempt(
-            report, f"server, {variant}", lambda e=engine, k=key: server_rows(s, e, args, deadline, k), deadline, 15
+            report,
+            f"server, {variant}",
+            lambda e=engine, k=key: server_rows(s, e, args, deadline, k, report.data["skipped"]),
+            deadline,
+            15,
         )
         for row in rows or []:
             report.add(row)

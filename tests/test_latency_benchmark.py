@@ -158,3 +158,33 @@ def test_engine_variants_parse():
     assert parse_variant("captured+flex+eager-prefill") == ("captured", {"flex", "eager-prefill"})
     with pytest.raises(Exception, match="MODIFIER from eager-prefill, prefill, flex, sdpa, cublas"):
         parse_variant("trees+fast")
+
+
+def test_server_rows_the_budget_leaves_out_are_reported_as_skipped(tiny_tokenizer):
+    """A server row skipped for the budget is in the report's skipped list (JSON and summary), as a
+    skipped engine row is: it was only printed, so the JSON lost it without a word."""
+    import argparse
+    import textwrap
+    import time
+
+    from fimtune.generate import FimPrompter
+    from tests.tiny import gpt_bigcode
+
+    model = gpt_bigcode(len(tiny_tokenizer), n_positions=2048)
+    text = Path(textwrap.__file__).read_text()
+    args = argparse.Namespace(
+        device="cpu", shape="tiny", no_cuda_graphs=True, clients_in_process=True, requests_per_client=1, passes=1,
+        no_engine_process_row=True, batch_wait_variants=[], switch_interval_variants=[],
+    )  # fmt: skip
+    skipped: list[str] = []
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # latency_gpu, and the clients' load_clients
+    try:
+        import latency_gpu
+
+        s = latency_gpu.Setup(model, tiny_tokenizer, FimPrompter(tiny_tokenizer), [], text, 200, "tiny")
+        engine = latency_gpu.make_engine(s, args)
+        rows = latency_gpu.server_rows(s, engine, args, time.monotonic(), skipped=skipped)  # the budget spent
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert [r["label"] for r in rows] == ["first round"]  # the first round runs whatever the budget
+    assert len(skipped) == 6 and all(name.startswith("server ") for name in skipped), skipped
