@@ -613,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.budget_s is not None and t - start > args.budget_s:
             report["results"][name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
             continue
+        if args.json:  # until its figures replace it: a run ended here (gpu_check.sh's timeout) says so
+            report["results"][name] = {"error": "unfinished: the run ended during this variant"}
+            args.json.write_text(json.dumps(report, indent=2))
         try:
             res = run_variant(name, args, device)
         except Exception as e:  # one failing variant must not lose the others

@@ -92,3 +92,31 @@ def test_rows_of_several_documents_count_attention_inside_each():
     docs = tt.attention_context([next(rows) for _ in range(8)])
     assert 300 < docs < 600  # log-normal documents, median ~400 tokens: far less than half a row
     assert tt.flop_per_token(config, 2048, docs) < 0.95 * tt.flop_per_token(config, 2048)
+
+
+def test_a_variant_the_process_ends_in_is_marked_unfinished_in_the_json(tmp_path, monkeypatch):
+    """gpu_check.sh runs the benchmark under `timeout`: a variant it ends is in the JSON as unfinished,
+    beside the figures of those before it (it was missing, as if it had never been asked for)."""
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_throughput as tt
+    finally:
+        sys.path.pop(0)
+    measure = tt.run_variant
+
+    def run_variant(name, args, device):
+        if name == "a":
+            raise KeyboardInterrupt  # as the process ends: SIGTERM, SIGKILL
+        return measure(name, args, device)
+
+    monkeypatch.setattr(tt, "run_variant", run_variant)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "train.json"
+    argv = ["--shape", "tiny", "--length", "16", "--warmup", "1", "--steps", "1", "--variants", "b,a,c"]
+    with pytest.raises(KeyboardInterrupt):
+        tt.main([*argv, "--json", str(out)])
+    res = json.loads(out.read_text())["results"]
+    assert list(res) == ["b", "a"] and res["b"]["tokens_per_s"] > 0
+    assert "tokens_per_s" not in res["a"] and "unfinished" in res["a"]["error"]
