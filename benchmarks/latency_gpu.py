@@ -654,12 +654,14 @@ def request_body(s: Setup, client: int, request: int) -> dict[str, Any]:
 
 class Load(NamedTuple):
     """What ``load``'s clients got: each answer's seconds (as its client timed it), `usage`, and
-    timing headers (load_clients.py), and the errors."""
+    timing headers (load_clients.py), the errors, and the seconds from the clients' start to the last
+    answer (without the client process's start-up)."""
 
     seconds: list[float]
     usages: list[dict]
     timings: list[dict]
     errors: list[str]
+    wall_s: float
 
 
 def load(s: Setup, url: str, clients: int, per_client: int, in_process: bool = False) -> Load:
@@ -683,7 +685,7 @@ def load(s: Setup, url: str, clients: int, per_client: int, in_process: bool = F
         if proc.returncode != 0:
             raise RuntimeError(f"the client process failed: {proc.stderr[-1000:]}")
         got = json.loads(proc.stdout)
-    return Load(got["seconds"], got["usages"], got["timings"], got["errors"])
+    return Load(got["seconds"], got["usages"], got["timings"], got["errors"], got["wall_s"])
 
 
 def time_split(got: Load) -> dict[str, dict[str, float]]:
@@ -911,10 +913,9 @@ def server_run(
     before, counted = engine.snapshot()
     static = getattr(getattr(engine, "decoder", None), "static", None)  # in this process only
     eager_before = (list(static.eager_prefills), list(static.eager_prefill_s)) if static is not None else None
-    began = time.perf_counter()
     got = load(s, url, CLIENTS, per_client, in_process)
     seconds, usages, errors = got.seconds, got.usages, got.errors
-    wall = time.perf_counter() - began
+    wall = got.wall_s  # the load's, from its first request: the client process's start-up is no server time
     stats, counters = engine.snapshot()
     joins = f"joins {lim.join_min_rows}/{lim.join_wait_ms:g}ms" if lim.continuous_batching else "no joins"
     joins += " overlapped" if lim.continuous_batching and lim.overlap_joins else ""

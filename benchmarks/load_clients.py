@@ -5,7 +5,8 @@
 plan.json: {"url": "http://127.0.0.1:PORT", "path": "/v1/completions", "bodies": [[body, ...], ...]},
 one list of JSON bodies per client. Each client is a thread that sends its bodies one after another,
 each as soon as the previous answer arrived, and times them. Prints
-{"seconds": [...], "usages": [...], "timings": [...], "errors": [...]}: the answers' `usage` objects,
+{"seconds": [...], "usages": [...], "timings": [...], "errors": [...], "wall_s": ...}: the answers'
+`usage` objects, the seconds from the clients' start to the last answer (not this process's start),
 and their timing headers (TGI's `x-validation-time`, `x-queue-time`, `x-inference-time`,
 `x-total-time`, ms) as {"validation": ..., "queue": ..., "inference": ..., "total": ...}.
 
@@ -25,9 +26,9 @@ from typing import Any
 TIMINGS = ("validation", "queue", "inference", "total")
 
 
-def run_clients(url: str, path: str, bodies: list[list[dict[str, Any]]]) -> dict[str, list[Any]]:
+def run_clients(url: str, path: str, bodies: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """One thread per client, each posting its bodies in turn: seconds, usages, timings and errors,
-    all clients."""
+    all clients, and the load's wall seconds (``wall_s``)."""
     import httpx
 
     def one_client(mine: list[dict[str, Any]]) -> tuple[list[float], list[dict], list[dict], list[str]]:
@@ -45,13 +46,16 @@ def run_clients(url: str, path: str, bodies: list[list[dict[str, Any]]]) -> dict
                     errors.append(f"{type(e).__name__}: {e}"[:300])
         return seconds, usages, timings, errors
 
+    began = time.perf_counter()
     with ThreadPoolExecutor(max(1, len(bodies))) as pool:
         results = list(pool.map(one_client, bodies))
+    wall_s = time.perf_counter() - began
     return {
         "seconds": [x for r in results for x in r[0]],
         "usages": [x for r in results for x in r[1]],
         "timings": [x for r in results for x in r[2]],
         "errors": [x for r in results for x in r[3]],
+        "wall_s": wall_s,
     }
 
 

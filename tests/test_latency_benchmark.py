@@ -188,3 +188,40 @@ def test_server_rows_the_budget_leaves_out_are_reported_as_skipped(tiny_tokenize
         sys.path.remove(str(ROOT / "benchmarks"))
     assert [r["label"] for r in rows] == ["first round"]  # the first round runs whatever the budget
     assert len(skipped) == 6 and all(name.startswith("server ") for name in skipped), skipped
+
+
+def test_the_server_rows_time_the_load_from_its_first_request_not_the_client_process_start(tiny_tokenizer):
+    """A server row's seconds (its tokens/s, the worker's busy share) are the clients' own, from their
+    first request to the last answer: they counted the client process's start-up as the server's."""
+    import argparse
+    import textwrap
+    import time
+
+    from fimtune.generate import FimPrompter
+    from fimtune.serve.app import create_app
+    from tests.tiny import gpt_bigcode
+
+    model = gpt_bigcode(len(tiny_tokenizer), n_positions=2048)
+    text = Path(textwrap.__file__).read_text()
+    args = argparse.Namespace(device="cpu", shape="tiny", no_cuda_graphs=True, clients_in_process=False)
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # latency_gpu, and the clients' load_clients
+    try:
+        import latency_gpu
+
+        s = latency_gpu.Setup(model, tiny_tokenizer, FimPrompter(tiny_tokenizer), [], text, 200, "tiny")
+        engine = latency_gpu.make_engine(s, args)
+        url, server = latency_gpu.serve_in_thread(create_app(engine, s.prompter, "psm"))
+        try:
+            assert engine.ready.wait(30)
+            began = time.perf_counter()
+            got = latency_gpu.load(s, url, 2, 2)  # the clients in a process of their own
+            around = time.perf_counter() - began
+            per_client = argparse.Namespace(**vars(args), requests_per_client=1)
+            row = latency_gpu.server_run(s, engine, url, 0.0, per_client, False, "eager")
+        finally:
+            server.should_exit = True
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert not got.errors and len(got.seconds) == 4
+    assert max(got.seconds) <= got.wall_s <= around  # every answer inside the load's time, itself inside the call's
+    assert row["errors"] == 0 and row["requests"] == 16 and row["seconds"] >= 1e-3 * row["max_ms"]
