@@ -276,6 +276,8 @@ def fimtune_step(args: argparse.Namespace, device: torch.device, variant: str) -
     if variant == "c-ckpt":
         extra.append("train.gradient_checkpointing=true")
     if variant == "c-mb2":
+        if args.batch % 2:  # two halves of the batch: an odd one would train a row less than it counts
+            raise ValueError(f"c-mb2 trains the batch in two halves: --batch {args.batch} is odd")
         rows = args.batch // 2
         extra += [f"train.batch_size={rows}", "train.gradient_accumulation_steps=2"]
     if variant == "c-eager":

@@ -120,3 +120,18 @@ def test_a_variant_the_process_ends_in_is_marked_unfinished_in_the_json(tmp_path
     res = json.loads(out.read_text())["results"]
     assert list(res) == ["b", "a"] and res["b"]["tokens_per_s"] > 0
     assert "tokens_per_s" not in res["a"] and "unfinished" in res["a"]["error"]
+
+
+def test_two_micro_batches_of_an_odd_batch_are_refused_not_counted_as_the_whole_batch(tmp_path):
+    """c-mb2 trains two micro-batches of half the rows: of 3 rows that is 2 a step, and tokens/s
+    counted 3 (1.5x the tokens trained). An odd --batch is its error, no figure."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_throughput as tt
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "train.json"
+    argv = ["--shape", "tiny", "--length", "16", "--warmup", "1", "--steps", "1", "--batch", "3"]
+    tt.main([*argv, "--variants", "c-mb2", "--json", str(out)])
+    res = json.loads(out.read_text())["results"]["c-mb2"]
+    assert "tokens_per_s" not in res and "--batch 3" in res["error"]
