@@ -56,7 +56,7 @@ qlora        (c) on a 4-bit NF4 base (bitsandbytes, double quantization), gradie
              checkpointing, no compile
 
 TFLOP/s counts the model's FLOPs a token (:func:`flop_per_token`: 5.08 GFLOP for the 1B shape at
-2048 tokens; runs 1-9 counted 4.9, 3.7% too few): the forward, and the backward through activations
+2048 tokens; runs 1-9 counted 4.9, 3.6% too few): the forward, and the backward through activations
 (no weight gradients of the frozen base); for `c-docs`, attention inside each document, as its
 kernels attend (~4.73 GFLOP a token for its documents; whole rows were counted before). (c) trains
 without attention dropout (its varlen kernels have none; the model's other dropouts stay), where (a)
