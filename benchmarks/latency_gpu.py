@@ -792,6 +792,13 @@ def batching(engine: Any, changes: dict[str, Any]) -> Iterator[None]:
         engine.set_batching(**before)
 
 
+def skip_row(name: str, skipped: list[str] | None) -> None:
+    """A server row the budget leaves out: said, and named in ``skipped`` (the report's)."""
+    print(f"-- {name}: skipped (budget)", flush=True)
+    if skipped is not None:
+        skipped.append(name)
+
+
 def process_server_rows(
     s: Setup,
     args: argparse.Namespace,
@@ -811,10 +818,7 @@ def process_server_rows(
         threads = app.state.service.tokenize_in_threads
         for changes in variants:
             if rows and time.monotonic() > deadline - 10:
-                name = f"server {changes}, engine process{', ' + label if label else ''}"
-                print(f"-- {name}: skipped (budget)", flush=True)
-                if skipped is not None:
-                    skipped.append(name)
+                skip_row(f"server {changes}, engine process{', ' + label if label else ''}", skipped)
                 continue
             with batching(engine, changes):
                 rows.append(server_run(s, engine, url, ready_s, args, threads, f"{graphs}, engine process", label))
@@ -875,10 +879,7 @@ def server_rows(
             label = f"pass {number}" if args.passes > 1 else ""
             need_s = 60 if changes == apart and args.device == "cuda" else 10  # there: a build and a warm-up
             if time.monotonic() > deadline - need_s:
-                name = f"server {changes}{', ' + label if label else ''}"
-                print(f"-- {name}: skipped (budget)", flush=True)
-                if skipped is not None:
-                    skipped.append(name)
+                skip_row(f"server {changes}{', ' + label if label else ''}", skipped)
                 continue
             if changes == apart:  # the defaults, then every join stalling the batch: one engine for both
                 rows += process_server_rows(s, args, key, _graphs(engine), deadline, [{}, in_line], label, skipped)

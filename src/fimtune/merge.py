@@ -31,19 +31,14 @@ def merge_run(run_dir: Path, out: Path, dtype: str | None = None, overwrite: boo
     from fimtune.config import load_run_config
     from fimtune.generate import FimPrompter, GenerationParams
     from fimtune.model import (
-        check_has_adapter,
-        is_run_dir,
         load_run,
         lora_on_tied_embeddings,
+        require_run_dir,
         tied_embedding_names,
         tied_lora_problem,
     )
 
-    if not is_run_dir(run_dir):
-        check_has_adapter(run_dir)
-        raise FimtuneError(
-            f"'{run_dir}' is not a run folder (no config.yaml + adapter/): train one with `fimtune train`"
-        )
+    require_run_dir(run_dir)
     cfg = load_run_config(run_dir / "config.yaml")
     out = checked_out(out, run_dir, cfg.model.name_or_path, overwrite)
     save_dtype = saved_dtype(dtype or cfg.model.dtype, cfg.model.name_or_path)

@@ -462,6 +462,17 @@ def check_has_adapter(path: str | Path) -> None:
         )
 
 
+def require_run_dir(path: str | Path) -> None:
+    """Refuse what is not a run folder written by `fimtune train` (one without its first checkpoint
+    yet is told so: :func:`check_has_adapter`)."""
+    if is_run_dir(path):
+        return
+    check_has_adapter(path)
+    raise FimtuneError(
+        f"'{path}' is not a run folder (config.yaml and adapter/ are missing): pass a folder written by `fimtune train`"
+    )
+
+
 def load_for_inference(
     target: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None
 ) -> Loaded:

@@ -43,14 +43,9 @@ def parse_tasks(text: str) -> list[str]:
 
 
 def check_args(ns: argparse.Namespace) -> None:
-    from fimtune.model import check_has_adapter, is_run_dir
+    from fimtune.model import require_run_dir
 
-    if not is_run_dir(ns.run):
-        check_has_adapter(ns.run)
-        raise FimtuneError(
-            f"'{ns.run}' is not a run folder (config.yaml and adapter/ are missing): pass a folder "
-            "written by `fimtune train`"
-        )
+    require_run_dir(ns.run)
     for flag, value in (("--limit", ns.limit), ("--holes", ns.holes), ("--batch-size", ns.batch_size),
                         ("--samples", ns.samples)):  # fmt: skip
         if value is not None and value < 1:
