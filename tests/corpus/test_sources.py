@@ -74,6 +74,20 @@ def test_json_array_with_notebook_rows(tmp_path):
     assert [(d.file_path, d.content) for d in docs] == [("nb.ipynb", code("nb"))]
 
 
+def test_a_pretty_printed_json_object_is_one_row(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"path": "a.py", "content": code("a")}, indent=2), encoding="utf-8")
+    source = resolve_path(str(path), ExitStack())
+    assert [(d.file_path, d.content) for d in docs_of(source)] == [("a.py", code("a"))]
+    assert source.tally.skipped_files == {}
+    # a .json that is JSON Lines with a broken first line keeps its other rows, the bad one counted
+    path = tmp_path / "lines.json"
+    path.write_text('{"content": "cut\n' + json.dumps({"content": code("b")}) + "\n", encoding="utf-8")
+    source = resolve_path(str(path), ExitStack())
+    assert [d.content for d in docs_of(source)] == [code("b")]
+    assert source.tally.skipped_files == {"malformed_row": 1}
+
+
 def test_parquet_table_and_missing_column(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

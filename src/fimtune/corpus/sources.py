@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import unquote, urlparse
 
 from fimtune.config import CorpusConfig
@@ -373,20 +373,21 @@ def _parquet_rows(path: str, text_column: str) -> Iterator[dict[str, Any]]:
 
 
 def _json_rows(path: str, text_column: str) -> Iterator[Any]:
-    """Rows of a JSON Lines file, or of a .json file holding one array of objects. A line that is
-    not UTF-8 is `UNDECODABLE_ROW` (counted as `undecodable`, as such a file in a folder is)."""
+    """Rows of a JSON Lines file, or of a .json file holding one array of objects or one object
+    (pretty-printed or not). A line that is not UTF-8 is `UNDECODABLE_ROW` (counted as
+    `undecodable`, as such a file in a folder is)."""
     with open(path, "rb") as f:
         head = f.read(1024).lstrip(b"\xef\xbb\xbf \t\r\n")
         f.seek(0)
+        lines: Iterable[Any] | None = None
         if path.lower().endswith(".json") and head.startswith(b"["):
-            try:
-                rows = json.loads(f.read().decode("utf-8-sig"))
-            except UnicodeDecodeError as e:
-                raise DataError(f"'{path}' is not UTF-8: {e}") from None
-            except (ValueError, RecursionError) as e:
-                raise DataError(f"'{path}' is not valid JSON: {e or 'nested too deep'}") from None
-            lines: Iterable[Any] = rows if isinstance(rows, list) else [rows]
-        else:
+            lines = _whole_json(f, path)
+        elif path.lower().endswith(".json") and _spans_lines(f):
+            try:  # one pretty-printed object; if it is not one, the lines are rows (bad ones counted)
+                lines = _whole_json(f, path)
+            except DataError:
+                f.seek(0)
+        if lines is None:
             lines = (_json_bytes_line(line, i == 0) for i, line in enumerate(f) if line.strip())
         checked = False
         for row in lines:
@@ -394,6 +395,24 @@ def _json_rows(path: str, text_column: str) -> Iterator[Any]:
                 _check_column(text_column, list(row), f"'{path}'")
                 checked = True
             yield row  # a malformed line is None: counted as `malformed_row`
+
+
+def _whole_json(f: BinaryIO, path: str) -> list[Any]:
+    try:
+        rows = json.loads(f.read().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"'{path}' is not UTF-8: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"'{path}' is not valid JSON: {e or 'nested too deep'}") from None
+    return rows if isinstance(rows, list) else [rows]
+
+
+def _spans_lines(f: BinaryIO) -> bool:
+    """Whether a .json file's first line is not a whole JSON value, as in a pretty-printed object:
+    such a file is one document, not JSON Lines (whose every line is a whole value)."""
+    first = next((line for line in f if line.strip()), b"")
+    f.seek(0)
+    return bool(first) and _json_bytes_line(first, True) is None
 
 
 def _json_line(line: str) -> Any:
