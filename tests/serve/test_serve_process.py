@@ -282,7 +282,9 @@ def test_a_server_stopped_while_its_engine_warms_up_does_not_wait_for_the_warm_u
     app = make_process_app(tiny_run, warmup_s=120)  # compiling the 1B model's steps takes minutes on a GPU
     engine = app.state.service.engine
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
-        assert c.get("/health").status_code == 200 and not engine.ready.is_set()
+        health = c.get("/health")
+        assert health.status_code == 503 and health.json() == {"status": "warming_up"}
+        assert not engine.ready.is_set()
         began = time.monotonic()
     engine.stop()  # the server's shutdown stopped it already: this returns at once
     assert time.monotonic() - began < 10 and not engine.alive()

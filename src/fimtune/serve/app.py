@@ -5,7 +5,7 @@
     POST /generate  /generate_stream  /     TGI: llm-vscode sends PSM `inputs` holding the FIM tokens
     POST /v1/completions   GET /v1/models   OpenAI: the FIM prompt is built here from `prompt` + `suffix`
     POST /infill                            llama.cpp: `input_extra` files become context before the prefix
-    GET  /info  /health  /metrics           template, limits, models; liveness; Prometheus text
+    GET  /info  /health  /metrics           template, limits, models; readiness; Prometheus text
 
 Prompts in the model's FIM form are rebuilt in the server's prompt layout (SPM for runs
 trained on SPM) and fitted to `max_input_tokens`, so the KV cache of the last request can be
@@ -139,8 +139,13 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = svc.engine.alive()
-        return JSONResponse({"status": "ok" if ok else "stopped"}, status_code=200 if ok else 503)
+        """200 once the model serves at full speed; 503 while it warms up (requests wait in the
+        queue meanwhile), as TGI answers only once warm, and 503 once its engine stopped."""
+        if not svc.engine.alive():
+            return JSONResponse({"status": "stopped"}, status_code=503)
+        if not svc.engine.ready.is_set():
+            return JSONResponse({"status": "warming_up"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
