@@ -133,7 +133,8 @@ def test_requests_whose_clients_went_away_leave_room_in_a_full_queue(tiny_run):
         engine.pause()
         try:
             abandon(url, pool, body)
-            wait_until(lambda: engine.queue_depth() == 2 and all(job._cancelled.is_set() for job in engine._queue))
+            wait_until(lambda: len(engine._queue) == 2 and all(job.cancelled() for job in engine._queue))
+            assert "fimtune_queue_depth 0" in c.get("/metrics").text  # it counts requests still waited for
             live = pool.submit(c.post, "/generate", json=body)
             wait_until(lambda: live.done() or engine.counters.cancelled == 2)
         finally:

@@ -213,6 +213,10 @@ class Job:
             if self.on_cancel is not None and not self.ended:
                 self.on_cancel()
 
+    def cancelled(self) -> bool:
+        """Its handler gave up on it (the client went away, or it timed out waiting)."""
+        return self._cancelled.is_set()
+
     def taken(self) -> None:
         """The worker took the job from the queue (into a batch, or joining one)."""
         self.taken_at = time.monotonic()
@@ -386,7 +390,8 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Queued jobs whose clients still wait (a cancelled one waits only for the worker to drop it)."""
+        return sum(not job.cancelled() for job in list(self._queue))
 
     @property
     def device_type(self) -> str:
