@@ -175,6 +175,8 @@ def test_dry_run_and_config_refuse_what_a_run_would(capsys):
     if not torch.cuda.is_available():
         assert main([*demo, "model.quantization=4bit", "--dry-run"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+        assert main([*demo, "train.mixed_precision=auto", "--dry-run"]) == 0
+        assert "mixed precision no (auto)," in capsys.readouterr().out  # what Accelerate gets here
     graphs = ("train.cuda_graphs=true", "train.compile=true")
     assert main([*demo, *graphs, "train.gradient_checkpointing=true", "--dry-run"]) == 2
     assert "train.cuda_graphs: checkpointed blocks" in capsys.readouterr().err

@@ -112,12 +112,17 @@ def make_accelerator(cfg: RunConfig) -> Any:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
 
-    mp = cfg.train.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    mp = resolve_mixed_precision(cfg.train.mixed_precision)
     # cpu=True on machines without CUDA: several processes (`accelerate launch --multi_gpu`,
     # torchrun) then form a gloo process group instead of running alone.
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def resolve_mixed_precision(mp: str) -> str:
+    """`train.mixed_precision` as Accelerate gets it: "auto" is bf16 on a GPU that has it, else none."""
+    if mp == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return mp
 
 
 def setup(cfg: RunConfig, accelerator: Any) -> Setup:
@@ -1142,7 +1147,9 @@ def describe_plan(cfg: RunConfig) -> str:
         f"trainable        {p.trainable:,} ({100 * p.trainable / p.total:.3f}%)  LoRA r={cfg.lora.r}"
         + (f" + rows of added tokens {', '.join(added)}" if added else ""),
         f"device           {device.type} x{world}, weights {str(dtype).removeprefix('torch.')}, "
-        f"mixed precision {cfg.train.mixed_precision}, quantization {cfg.model.quantization}",
+        f"mixed precision {resolve_mixed_precision(cfg.train.mixed_precision)}"
+        + (" (auto)" if cfg.train.mixed_precision == "auto" else "")
+        + f", quantization {cfg.model.quantization}",
         f"tokens per step  {tokens_per_step:,} ({cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} "
         f"x {world} x {cfg.packing.seq_length})",
     ]
