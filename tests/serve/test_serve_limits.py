@@ -143,6 +143,19 @@ def test_the_api_key_can_come_from_the_environment(monkeypatch):
     assert build_parser().parse_args(["serve", "embedded"]).api_key is None
 
 
+def test_a_key_read_with_its_line_end_still_lets_clients_in(tiny_run):
+    """A key from a file or a secret keeps its trailing newline ($FIMTUNE_API_KEY); no client can send
+    one in a header (HTTP strips it), so the key is taken without the whitespace around it. A key of
+    only whitespace is refused rather than read as no key at all."""
+    from fimtune.errors import FimtuneError
+
+    with running(make_app(tiny_run, api_key="sekrit\n")) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/info", headers={"Authorization": "Bearer sekrit"}).status_code == 200
+        assert c.get("/info", headers={"Authorization": "Bearer nope"}).status_code == 401
+    with pytest.raises(FimtuneError, match="api-key"):
+        make_app(tiny_run, api_key=" \n")
+
+
 def test_a_port_in_use_is_refused_before_the_model_loads(monkeypatch):
     """Loading a model (and compiling its CUDA graphs) takes minutes: a taken port must fail first,
     saying so; so do a port out of range and --threads 0."""

@@ -56,6 +56,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def create_app(engine: Engine | EngineProcess, prompter: Any, mode: str, api_key: str | None = None) -> FastAPI:
     """The FastAPI app around a loaded engine; the engine's worker runs while the app does."""
+    api_key = checked_api_key(api_key)
     svc = Service(engine, prompter, mode, ROUTES)
 
     @contextlib.asynccontextmanager
@@ -240,6 +241,16 @@ def engine_gauges(engine: Engine | EngineProcess) -> dict[str, tuple[str, str, A
 # --------------------------------------------------------------------------------------
 
 
+def checked_api_key(key: str | None) -> str | None:
+    """The key without the whitespace around it: one read from a file or a secret keeps its line end,
+    which no client can send (HTTP strips a header's). Empty: no key; only whitespace: an error."""
+    if not key:
+        return None
+    if not key.strip():
+        raise FimtuneError("--api-key (or $FIMTUNE_API_KEY) is only whitespace: give a key, or leave it out")
+    return key.strip()
+
+
 def limits_from_args(ns: Any) -> Limits:
     """Limits from `fimtune serve` flags (a flag left out keeps the default), checked."""
     lim = Limits()
@@ -319,6 +330,7 @@ def main(ns: Any) -> int:
     from fimtune.serve.engine import load_engine
 
     limits = limits_from_args(ns)
+    ns.api_key = checked_api_key(ns.api_key)
     threads = getattr(ns, "threads", None)
     if threads is not None and threads < 1:
         raise FimtuneError(f"--threads must be at least 1 (got {threads})")
