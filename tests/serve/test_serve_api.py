@@ -295,6 +295,7 @@ def test_info_health_and_metrics(client):
     assert info["limits"]["max_new_tokens"] == 64 and info["max_input_tokens"] == info["max_input_length"] == 200
     assert info["models"] == ["run", "base", "other"] and info["adapters"] == ["run", "other"]
     assert client.get("/health").json() == {"status": "ok"}
+    assert client.head("/health").status_code == 200
     client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": GREEDY})
     text = client.get("/metrics").text
     assert 'fimtune_requests_total{route="/generate",status="200"}' in text

@@ -115,7 +115,7 @@ def test_a_client_gone_before_its_body_ended_is_499_not_a_server_error(server, c
 
 def test_api_key_guards_every_route_but_health(tiny_run):
     with running(make_app(tiny_run, api_key="sekrit")) as url, httpx.Client(base_url=url, timeout=30) as c:
-        assert c.get("/health").status_code == 200
+        assert c.get("/health").status_code == c.head("/health").status_code == 200
         for method, path in [("GET", "/info"), ("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/generate")]:
             r = c.request(method, path, json={"inputs": PSM})
             assert r.status_code == 401 and error_field(r.json()) == "authorization", path

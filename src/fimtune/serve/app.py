@@ -138,7 +138,7 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
     async def info() -> dict[str, Any]:
         return await run_in_threadpool(server_info, svc)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: `wget --spider`, as container checks use
     async def health() -> JSONResponse:
         """200 once the model serves at full speed; 503 while it warms up (requests wait in the
         queue meanwhile), as TGI answers only once warm, and 503 once its engine stopped."""
