@@ -366,3 +366,24 @@ def test_a_run_of_a_model_with_its_own_fim_tokens_reloads_without_its_bases_toke
     save_config(load_run_config(None, [f"model.name_or_path={base}"]), tmp_path / "run" / "config.yaml")
     monkeypatch.setattr(model_module, "_added_fim_tokens", lambda _: pytest.fail("the base's tokenizer was read"))
     model_module.load_run(tmp_path / "run", torch.device("cpu"))
+
+
+def test_damaged_weights_of_a_model_folder_or_a_run_are_a_clear_error(tmp_path, tiny_tokenizer):
+    """A safetensors file cut short (a full disk, an interrupted copy) was a SafetensorError traceback
+    from deep in transformers or PEFT: now one message naming the folder and the fix."""
+    from fimtune.config import load_run_config, save_config
+    from fimtune.model import load_run
+
+    base = tiny.save_model_folder(tiny.llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "base")
+    model = load_base_model(ModelConfig(name_or_path=str(base)), torch.device("cpu"))
+    attach_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0), []).save_pretrained(tmp_path / "run" / "adapter")
+    tiny_tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")
+    save_config(load_run_config(None, [f"model.name_or_path={base}"]), tmp_path / "run" / "config.yaml")
+    adapter = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    with pytest.raises(FimtuneError, match=r"weights in '.*adapter' are damaged .*copy or download it again"):
+        load_run(tmp_path / "run", torch.device("cpu"))
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(FimtuneError, match=r"weights in '.*base' are damaged \(SafetensorError"):
+        load_base_model(ModelConfig(name_or_path=str(base)), torch.device("cpu"))

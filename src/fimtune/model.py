@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from fimtune.config import LoraConfig, ModelConfig
 from fimtune.errors import FimtuneError
@@ -167,11 +168,20 @@ def load_base_model(
     require_safetensors(Path(where), "model folder")
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except SafetensorError as e:  # a truncated or overwritten weights file: a traceback from deep in transformers
+        raise FimtuneError(damaged_weights(where, e, cached=bool(src.gguf_file))) from None
     except OSError as e:
         if local:
             raise FimtuneError(f"could not load model from '{path}': {e}") from None
         raise hub_error(cfg.name_or_path, e) from None
     return model if cfg.quantization != "none" else model.to(device)
+
+
+def damaged_weights(folder: str | Path, err: Exception, cached: bool = False) -> str:
+    """The message for a safetensors file in ``folder`` that cannot be read (cut short by a full disk
+    or an interrupted copy); ``cached``: fimtune's dequantized copy of a GGUF file, written again once deleted."""
+    fix = "delete that folder: the next load writes it again" if cached else "copy or download it again"
+    return f"the weights in '{folder}' are damaged ({type(err).__name__}: {err}): {fix}"
 
 
 def quantization_config(kind: str, device: torch.device) -> Any:
@@ -557,7 +567,10 @@ def load_run(
     last = tokenizer.convert_ids_to_tokens(list(range(max(len(tokenizer) - len(names), 0), len(tokenizer))))
     maybe = len(tokenizer) < rows + len(names) and set(last) & set(names)
     add_token_rows(base, tokenizer, _added_fim_tokens(model_cfg.name_or_path) if maybe else [])
-    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    try:
+        model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    except SafetensorError as e:
+        raise FimtuneError(damaged_weights(run_dir / "adapter", e)) from None
     return Loaded(model.eval(), tokenizer, run_dir.resolve().name, run_dir)  # `.`: the folder's own name
 
 

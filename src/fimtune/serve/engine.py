@@ -685,6 +685,7 @@ def attach_adapters(model: Any, adapters: dict[str, Path]) -> Any:
     """Load each adapter into one PEFT model (wrapping a plain model with the first); an adapter
     with weights for modules this model lacks, or without weights for some it adapts, is refused."""
     from peft import PeftConfig, PeftModel, get_peft_model
+    from safetensors import SafetensorError
 
     for name, folder in adapters.items():
         try:
@@ -693,7 +694,7 @@ def attach_adapters(model: Any, adapters: dict[str, Path]) -> Any:
                 config.inference_mode = True
                 model = get_peft_model(model, config, adapter_name=name)
             result = model.load_adapter(str(folder), adapter_name=name)
-        except (RuntimeError, ValueError, KeyError) as e:
+        except (RuntimeError, ValueError, KeyError, SafetensorError) as e:
             raise FimtuneError(f"--adapter {name}: cannot load {folder} onto this model ({e})") from None
         # PEFT's missing keys are those naming the adapter anywhere: "y" is in "layers", for one
         if unfit := [*result.unexpected_keys, *(k for k in result.missing_keys if f".{name}." in k)]:
