@@ -158,3 +158,22 @@ def test_a_full_disk_while_merging_is_told_and_leaves_the_old_merge(
     assert f"error: could not write the merged model to '{out}'" in res.stderr and "Traceback" not in res.stderr
     assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == []
+
+
+def test_a_merged_run_completes_as_the_run_does(tmp_path, tiny_tokenizer, repetitive_data, token_cache, capsys):
+    """A run that trained on SPM examples completes with SPM prompts (`--mode auto`); its merged folder
+    gave PSM prompts, and so other text for the same hole, from `complete` and `serve` alike."""
+    from fimtune.serve.engine import Limits, load_engine
+
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    run = quiet_fit(run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=5", "train.eval_every=0"))
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+    hole = ["--prefix", "def f(x):\n    y = ", "--suffix", "\n    return y\n", "--max-new-tokens", "8"]
+    capsys.readouterr()
+    texts = {}
+    for target, mode in [(run, "auto"), (tmp_path / "merged", "auto"), (tmp_path / "merged", "psm")]:
+        assert main(["complete", str(target), *hole, "--mode", mode]) == 0
+        texts[target.name, mode] = capsys.readouterr().out
+    assert texts["merged", "psm"] != texts["run", "auto"]  # the layouts give other text here
+    assert texts["merged", "auto"] == texts["run", "auto"]
+    assert load_engine(str(tmp_path / "merged"), [], Limits(), "auto")[2] == "spm"

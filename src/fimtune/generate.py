@@ -19,6 +19,7 @@ Generation stops at the end-of-text token, at any FIM token, at a user stop stri
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,7 @@ FIM_OVERHEAD = 3  # the three FIM tokens of a prompt
 DEFAULT_MAX_INPUT_TOKENS = 2048
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MERGED_INFO = "fimtune.json"  # what `fimtune merge` keeps of the run: the prompt layout `auto` picks
 
 
 @dataclass
@@ -546,13 +548,17 @@ def _read_text(text: str | None, path: str | None, flag: str) -> str:
     return read
 
 
-def prompt_mode(choice: str, run_dir: Path | None) -> str:
+def prompt_mode(choice: str, run_dir: Path | None, model_dir: str | Path | None = None) -> str:
     """`auto`: SPM for a run that trained on SPM examples (its cache reuse is far better), else PSM:
-    `fimtune complete` and `fimtune serve` lay out a run's prompts alike."""
+    `fimtune complete` and `fimtune serve` lay out a run's prompts alike, and a model folder that
+    `fimtune merge` wrote of a run (``model_dir``) as that run."""
     if choice != "auto":
         return choice
     if run_dir is None:
-        return "psm"
+        merged = Path(model_dir) / MERGED_INFO if model_dir is not None else None
+        if merged is None or not merged.is_file():
+            return "psm"
+        return "spm" if json.loads(merged.read_text(encoding="utf-8")).get("prompt_mode") == "spm" else "psm"
     from fimtune.config import load_run_config
 
     fim = load_run_config(run_dir / "config.yaml").fim
@@ -603,7 +609,7 @@ def main(ns: Any) -> int:
             file=sys.stderr,
         )
         params = fitted
-    params = replace(params, mode=prompt_mode(ns.mode, loaded.run_dir))
+    params = replace(params, mode=prompt_mode(ns.mode, loaded.run_dir, ns.target))
     prompter = FimPrompter(loaded.tokenizer)
     if getattr(ns, "compare_base", False) and hasattr(loaded.model, "disable_adapter"):
         with loaded.model.disable_adapter():  # before merging: the base is the weights without the adapter

@@ -6,8 +6,10 @@ and gives the logits of base + adapter. The adapter is merged in fp32, and the w
 the run's `model.dtype` (`auto`: the base model's) unless ``--dtype`` names another. Its
 generation config stops where fimtune's completions stop (the document separator and the FIM
 tokens, or `complete`'s default of 128 new tokens), so `generate` and other servers end a
-completion there too. A quantized (QLoRA) base is loaded unquantized for the merge, with
-transformers' default attention (the merge runs on the CPU). A run with LoRA on tied embeddings
+completion there too; its `fimtune.json` names the run's prompt layout, so `fimtune complete` and
+`fimtune serve` of the folder lay out prompts as of the run (`--mode auto`). A quantized (QLoRA)
+base is loaded unquantized for the merge, with transformers' default attention (the merge runs on
+the CPU). A run with LoRA on tied embeddings
 (trained before `fimtune train` refused it) is refused: merged, its change would land in both
 embeddings at once. The folder is written under a temporary name and renamed when complete;
 with ``--overwrite`` the old folder is set aside first and comes back if the rename fails, so an
@@ -29,13 +31,14 @@ def merge_run(run_dir: Path, out: Path, dtype: str | None = None, overwrite: boo
     """Merge the adapter of ``run_dir`` into its base and save the result to ``out``, its weights in
     ``dtype`` (a `model.dtype` name; default: the run's, see :func:`saved_dtype`)."""
     from fimtune.config import load_run_config
-    from fimtune.generate import FimPrompter, GenerationParams
+    from fimtune.generate import MERGED_INFO, FimPrompter, GenerationParams, prompt_mode
     from fimtune.model import (
         load_run,
         lora_on_tied_embeddings,
         require_run_dir,
         tied_embedding_names,
         tied_lora_problem,
+        write_json,
     )
 
     require_run_dir(run_dir)
@@ -61,6 +64,8 @@ def merge_run(run_dir: Path, out: Path, dtype: str | None = None, overwrite: boo
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
+        # `complete` and `serve` lay out the merged model's prompts as the run's (`--mode auto`)
+        write_json(tmp / MERGED_INFO, {"prompt_mode": prompt_mode("auto", run_dir)})
         replace_folder(tmp, out, old)
     except Exception as e:  # disk full, quota, permissions (safetensors raises its own type for these)
         shutil.rmtree(tmp, ignore_errors=True)

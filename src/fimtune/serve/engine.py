@@ -765,7 +765,7 @@ def load_engine(
     # The handlers encode on the event loop while the worker decodes: each gets its own tokenizer.
     decoder = Decoder(model, FimPrompter(copy.deepcopy(loaded.tokenizer)), limits.cache_slots, static=static)
     engine = Engine(decoder, models, loaded.name, limits, base_name)
-    return engine, FimPrompter(loaded.tokenizer), prompt_mode(mode, loaded.run_dir)
+    return engine, FimPrompter(loaded.tokenizer), prompt_mode(mode, loaded.run_dir, target)
 
 
 def fit_limits_to_positions(limits: Limits, model: Any) -> None:
