@@ -387,3 +387,31 @@ def test_damaged_weights_of_a_model_folder_or_a_run_are_a_clear_error(tmp_path, 
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(FimtuneError, match=r"weights in '.*base' are damaged \(SafetensorError"):
         load_base_model(ModelConfig(name_or_path=str(base)), torch.device("cpu"))
+
+
+def test_the_dequantized_gguf_copy_is_written_again_for_another_transformers_version(
+    tmp_path, tiny_tokenizer, monkeypatch
+):
+    """The copy's config.json is in the format of the transformers that wrote it: one written by 5.x
+    (`rope_parameters`), read by 4.x in another environment sharing the cache, loaded SmolLM2 with
+    rope_theta 10,000 instead of 100,000 (other logits, silently)."""
+    import importlib
+
+    import transformers
+
+    from fimtune import model as model_module
+    from fimtune.hub import ModelSource
+
+    monkeypatch.setenv("FIMTUNE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny.gpt_bigcode(len(tiny_tokenizer))
+    )
+    monkeypatch.setattr(model_module, "load_tokenizer", lambda _: tiny_tokenizer)
+    src = ModelSource(str(tmp_path), "m.gguf")
+    first = model_module.materialize_gguf(src)
+    assert model_module.materialize_gguf(src) == first
+    # (saving a model puts a new transformers module in sys.modules: patch the one imported now)
+    monkeypatch.setattr(importlib.import_module("transformers"), "__version__", "4.57.1")
+    other = model_module.materialize_gguf(src)
+    assert other != first and (other / "config.json").is_file() and (first / "config.json").is_file()

@@ -96,11 +96,17 @@ def materialize_gguf(src: ModelSource) -> Path:
     """Dequantize a GGUF model once into a plain transformers folder (safetensors), cached.
 
     transformers dequantizes GGUF weights at every load (about 15 s for SmolLM2-135M on a
-    CPU); the cached folder loads in about a second and is what later loads use.
+    CPU); the cached folder loads in about a second and is what later loads use. Its key holds
+    the transformers version that wrote it: the config is written in that version's format (5.x's
+    `rope_parameters`, which 4.x reads as the default rope_theta), and the cache is shared by
+    every environment of the user.
     """
+    import transformers
+
     gguf = Path(src.name_or_path) / str(src.gguf_file)
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    stamp = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:transformers-{transformers.__version__}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
     out = cache_home() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         return out
