@@ -36,6 +36,8 @@ def test_eval_writes_the_report(tiny_run, token_cache, capsys):
     assert tasks["infill"]["holes"] == 6 and tasks["infill"]["kinds"]["all"]["n"] == 6
     assert {"line", "block", "span"} <= tasks["infill"]["kinds"].keys()
     assert tasks["humaneval"]["problems"] == 2 and tasks["humaneval"]["tuned"]["pass@1"]["n"] == 2
+    assert tasks["humaneval"]["delta"]["pass@1"]["interval"] == "newcombe"  # paired over the problems
+    assert tasks["infill"]["kinds"]["all"]["delta"]["parse_rate"]["interval"] == "newcombe"
     figures = list(estimates(tasks))
     assert len(figures) > 40 and all(f["n"] > 0 for f in figures)
     rates = [f for f in figures if f["interval"] == "wilson"]

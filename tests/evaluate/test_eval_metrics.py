@@ -120,7 +120,7 @@ def test_paired_exact_match_delta_has_an_interval_when_no_hole_differs():
     from fimtune.evaluate.infill import paired_deltas
 
     def rows(pairs):
-        return [{"exact_match": b, "edit_similarity": 0.5} for b in pairs]
+        return [{"exact_match": b, "edit_similarity": 0.5, "parses": None} for b in pairs]
 
     same = paired_deltas(rows([False] * 9), rows([False] * 9))["exact_match"]
     assert same["value"] == 0.0 and same["lo"] < -0.25 and same["hi"] > 0.25 and same["n"] == 9
@@ -129,3 +129,23 @@ def test_paired_exact_match_delta_has_an_interval_when_no_hole_differs():
     tuned = [t for _, t, n in counts for _ in range(n)]
     cavo = paired_deltas(rows(base), rows(tuned))["exact_match"]
     assert (cavo["value"], cavo["lo"], cavo["hi"], cavo["n"]) == pytest.approx((-0.0621, -0.1186, -0.0046, 161))
+
+
+def test_paired_parse_rate_and_humaneval_deltas_have_intervals():
+    """The parse rate's and HumanEval's tuned - base are paired as exact match's is (they printed a bare
+    difference): parse rate over the holes that can be checked, pass@1 over the problems, and with
+    several samples each problem's pass@k difference."""
+    from fimtune.evaluate.humaneval import paired_deltas as humaneval_deltas
+    from fimtune.evaluate.infill import paired_deltas
+    from fimtune.evaluate.stats import paired_difference
+
+    base = [{"exact_match": False, "edit_similarity": 0.5, "parses": p} for p in (True, False, None, False)]
+    tuned = [{"exact_match": False, "edit_similarity": 0.5, "parses": p} for p in (True, True, None, True)]
+    parse = paired_deltas(base, tuned)["parse_rate"]
+    expected = paired_difference([True, False, False], [True, True, True]).as_dict()
+    assert parse == expected and parse["n"] == 3 and parse["value"] == pytest.approx(2 / 3, abs=1e-4)
+    one = humaneval_deltas([[False], [True], [False]], [[False], [True], [True]], 1)["pass@1"]
+    assert one == paired_difference([False, True, False], [False, True, True]).as_dict() and one["lo"] < 0 < one["hi"]
+    several = humaneval_deltas([[False, False], [True, False]], [[True, True], [True, False]], 2)
+    assert list(several) == ["pass@1"] and several["pass@1"]["value"] == pytest.approx(0.5)  # (1 - 0) and (0.5 - 0.5)
+    assert several["pass@1"]["n"] == 2 and -1.0 <= several["pass@1"]["lo"] <= several["pass@1"]["hi"] <= 1.0

@@ -30,7 +30,7 @@ import torch
 
 from fimtune.errors import FimtuneError
 from fimtune.evaluate.sandbox import DEFAULT_TIMEOUT_S, run_programs
-from fimtune.evaluate.stats import bounded_mean, ks_for, pass_at_k, proportion
+from fimtune.evaluate.stats import bounded_mean, ks_for, mean_estimate, paired_difference, pass_at_k, proportion
 from fimtune.evaluate.variants import VARIANTS, generate, variant
 from fimtune.generate import FimPrompter, GenerationParams
 
@@ -115,6 +115,24 @@ def summarise(passed: list[list[bool]], samples: int) -> dict[str, dict[str, obj
     }
 
 
+def paired_deltas(base: list[list[bool]], tuned: list[list[bool]], samples: int) -> dict[str, dict[str, object]]:
+    """tuned - base over the same problems: pass@1 of one sample each with Newcombe's interval for
+    paired rates; with several samples, each problem's pass@k difference, mean ± 1.96 SE.
+
+    >>> paired_deltas([[False], [True]], [[True], [True]], 1)["pass@1"]["value"]
+    0.5
+    """
+    if samples == 1:
+        return {"pass@1": paired_difference([b[0] for b in base], [t[0] for t in tuned]).as_dict()}
+    return {
+        f"pass@{k}": mean_estimate(
+            [pass_at_k(len(t), sum(t), k) - pass_at_k(len(b), sum(b), k) for b, t in zip(base, tuned, strict=True)],
+            bounds=(-1.0, 1.0),
+        ).as_dict()
+        for k in ks_for(samples)
+    }
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -144,6 +162,7 @@ def evaluate(
         "timeout_s": timeout_s,
     }
     records: list[dict[str, Any]] = [{"task_id": p["task_id"], "sample": j} for p in problems for j in range(samples)]
+    passed: dict[str, list[list[bool]]] = {}
     for name in VARIANTS:
         torch.manual_seed(seed)  # the same sampling stream for both (greedy needs none)
         tick = (lambda k, name=name: progress(name, k, len(holes))) if progress else None
@@ -151,11 +170,12 @@ def evaluate(
             texts = [c.text for c in generate(model, plain, holes, params, batch_size, tick)]
         sources = [program(problems[i // samples], t, prompts[i // samples]) for i, t in enumerate(texts)]
         runs = run_programs(sources, timeout_s)
-        passed = [[r.passed for r in runs[i * samples : (i + 1) * samples]] for i in range(len(problems))]
-        out[name] = summarise(passed, samples)
+        passed[name] = [[r.passed for r in runs[i * samples : (i + 1) * samples]] for i in range(len(problems))]
+        out[name] = summarise(passed[name], samples)
         for rec, text, r in zip(records, texts, runs, strict=True):  # one record per sample, in the holes' order
             rec[f"{name}_completion"] = text
             rec[f"{name}_passed"] = int(r.passed)
             rec[f"{name}_status"] = r.status
+    out["delta"] = paired_deltas(passed["base"], passed["tuned"], samples)
     out["samples_detail"] = records
     return out

@@ -155,13 +155,15 @@ def summarise(scores: list[dict[str, Any]]) -> dict[str, dict[str, object]]:
 
 
 def paired_deltas(base: list[dict[str, Any]], tuned: list[dict[str, Any]]) -> dict[str, dict[str, object]]:
-    """tuned - base over the same holes, so the pairs cancel noise: exact match with Newcombe's interval
-    for paired rates, edit similarity per hole with mean ± 1.96 SE."""
+    """tuned - base over the same holes, so the pairs cancel noise: exact match and parse rate with
+    Newcombe's interval for paired rates (parse rate over the holes that can be checked: the same for
+    both, as the file decides), edit similarity per hole with mean ± 1.96 SE."""
+    pairs = list(zip(base, tuned, strict=True))
+    checked = [(b["parses"], t["parses"]) for b, t in pairs if b["parses"] is not None and t["parses"] is not None]
     return {
         "exact_match": paired_difference([b["exact_match"] for b in base], [t["exact_match"] for t in tuned]).as_dict(),
-        "edit_similarity": mean_estimate(
-            [t["edit_similarity"] - b["edit_similarity"] for b, t in zip(base, tuned, strict=True)]
-        ).as_dict(),
+        "edit_similarity": mean_estimate([t["edit_similarity"] - b["edit_similarity"] for b, t in pairs]).as_dict(),
+        "parse_rate": paired_difference([b for b, _ in checked], [t for _, t in checked]).as_dict(),
     }
 
 

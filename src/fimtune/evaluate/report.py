@@ -56,7 +56,7 @@ def table_rows(tasks: dict[str, Any]) -> list[dict[str, Any]]:
     if "humaneval" in tasks:
         h = tasks["humaneval"]
         for metric in h["tuned"]:
-            rows.append(_row("humaneval", metric, h, metric, None))
+            rows.append(_row("humaneval", metric, h, metric, h.get("delta", {}).get(metric)))
     return rows
 
 
