@@ -415,3 +415,16 @@ def test_the_dequantized_gguf_copy_is_written_again_for_another_transformers_ver
     monkeypatch.setattr(importlib.import_module("transformers"), "__version__", "4.57.1")
     other = model_module.materialize_gguf(src)
     assert other != first and (other / "config.json").is_file() and (first / "config.json").is_file()
+
+
+def test_a_runs_moved_base_is_named_as_the_runs_config_names_it(tmp_path, tiny_tokenizer):
+    """The user names the run, not its base: the error says the path comes from the run's config.yaml."""
+    from fimtune.config import load_run_config, save_config
+    from fimtune.model import load_run
+
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    tiny_tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")
+    moved = tmp_path / "gone" / "base"
+    save_config(load_run_config(None, [f"model.name_or_path={moved}"]), tmp_path / "run" / "config.yaml")
+    with pytest.raises(FimtuneError, match=r"(?s)'.*gone/base' is neither.*model.name_or_path` in .*run/config.yaml"):
+        load_run(tmp_path / "run", torch.device("cpu"))

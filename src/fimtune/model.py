@@ -561,7 +561,13 @@ def load_run(
     cfg = load_run_config(run_dir / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     model_cfg = model_cfg or inference_model_config(cfg.model, device)
-    base = load_base_model(model_cfg, device, dtype)
+    try:
+        base = load_base_model(model_cfg, device, dtype)
+    except FimtuneError as e:  # the user named the run, not this path: say where it comes from
+        raise FimtuneError(
+            f"{e}\n(the run's base model, `model.name_or_path` in {run_dir / 'config.yaml'}: "
+            "if the base moved, set its new place there)"
+        ) from None
     # The tuned model's added rows come from the adapter; the base (adapter disabled: `fimtune eval`,
     # `complete --compare-base`, the server's `base`) reads them as training started them, at the mean
     # of the known rows: resized rows, and padding rows the added tokens took (as `add_token_rows` did),
