@@ -428,3 +428,19 @@ def test_a_runs_moved_base_is_named_as_the_runs_config_names_it(tmp_path, tiny_t
     save_config(load_run_config(None, [f"model.name_or_path={moved}"]), tmp_path / "run" / "config.yaml")
     with pytest.raises(FimtuneError, match=r"(?s)'.*gone/base' is neither.*model.name_or_path` in .*run/config.yaml"):
         load_run(tmp_path / "run", torch.device("cpu"))
+
+
+def test_a_runs_adapter_that_does_not_fit_its_base_is_one_error(tmp_path, tiny_tokenizer):
+    """Another model put where the run's base was: PEFT's long traceback (modules not found) is one line."""
+    from fimtune.config import load_run_config, save_config
+    from fimtune.model import load_run
+
+    base = tiny.save_model_folder(tiny.llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "base")
+    model = load_base_model(ModelConfig(name_or_path=str(base)), torch.device("cpu"))
+    attach_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0), []).save_pretrained(tmp_path / "run" / "adapter")
+    tiny_tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")
+    other = tiny.save_model_folder(tiny.gpt_bigcode(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "other")
+    save_config(load_run_config(None, [f"model.name_or_path={other}"]), tmp_path / "run" / "config.yaml")
+    with pytest.raises(FimtuneError, match=r"adapter does not fit its base model '.*other' .*not found") as err:
+        load_run(tmp_path / "run", torch.device("cpu"))
+    assert "\n" not in str(err.value) and len(str(err.value)) < 600

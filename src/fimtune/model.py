@@ -583,6 +583,13 @@ def load_run(
         model = PeftModel.from_pretrained(base, run_dir / "adapter")
     except SafetensorError as e:
         raise FimtuneError(damaged_weights(run_dir / "adapter", e)) from None
+    except (ValueError, RuntimeError, KeyError) as e:  # no such modules, other shapes: another model there
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = reason if len(reason) <= 300 else f"{reason[:200]} ... {reason[-100:]}"  # PEFT lists every module
+        raise FimtuneError(
+            f"the run's adapter does not fit its base model '{model_cfg.name_or_path}' (another model at that "
+            f"place? `model.name_or_path` in {run_dir / 'config.yaml'}): {reason}"
+        ) from None
     return Loaded(model.eval(), tokenizer, run_dir.resolve().name, run_dir)  # `.`: the folder's own name
 
 
