@@ -1,5 +1,6 @@
 """Model loading, FIM token rows and LoRA attachment on tiny GPTBigCode and Llama models."""
 
+import logging
 import os
 import shutil
 import warnings
@@ -94,7 +95,7 @@ def test_only_lora_and_new_token_rows_train(make):
     assert 0 < trainable < total
 
 
-def test_fim_tokens_the_tokenizer_has_past_the_models_rows_get_rows_that_train(tiny_tokenizer_without_fim):
+def test_fim_tokens_the_tokenizer_has_past_the_models_rows_get_rows_that_train(tiny_tokenizer_without_fim, caplog):
     """CodeLlama-34b's tokenizer holds its FIM tokens past the model's 32,000 rows: nothing is added,
     yet the model needs rows for them, and they must train."""
     from fimtune.tokens import FAMILIES, ensure_fim_tokens
@@ -106,8 +107,10 @@ def test_fim_tokens_the_tokenizer_has_past_the_models_rows_get_rows_that_train(t
     fim, added = ensure_fim_tokens(tokenizer)
     assert added == [] and min(fim.prefix, fim.middle, fim.suffix) >= rows
     model = tiny.llama(rows)
+    logging.Logger.warning_once.cache_clear()  # transformers' notices show once a process
     new_ids = add_token_rows(model, tokenizer, added, fim)
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert "mean_resizing" not in caplog.text  # transformers' notice names no choice of the user's
     assert {fim.prefix, fim.middle, fim.suffix} <= set(new_ids) and min(new_ids) >= rows
     model(torch.tensor([[fim.prefix, 5, fim.suffix, 6, fim.middle]]))  # was an IndexError
     assert add_token_rows(tiny.llama(len(tokenizer)), tokenizer, [], fim) == []  # rows there: none to train

@@ -226,8 +226,16 @@ def add_token_rows(model: Any, tokenizer: Any, added: list[str], fim: FimTokens 
     rows do."""
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
-        # Mean-resizing starts the new rows near the old ones (transformers' default).
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        from transformers.utils import logging as hf_logging
+
+        # Mean-resizing starts the new rows near the old ones (transformers' default); its notice
+        # ("to disable this, use `mean_resizing=False`") names a choice fimtune made, not the user.
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        finally:
+            hf_logging.set_verbosity(level)
     ids = {tokenizer.convert_tokens_to_ids(t) for t in added}
     if padded := sorted(i for i in ids if i < rows):  # rows past the tokenizer's (Pythia, Phi-2): never trained
         known = len(tokenizer) - len(added)  # the rows of the tokens the model was trained with
