@@ -184,6 +184,8 @@ def test_dry_run_and_config_refuse_what_a_run_would(capsys):
     assert "train.cuda_graphs: the graphs are the compiled blocks'" in capsys.readouterr().err
     assert main([*demo, "--dry-run"]) == 0
     capsys.readouterr()
+    assert main([*demo, "data.path=no/such/folder", "--dry-run"]) == 0  # the plan still prints
+    assert "warning: 'no/such/folder' is not a dataset folder: build one with" in capsys.readouterr().err
     assert main(["config", "lora.r=0"]) == 2 and "'lora.r' must be at least 1" in capsys.readouterr().err
 
 

@@ -30,7 +30,7 @@ from fimtune.config import (
     load_run_config,
     read_yaml,
 )
-from fimtune.errors import ConfigError, FimtuneError
+from fimtune.errors import ConfigError, DataError, FimtuneError
 
 EXIT_USER_ERROR = 2
 EXIT_BROKEN_PIPE = 141  # as a shell reports a process ended by SIGPIPE
@@ -137,6 +137,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if main_process:
         print(describe_plan(cfg))
     if ns.dry_run:
+        if main_process and cfg.data.path:  # the plan reads no data; the run would refuse a missing folder
+            from fimtune.dataset import check_folder
+
+            try:
+                check_folder(Path(cfg.data.path))
+            except DataError as e:
+                print(f"warning: {e}; the run would stop here", file=sys.stderr)
         return 0
     from fimtune.train import exit_launched_process, fit
 
