@@ -88,6 +88,14 @@ def test_a_pretty_printed_json_object_is_one_row(tmp_path):
     assert source.tally.skipped_files == {"malformed_row": 1}
 
 
+def test_a_rows_byte_order_mark_is_no_text(tmp_path):
+    """As a file's (`decode`): the copy with the mark and the one without are one text (dedup), and the
+    held-out Python text parses (tree-sitter reads the mark as an error)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"path": "a.py", "content": "\ufeff" + code("a")}) + "\n", encoding="utf-8")
+    assert [d.content for d in docs_of(resolve_path(str(path), ExitStack()))] == [code("a")]
+
+
 def test_parquet_table_and_missing_column(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -285,6 +285,7 @@ def _row_document(i: int, row: Any, source: Source, cfg: CorpusConfig) -> Docume
     text = row.get(cfg.text_column) if isinstance(row, dict) else None
     if not isinstance(text, str):
         return tally.skip("malformed_row")
+    text = text.removeprefix("\ufeff")  # a byte order mark is no text, as in a file (`decode`)
     path = _first_str(row, PATH_COLUMNS) or f"row-{i:07d}"
     name = path.rsplit("/", 1)[-1]
     reason = suffix_reason(name) or (None if cfg.keep_secrets else secret_name_reason(name))
