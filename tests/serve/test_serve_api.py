@@ -161,6 +161,28 @@ def test_an_infill_of_no_tokens_reads_the_prompt_and_generates_nothing(client):
     assert len(events) == 1 and events[0]["stop"] is True and events[0]["content"] == ""
 
 
+def test_infill_answers_the_response_fields_asked_for(client):
+    """llama.vim names the fields it reads (`response_fields`), nested ones as "timings/prompt_n": the
+    answer holds those alone, flattened, and leaves out what it lacks, as llama.cpp's server does."""
+    fields = ["content", "timings/prompt_n", "timings/predicted_n", "tokens_cached", "truncated"]
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 4, "temperature": 0}
+    whole = client.post("/infill", json=body).json()
+    r = client.post("/infill", json={**body, "response_fields": fields})
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "content": whole["content"],
+        "timings/prompt_n": whole["timings"]["prompt_n"],
+        "timings/predicted_n": whole["timings"]["predicted_n"],
+        "tokens_cached": r.json()["tokens_cached"],  # the second request may reuse the first's cache
+    }
+    with client.stream("POST", "/infill", json={**body, "stream": True, "response_fields": fields}) as r:
+        events = sse_events(r)
+    assert set(events[-1]) == {"content", "timings/prompt_n", "timings/predicted_n", "tokens_cached"}
+    assert "".join(e["content"] for e in events) == whole["content"]
+    warm = client.post("/infill", json={**body, "n_predict": 0, "response_fields": ["content", "tokens_cached"]})
+    assert warm.json() == {"content": "", "tokens_cached": 0}
+
+
 def test_stop_strings_cut_the_text(client):
     whole = client.post("/generate", json={"inputs": PSM_INPUTS, "parameters": {**GREEDY, "max_new_tokens": 30}})
     text = whole.json()["generated_text"]

@@ -255,6 +255,9 @@ class InfillRequest(_Body):
     stream: bool = False
     seed: Seed = None  # -1: a random one (llama.cpp)
     model: str | None = None
+    # the answer's fields to keep, `a/b` taking b out of a as the key "a/b" (llama.vim asks for
+    # "timings/prompt_n", ...); a field the answer lacks is left out, as llama.cpp's server does
+    response_fields: list[str] = Field(default_factory=list)
 
 
 class InfillResponse(BaseModel):

@@ -190,21 +190,46 @@ async def infill(svc: Service, request: Request, req: s.InfillRequest) -> Any:
     params = svc.params(n_predict, "n_predict", req.temperature, req.top_p, req.top_k, req.stop, seed)
     context = extra_context(req)
     prompt = await svc.prepare(lambda: svc.fim_prompt(req.input_prefix + req.prompt, req.input_suffix, context))
+    fields = req.response_fields
     if req.n_predict == 0:  # llama.vim warms its context up so: the prompt is read, nothing generated
         final = infill_response(Completion("", len(prompt), 0, "length"), name, time.perf_counter())
         if req.stream:
             return StreamingResponse(
-                iter([sse(final.model_dump())]), media_type="text/event-stream", headers=SSE_HEADERS
+                iter([sse(nested_values(fields, final.model_dump()))]),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
             )
-        return JSONResponse(jsonable_encoder(final))
+        return JSONResponse(nested_values(fields, jsonable_encoder(final)))
     job = svc.submit(prompt, params, adapter, req.stream)
     started = time.perf_counter()
     if req.stream:
         return StreamingResponse(
-            infill_events(svc, job, name, started), media_type="text/event-stream", headers=SSE_HEADERS
+            infill_events(svc, job, name, started, fields), media_type="text/event-stream", headers=SSE_HEADERS
         )
     done = await svc.result(request, job)
-    return JSONResponse(jsonable_encoder(infill_response(done, name, started)), headers=svc.finished([job], [done]))
+    body = nested_values(fields, jsonable_encoder(infill_response(done, name, started)))
+    return JSONResponse(body, headers=svc.finished([job], [done]))
+
+
+def nested_values(fields: list[str], answer: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's `response_fields`: the answer whole when none are named, else each named field
+    found, `a/b` as the key "a/b" for b inside a.
+
+    >>> nested_values(["content", "timings/predicted_n", "nope/x"], {"content": "x", "timings": {"predicted_n": 2}})
+    {'content': 'x', 'timings/predicted_n': 2}
+    """
+    if not fields:
+        return answer
+    out: dict[str, Any] = {}
+    for field in fields:
+        value: Any = answer
+        for key in field.split("/"):
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            out[field] = value
+    return out
 
 
 def infill_response(done: Completion, name: str, started: float) -> s.InfillResponse:
@@ -223,8 +248,11 @@ def infill_response(done: Completion, name: str, started: float) -> s.InfillResp
     )
 
 
-async def infill_events(svc: Service, job: Job, name: str, started: float) -> AsyncIterator[str]:
-    """llama.cpp's stream: `{"content": piece, "stop": false}` chunks, then the full response with `stop: true`."""
+async def infill_events(
+    svc: Service, job: Job, name: str, started: float, fields: list[str] | None = None
+) -> AsyncIterator[str]:
+    """llama.cpp's stream: `{"content": piece, "stop": false}` chunks, then the full response with
+    `stop: true` (its ``fields`` alone, when named: :func:`nested_values`)."""
     sent = ""
     try:
         async for event in job.events_until_done():
@@ -235,7 +263,7 @@ async def infill_events(svc: Service, job: Job, name: str, started: float) -> As
                 svc.finished([job], [event.completion])
                 final = infill_response(event.completion, name, started)
                 final.content = final.content[len(sent) :] if final.content.startswith(sent) else ""
-                yield sse(final.model_dump())
+                yield sse(nested_values(fields or [], final.model_dump()))
             elif event.kind == "error":
                 err = job_error(event.error or JobCancelled(), svc.limits)
                 yield sse({"error": {"message": err.message, "type": err.kind, "code": err.status}})
