@@ -177,3 +177,6 @@ def test_a_merged_run_completes_as_the_run_does(tmp_path, tiny_tokenizer, repeti
     assert texts["merged", "psm"] != texts["run", "auto"]  # the layouts give other text here
     assert texts["merged", "auto"] == texts["run", "auto"]
     assert load_engine(str(tmp_path / "merged"), [], Limits(), "auto")[2] == "spm"
+    (tmp_path / "merged" / "fimtune.json").write_text("{cut", encoding="utf-8")
+    assert main(["complete", str(tmp_path / "merged"), *hole]) == 2
+    assert "fimtune.json' (" in capsys.readouterr().err

@@ -558,7 +558,13 @@ def prompt_mode(choice: str, run_dir: Path | None, model_dir: str | Path | None 
         merged = Path(model_dir) / MERGED_INFO if model_dir is not None else None
         if merged is None or not merged.is_file():
             return "psm"
-        return "spm" if json.loads(merged.read_text(encoding="utf-8")).get("prompt_mode") == "spm" else "psm"
+        try:
+            info = json.loads(merged.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise FimtuneError(
+                f"cannot read '{merged}' ({e}): write it again with `fimtune merge`, or pass --mode"
+            ) from None
+        return "spm" if isinstance(info, dict) and info.get("prompt_mode") == "spm" else "psm"
     from fimtune.config import load_run_config
 
     fim = load_run_config(run_dir / "config.yaml").fim

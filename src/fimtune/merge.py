@@ -7,11 +7,10 @@ the run's `model.dtype` (`auto`: the base model's) unless ``--dtype`` names anot
 generation config stops where fimtune's completions stop (the document separator and the FIM
 tokens, or `complete`'s default of 128 new tokens), so `generate` and other servers end a
 completion there too; its `fimtune.json` names the run's prompt layout, so `fimtune complete` and
-`fimtune serve` of the folder lay out prompts as of the run (`--mode auto`). A quantized (QLoRA)
+`fimtune serve` of the folder lay out prompts as the run's (`--mode auto`). A quantized (QLoRA)
 base is loaded unquantized for the merge, with transformers' default attention (the merge runs on
-the CPU). A run with LoRA on tied embeddings
-(trained before `fimtune train` refused it) is refused: merged, its change would land in both
-embeddings at once. The folder is written under a temporary name and renamed when complete;
+the CPU). A run with LoRA on tied embeddings (trained before `fimtune train` refused it) is
+refused: merged, its change would land in both embeddings at once. The folder is written under a temporary name and renamed when complete;
 with ``--overwrite`` the old folder is set aside first and comes back if the rename fails, so an
 interrupt never loses both.
 """
