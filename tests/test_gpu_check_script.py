@@ -54,3 +54,44 @@ def test_every_flag_it_passes_a_benchmark_exists():
     finally:
         sys.path.pop(0)
     assert set(variants.split(",")) <= set(ALL)
+
+
+STUB_PYTHON = """#!/usr/bin/env bash
+echo "python3 $*" >> "$STUB_LOG"
+case "$1 $2" in
+  "-m pip") [ "${STUB_PIP_RC:-0}" = 0 ] && mkdir -p "$GPU_CHECK_SITE/flash_attn"; exit "${STUB_PIP_RC:-0}";;
+  "-m pytest") echo "1 passed"; exit 0;;
+esac
+if [ "$1" = -c ] && [[ $2 == *tarfile* ]]; then exit "${STUB_TAR_RC:-0}"; fi
+exit 0
+"""
+
+
+def run_with_stubs(tmp_path: Path, **env: str) -> tuple[str, Path, Path]:
+    """The script over a checkout holding carried folders, with a `python3` that only logs its
+    calls (pip and the unpacking fail as ``env`` asks): (the calls, $OUT, the install folder)."""
+    repo, bin_, out, site = tmp_path / "repo", tmp_path / "bin", tmp_path / "out", tmp_path / "site"
+    for name in (".whl/a-1-py3-none-any.whl", ".whl-fa4/flash_attn_4-1-py3-none-any.whl"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).touch()
+    for name in (".whl-fa4/x-runtime.tar.xz", ".whl-fa4-ir/x-ir.tar.xz"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).touch()
+    (repo / "benchmarks").mkdir()
+    bin_.mkdir()
+    (bin_ / "python3").write_text(STUB_PYTHON)
+    (bin_ / "python3").chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "OUT": str(out), "GPU_CHECK_SITE": str(site), "STUB_LOG": str(log), **env}
+    subprocess.run(["bash", str(SCRIPT), "540"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    return log.read_text(), out, site
+
+
+def test_a_failed_install_or_unpack_ends_no_step_after_it(tmp_path):
+    for fails in ({"STUB_PIP_RC": "1"}, {"STUB_TAR_RC": "1"}):
+        calls, out, site = run_with_stubs(tmp_path / next(iter(fails)), **fails)
+        assert "-m pytest" in calls and "train_throughput.py" in calls and "latency.py" in calls, fails
+        assert {"gpu-tests.log", "train.log", "latency.log"} <= {p.name for p in out.iterdir()}
+        assert not (site / "flash_attn").exists()  # FlashAttention-4 half unpacked is left out
+    calls, _, site = run_with_stubs(tmp_path / "ok")
+    assert calls.count("extractall") == 2 and (site / "flash_attn").is_dir()
