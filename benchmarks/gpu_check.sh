@@ -16,7 +16,7 @@
 # library is too large to travel with the rest, so two calls, the second at once (a machine stays
 # warm 30 s):
 #     1. carry .whl-fa4-ir:                        cp -r .whl-fa4-ir /tmp/fa4-ir
-#     2. carry .whl, .whl-scale, .gpu, .whl-fa4:   bash benchmarks/gpu_check.sh 520
+#     2. carry .whl, .whl-scale, .gpu, .whl-fa4:   bash benchmarks/gpu_check.sh 540  (timeout_s 595)
 # The warm machine keeps the first call's files; where they are gone, PyTorch's own flash kernels run.
 set -u
 budget=${1:-520}
