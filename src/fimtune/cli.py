@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn folders, git repos, packages, Hub datasets, parquet/jsonl into a dataset",
         description="Build a train/validation dataset (datasets.save_to_disk) plus stats.json from code sources.",
     )
-    build.add_argument("sources", nargs="*", help="folders, git repos (path or URL), .parquet/.jsonl files")
+    build.add_argument("sources", nargs="*", help="folders, git repos (path or URL), .parquet/.jsonl/.json files")
     build.add_argument(
         "--package",
         action="append",
