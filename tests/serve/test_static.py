@@ -374,6 +374,20 @@ def test_what_does_not_fit_decodes_eagerly_and_a_failure_turns_the_path_off(tiny
     monkeypatch.setattr(small, "start", broken)
     assert summary(decoder.run(rows_for(pr, params, 1))) == expected[:1]  # nothing went out: decoded eagerly
     assert decoder.static is None and "decoding eagerly" in caplog.text
+    # a failure after the prefill (its prompts counted), before a first token: counted once, not twice
+    other = StaticDecoding(model, 100, 2, backend=None)
+    decoder = Decoder(model, pr, static=other)
+    start = other.start
+
+    def failing_steps(prompts):
+        session, logits = start(prompts)
+        monkeypatch.setattr(session, "step", broken)
+        return session, logits
+
+    monkeypatch.setattr(other, "start", failing_steps)
+    rows = rows_for(pr, params, 1)
+    assert summary(decoder.run(rows)) == expected[:1] and decoder.static is None
+    assert decoder.stats.prompt_tokens == decoder.stats.fed_tokens == len(rows[0].prompt)
 
 
 def test_buckets_and_when_the_fast_path_applies(tiny_tokenizer):

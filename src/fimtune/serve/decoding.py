@@ -178,6 +178,7 @@ class Decoder:
             len(rows), max(len(r.prompt) for r in rows), max(r.params.max_new_tokens for r in rows)
         ):
             states = [_RowState(r, self.prompter) for r in rows]
+            counted = (self.stats.prompt_tokens, self.stats.cached_tokens, self.stats.fed_tokens)
             try:
                 with static.on_stream():
                     return self._run_static(static, states, generator, join, overlap_joins)
@@ -188,6 +189,8 @@ class Decoder:
                 if any(s.n_new for s in states):
                     raise
                 generator = _generator(rows[0].params, self.device)  # its draws as in a first try
+                # no row joined before a first token: the eager path counts these prompts anew
+                self.stats.prompt_tokens, self.stats.cached_tokens, self.stats.fed_tokens = counted
         if len(rows) > 1:
             return self._run_batch(rows, generator)  # tells each row's end as it leaves the batch
         done = self._run_one(rows[0], adapter, generator)
