@@ -59,3 +59,14 @@ def test_an_empty_validation_split_is_told(tmp_path, tiny_tokenizer, token_cache
         )
     assert next(make_eval(), None) is None
     assert "the validation split is empty: no validation loss will be logged" in caplog.text
+
+
+def test_an_empty_split_saved_without_a_data_file_is_read_as_empty(tmp_path, caplog):
+    """`save_to_disk` writes no data file for a split of no rows, and `datasets.load_from_disk`
+    then fails on the folder with an IndexError: a folder made outside `fimtune data build` with
+    an empty validation split was a traceback."""
+    path = write_dataset_dir(tmp_path / "data", corpus_texts(6), [])
+    assert not list((path / "validation").glob("*.arrow"))  # the folder as datasets writes it
+    splits = load_splits(data_config(path))
+    assert len(splits["train"]) == 6 and splits["train"][0]["content"] == corpus_texts(6)[0]
+    assert len(splits["validation"]) == 0 and "content" in splits["validation"].column_names

@@ -6,6 +6,7 @@ data.path (a `fimtune data build` folder) | data.hf (a Hub dataset id)
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -63,11 +64,25 @@ def _from_disk(path: Path) -> Any:
     import datasets
 
     check_folder(path)
-    dd = datasets.load_from_disk(str(path))
-    missing = [s for s in SPLITS if s not in dd]
+    names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+    missing = [s for s in SPLITS if s not in names]
     if missing:
         raise DataError(f"dataset '{path}' lacks the split(s) {', '.join(missing)}")
+    dd = datasets.DatasetDict({name: _load_split(path / name) for name in names})
     return dd.with_format(None)  # rows as Python values, whatever format the folder was saved with
+
+
+def _load_split(folder: Path) -> Any:
+    """One split of a `save_to_disk` folder. A split of no rows saved without ``num_shards`` has no
+    data file, which `datasets.load_from_disk` cannot read (an IndexError): an empty dataset of its
+    features instead."""
+    import datasets
+
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    if state.get("_data_files"):
+        return datasets.Dataset.load_from_disk(str(folder))
+    features = datasets.DatasetInfo.from_directory(str(folder)).features
+    return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
 
 
 def _from_hub(cfg: DataConfig, seed: int) -> Any:
