@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import datasets
 import numpy as np
 import pytest
@@ -171,3 +179,39 @@ def test_fim_tokens_a_tokenizer_does_not_mark_special_stay_text_in_code(tmp_path
     assert [t for t in prompt if t in fim_ids] == [prompter.fim.prefix, prompter.fim.suffix, prompter.fim.middle]
     assert prompter.encode_formatted("<|fim_prefix|>x") == [prompter.fim.prefix, *prompter.encode("x")]
     assert tokenizer.backend_tokenizer.get_added_tokens_decoder()[prompter.fim.middle].special is False  # unchanged
+
+
+def test_a_full_cache_folder_is_a_clear_error_naming_it(tmp_path):
+    """A write that fails for want of room (a file size limit here: EFBIG, as ENOSPC for a full
+    disk) names the token cache and FIMTUNE_CACHE, and leaves no temporary folder behind."""
+    script = textwrap.dedent("""
+        import datasets
+        from fimtune.errors import FimtuneError
+        from fimtune.tokenization import tokenize_split
+        from tests.conftest import corpus_texts, train_tiny_tokenizer
+        ds = datasets.Dataset.from_dict({"content": corpus_texts(40)})
+        try:
+            tokenize_split(ds, train_tiny_tokenizer(["<|endoftext|>"]), progress=False)
+        except FimtuneError as e:
+            print(e)
+    """)
+
+    def size_limit():  # files may grow to 8 kB; writes past it fail instead of killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8_000, 8_000))
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "FIMTUNE_CACHE": str(tmp_path)}
+    res = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=size_limit,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith(f"could not write the token cache to {tmp_path / 'tokens'} ([Errno 27]"), res.stdout
+    assert "FIMTUNE_CACHE" in res.stdout
+    assert list((tmp_path / "tokens").iterdir()) == []  # no temporary folder left

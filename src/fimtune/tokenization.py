@@ -363,6 +363,11 @@ def _write_cache(ds: Any, tokenizer: Any, column: str, folder: Path, progress: b
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         _publish(tmp, folder)
+    except OSError as e:  # a full disk or quota: say which folder, and how to write elsewhere
+        raise FimtuneError(
+            f"could not write the token cache to {folder.parent} ({e}); free space there or set {CACHE_ENV} "
+            "to a writable folder with room for it"
+        ) from None
     finally:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
