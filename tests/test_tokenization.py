@@ -215,3 +215,15 @@ def test_a_full_cache_folder_is_a_clear_error_naming_it(tmp_path):
     assert res.stdout.startswith(f"could not write the token cache to {tmp_path / 'tokens'} ([Errno 27]"), res.stdout
     assert "FIMTUNE_CACHE" in res.stdout
     assert list((tmp_path / "tokens").iterdir()) == []  # no temporary folder left
+
+
+def test_a_cache_entry_is_readable_as_the_umask_allows(tiny_tokenizer, texts, tmp_path):
+    """A cache shared by a team (one FIMTUNE_CACHE, several users): an entry was a folder of mode
+    0700 (`tempfile.mkdtemp`'s), so another user's run failed on it with a PermissionError."""
+    old = os.umask(0o022)
+    try:
+        out = tokenize_split(split(texts), tiny_tokenizer, cache_dir=tmp_path, progress=False)
+    finally:
+        os.umask(old)
+    assert out.path.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in out.path.iterdir()} == {0o644}

@@ -23,8 +23,8 @@ import hashlib
 import itertools
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -332,7 +332,9 @@ def _write_cache(ds: Any, tokenizer: Any, column: str, folder: Path, progress: b
 
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        # not tempfile.mkdtemp: its folders are 0700, and a cache shared by a team is read by the others
+        tmp = folder.parent / f".{folder.name}.{secrets.token_hex(8)}"
+        tmp.mkdir()  # the mode the umask gives, like the files written in it
     except OSError as e:  # a read-only cache folder, or a file where it should be
         raise FimtuneError(
             f"could not write the token cache to {folder.parent} ({e}); set {CACHE_ENV} to a writable folder"
