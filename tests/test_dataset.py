@@ -70,3 +70,6 @@ def test_an_empty_split_saved_without_a_data_file_is_read_as_empty(tmp_path, cap
     splits = load_splits(data_config(path))
     assert len(splits["train"]) == 6 and splits["train"][0]["content"] == corpus_texts(6)[0]
     assert len(splits["validation"]) == 0 and "content" in splits["validation"].column_names
+    (path / "dataset_dict.json").write_text('{"splits": ', encoding="utf-8")  # cut short
+    with pytest.raises(DataError, match="dataset_dict.json' does not list the splits"):
+        load_splits(data_config(path))

@@ -64,7 +64,12 @@ def _from_disk(path: Path) -> Any:
     import datasets
 
     check_folder(path)
-    names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+    try:
+        names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"'{path}/dataset_dict.json' does not list the splits ({e!r}): build the folder again"
+        ) from None
     missing = [s for s in SPLITS if s not in names]
     if missing:
         raise DataError(f"dataset '{path}' lacks the split(s) {', '.join(missing)}")
