@@ -675,6 +675,40 @@ def check_adapter_run(name: str, folder: Path, base_name: str, tokenizer: Any) -
         )
 
 
+def trained_biases(folder: Path) -> str:
+    """Which biases the adapter in ``folder`` trained (`lora.bias`): "none", "all" or "lora_only"."""
+    import json
+
+    return json.loads((folder / "adapter_config.json").read_text()).get("bias") or "none"
+
+
+def served_with_biases(
+    models: dict[str, str | None], target: str, run_dir: Path | None, adapters: dict[str, Path]
+) -> dict[str, str | None]:
+    """``models``, less what an adapter that trained biases (`lora.bias=all|lora_only`) leaves unservable.
+
+    Such an adapter's biases are the base layers' own, not a part of it that a switch folds in or
+    takes out: loading it replaces them for every model served (the run and `base` answered with
+    another adapter's biases), and disabling it leaves them (`base` is not the base model). So it is
+    served alone: a run without `base` (a warning says so), an extra adapter not at all (an error).
+    """
+    biased = {name: trained_biases(folder) for name, folder in adapters.items()}
+    if run_dir is not None:
+        biased = {target: trained_biases(run_dir / "adapter"), **biased}
+    biased = {name: bias for name, bias in biased.items() if bias != "none"}
+    if not biased:
+        return models
+    name, bias = next(iter(biased.items()))
+    if name == target and not adapters:
+        log.warning("run %s trained biases (lora.bias=%s): its base model is not served", target, bias)
+        return {target: models[target]}
+    which = f"run folder '{target}'" if name == target else f"--adapter {name}"
+    raise FimtuneError(
+        f"{which}: its adapter trained biases (lora.bias={bias}), which replace the base model's own, "
+        "shared by every model served: serve it alone (its run folder, no --adapter), or `fimtune merge` it"
+    )
+
+
 def _model_path(name_or_path: str) -> str:
     """A local model folder's absolute path (as a run's config holds it); a Hub id or `embedded` as it is."""
     found = Path(name_or_path).expanduser()
@@ -741,6 +775,7 @@ def load_engine(
     base_name = _base_name(loaded.run_dir) if loaded.run_dir else loaded.name
     for name, folder in adapters.items():
         check_adapter_run(name, folder, base_name, loaded.tokenizer)
+    models = served_with_biases(models, loaded.name, loaded.run_dir, adapters)
     model = attach_adapters(loaded.model, adapters)
     fit_limits_to_positions(limits, model)
     if quantize == "int8":
