@@ -618,7 +618,9 @@ def main(ns: Any) -> int:
     params = replace(params, mode=prompt_mode(ns.mode, loaded.run_dir, ns.target))
     prompter = FimPrompter(loaded.tokenizer)
     if getattr(ns, "compare_base", False) and hasattr(loaded.model, "disable_adapter"):
-        with loaded.model.disable_adapter():  # before merging: the base is the weights without the adapter
+        from fimtune.model import as_base
+
+        with as_base(loaded.model):  # before merging: the base is the weights without the adapter
             [base] = complete_batch(loaded.model, prompter, [(prefix, suffix)], params)
         print(f"--- base ({loaded.model.peft_config['default'].base_model_name_or_path or 'adapter disabled'}) ---")
         print(base.text)

@@ -7,6 +7,7 @@ base (Hub id | folder | .gguf | embedded) -> dtype / attention / 4-bit or 8-bit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -15,6 +16,7 @@ import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -553,6 +555,41 @@ def _added_fim_tokens(name_or_path: str) -> list[str]:
     return ensure_fim_tokens(deepcopy(load_tokenizer(name_or_path)))[1]
 
 
+BASE_BIASES = "_fimtune_base_biases"  # a run's model attribute: the base's biases its adapter trained over
+
+
+def trained_biases(folder: Path) -> str:
+    """Which biases the adapter in ``folder`` trained (`lora.bias`): "none", "all" or "lora_only"."""
+    return json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("bias") or "none"
+
+
+@contextlib.contextmanager
+def as_base(model: Any) -> Iterator[Any]:
+    """A run's model as its base model, while inside: the adapter disabled and, where it trained
+    biases (`lora.bias=all|lora_only`), the base's own biases back. Those are the base layers' own
+    parameters, which `disable_adapter()` leaves trained (PEFT warns so): the base of `fimtune eval`
+    and `complete --compare-base` was not the base model."""
+    saved: dict[torch.nn.Module, torch.Tensor] | None = getattr(model, BASE_BIASES, None)
+    with contextlib.ExitStack() as stack:
+        with warnings.catch_warnings():
+            if saved:  # PEFT's warning that the biases stay: they are put back below
+                warnings.filterwarnings("ignore", message="Careful, disabling adapter layers with bias")
+            stack.enter_context(model.disable_adapter())
+        if not saved:
+            yield model
+            return
+        trained = {m: m.bias.detach().clone() for m in saved}
+        with torch.no_grad():
+            for m, bias in saved.items():
+                m.bias.copy_(bias)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for m, bias in trained.items():
+                    m.bias.copy_(bias)
+
+
 def load_run(
     run_dir: Path, device: torch.device, dtype: torch.dtype | None = None, model_cfg: ModelConfig | None = None
 ) -> Loaded:
@@ -587,6 +624,13 @@ def load_run(
     last = tokenizer.convert_ids_to_tokens(list(range(max(len(tokenizer) - len(names), 0), len(tokenizer))))
     maybe = len(tokenizer) < rows + len(names) and set(last) & set(names)
     add_token_rows(base, tokenizer, _added_fim_tokens(model_cfg.name_or_path) if maybe else [])
+    biases = None
+    if (run_dir / "adapter" / "adapter_config.json").is_file() and trained_biases(run_dir / "adapter") != "none":
+        biases = {
+            m: m.bias.detach().clone()
+            for m in base.modules()
+            if isinstance(getattr(m, "bias", None), torch.nn.Parameter)
+        }
     try:
         model = PeftModel.from_pretrained(base, run_dir / "adapter")
     except SafetensorError as e:
@@ -598,6 +642,8 @@ def load_run(
             f"the run's adapter does not fit its base model '{model_cfg.name_or_path}' (another model at that "
             f"place? `model.name_or_path` in {run_dir / 'config.yaml'}): {reason}"
         ) from None
+    if biases:
+        setattr(model, BASE_BIASES, biases)  # the base's, for `as_base`
     return Loaded(model.eval(), tokenizer, run_dir.resolve().name, run_dir)  # `.`: the folder's own name
 
 

@@ -2,7 +2,7 @@
 
 A run loads as a ``peft.PeftModel``: *tuned* is the model as loaded (adapter merged for
 speed), *base* is the same model inside ``disable_adapter()`` (LoRA off, added token rows at
-their base values). Both see exactly the same prompts.
+their base values, biases an adapter trained at the base's). Both see exactly the same prompts.
 
 Generation goes through :func:`fimtune.generate.complete_batch` (which ends each row at its
 stop strings); here prompts are sorted by length before batching (less left padding).
@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from fimtune.generate import Completion, FimPrompter, GenerationParams, complete_batch, mergeable
+from fimtune.model import as_base
 
 VARIANTS = ("base", "tuned")
 CONTEXT_ATTRS = ("max_position_embeddings", "n_positions")  # where configs keep their context length
@@ -42,7 +43,7 @@ def variant(model: Any, name: str) -> Iterator[Any]:
         return
     if _merged(model):
         model.unmerge_adapter()
-    with model.disable_adapter():
+    with as_base(model):
         yield model
 
 

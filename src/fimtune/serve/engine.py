@@ -675,13 +675,6 @@ def check_adapter_run(name: str, folder: Path, base_name: str, tokenizer: Any) -
         )
 
 
-def trained_biases(folder: Path) -> str:
-    """Which biases the adapter in ``folder`` trained (`lora.bias`): "none", "all" or "lora_only"."""
-    import json
-
-    return json.loads((folder / "adapter_config.json").read_text()).get("bias") or "none"
-
-
 def served_with_biases(
     models: dict[str, str | None], target: str, run_dir: Path | None, adapters: dict[str, Path]
 ) -> dict[str, str | None]:
@@ -692,6 +685,8 @@ def served_with_biases(
     another adapter's biases), and disabling it leaves them (`base` is not the base model). So it is
     served alone: a run without `base` (a warning says so), an extra adapter not at all (an error).
     """
+    from fimtune.model import trained_biases
+
     biased = {name: trained_biases(folder) for name, folder in adapters.items()}
     if run_dir is not None:
         biased = {target: trained_biases(run_dir / "adapter"), **biased}
