@@ -587,8 +587,9 @@ class Engine:
         ]
 
     def _unmerge(self) -> None:
-        """Take the folded adapter out of the weights: exactly, by its own arithmetic in fp32, else
-        by putting the kept weights back."""
+        """Take the folded adapter out of the weights: by its own arithmetic in fp32 (W + dW - dW is W
+        up to fp32 rounding, which a random walk over many switches grows only slowly: see
+        :func:`fimtune.generate.mergeable`), else by putting the kept weights back (exact)."""
         import torch
 
         if self._base_weights is None:
