@@ -117,6 +117,28 @@ def test_fim_tokens_the_tokenizer_has_past_the_models_rows_get_rows_that_train(t
 
 
 @pytest.mark.parametrize("tie", [True, False])
+def test_resized_rows_start_at_the_mean_the_same_at_every_load(tiny_tokenizer_without_fim, tie):
+    """transformers' mean-resizing draws the new rows around the mean, unseeded when a run loads:
+    a run's base (adapter disabled: `eval`, `complete --compare-base`) moved between loads."""
+    from fimtune.tokens import ensure_fim_tokens
+
+    tokenizer = tiny_tokenizer_without_fim
+    known = len(tokenizer)
+    _, added = ensure_fim_tokens(tokenizer)
+    loads = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = tiny.llama(known, tie=tie)
+        assert add_token_rows(model, tokenizer, added) == list(range(known, known + 4))
+        loads.append(model)
+    for a, b in zip(loads[0].parameters(), loads[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    for embedding in (loads[0].get_input_embeddings(), loads[0].get_output_embeddings()):
+        mean = embedding.weight[:known].mean(0)
+        assert all(torch.equal(embedding.weight[i], mean) for i in range(known, known + 4))
+
+
+@pytest.mark.parametrize("tie", [True, False])
 def test_added_tokens_on_a_models_padding_rows_start_at_the_mean(tiny_tokenizer_without_fim, tie):
     """Embeddings padded past the tokenizer (Pythia, Phi-2): the added FIM tokens take rows that
     were never trained; they start where resized rows do, at the known rows' mean."""

@@ -223,14 +223,16 @@ def add_token_rows(model: Any, tokenizer: Any, added: list[str], fim: FimTokens 
     train: the tokens ``added``, and ``fim``'s tokens that the model had no row for. A tokenizer may
     hold FIM tokens its model lacks: CodeLlama-34b's and the -Python models' tokenizers add
     ``▁<PRE>``, ``▁<MID>``, ``▁<SUF>``, ``▁<EOT>`` past their 32,000 rows (their ids were an
-    IndexError, on a GPU a device-side assert). Added tokens that land on rows a model has past its
-    tokenizer's (embeddings padded to a multiple) start at the mean of the known rows, as resized
-    rows do."""
+    IndexError, on a GPU a device-side assert). New rows, and added tokens that land on rows a model
+    has past its tokenizer's (embeddings padded to a multiple), start at the mean of the known rows:
+    the same rows at every load, so a run's base (its adapter disabled) is the same model each time."""
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         from transformers.utils import logging as hf_logging
 
-        # Mean-resizing starts the new rows near the old ones (transformers' default); its notice
+        # transformers' mean-resizing draws the new rows around the mean (unseeded at a run's load:
+        # `eval`'s base moved between loads); they are set to the mean below, but its draws are kept
+        # so that a training run's random stream, and so its LoRA init, stays as it was. Its notice
         # ("to disable this, use `mean_resizing=False`") names a choice fimtune made, not the user.
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
@@ -239,11 +241,12 @@ def add_token_rows(model: Any, tokenizer: Any, added: list[str], fim: FimTokens 
         finally:
             hf_logging.set_verbosity(level)
     ids = {tokenizer.convert_tokens_to_ids(t) for t in added}
-    if padded := sorted(i for i in ids if i < rows):  # rows past the tokenizer's (Pythia, Phi-2): never trained
-        known = len(tokenizer) - len(added)  # the rows of the tokens the model was trained with
+    padded = sorted(i for i in ids if i < rows)  # rows past the tokenizer's (Pythia, Phi-2): never trained
+    if fresh := padded + list(range(rows, len(tokenizer))):
+        known = min(rows, len(tokenizer) - len(added))  # the rows of the tokens the model was trained with
         with torch.no_grad():
             for embedding in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
-                embedding.weight[padded] = embedding.weight[:known].mean(0).to(embedding.weight.dtype)
+                embedding.weight[fresh] = embedding.weight[:known].mean(0).to(embedding.weight.dtype)
     if fim is not None:
         ids |= {i for i in (fim.prefix, fim.middle, fim.suffix, fim.pad) if i >= rows}
     return sorted(ids)
