@@ -109,7 +109,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_tokeni
     failed = int(re.search(r"at step (\d+)", str(err.value)).group(1))
     last = checkpoint.latest_checkpoint(tmp_path / "nan")
     assert last is not None and last.name == f"step-{failed - 1:06d}"
+    assert f"its last checkpoint ({last.name}) is kept" in str(err.value)
     assert all(torch.isfinite(t).all() for t in adapter(tmp_path / "nan").values())
+
+
+def test_nan_loss_before_any_checkpoint_says_none_was_written(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+    """A run that diverges before its first checkpoint does not claim checkpoints it never wrote."""
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    overrides = ("train.learning_rate=1e12", "train.max_grad_norm=0", "train.save_every=0", "train.eval_every=0")
+    with pytest.raises(FimtuneError, match="loss became") as err:
+        quiet_fit(run_config(tmp_path, base, repetitive_data, "nan", *overrides, "train.max_steps=30"))
+    assert checkpoint.latest_checkpoint(tmp_path / "nan") is None
+    assert "no checkpoint was written yet" in str(err.value) and "is kept" not in str(err.value)
 
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0])

@@ -669,10 +669,12 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
 
 
 def diverged(what: str, run_dir: Path) -> FimtuneError:
-    """The error of a run that diverged: what happened, where its checkpoints are, what to try."""
+    """The error of a run that diverged: what happened, its last good checkpoint (if any), what to try."""
+    last = checkpoint.latest_checkpoint(run_dir)
+    kept = f"its last checkpoint ({last.name}) is kept in {run_dir}" if last else "no checkpoint was written yet"
     return FimtuneError(
-        f"{what}: training stopped; the checkpoints written before are kept in {run_dir}. A new run with "
-        "a lower train.learning_rate (or model.dtype=fp32) may avoid it"
+        f"{what}: training stopped; {kept}. A new run (a new output_dir) with a lower train.learning_rate "
+        "(or model.dtype=fp32) may avoid it"
     )
 
 
