@@ -91,6 +91,33 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_tokenizer, repetit
     assert sorted(r["step"] for r in losses if "loss" in r) == list(range(1, steps + 1))  # no step twice
 
 
+@pytest.mark.parametrize("save_every", [2, 0])
+def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_continue(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache, save_every
+):
+    """Ctrl-C (SIGINT) mid-run: the message names the last checkpoint and `--resume` (or says none was
+    written), on a line of its own rather than after the progress bar's; the exit code stays 130."""
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    args = [*cli_args(tmp_path, base, repetitive_data, "int", 100_000), f"train.save_every={save_every}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fimtune", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    metrics, deadline = tmp_path / "int" / "metrics.jsonl", time.monotonic() + 120
+    while proc.poll() is None and logged_steps(metrics) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = err.decode().replace("\r", "\n").splitlines()
+    said = [line for line in lines if "interrupted" in line]
+    assert proc.returncode == 130 and len(said) == 1 and said[0].startswith("interrupted: "), lines[-5:]
+    last = checkpoint.latest_checkpoint(tmp_path / "int")
+    if save_every:
+        assert f"its last checkpoint ({last.name}) is kept" in said[0] and "--resume continues" in said[0]
+    else:
+        assert last is None and "before its first checkpoint" in said[0] and "--resume starts" in said[0]
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
     base = model_dir(tmp_path, tiny_tokenizer, "llama")
     cfg = run_config(

@@ -528,8 +528,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: a write failed: {e}; free space (or write elsewhere) and run again", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
 
 

@@ -497,35 +497,52 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=acc.is_main_process, resumed_at=start_step)
     metrics.truncate(start_step)  # events logged after the checkpoint by an interrupted run
     bar = _progress(start_step, s.max_steps, disable=not acc.is_main_process)
-    s.model.train()
-    log_window = _Window(**s.resumed_window)  # the steps since the last log line, before the checkpoint
-    pending: _Pending | None = None  # the step whose loss is not read yet (read once the next is queued)
-    for step in range(start_step, s.max_steps):
-        if tc.eval_every and step % tc.eval_every == 0:
-            _finish(pending, s, tc, metrics, bar, log_window)  # read first: log lines stay in order
-            pending = None
-            metrics.write({"step": step, **validate(s, tc.eval_batches)})
-        values = train_step(s, tc, run_dir, step)
-        done = step + 1
-        _finish(pending, s, tc, metrics, bar, log_window)  # waits for the previous step only
-        pending = _Pending(done, values)
-        if (tc.save_every and done % tc.save_every == 0) or done in (s.max_steps, stop_after):
-            _finish(pending, s, tc, metrics, bar, log_window)
-            pending = None
-            save(s, run_dir, done, log_window)
-        if done == stop_after:
-            bar.close()
-            return run_dir
-    _finish(pending, s, tc, metrics, bar, log_window)
-    bar.close()
-    final = validate(s, tc.eval_batches)
-    metrics.write({"step": s.max_steps, **final})
-    if final and not math.isfinite(final["val_loss"]):
-        raise diverged(f"the validation loss is {final['val_loss']} after the last step", run_dir)
-    if acc.is_main_process and final:
-        print(f"validation loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f}) after {s.max_steps} steps")
-    acc.wait_for_everyone()
+    try:
+        s.model.train()
+        log_window = _Window(**s.resumed_window)  # the steps since the last log line, before the checkpoint
+        pending: _Pending | None = None  # the step whose loss is not read yet (read once the next is queued)
+        for step in range(start_step, s.max_steps):
+            if tc.eval_every and step % tc.eval_every == 0:
+                _finish(pending, s, tc, metrics, bar, log_window)  # read first: log lines stay in order
+                pending = None
+                metrics.write({"step": step, **validate(s, tc.eval_batches)})
+            values = train_step(s, tc, run_dir, step)
+            done = step + 1
+            _finish(pending, s, tc, metrics, bar, log_window)  # waits for the previous step only
+            pending = _Pending(done, values)
+            if (tc.save_every and done % tc.save_every == 0) or done in (s.max_steps, stop_after):
+                _finish(pending, s, tc, metrics, bar, log_window)
+                pending = None
+                save(s, run_dir, done, log_window)
+            if done == stop_after:
+                bar.close()
+                return run_dir
+        _finish(pending, s, tc, metrics, bar, log_window)
+        bar.close()
+        final = validate(s, tc.eval_batches)
+        metrics.write({"step": s.max_steps, **final})
+        if final and not math.isfinite(final["val_loss"]):
+            raise diverged(f"the validation loss is {final['val_loss']} after the last step", run_dir)
+        if acc.is_main_process and final:
+            print(f"validation loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f}) after {s.max_steps} steps")
+        acc.wait_for_everyone()
+    except BaseException as e:
+        bar.close()  # what is said next goes on a line of its own, not after the bar's
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt(_stopped(run_dir)) from None
+        raise
     return run_dir
+
+
+def _stopped(run_dir: Path) -> str:
+    """What an interrupted run kept, and how to continue it."""
+    last = checkpoint.latest_checkpoint(run_dir)
+    if last is None:
+        return f"training stopped before its first checkpoint; the same command with --resume starts {run_dir} over"
+    return (
+        f"training stopped; its last checkpoint ({last.name}) is kept in {run_dir}: the same command with "
+        "--resume continues from it"
+    )
 
 
 def exit_launched_process() -> None:
