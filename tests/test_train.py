@@ -110,6 +110,19 @@ def test_resume_is_exact(tmp_path, tiny_tokenizer, repetitive_data, token_cache)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_stop_after_says_where_the_run_stopped_and_how_to_continue(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache, capsys
+):
+    """A run stopped on purpose says so (step, checkpoint, --resume), not only what a finished run says."""
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    cfg = run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=6", "train.eval_every=0")
+    quiet_fit(cfg, stop_after=3)
+    out = capsys.readouterr().out
+    assert "stopped after step 3 of 6 (--stop-after), checkpoint step-000003" in out and "--resume continues" in out
+    quiet_fit(cfg, resume=True)
+    assert "stopped" not in capsys.readouterr().out
+
+
 def test_resume_refuses_settings_that_change_the_run(tmp_path, tiny_tokenizer, repetitive_data, token_cache, caplog):
     """A resumed run's optimizer and schedule keep some old settings (the learning rate in the
     optimizer's state) and take others midway (the schedule's length): a change of the run itself is

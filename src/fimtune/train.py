@@ -516,6 +516,11 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
                 save(s, run_dir, done, log_window)
             if done == stop_after:
                 bar.close()
+                if acc.is_main_process:
+                    print(
+                        f"stopped after step {done} of {s.max_steps} (--stop-after), checkpoint "
+                        f"{checkpoint.latest_checkpoint(run_dir).name}: the same command with --resume continues"
+                    )
                 return run_dir
         _finish(pending, s, tc, metrics, bar, log_window)
         bar.close()
