@@ -256,3 +256,14 @@ def test_complete_on_a_run_lays_out_the_prompt_as_the_server_does(
         texts[mode] = capsys.readouterr().out
     assert texts["psm"] != texts["spm"]  # the layouts give other text here
     assert texts["default"] == texts[prompt_mode("auto", run)] == texts["spm"]
+
+
+def test_fimtune_notes_reach_the_terminal(capsys):
+    """fimtune's INFO notes (the fast paths a run takes, a GGUF model dequantized once) were never
+    shown: Python shows only warnings of a logger nobody configured. Once, however many commands run."""
+    import logging
+
+    assert main(["config", "lora.r=4"]) == 0 and main(["config", "lora.r=4"]) == 0
+    capsys.readouterr()
+    logging.getLogger("fimtune.train").info("LoRA inputs stay in the autocast dtype (2 layers)")
+    assert capsys.readouterr().err == "LoRA inputs stay in the autocast dtype (2 layers)\n"

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import errno
 import functools
+import logging
 import os
 import sys
 import typing
@@ -491,9 +492,32 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
     return f"warning: {message}\n"
 
 
+class _Stderr(logging.Handler):
+    """fimtune's log records, a line each, on whatever `sys.stderr` is when they come."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging's own rule: a record that fails is reported, never raised
+            self.handleError(record)
+
+
+def _show_logs() -> None:
+    """Show fimtune's notes (INFO: a GGUF model dequantized once, the fast paths a run takes, CUDA
+    graphs ready) besides its warnings; Python shows only warnings of a logger left unconfigured.
+    Under a launcher of several processes, the first one's notes alone."""
+    logger = logging.getLogger("fimtune")
+    if any(isinstance(h, _Stderr) for h in logger.handlers):
+        return
+    logger.addHandler(_Stderr())
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
+    _show_logs()
     warnings.formatwarning = _one_line_warning
     # Library deprecation notices are for us, not for the person running a command.
     warnings.filterwarnings("ignore", category=FutureWarning)
