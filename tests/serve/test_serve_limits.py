@@ -345,3 +345,29 @@ def test_infill_lowers_n_predict_to_the_limit_as_llama_cpp_does(client):
     limit = TEST_LIMITS["max_new_tokens"]
     assert r.json()["tokens_predicted"] <= limit
     assert r.json()["stop_type"] != "limit" or r.json()["tokens_predicted"] == limit
+
+
+def test_a_switch_that_fails_while_folding_leaves_no_model_answering_for_another(tiny_run, other_adapter):
+    """Folding `other` in failed (out of memory, say) after the run's adapter was taken out: the engine
+    still named the run as folded in, so the next request for the run was answered by `other`, unfolded."""
+    app = make_app(tiny_run, [f"other={other_adapter}"])
+    engine = app.state.service.engine
+    run = engine.default_model
+    body = {"prompt": "def f(x):\n    ", "suffix": "\n", "max_tokens": 8, "temperature": 0}
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        alone = {
+            m: c.post("/v1/completions", json={**body, "model": m}).json()["choices"][0]["text"] for m in (run, "other")
+        }
+        assert alone[run] != alone["other"]  # the two models tell apart here
+        assert c.post("/v1/completions", json={**body, "model": run}).status_code == 200  # the run folded in
+        merge = engine.model.merge_adapter
+
+        def failing(*args, **kwargs):
+            engine.model.merge_adapter = merge  # once
+            raise RuntimeError("CUDA out of memory")
+
+        engine.model.merge_adapter = failing
+        assert c.post("/v1/completions", json={**body, "model": "other"}).status_code == 500
+        again = c.post("/v1/completions", json={**body, "model": run}).json()["choices"][0]["text"]
+        assert again == alone[run]
+        assert c.post("/v1/completions", json={**body, "model": "other"}).json()["choices"][0]["text"] == alone["other"]

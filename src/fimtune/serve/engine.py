@@ -66,6 +66,9 @@ BASE_MODEL = "base"  # the public name of the base model when a run's adapter is
 RESERVED_NAMES = (BASE_MODEL, "default")
 
 
+UNSETTLED = "<unsettled>"  # `_adapter` while a switch folds weights: no request's model name (those are identifiers)
+
+
 @dataclass
 class Limits:
     """What one request may ask for; shown in `/info`, each set by a `fimtune serve` flag."""
@@ -610,7 +613,9 @@ class Engine:
             yield
             return
         if adapter != self._adapter:
-            if self._adapter is not None and mergeable(self.model):
+            # a failure below (out of memory while folding) must leave no name on weights it may not hold
+            previous, self._adapter = self._adapter, UNSETTLED
+            if previous is not None and mergeable(self.model):
                 self._unmerge()
             if adapter is not None:
                 self.model.set_adapter(adapter)
