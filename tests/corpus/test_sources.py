@@ -290,3 +290,20 @@ def test_table_rows_and_files_name_languages_alike_and_read_bytes_strictly(tmp_p
     source = resolve_path(str(lines), ExitStack())
     assert len(docs_of(source)) == 2
     assert source.tally.skipped_files == {"malformed_row": 1, "undecodable": 1}
+
+
+def test_a_notebook_rows_size_limit_is_for_its_code_as_in_a_folder(tmp_path):
+    """A notebook's saved plot (base64 in its JSON) may dwarf its code: as a table row, as in a
+    folder, the notebook is read up to 20 x --max-file-size and the limit applies to its code."""
+    raw = json.loads(notebook([("code", code("nb"))]))
+    raw["cells"][0]["outputs"] = [{"output_type": "display_data", "data": {"image/png": "iVBOR" * 2000}}]
+    text = json.dumps(raw)
+    write(tmp_path / "folder", "nb.ipynb", text)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"path": "nb.ipynb", "text": text}) + "\n", encoding="utf-8")
+    limits = {"text_column": "text", "max_file_size": 4000}  # the JSON is ~10 kB, its code ~1 kB
+    from_folder = docs_of(resolve_path(str(tmp_path / "folder"), ExitStack()), **limits)
+    source = resolve_path(str(tmp_path / "rows.jsonl"), ExitStack())
+    assert [d.content for d in docs_of(source, **limits)] == [d.content for d in from_folder] == [code("nb")]
+    too_small = resolve_path(str(tmp_path / "rows.jsonl"), ExitStack())
+    assert docs_of(too_small, text_column="text", max_file_size=400) == []  # its code is over the limit
+    assert too_small.tally.skipped_files == {"too_large": 1}

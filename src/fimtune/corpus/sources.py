@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 from urllib.parse import unquote, urlparse
 
 from fimtune.config import CorpusConfig
-from fimtune.corpus.files import Document, Tally, accept, read_file, walk_folder
+from fimtune.corpus.files import NOTEBOOK_RAW_SIZE_FACTOR, Document, Tally, accept, read_file, walk_folder
 from fimtune.corpus.filters import path_dirs_reason, secret_name_reason, size_reason, suffix_reason
 from fimtune.corpus.languages import NOTEBOOK_SUFFIX, UNKNOWN, canonical_language, content_language, language_of
 from fimtune.corpus.notebooks import MalformedNotebook, notebook_to_code
@@ -296,16 +296,21 @@ def _row_document(i: int, row: Any, source: Source, cfg: CorpusConfig) -> Docume
     except UnicodeEncodeError:  # lone surrogates, from JSON escapes
         return tally.skip("undecodable")
     tally.bytes_read += size
-    reason = size_reason(size, cfg.max_file_size) or ("binary" if "\0" in text else None)
-    if reason:
-        return tally.skip(reason)
+    is_notebook = path.lower().endswith(NOTEBOOK_SUFFIX) and text.lstrip().startswith("{")
+    # as in a folder: a notebook's JSON may be this many times the limit, which is for its code
+    reason = size_reason(size, cfg.max_file_size * (NOTEBOOK_RAW_SIZE_FACTOR if is_notebook else 1))
+    if reason or "\0" in text:
+        return tally.skip(reason or "binary")
     column = _first_str(row, LANGUAGE_COLUMNS)
     language = content_language(canonical_language(column) if column else language_of(path) or UNKNOWN, text)
-    if path.lower().endswith(NOTEBOOK_SUFFIX) and text.lstrip().startswith("{"):
+    if is_notebook:
         try:
             text, language = notebook_to_code(text, keep_markdown=cfg.notebook_markdown)
         except MalformedNotebook:
             return tally.skip("malformed_notebook")
+        reason = size_reason(len(text.encode("utf-8")), cfg.max_file_size)
+        if reason:
+            return tally.skip(reason)
     repo_id = _first_str(row, REPO_COLUMNS) or source.repo_id
     return accept(Document(repo_id, path, language, text), cfg, tally)
 
