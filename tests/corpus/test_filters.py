@@ -92,6 +92,9 @@ def test_secret_file_names_pass(name):
         "token = 'ghp_" + "a" * 36 + "'\n",
         "HF_TOKEN=hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz01234567" + "\n",
         "SLACK = 'xoxb-" + "1234567890-abcdef'\n",
+        "OpenAI(api_key='sk-proj-" + "aB3_x-" * 12 + "ab" + "T3Blbk" + "FJ" + "Qz9-Yk" * 12 + "ab')\n",
+        "OPENAI_API_KEY=sk-" + "aB3dE" * 4 + "T3Blbk" + "FJ" + "Qz9Yk" * 4 + "\n",
+        "ANTHROPIC_API_KEY = 'sk-ant-api03-" + "aB3_x-Qz9Yk" * 8 + "AbCdE" + "AA'\n",
     ],
 )
 def test_secret_content(text):
@@ -108,6 +111,8 @@ def test_secret_content(text):
         "MY_AKIA" + "IOSFODNN7EXAMPLE = 1\n",  # part of a longer identifier
         "hf_" + "a" * 40 + " = 1\n",  # too long to be a token
         "ghp_short = 1\n",
+        "parser.add_argument('--sk-ant-mode', choices=['sk-learn'])\n",
+        "task-T3BlbkFJ = 1\n",
     ],
 )
 def test_secret_lookalikes_pass(text):
