@@ -204,6 +204,27 @@ def test_every_reason_is_described():
     assert all(REASONS.values())
 
 
+@pytest.mark.parametrize(
+    ("path", "language"),
+    [
+        ("src/solver.f90", "fortran"),
+        ("legacy/BLAS.F", "fortran"),
+        ("pkg/_common.pxi", "cython"),
+        ("boot/start.S", "assembly"),
+        ("rtl/alu.sv", "systemverilog"),
+        ("rtl/top.vhd", "vhdl"),
+        ("shaders/light.frag", "glsl"),
+        ("contracts/Token.sol", "solidity"),
+        ("Containerfile", "dockerfile"),
+        ("scripts/build.cmd", "batchfile"),
+        ("include/detail/impl.ipp", "cpp"),
+    ],
+)
+def test_languages_of_starcoder_and_common_suffixes(path, language):
+    """Code of languages StarCoder trained on (and common suffixes of known ones) is not `unknown_language`."""
+    assert language_of(path) == language
+
+
 def test_languages():
     assert language_of("a/b.py") == "python"
     assert language_of("nb.ipynb") == "python"
