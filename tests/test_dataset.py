@@ -73,3 +73,25 @@ def test_an_empty_split_saved_without_a_data_file_is_read_as_empty(tmp_path, cap
     (path / "dataset_dict.json").write_text('{"splits": ', encoding="utf-8")  # cut short
     with pytest.raises(DataError, match="dataset_dict.json' does not list the splits"):
         load_splits(data_config(path))
+
+
+def test_a_folder_of_source_files_as_data_path_is_told_to_be_built_elsewhere(tmp_path):
+    """data.path pointing at the user's code (not a built dataset) suggested `--out` that very folder,
+    which `data build` refuses (it exists) and which would put the dataset among the sources."""
+    from pathlib import Path
+
+    from fimtune.dataset import check_folder
+
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "a.py").write_text("x = 1\n")
+    with pytest.raises(DataError) as e:
+        check_folder(code)
+    assert f"build one from the code in it with `fimtune data build {code} --out data/code` and use data/code" in str(
+        e.value
+    )
+    (code / "config.yaml").write_text("output_dir: code\n")
+    with pytest.raises(DataError, match="is a run folder written by `fimtune train`, not a dataset folder"):
+        check_folder(code)
+    with pytest.raises(DataError, match="build one with `fimtune data build SOURCE --out .*missing`"):
+        check_folder(Path(tmp_path / "missing"))

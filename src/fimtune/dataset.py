@@ -30,6 +30,14 @@ def check_source(cfg: DataConfig) -> None:
 def check_folder(path: Path) -> None:
     """``path`` is a dataset folder (what can be told without reading it: before a model loads)."""
     if not (path / "dataset_dict.json").is_file():
+        if (path / "config.yaml").is_file():
+            raise DataError(f"'{path}' is a run folder written by `fimtune train`, not a dataset folder")
+        if path.is_dir() and any(path.iterdir()):  # the user's code itself, not a build of it
+            out = f"data/{path.resolve().name or 'mine'}"
+            raise DataError(
+                f"'{path}' is not a dataset folder: build one from the code in it with "
+                f"`fimtune data build {path} --out {out}` and use {out}"
+            )
         raise DataError(f"'{path}' is not a dataset folder: build one with `fimtune data build SOURCE --out {path}`")
 
 
