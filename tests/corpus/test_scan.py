@@ -304,3 +304,19 @@ def test_files_git_tracks_are_kept_whatever_the_gitignore_says(tmp_path):
     write(repo, "sub/left.py", code("left"))
     docs, _ = scan_folder(repo / "sub")  # a subfolder: git lists its tracked files from there
     assert list(docs) == ["kept.py"]
+
+
+def test_fimtune_run_and_merged_folders_are_skipped(tmp_path):
+    """A user who follows the README inside their project gets runs/ and merged/ there: a later
+    `data build .` took the run's config, checkpoint states, adapter card and eval report, and the
+    merged model's configs, as their code."""
+    write(tmp_path, "a.py", code("a"))
+    write(tmp_path, "runs/mine/config.yaml", "output_dir: runs/mine\n")
+    write(tmp_path, "runs/mine/tokenizer/tokenizer_config.json", '{"model_max_length": 8192}\n')
+    write(tmp_path, "runs/mine/checkpoints/step-000002/state/trainer_state.json", '{"step": 2}\n')
+    write(tmp_path, "runs/mine/eval/report.md", "# report\n\nloss went down\n")
+    write(tmp_path, "merged/mine/config.json", '{"model_type": "llama"}\n')
+    write(tmp_path, "merged/mine/fimtune.json", '{"prompt_mode": "spm"}\n')
+    write(tmp_path, "settings/config.yaml", "name: kept\n")  # a project's own config is code
+    docs, tally = scan_folder(tmp_path)
+    assert list(docs) == ["a.py", "settings/config.yaml"] and tally.skipped_dirs == {"fimtune_output": 2}

@@ -42,6 +42,9 @@ VIRTUALENV_MARKER = "pyvenv.cfg"
 GIT_LS_TIMEOUT_S = 60
 DIR_MARK = "ps_d"  # pathspec's regex group for the `/` after a folder a pattern matched
 SAVED_DATASET_MARKER = "dataset_dict.json"  # what `DatasetDict.save_to_disk` writes
+RUN_CONFIG = "config.yaml"  # a `fimtune train` run folder: this beside what only a run holds
+RUN_MARKERS = ("checkpoints", "adapter", os.path.join("tokenizer", "tokenizer_config.json"))
+MERGED_MARKERS = ("fimtune.json", "config.json")  # a `fimtune merge` folder holds both
 NOTEBOOK_RAW_SIZE_FACTOR = 20
 """A notebook's saved outputs (a plot is base64 in its JSON) may dwarf its code: its .ipynb is read
 up to this many times --max-file-size, and the limit itself applies to the code it converts to."""
@@ -235,10 +238,19 @@ def _dir_reason(entry: os.DirEntry, rel: str, specs: list) -> str | None:
         entry.name,
         has_pyvenv_cfg=os.path.isfile(os.path.join(entry.path, VIRTUALENV_MARKER)),
         is_saved_dataset=os.path.isfile(os.path.join(entry.path, SAVED_DATASET_MARKER)),
+        is_fimtune_output=_is_fimtune_output(entry.path),
     )
     if not reason and specs and gitignored(specs, rel, is_dir=True):
         reason = "gitignore"
     return reason
+
+
+def _is_fimtune_output(path: str) -> bool:
+    """Whether ``path`` is a run folder of `fimtune train` or a model folder of `fimtune merge`
+    (written inside the project when the README is followed there): fimtune's output, not code."""
+    if os.path.isfile(os.path.join(path, RUN_CONFIG)):
+        return any(os.path.exists(os.path.join(path, m)) for m in RUN_MARKERS)
+    return all(os.path.isfile(os.path.join(path, m)) for m in MERGED_MARKERS)
 
 
 def _entry_kind(entry: os.DirEntry) -> str:

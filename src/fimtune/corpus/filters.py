@@ -26,6 +26,7 @@ REASONS: dict[str, str] = {
     "virtualenv": "virtual environment (.venv, venv, or a folder holding pyvenv.cfg)",
     "xcodeproj": "Xcode project bundle",
     "saved_dataset": "a saved `datasets` folder (holds dataset_dict.json), e.g. an earlier build's output",
+    "fimtune_output": "a `fimtune train` run folder or a `fimtune merge` model folder",
     "gitignore": "matched by a .gitignore",
     "symlink_dir": "symlink to a folder (never followed, to avoid loops)",
     # files, cheapest check first
@@ -111,7 +112,9 @@ ASCII_BYTES = bytes(range(128))
 UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
-def dir_reason(name: str, has_pyvenv_cfg: bool = False, is_saved_dataset: bool = False) -> str | None:
+def dir_reason(
+    name: str, has_pyvenv_cfg: bool = False, is_saved_dataset: bool = False, is_fimtune_output: bool = False
+) -> str | None:
     """Why folder ``name`` is not descended into, or None.
 
     >>> dir_reason(".git"), dir_reason("__pycache__"), dir_reason("env", has_pyvenv_cfg=True)
@@ -131,6 +134,8 @@ def dir_reason(name: str, has_pyvenv_cfg: bool = False, is_saved_dataset: bool =
         return "xcodeproj"
     if is_saved_dataset:
         return "saved_dataset"
+    if is_fimtune_output:
+        return "fimtune_output"
     return None
 
 
