@@ -90,7 +90,10 @@ def test_a_folder_of_source_files_as_data_path_is_told_to_be_built_elsewhere(tmp
     assert f"build one from the code in it with `fimtune data build {code} --out data/code` and use data/code" in str(
         e.value
     )
-    (code / "config.yaml").write_text("output_dir: code\n")
+    (code / "config.yaml").write_text("name: a project's own\n")  # still the user's code
+    with pytest.raises(DataError, match="build one from the code in it"):
+        check_folder(code)
+    (code / "checkpoints").mkdir()
     with pytest.raises(DataError, match="is a run folder written by `fimtune train`, not a dataset folder"):
         check_folder(code)
     with pytest.raises(DataError, match="build one with `fimtune data build SOURCE --out .*missing`"):

@@ -30,7 +30,9 @@ def check_source(cfg: DataConfig) -> None:
 def check_folder(path: Path) -> None:
     """``path`` is a dataset folder (what can be told without reading it: before a model loads)."""
     if not (path / "dataset_dict.json").is_file():
-        if (path / "config.yaml").is_file():
+        from fimtune.corpus.files import is_run_folder
+
+        if is_run_folder(path):
             raise DataError(f"'{path}' is a run folder written by `fimtune train`, not a dataset folder")
         if path.is_dir() and any(path.iterdir()):  # the user's code itself, not a build of it
             out = f"data/{path.resolve().name or 'mine'}"

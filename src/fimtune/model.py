@@ -638,6 +638,8 @@ def load_run(
         model = PeftModel.from_pretrained(base, run_dir / "adapter")
     except SafetensorError as e:
         raise FimtuneError(damaged_weights(run_dir / "adapter", e)) from None
+    except torch.OutOfMemoryError:  # a RuntimeError, but no sign of another model
+        raise
     except (ValueError, RuntimeError, KeyError) as e:  # no such modules, other shapes: another model there
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         reason = reason if len(reason) <= 300 else f"{reason[:200]} ... {reason[-100:]}"  # PEFT lists every module

@@ -245,12 +245,17 @@ def _dir_reason(entry: os.DirEntry, rel: str, specs: list) -> str | None:
     return reason
 
 
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run folder of `fimtune train` (a project's own config.yaml is not one)."""
+    return os.path.isfile(os.path.join(path, RUN_CONFIG)) and any(
+        os.path.exists(os.path.join(path, m)) for m in RUN_MARKERS
+    )
+
+
 def _is_fimtune_output(path: str) -> bool:
     """Whether ``path`` is a run folder of `fimtune train` or a model folder of `fimtune merge`
     (written inside the project when the README is followed there): fimtune's output, not code."""
-    if os.path.isfile(os.path.join(path, RUN_CONFIG)):
-        return any(os.path.exists(os.path.join(path, m)) for m in RUN_MARKERS)
-    return all(os.path.isfile(os.path.join(path, m)) for m in MERGED_MARKERS)
+    return is_run_folder(path) or all(os.path.isfile(os.path.join(path, m)) for m in MERGED_MARKERS)
 
 
 def _entry_kind(entry: os.DirEntry) -> str:
