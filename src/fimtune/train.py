@@ -539,15 +539,17 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     return run_dir
 
 
+def _kept(run_dir: Path) -> str | None:
+    """What a run that stopped early keeps, said so; None before its first checkpoint."""
+    last = checkpoint.latest_checkpoint(run_dir)
+    return f"its last checkpoint ({last.name}) is kept in {run_dir}" if last else None
+
+
 def _stopped(run_dir: Path) -> str:
     """What an interrupted run kept, and how to continue it."""
-    last = checkpoint.latest_checkpoint(run_dir)
-    if last is None:
+    if (kept := _kept(run_dir)) is None:
         return f"training stopped before its first checkpoint; the same command with --resume starts {run_dir} over"
-    return (
-        f"training stopped; its last checkpoint ({last.name}) is kept in {run_dir}: the same command with "
-        "--resume continues from it"
-    )
+    return f"training stopped; {kept}: the same command with --resume continues from it"
 
 
 def exit_launched_process() -> None:
@@ -692,8 +694,7 @@ def train_step(s: Setup, tc: Any, run_dir: Path, step: int) -> Callable[[], tupl
 
 def diverged(what: str, run_dir: Path) -> FimtuneError:
     """The error of a run that diverged: what happened, its last good checkpoint (if any), what to try."""
-    last = checkpoint.latest_checkpoint(run_dir)
-    kept = f"its last checkpoint ({last.name}) is kept in {run_dir}" if last else "no checkpoint was written yet"
+    kept = _kept(run_dir) or "no checkpoint was written yet"
     return FimtuneError(
         f"{what}: training stopped; {kept}. A new run (a new output_dir) with a lower train.learning_rate "
         "(or model.dtype=fp32) may avoid it"
