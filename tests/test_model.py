@@ -4,6 +4,7 @@ import logging
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -382,13 +383,9 @@ def test_a_run_of_a_model_with_its_own_fim_tokens_reloads_without_its_bases_toke
     """FIM tokens of the model's own (StarCoder's, ids 1-4) were never added: reloading its run
     does not read the base's tokenizer again to find out, padding rows or not."""
     import fimtune.model as model_module
-    from fimtune.config import load_run_config, save_config
 
     base = tiny.save_model_folder(tiny.llama(len(tiny_tokenizer) + 8), tiny_tokenizer, tmp_path / "base")
-    model = load_base_model(ModelConfig(name_or_path=str(base)), torch.device("cpu"))
-    attach_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0), []).save_pretrained(tmp_path / "run" / "adapter")
-    tiny_tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")
-    save_config(load_run_config(None, [f"model.name_or_path={base}"]), tmp_path / "run" / "config.yaml")
+    tiny.save_run(tmp_path / "run", base, tiny_tokenizer, _lora(base))
     monkeypatch.setattr(model_module, "_added_fim_tokens", lambda _: pytest.fail("the base's tokenizer was read"))
     model_module.load_run(tmp_path / "run", torch.device("cpu"))
 
@@ -396,14 +393,10 @@ def test_a_run_of_a_model_with_its_own_fim_tokens_reloads_without_its_bases_toke
 def test_damaged_weights_of_a_model_folder_or_a_run_are_a_clear_error(tmp_path, tiny_tokenizer):
     """A safetensors file cut short (a full disk, an interrupted copy) was a SafetensorError traceback
     from deep in transformers or PEFT: now one message naming the folder and the fix."""
-    from fimtune.config import load_run_config, save_config
     from fimtune.model import load_run
 
     base = tiny.save_model_folder(tiny.llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "base")
-    model = load_base_model(ModelConfig(name_or_path=str(base)), torch.device("cpu"))
-    attach_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0), []).save_pretrained(tmp_path / "run" / "adapter")
-    tiny_tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")
-    save_config(load_run_config(None, [f"model.name_or_path={base}"]), tmp_path / "run" / "config.yaml")
+    tiny.save_run(tmp_path / "run", base, tiny_tokenizer, _lora(base))
     adapter = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:100])
     with pytest.raises(FimtuneError, match=r"weights in '.*adapter' are damaged .*copy or download it again"):
@@ -444,28 +437,27 @@ def test_the_dequantized_gguf_copy_is_written_again_for_another_transformers_ver
 
 def test_a_runs_moved_base_is_named_as_the_runs_config_names_it(tmp_path, tiny_tokenizer):
     """The user names the run, not its base: the error says the path comes from the run's config.yaml."""
-    from fimtune.config import load_run_config, save_config
     from fimtune.model import load_run
 
-    (tmp_path / "run" / "adapter").mkdir(parents=True)
-    tiny_tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")
     moved = tmp_path / "gone" / "base"
-    save_config(load_run_config(None, [f"model.name_or_path={moved}"]), tmp_path / "run" / "config.yaml")
+    tiny.save_run(tmp_path / "run", moved, tiny_tokenizer)
     with pytest.raises(FimtuneError, match=r"(?s)'.*gone/base' is neither.*model.name_or_path` in .*run/config.yaml"):
         load_run(tmp_path / "run", torch.device("cpu"))
 
 
 def test_a_runs_adapter_that_does_not_fit_its_base_is_one_error(tmp_path, tiny_tokenizer):
     """Another model put where the run's base was: PEFT's long traceback (modules not found) is one line."""
-    from fimtune.config import load_run_config, save_config
     from fimtune.model import load_run
 
     base = tiny.save_model_folder(tiny.llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "base")
-    model = load_base_model(ModelConfig(name_or_path=str(base)), torch.device("cpu"))
-    attach_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0), []).save_pretrained(tmp_path / "run" / "adapter")
-    tiny_tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")
     other = tiny.save_model_folder(tiny.gpt_bigcode(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "other")
-    save_config(load_run_config(None, [f"model.name_or_path={other}"]), tmp_path / "run" / "config.yaml")
+    tiny.save_run(tmp_path / "run", other, tiny_tokenizer, _lora(base))
     with pytest.raises(FimtuneError, match=r"adapter does not fit its base model '.*other' .*not found") as err:
         load_run(tmp_path / "run", torch.device("cpu"))
     assert "\n" not in str(err.value) and len(str(err.value)) < 600
+
+
+def _lora(base: Path):
+    """An untrained LoRA (r=2) on the model folder ``base``."""
+    model = load_base_model(ModelConfig(name_or_path=str(base)), torch.device("cpu"))
+    return attach_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0), [])

@@ -53,3 +53,31 @@ def save_model_folder(model, tokenizer, path: Path) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_run(folder: Path, base: Path | str, tokenizer, adapter=None) -> Path:
+    """A run folder as `fimtune train` leaves it: config.yaml naming ``base``, the tokenizer, and
+    ``adapter`` (a PEFT model) saved in `adapter/` when given."""
+    from fimtune.config import load_run_config, save_config
+
+    if adapter is not None:
+        adapter.save_pretrained(folder / "adapter")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    save_config(load_run_config(None, [f"model.name_or_path={base}"]), folder / "config.yaml")
+    return folder
+
+
+def lora_with_trained_biases(base: Path, bias: str, seed: int = 0):
+    """LoRA on ``base``'s `c_attn` (GPTBigCode) with `bias` ("none", "all", "lora_only"), every bias it
+    trains moved off the base's, as training would move it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], bias=bias, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if name.endswith(".bias") and p.requires_grad:
+                p.add_(1.0)
+    return peft

@@ -89,23 +89,13 @@ def test_finished_rows_leave_a_greedy_batch(tiny_tokenizer, family):
 def test_the_base_of_a_run_whose_adapter_trained_biases_is_the_base_model(tmp_path, tiny_tokenizer, bias):
     """`lora.bias=all|lora_only` trains the base layers' own biases: `disable_adapter()` leaves them
     trained, so `fimtune eval`'s base (and `complete --compare-base`) was not the base model."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from fimtune.config import load_run_config, save_config
     from fimtune.evaluate.variants import variant
     from fimtune.model import load_run
 
     base = tiny.save_model_folder(tiny.gpt_bigcode(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "base")
-    model = AutoModelForCausalLM.from_pretrained(base)
-    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], bias=bias, init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if name.endswith(".bias") and p.requires_grad:
-                p.add_(1.0)  # trained: off the base's
-    peft.save_pretrained(tmp_path / "run" / "adapter")
-    tiny_tokenizer.save_pretrained(tmp_path / "run" / "tokenizer")
-    save_config(load_run_config(None, [f"model.name_or_path={base}"]), tmp_path / "run" / "config.yaml")
+    tiny.save_run(tmp_path / "run", base, tiny_tokenizer, tiny.lora_with_trained_biases(base, bias))
     ids = torch.tensor([[5, 9, 3, 7, 11, 2]])
     expected = AutoModelForCausalLM.from_pretrained(base)(ids).logits
     run = load_run(tmp_path / "run", torch.device("cpu")).model

@@ -293,28 +293,16 @@ def test_adapters_that_trained_biases_are_served_alone(tmp_path, tiny_tokenizer)
     an extra adapter with them replaced the run's and the base's biases as it loaded (both answered
     otherwise than when served alone), and a run's `base` kept its trained biases. Such an adapter
     is refused beside others; a run with them is served without `base`."""
-    import torch
-    from peft import LoraConfig, get_peft_model
     from tests import tiny
-    from transformers import AutoModelForCausalLM
 
-    from fimtune.config import load_run_config, save_config
     from fimtune.errors import FimtuneError
 
     base = tiny.save_model_folder(tiny.gpt_bigcode(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "base")
 
     def run(name: str, bias: str):
-        torch.manual_seed(len(name))
-        model = AutoModelForCausalLM.from_pretrained(base)
-        peft = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"], bias=bias, init_lora_weights=False))
-        with torch.no_grad():
-            for n, p in peft.named_parameters():
-                if n.endswith(".bias") and p.requires_grad:  # trained: moved off the base's
-                    p.add_(1.0)
-        peft.save_pretrained(tmp_path / name / "adapter")
-        tiny_tokenizer.save_pretrained(tmp_path / name / "tokenizer")
-        save_config(load_run_config(None, [f"model.name_or_path={base}"]), tmp_path / name / "config.yaml")
-        return tmp_path / name
+        return tiny.save_run(
+            tmp_path / name, base, tiny_tokenizer, tiny.lora_with_trained_biases(base, bias, len(name))
+        )
 
     plain, biased = run("plain", "none"), run("biased", "all")
     for target, extra in ((plain, biased), (biased, plain), (base, biased)):
