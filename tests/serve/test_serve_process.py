@@ -257,7 +257,10 @@ def test_timeouts_there_and_a_server_that_outlives_its_engine(tiny_run):
         assert r.status_code == 408 and error_field(r.json()) == "timeout_s"
         assert engine.snapshot()[1].timeouts == 1
         forwards = engine.snapshot()[0].forwards
-        pending = pool.submit(c.post, "/v1/completions", json={"prompt": "x", "suffix": "", "max_tokens": 60})
+        # greedy: the end tokens' logits are below another's, so it runs all 60 steps (sampled, about 1 in
+        # 100 ended at its first token, and its forwards never passed the mark below)
+        long = {"prompt": "x", "suffix": "", "max_tokens": 60, "temperature": 0}
+        pending = pool.submit(c.post, "/v1/completions", json=long)
         wait_until(lambda: engine.snapshot()[0].forwards > forwards + 1)  # it is generating
         os.kill(engine._process.pid, signal.SIGKILL)  # the out-of-memory killer, a CUDA fault
         lost = pending.result()
