@@ -91,12 +91,21 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, tiny_tokenizer, repetit
     assert sorted(r["step"] for r in losses if "loss" in r) == list(range(1, steps + 1))  # no step twice
 
 
-@pytest.mark.parametrize("save_every", [2, 0])
+@pytest.mark.parametrize(
+    ("sig", "save_every", "said", "code"),
+    [
+        (signal.SIGINT, 2, "interrupted", 130),
+        (signal.SIGINT, 0, "interrupted", 130),
+        (signal.SIGTERM, 2, "terminated", 143),
+    ],
+)
 def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_continue(
-    tmp_path, tiny_tokenizer, repetitive_data, token_cache, save_every
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache, sig, save_every, said, code
 ):
     """Ctrl-C (SIGINT) mid-run: the message names the last checkpoint and `--resume` (or says none was
-    written), on a line of its own rather than after the progress bar's; the exit code stays 130."""
+    written), on a line of its own rather than after the progress bar's; the exit code stays 130.
+    SIGTERM (`kill`, a scheduler's preemption) says the same, with a shell's code for it, 143; it
+    ended the run without a word."""
     base = model_dir(tmp_path, tiny_tokenizer, "llama")
     args = [*cli_args(tmp_path, base, repetitive_data, "int", 100_000), f"train.save_every={save_every}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -106,16 +115,16 @@ def test_ctrl_c_says_which_checkpoint_is_kept_and_how_to_continue(
     metrics, deadline = tmp_path / "int" / "metrics.jsonl", time.monotonic() + 120
     while proc.poll() is None and logged_steps(metrics) < 4 and time.monotonic() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     lines = err.decode().replace("\r", "\n").splitlines()
-    said = [line for line in lines if "interrupted" in line]
-    assert proc.returncode == 130 and len(said) == 1 and said[0].startswith("interrupted: "), lines[-5:]
+    told = [line for line in lines if said in line]
+    assert proc.returncode == code and len(told) == 1 and told[0].startswith(f"{said}: "), lines[-5:]
     last = checkpoint.latest_checkpoint(tmp_path / "int")
     if save_every:
-        assert f"its last checkpoint ({last.name}) is kept" in said[0] and "--resume continues" in said[0]
+        assert f"its last checkpoint ({last.name}) is kept" in told[0] and "--resume continues" in told[0]
     else:
-        assert last is None and "before its first checkpoint" in said[0] and "--resume starts" in said[0]
+        assert last is None and "before its first checkpoint" in told[0] and "--resume starts" in told[0]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_tokenizer, repetitive_data, token_cache):

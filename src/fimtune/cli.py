@@ -9,13 +9,16 @@ A :class:`~fimtune.errors.FimtuneError` becomes one clean line and exit code 2;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import errno
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -31,10 +34,12 @@ from fimtune.config import (
     load_run_config,
     read_yaml,
 )
-from fimtune.errors import ConfigError, DataError, FimtuneError
+from fimtune.errors import ConfigError, DataError, FimtuneError, Terminated
 
 EXIT_USER_ERROR = 2
 EXIT_BROKEN_PIPE = 141  # as a shell reports a process ended by SIGPIPE
+EXIT_INTERRUPTED = 130  # ... by SIGINT (Ctrl-C)
+EXIT_TERMINATED = 143  # ... by SIGTERM
 # A full disk, a quota, a file size limit, a read-only file system: the machine's state, not a fault
 FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
@@ -148,11 +153,31 @@ def cmd_train(ns: argparse.Namespace) -> int:
         return 0
     from fimtune.train import exit_launched_process, fit
 
-    run_dir = fit(cfg, resume=ns.resume, stop_after=ns.stop_after)
+    with _sigterm_as_interrupt():
+        run_dir = fit(cfg, resume=ns.resume, stop_after=ns.stop_after)
     if main_process:
         print(f"run folder: {run_dir}")
     exit_launched_process()  # under `accelerate launch`: ends here
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM ends a training run as Ctrl-C does: the progress bar closed, the checkpoint it keeps
+    and `--resume` said. Python's default ends the process on the spot, without a word. Checkpoints
+    are written whole or not at all, so one being written when it comes is simply not there."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
@@ -553,8 +578,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: a write failed: {e}; free space (or write elsewhere) and run again", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as e:
-        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
-        return 130
+        said = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"{said}: {e}" if str(e) else said, file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

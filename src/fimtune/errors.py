@@ -11,3 +11,8 @@ class ConfigError(FimtuneError):
 
 class DataError(FimtuneError):
     """A source, file or dataset that cannot be used as given."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `docker stop`, a scheduler taking the machine back) during a command that
+    ends on it as on Ctrl-C: with what it kept said, and exit code 143 rather than 130."""

@@ -533,8 +533,8 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
         acc.wait_for_everyone()
     except BaseException as e:
         bar.close()  # what is said next goes on a line of its own, not after the bar's
-        if isinstance(e, KeyboardInterrupt):
-            raise KeyboardInterrupt(_stopped(run_dir)) from None
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (`Terminated`): the same kind, told
+            raise type(e)(_stopped(run_dir)) from None
         raise
     return run_dir
 
