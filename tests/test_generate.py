@@ -517,6 +517,43 @@ def test_complete_command_prints_the_completion(tmp_path, tiny_tokenizer, capsys
         assert capsys.readouterr().err.startswith(f"error: {flag} must be")
 
 
+def test_complete_at_a_cursor_in_a_file_cuts_it_there(tmp_path, tiny_tokenizer, capsys):
+    """`--at FILE:LINE[:COL]` (an editor's cursor, counted from 1) completes as the prefix and suffix
+    files cut at that place would; out-of-range places and a suffix given besides are refused."""
+    from fimtune.cli import main
+    from fimtune.generate import split_at
+
+    text = "def f(x):\r\n    y = x\r\n    \r\n    return y\r\n"
+    assert split_at(text, 3) == ("def f(x):\r\n    y = x\r\n", "    \r\n    return y\r\n")
+    assert split_at(text, 2, 10) == ("def f(x):\r\n    y = x", "\r\n    \r\n    return y\r\n")
+    assert split_at(text, 5) == (text, "")  # after the last line end
+    for line, column in ((0, None), (6, None), (2, 11), (1, 0)):
+        with pytest.raises(ValueError, match=f"line {line}"):
+            split_at(text, line, column)
+    folder = tiny.save_model_folder(tiny_model("llama", tiny_tokenizer), tiny_tokenizer, tmp_path / "base")
+    source = tmp_path / "a:b.py"  # a colon in the name: the place is read from the end
+    source.write_bytes(text.encode())
+    (tmp_path / "prefix.py").write_bytes(b"def f(x):\r\n    y = x\r\n    ")
+    (tmp_path / "suffix.py").write_bytes(b"\r\n    return y\r\n")
+    outputs = []
+    for cut in (
+        ["--at", f"{source}:3:5"],
+        ["--prefix-file", str(tmp_path / "prefix.py"), "--suffix-file", str(tmp_path / "suffix.py")],
+    ):
+        assert main(["complete", str(folder), *cut, "--max-new-tokens", "5"]) == 0
+        out = capsys.readouterr()
+        outputs.append((out.out, out.err.splitlines()[-1]))  # the text; its prompt's and completion's tokens
+    assert outputs[0] == outputs[1] and "new tokens" in outputs[0][1]
+    for args, said in (
+        (["--at", f"{source}:9"], "line 9 is not in it (lines 1 to 5)"),
+        (["--at", str(source)], "give FILE:LINE"),
+        (["--at", f"{source}:3", "--suffix", "x"], "drop --suffix"),
+        (["--at", f"{tmp_path / 'missing.py'}:1"], "--at"),
+    ):
+        assert main(["complete", str(folder), *args]) == 2
+        assert said in capsys.readouterr().err
+
+
 def test_complete_fits_a_long_prompt_to_learned_positions_and_reads_files_as_the_corpus_does(
     tmp_path, tiny_tokenizer, capsys
 ):

@@ -337,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = comp.add_mutually_exclusive_group(required=True)
     src.add_argument("--prefix", help="the code before the cursor")
     src.add_argument("--prefix-file", help="a file holding the code before the cursor")
+    src.add_argument(
+        "--at",
+        metavar="FILE:LINE[:COL]",
+        help="a cursor in a file: the code before it is the prefix, the code after it the suffix "
+        "(LINE and COL count from 1; without COL, the cursor is at the start of LINE)",
+    )
     suf = comp.add_mutually_exclusive_group()
     suf.add_argument("--suffix", default="", help="the code after the cursor")
     suf.add_argument("--suffix-file", help="a file holding the code after the cursor")

@@ -549,6 +549,45 @@ def _read_text(text: str | None, path: str | None, flag: str) -> str:
     return read
 
 
+def split_at(text: str, line: int, column: int | None = None) -> tuple[str, str]:
+    r"""``text`` cut at a cursor: (before, after). ``line`` and ``column`` count from 1 (an editor's
+    status bar); without ``column``, the cursor is at the start of ``line``. Lines end at ``\n``
+    (a CRLF line's ``\r`` is not a column). Raises ValueError naming what is out of range.
+
+    >>> split_at("a = 1\nb = 2\n", 2)
+    ('a = 1\n', 'b = 2\n')
+    >>> split_at("a = 1\r\nb = 2", 1, 6)
+    ('a = 1', '\r\nb = 2')
+    """
+    starts = [0, *(i + 1 for i, ch in enumerate(text) if ch == "\n")]
+    if not 1 <= line <= len(starts):
+        raise ValueError(f"line {line} is not in it (lines 1 to {len(starts)})")
+    start = starts[line - 1]
+    end = starts[line] - 1 if line < len(starts) else len(text)  # before the line's "\n"
+    if end > start and text[end - 1] == "\r" and end < len(text):
+        end -= 1
+    if column is None:
+        column = 1
+    if not 1 <= column <= end - start + 1:
+        raise ValueError(f"line {line} has no column {column} (columns 1 to {end - start + 1})")
+    return text[: start + column - 1], text[start + column - 1 :]
+
+
+def _read_at(at: str) -> tuple[str, str]:
+    """`--at FILE:LINE[:COL]` -> (prefix, suffix)."""
+    import re
+
+    found = re.fullmatch(r"(.+?):(\d+)(?::(\d+))?", at)
+    if found is None:
+        raise FimtuneError(f"--at {at}: give FILE:LINE or FILE:LINE:COL (LINE and COL count from 1)")
+    path, line, column = found.group(1), int(found.group(2)), found.group(3)
+    text = _read_text(None, path, "--at")
+    try:
+        return split_at(text, line, None if column is None else int(column))
+    except ValueError as e:
+        raise FimtuneError(f"--at {at}: {path}: {e}") from None
+
+
 def prompt_mode(choice: str, run_dir: Path | None, model_dir: str | Path | None = None) -> str:
     """`auto`: SPM for a run that trained on SPM examples (its cache reuse is far better), else PSM:
     `fimtune complete` and `fimtune serve` lay out a run's prompts alike, and a model folder that
@@ -603,8 +642,13 @@ def main(ns: Any) -> int:
     from fimtune.evaluate.variants import context_length, fit_params
     from fimtune.model import load_for_inference
 
-    prefix = _read_text(ns.prefix, ns.prefix_file, "--prefix-file")
-    suffix = _read_text(ns.suffix, ns.suffix_file, "--suffix-file")
+    if getattr(ns, "at", None):
+        if ns.suffix or ns.suffix_file:
+            raise FimtuneError("--at takes the suffix from its file (the code after the cursor): drop --suffix")
+        prefix, suffix = _read_at(ns.at)
+    else:
+        prefix = _read_text(ns.prefix, ns.prefix_file, "--prefix-file")
+        suffix = _read_text(ns.suffix, ns.suffix_file, "--suffix-file")
     params = params_from_args(ns)
     check_weights(ns.target)
     loaded = load_for_inference(ns.target)
