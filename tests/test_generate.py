@@ -578,9 +578,9 @@ def test_doctests():
     import doctest
 
     from fimtune import generate
-    from fimtune.serve import kvcache
+    from fimtune.serve import kvcache, shapes
 
-    for module in (generate, kvcache):
+    for module in (generate, kvcache, shapes):
         assert doctest.testmod(module).failed == 0
     assert common_prefix([1, 2], [1, 2, 3]) == 2
 

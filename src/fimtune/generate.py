@@ -69,6 +69,7 @@ class Completion:
     finish_reason: Literal["stop", "length"]
     cached_tokens: int = 0  # prompt tokens whose KV cache came from an earlier request
     stop_string: bool = False  # it stopped at a stop string (or a line's end), not at an end token
+    first_token_at: float | None = None  # time.monotonic() when the server's decoder took its first token
 
 
 class FimPrompter:

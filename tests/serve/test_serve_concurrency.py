@@ -9,7 +9,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from serve_helpers import abandon, answer, error_field, make_app, psm, requests_of_many_shapes, running, wait_until
+from serve_helpers import (
+    abandon,
+    answer,
+    error_field,
+    make_app,
+    psm,
+    requests_of_many_shapes,
+    running,
+    sse_events,
+    wait_until,
+)
 
 SLOW_STEP_S = 0.05
 
@@ -234,3 +244,30 @@ def test_keystrokes_reuse_the_kv_cache_and_answer_as_without(client, server):
         assert client.post("/generate", json=body).json()["generated_text"] == texts[step]
         engine.decoder.caches.clear()
     assert max(fed[1:]) <= 6 < fed[0]  # after the first request, only the few typed tokens are fed
+
+
+def test_infill_timings_split_at_the_first_token(server, slow):
+    """llama.vim shows its info line (the prompt's and the prediction's tokens, ms and tokens/s) only
+    when all six are answered: each is, streamed or not, and the prediction's time spans the forwards
+    after the first token's (each takes SLOW_STEP_S more here; a greedy one may take several tokens)."""
+    url, engine = server
+    timings = [f"timings/{part}_{what}" for part in ("prompt", "predicted") for what in ("n", "ms", "per_second")]
+    body = {"input_prefix": "def f(x):\n", "n_predict": 6, "temperature": 0, "response_fields": ["content", *timings]}
+    answers = []
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for stream in (False, True):
+            before = engine.decoder.stats.forwards
+            if stream:
+                with c.stream("POST", "/infill", json={**body, "stream": True}) as r:
+                    out = sse_events(r)[-1]
+            else:
+                out = c.post("/infill", json=body).json()
+            answers.append((out, engine.decoder.stats.forwards - before))
+    for out, forwards in answers:
+        assert set(out) == {"content", *timings}, out
+        n, ms = out["timings/predicted_n"], out["timings/predicted_ms"]
+        assert n == 6 and forwards >= 2  # greedy never ends early here
+        # the prompt's forward and the next (queued before the first token is read) aside; 0.9: rounding
+        assert ms >= 0.9 * (forwards - 2) * SLOW_STEP_S * 1000
+        assert out["timings/predicted_per_second"] == pytest.approx(n * 1000 / ms, rel=1e-3)
+        assert out["timings/prompt_n"] > 0 and out["timings/prompt_ms"] >= 0.9 * SLOW_STEP_S * 1000

@@ -97,10 +97,13 @@ class _RowState:
         self.cached = cached
         self.n_new = 0
         self.reason = "length"
+        self.first_at: float | None = None
 
     def accept(self, token: int) -> bool:
         """Take the next token; True when the row is finished (the token is then not fed back)."""
         self.n_new += 1
+        if self.first_at is None:
+            self.first_at = time.monotonic()
         if token in self.ends:
             self.reason = "stop"
             self._emit(token, "", True)
@@ -123,7 +126,7 @@ class _RowState:
 
     def completion(self) -> Completion:
         n_prompt, stopped = len(self.row.prompt), self.tracker.stopped
-        return Completion(self.tracker.text, n_prompt, self.n_new, self.reason, self.cached, stopped)
+        return Completion(self.tracker.text, n_prompt, self.n_new, self.reason, self.cached, stopped, self.first_at)
 
 
 class _Joining:

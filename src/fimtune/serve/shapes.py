@@ -192,7 +192,7 @@ async def infill(svc: Service, request: Request, req: s.InfillRequest) -> Any:
     prompt = await svc.prepare(lambda: svc.fim_prompt(req.input_prefix + req.prompt, req.input_suffix, context))
     fields = req.response_fields
     if req.n_predict == 0:  # llama.vim warms its context up so: the prompt is read, nothing generated
-        final = infill_response(Completion("", len(prompt), 0, "length"), name, time.perf_counter())
+        final = infill_response(Completion("", len(prompt), 0, "length"), name, time.monotonic())
         if req.stream:
             return StreamingResponse(
                 iter([sse(nested_values(fields, final.model_dump()))]),
@@ -200,8 +200,8 @@ async def infill(svc: Service, request: Request, req: s.InfillRequest) -> Any:
                 headers=SSE_HEADERS,
             )
         return JSONResponse(nested_values(fields, jsonable_encoder(final)))
+    started = time.monotonic()  # the clock of `Completion.first_token_at`, also in an engine process
     job = svc.submit(prompt, params, adapter, req.stream)
-    started = time.perf_counter()
     if req.stream:
         return StreamingResponse(
             infill_events(svc, job, name, started, fields), media_type="text/event-stream", headers=SSE_HEADERS
@@ -240,12 +240,32 @@ def infill_response(done: Completion, name: str, started: float) -> s.InfillResp
         tokens_predicted=done.completion_tokens,
         tokens_evaluated=done.prompt_tokens,
         tokens_cached=done.cached_tokens,
-        timings={
-            "prompt_n": done.prompt_tokens - done.cached_tokens,
-            "predicted_n": done.completion_tokens,
-            "total_ms": round((time.perf_counter() - started) * 1000, 3),
-        },
+        timings=infill_timings(done, started, time.monotonic()),
     )
+
+
+def infill_timings(done: Completion, started: float, ended: float) -> dict[str, int | float]:
+    """llama.cpp's `timings` (llama.vim shows them once all six of the prompt's and the prediction's
+    `_n`, `_ms` and `_per_second` are there): the prompt's from the request queued to its first token
+    (a wait in the queue included), the prediction's from there to the end.
+
+    >>> t = infill_timings(Completion("x", 10, 5, "length", 2, first_token_at=1.5), 1.0, 2.5)
+    >>> t["prompt_n"], t["prompt_ms"], t["prompt_per_second"], t["predicted_ms"], t["predicted_per_token_ms"]
+    (8, 500.0, 16.0, 1000.0, 200.0)
+    """
+    first = ended if done.first_token_at is None else min(max(done.first_token_at, started), ended)
+    out: dict[str, int | float] = {}
+    for name, n, seconds in (
+        ("prompt", done.prompt_tokens - done.cached_tokens, first - started),
+        ("predicted", done.completion_tokens, ended - first),
+    ):
+        ms = seconds * 1000
+        out[f"{name}_n"] = n
+        out[f"{name}_ms"] = round(ms, 3)
+        out[f"{name}_per_token_ms"] = round(ms / n, 3) if n else 0.0
+        out[f"{name}_per_second"] = round(n * 1000 / ms, 3) if ms > 0 else 0.0
+    out["total_ms"] = round((ended - started) * 1000, 3)
+    return out
 
 
 async def infill_events(
