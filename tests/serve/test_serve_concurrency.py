@@ -4,6 +4,7 @@ timeouts, the event loop stays free, and the KV cache is reused across keystroke
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -210,16 +211,30 @@ def test_a_short_request_is_answered_when_it_ends_not_when_its_batch_does(server
         assert futures[1].result().status_code == 200 and futures[0].result().status_code == 200
 
 
-def test_generation_does_not_block_the_event_loop(server, slow):
+def test_generation_does_not_block_the_event_loop(server):
+    """The worker is held inside a forward (its step hook waits) until /health and /info have
+    answered: were generation on the event loop, they could not (the client would time out)."""
     url, engine = server
     body = {"inputs": psm("def h():\n"), "parameters": {"max_new_tokens": 30}}
-    with httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(1) as pool:
-        long = pool.submit(c.post, "/generate", json=body)
-        wait_until(lambda: engine.decoder.stats.generated_tokens > 0 and not long.done())
-        start = time.perf_counter()
-        assert c.get("/health").status_code == 200 and c.get("/info").status_code == 200
-        assert time.perf_counter() - start < 30 * SLOW_STEP_S / 2
-        assert long.result().status_code == 200
+    in_forward, answered = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        in_forward.set()
+        answered.wait(30)
+
+    engine.decoder.step_hook = hold
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(1) as pool:
+            long = pool.submit(c.post, "/generate", json=body)
+            assert in_forward.wait(30)  # generating, and held there
+            with httpx.Client(base_url=url, timeout=10) as other:
+                assert other.get("/health").status_code == 200 and other.get("/info").status_code == 200
+            assert not long.done()  # still held: they were answered while it generated
+            answered.set()
+            assert long.result().status_code == 200
+    finally:
+        answered.set()
+        engine.decoder.step_hook = None
 
 
 def test_keystrokes_reuse_the_kv_cache_and_answer_as_without(client, server):
