@@ -11,13 +11,14 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
-from serve_helpers import make_app, never_ending, running
+from serve_helpers import make_app, never_ending, running, wait_until
 from tests import tiny
 from tests.conftest import code_samples
 from torch.overrides import TorchFunctionMode
@@ -845,6 +846,23 @@ def test_copy_to_device_gives_the_values_as_long_tensors():
     assert got.dtype == torch.long and got.tolist() == [[1, 2], [3, 4]]
 
 
+def held_until_queued(engine, n: int):
+    """A step hook: each forward 10 ms slower, the first batch's held in its first forward until
+    ``n`` more requests are queued, so that they come while it is in flight (not before it began,
+    nor after it ended, as a busy machine's timing could have them). ``.in_flight``: it began."""
+    in_flight, queued = threading.Event(), threading.Event()
+
+    def hook() -> None:
+        time.sleep(0.01)
+        if not queued.is_set():
+            in_flight.set()
+            wait_until(lambda: engine.queue_depth() >= n)
+            queued.set()
+
+    hook.in_flight = in_flight
+    return hook
+
+
 @pytest.mark.parametrize(
     "continuous, join_min_rows, join_wait_ms, joined",
     [
@@ -870,12 +888,12 @@ def test_requests_join_the_batch_in_flight_through_the_server(
         assert engine.ready.wait(60)
         alone = [c.post("/generate", json=body).json() for body in calls]
         assert engine.decoder.stats.joined == 0
-        engine.decoder.step_hook = lambda: time.sleep(0.01)
+        engine.decoder.step_hook = held_until_queued(engine, 2)
         with ThreadPoolExecutor(3) as pool:
             first = pool.submit(c.post, "/generate", json=calls[0])
-            time.sleep(0.15)  # the first request decodes
-            later = list(pool.map(lambda body: c.post("/generate", json=body), calls[1:]))
-            together = [first.result().json(), *(r.json() for r in later)]
+            assert engine.decoder.step_hook.in_flight.wait(30)  # the first request decodes (held in a forward)
+            later = [pool.submit(c.post, "/generate", json=body) for body in calls[1:]]
+            together = [first.result().json(), *(f.result().json() for f in later)]
         metrics = c.get("/metrics").text
     assert together == alone
     assert engine.decoder.stats.joined == joined and f"fimtune_joined_total {joined}" in metrics
@@ -1012,8 +1030,10 @@ def test_a_failure_after_joins_fails_every_request_of_the_batch_and_the_server_g
     body = {"inputs": "<fim_prefix>def f(x):\n<fim_suffix>\n<fim_middle>", "parameters": {"max_new_tokens": 30}}
     forwards = iter(range(1000))
 
+    held = held_until_queued(engine, 2)
+
     def hook():
-        time.sleep(0.01)
+        held()
         if engine.decoder.stats.joined and next(forwards) >= 8:  # a few steps after the joins
             raise RuntimeError("the device went away")
 
@@ -1022,8 +1042,8 @@ def test_a_failure_after_joins_fails_every_request_of_the_batch_and_the_server_g
         engine.decoder.step_hook = hook
         with ThreadPoolExecutor(3) as pool:
             first = pool.submit(c.post, "/generate", json=body)
-            time.sleep(0.15)
-            later = list(pool.map(lambda b: c.post("/generate", json=b), [body, body]))
+            assert held.in_flight.wait(30)  # the first request decodes (held in a forward)
+            later = [f.result() for f in [pool.submit(c.post, "/generate", json=body) for _ in range(2)]]
         statuses = [first.result().status_code, *(r.status_code for r in later)]
         errors = [first.result().json(), *(r.json() for r in later)]
         engine.decoder.step_hook = None
