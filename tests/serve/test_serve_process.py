@@ -164,7 +164,8 @@ def test_timing_headers_split_each_request_into_tokenizing_queue_and_inference(w
     if where == "server":  # as slow a forward as the engine's process has
         engine.decoder.step_hook = functools.partial(time.sleep, STEP_S)
         request.addfinalizer(lambda: setattr(engine.decoder, "step_hook", None))
-    greedy = {"inputs": psm("def t():\n"), "parameters": {"max_new_tokens": 12, "details": True}}
+    long = 40  # forwards of >= STEP_S: 0.8 s in which the sampled request is sent and queued
+    greedy = {"inputs": psm("def t():\n"), "parameters": {"max_new_tokens": long, "details": True}}
     sampled = {"inputs": psm("def u():\n"), "parameters": {"max_new_tokens": 2, "do_sample": True, "seed": 1}}
 
     def phases(c: httpx.Client) -> dict[tuple[str, str], float]:  # /metrics' phase histogram: sums and counts
@@ -173,8 +174,9 @@ def test_timing_headers_split_each_request_into_tokenizing_queue_and_inference(w
 
     with httpx.Client(base_url=url, timeout=30) as c, ThreadPoolExecutor(2) as pool:
         before = phases(c)
+        forwards = engine.snapshot()[0].forwards
         first = pool.submit(c.post, "/generate", json=greedy)
-        time.sleep(0.1)  # the first's batch runs (12 forwards of >= STEP_S): the sampled one waits for it
+        wait_until(lambda: engine.snapshot()[0].forwards > forwards)  # the first's batch runs: the sampled one waits
         second = pool.submit(
             c.post, "/generate", json={**sampled, "parameters": {**sampled["parameters"], "details": True}}
         )
@@ -193,9 +195,9 @@ def test_timing_headers_split_each_request_into_tokenizing_queue_and_inference(w
         new = int(r.headers["x-generated-tokens"])
         assert abs(int(r.headers["x-time-per-token"]) - parts[2] / new) <= 1
     (one, two) = answers
-    assert int(one.headers["x-generated-tokens"]) == one.json()["details"]["generated_tokens"] == 12
+    assert int(one.headers["x-generated-tokens"]) == one.json()["details"]["generated_tokens"] == long
     assert int(one.headers["x-prompt-tokens"]) > 3 and int(completion.headers["x-generated-tokens"]) == 3
-    assert int(one.headers["x-inference-time"]) >= 12 * STEP_S * 1000 * 0.9
+    assert int(one.headers["x-inference-time"]) >= long * STEP_S * 1000 * 0.9
     assert int(two.headers["x-queue-time"]) >= 50  # taken once the first's batch ended
     # /metrics: each finished request's phases, streamed ones too (5 here), as the headers say
     for phase, header in zip(("validation", "queue", "inference"), TIMINGS, strict=True):
