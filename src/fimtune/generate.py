@@ -20,6 +20,7 @@ Generation stops at the end-of-text token, at any FIM token, at a user stop stri
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -576,8 +577,6 @@ def split_at(text: str, line: int, column: int | None = None) -> tuple[str, str]
 
 def _read_at(at: str) -> tuple[str, str]:
     """`--at FILE:LINE[:COL]` -> (prefix, suffix)."""
-    import re
-
     found = re.fullmatch(r"(.+?):(\d+)(?::(\d+))?", at)
     if found is None:
         raise FimtuneError(f"--at {at}: give FILE:LINE or FILE:LINE:COL (LINE and COL count from 1)")
