@@ -210,6 +210,26 @@ def test_yaml_merge_keys_and_odd_keys(tmp_path):
         load_run_config(p)
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("lora:\n  r: 4\nlora:\n  alpha: 8\n", "line 3, column 1: the key 'lora' is given twice"),
+        ("train:\n\tmax_steps: 4\n", "line 2, column 1: found character '\\t' that cannot start any token"),
+        ("train: {max_steps: 10\n", "line 2, column 1: expected ',' or '}'"),
+        ("output_dir: a: b\n", "line 1, column 14: mapping values are not allowed here"),
+        ('output_dir: "\x01"\n', "character 14: unacceptable character #x0001"),
+    ],
+)
+def test_yaml_syntax_error_is_one_line_at_its_line_and_column(tmp_path, text, where):
+    """PyYAML's message spanned 4-7 lines, each place given as `in "<byte string>"`, not the file."""
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_run_config(p)
+    assert str(e.value).startswith(f"config file '{p}' is not valid YAML: {where}"), str(e.value)
+    assert "\n" not in str(e.value) and "byte string" not in str(e.value)
+
+
 def test_yaml_not_a_mapping_and_missing(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("- a\n- b\n")

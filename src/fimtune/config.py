@@ -541,12 +541,27 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             raise ConfigError(
                 f"config file '{p}' is not UTF-8 text ({e.reason} at byte {e.position}): save it as UTF-8"
             ) from None
-        raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+        raise ConfigError(f"config file '{p}' is not valid YAML: {_yaml_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{p}' must hold a mapping of keys, not {type(data).__name__}")
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line, at the file's line and column: its own text spans several lines,
+    each place given `in "<byte string>"` (the file was read as bytes) with a copy of the line."""
+    if isinstance(e, yaml.reader.ReaderError):  # a control character (its code point) in the text
+        return f"character {e.position + 1}: unacceptable character #x{e.character:04x} ({e.reason})"
+    if not isinstance(e, yaml.MarkedYAMLError) or e.problem_mark is None:
+        return " ".join(str(e).split())
+
+    def at(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    context = f" ({e.context} at {at(e.context_mark)})" if e.context and e.context_mark else ""
+    return f"{at(e.problem_mark)}: {e.problem}{context}"
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
