@@ -41,6 +41,17 @@ def test_text_overrides_are_not_read_as_yaml_structures():
         assert (cfg.output_dir, cfg.data.path, cfg.model.name_or_path) == (text, text, text)
 
 
+def test_integers_with_leading_zeros_are_decimal(tmp_path):
+    """YAML 1.1 read `max_steps: 010` as octal 8, in a file and in an override, without a word."""
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_steps: 010\n  save_every: 0050\nlora:\n  r: 08\n")
+    with pytest.raises(ConfigError, match="'lora.r' must be an integer; got '08'"):  # as before: not octal
+        load_run_config(p)
+    cfg = load_run_config(p, ["lora.r=016", "train.eval_every=0_20"])
+    assert (cfg.train.max_steps, cfg.train.save_every, cfg.lora.r, cfg.train.eval_every) == (10, 50, 16, 20)
+    assert load_run_config(None, ["lora={r: 010}"]).lora.r == 10
+
+
 def test_list_and_optional_overrides():
     cfg = load_run_config(None, ["lora.target_modules=q_proj,v_proj", "train.max_steps=null"])
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]

@@ -33,6 +33,7 @@ from fimtune.config import (
     from_dict,
     load_run_config,
     read_yaml,
+    yaml_value,
 )
 from fimtune.errors import ConfigError, DataError, FimtuneError, Terminated
 
@@ -76,7 +77,7 @@ def dataclass_from_args(cls: type, ns: argparse.Namespace, config_path: str | No
         if value is None:
             continue
         if isinstance(value, str) and hints[f.name] not in (str, str | None):
-            value = _parse_scalar(value)
+            value = yaml_value(value)
         data[f.name] = coerce(value, hints[f.name], "--" + f.name.replace("_", "-"))
     try:
         return from_dict(cls, data)
@@ -84,15 +85,6 @@ def dataclass_from_args(cls: type, ns: argparse.Namespace, config_path: str | No
         if not config_path:
             raise
         raise ConfigError(f"{config_path}: {e}") from None
-
-
-def _parse_scalar(text: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 # --------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import functools
 import inspect
 import math
 import os
+import re
 import textwrap
 import types
 import typing
@@ -460,11 +461,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"override '{text}' has an empty key")
+    return path, yaml_value(raw) if raw.strip() else ""
+
+
+def yaml_value(text: str) -> Any:
+    """A value given on the command line, read as YAML (`010` is 10, as in a config file); text that
+    is not valid YAML stays as it is."""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return yaml.load(text, Loader=_DecimalLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError:
-        value = raw
-    return path, value
+        return text
 
 
 def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -504,7 +510,21 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> di
     return data
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _DecimalLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading an integer with leading zeros (`max_steps: 010`) as the decimal
+    number written, as YAML 1.2 does, not as YAML 1.1's octal (8, without a word)."""
+
+    def construct_yaml_int(self, node: Any) -> int:
+        text = str(self.construct_scalar(node)).replace("_", "")
+        if re.fullmatch(r"[-+]?0[0-7]+", text):  # YAML 1.1's octal; `09` stays a string there
+            return int(text, 10)
+        return super().construct_yaml_int(node)
+
+
+_DecimalLoader.add_constructor("tag:yaml.org,2002:int", _DecimalLoader.construct_yaml_int)
+
+
+class _UniqueKeyLoader(_DecimalLoader):
     """PyYAML's safe loader, refusing a key given twice in a mapping (it would keep the last one:
     `lora:` twice loses the first section's values without a word)."""
 
