@@ -112,6 +112,19 @@ def test_numbers_out_of_range_name_the_key(override, tmp_path):
         load_run_config(p)
 
 
+def test_an_empty_output_dir_or_model_is_refused(tmp_path):
+    """`output_dir=$RUN` with RUN unset trained into the working folder (the error for a folder not
+    empty said to pass --resume, which then wrote the run there, over the folder's own config.yaml)."""
+    for key in ("output_dir", "model.name_or_path"):
+        for value in ("", " ", "''"):
+            with pytest.raises(ConfigError, match=f"^config key '{key}' is empty: give it a value"):
+                load_run_config(None, [f"{key}={value}"])
+    p = tmp_path / "c.yaml"
+    p.write_text("output_dir: ''\n")
+    with pytest.raises(ConfigError, match=f"^{p}: config key 'output_dir' is empty"):
+        load_run_config(p)
+
+
 def test_an_overrides_error_does_not_blame_the_file(tmp_path):
     """`--config FILE train.batch_size=0` said FILE had the bad value: the user looks there in vain."""
     seed = Path(__file__).parents[1] / "configs" / "seed-starcoderbase-1b.yaml"

@@ -605,6 +605,10 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     def where(key: str) -> str:  # the file, unless an override gave the key (or its section)
         return f"{path}: " if path and not any(key == g or key.startswith(f"{g}.") for g in given) else ""
 
+    for key, example in (("output_dir", "runs/mine"), ("model.name_or_path", "embedded")):
+        section, _, name = key.rpartition(".")
+        if not getattr(getattr(cfg, section) if section else cfg, name).strip():  # `output_dir=$UNSET_VARIABLE`
+            raise ConfigError(f"{where(key)}config key '{key}' is empty: give it a value (e.g. {key}={example})")
     attn = cfg.model.attn_implementation
     if attn is not None and attn not in ATTENTIONS and "/" not in attn:  # "org/kernel": a Hub kernel
         raise ConfigError(
