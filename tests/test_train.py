@@ -234,6 +234,26 @@ def test_resume_without_a_checkpoint_says_the_run_starts_over(
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2]
 
 
+def test_resume_into_a_folder_with_its_own_config_yaml_is_refused(tmp_path):
+    """`--resume` with output_dir at a project folder (one holding its own config.yaml, no run's)
+    trained from step 0 into it, writing the resolved config over the project's config.yaml."""
+    from fimtune.train import prepare_run_dir
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("# mine\ntrain:\n  max_steps: 5\n")
+    (project / "notes.md").write_text("notes\n")
+    with pytest.raises(FimtuneError, match=f"--resume: '{project}' holds no checkpoint to resume from"):
+        prepare_run_dir(project, resume=True)
+    run = tmp_path / "run"  # a run stopped before its first checkpoint: its config and tokenizer
+    (run / "tokenizer").mkdir(parents=True)
+    (run / "config.yaml").write_text("output_dir: run\n")
+    (run / "tokenizer" / "tokenizer_config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    assert prepare_run_dir(run, resume=True) is False  # starts over
+    assert prepare_run_dir(tmp_path / "new", resume=True) is False
+
+
 def test_a_data_path_that_is_no_dataset_is_refused_before_the_model_loads(tmp_path, tiny_tokenizer, monkeypatch):
     """Loading a 1B model takes a minute or more: a mistyped data.path must fail first."""
     from fimtune import model as model_module

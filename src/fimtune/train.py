@@ -883,14 +883,17 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
     """Check the run folder; return whether to restore a checkpoint.
 
     A new run needs an empty folder. ``--resume`` needs a checkpoint, or a run interrupted
-    before its first one (an empty folder, or its config.yaml is there): that starts over.
+    before its first one (an empty folder, or a run folder: its config.yaml beside its tokenizer):
+    that starts over. A folder's own config.yaml (a project's) is no run's, and is not written over.
     """
+    from fimtune.corpus.files import is_run_folder
+
     if file := next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None):
         raise FimtuneError(f"output_dir '{run_dir}': '{file}' is a file, not a folder: pass output_dir=NEW_DIR")
     if resume:
         if checkpoint.latest_checkpoint(run_dir) is not None:
             return True
-        if not run_dir.exists() or not any(run_dir.iterdir()) or (run_dir / "config.yaml").is_file():
+        if not run_dir.exists() or not any(run_dir.iterdir()) or is_run_folder(run_dir):
             return False
         raise FimtuneError(f"--resume: '{run_dir}' holds no checkpoint to resume from")
     if run_dir.exists() and any(run_dir.iterdir()):
