@@ -112,6 +112,27 @@ def test_numbers_out_of_range_name_the_key(override, tmp_path):
         load_run_config(p)
 
 
+@pytest.mark.parametrize(
+    ("override", "meant"),
+    [
+        ("learning_rate=1e-4", "train.learning_rate"),  # was "did you mean 'packing'?"
+        ("dtype=bf16", "model.dtype"),  # was 'data'
+        ("max_steps=10", "train.max_steps"),  # was the list of sections
+        ("r=4", "lora.r"),  # was 'lora'
+        ("train.MAX_STEPS=10", "train.max_steps"),
+    ],
+)
+def test_a_field_given_outside_its_section_names_its_full_key(override, meant, tmp_path):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^unknown config key '{key}' \(did you mean '{meant}'\?\)$"):
+        load_run_config(None, [override])
+    if "." not in key:  # in a flat file too, as TrainingArguments are written
+        p = tmp_path / "c.yaml"
+        p.write_text(override.replace("=", ": ") + "\n")
+        with pytest.raises(ConfigError, match=rf"^{p}: unknown config key '{key}' \(did you mean '{meant}'\?\)$"):
+            load_run_config(p)
+
+
 def test_an_empty_output_dir_or_model_is_refused(tmp_path):
     """`output_dir=$RUN` with RUN unset trained into the working folder (the error for a folder not
     empty said to pass --resume, which then wrote the run there, over the folder's own config.yaml)."""

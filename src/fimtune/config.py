@@ -350,10 +350,18 @@ def type_name(tp: Any) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+def _unknown_key(key: str, cls: type, where: str) -> ConfigError:
+    """The error for ``key``, no field of dataclass ``cls``: it names the key meant, where one is
+    close, a field of one of ``cls``'s sections first (`learning_rate` -> `train.learning_rate`)."""
     full = f"{where}{key}"
+    valid = [f.name for f in dataclasses.fields(cls)]
+    name = key.lower().replace("-", "_")
+    sections = [(v, tp) for v, tp in typing.get_type_hints(cls).items() if dataclasses.is_dataclass(tp)]
+    in_sections = [f"{v}.{name}" for v, tp in sections if name in {f.name for f in dataclasses.fields(tp)}]
     close = (
-        difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        [v for v in valid if v == name]
+        or in_sections
+        or difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
         or [v for v in valid if key.startswith(v) or v.startswith(key)]
         or difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
     )
@@ -428,7 +436,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     kwargs = {}
     for key, value in (data or {}).items():
         if key not in hints or key not in names:
-            raise _unknown_key(str(key), names, where)
+            raise _unknown_key(str(key), cls, where)
         if value is None and dataclasses.is_dataclass(hints[key]):  # `lora:` with its keys commented out
             value = {}
         kwargs[key] = coerce(value, hints[key], f"{where}{key}")
@@ -485,7 +493,7 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> di
                 raise ConfigError(f"config key '{where.rstrip('.')}' is not a section, so '{text}' is invalid")
             names = [f.name for f in dataclasses.fields(tp)]
             if name not in names:
-                raise _unknown_key(name, names, where)
+                raise _unknown_key(name, tp, where)
             hint = typing.get_type_hints(tp)[name]
             if i == len(path) - 1:
                 text_field = hint is str or str in typing.get_args(hint)
