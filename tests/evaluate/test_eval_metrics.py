@@ -149,3 +149,19 @@ def test_paired_parse_rate_and_humaneval_deltas_have_intervals():
     several = humaneval_deltas([[False, False], [True, False]], [[True, True], [True, False]], 2)
     assert list(several) == ["pass@1"] and several["pass@1"]["value"] == pytest.approx(0.5)  # (1 - 0) and (0.5 - 0.5)
     assert several["pass@1"]["n"] == 2 and -1.0 <= several["pass@1"]["lo"] <= several["pass@1"]["hi"] <= 1.0
+
+
+def test_paired_pass_at_k_of_several_samples_has_an_interval_when_no_problem_differs():
+    """With several samples, tuned - base pass@k was mean ± 1.96 SE of the problems' differences: a point
+    ([+0.000, +0.000]) when base and tuned agree on every problem (all failed: a small model's HumanEval),
+    where one sample each gives Newcombe's interval. For 0/1 values it is Newcombe's (negative phi)."""
+    from fimtune.evaluate.humaneval import paired_deltas as humaneval_deltas
+    from fimtune.evaluate.stats import paired_difference, paired_mean_difference
+
+    one = humaneval_deltas([[False]] * 3, [[False]] * 3, 1)["pass@1"]
+    several = humaneval_deltas([[False, False]] * 3, [[False, False]] * 3, 2)["pass@1"]
+    assert several["value"] == 0.0 and several["hi"] - several["lo"] > 1.0
+    assert (several["lo"], several["hi"]) == pytest.approx((one["lo"], one["hi"]), abs=1e-4)
+    base, tuned = [True, False, True, False, False, False], [False, True, True, True, False, True]
+    binary = paired_mean_difference([float(b) for b in base], [float(t) for t in tuned])
+    assert binary == paired_difference(base, tuned)

@@ -30,7 +30,14 @@ import torch
 
 from fimtune.errors import FimtuneError
 from fimtune.evaluate.sandbox import DEFAULT_TIMEOUT_S, run_programs
-from fimtune.evaluate.stats import bounded_mean, ks_for, mean_estimate, paired_difference, pass_at_k, proportion
+from fimtune.evaluate.stats import (
+    bounded_mean,
+    ks_for,
+    paired_difference,
+    paired_mean_difference,
+    pass_at_k,
+    proportion,
+)
 from fimtune.evaluate.variants import VARIANTS, generate, variant
 from fimtune.generate import FimPrompter, GenerationParams
 
@@ -117,7 +124,8 @@ def summarise(passed: list[list[bool]], samples: int) -> dict[str, dict[str, obj
 
 def paired_deltas(base: list[list[bool]], tuned: list[list[bool]], samples: int) -> dict[str, dict[str, object]]:
     """tuned - base over the same problems: pass@1 of one sample each with Newcombe's interval for
-    paired rates; with several samples, each problem's pass@k difference, mean ± 1.96 SE.
+    paired rates; with several samples, the mean pass@k's with its extension to [0, 1] values
+    (:func:`~fimtune.evaluate.stats.paired_mean_difference`: not a point when no problem differs).
 
     >>> paired_deltas([[False], [True]], [[True], [True]], 1)["pass@1"]["value"]
     0.5
@@ -125,9 +133,8 @@ def paired_deltas(base: list[list[bool]], tuned: list[list[bool]], samples: int)
     if samples == 1:
         return {"pass@1": paired_difference([b[0] for b in base], [t[0] for t in tuned]).as_dict()}
     return {
-        f"pass@{k}": mean_estimate(
-            [pass_at_k(len(t), sum(t), k) - pass_at_k(len(b), sum(b), k) for b, t in zip(base, tuned, strict=True)],
-            bounds=(-1.0, 1.0),
+        f"pass@{k}": paired_mean_difference(
+            [pass_at_k(len(b), sum(b), k) for b in base], [pass_at_k(len(t), sum(t), k) for t in tuned]
         ).as_dict()
         for k in ks_for(samples)
     }

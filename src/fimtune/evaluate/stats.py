@@ -1,5 +1,5 @@
 """Estimates with 95% intervals: proportions and [0, 1] means (Wilson), paired differences of proportions
-(Newcombe), means (± 1.96 SE), ratios of sums, pass@k.
+and of [0, 1] means (Newcombe), means (± 1.96 SE), ratios of sums, pass@k.
 
 Every figure in a report is an :class:`Estimate`: a value, its interval and its sample count.
 
@@ -132,10 +132,41 @@ def paired_difference(base: Sequence[bool], tuned: Sequence[bool]) -> Estimate:
     a = both * neither - tuned_only * base_only
     # the correlation of the pairs, shrunk towards 0 by n/2 when positive (Newcombe's phi)
     phi = 0.0 if margins == 0 or 0 <= a <= n / 2 else (a - n / 2 if a > 0 else a) / math.sqrt(margins)
+    lo, hi = square_and_add((p_t, lo_t, hi_t), (p_b, lo_b, hi_b), phi)
+    return Estimate(p_t - p_b, lo, hi, n, "newcombe")
+
+
+def paired_mean_difference(base: Sequence[float], tuned: Sequence[float]) -> Estimate:
+    """``tuned`` mean - ``base`` mean of [0, 1] values over the same items (pass@k per problem): the
+    square-and-add of the two means' :func:`bounded_mean` intervals, joined through the items'
+    correlation (Pearson's r; 0 when a side is constant). For 0/1 values it is
+    :func:`paired_difference` without the shrinking of a positive correlation. Like it, and unlike
+    mean ± 1.96 SE of the differences, it is not a point when no item differs.
+
+    >>> e = paired_mean_difference([0.0, 0.0, 0.0], [0.0, 0.0, 0.0])
+    >>> e.value, round(e.lo, 4), round(e.hi, 4), e.n
+    (0.0, -0.5615, 0.5615, 3)
+    """
+    n = len(base)
+    if n == 0:
+        return Estimate(0.0, None, None, 0, "newcombe")
+    b, t = bounded_mean(base), bounded_mean(tuned)
+    cross = sum((x - b.value) * (y - t.value) for x, y in zip(base, tuned, strict=True))
+    spread = sum((x - b.value) ** 2 for x in base) * sum((y - t.value) ** 2 for y in tuned)
+    r = cross / math.sqrt(spread) if spread > 0 else 0.0
+    lo, hi = square_and_add((t.value, t.lo, t.hi), (b.value, b.lo, b.hi), r)
+    return Estimate(t.value - b.value, max(-1.0, lo), min(1.0, hi), n, "newcombe")
+
+
+def square_and_add(
+    tuned: tuple[float, float, float], base: tuple[float, float, float], corr: float
+) -> tuple[float, float]:
+    """The interval of ``tuned - base`` from each one's (value, lo, hi) and their correlation (Newcombe)."""
+    (p_t, lo_t, hi_t), (p_b, lo_b, hi_b) = tuned, base
     d = p_t - p_b
-    lo = d - math.sqrt((p_t - lo_t) ** 2 + (hi_b - p_b) ** 2 - 2 * phi * (p_t - lo_t) * (hi_b - p_b))
-    hi = d + math.sqrt((p_b - lo_b) ** 2 + (hi_t - p_t) ** 2 - 2 * phi * (p_b - lo_b) * (hi_t - p_t))
-    return Estimate(d, lo, hi, n, "newcombe")
+    below = (p_t - lo_t) ** 2 + (hi_b - p_b) ** 2 - 2 * corr * (p_t - lo_t) * (hi_b - p_b)
+    above = (p_b - lo_b) ** 2 + (hi_t - p_t) ** 2 - 2 * corr * (p_b - lo_b) * (hi_t - p_t)
+    return d - math.sqrt(max(0.0, below)), d + math.sqrt(max(0.0, above))
 
 
 def ratio_estimate(sums: Sequence[float], counts: Sequence[int]) -> Estimate:
