@@ -62,6 +62,24 @@ def test_held_out_files_skip_empty_files_and_find_languages():
     assert [(f.path, f.language) for f in files] == [("a.py", "python"), ("c.py", "python"), ("d.c", "c")]
 
 
+def test_held_out_files_read_the_columns_of_hub_datasets():
+    """A Hub dataset names its languages its own way ("Python", in `language` or `lang`) and its paths
+    in `path`: read raw, no file had a grammar, so the report lost its block holes and parse rates."""
+    import datasets
+
+    from fimtune.evaluate.holes import draw_holes
+
+    text = "def f(x):\n    y = x + 1\n    return y\n"
+    for columns in (
+        {"language": ["Python"], "file_path": ["a"]},
+        {"lang": ["Python"], "path": ["a"]},
+        {"path": ["a.py"]},
+    ):
+        files = held_out_files(datasets.Dataset.from_dict({"content": [text], **columns}), "content")
+        assert [(f.path, f.language) for f in files] == [(columns.get("file_path", columns.get("path"))[0], "python")]
+        assert {h.kind for h in draw_holes(files, 3, 0)} == {"line", "block", "span"}, columns
+
+
 def test_files_that_share_a_path_are_checked_and_drawn_apart():
     """Two repositories' setup.py: one parses, one (Python 2) does not; each is checked on its own,
     and a hole at the same offsets of each is two holes."""

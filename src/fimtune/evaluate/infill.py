@@ -235,17 +235,22 @@ def evaluate(
 def held_out_files(split: Any, text_column: str) -> list[SourceFile]:
     """The split's non-empty files as :class:`SourceFile`.
 
-    Languages come from the split's `language` column, else from the file name. Code that
-    spells a special token (``<fim_prefix>``...) stays: prompts encode code as plain text.
+    Paths and languages come from the columns `fimtune data build` reads in a Hub dataset
+    (`file_path`/`path`/..., `language`/`lang`), languages named as the grammars name them
+    ("Python" -> "python"), else from the file name. Code that spells a special token
+    (``<fim_prefix>``...) stays: prompts encode code as plain text.
     """
-    from fimtune.corpus.languages import language_of
+    from fimtune.corpus.languages import canonical_language, language_of
+    from fimtune.corpus.sources import LANGUAGE_COLUMNS, PATH_COLUMNS
 
     columns = split.column_names
     texts = split[text_column]
-    paths = split["file_path"] if "file_path" in columns else [f"file{i}" for i in range(len(texts))]
-    langs = split["language"] if "language" in columns else [None] * len(texts)
+    path_column = next((c for c in PATH_COLUMNS if c in columns), None)
+    paths = split[path_column] if path_column else [f"file{i}" for i in range(len(texts))]
+    language_column = next((c for c in LANGUAGE_COLUMNS if c in columns), None)
+    langs = split[language_column] if language_column else [None] * len(texts)
     return [
-        SourceFile(str(path), lang or language_of(str(path)), text)
+        SourceFile(str(path), canonical_language(lang) if lang else language_of(str(path)), text)
         for path, lang, text in zip(paths, langs, texts, strict=True)
         if text and text.strip()
     ]
