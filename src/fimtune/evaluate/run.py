@@ -170,9 +170,11 @@ def _threads(n: int) -> str:
 def notes(ctx: dict[str, Any]) -> list[str]:
     peft_cfg = next(iter(getattr(ctx["model"], "peft_config", {}).values()), None)
     out = [
-        "Intervals are 95%: Wilson for rates; Newcombe's paired interval for the exact match's tuned − base; "
-        "mean ± 1.96 SE for edit similarity; row-level ± 1.96 SE for loss. "
-        "tuned − base is paired (same rows / holes) for loss, exact match and edit similarity.",
+        "Intervals are 95%: Wilson for rates (and pass@k of several samples, a mean over the problems); "
+        "Newcombe's paired interval for tuned − base of exact match, parse rate and pass@k; "
+        "mean ± 1.96 SE for edit similarity; row-level ± 1.96 SE for loss (rows cut from one long file are "
+        "not independent: the loss's may be too narrow). tuned − base is "
+        "paired (same rows / holes / problems) for every figure but perplexity.",
     ]
     if peft_cfg is not None and (getattr(peft_cfg, "trainable_token_indices", None) or peft_cfg.modules_to_save):
         out.append("The base model has no FIM tokens of its own: the run added them, so the base reads them "
