@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 
 import numpy as np
 import pytest
 
-from fimtune import fim
 from fimtune.fim import (
     FimTokens,
     cut_text,
@@ -47,10 +45,6 @@ def random_docs(rng: np.random.Generator, n: int, max_len: int = 40) -> list[lis
     """Documents of ids >= 10 (never a FIM id), lengths 0..max_len: empty and 1-token ones included."""
     lengths = np.concatenate([[0, 1, 1, 2], rng.integers(0, max_len + 1, size=n - 4)])
     return [rng.integers(10, 1000, size=k).tolist() for k in lengths]
-
-
-def test_docstring_examples():
-    assert doctest.testmod(fim).failed == 0
 
 
 def test_psm_layout_token_by_token():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-
 import numpy as np
 import pytest
 
@@ -45,10 +43,6 @@ def doc_list(docs: Documents) -> list[list[int]]:
 
 def spec(**kw) -> PackSpec:
     return PackSpec(**{"tokens": T, "separator": SEP, "seq_length": SEQ, **kw})
-
-
-def test_docstring_examples():
-    assert doctest.testmod(packing).failed == 0
 
 
 @pytest.mark.parametrize("spans", ["uniform", "line"])

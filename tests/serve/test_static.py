@@ -614,12 +614,6 @@ def test_attention_timing_compiles_each_kind_once_per_bucket_and_runs_it_on_ever
     assert counters["stats"]["unique_graphs"] == 3  # one graph per kind, called for each of the 3 layers
 
 
-def test_static_doctests():
-    import doctest
-
-    assert doctest.testmod(static_module).failed == 0
-
-
 @pytest.mark.slow
 def test_auto_attention_compiled_by_inductor(tiny_tokenizer):
     """The candidates timed as the step compiles them (inductor, its C++ kernels here), then the
