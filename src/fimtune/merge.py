@@ -20,6 +20,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,19 +32,45 @@ def merge_run(run_dir: Path, out: Path, dtype: str | None = None, overwrite: boo
     ``dtype`` (a `model.dtype` name; default: the run's, see :func:`saved_dtype`)."""
     from fimtune.config import load_run_config
     from fimtune.generate import MERGED_INFO, FimPrompter, GenerationParams, prompt_mode
-    from fimtune.model import (
-        load_run,
-        lora_on_tied_embeddings,
-        require_run_dir,
-        tied_embedding_names,
-        tied_lora_problem,
-        write_json,
-    )
+    from fimtune.model import require_run_dir, write_json
 
     require_run_dir(run_dir)
     cfg = load_run_config(run_dir / "config.yaml")
     out = checked_out(out, run_dir, cfg.model.name_or_path, overwrite)
     save_dtype = saved_dtype(dtype or cfg.model.dtype, cfg.model.name_or_path)
+    merged, tokenizer = merged_model(run_dir)
+    merged = merged.to(save_dtype)
+    merged.generation_config.eos_token_id = FimPrompter(tokenizer).end_ids
+    # as long as fimtune's completions may be, not transformers' default of 20 new tokens
+    merged.generation_config.max_new_tokens = GenerationParams.max_new_tokens
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        # `complete` and `serve` lay out the merged model's prompts as the run's (`--mode auto`);
+        # `export` finds the base's GGUF tokenizer metadata through `base_model`
+        info = {"prompt_mode": prompt_mode("auto", run_dir), "base_model": cfg.model.name_or_path}
+        write_json(tmp / MERGED_INFO, info)
+        replace_folder(tmp, out, old)
+    except Exception as e:  # disk full, quota, permissions (safetensors raises its own type for these)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FimtuneError(f"could not write the merged model to '{out}' ({e}); '{out}' is as it was") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def merged_model(run_dir: Path) -> tuple[Any, Any]:
+    """The model of run ``run_dir`` with its adapter merged in, in fp32 on the CPU, and the run's
+    tokenizer: what `fimtune merge` saves and `fimtune export` writes as GGUF. A quantized (QLoRA)
+    base is loaded unquantized, with transformers' default attention; LoRA on tied embeddings is
+    refused (merged, its change would land in both embeddings at once)."""
+    from fimtune.config import load_run_config
+    from fimtune.model import load_run, lora_on_tied_embeddings, tied_embedding_names, tied_lora_problem
+
+    cfg = load_run_config(run_dir / "config.yaml")
     model_cfg = replace(cfg.model, quantization="none", attn_implementation=None)
     # Merged in fp32 whatever the weights are saved in: W + BA is rounded once, at the end.
     loaded = load_run(run_dir, torch.device("cpu"), torch.float32, model_cfg=model_cfg)
@@ -54,25 +81,7 @@ def merge_run(run_dir: Path, out: Path, dtype: str | None = None, overwrite: boo
             f"{tied_lora_problem(on_tied, tied)}; nothing was written: train the run again without "
             f"{', '.join(on_tied)} in lora.target_modules (fimtune now refuses it), then merge"
         )
-    merged = loaded.model.merge_and_unload().to(save_dtype)
-    merged.generation_config.eos_token_id = FimPrompter(loaded.tokenizer).end_ids
-    # as long as fimtune's completions may be, not transformers' default of 20 new tokens
-    merged.generation_config.max_new_tokens = GenerationParams.max_new_tokens
-    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(tmp)
-        # `complete` and `serve` lay out the merged model's prompts as the run's (`--mode auto`)
-        write_json(tmp / MERGED_INFO, {"prompt_mode": prompt_mode("auto", run_dir)})
-        replace_folder(tmp, out, old)
-    except Exception as e:  # disk full, quota, permissions (safetensors raises its own type for these)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FimtuneError(f"could not write the merged model to '{out}' ({e}); '{out}' is as it was") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return loaded.model.merge_and_unload(), loaded.tokenizer
 
 
 def saved_dtype(choice: str, base: str) -> torch.dtype:
