@@ -198,6 +198,14 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from fimtune.export import export_gguf
+
+    out = export_gguf(Path(ns.run), Path(ns.out), dtype=ns.dtype, overwrite=ns.overwrite, progress=not ns.quiet)
+    print(f"GGUF model written to {out} (llama.cpp: llama-server -m {out})")
+    return 0
+
+
 def cmd_config(ns: argparse.Namespace) -> int:
     if ns.markdown:
         from fimtune.config import reference_markdown
@@ -475,6 +483,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the saved weights, merged in fp32 (default: the run's model.dtype; auto: the base model's)",
     )
     merge.set_defaults(func=cmd_merge)
+
+    export = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write a run (or a merged model) as one GGUF file for llama.cpp, llama.vim, Ollama",
+        description="Merge a run's LoRA adapter (as `fimtune merge`) and write one .gguf file: Llama-architecture "
+        "weights, the byte-level BPE tokenizer, and the FIM token ids llama.cpp's /infill reads.",
+    )
+    export.add_argument("run", help="a run folder written by `fimtune train`, or a folder `fimtune merge` wrote")
+    export.add_argument("--out", required=True, help="the .gguf file to write (written atomically)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.add_argument(
+        "--dtype",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        default="f16",
+        help="weights type (norms and other 1-D tensors stay f32)",
+    )
+    export.add_argument("--quiet", action="store_true", help="no progress bars")
+    export.set_defaults(func=cmd_export)
 
     config = sub.add_parser("config", parents=[common], help="list config fields, or print a resolved config")
     config.add_argument("--config", help="a YAML run config to resolve")
