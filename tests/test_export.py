@@ -167,6 +167,8 @@ def test_a_run_on_a_gguf_base_keeps_the_base_tokenizer_metadata(
     base_reader = GGUFReader(base)
     assert field(base_reader, Keys.Tokenizer.PRE) == "smollm" and field(base_reader, Keys.Tokenizer.FIM_PRE_ID) is None
     run = quiet_fit(run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=2", "train.eval_every=0"))
+    assert main(["export", str(run), "--out", str(base), "--overwrite"]) == 2  # the base the run needs
+    assert GGUFReader(base).fields.keys() == base_reader.fields.keys()
     out = tmp_path / "run.gguf"
     assert main(["export", str(run), "--out", str(out), "--quiet"]) == 0  # f16, the default
     reader = GGUFReader(out)

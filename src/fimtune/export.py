@@ -61,6 +61,8 @@ def export_gguf(
         raise FimtuneError(f"--dtype {dtype}: choose one of {', '.join(GGUF_DTYPES)}")
     out = checked_gguf_out(out, overwrite)
     config, tokenizer, base_gguf, load = _source(source)
+    if base_gguf is not None and base_gguf.resolve() == out:
+        raise FimtuneError(f"--out '{out}' is the run's base model, which the run needs: choose another file")
     check_architecture(config, source)
     check_tokenizer(tokenizer, source)
     model = load()  # the heavy part: base + adapter merged in fp32
