@@ -370,3 +370,18 @@ def test_shipped_accelerate_configs_load(path):
 
 def test_bare_no_is_the_string_not_false():
     assert load_run_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_a_preset_is_named_from_any_folder(tmp_path, monkeypatch):
+    """`--config seed-starcoderbase-1b` is configs/seed-starcoderbase-1b.yaml wherever the command runs
+    (a project's own folder); a missing file's error lists the presets; a file here of that name wins."""
+    from fimtune.config import PRESETS, preset_names
+
+    seed = load_run_config(PRESETS / "seed-starcoderbase-1b.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert load_run_config("seed-starcoderbase-1b") == seed == load_run_config("seed-starcoderbase-1b.yaml")
+    assert {"seed-starcoderbase-1b", "smollm2-demo", "qlora-starcoderbase-1b"} <= set(preset_names())
+    with pytest.raises(ConfigError, match=r"config file 'seed-starcoder' does not exist; presets: .*smollm2-demo"):
+        load_run_config("seed-starcoder")
+    (tmp_path / "smollm2-demo.yaml").write_text("train:\n  max_steps: 3\n")
+    assert load_run_config("smollm2-demo.yaml").train.max_steps == 3  # the file here, not the preset

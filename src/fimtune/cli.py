@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--n", type=int, default=3, help="packed samples to print")
     inspect.add_argument("--split", default="train", help="split to inspect")
-    inspect.add_argument("--config", help="a run config (its model, fim, packing and seed apply)")
+    inspect.add_argument("--config", help="a run config or a preset's name (its model, fim, packing and seed apply)")
     inspect.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fim.spm_rate=1.0")
     inspect.set_defaults(func=cmd_data_inspect)
 
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA + FIM fine-tuning into a run folder",
         description="Fine-tune a causal LM with LoRA and FIM. Fields: `fimtune config`.",
     )
-    train.add_argument("--config", help="a YAML run config (presets in configs/)")
+    train.add_argument("--config", help="a YAML run config, or a preset's name (configs/NAME.yaml)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10 output_dir=runs/x")
     train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     train.add_argument("--dry-run", action="store_true", help="print the plan and exit (no weights, no data)")
@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     config = sub.add_parser("config", parents=[common], help="list config fields, or print a resolved config")
-    config.add_argument("--config", help="a YAML run config to resolve")
+    config.add_argument("--config", help="a YAML run config, or a preset's name, to resolve")
     config.add_argument("--markdown", action="store_true", help="the field reference as Markdown (the README's)")
     config.add_argument("overrides", nargs="*", help="key=value overrides")
     config.set_defaults(func=cmd_config)

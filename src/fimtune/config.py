@@ -552,12 +552,34 @@ class _UniqueKeyLoader(_DecimalLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with errors that name the file."""
+# The presets: the checkout's configs/ (fimtune is installed from its checkout, editable)
+PRESETS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def preset_names() -> list[str]:
+    """The presets `--config NAME` finds from any folder (configs/NAME.yaml)."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml")) if PRESETS.is_dir() else []
+
+
+def config_file(path: str | Path) -> Path:
+    """``path``, or the preset it names: `seed-starcoderbase-1b` (or `seed-starcoderbase-1b.yaml`)
+    is configs/seed-starcoderbase-1b.yaml wherever the command runs, unless a file of that name
+    is here."""
     p = Path(path)
+    if p.exists() or len(p.parts) != 1:
+        return p
+    preset = PRESETS / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    return preset if preset.is_file() else p
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping (a file, or a preset's name: :func:`config_file`), with errors that name the file."""
+    p = config_file(path)
     if not p.is_file():
         what = "is not a file" if p.exists() else "does not exist"
-        raise ConfigError(f"config file '{p}' {what} (presets live in configs/)")
+        names = preset_names()
+        presets = f"; presets: {', '.join(names)} (`--config NAME`)" if names else ""
+        raise ConfigError(f"config file '{p}' {what}{presets}")
     try:
         raw = p.read_bytes()
     except OSError as e:
@@ -595,6 +617,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
     """Load dataclass ``cls`` from an optional YAML file plus `key=value` overrides; an error names
     the file where the file's own keys are wrong, not where an override is."""
+    path = config_file(path) if path else None
     data = read_yaml(path) if path else {}
     data = apply_overrides(cls, data, overrides or [])
     if path:
@@ -607,6 +630,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load the training configuration (see :class:`RunConfig`), its numbers checked (:data:`RANGES`)."""
+    path = config_file(path) if path else None
     cfg = load_config(RunConfig, path, overrides)
     given = [".".join(parse_override(text)[0]) for text in overrides or []]
 
