@@ -184,6 +184,25 @@ def test_resume_refuses_a_training_split_rebuilt_at_the_same_path(
         quiet_fit(cfg, resume=True)
 
 
+def test_resume_refuses_a_training_split_edited_to_the_same_size(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache
+):
+    """Files edited or put in another order keep the split's documents and tokens: its content is
+    checked too, else the resumed run trains on other rows than the uninterrupted one, silently."""
+    import shutil
+
+    from tests.conftest import corpus_texts, write_dataset_dir
+
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    cfg = run_config(tmp_path, base, repetitive_data, "edited", "train.max_steps=4", "train.save_every=0")
+    quiet_fit(cfg, stop_after=2)
+    texts = corpus_texts(12, lines_per_doc=12)[:10]
+    shutil.rmtree(repetitive_data)
+    write_dataset_dir(repetitive_data, (texts * 4)[::-1], texts[:3])  # the same files, another order
+    with pytest.raises(FimtuneError, match=r"training split of 40 documents .* other content.*new output_dir"):
+        quiet_fit(cfg, resume=True)
+
+
 def test_rows_longer_than_the_models_positions(tmp_path, tiny_tokenizer, repetitive_data, token_cache, caplog):
     """GPT-BigCode's 256 learned positions: rows of 512 are refused before anything else (an index
     past them is a device-side assert on a GPU); Llama's rotary positions run past its stated

@@ -147,7 +147,7 @@ class Batches:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.rows.load_state_dict(state)
 
-    def split_size(self) -> dict[str, int]:
+    def split_size(self) -> dict[str, Any]:
         return self.rows.split_size()
 
 

@@ -28,6 +28,7 @@ from ``{"epoch", "offset"}``); evaluation rows run once (:class:`EvalRows`).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -414,6 +415,7 @@ class TrainRows:
         self.epoch, self.offset = 0, 0
         self._points = _line_points(docs, spec)
         self._packed: PackedEpoch | None = None
+        self._fingerprint: str | None = None
 
     def packed(self, epoch: int) -> PackedEpoch:
         """The packed rows of ``epoch`` (the current one is kept)."""
@@ -446,9 +448,16 @@ class TrainRows:
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
 
-    def split_size(self) -> dict[str, int]:
-        """The documents and tokens of the split the rows come from (a resumed run checks they are the same)."""
-        return {"documents": len(self.docs.offsets) - 1, "tokens": int(self.docs.offsets[-1])}
+    def split_size(self) -> dict[str, Any]:
+        """The documents, tokens and a hash of the token ids of the split the rows come from (a resumed
+        run checks they are the same: files edited or reordered keep the counts, not the rows)."""
+        if self._fingerprint is None:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(np.ascontiguousarray(self.docs.offsets, np.int64))
+            h.update(np.ascontiguousarray(self.docs.tokens, TOKEN_DTYPE))
+            self._fingerprint = h.hexdigest()
+        n_docs, n_tokens = len(self.docs.offsets) - 1, int(self.docs.offsets[-1])
+        return {"documents": n_docs, "tokens": n_tokens, "fingerprint": self._fingerprint}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])

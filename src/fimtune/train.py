@@ -1020,17 +1020,27 @@ def restore(s: Setup, run_dir: Path) -> int:
         acc.scaler.load_state_dict(state["scaler"])
     per_process = state.get("rng_per_process") or []  # checkpoints before it: the main process's alone
     checkpoint.set_rng_state(per_process[acc.process_index] if len(per_process) == acc.num_processes else state["rng"])
-    saved_split, split = meta.get("training_split"), s.train_rows.split_size()  # not recorded before: not checked
-    if saved_split is not None and saved_split != split:
-        raise FimtuneError(
-            f"checkpoint '{ckpt}' was trained on a training split of {saved_split['documents']:,} documents "
-            f"({saved_split['tokens']:,} tokens) and data.path now holds {split['documents']:,} ({split['tokens']:,}): "
-            "its place in the rows would point into other data; resume with the data it was trained on, or train "
-            "into a new output_dir"
-        )
+    check_same_split(ckpt, meta.get("training_split"), s.train_rows.split_size())
     s.train_rows.load_state_dict(meta["data"])
     s.resumed_window = meta.get("log_window", {})
     return int(meta["step"])
+
+
+def check_same_split(ckpt: Path, saved: dict[str, Any] | None, split: dict[str, Any]) -> None:
+    """Refuse a checkpoint trained on another training split: its place in the rows would point into
+    other data. What a checkpoint did not record (written before it was) is not checked."""
+    if saved is None or all(saved.get(key, value) == value for key, value in split.items()):
+        return
+    now = (
+        "as many, with other content (files edited or in another order, or another tokenizer)"
+        if (saved["documents"], saved["tokens"]) == (split["documents"], split["tokens"])
+        else f"{split['documents']:,} ({split['tokens']:,})"
+    )
+    raise FimtuneError(
+        f"checkpoint '{ckpt}' was trained on a training split of {saved['documents']:,} documents "
+        f"({saved['tokens']:,} tokens) and the data now holds {now}: its place in the rows would point into "
+        "other data; resume with the data it was trained on, or train into a new output_dir"
+    )
 
 
 def check_same_sharding(ckpt: Path, meta: dict[str, Any], sharding: str | None, world_size: int) -> None:
