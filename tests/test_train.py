@@ -123,6 +123,22 @@ def test_stop_after_says_where_the_run_stopped_and_how_to_continue(
     assert "stopped" not in capsys.readouterr().out
 
 
+def test_resume_says_which_checkpoint_and_step_it_continues_from(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache, capsys
+):
+    """A resumed run names its checkpoint and step (one without `state/trainer_state.json` is passed
+    over for the one before: the step said is the step trained from); a finished run says so."""
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    cfg = run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=6", "train.save_every=2")
+    quiet_fit(cfg, stop_after=4)
+    (tmp_path / "run" / "checkpoints" / "step-000004" / "state" / "trainer_state.json").unlink()
+    capsys.readouterr()
+    quiet_fit(cfg, resume=True)
+    assert "resuming from checkpoint step-000002 (step 2 of 6)" in capsys.readouterr().out
+    quiet_fit(cfg, resume=True)
+    assert "resuming from checkpoint step-000006 (step 6 of 6): the run has ended" in capsys.readouterr().out
+
+
 def test_resume_refuses_settings_that_change_the_run(tmp_path, tiny_tokenizer, repetitive_data, token_cache, caplog):
     """A resumed run's optimizer and schedule keep some old settings (the learning rate in the
     optimizer's state) and take others midway (the schedule's length): a change of the run itself is

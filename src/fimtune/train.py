@@ -485,6 +485,8 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
         raise
     acc, tc = s.accelerator, cfg.train
     start_step = restore(s, run_dir) if from_checkpoint else 0
+    if from_checkpoint and acc.is_main_process:
+        print(_resuming(run_dir, start_step, s.max_steps))
     if stop_after is not None and stop_after <= start_step:
         raise FimtuneError(f"--stop-after {stop_after}: the run is at step {start_step} already (its last checkpoint)")
     if stop_after is not None and stop_after >= s.max_steps:
@@ -543,6 +545,12 @@ def _kept(run_dir: Path) -> str | None:
     """What a run that stopped early keeps, said so; None before its first checkpoint."""
     last = checkpoint.latest_checkpoint(run_dir)
     return f"its last checkpoint ({last.name}) is kept in {run_dir}" if last else None
+
+
+def _resuming(run_dir: Path, step: int, max_steps: int) -> str:
+    """Where a resumed run continues: its checkpoint and step (the run restored it already)."""
+    said = f"resuming from checkpoint {checkpoint.latest_checkpoint(run_dir).name} (step {step} of {max_steps})"
+    return f"{said}: the run has ended; its final validation runs again" if step >= max_steps else said
 
 
 def _stopped(run_dir: Path) -> str:
