@@ -125,6 +125,18 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path, damaged, conten
         checkpoint.load_adapter(ckpt)
 
 
+def test_a_damaged_checkpoint_names_the_one_to_resume_from_or_says_there_is_none(tmp_path):
+    """Deleting it resumes from the checkpoint before, which is named; with none before, the run starts over."""
+    _, opt, sched = optimizer_after_a_step(0)
+    for run, steps in ((tmp_path / "one", [1]), (tmp_path / "two", [1, 2])):
+        for step in steps:
+            last = checkpoint.save_checkpoint(run, step, write_adapter, opt, sched, {"offset": 0})
+        (last / "state" / "training_state.pt").write_bytes(b"")
+        told = "to resume from step-000001" if len(steps) == 2 else "and --resume starts the run over at step 0"
+        with pytest.raises(FimtuneError, match=rf"delete it {told}"):
+            checkpoint.load_state(last)
+
+
 def test_a_run_folder_copied_with_its_links_followed_saves_again(tmp_path):
     """A copy that followed the links (shutil.copytree's default, `cp -L`, object-store syncs) has
     folders for `adapter` and `state`: the next checkpoint makes them links again."""

@@ -226,7 +226,15 @@ def read_optimizer_part(ckpt: Path, rank: int) -> dict[str, Any]:
 
 
 def _unreadable(ckpt: Path, e: Exception) -> FimtuneError:
-    return FimtuneError(f"checkpoint '{ckpt}' is unreadable ({e}); delete it to resume from the one before")
+    """The error of a damaged checkpoint folder, with what deleting it leads to."""
+    found = [p.name for p in checkpoints(ckpt.parent.parent)]  # ckpt is run_dir/checkpoints/step-N
+    earlier = [
+        name
+        for name in (found[: found.index(ckpt.name)] if ckpt.name in found else [])
+        if (ckpt.parent / name / "state" / "trainer_state.json").is_file()
+    ]
+    then = f"to resume from {earlier[-1]}" if earlier else "and --resume starts the run over at step 0"
+    return FimtuneError(f"checkpoint '{ckpt}' is unreadable ({e}); delete it {then}")
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
