@@ -130,6 +130,9 @@ def test_an_existing_out_is_kept_without_overwrite(tmp_path, tiny_tokenizer, cap
     assert "must name a .gguf file" in capsys.readouterr().err
     assert main(["export", str(folder), "--out", str(out), "--overwrite", "--quiet"]) == 0
     assert out.read_bytes()[:4] == b"GGUF" and sorted(p.name for p in tmp_path.iterdir()) == ["merged", "mine.gguf"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes: mkstemp's were 0600
 
 
 def test_a_failed_write_leaves_no_file(tmp_path, tiny_tokenizer):

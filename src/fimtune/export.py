@@ -29,7 +29,7 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +68,8 @@ def export_gguf(
     model = load()  # the heavy part: base + adapter merged in fp32
     from gguf import GGUFWriter
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # not tempfile.mkstemp: its files are 0600, and a model is read by others (a server's user, a team)
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(8)}.tmp"
     writer = GGUFWriter(tmp, ARCHITECTURE)
     try:
         add_model_metadata(writer, model, dtype, name=source.resolve().name)
