@@ -671,3 +671,76 @@ def test_int8_refuses_a_run_with_lora_on_tied_embeddings(tiny_tokenizer):
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "lm_head"], init_lora_weights=False))
     with pytest.raises(FimtuneError, match="LoRA on lm_head"):
         quantize_int8(peft_model)
+
+
+# --------------------------------------------------------------------------------------
+# A cursor after indentation
+# --------------------------------------------------------------------------------------
+
+
+def _streamed(pr: FimPrompter, text: str, params: GenerationParams) -> tuple[str, str]:
+    """(the pieces a stream sends, the final text) of a model that writes ``text``, token by token."""
+    from fimtune.generate import _completion
+
+    ids = pr.encode(text)
+    tracker = TextTracker(pr, params)
+    pieces = []
+    for t in ids:
+        pieces.append(tracker.push(t))
+        if tracker.stopped:
+            break
+    pieces.append(tracker.flush())
+    final = _completion(pr, ids, 0, params).text
+    assert tracker.text == final
+    return "".join(pieces), final
+
+
+@pytest.mark.parametrize(
+    ("written", "answer"),
+    [
+        (" return x\n    y = 1", "return x\n    y = 1"),  # the space a byte-level BPE model's word brings
+        (" ", ""),  # that space, then the end
+        ("    x = 1", "    x = 1"),  # deeper: the model's own indentation stays
+        (" \tx = 1", " \tx = 1"),
+        ("\tx = 1", "\tx = 1"),
+        ("return x", "return x"),
+        ("\n    x = 1", "\n    x = 1"),  # an empty first line: as written
+    ],
+)
+def test_after_indentation_the_answer_starts_at_code_streamed_or_not(tiny_tokenizer, written, answer):
+    pr = FimPrompter(tiny_tokenizer)
+    assert _streamed(pr, written, GenerationParams(after_indent=True)) == (answer, answer)
+    assert _streamed(pr, written, GenerationParams()) == (written, written)  # elsewhere: as written
+
+
+def test_stop_strings_and_single_line_cut_the_model_s_text_then_the_indentation_goes(tiny_tokenizer):
+    pr = FimPrompter(tiny_tokenizer)
+    one_line = GenerationParams(after_indent=True, single_line=True)
+    assert _streamed(pr, " return x\n    y = 1", one_line) == ("return x", "return x")
+    assert _streamed(pr, " \n    y = 1", one_line) == ("", "")
+    stop = GenerationParams(after_indent=True, stop=[" + "])
+    assert _streamed(pr, " return x + y", stop) == ("return x", "return x")
+    assert _streamed(pr, "     return x + y", stop) == ("     return x", "     return x")
+
+
+def test_complete_at_a_cursor_after_indentation_keeps_the_prompt_and_answers_from_the_code(tiny_tokenizer):
+    """`fimtune complete` (and evaluation) through `complete_batch`: the prompt as before, the same
+    tokens counted, the answer less the one space the model writes before its code; a cursor after
+    code on its line, as before."""
+    from fimtune.generate import after_indent, complete_prompts, indent_cut
+
+    model, pr = tiny_model("llama", tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    tiny.writes_first(model, tiny_tokenizer.convert_tokens_to_ids("Ġreturn"), pr.fim.middle)
+    params = GenerationParams(max_new_tokens=10, mode="psm")
+    assert after_indent("x\n\t ") and not after_indent("x\n") and not after_indent("x\n  y")
+    written = 0
+    for prefix in ("def f(x):\n    ", "class A:\n    def f(self):\n\t\t", "for i in range(3):\n "):
+        ids = pr.build(prefix, "\n", "psm")
+        [raw] = complete_prompts(model, pr, [ids], params)
+        [at] = complete_batch(model, pr, [(prefix, "\n")], params)
+        assert at.text == raw.text[indent_cut(raw.text) :]
+        assert (at.prompt_tokens, at.completion_tokens) == (len(ids), raw.completion_tokens)
+        written += indent_cut(raw.text) > 0
+        [code] = complete_batch(model, pr, [(prefix + "y", "\n")], params)  # after code: as written
+        assert code.text == complete_prompts(model, pr, [pr.build(prefix + "y", "\n", "psm")], params)[0].text
+    assert written  # the model wrote " return" first somewhere, and its space went

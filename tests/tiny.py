@@ -81,3 +81,13 @@ def lora_with_trained_biases(base: Path, bias: str, seed: int = 0):
             if name.endswith(".bias") and p.requires_grad:
                 p.add_(1.0)
     return peft
+
+
+def writes_first(model, token: int, middle: int, pull: float = 20.0):
+    """Make ``model`` start most middles with ``token``: its output row becomes the input embedding
+    of the FIM middle token, scaled to ``pull`` (PSM: that token is the prompt's last), and other
+    tokens follow it (the other rows are ~0.2 x sqrt(hidden size) long)."""
+    with torch.no_grad():
+        row = model.get_input_embeddings().weight[middle]
+        model.get_output_embeddings().weight[token] = pull * row / row.norm()
+    return model

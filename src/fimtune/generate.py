@@ -14,6 +14,20 @@ cuts move in whole steps, so that the prompt's start stays put while a person ty
 Generation stops at the end-of-text token, at any FIM token, at a user stop string, or
 (single-line mode) at the first newline.
 
+At a cursor after a line's indentation (the line holds only spaces and tabs so far, where an
+editor puts it after Enter), an answer that starts with one space before its code loses that
+space (:func:`after_indent`, :func:`indent_cut`). A byte-level BPE model reads the typed spaces
+as one token, newline and indentation; in the code it learned from, the last space of an
+indentation went with the first word (" return"), so it wrote " return x", one space too many::
+
+    prefix "def f(x):\\n    "   model " return x"   answer "return x"
+
+More whitespace than one space is the model's own indentation, deeper than the typed one, and
+stays (" " * 3 + " y": 4 more spaces, written as a whitespace token and " y").
+
+(Prompting at the line's start instead, where fimtune's training cuts its holes, measured
+worse on the demo run: most answers came back empty. `benchmarks/cursor_indent.py`.)
+
 ``fimtune complete RUN --prefix TEXT`` prints one completion (:func:`main`).
 """
 
@@ -36,6 +50,7 @@ SUFFIX_SHARE = 4  # when both sides are too long, the suffix keeps at least 1/4 
 FIM_OVERHEAD = 3  # the three FIM tokens of a prompt
 DEFAULT_MAX_INPUT_TOKENS = 2048
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
+INDENT_CHARS = " \t"  # what a line's indentation is made of
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MERGED_INFO = "fimtune.json"  # what `fimtune merge` keeps of the run: the prompt layout `auto` picks
 
@@ -54,6 +69,9 @@ class GenerationParams:
     max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS
     trim_step: int = 1  # long contexts are cut in multiples of this many tokens
     seed: int | None = None  # sampling seed (None: random)
+    # the cursor follows only indentation on its line (:func:`after_indent`): one space before
+    # the answer's code goes (:func:`indent_cut`); set per prompt
+    after_indent: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -242,6 +260,35 @@ def fit_context(prefix: list[int], suffix: list[int], budget: int, step: int = 1
 
 
 # --------------------------------------------------------------------------------------
+# A cursor after indentation
+# --------------------------------------------------------------------------------------
+
+
+def after_indent(prefix: str) -> bool:
+    r"""Whether a cursor at the end of ``prefix`` follows only indentation on its line (spaces and
+    tabs, at least one).
+
+    >>> after_indent("def f(x):\n    "), after_indent("def f(x):\n    y = "), after_indent("x = 1\n")
+    (True, False, False)
+    """
+    line = prefix[prefix.rfind("\n") + 1 :]
+    return bool(line) and not line.strip(INDENT_CHARS)
+
+
+def indent_cut(text: str) -> int:
+    r"""How many leading characters of ``text``, a completion at a cursor after indentation, go:
+    the one space before its code, which a word token brought (" return"), 1; none when it starts
+    with more whitespace (its own, deeper indentation) or with code. A lone space is cut: an
+    answer of one space is empty, and whatever follows keeps the answer already given (what lets
+    a stream send it piece by piece).
+
+    >>> [indent_cut(t) for t in (" return x", " ", " \nx", "    x = 1", " \tx", "\tx", "return x", "\n x")]
+    [1, 1, 1, 0, 0, 0, 0, 0]
+    """
+    return 1 if text[:1] == " " and text[1:2] not in (" ", "\t") else 0
+
+
+# --------------------------------------------------------------------------------------
 # Stopping and streaming
 # --------------------------------------------------------------------------------------
 
@@ -281,7 +328,10 @@ def holdback(text: str, stops: list[str]) -> int:
 
 
 class TextTracker:
-    """Decodes one row's new tokens as they come: the text so far, and whether a stop string ended it."""
+    """Decodes one row's new tokens as they come: the text so far, and whether a stop string ended it.
+
+    Stop strings are found in the model's text; with ``params.after_indent`` its one space before
+    code then goes (:func:`indent_cut`)."""
 
     def __init__(self, prompter: FimPrompter, params: GenerationParams, starts: bool = False) -> None:
         self.prompter = prompter
@@ -295,10 +345,12 @@ class TextTracker:
     def push(self, token: int) -> str:
         """Add a generated (non-end) token; return the new text that is safe to show."""
         self.ids.append(token)
-        self.text, self.stopped = postprocess(self.prompter.decode(self.ids, self.starts), self.params)
+        text, self.stopped = postprocess(self.prompter.decode(self.ids, self.starts), self.params)
+        cut = indent_cut(text) if self.params.after_indent else 0
+        self.text = text[cut:]
         # single-line: a trailing CR may be a CRLF line end's start
         stops = [*self.params.stop, *(["\r\n"] if self.params.single_line else [])]
-        end = len(self.text) if self.stopped else len(self.text) - holdback(self.text, stops)
+        end = len(self.text) if self.stopped else len(text) - holdback(text, stops) - cut
         piece = self.text[self.sent : end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return piece
@@ -370,12 +422,28 @@ def complete_batch(
     A row stops generating once its new text holds a stop string (a newline, single-line) or
     ``done(new_text)`` holds, so a batch ends with its last row rather than at ``max_new_tokens``;
     the text is cut at the stop afterwards. Greedy batches shrink as their rows finish (:func:`_greedy_rows`).
+    At a cursor after indentation, one space before the answer's code goes (:func:`indent_cut`).
     """
+    prompts = [prompter.build(p, s, params.mode, params.max_input_tokens, trim_step=params.trim_step) for p, s in holes]
+    return complete_prompts(model, prompter, prompts, params, done, [after_indent(p) for p, _ in holes])
+
+
+@torch.no_grad()
+def complete_prompts(
+    model: Any,
+    prompter: FimPrompter,
+    prompts: list[list[int]],
+    params: GenerationParams,
+    done: Callable[[str], bool] | None = None,
+    after_indents: list[bool] | None = None,
+) -> list[Completion]:
+    """:func:`complete_batch` on prompt ids; ``after_indents[i]``: prompt i's cursor follows only
+    indentation on its line (``params.after_indent`` for each, by default)."""
     from transformers import StoppingCriteriaList
 
     from fimtune.fast import without_cudnn_attention
 
-    prompts = [prompter.build(p, s, params.mode, params.max_input_tokens, trim_step=params.trim_step) for p, s in holes]
+    after_indents = after_indents if after_indents is not None else [params.after_indent] * len(prompts)
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     pad = prompter.fim.pad
@@ -401,8 +469,8 @@ def complete_batch(
         else:
             news = _greedy_rows(model, ids, mask, criteria, prompter.end_ids, options)
     return [
-        _completion(prompter, new, len(p), params, prompter.starts_document(p))
-        for new, p in zip(news, prompts, strict=True)
+        _completion(prompter, new, len(p), replace(params, after_indent=indent), prompter.starts_document(p))
+        for new, p, indent in zip(news, prompts, after_indents, strict=True)
     ]
 
 
@@ -462,6 +530,7 @@ def _completion(
     end = next((i for i, t in enumerate(new) if t in ends), None)
     body = new if end is None else new[:end]
     text, stopped = postprocess(prompter.decode(body, starts), params)
+    text = text[indent_cut(text) :] if params.after_indent else text
     reason = "stop" if end is not None or stopped else "length"
     return Completion(text, n_prompt, len(body) + (end is not None), reason, stop_string=stopped)
 

@@ -7,12 +7,13 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from typing import TypeVar
+from dataclasses import replace
+from typing import NamedTuple, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from fimtune.generate import Completion, FimPrompter, GenerationParams
+from fimtune.generate import Completion, FimPrompter, GenerationParams, after_indent
 from fimtune.serve.engine import Arrival, Engine, EngineGone, Event, Job, JobCancelled, JobTimeout, Limits, QueueFull
 from fimtune.serve.http import STATUS_CLIENT_GONE, ApiError, Metrics
 from fimtune.serve.process import EngineProcess
@@ -25,6 +26,17 @@ T = TypeVar("T")
 
 _arrival: ContextVar[Arrival | None] = ContextVar("fimtune_arrival", default=None)  # the request being handled
 _received: ContextVar[float | None] = ContextVar("fimtune_received", default=None)  # when its handler began
+
+
+class Prompt(NamedTuple):
+    """A request's prompt ids, and whether its cursor follows only indentation on its line (then the
+    answer's first line starts at code: :func:`fimtune.generate.after_indent`)."""
+
+    ids: list[int]
+    after_indent: bool = False
+
+    def params(self, params: GenerationParams) -> GenerationParams:
+        return replace(params, after_indent=True) if self.after_indent else params
 
 
 class Service:
@@ -92,12 +104,13 @@ class Service:
         requests' tokens and the engine's worker queues its steps."""
         return await run_in_threadpool(build) if self.tokenize_in_threads else build()
 
-    def fim_prompt(self, prefix: str, suffix: str, context: str = "") -> list[int]:
+    def fim_prompt(self, prefix: str, suffix: str, context: str = "") -> Prompt:
         lim = self.limits
-        return self.prompter.build(prefix, suffix, self.mode, lim.max_input_tokens, context, lim.trim_step)
+        ids = self.prompter.build(prefix, suffix, self.mode, lim.max_input_tokens, context, lim.trim_step)
+        return Prompt(ids, after_indent(prefix))
 
-    def formatted_prompt(self, text: str, field: str, truncate: int | None = None) -> list[int]:
-        """Ids of a prompt the client formatted: a FIM prompt is rebuilt and fitted, other text must fit."""
+    def formatted_prompt(self, text: str, field: str, truncate: int | None = None) -> Prompt:
+        """A prompt the client formatted: a FIM prompt is rebuilt and fitted, other text must fit (as sent)."""
         parts = self.prompter.split(text)
         if parts is not None:
             return self.fim_prompt(*parts)
@@ -114,7 +127,7 @@ class Service:
             )
         if not ids:
             raise ApiError(422, f"{field} is empty", field)
-        return ids
+        return Prompt(ids)
 
     # ---- running jobs -------------------------------------------------------------------
 
@@ -132,8 +145,8 @@ class Service:
             _received.reset(received)
             arrival.done()
 
-    def submit(self, prompt: list[int], params: GenerationParams, adapter: str | None, stream: bool = False) -> Job:
-        job = Job(prompt, params, adapter, self.limits.timeout_s, stream)
+    def submit(self, prompt: Prompt, params: GenerationParams, adapter: str | None, stream: bool = False) -> Job:
+        job = Job(prompt.ids, prompt.params(params), adapter, self.limits.timeout_s, stream)
         job.received_at = _received.get() or job.received_at  # outside a handler: its queuing
         try:
             self.engine.submit(job, _arrival.get())
@@ -242,7 +255,7 @@ def timing_headers(jobs: list[Job], done: list[Completion]) -> tuple[dict[str, f
     return phases, headers
 
 
-def submit_all(svc: Service, prompts: list[list[int]], params: GenerationParams, adapter: str | None) -> list[Job]:
+def submit_all(svc: Service, prompts: list[Prompt], params: GenerationParams, adapter: str | None) -> list[Job]:
     jobs: list[Job] = []
     try:
         for prompt in prompts:

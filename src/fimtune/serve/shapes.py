@@ -192,7 +192,7 @@ async def infill(svc: Service, request: Request, req: s.InfillRequest) -> Any:
     prompt = await svc.prepare(lambda: svc.fim_prompt(req.input_prefix + req.prompt, req.input_suffix, context))
     fields = req.response_fields
     if req.n_predict == 0:  # llama.vim warms its context up so: the prompt is read, nothing generated
-        final = infill_response(Completion("", len(prompt), 0, "length"), name, time.monotonic())
+        final = infill_response(Completion("", len(prompt.ids), 0, "length"), name, time.monotonic())
         if req.stream:
             return StreamingResponse(
                 iter([sse(nested_values(fields, final.model_dump()))]),
