@@ -26,6 +26,7 @@ is not run in the tests.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -110,8 +111,9 @@ def checked_gguf_out(out: Path, overwrite: bool) -> Path:
 def _source(source: Path) -> tuple[Any, Any, Path | None, Any]:
     """(config, tokenizer, the base's GGUF file or None, a function loading the fp32 model) of a run
     folder or a model folder, read without its weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from fimtune.hub import load_tokenizer
     from fimtune.model import check_has_adapter, is_run_dir, model_config
 
     if is_run_dir(source):
@@ -119,7 +121,9 @@ def _source(source: Path) -> tuple[Any, Any, Path | None, Any]:
         from fimtune.merge import merged_model
 
         base = load_run_config(source / "config.yaml").model.name_or_path
-        tokenizer = AutoTokenizer.from_pretrained(source / "tokenizer")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source / "tokenizer")  # as load_run reads it
         return model_config(base), tokenizer, _gguf_file(base), lambda: merged_model(source)[0]
     check_has_adapter(source)
     if not (source / "config.json").is_file():
@@ -129,12 +133,12 @@ def _source(source: Path) -> tuple[Any, Any, Path | None, Any]:
         )
     import torch
 
-    from fimtune.generate import MERGED_INFO
+    from fimtune.generate import merged_info
 
     base = None
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        base = json.loads((source / MERGED_INFO).read_text(encoding="utf-8")).get("base_model")
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    with contextlib.suppress(FimtuneError):  # a damaged fimtune.json: the default tokenizer metadata
+        base = merged_info(source).get("base_model")
+    tokenizer = load_tokenizer(str(source))
 
     def load() -> Any:
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True).eval()
@@ -186,8 +190,11 @@ def check_tokenizer(tokenizer: Any, source: Path) -> None:
         )
 
 
+@functools.lru_cache(maxsize=1)  # read by the checks, the pre-tokenizer's name and the merges: parsed once
 def _backend_json(tokenizer: Any) -> dict[str, Any]:
-    return json.loads(tokenizer.backend_tokenizer.to_str())
+    from fimtune.tokenization import fast_backend
+
+    return json.loads(fast_backend(tokenizer).to_str())
 
 
 def _pre_tokenizers(tokenizer: Any) -> list[dict[str, Any]]:

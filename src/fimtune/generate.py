@@ -657,6 +657,21 @@ def _read_at(at: str) -> tuple[str, str]:
         raise FimtuneError(f"--at {at}: {path}: {e}") from None
 
 
+def merged_info(model_dir: str | Path) -> dict[str, Any]:
+    """What `fimtune merge` kept of the run in ``model_dir`` (its `fimtune.json`: the prompt layout,
+    the base model); {} for a folder it did not write. A damaged file is an error."""
+    merged = Path(model_dir) / MERGED_INFO
+    if not merged.is_file():
+        return {}
+    try:
+        info = json.loads(merged.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FimtuneError(
+            f"cannot read '{merged}' ({e}): write it again with `fimtune merge`, or pass --mode"
+        ) from None
+    return info if isinstance(info, dict) else {}
+
+
 def prompt_mode(choice: str, run_dir: Path | None, model_dir: str | Path | None = None) -> str:
     """`auto`: SPM for a run that trained on SPM examples (its cache reuse is far better), else PSM:
     `fimtune complete` and `fimtune serve` lay out a run's prompts alike, and a model folder that
@@ -664,16 +679,8 @@ def prompt_mode(choice: str, run_dir: Path | None, model_dir: str | Path | None 
     if choice != "auto":
         return choice
     if run_dir is None:
-        merged = Path(model_dir) / MERGED_INFO if model_dir is not None else None
-        if merged is None or not merged.is_file():
-            return "psm"
-        try:
-            info = json.loads(merged.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise FimtuneError(
-                f"cannot read '{merged}' ({e}): write it again with `fimtune merge`, or pass --mode"
-            ) from None
-        return "spm" if isinstance(info, dict) and info.get("prompt_mode") == "spm" else "psm"
+        info = merged_info(model_dir) if model_dir is not None else {}
+        return "spm" if info.get("prompt_mode") == "spm" else "psm"
     from fimtune.config import load_run_config
 
     fim = load_run_config(run_dir / "config.yaml").fim
