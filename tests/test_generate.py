@@ -279,16 +279,30 @@ def test_context_files_are_trimmed_before_the_hole(tiny_tokenizer):
     assert ids[-len(plain) + 1 :] == plain[1:]  # the hole is whole; the context's end sits before the prefix
 
 
+def test_build_fitted_says_whether_any_text_was_cut(tiny_tokenizer):
+    pr = FimPrompter(tiny_tokenizer)
+    prefix, suffix = "def f(x):\n    ", "\nprint(f(1))\n"
+    assert pr.build_fitted(prefix, suffix, max_input_tokens=BUDGET) == (
+        pr.build(prefix, suffix, max_input_tokens=BUDGET),
+        False,
+    )
+    assert pr.build_fitted(prefix, suffix, max_input_tokens=BUDGET, context="x = 1\n")[1] is False
+    assert pr.build_fitted(prefix, suffix, max_input_tokens=BUDGET, context=SOURCE)[1] is True  # context cut
+    assert pr.build_fitted(SOURCE + prefix, suffix, max_input_tokens=BUDGET)[1] is True  # prefix cut
+    assert pr.build_fitted(prefix, suffix + SOURCE, max_input_tokens=BUDGET)[1] is True  # suffix cut
+
+
 # --------------------------------------------------------------------------------------
 # Stopping and sampling
 # --------------------------------------------------------------------------------------
 
 
-def test_postprocess_stops():
-    assert postprocess("a\nb<stop>c", GenerationParams(stop=["<stop>"])) == ("a\nb", True)
-    assert postprocess("a\nb", GenerationParams(single_line=True)) == ("a", True)
-    assert postprocess("a<s>b\nc", GenerationParams(stop=["\n", "<s>"])) == ("a", True)
-    assert postprocess("abc", GenerationParams(stop=["x"])) == ("abc", False)
+def test_postprocess_stops_and_names_the_stop_string():
+    assert postprocess("a\nb<stop>c", GenerationParams(stop=["<stop>"])) == ("a\nb", "<stop>")
+    assert postprocess("a\nb", GenerationParams(single_line=True)) == ("a", "\n")
+    assert postprocess("a<s>b\nc", GenerationParams(stop=["\n", "<s>"])) == ("a", "<s>")
+    assert postprocess("ab\nc<s>", GenerationParams(stop=["<s>"], single_line=True)) == ("ab", "\n")
+    assert postprocess("abc", GenerationParams(stop=["x"])) == ("abc", "")
 
 
 def test_streamed_pieces_never_show_a_stop_string(tiny_tokenizer):
@@ -300,15 +314,15 @@ def test_streamed_pieces_never_show_a_stop_string(tiny_tokenizer):
         pieces.append(tracker.push(token))
         if tracker.stopped:
             break
-    assert tracker.stopped and tracker.text == "x = 1"
+    assert tracker.stopped == "\n\n" and tracker.text == "x = 1"
     assert "".join(pieces) == "x = 1" and not any("\n" in p for p in pieces)
 
 
 def test_a_single_line_ends_before_a_crlf_line_end(tiny_tokenizer):
     """In a CRLF file (the corpus keeps line ends) a line ends with "\r\n": a single line is cut before
     its CR too, streamed or not, or an editor gets a stray CR before the line end after the cursor."""
-    assert postprocess("x = 1\r\ny", GenerationParams(single_line=True)) == ("x = 1", True)
-    assert postprocess("x = 1\ry\nz", GenerationParams(single_line=True)) == ("x = 1\ry", True)
+    assert postprocess("x = 1\r\ny", GenerationParams(single_line=True)) == ("x = 1", "\r\n")
+    assert postprocess("x = 1\ry\nz", GenerationParams(single_line=True)) == ("x = 1\ry", "\n")
     pr = FimPrompter(tiny_tokenizer)
     ids = pr.encode("x = 1\r\ny = 2")
     assert any(pr.decode(ids[:i]).endswith("\r") for i in range(len(ids)))  # the CR comes alone

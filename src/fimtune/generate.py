@@ -87,7 +87,7 @@ class Completion:
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
     cached_tokens: int = 0  # prompt tokens whose KV cache came from an earlier request
-    stop_string: bool = False  # it stopped at a stop string (or a line's end), not at an end token
+    stop_string: str = ""  # the stop string (or single-line's line end) it stopped at; "": an end token or the limit
     first_token_at: float | None = None  # time.monotonic() when the server's decoder took its first token
 
 
@@ -177,16 +177,32 @@ class FimPrompter:
 
         ``context`` (other files) goes before the prefix and gets only the room the hole leaves.
         """
+        return self.build_fitted(prefix, suffix, mode, max_input_tokens, context, trim_step)[0]
+
+    def build_fitted(
+        self,
+        prefix: str,
+        suffix: str,
+        mode: str = "psm",
+        max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS,
+        context: str = "",
+        trim_step: int = 1,
+    ) -> tuple[list[int], bool]:
+        """:meth:`build`'s ids, and whether fitting them cut any of the prefix, suffix or context."""
         budget = max_input_tokens - FIM_OVERHEAD
         # after context the prefix goes on from it (for a SentencePiece-style tokenizer, no "▁" before it)
-        p = self.encode_continued(prefix) if context else self.encode(prefix)
-        p, s = fit_context(p, self.encode_continued(suffix), budget, trim_step)
+        whole_p = self.encode_continued(prefix) if context else self.encode(prefix)
+        whole_s = self.encode_continued(suffix)
+        p, s = fit_context(whole_p, whole_s, budget, trim_step)
+        truncated = len(p) + len(s) < len(whole_p) + len(whole_s)
         if context:
-            p = trim_start(self.encode(context), budget - len(p) - len(s), trim_step) + p
+            whole_c = self.encode(context)
+            c = trim_start(whole_c, budget - len(p) - len(s), trim_step)
+            p, truncated = c + p, truncated or len(c) < len(whole_c)
         f = self.fim
         if mode == "spm":
-            return [f.prefix, f.suffix, *s, f.middle, *p]
-        return [f.prefix, *p, f.suffix, *s, f.middle]
+            return [f.prefix, f.suffix, *s, f.middle, *p], truncated
+        return [f.prefix, *p, f.suffix, *s, f.middle], truncated
 
     def split(self, text: str) -> tuple[str, str] | None:
         """(prefix, suffix) of a prompt already in this model's PSM or SPM form, else None.
@@ -293,21 +309,23 @@ def indent_cut(text: str) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def postprocess(text: str, params: GenerationParams) -> tuple[str, bool]:
-    """Cut ``text`` at the first stop string (or line end in single-line mode, CRLF whole): (text, stopped).
+def postprocess(text: str, params: GenerationParams) -> tuple[str, str]:
+    """Cut ``text`` at the first stop string (or line end in single-line mode, CRLF whole):
+    (text, the stop string it was cut at, "" when none).
 
     >>> postprocess("return x\\ny = 1", GenerationParams(single_line=True))
-    ('return x', True)
-    >>> postprocess("return x\\r\\ny = 1", GenerationParams(single_line=True))
-    ('return x', True)
+    ('return x', '\\n')
+    >>> postprocess("return x\\r\\ny = 1", GenerationParams(single_line=True, stop=["y"]))
+    ('return x', '\\r\\n')
     """
-    cuts = [i for i in (text.find(s) for s in params.stop if s) if i >= 0]
+    cuts = [(i, s) for i, s in ((text.find(s), s) for s in params.stop if s) if i >= 0]
     if params.single_line and "\n" in text:
         end = text.index("\n")
-        cuts.append(end - 1 if text[:end].endswith("\r") else end)
+        cuts.append((end - 1, "\r\n") if text[:end].endswith("\r") else (end, "\n"))
     if not cuts:
-        return text, False
-    return text[: min(cuts)], True
+        return text, ""
+    end, stop = min(cuts, key=lambda cut: cut[0])
+    return text[:end], stop
 
 
 def holdback(text: str, stops: list[str]) -> int:
@@ -340,7 +358,7 @@ class TextTracker:
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0  # characters handed out by `push` and `flush`
-        self.stopped = False
+        self.stopped = ""  # the stop string it stopped at
 
     def push(self, token: int) -> str:
         """Add a generated (non-end) token; return the new text that is safe to show."""

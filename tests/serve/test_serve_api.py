@@ -95,9 +95,10 @@ def test_an_answer_cut_at_a_stop_string_says_so_in_each_apis_words(client):
     assert details["finish_reason"] == "stop_sequence"  # TGI's: "eos_token" is the model's end token
     infill = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 12, "temperature": 0}
     plain = client.post("/infill", json=infill).json()
-    assert plain["stop_type"] == "limit"
+    assert plain["stop_type"] == "limit" and plain["stopping_word"] == ""
     cut = plain["content"].strip()[2:4]
-    assert cut and client.post("/infill", json={**infill, "stop": [cut]}).json()["stop_type"] == "word"  # llama.cpp's
+    worded = client.post("/infill", json={**infill, "stop": ["never there", cut]}).json()
+    assert cut and (worded["stop_type"], worded["stopping_word"]) == ("word", cut)  # llama.cpp's, the stop it met
 
 
 @pytest.mark.parametrize("route,body", [("/generate_stream", {}), ("/", {"stream": True})])
@@ -166,6 +167,7 @@ def test_infill_answers_the_response_fields_asked_for(client):
     answer holds those alone, flattened, and leaves out what it lacks, as llama.cpp's server does."""
     fields = ["content", "timings/prompt_n", "timings/predicted_n", "tokens_cached", "truncated"]
     body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 4, "temperature": 0}
+    client.post("/infill", json=body)  # cached alike for the two below, whatever ran before
     whole = client.post("/infill", json=body).json()
     r = client.post("/infill", json={**body, "response_fields": fields})
     assert r.status_code == 200, r.text
@@ -173,11 +175,12 @@ def test_infill_answers_the_response_fields_asked_for(client):
         "content": whole["content"],
         "timings/prompt_n": whole["timings"]["prompt_n"],
         "timings/predicted_n": whole["timings"]["predicted_n"],
-        "tokens_cached": r.json()["tokens_cached"],  # the second request may reuse the first's cache
+        "tokens_cached": whole["tokens_cached"],
+        "truncated": False,
     }
     with client.stream("POST", "/infill", json={**body, "stream": True, "response_fields": fields}) as r:
         events = sse_events(r)
-    assert set(events[-1]) == {"content", "timings/prompt_n", "timings/predicted_n", "tokens_cached"}
+    assert set(events[-1]) == {"content", "timings/prompt_n", "timings/predicted_n", "tokens_cached", "truncated"}
     assert "".join(e["content"] for e in events) == whole["content"]
     warm = client.post("/infill", json={**body, "n_predict": 0, "response_fields": ["content", "tokens_cached"]})
     assert warm.json() == {"content": "", "tokens_cached": 0}
@@ -307,6 +310,9 @@ def test_long_extra_context_is_trimmed_first(client):
     assert out["tokens_evaluated"] <= TEST_LIMITS["max_input_tokens"]
     plain = client.post("/infill", json={**body, "input_extra": []}).json()
     assert out["tokens_evaluated"] > plain["tokens_evaluated"]
+    assert out["truncated"] is True and plain["truncated"] is False  # llama.cpp's: some of the text was cut
+    with client.stream("POST", "/infill", json={**body, "stream": True}) as r:
+        assert sse_events(r)[-1]["truncated"] is True
 
 
 def test_info_health_and_metrics(client):

@@ -265,6 +265,8 @@ class InfillResponse(BaseModel):
     stop: bool = True
     model: str
     stop_type: str  # "eos" | "word" (a stop string) | "limit"
+    stopping_word: str = ""  # the stop string it ended at ("\n" for a single line's end), else ""
+    truncated: bool = False  # fitting the prompt to max_input_tokens cut some of its text
     tokens_predicted: int
     tokens_evaluated: int
     tokens_cached: int

@@ -29,11 +29,13 @@ _received: ContextVar[float | None] = ContextVar("fimtune_received", default=Non
 
 
 class Prompt(NamedTuple):
-    """A request's prompt ids, and whether its cursor follows only indentation on its line (then the
-    answer's first line starts at code: :func:`fimtune.generate.after_indent`)."""
+    """A request's prompt ids, whether its cursor follows only indentation on its line (then the
+    answer's first line starts at code: :func:`fimtune.generate.after_indent`), and whether fitting
+    it to ``max_input_tokens`` cut any of its text (llama.cpp's `truncated`)."""
 
     ids: list[int]
     after_indent: bool = False
+    truncated: bool = False
 
     def params(self, params: GenerationParams) -> GenerationParams:
         return replace(params, after_indent=True) if self.after_indent else params
@@ -106,8 +108,10 @@ class Service:
 
     def fim_prompt(self, prefix: str, suffix: str, context: str = "") -> Prompt:
         lim = self.limits
-        ids = self.prompter.build(prefix, suffix, self.mode, lim.max_input_tokens, context, lim.trim_step)
-        return Prompt(ids, after_indent(prefix))
+        ids, truncated = self.prompter.build_fitted(
+            prefix, suffix, self.mode, lim.max_input_tokens, context, lim.trim_step
+        )
+        return Prompt(ids, after_indent(prefix), truncated)
 
     def formatted_prompt(self, text: str, field: str, truncate: int | None = None) -> Prompt:
         """A prompt the client formatted: a FIM prompt is rebuilt and fitted, other text must fit (as sent)."""

@@ -192,7 +192,7 @@ async def infill(svc: Service, request: Request, req: s.InfillRequest) -> Any:
     prompt = await svc.prepare(lambda: svc.fim_prompt(req.input_prefix + req.prompt, req.input_suffix, context))
     fields = req.response_fields
     if req.n_predict == 0:  # llama.vim warms its context up so: the prompt is read, nothing generated
-        final = infill_response(Completion("", len(prompt.ids), 0, "length"), name, time.monotonic())
+        final = infill_response(Completion("", len(prompt.ids), 0, "length"), name, time.monotonic(), prompt.truncated)
         if req.stream:
             return StreamingResponse(
                 iter([sse(nested_values(fields, final.model_dump()))]),
@@ -204,10 +204,12 @@ async def infill(svc: Service, request: Request, req: s.InfillRequest) -> Any:
     job = svc.submit(prompt, params, adapter, req.stream)
     if req.stream:
         return StreamingResponse(
-            infill_events(svc, job, name, started, fields), media_type="text/event-stream", headers=SSE_HEADERS
+            infill_events(svc, job, name, started, prompt.truncated, fields),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
         )
     done = await svc.result(request, job)
-    body = nested_values(fields, jsonable_encoder(infill_response(done, name, started)))
+    body = nested_values(fields, jsonable_encoder(infill_response(done, name, started, prompt.truncated)))
     return JSONResponse(body, headers=svc.finished([job], [done]))
 
 
@@ -232,11 +234,13 @@ def nested_values(fields: list[str], answer: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def infill_response(done: Completion, name: str, started: float) -> s.InfillResponse:
+def infill_response(done: Completion, name: str, started: float, truncated: bool) -> s.InfillResponse:
     return s.InfillResponse(
         content=done.text,
         model=name,
         stop_type="limit" if done.finish_reason == "length" else "word" if done.stop_string else "eos",
+        stopping_word=done.stop_string,
+        truncated=truncated,
         tokens_predicted=done.completion_tokens,
         tokens_evaluated=done.prompt_tokens,
         tokens_cached=done.cached_tokens,
@@ -269,7 +273,7 @@ def infill_timings(done: Completion, started: float, ended: float) -> dict[str, 
 
 
 async def infill_events(
-    svc: Service, job: Job, name: str, started: float, fields: list[str] | None = None
+    svc: Service, job: Job, name: str, started: float, truncated: bool, fields: list[str] | None = None
 ) -> AsyncIterator[str]:
     """llama.cpp's stream: `{"content": piece, "stop": false}` chunks, then the full response with
     `stop: true` (its ``fields`` alone, when named: :func:`nested_values`)."""
@@ -281,7 +285,7 @@ async def infill_events(
                 yield sse({"content": event.text, "stop": False})
             elif event.kind == "done" and event.completion is not None:
                 svc.finished([job], [event.completion])
-                final = infill_response(event.completion, name, started)
+                final = infill_response(event.completion, name, started, truncated)
                 final.content = final.content[len(sent) :] if final.content.startswith(sent) else ""
                 yield sse(nested_values(fields or [], final.model_dump()))
             elif event.kind == "error":
