@@ -314,7 +314,9 @@ def test_new_run_refuses_a_non_empty_folder(tmp_path, tiny_tokenizer, repetitive
     assert (tmp_path / "run" / "x").read_text() == "keep me"
 
 
-def test_a_validation_split_too_small_for_one_row_is_told(tmp_path, tiny_tokenizer, repetitive_data, caplog):
+def test_a_validation_split_too_small_for_one_row_or_no_batches_is_told(
+    tmp_path, tiny_tokenizer, repetitive_data, caplog
+):
     from accelerate import Accelerator
 
     from fimtune.tokens import ensure_fim_tokens
@@ -328,6 +330,11 @@ def test_a_validation_split_too_small_for_one_row_is_told(tmp_path, tiny_tokeniz
             _, make_eval, _ = training_rows(cfg, tiny_tokenizer, fim_tokens, Accelerator(cpu=True))
         assert (next(make_eval(), None) is None) == told
         assert ("no validation loss will be logged" in caplog.text) == told
+    caplog.clear()
+    cfg = run_config(tmp_path, base, repetitive_data, "none", "packing.seq_length=64", "train.eval_batches=0")
+    with caplog.at_level(logging.WARNING):
+        training_rows(cfg, tiny_tokenizer, fim_tokens, Accelerator(cpu=True))
+    assert "train.eval_batches is 0: no validation loss will be logged" in caplog.text  # said, not silent
 
 
 @pytest.fixture

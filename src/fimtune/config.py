@@ -249,8 +249,8 @@ class TrainConfig:
     eval_every: int = 50
     """Validation loss every this many steps (0: only at the end)."""
     eval_batches: int | None = None
-    """Limit validation to this many batches (default: the whole split), each process's own: under
-    several processes it reads this many batches of `batch_size` rows on each."""
+    """Limit validation to this many batches (default: the whole split; 0: no validation), each
+    process's own: under several processes it reads this many batches of `batch_size` rows on each."""
     log_every: int = 10
     """Log every this many steps."""
     save_every: int = 50

@@ -197,6 +197,8 @@ def training_rows(cfg: RunConfig, tokenizer: Any, fim_tokens: Any, accelerator: 
             f"{val.stats.tokens:,}",
             cfg.packing.seq_length,
         )
+    if val is not None and val.stats.rows and cfg.train.eval_batches == 0 and accelerator.is_main_process:
+        log.warning("train.eval_batches is 0: no validation loss will be logged (null: the whole split)")
     bs = cfg.train.batch_size
 
     def make_eval() -> Iterator[dict[str, Any]]:
