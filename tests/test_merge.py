@@ -67,6 +67,7 @@ def test_merge_keeps_the_run_and_its_base_and_replaces_an_old_merge_only_when_do
     where fimtune's completions stop. With --overwrite, an interrupt before the new folder is in
     place leaves the old one whole. A run with LoRA on the tied head is refused, nothing written."""
     import yaml
+    from safetensors.torch import load_file, save_file
 
     from fimtune.generate import FimPrompter, mergeable
     from fimtune.merge import merge_run
@@ -99,6 +100,11 @@ def test_merge_keeps_the_run_and_its_base_and_replaces_an_old_merge_only_when_do
     adapter_config = legacy / "adapter" / "adapter_config.json"
     values = json.loads(adapter_config.read_text())
     adapter_config.write_text(json.dumps({**values, "target_modules": [*values["target_modules"], "lm_head"]}))
+    weights = load_file(legacy / "adapter" / "adapter_model.safetensors")
+    head = load_run(run, torch.device("cpu")).model.get_base_model().lm_head.weight
+    weights["base_model.model.lm_head.lora_A.weight"] = torch.randn(values["r"], head.shape[1])
+    weights["base_model.model.lm_head.lora_B.weight"] = torch.randn(head.shape[0], values["r"])
+    save_file(weights, legacy / "adapter" / "adapter_model.safetensors")
     assert main(["merge", str(legacy), "--out", str(tmp_path / "new" / "merged")]) == 2
     assert "has LoRA on lm_head" in capsys.readouterr().err and not (tmp_path / "new").exists()
     assert not mergeable(load_run(legacy, torch.device("cpu")).model)  # `complete` leaves it unmerged

@@ -457,6 +457,34 @@ def test_a_runs_adapter_that_does_not_fit_its_base_is_one_error(tmp_path, tiny_t
     assert "\n" not in str(err.value) and len(str(err.value)) < 600
 
 
+def test_a_runs_adapter_with_weights_its_base_lacks_or_lacking_some_is_refused(tmp_path, tiny_tokenizer):
+    """PEFT loads the weights that match by name and leaves the rest: an adapter trained on a deeper
+    model, or a file missing some weights, loaded as a partly tuned model without a word (eval, merge,
+    complete and export on it)."""
+    import peft
+    from safetensors.torch import load_file, save_file
+
+    from fimtune.model import load_run
+
+    base = tiny.save_model_folder(tiny.llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "base")
+    deeper = tiny.llama(len(tiny_tokenizer))
+    deeper.config.num_hidden_layers = 3
+    deeper = type(deeper)(deeper.config)
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    tiny.save_run(tmp_path / "deep", base, tiny_tokenizer, peft.get_peft_model(deeper, cfg))
+    with pytest.raises(FimtuneError, match=r"adapter does not fit its base .*4 weights without a place.*layers\.2\."):
+        load_run(tmp_path / "deep", torch.device("cpu"))
+
+    tiny.save_run(tmp_path / "run", base, tiny_tokenizer, _lora(base))
+    assert load_run(tmp_path / "run", torch.device("cpu")).model  # whole: loads
+    weights = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, weights)
+    with pytest.raises(FimtuneError, match="1 weights without a place or a value"):
+        load_run(tmp_path / "run", torch.device("cpu"))
+
+
 def _lora(base: Path):
     """An untrained LoRA (r=2) on the model folder ``base``."""
     model = load_base_model(ModelConfig(name_or_path=str(base)), torch.device("cpu"))

@@ -600,7 +600,6 @@ def load_run(
 
     ``model_cfg`` replaces the run's model section (e.g. to load a QLoRA base unquantized).
     """
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     from fimtune.config import load_run_config
@@ -635,7 +634,7 @@ def load_run(
             if isinstance(getattr(m, "bias", None), torch.nn.Parameter)
         }
     try:
-        model = PeftModel.from_pretrained(base, run_dir / "adapter")
+        model, unfit = attach_adapter(base, run_dir / "adapter")
     except SafetensorError as e:
         raise FimtuneError(damaged_weights(run_dir / "adapter", e)) from None
     except torch.OutOfMemoryError:  # a RuntimeError, but no sign of another model
@@ -647,9 +646,30 @@ def load_run(
             f"the run's adapter does not fit its base model '{model_cfg.name_or_path}' (another model at that "
             f"place? `model.name_or_path` in {run_dir / 'config.yaml'}): {reason}"
         ) from None
+    if unfit:  # PEFT loads what matches by name and leaves the rest: a model partly tuned, silently
+        raise FimtuneError(
+            f"the run's adapter does not fit its base model '{model_cfg.name_or_path}' (another model at that "
+            f"place? `model.name_or_path` in {run_dir / 'config.yaml'}): {len(unfit)} weights without a place "
+            f"or a value, e.g. {unfit[0]}"
+        )
     if biases:
         setattr(model, BASE_BIASES, biases)  # the base's, for `as_base`
     return Loaded(model.eval(), tokenizer, run_dir.resolve().name, run_dir)  # `.`: the folder's own name
+
+
+def attach_adapter(model: Any, folder: Path, name: str = "default") -> tuple[Any, list[str]]:
+    """``model`` with the adapter in ``folder`` loaded as ``name`` (a plain model wrapped first, as
+    `PeftModel.from_pretrained` does), and the adapter's weights that found no parameter or the
+    adapter's parameters that got no weight: PEFT loads what matches by name and says nothing."""
+    from peft import PeftConfig, PeftModel, get_peft_model
+
+    if not isinstance(model, PeftModel):  # not `from_pretrained`, which keeps the load's result to itself
+        config = PeftConfig.from_pretrained(str(folder))
+        config.inference_mode = True
+        model = get_peft_model(model, config, adapter_name=name)
+    result = model.load_adapter(str(folder), adapter_name=name)
+    # PEFT's missing keys are those naming the adapter anywhere: "y" is in "layers", for one
+    return model, [*result.unexpected_keys, *(k for k in result.missing_keys if f".{name}." in k)]
 
 
 def base_model(model: Any) -> Any:

@@ -719,20 +719,16 @@ def _model_path(name_or_path: str) -> str:
 def attach_adapters(model: Any, adapters: dict[str, Path]) -> Any:
     """Load each adapter into one PEFT model (wrapping a plain model with the first); an adapter
     with weights for modules this model lacks, or without weights for some it adapts, is refused."""
-    from peft import PeftConfig, PeftModel, get_peft_model
     from safetensors import SafetensorError
+
+    from fimtune.model import attach_adapter
 
     for name, folder in adapters.items():
         try:
-            if not isinstance(model, PeftModel):  # wrapped as PeftModel.from_pretrained does, which keeps
-                config = PeftConfig.from_pretrained(str(folder))  # the load's result (the keys that did not fit)
-                config.inference_mode = True
-                model = get_peft_model(model, config, adapter_name=name)
-            result = model.load_adapter(str(folder), adapter_name=name)
+            model, unfit = attach_adapter(model, folder, name)
         except (RuntimeError, ValueError, KeyError, SafetensorError) as e:
             raise FimtuneError(f"--adapter {name}: cannot load {folder} onto this model ({e})") from None
-        # PEFT's missing keys are those naming the adapter anywhere: "y" is in "layers", for one
-        if unfit := [*result.unexpected_keys, *(k for k in result.missing_keys if f".{name}." in k)]:
+        if unfit:
             raise FimtuneError(
                 f"--adapter {name}: {folder} does not fit this model (another base?): "
                 f"{len(unfit)} weights without a place or a value, e.g. {unfit[0]}"
