@@ -10,6 +10,7 @@ import pytest
 from corpus_helpers import GIT_ENV, code, git_repo, notebook, write
 
 from fimtune.config import CorpusConfig
+from fimtune.corpus import sources
 from fimtune.corpus.sources import (
     is_git_url,
     iter_documents,
@@ -64,6 +65,29 @@ def test_jsonl_table(tmp_path):
         ("files", "row-0000002", "unknown"),
     ]
     assert source.tally.skipped_files == {"blocked_suffix": 1, "malformed_row": 3, "binary": 1}
+
+
+def test_a_jsonl_row_without_the_text_column_is_malformed_even_the_first(tmp_path, monkeypatch):
+    """A row that omits the text column (JSON writers drop null fields) is a `malformed_row`, the
+    first as any other: it failed the whole file, saying it had no such column. A file none of whose
+    rows holds the column is still an error, naming the file and the columns it has."""
+    path = tmp_path / "rows.jsonl"
+    rows = [{"path": "a.py"}, {"path": "b.py", "content": code("b")}, {"path": "c.py"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    source = resolve_path(str(path), ExitStack())
+    assert [d.file_path for d in docs_of(source)] == ["b.py"]
+    assert source.tally.skipped_files == {"malformed_row": 2}
+    path.write_text("".join(json.dumps({"path": f"{k}.py", "contnet": code("x")}) + "\n" for k in range(3)))
+    with pytest.raises(
+        DataError, match=r"rows.jsonl' has no column 'content' \(columns: path, contnet\); set --text-column"
+    ):
+        docs_of(resolve_path(str(path), ExitStack()))
+    monkeypatch.setattr(sources, "COLUMN_CHECK_ROWS", 2)  # a big file fails at its first rows, not its end
+    source = resolve_path(str(path), ExitStack())
+    rows = iter_documents(source, CorpusConfig())
+    with pytest.raises(DataError, match="has no column 'content'"):
+        next(rows)
+    assert source.tally.files_seen == 1
 
 
 def test_json_array_with_notebook_rows(tmp_path):

@@ -40,6 +40,8 @@ PATH_COLUMNS = ("file_path", "path", "max_stars_repo_path")
 REPO_COLUMNS = ("repo_id", "repo_name", "max_stars_repo_name")
 LANGUAGE_COLUMNS = ("language", "lang")
 PACKAGE_METADATA_DIRS = (".dist-info/", ".egg-info/")
+COLUMN_CHECK_ROWS = 1000
+"""A JSON file none of whose first this many objects holds --text-column fails then, not at its end."""
 
 
 @dataclass
@@ -395,12 +397,19 @@ def _json_rows(path: str, text_column: str) -> Iterator[Any]:
                 f.seek(0)
         if lines is None:
             lines = (_json_bytes_line(line, i == 0) for i, line in enumerate(f) if line.strip())
-        checked = False
+        # A row without the column is a `malformed_row`, the first as any other; a file where none
+        # of the first COLUMN_CHECK_ROWS holds it names another column (a typo): an error.
+        found, lacking, columns = False, 0, {}
         for row in lines:
-            if not checked and isinstance(row, dict):
-                _check_column(text_column, list(row), f"'{path}'")
-                checked = True
+            if not found and isinstance(row, dict):
+                found = text_column in row
+                lacking += not found
+                columns.update(dict.fromkeys(row))
+                if lacking == COLUMN_CHECK_ROWS:
+                    _check_column(text_column, list(columns), f"'{path}'")
             yield row  # a malformed line is None: counted as `malformed_row`
+        if lacking and not found:
+            _check_column(text_column, list(columns), f"'{path}'")
 
 
 def _whole_json(f: BinaryIO, path: str) -> list[Any]:
