@@ -142,6 +142,17 @@ def test_existing_out_needs_overwrite_and_must_be_a_build(tmp_path, capsys):
     assert rc == 2 and "not a dataset folder written by fimtune: refusing" in err
 
 
+def test_overwriting_a_link_to_a_build_leaves_no_hidden_link_behind(tmp_path, capsys):
+    """`--out` a symlink to an earlier build: the link is replaced and the build it named stays,
+    with no `.out.old-*` link left beside it (rmtree refuses links, and its error was ignored)."""
+    write(tmp_path, "src/a.py", code("a"))
+    assert run_main([str(tmp_path / "src"), "--out", str(tmp_path / "real")], capsys)[0] == 0
+    (tmp_path / "out").symlink_to("real")
+    assert run_main([str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--overwrite"], capsys)[0] == 0
+    assert leftovers(tmp_path, "out") == ["out"] and not (tmp_path / "out").is_symlink()
+    assert (tmp_path / "real" / "stats.json").is_file()
+
+
 @pytest.mark.parametrize(
     "held",
     [

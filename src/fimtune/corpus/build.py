@@ -346,7 +346,10 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
         if old.exists() and not out.exists():
             old.rename(out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # `out` linked to an earlier build: the link goes, the folder it named stays
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_dataset(tmp: Path, corpus: Corpus, kept: list[int], is_val: list[bool], stats: dict) -> None:
