@@ -83,6 +83,19 @@ def test_not_a_dataset_folder(tmp_path, capsys):
         inspect_dataset(tmp_path / "nope", "embedded", 1, load_run_config())
 
 
+def test_a_file_is_not_said_not_to_exist(tmp_path, capsys):
+    """A table file given for the dataset folder: said to be a file, with the build that reads it
+    (it was said not to exist)."""
+    (tmp_path / "rows.jsonl").write_text('{"content": "x = 1"}\n')
+    (tmp_path / "notes.txt").write_text("notes\n")
+    assert main(["data", "inspect", str(tmp_path / "rows.jsonl"), "--model", "embedded"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" not in err and f"'{tmp_path / 'rows.jsonl'}' is a file, not a dataset folder" in err
+    assert f"`fimtune data build {tmp_path / 'rows.jsonl'} --out data/rows`" in err
+    with pytest.raises(DataError, match="notes.txt' is a file, not a dataset folder: build one with `fimtune data"):
+        inspect_dataset(tmp_path / "notes.txt", "embedded", 1, load_run_config())
+
+
 def test_unknown_split(tiny_dataset_dir):
     with pytest.raises(DataError, match="no split 'test'"):
         inspect_dataset(tiny_dataset_dir, "embedded", 1, load_run_config(), split="test")

@@ -69,8 +69,12 @@ def inspect_dataset(
 
 def load_split(path: Path, split: str, column: str = "content") -> Any:
     """Split ``split`` of a `fimtune data build` folder (a DataError naming the folder otherwise)."""
+    from fimtune.corpus.sources import TABLE_SUFFIXES
     from fimtune.dataset import load_splits
 
+    if path.is_file():
+        build = f"{path} --out data/{path.stem}" if path.suffix.lower() in TABLE_SUFFIXES else "SOURCE --out DIR"
+        raise DataError(f"'{path}' is a file, not a dataset folder: build one with `fimtune data build {build}`")
     if not path.is_dir():
         raise DataError(
             f"dataset folder '{path}' does not exist: build one with `fimtune data build SOURCE --out {path}`"
