@@ -88,6 +88,21 @@ def test_binary_undecodable_blocked_empty_unknown(tmp_path):
     assert tally.files_seen == 8 and tally.usable == 1
 
 
+def test_a_script_without_a_suffix_is_of_the_language_its_shebang_names(tmp_path):
+    """`bin/deploy` starting `#!/usr/bin/env python3` is Python (it was `unknown_language`); a suffix
+    still decides (`tool.cgi`), a file without one nor a `#!` line is unknown, and a FIFO is not read."""
+    write(tmp_path, "bin/deploy", "#!/usr/bin/env python3\n" + code("deploy"))
+    write(tmp_path, "bin/setup", "#!/bin/bash -eu\necho 'installing the tool'\nmake install PREFIX=/usr/local\n")
+    write(tmp_path, "bin/serve", "#!/usr/bin/env -S node --no-warnings\nconsole.log(require('os').hostname());\n")
+    write(tmp_path, "bin/tool.cgi", "#!/usr/bin/perl\nprint 'content-type: text/plain';\n")
+    write(tmp_path, "LICENSE", "MIT License\n")
+    os.mkfifo(tmp_path / "bin/pipe")
+    source = Source("folder", str(tmp_path), tmp_path.name, str(tmp_path))
+    docs = {d.file_path: d.language for d in iter_documents(source, CorpusConfig())}
+    assert docs == {"bin/deploy": "python", "bin/serve": "javascript", "bin/setup": "shell"}
+    assert source.tally.skipped_files == {"unknown_language": 3}
+
+
 def test_utf16_files_with_a_byte_order_mark_are_read(tmp_path):
     """PowerShell 5 and Visual Studio save UTF-16 with a byte order mark: text, not `binary`."""
     script = 'param([string]$Name)\nWrite-Host "Hello, $Name"\nGet-ChildItem -Path . | Sort-Object Length\n'

@@ -303,6 +303,15 @@ def test_table_rows_and_files_name_languages_alike_and_read_bytes_strictly(tmp_p
     table = {"file_path": ["a.cpp", "b.cs", "c"], "lang": ["C++", "C#", "Shell"], "content": [code("a")] * 3}
     pq.write_table(pa.table(table), path)
     assert [d.language for d in docs_of(resolve_path(str(path), ExitStack()))] == ["cpp", "csharp", "shell"]
+    rows = [
+        {"content": "#!/bin/sh\necho 'hello from a row'\n"},
+        {"path": "bin/run", "content": "#!/usr/bin/python3\nx = 1\n"},
+    ]
+    write(tmp_path, "scripts.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    assert [d.language for d in docs_of(resolve_path(str(tmp_path / "scripts.jsonl"), ExitStack()))] == [
+        "shell",
+        "python",
+    ]
     qt = '<?xml version="1.0" encoding="utf-8"?>\n<!DOCTYPE TS>\n<TS version="2.1">\n<context>x</context>\n</TS>\n'
     write(tmp_path, "app/app_de.ts", qt)
     write(tmp_path, "app/main.ts", "export const answer: number = 42;\nconsole.log(answer);\n")

@@ -30,7 +30,15 @@ from fimtune.corpus.filters import (
     size_reason,
     suffix_reason,
 )
-from fimtune.corpus.languages import NOTEBOOK_SUFFIX, canonical_language, content_language, language_of
+from fimtune.corpus.languages import (
+    NOTEBOOK_SUFFIX,
+    SHEBANG_MAX_BYTES,
+    canonical_language,
+    content_language,
+    has_suffix,
+    language_of,
+    script_language,
+)
 from fimtune.corpus.notebooks import MalformedNotebook, notebook_to_code
 
 log = logging.getLogger(__name__)
@@ -355,6 +363,8 @@ def read_file(path: str, rel: str, repo_id: str, cfg: CorpusConfig, tally: Tally
     name = rel.rsplit("/", 1)[-1]
     reason = suffix_reason(name) or (None if cfg.keep_secrets else secret_name_reason(name))
     language = language_of(rel)
+    if not reason and language is None and not has_suffix(name):  # a script says what it is: `#!/bin/bash`
+        language = script_language(_head(path))
     if not reason and language is None:
         reason = "unknown_language"
     if reason:
@@ -376,6 +386,17 @@ def read_file(path: str, rel: str, repo_id: str, cfg: CorpusConfig, tally: Tally
         if reason:
             return tally.skip(reason)
     return accept(Document(repo_id, rel, content_language(language, text), text), cfg, tally)
+
+
+def _head(path: str) -> str:
+    """The first bytes of a regular file, as text ("" when it cannot be read: reading decides why)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block
+            return ""
+        with open(path, "rb") as f:
+            return f.read(SHEBANG_MAX_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
 def _read_bytes(path: str, max_file_size: int) -> tuple[bytes, str | None]:

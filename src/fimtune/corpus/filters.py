@@ -33,7 +33,7 @@ REASONS: dict[str, str] = {
     "package_metadata": "package metadata (.dist-info) or a file installed outside the package",
     "blocked_suffix": "media, archive, font, model-weight or compiled file, or a lock file",
     "secret": "looks like it holds a secret (.env, key file, private key block, cloud token)",
-    "unknown_language": "no known language for its name (LICENSE, data files)",
+    "unknown_language": "no known language for its name, nor a `#!` line when it has no suffix (LICENSE, data files)",
     "language_not_selected": "language not among --languages",
     "broken_symlink": "symlink to nothing",
     "symlink_loop": "symlink loop",

@@ -1,7 +1,8 @@
 """File name -> language, and how each language writes a line comment.
 
 A file whose language is unknown is not code we want to learn from (LICENSE, data
-files, lock files): the scanner counts it as `unknown_language` and skips it.
+files, lock files): the scanner counts it as `unknown_language` and skips it. A file
+without a suffix that starts with a `#!` line is a script of the language it names.
 
     >>> language_of("src/app/main.py"), language_of("web/App.TSX"), language_of("Dockerfile")
     ('python', 'typescript', 'dockerfile')
@@ -170,6 +171,40 @@ FILENAME_LANGUAGES: dict[str, str] = {
     "WORKSPACE": "starlark",
 }
 
+# Interpreters a script without a suffix names on its `#!` line (`python3.11` is `python`)
+SHEBANG_LANGUAGES: dict[str, str] = {
+    "python": "python",
+    "pypy": "python",
+    "sh": "shell",
+    "bash": "shell",
+    "dash": "shell",
+    "zsh": "shell",
+    "ksh": "shell",
+    "mksh": "shell",
+    "fish": "shell",
+    "node": "javascript",
+    "nodejs": "javascript",
+    "ts-node": "typescript",
+    "ruby": "ruby",
+    "perl": "perl",
+    "php": "php",
+    "lua": "lua",
+    "Rscript": "r",
+    "julia": "julia",
+    "tclsh": "tcl",
+    "awk": "awk",
+    "gawk": "awk",
+    "pwsh": "powershell",
+    "make": "makefile",
+    "groovy": "groovy",
+    "elixir": "elixir",
+    "escript": "erlang",
+    "runghc": "haskell",
+    "runhaskell": "haskell",
+}
+SHEBANG_MAX_BYTES = 256
+"""How much of a file without a suffix is read to find its `#!` line."""
+
 # the languages file names and suffixes give (`--languages` names others only for a Hub dataset's column)
 KNOWN_LANGUAGES = frozenset(EXTENSION_LANGUAGES.values()) | frozenset(FILENAME_LANGUAGES.values())
 
@@ -278,10 +313,35 @@ def language_of(path: str) -> str | None:
     name = posixpath.basename(path)
     if name in FILENAME_LANGUAGES:
         return FILENAME_LANGUAGES[name]
-    dot = name.rfind(".")
-    if dot <= 0:  # no suffix, or a dot-file such as `.bashrc`
+    if not has_suffix(name):  # no suffix, or a dot-file such as `.bashrc`
         return None
-    return EXTENSION_LANGUAGES.get(name[dot:].lower())
+    return EXTENSION_LANGUAGES.get(name[name.rfind(".") :].lower())
+
+
+def has_suffix(name: str) -> bool:
+    """Whether file name ``name`` has a suffix (a dot-file such as `.bashrc` has none).
+
+    >>> has_suffix("main.py"), has_suffix("deploy"), has_suffix(".bashrc")
+    (True, False, False)
+    """
+    return name.rfind(".") > 0
+
+
+def script_language(head: str) -> str | None:
+    """The language of the interpreter the `#!` line starting ``head`` names, or None: how a script
+    without a suffix (`bin/deploy`) says what it is.
+
+    >>> script_language("#!/usr/bin/env python3\\nimport sys\\n"), script_language("#!/bin/bash -eu\\n")
+    ('python', 'shell')
+    >>> script_language("#!/usr/bin/env -S node --no-warnings\\n"), script_language("MIT License\\n")
+    ('javascript', None)
+    """
+    if not head.startswith("#!"):
+        return None
+    words = head[2:].split("\n", 1)[0].split()
+    if words and posixpath.basename(words[0]) == "env":  # `env [-S] [NAME=value] python3`
+        words = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+    return SHEBANG_LANGUAGES.get(posixpath.basename(words[0]).rstrip("0123456789.")) if words else None
 
 
 def line_comment(language: str) -> str:

@@ -28,7 +28,16 @@ from urllib.parse import unquote, urlparse
 from fimtune.config import CorpusConfig
 from fimtune.corpus.files import NOTEBOOK_RAW_SIZE_FACTOR, Document, Tally, accept, read_file, walk_folder
 from fimtune.corpus.filters import path_dirs_reason, secret_name_reason, size_reason, suffix_reason
-from fimtune.corpus.languages import NOTEBOOK_SUFFIX, UNKNOWN, canonical_language, content_language, language_of
+from fimtune.corpus.languages import (
+    NOTEBOOK_SUFFIX,
+    SHEBANG_MAX_BYTES,
+    UNKNOWN,
+    canonical_language,
+    content_language,
+    has_suffix,
+    language_of,
+    script_language,
+)
 from fimtune.corpus.notebooks import MalformedNotebook, notebook_to_code
 from fimtune.errors import DataError
 
@@ -304,7 +313,8 @@ def _row_document(i: int, row: Any, source: Source, cfg: CorpusConfig) -> Docume
     if reason or "\0" in text:
         return tally.skip(reason or "binary")
     column = _first_str(row, LANGUAGE_COLUMNS)
-    language = content_language(canonical_language(column) if column else language_of(path) or UNKNOWN, text)
+    script = None if has_suffix(name) else script_language(text[:SHEBANG_MAX_BYTES])  # as a file's
+    language = content_language(canonical_language(column) if column else language_of(path) or script or UNKNOWN, text)
     if is_notebook:
         try:
             text, language = notebook_to_code(text, keep_markdown=cfg.notebook_markdown)
