@@ -232,4 +232,8 @@ def test_languages():
     assert language_of("src/makefile") == language_of("GNUmakefile") == "makefile"
     assert language_of("LICENSE") is None
     assert language_of(".bashrc") is None
+    # variants of a Dockerfile and just's recipe files (both were `unknown_language`)
+    assert language_of("docker/Dockerfile.dev") == language_of("Containerfile.prod") == "dockerfile"
+    assert language_of("Dockerfile.py") == "python" and language_of("Dockerfile.dockerignore") is None
+    assert language_of("Justfile") == language_of("justfile") == language_of("tasks.just") == "just"
     assert line_comment("rust") == "//"

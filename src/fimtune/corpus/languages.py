@@ -147,6 +147,7 @@ EXTENSION_LANGUAGES: dict[str, str] = {
     ".hcl": "hcl",
     ".bzl": "starlark",
     ".dockerfile": "dockerfile",
+    ".just": "just",
     # Prose that lives beside code
     ".md": "markdown",
     ".mdx": "markdown",
@@ -166,10 +167,17 @@ FILENAME_LANGUAGES: dict[str, str] = {
     "Gemfile": "ruby",
     "Rakefile": "ruby",
     "Vagrantfile": "ruby",
+    "justfile": "just",  # just reads justfile, Justfile and .justfile
+    "Justfile": "just",
+    ".justfile": "just",
     "BUILD": "starlark",
     "BUILD.bazel": "starlark",
     "WORKSPACE": "starlark",
 }
+
+DOCKERFILE_PREFIXES = ("Dockerfile.", "Containerfile.")
+"""`Dockerfile.dev`, `Dockerfile.prod`: variants of one image's Dockerfile (`docker build -f`)."""
+DOCKERIGNORE_SUFFIX = ".dockerignore"  # `Dockerfile.dockerignore` is the ignore file of that Dockerfile
 
 # Interpreters a script without a suffix names on its `#!` line (`python3.11` is `python`)
 SHEBANG_LANGUAGES: dict[str, str] = {
@@ -309,13 +317,18 @@ def language_of(path: str) -> str | None:
 
     >>> language_of("a/b/CMakeLists.txt"), language_of("kernels/x.cu"), language_of("data.csv")
     ('cmake', 'cuda', None)
+    >>> language_of("docker/Dockerfile.dev"), language_of("Justfile"), language_of("Dockerfile.dockerignore")
+    ('dockerfile', 'just', None)
     """
     name = posixpath.basename(path)
     if name in FILENAME_LANGUAGES:
         return FILENAME_LANGUAGES[name]
     if not has_suffix(name):  # no suffix, or a dot-file such as `.bashrc`
         return None
-    return EXTENSION_LANGUAGES.get(name[name.rfind(".") :].lower())
+    suffix = name[name.rfind(".") :].lower()
+    if suffix not in EXTENSION_LANGUAGES and name.startswith(DOCKERFILE_PREFIXES) and suffix != DOCKERIGNORE_SUFFIX:
+        return "dockerfile"
+    return EXTENSION_LANGUAGES.get(suffix)
 
 
 def has_suffix(name: str) -> bool:
