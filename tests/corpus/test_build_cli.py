@@ -176,6 +176,22 @@ def test_overwrite_refuses_a_folder_that_only_looks_like_a_build(tmp_path, capsy
     assert leftovers(tmp_path, "myproject") == ["myproject"]
 
 
+def test_an_out_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys):
+    """A folder the user may not write in: said before any file is read (as another user than root),
+    or when writing (root may write everywhere but /proc); it was a traceback after the whole build."""
+    write(tmp_path, "src/a.py", code("a"))
+    if os.geteuid() != 0:
+        (tmp_path / "locked").mkdir(mode=0o555)
+        out = tmp_path / "locked" / "data"
+    elif os.path.isdir("/proc/self"):
+        out = Path("/proc/self/fimtune-test-out")
+    else:
+        pytest.skip("running as root without /proc: no folder to refuse a write")
+    rc, _, err = run_main([str(tmp_path / "src"), "--out", str(out)], capsys)
+    assert rc == 2 and err.startswith(f"error: cannot write --out '{out}'") and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_output_inside_the_source_is_not_read_back(tmp_path):
     write(tmp_path, "a.py", code("a"))
     write(tmp_path, "b.py", code("b"))

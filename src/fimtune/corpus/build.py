@@ -135,6 +135,9 @@ def check_out(out: Path, overwrite: bool) -> None:
     """An existing ``out`` needs --overwrite, and is only replaced when it is an earlier build (or empty)."""
     if file := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
         raise DataError(f"--out '{out}': '{file}' is a file, not a folder")
+    base = next(p for p in out.parents if p.exists())  # where the output's folders will be made
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write --out '{out}': '{base}' is not writable; pass another --out")
     if not out.exists() and not out.is_symlink():
         return
     if not overwrite:
@@ -332,10 +335,13 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
 
     A failure (or Ctrl-C) removes the temporary folder and leaves an earlier ``out`` as it was.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     old = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:  # a folder that refuses writes (read-only, no permission): after the whole build
+        raise DataError(f"cannot write --out '{out}': {e.strerror}; pass another --out") from None
     try:
         write(tmp)
         if out.exists() or out.is_symlink():
