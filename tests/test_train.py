@@ -139,6 +139,31 @@ def test_resume_says_which_checkpoint_and_step_it_continues_from(
     assert "resuming from checkpoint step-000006 (step 6 of 6): the run has ended" in capsys.readouterr().out
 
 
+def test_the_plan_says_which_steps_a_resumed_or_stopped_call_runs(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache, capsys
+):
+    """`--resume` and `--stop-after` run part of the run: the plan said the whole run's steps, and
+    estimated their time. A --stop-after at or before the checkpoint is refused before any model loads."""
+    from fimtune.cli import main
+    from fimtune.train import describe_plan
+
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    cfg = run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=6", "train.save_every=2")
+    assert "steps            6 (1,536 tokens)\n" in describe_plan(cfg)
+    assert "; this call runs steps 1-4 (--stop-after 4)\n" in describe_plan(cfg, 0, 4)
+    quiet_fit(cfg, stop_after=4)
+    args = ["train", f"output_dir={tmp_path / 'run'}", f"model.name_or_path={base}", f"data.path={repetitive_data}"]
+    args += ["train.max_steps=6"]
+    capsys.readouterr()
+    assert main([*args, "train.batch_size=4", "packing.seq_length=64", "--resume", "--dry-run"]) == 0
+    assert "; this call runs steps 5-6 (--resume from step 4)\n" in capsys.readouterr().out
+    assert main([*args, "--resume", "--stop-after", "5", "--dry-run"]) == 0
+    assert "this call runs steps 5-5 (--resume from step 4, --stop-after 5)" in capsys.readouterr().out
+    assert main([*args, "--resume", "--stop-after", "4"]) == 2
+    assert "--stop-after 4: the run is at step 4 already" in capsys.readouterr().err
+    assert "none left (its checkpoint is at step 6)" in describe_plan(cfg, 6)
+
+
 def test_resume_refuses_settings_that_change_the_run(tmp_path, tiny_tokenizer, repetitive_data, token_cache, caplog):
     """A resumed run's optimizer and schedule keep some old settings (the learning rate in the
     optimizer's state) and take others midway (the schedule's length): a change of the run itself is

@@ -255,6 +255,11 @@ def prune(run_dir: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def step_of(ckpt: Path) -> int:
+    """The step a checkpoint folder was saved at (``step-000040``: 40)."""
+    return int(_STEP_DIR.match(ckpt.name).group(1))  # type: ignore[union-attr]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint that `state` points to, else the newest complete one."""
     link = run_dir / "state"

@@ -131,9 +131,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     preflight(cfg)  # what a run would refuse only after loading the model, refused now (--dry-run too)
 
+    from fimtune import checkpoint
+
+    ckpt = checkpoint.latest_checkpoint(Path(cfg.output_dir)) if ns.resume else None
+    first = checkpoint.step_of(ckpt) if ckpt else 0
+    if ns.stop_after is not None and ns.stop_after <= first:  # as the run would, before loading its model
+        raise FimtuneError(f"--stop-after {ns.stop_after}: the run is at step {first} already (its last checkpoint)")
     main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`, one plan, not one per process
     if main_process:
-        print(describe_plan(cfg))
+        print(describe_plan(cfg, first, ns.stop_after))
     if ns.dry_run:
         if main_process and cfg.data.path:  # the plan reads no data; the run would refuse a missing folder
             from fimtune.dataset import check_folder

@@ -1162,8 +1162,11 @@ def preflight(cfg: RunConfig) -> None:
         raise FimtuneError(f"train.cuda_graphs: {why}; drop train.cuda_graphs")
 
 
-def describe_plan(cfg: RunConfig) -> str:
-    """What `fimtune train` will do: trainable parameters, tokens per step, device, dtype, duration."""
+def describe_plan(cfg: RunConfig, first_step: int = 0, stop_after: int | None = None) -> str:
+    """What `fimtune train` will do: trainable parameters, tokens per step, device, dtype, duration.
+
+    A call that resumes at ``first_step`` or stops after ``stop_after`` says which steps it runs, and
+    its estimate is for those."""
     import os
 
     from fimtune.model import KNOWN_CONFIGS, plan, resolve_dtype
@@ -1200,8 +1203,18 @@ def describe_plan(cfg: RunConfig) -> str:
         f"x {world} x {cfg.packing.seq_length})",
     ]
     if steps:
-        seconds = steps * tokens_per_step * flops_per_token / (ASSUMED_FLOPS.get(klass, 20e12) * world)
-        lines.append(f"steps            {steps} ({steps * tokens_per_step:,} tokens)")
+        end = min(stop_after or steps, steps)
+        start = min(first_step, end)
+        now = ""
+        if (start, end) != (0, steps):
+            why = [
+                f"--resume from step {first_step}" if first_step else "",
+                f"--stop-after {end}" if end < steps else "",
+            ]
+            now = f"; this call runs steps {start + 1}-{end} ({', '.join(w for w in why if w)})" if end > start else ""
+            now = now or f"; none left (its checkpoint is at step {first_step}): its final validation runs again"
+        seconds = (end - start) * tokens_per_step * flops_per_token / (ASSUMED_FLOPS.get(klass, 20e12) * world)
+        lines.append(f"steps            {steps} ({steps * tokens_per_step:,} tokens){now}")
         lines.append(
             f"estimated time   {_duration(seconds)} (assuming {ASSUMED_FLOPS.get(klass, 20e12) / 1e12:g} TFLOP/s "
             f"sustained per {klass} device, {flops_per_token / 1e9:.2f} GFLOP per token)"
