@@ -143,7 +143,8 @@ def test_the_plan_says_which_steps_a_resumed_or_stopped_call_runs(
     tmp_path, tiny_tokenizer, repetitive_data, token_cache, capsys
 ):
     """`--resume` and `--stop-after` run part of the run: the plan said the whole run's steps, and
-    estimated their time. A --stop-after at or before the checkpoint is refused before any model loads."""
+    estimated their time. A --stop-after at or before the checkpoint, and changed settings, are
+    refused before any model loads (`--dry-run` too)."""
     from fimtune.cli import main
     from fimtune.train import describe_plan
 
@@ -152,15 +153,16 @@ def test_the_plan_says_which_steps_a_resumed_or_stopped_call_runs(
     assert "steps            6 (1,536 tokens)\n" in describe_plan(cfg)
     assert "; this call runs steps 1-4 (--stop-after 4)\n" in describe_plan(cfg, 0, 4)
     quiet_fit(cfg, stop_after=4)
-    args = ["train", f"output_dir={tmp_path / 'run'}", f"model.name_or_path={base}", f"data.path={repetitive_data}"]
-    args += ["train.max_steps=6"]
+    args = ["train", "--config", str(tmp_path / "run" / "config.yaml"), "--resume"]
     capsys.readouterr()
-    assert main([*args, "train.batch_size=4", "packing.seq_length=64", "--resume", "--dry-run"]) == 0
+    assert main([*args, "--dry-run"]) == 0
     assert "; this call runs steps 5-6 (--resume from step 4)\n" in capsys.readouterr().out
-    assert main([*args, "--resume", "--stop-after", "5", "--dry-run"]) == 0
+    assert main([*args, "--stop-after", "5", "--dry-run"]) == 0
     assert "this call runs steps 5-5 (--resume from step 4, --stop-after 5)" in capsys.readouterr().out
-    assert main([*args, "--resume", "--stop-after", "4"]) == 2
+    assert main([*args, "--stop-after", "4"]) == 2
     assert "--stop-after 4: the run is at step 4 already" in capsys.readouterr().err
+    assert main([*args, "train.learning_rate=1e-3", "--dry-run"]) == 2  # told now, not once the model loaded
+    assert "--resume: these settings differ from the run's" in capsys.readouterr().err
     assert "none left (its checkpoint is at step 6)" in describe_plan(cfg, 6)
 
 

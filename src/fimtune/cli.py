@@ -135,7 +135,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     ckpt = checkpoint.latest_checkpoint(Path(cfg.output_dir)) if ns.resume else None
     first = checkpoint.step_of(ckpt) if ckpt else 0
-    if ns.stop_after is not None and ns.stop_after <= first:  # as the run would, before loading its model
+    if ckpt:  # what the run refuses before loading its model, refused now (--dry-run too)
+        from fimtune.config import resolved_paths
+        from fimtune.train import check_resumed_config
+
+        check_resumed_config(resolved_paths(cfg), Path(cfg.output_dir))
+    if ns.stop_after is not None and ns.stop_after <= first:
         raise FimtuneError(f"--stop-after {ns.stop_after}: the run is at step {first} already (its last checkpoint)")
     main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`, one plan, not one per process
     if main_process:
