@@ -169,12 +169,18 @@ def test_the_plan_says_which_steps_a_resumed_or_stopped_call_runs(
 def test_resume_refuses_settings_that_change_the_run(tmp_path, tiny_tokenizer, repetitive_data, token_cache, caplog):
     """A resumed run's optimizer and schedule keep some old settings (the learning rate in the
     optimizer's state) and take others midway (the schedule's length): a change of the run itself is
-    refused, naming it, and config.yaml stays; when to log, evaluate and save may change."""
+    refused, naming it, and config.yaml stays; when to log, evaluate and save may change, and so may
+    `train.num_epochs` while `train.max_steps` sets the length."""
+    from dataclasses import replace
+
+    from fimtune.train import check_resumed_config
+
     base = model_dir(tmp_path, tiny_tokenizer, "llama")
     extra = ("train.max_steps=8", "train.save_every=0", "train.eval_every=4")
     quiet_fit(run_config(tmp_path, base, repetitive_data, "run", *extra), stop_after=4)
     saved = (tmp_path / "run" / "config.yaml").read_text()
-    for change in ("train.learning_rate=1e-3", "train.max_steps=16", "lora.r=4", "packing.seq_length=32", "seed=1"):
+    for change in ("train.learning_rate=1e-3", "train.max_steps=16", "lora.r=4", "packing.seq_length=32", "seed=1",
+                   "train.max_steps=null"):  # fmt: skip
         key = change.split("=")[0]
         with pytest.raises(FimtuneError, match=rf"--resume: these settings differ .*{key}: "):
             quiet_fit(run_config(tmp_path, base, repetitive_data, "run", *extra, change), resume=True)
@@ -185,6 +191,10 @@ def test_resume_refuses_settings_that_change_the_run(tmp_path, tiny_tokenizer, r
     )
     with pytest.raises(FimtuneError, match="--stop-after 3: the run is at step 4 already"):
         quiet_fit(again, resume=True, stop_after=3)
+    epochs = run_config(tmp_path, base, repetitive_data, "run", *extra, "train.num_epochs=3")  # max_steps rules
+    check_resumed_config(epochs, tmp_path / "run")
+    with pytest.raises(FimtuneError, match="train.num_epochs: "):  # epochs would rule: the run's length changes
+        check_resumed_config(replace(epochs, train=replace(epochs.train, max_steps=None)), tmp_path / "run")
     with caplog.at_level(logging.WARNING, logger="fimtune.train"):
         run = quiet_fit(again, resume=True, stop_after=20)  # past the end: the run ends, validated
     assert "--stop-after 20: the run's last step is 8; it runs to its end" in caplog.text

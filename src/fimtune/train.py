@@ -878,7 +878,9 @@ def check_resumed_config(cfg: RunConfig, run_dir: Path) -> None:
     if not saved.is_file():
         return
     before = resolved_paths(load_run_config(saved))  # a run saved with relative paths: as from here
-    changed = [c for c in changes(before, cfg) if c[0] not in RESUMABLE_CHANGES]
+    # epochs set nothing while max_steps sets the run's length (`run_steps` warns that they are ignored)
+    ignored = {"train.num_epochs"} if before.train.max_steps is not None and cfg.train.max_steps is not None else set()
+    changed = [c for c in changes(before, cfg) if c[0] not in RESUMABLE_CHANGES | ignored]
     if changed:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
         raise FimtuneError(
