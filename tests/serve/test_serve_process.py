@@ -296,6 +296,37 @@ def test_a_server_stopped_while_its_engine_warms_up_does_not_wait_for_the_warm_u
     assert engine.exitcode == 0  # it ended on its own, not killed
 
 
+ORPHAN_PARENT = """
+import functools, multiprocessing, threading, time
+from fimtune.serve.engine import Limits
+from fimtune.serve.process import EngineProcess
+
+engine = EngineProcess(functools.partial(time.sleep, 600), Limits())  # a model that takes its time to load
+threading.Thread(target=engine.launch, daemon=True).start()
+while engine._process is None or engine._process.pid is None:
+    time.sleep(0.01)
+print(engine._process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_engine_process_still_loading_ends_when_its_server_is_killed():
+    """A server killed while its model loads (SIGKILL; SIGTERM, which it does not catch before it serves)
+    leaves no engine process behind, loading on, holding the model's memory."""
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_PARENT], stdout=subprocess.PIPE, text=True)
+    engine_pid = 0
+    try:
+        engine_pid = int(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        wait_until(lambda: _gone(engine_pid), timeout_s=60, delay=0.1)  # bounds a hang: it loads for 600 s
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        if engine_pid and not _gone(engine_pid):
+            os.kill(engine_pid, signal.SIGKILL)
+
+
 def _children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (Linux)."""
     out = []

@@ -33,6 +33,7 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import threading
 import time
@@ -380,6 +381,7 @@ def _engine_main(conn: Any, factory: EngineFactory, threads: int | None, log_lev
     # server stops this process itself once it has shut down (or this one sees its pipe close).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _end_with_the_server()
     logging.basicConfig(level=log_level, format="%(levelname)s [engine process] %(name)s: %(message)s")
     if threads:
         import torch
@@ -404,6 +406,21 @@ def _engine_main(conn: Any, factory: EngineFactory, threads: int | None, log_lev
             "max_input_tokens": engine.limits.max_input_tokens,  # lowered there to the model's positions
         }
     )
+
+
+def _end_with_the_server() -> None:
+    """End this process as soon as the server's ends, even while the model loads (minutes for a large
+    one, the pipe unread meanwhile): a server killed then (SIGKILL, or SIGTERM, which it leaves to its
+    default before it serves) must leave no process behind holding the model's memory."""
+    server = multiprocessing.parent_process()
+    if server is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([server.sentinel])
+        os._exit(1)  # nobody is left to answer; the model's memory goes with the process
+
+    threading.Thread(target=watch, name="fimtune-engine-watch", daemon=True).start()
 
 
 class _Host:
