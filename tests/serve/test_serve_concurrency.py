@@ -116,6 +116,32 @@ def test_the_engine_keeps_its_switch_interval_while_it_runs_and_gives_pythons_ba
     assert sys.getswitchinterval() == python_default
 
 
+def test_a_server_stopped_while_its_engine_warms_up_does_not_wait_for_the_warm_up(tiny_run):
+    """A Ctrl-C while the engine compiles its GPU graphs (minutes) ends the server at once, as with the
+    engine in a process of its own: its process is about to end, and the worker is a daemon thread."""
+    app = make_app(tiny_run, timeout_s=600.0)
+    engine = app.state.service.engine
+    compiled, stopped = threading.Event(), threading.Event()
+    warm_up, stop = engine._warm_up, engine.stop
+
+    def slow_warm_up() -> None:
+        compiled.wait(600)
+        warm_up()
+
+    def stop_and_tell(**kwargs) -> None:
+        stop(**kwargs)
+        stopped.set()
+
+    engine._warm_up, engine.stop = slow_warm_up, stop_and_tell
+    try:
+        with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+            assert c.get("/health").json() == {"status": "warming_up"}
+        assert stopped.wait(60)  # bounds a hang: the server's shutdown waited for the warm-up (timeout_s)
+    finally:
+        compiled.set()
+        engine._thread.join(60)
+
+
 def test_full_queue_answers_503_with_retry_after(tiny_run):
     app = make_app(tiny_run, queue_size=1)
     engine = app.state.service.engine

@@ -35,7 +35,7 @@ from fimtune.serve import schemas as s
 from fimtune.serve import shapes
 from fimtune.serve.engine import MIN_INPUT_TOKENS, Engine, Limits
 from fimtune.serve.http import CONTENT_TYPE, ApiError, Gate, error_response, read_json
-from fimtune.serve.process import EngineProcess
+from fimtune.serve.process import WARMING_UP_STOP_S, EngineProcess
 from fimtune.serve.service import Service
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,10 @@ def create_app(engine: Engine | EngineProcess, prompter: Any, mode: str, api_key
         try:
             yield
         finally:
-            engine.stop()
+            if isinstance(engine, EngineProcess):
+                engine.stop()
+            else:  # the server's process ends next: a warm-up (minutes of compiling on a GPU) is not waited for
+                engine.stop(warming_up_s=WARMING_UP_STOP_S)
 
     app = FastAPI(title="fimtune", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = svc
