@@ -325,6 +325,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def server_url(sock: socket.socket, host: str) -> str:
+    """Where clients reach the server: the port its socket took (`--port 0`: any free one), an IPv6
+    host in brackets."""
+    port = sock.getsockname()[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def main(ns: Any) -> int:
     """`fimtune serve TARGET`: load the model and adapters, then serve until interrupted."""
     import uvicorn
@@ -360,7 +367,7 @@ def main(ns: Any) -> int:
     graphs = ", CUDA-graph decoding (compiled at start-up)" if engine.describe()["cuda_graphs_active"] else ""
     where = ", the model in a process of its own" if isinstance(engine, EngineProcess) else ""
     print(
-        f"serving {', '.join(engine.models)} ({mode.upper()} prompts{graphs}{where}) on http://{ns.host}:{ns.port}",
+        f"serving {', '.join(engine.models)} ({mode.upper()} prompts{graphs}{where}) on {server_url(sock, ns.host)}",
         flush=True,
     )
     server = uvicorn.Server(uvicorn.Config(app, host=ns.host, port=ns.port, log_level="info"))
