@@ -67,46 +67,48 @@ def test_quickstart_runs(tmp_path, tiny_tokenizer):
 
 
 def serve_and_ask(tmp_path: Path, args: list[str]) -> None:
-    """Start the README's serve command on a free port, ask /health and /infill, stop it."""
+    """Start the README's serve command on a free port (`--port 0`: the one it took is in the line it
+    prints), ask /health and /infill, stop it."""
     import httpx
 
-    port = free_port()
-    args = [a if a != "8080" else str(port) for a in args]
+    args = [a if a != "8080" else "0" for a in args]
     proc = subprocess.Popen(
         [sys.executable, "-m", "fimtune", *args],
         cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
+        url, _ = served_url(proc)
         deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.5)
         r = httpx.post(
-            f"http://127.0.0.1:{port}/infill",
+            f"{url}/infill",
             json={"input_prefix": "def add(a, b):\n", "input_suffix": "", "n_predict": 4},
             timeout=60,
         )
         assert r.status_code == 200 and "content" in r.json()
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.communicate(timeout=30)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def served_url(proc: subprocess.Popen) -> tuple[str, str]:
+    """The address `fimtune serve` says it serves on (with `--port 0`, the port it took), and its line
+    saying so (its first)."""
+    said = proc.stdout.readline()
+    found = re.search(r" on (http://\S+)$", said.strip())
+    assert found and not found[1].endswith(":0"), said + proc.stderr.read()[-3000:]
+    return found[1], said
 
 
 def test_quickstart_block_is_found():

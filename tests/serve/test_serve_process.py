@@ -29,7 +29,7 @@ from serve_helpers import (
     sse_events,
     wait_until,
 )
-from tests.test_readme import free_port
+from tests.test_readme import served_url
 
 from fimtune.errors import FimtuneError
 from fimtune.serve.engine import Limits, load_engine
@@ -346,32 +346,32 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_fimtune_serve_engine_process_answers_and_stops_with_the_server(tiny_run, server):
-    port = free_port()
-    cmd = [sys.executable, "-m", "fimtune", "serve", str(tiny_run), "--engine-process", "--port", str(port)]
+    cmd = [sys.executable, "-m", "fimtune", "serve", str(tiny_run), "--engine-process", "--port", "0"]
     cmd += ["--threads", "1", "--max-input-tokens", "200", "--max-new-tokens", "64"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     body = {"input_prefix": "def add(a, b):\n", "input_suffix": "\n", "n_predict": 6, "temperature": 0}
     try:
-        wait_until(lambda: proc.poll() is not None or _up(port), timeout_s=120, delay=0.2)
+        url, said = served_url(proc)  # `--port 0`: any free port, the one it took said
+        wait_until(lambda: proc.poll() is not None or _up(url), timeout_s=120, delay=0.2)
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         engines = _children(proc.pid)
         assert engines, "no engine process"
-        got = httpx.post(f"http://127.0.0.1:{port}/infill", json=body, timeout=60).json()["content"]
+        got = httpx.post(f"{url}/infill", json=body, timeout=60).json()["content"]
         expected = httpx.post(f"{server[0]}/infill", json=body, timeout=60).json()["content"]
         assert got == expected
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # as a service manager stops a service: every process of it
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     # uvicorn shuts down cleanly, then raises the signal again (its exit status says SIGTERM); the
     # engine's process ignored the signal and stopped when the server told it to
     assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in err, err[-3000:]
     assert "did not stop in time" not in err and "leaked" not in err, err[-3000:]
-    assert "the model in a process of its own" in out
+    assert "the model in a process of its own" in said
     wait_until(lambda: all(_gone(pid) for pid in engines), delay=0.1)
 
 
-def _up(port: int) -> bool:
+def _up(url: str) -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
