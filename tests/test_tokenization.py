@@ -78,6 +78,29 @@ def test_cache_is_written_atomically(tiny_tokenizer, texts, tmp_path):
     assert sorted(p.name for p in out.path.iterdir()) == ["meta.json", "offsets.npy", "tokens.bin"]
 
 
+@pytest.mark.parametrize(
+    "damage",
+    ["tokens.bin cut", "tokens.bin deleted", "offsets.npy cut", "offsets.npy deleted", "meta.json cut"],
+)
+def test_a_damaged_cache_entry_is_tokenized_again(tiny_tokenizer, texts, tmp_path, damage, caplog):
+    """A cache entry with a file cut short (a full disk, a copy of the cache interrupted) or deleted
+    was a traceback (`mmap length is greater than file size`, a JSONDecodeError): it is written again."""
+    ds = split(texts)
+    first = tokenize_split(ds, tiny_tokenizer, cache_dir=tmp_path, progress=False)
+    tokens, offsets = np.array(first.tokens), first.offsets.copy()
+    name, what = damage.split()
+    path = first.path / name
+    if what == "cut":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.unlink()
+    again = tokenize_split(ds, tiny_tokenizer, cache_dir=tmp_path, progress=False)
+    assert not again.from_cache and "is damaged" in caplog.text and "tokenizing again" in caplog.text
+    assert np.array_equal(again.tokens, tokens) and np.array_equal(again.offsets, offsets)
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # the damaged copy is gone
+    assert tokenize_split(ds, tiny_tokenizer, cache_dir=tmp_path, progress=False).from_cache
+
+
 def test_cache_key_follows_content_and_tokenizer(tiny_tokenizer, tiny_tokenizer_without_fim, texts):
     key = dataset_fingerprint(split(texts), "content")
     assert dataset_fingerprint(split(list(texts)), "content") == key  # rebuilt, same files: same key

@@ -7,7 +7,8 @@
 
 Training, evaluation and `fimtune data inspect` share the cache; the arrays are
 memory-mapped on load. The folder is written to a temporary name and renamed, so a
-reader never sees half a cache.
+reader never sees half a cache; an entry damaged later (a file cut short or deleted) is
+written again.
 
 Documents are tokenized as plain text: no BOS/EOS added (the packer adds the separator),
 and a literal ``<|endoftext|>`` or ``<fim_prefix>`` inside a source file stays text rather
@@ -22,6 +23,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -34,6 +36,8 @@ from typing import Any
 import numpy as np
 
 from fimtune.errors import FimtuneError
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "FIMTUNE_CACHE"
 CACHE_FORMAT = "fimtune-tokens-v2"  # bump when the files or the encoding options change
@@ -321,10 +325,14 @@ def tokenize_split(
         raise FimtuneError(f"the dataset has no column '{column}' (columns: {', '.join(ds.column_names)})")
     root = cache_dir or cache_root()
     folder = root / f"{dataset_fingerprint(ds, column)}-{tokenizer_fingerprint(tokenizer)}"
-    if not (folder / "meta.json").is_file():
-        _write_cache(ds, tokenizer, column, folder, progress)
-        return _load_cache(folder, from_cache=False)
-    return _load_cache(folder, from_cache=True)
+    if (folder / "meta.json").is_file():
+        try:
+            return _load_cache(folder, from_cache=True)
+        except DamagedCache as e:  # a file cut short or deleted (a full disk, a user's cleanup): write it again
+            log.warning("the token cache %s is damaged (%s): tokenizing again", folder, e)
+            _discard(folder)
+    _write_cache(ds, tokenizer, column, folder, progress)
+    return _load_cache(folder, from_cache=False)
 
 
 def _write_cache(ds: Any, tokenizer: Any, column: str, folder: Path, progress: bool) -> None:
@@ -384,14 +392,38 @@ def _publish(tmp: Path, folder: Path) -> None:
             raise
 
 
+class DamagedCache(Exception):
+    """A cache entry whose files do not agree with its meta.json (cut short, deleted, unparsable)."""
+
+
+def _discard(folder: Path) -> None:
+    """Take a damaged cache entry out of the way: renamed first, so no reader finds it half deleted."""
+    aside = folder.parent / f".{folder.name}.damaged.{secrets.token_hex(8)}"
+    try:
+        folder.rename(aside)
+    except FileNotFoundError:  # another process took it away first
+        return
+    except OSError as e:
+        raise FimtuneError(f"the token cache {folder} is damaged and could not be removed ({e}); delete it") from None
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _load_cache(folder: Path, from_cache: bool) -> TokenizedSplit:
-    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    offsets = np.load(folder / "offsets.npy")
-    n = int(meta["n_tokens"])
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        offsets = np.load(folder / "offsets.npy")
+        n_docs, n, chars = int(meta["n_docs"]), int(meta["n_tokens"]), int(meta["chars"])
+        size, expected = (folder / "tokens.bin").stat().st_size, n * np.dtype(TOKEN_DTYPE).itemsize
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:  # JSON and .npy errors are ValueErrors
+        raise DamagedCache(f"{type(e).__name__}: {e}") from None
+    if offsets.shape != (n_docs + 1,) or offsets[-1] != n:
+        raise DamagedCache(f"offsets.npy does not hold the {n_docs + 1} offsets of {n} tokens")
+    if size != expected:
+        raise DamagedCache(f"tokens.bin holds {size} bytes, not the {expected} of {n} tokens")
     tokens = (
         np.memmap(folder / "tokens.bin", dtype=TOKEN_DTYPE, mode="r", shape=(n,)) if n else np.zeros(0, TOKEN_DTYPE)
     )
-    return TokenizedSplit(tokens, offsets, int(meta["chars"]), folder, from_cache)
+    return TokenizedSplit(tokens, offsets, chars, folder, from_cache)
 
 
 class TextColumn:
