@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -314,6 +315,26 @@ def test_an_interrupted_gguf_dequantization_leaves_nothing_in_the_cache(tmp_path
     (theirs / "config.json").write_text("{}")
     assert model_module.materialize_gguf(ModelSource(str(tmp_path), "m.gguf")) == out
     assert (out / "model.safetensors").is_file() and (theirs / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("size", [100, 2_000_000])
+def test_a_gguf_file_cut_short_is_a_clear_error(tmp_path, monkeypatch, size):
+    """A GGUF file cut short (an interrupted download) was a `struct.error` or a reshape's ValueError
+    from deep in the GGUF reader: now one message naming the file and what to do."""
+    from fimtune.hub import embedded_gguf, load_tokenizer
+    from fimtune.model import model_config
+
+    monkeypatch.setenv("FIMTUNE_CACHE", str(tmp_path / "cache"))
+    cut = tmp_path / "cut.gguf"
+    with embedded_gguf().open("rb") as f:
+        cut.write_bytes(f.read(size))
+    expected = rf"could not read GGUF file '{re.escape(str(cut))}' .*cut short .*download it again"
+    with pytest.raises(FimtuneError, match=expected):
+        load_tokenizer(str(cut))
+    with pytest.raises(FimtuneError, match=expected):
+        load_base_model(ModelConfig(name_or_path=str(cut)), torch.device("cpu"))
+    with pytest.raises(FimtuneError, match=expected):  # `train --dry-run`'s plan reads it too
+        model_config(str(cut))
 
 
 def test_the_gguf_cache_shares_the_token_caches_folder_with_a_tilde_in_fimtune_cache(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import socket
+import struct
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -155,6 +156,15 @@ def hub_error(name: str, err: Exception) -> FimtuneError:
     )
 
 
+def gguf_error(path: Path, err: Exception) -> FimtuneError:
+    """The message for a GGUF file that cannot be read: most often one cut short (an interrupted
+    download or copy), which the GGUF reader reports as a failed unpack or reshape."""
+    return FimtuneError(
+        f"could not read GGUF file '{path}' ({type(err).__name__}: {err}): if it is cut short or damaged "
+        "(an interrupted download or copy), download it again"
+    )
+
+
 @cache
 def load_tokenizer(name_or_path: str) -> Any:
     """The fast tokenizer of a model (cached per process; GGUF tokenizers take seconds)."""
@@ -164,7 +174,9 @@ def load_tokenizer(name_or_path: str) -> Any:
     if Path(src.name_or_path).exists():
         try:
             return AutoTokenizer.from_pretrained(src.name_or_path, **src.kwargs())
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, struct.error) as e:  # struct.error: a GGUF file cut short
+            if src.gguf_file:
+                raise gguf_error(Path(src.label), e) from None
             raise FimtuneError(f"could not load a tokenizer from '{src.label}': {e}") from None
     try:
         return AutoTokenizer.from_pretrained(offline_path(src.name_or_path))

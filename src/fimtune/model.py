@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import shutil
+import struct
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from safetensors import SafetensorError
 from fimtune.config import LoraConfig, ModelConfig
 from fimtune.errors import FimtuneError
 from fimtune.fim import FimTokens
-from fimtune.hub import ModelSource, hub_error, load_tokenizer, offline_path, resolve_model
+from fimtune.hub import ModelSource, gguf_error, hub_error, load_tokenizer, offline_path, resolve_model
 from fimtune.tokenization import CACHE_ENV, cache_home
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,10 @@ def materialize_gguf(src: ModelSource) -> Path:
     from transformers import AutoModelForCausalLM
 
     log.info("dequantizing %s once into %s", gguf, out)
-    model = AutoModelForCausalLM.from_pretrained(src.name_or_path, gguf_file=src.gguf_file, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.name_or_path, gguf_file=src.gguf_file, dtype=torch.float32)
+    except (OSError, ValueError, struct.error) as e:  # struct.error, a reshape's ValueError: a file cut short
+        raise gguf_error(gguf, e) from None
     # The weights are plain tensors once dequantized: drop the GGUF marker so they save normally.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -408,7 +412,10 @@ def model_config(name_or_path: str) -> Any:
         return CONFIG_MAPPING[values.pop("model_type")](**values)
     src = resolve_model(name_or_path)
     if src.gguf_file:  # GGUF metadata only: no weights are read
-        return AutoConfig.from_pretrained(src.name_or_path, gguf_file=src.gguf_file)
+        try:
+            return AutoConfig.from_pretrained(src.name_or_path, gguf_file=src.gguf_file)
+        except (OSError, ValueError, struct.error) as e:
+            raise gguf_error(Path(src.label), e) from None
     try:
         return AutoConfig.from_pretrained(src.name_or_path if src.is_local else offline_path(src.name_or_path))
     except OSError as e:
