@@ -337,6 +337,39 @@ def test_a_gguf_file_cut_short_is_a_clear_error(tmp_path, monkeypatch, size):
         model_config(str(cut))
 
 
+def test_a_dequantized_gguf_copy_damaged_since_is_written_again_or_named(tmp_path, tiny_tokenizer, monkeypatch):
+    """A file of the cached copy deleted since (a cleanup) counted as cached while config.json stood:
+    a missing model.safetensors was an error naming a folder the user never gave, a missing config.json
+    a ValueError (`Unrecognized model`). Such a copy is written again; a file of it cut short is named
+    with the fix."""
+    import transformers
+
+    from fimtune import model as model_module
+
+    monkeypatch.setenv("FIMTUNE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    model = tiny.gpt_bigcode(len(tiny_tokenizer))
+
+    def from_pretrained(*args, **kwargs):  # the GGUF file stands in for the tiny model; its copy loads for real
+        return model if kwargs.get("gguf_file") else load(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(model_module, "load_tokenizer", lambda _: tiny_tokenizer)
+    cfg = ModelConfig(name_or_path=str(tmp_path / "m.gguf"))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        expected = load_base_model(cfg, torch.device("cpu"))(ids).logits
+        [copy] = (tmp_path / "cache" / "models").iterdir()
+        for name in ("model.safetensors", "config.json"):
+            (copy / name).unlink()
+            torch.testing.assert_close(load_base_model(cfg, torch.device("cpu"))(ids).logits, expected)
+            assert [p.name for p in copy.parent.iterdir()] == [copy.name] and (copy / name).is_file()
+    (copy / "config.json").write_text("{")
+    with pytest.raises(FimtuneError, match=r"dequantized copy .* is damaged .*delete that folder"):
+        load_base_model(cfg, torch.device("cpu"))
+
+
 def test_the_gguf_cache_shares_the_token_caches_folder_with_a_tilde_in_fimtune_cache(tmp_path, monkeypatch):
     """FIMTUNE_CACHE=~/c (quoted, or from a unit file) put dequantized models in ./~/c, beside each
     working folder, while the token cache went to ~/c."""

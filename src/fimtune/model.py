@@ -111,8 +111,13 @@ def materialize_gguf(src: ModelSource) -> Path:
     stamp = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:transformers-{transformers.__version__}"
     key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
     out = cache_home() / "models" / f"{gguf.stem}-{key}"
-    if (out / "config.json").is_file():
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
+    if out.exists():  # a file of it deleted since (a user's cleanup): out of the way, renamed first
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.damaged.", dir=out.parent))
+        with contextlib.suppress(FileNotFoundError):  # another process took it away first
+            out.rename(aside / out.name)
+        shutil.rmtree(aside, ignore_errors=True)
     from transformers import AutoModelForCausalLM
 
     log.info("dequantizing %s once into %s", gguf, out)
@@ -183,6 +188,8 @@ def load_base_model(
     except SafetensorError as e:  # a truncated or overwritten weights file: a traceback from deep in transformers
         raise FimtuneError(damaged_weights(where, e, cached=bool(src.gguf_file))) from None
     except OSError as e:
+        if src.gguf_file:  # fimtune's own copy, a file of it cut short
+            raise FimtuneError(damaged_weights(where, e, cached=True)) from None
         if local:
             raise FimtuneError(f"could not load model from '{path}': {e}") from None
         raise hub_error(cfg.name_or_path, e) from None
@@ -192,8 +199,12 @@ def load_base_model(
 def damaged_weights(folder: str | Path, err: Exception, cached: bool = False) -> str:
     """The message for a safetensors file in ``folder`` that cannot be read (cut short by a full disk
     or an interrupted copy); ``cached``: fimtune's dequantized copy of a GGUF file, written again once deleted."""
-    fix = "delete that folder: the next load writes it again" if cached else "copy or download it again"
-    return f"the weights in '{folder}' are damaged ({type(err).__name__}: {err}): {fix}"
+    if cached:
+        return (
+            f"fimtune's dequantized copy of a GGUF file in '{folder}' is damaged ({type(err).__name__}: {err}): "
+            "delete that folder: the next load writes it again"
+        )
+    return f"the weights in '{folder}' are damaged ({type(err).__name__}: {err}): copy or download it again"
 
 
 def quantization_config(kind: str, device: torch.device) -> Any:
