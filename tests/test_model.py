@@ -370,6 +370,33 @@ def test_a_dequantized_gguf_copy_damaged_since_is_written_again_or_named(tmp_pat
         load_base_model(cfg, torch.device("cpu"))
 
 
+def test_the_dequantized_gguf_copy_is_readable_as_the_umask_allows(tmp_path, tiny_tokenizer, monkeypatch):
+    """A cache shared by a team (one FIMTUNE_CACHE, several users): the copy was a folder of mode 0700
+    (`tempfile.mkdtemp`'s) holding a model.safetensors of 0600 (safetensors'), so another user's
+    load failed on it with a PermissionError; the token cache's entries follow the umask already."""
+    import transformers
+
+    from fimtune import model as model_module
+    from fimtune.hub import ModelSource
+
+    monkeypatch.setenv("FIMTUNE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny.gpt_bigcode(len(tiny_tokenizer))
+    )
+    monkeypatch.setattr(model_module, "load_tokenizer", lambda _: tiny_tokenizer)
+    old = os.umask(0o022)
+    try:
+        out = model_module.materialize_gguf(ModelSource(str(tmp_path), "m.gguf"))
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"],
+        0o644,
+    )
+
+
 def test_the_gguf_cache_shares_the_token_caches_folder_with_a_tilde_in_fimtune_cache(tmp_path, monkeypatch):
     """FIMTUNE_CACHE=~/c (quoted, or from a unit file) put dequantized models in ./~/c, beside each
     working folder, while the token cache went to ~/c."""

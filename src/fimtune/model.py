@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import secrets
 import shutil
 import struct
 import tempfile
@@ -132,10 +133,15 @@ def materialize_gguf(src: ModelSource) -> Path:
     tmp: Path | None = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        # a folder of its own: another process's (another container's pid 1 too) is never touched
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        # a folder of its own: another process's (another container's pid 1 too) is never touched;
+        # not tempfile.mkdtemp: its folders are 0700, and a cache shared by a team is read by the others
+        tmp = out.parent / f".{out.name}.{secrets.token_hex(8)}"
+        tmp.mkdir()
         model.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(_label(src)).save_pretrained(tmp)
+        mode = (tmp / "config.json").stat().st_mode & 0o777  # the umask's (safetensors writes its files 0600)
+        for file in tmp.iterdir():
+            file.chmod(mode)
     except BaseException as e:  # an interrupt or a full disk: no half-written copy left in the cache
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
