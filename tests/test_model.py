@@ -216,6 +216,19 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         load_base_model(ModelConfig(name_or_path=str(tmp_path / "x.gguf")), torch.device("cpu"))
 
 
+def test_a_model_folder_without_a_tokenizer_is_a_one_line_error(tmp_path):
+    """A folder with config.json and weights but no tokenizer files was transformers' many-line
+    message about slow tokenizers and sentencepiece."""
+    from fimtune.hub import load_tokenizer
+
+    tiny.llama(100).save_pretrained(tmp_path / "m")
+    with pytest.raises(
+        FimtuneError, match=r"'.*m' holds no tokenizer \(tokenizer.json.*save the model's tokenizer"
+    ) as e:
+        load_tokenizer(str(tmp_path / "m"))
+    assert "\n" not in str(e.value)
+
+
 def test_a_folder_of_gguf_files_or_an_adapter_given_as_the_model_says_what_to_pass(tmp_path):
     from fimtune.hub import resolve_model
 

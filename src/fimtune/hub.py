@@ -86,6 +86,8 @@ def resolve_model(name_or_path: str) -> ModelSource:
     return ModelSource(name_or_path)
 
 
+# What AutoTokenizer reads a tokenizer from (a folder with none of them: a multi-line error about sentencepiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 TRANSFORMERS_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".index.json")  # what from_pretrained reads
 
 
@@ -172,6 +174,11 @@ def load_tokenizer(name_or_path: str) -> Any:
 
     src = resolve_model(name_or_path)
     if Path(src.name_or_path).exists():
+        if not src.gguf_file and not any((Path(src.name_or_path) / f).is_file() for f in TOKENIZER_FILES):
+            raise FimtuneError(
+                f"model folder '{src.name_or_path}' holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}): "
+                "save the model's tokenizer beside it (`tokenizer.save_pretrained(DIR)`)"
+            )
         try:
             return AutoTokenizer.from_pretrained(src.name_or_path, **src.kwargs())
         except (OSError, ValueError, struct.error) as e:  # struct.error: a GGUF file cut short
