@@ -579,6 +579,23 @@ def test_a_runs_adapter_with_weights_its_base_lacks_or_lacking_some_is_refused(t
         load_run(tmp_path / "run", torch.device("cpu"))
 
 
+def test_a_runs_missing_or_damaged_tokenizer_is_one_error_saying_how_to_write_it_again(tmp_path, tiny_tokenizer):
+    """A run's `tokenizer/` folder missing went to the Hub as an id (a minute of retries offline);
+    cut short, it was a JSON traceback. Each is one line naming the folder and the way back."""
+    from fimtune.model import load_run
+
+    base = tiny.save_model_folder(tiny.llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "base")
+    tiny.save_run(tmp_path / "run", base, tiny_tokenizer, _lora(base))
+    folder = tmp_path / "run" / "tokenizer"
+    data = (folder / "tokenizer.json").read_bytes()
+    (folder / "tokenizer.json").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FimtuneError, match=r"tokenizer in '.*run/tokenizer' is damaged .*--resume` writes it again"):
+        load_run(tmp_path / "run", torch.device("cpu"))
+    shutil.rmtree(folder)
+    with pytest.raises(FimtuneError, match=r"has no tokenizer folder .*--resume` writes it again"):
+        load_run(tmp_path / "run", torch.device("cpu"))
+
+
 def _lora(base: Path):
     """An untrained LoRA (r=2) on the model folder ``base``."""
     model = load_base_model(ModelConfig(name_or_path=str(base)), torch.device("cpu"))

@@ -119,11 +119,10 @@ def _source(source: Path) -> tuple[Any, Any, Path | None, Any]:
     if is_run_dir(source):
         from fimtune.config import load_run_config
         from fimtune.merge import merged_model
+        from fimtune.model import run_tokenizer
 
         base = load_run_config(source / "config.yaml").model.name_or_path
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source / "tokenizer")  # as load_run reads it
+        tokenizer = run_tokenizer(source)  # as load_run reads it
         return model_config(base), tokenizer, _gguf_file(base), lambda: merged_model(source)[0]
     check_has_adapter(source)
     if not (source / "config.json").is_file():

@@ -624,13 +624,11 @@ def load_run(
 
     ``model_cfg`` replaces the run's model section (e.g. to load a QLoRA base unquantized).
     """
-    from transformers import AutoTokenizer
-
     from fimtune.config import load_run_config
     from fimtune.tokens import STARCODER
 
     cfg = load_run_config(run_dir / "config.yaml")
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    tokenizer = run_tokenizer(run_dir)
     model_cfg = model_cfg or inference_model_config(cfg.model, device)
     try:
         base = load_base_model(model_cfg, device, dtype)
@@ -679,6 +677,26 @@ def load_run(
     if biases:
         setattr(model, BASE_BIASES, biases)  # the base's, for `as_base`
     return Loaded(model.eval(), tokenizer, run_dir.resolve().name, run_dir)  # `.`: the folder's own name
+
+
+def run_tokenizer(run_dir: Path) -> Any:
+    """A run's own tokenizer (its base's, the added FIM tokens included), from its `tokenizer/` folder.
+
+    Missing, transformers took the path for a Hub id (a minute of retries offline); damaged, it was a
+    JSON traceback. Each is one error: the run writes the folder again when it resumes."""
+    from transformers import AutoTokenizer
+
+    folder = run_dir / "tokenizer"
+    again = f"`fimtune train --config {run_dir / 'config.yaml'} --resume` writes it again"
+    if not folder.is_dir():
+        raise FimtuneError(f"run '{run_dir}' has no tokenizer folder ({folder}): {again}")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:  # a JSON file cut short is a ValueError too
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FimtuneError(
+            f"the run's tokenizer in '{folder}' is damaged ({type(e).__name__}: {reason}): {again}"
+        ) from None
 
 
 def attach_adapter(model: Any, folder: Path, name: str = "default") -> tuple[Any, list[str]]:

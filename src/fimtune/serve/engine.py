@@ -663,9 +663,8 @@ def check_adapter_run(name: str, folder: Path, base_name: str, tokenizer: Any) -
     than ``base_name`` (the served run's base, or the served base model), or with another vocabulary
     than ``tokenizer``'s (other token ids, FIM tokens added elsewhere): its weights load all the same
     where their shapes fit, and its requests are answered by a model it was never trained on."""
-    from transformers import AutoTokenizer
 
-    from fimtune.model import is_run_dir
+    from fimtune.model import is_run_dir, run_tokenizer
 
     run = folder.parent
     if folder.name != "adapter" or not is_run_dir(run):
@@ -673,9 +672,7 @@ def check_adapter_run(name: str, folder: Path, base_name: str, tokenizer: Any) -
     trained_on = _base_name(run)
     if _model_path(trained_on) != _model_path(base_name):
         raise FimtuneError(f"--adapter {name}: run {run} trained on {trained_on}, but the served base is {base_name}")
-    if (run / "tokenizer").is_dir() and AutoTokenizer.from_pretrained(run / "tokenizer").get_vocab() != (
-        tokenizer.get_vocab()
-    ):
+    if (run / "tokenizer").is_dir() and run_tokenizer(run).get_vocab() != tokenizer.get_vocab():
         raise FimtuneError(
             f"--adapter {name}: run {run} has another vocabulary than the served model's (its tokenizer differs)"
         )
