@@ -152,3 +152,23 @@ def test_a_run_folder_copied_with_its_links_followed_saves_again(tmp_path):
     for name in ("adapter", "state"):
         assert (copy / name).is_symlink() and (copy / name).resolve() == copy / "checkpoints" / "step-000002" / name
     assert checkpoint.latest_checkpoint(copy).name == "step-000002"
+
+
+def test_a_checkpoints_adapter_is_readable_as_the_umask_allows(tmp_path):
+    """safetensors writes its files 0600: a run folder shared by a team (or served by another user)
+    had every file readable but the adapter's weights."""
+    import os
+
+    def save_adapter(folder):
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True)
+        save_file({"w": torch.zeros(2)}, folder / "adapter_model.safetensors")
+
+    _, opt, sched = optimizer_after_a_step(0)
+    old = os.umask(0o022)
+    try:
+        ckpt = checkpoint.save_checkpoint(tmp_path, 1, save_adapter, opt, sched, {"offset": 0})
+    finally:
+        os.umask(old)
+    assert (ckpt / "adapter" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -25,7 +25,13 @@ def test_merged_model_matches_base_plus_adapter(
     tok = tiny_tokenizer if fim_in_vocab else tiny_tokenizer_without_fim
     base = model_dir(tmp_path, tok, family)
     run = quiet_fit(run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=5", "train.eval_every=0"))
-    assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+    finally:
+        os.umask(old_umask)
+    # safetensors writes 0600: the weights are readable as the rest is (a model shared by a team)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "merged").iterdir()} == {0o644}
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     merged_tok = AutoTokenizer.from_pretrained(tmp_path / "merged")

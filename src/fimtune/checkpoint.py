@@ -79,6 +79,15 @@ def save_tokenizer(tokenizer: Any, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def umask_modes(folder: Path, like: Path) -> None:
+    """Give the safetensors files in ``folder`` the mode of ``like``, a file written beside them the
+    plain way (the umask's): safetensors writes its files 0600, which the others sharing a run
+    folder, a merged model or the cache could not read."""
+    mode = like.stat().st_mode & 0o777
+    for file in folder.glob("*.safetensors"):
+        file.chmod(mode)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -157,6 +166,7 @@ def save_checkpoint(
         if optimizer_parts:
             meta["world_size"] = optimizer_parts
         (tmp / "state" / "trainer_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        umask_modes(tmp / "adapter", tmp / "state" / "trainer_state.json")
         fsync_tree(tmp)
         if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
             shutil.rmtree(final)

@@ -30,6 +30,7 @@ from fimtune.errors import FimtuneError
 def merge_run(run_dir: Path, out: Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Merge the adapter of ``run_dir`` into its base and save the result to ``out``, its weights in
     ``dtype`` (a `model.dtype` name; default: the run's, see :func:`saved_dtype`)."""
+    from fimtune.checkpoint import umask_modes
     from fimtune.config import load_run_config
     from fimtune.generate import MERGED_INFO, FimPrompter, GenerationParams, prompt_mode
     from fimtune.model import require_run_dir, write_json
@@ -47,6 +48,7 @@ def merge_run(run_dir: Path, out: Path, dtype: str | None = None, overwrite: boo
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
+        umask_modes(tmp, tmp / "config.json")
         tokenizer.save_pretrained(tmp)
         # `complete` and `serve` lay out the merged model's prompts as the run's (`--mode auto`);
         # `export` finds the base's GGUF tokenizer metadata through `base_model`

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from fimtune.checkpoint import umask_modes
 from fimtune.config import LoraConfig, ModelConfig
 from fimtune.errors import FimtuneError
 from fimtune.fim import FimTokens
@@ -138,10 +139,8 @@ def materialize_gguf(src: ModelSource) -> Path:
         tmp = out.parent / f".{out.name}.{secrets.token_hex(8)}"
         tmp.mkdir()
         model.save_pretrained(tmp, safe_serialization=True)
+        umask_modes(tmp, tmp / "config.json")
         load_tokenizer(_label(src)).save_pretrained(tmp)
-        mode = (tmp / "config.json").stat().st_mode & 0o777  # the umask's (safetensors writes its files 0600)
-        for file in tmp.iterdir():
-            file.chmod(mode)
     except BaseException as e:  # an interrupt or a full disk: no half-written copy left in the cache
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
