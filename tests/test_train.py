@@ -151,6 +151,9 @@ def test_the_plan_says_which_steps_a_resumed_or_stopped_call_runs(
     base = model_dir(tmp_path, tiny_tokenizer, "llama")
     cfg = run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=6", "train.save_every=2")
     assert "steps            6 (1,536 tokens)\n" in describe_plan(cfg)
+    assert "schedule         cosine, learning rate 0.02 after 2 warmup steps\n" in describe_plan(cfg)
+    long_warmup = run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=6", "train.warmup_steps=6")
+    assert "after 6 warmup steps (not fewer than the steps: the rate never reaches it)" in describe_plan(long_warmup)
     assert "; this call runs steps 1-4 (--stop-after 4)\n" in describe_plan(cfg, 0, 4)
     quiet_fit(cfg, stop_after=4)
     args = ["train", "--config", str(tmp_path / "run" / "config.yaml"), "--resume"]

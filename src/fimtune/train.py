@@ -1217,6 +1217,11 @@ def describe_plan(cfg: RunConfig, first_step: int = 0, stop_after: int | None = 
             now = now or f"; none left (its checkpoint is at step {first_step}): its final validation runs again"
         seconds = (end - start) * tokens_per_step * flops_per_token / (ASSUMED_FLOPS.get(klass, 20e12) * world)
         lines.append(f"steps            {steps} ({steps * tokens_per_step:,} tokens){now}")
+        tc = cfg.train
+        never = " (not fewer than the steps: the rate never reaches it)" if tc.warmup_steps >= steps else ""
+        lines.append(
+            f"schedule         {tc.lr_scheduler}, learning rate {tc.learning_rate:g} after {tc.warmup_steps} warmup steps{never}"
+        )
         lines.append(
             f"estimated time   {_duration(seconds)} (assuming {ASSUMED_FLOPS.get(klass, 20e12) / 1e12:g} TFLOP/s "
             f"sustained per {klass} device, {flops_per_token / 1e9:.2f} GFLOP per token)"
