@@ -153,6 +153,12 @@ def test_the_plan_says_which_steps_a_resumed_or_stopped_call_runs(
     assert "steps            6 (1,536 tokens)\n" in describe_plan(cfg)
     assert "schedule         cosine, learning rate 0.02 after 2 warmup steps\n" in describe_plan(cfg)
     long_warmup = run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=6", "train.warmup_steps=6")
+    epochs = run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=null", "train.num_epochs=2")
+    assert "steps " not in describe_plan(epochs)  # a folder without `data build`'s stats: not known
+    (repetitive_data / "stats.json").write_text('{"splits": {"train": {"files": 40, "bytes": 35000}}}')
+    assert "steps            about 79 (20,224 tokens); train.num_epochs=2 of about 10,000 tokens" in describe_plan(
+        epochs
+    )
     assert "after 6 warmup steps (not fewer than the steps: the rate never reaches it)" in describe_plan(long_warmup)
     assert "; this call runs steps 1-4 (--stop-after 4)\n" in describe_plan(cfg, 0, 4)
     quiet_fit(cfg, stop_after=4)

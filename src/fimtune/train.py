@@ -1184,7 +1184,10 @@ def describe_plan(cfg: RunConfig, first_step: int = 0, stop_after: int | None = 
     p = plan(cfg.model, cfg.lora, added)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tokens_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world * cfg.packing.seq_length
-    steps = cfg.train.max_steps
+    steps, about = cfg.train.max_steps, ""
+    if steps is None and (data := _estimated_train_tokens(cfg)):  # by epochs: the rows are packed at the run
+        tokens, about = data
+        steps = max(1, math.ceil(cfg.train.num_epochs * tokens / tokens_per_step))
     flops_per_token = (6 if cfg.train.gradient_checkpointing else 4) * p.total  # frozen base: no weight grads
     klass = (
         "cpu"
@@ -1216,7 +1219,9 @@ def describe_plan(cfg: RunConfig, first_step: int = 0, stop_after: int | None = 
             now = f"; this call runs steps {start + 1}-{end} ({', '.join(w for w in why if w)})" if end > start else ""
             now = now or f"; none left (its checkpoint is at step {first_step}): its final validation runs again"
         seconds = (end - start) * tokens_per_step * flops_per_token / (ASSUMED_FLOPS.get(klass, 20e12) * world)
-        lines.append(f"steps            {steps} ({steps * tokens_per_step:,} tokens){now}")
+        lines.append(
+            f"steps            {'about ' if about else ''}{steps} ({steps * tokens_per_step:,} tokens){now}{about}"
+        )
         tc = cfg.train
         never = " (not fewer than the steps: the rate never reaches it)" if tc.warmup_steps >= steps else ""
         lines.append(
@@ -1228,6 +1233,28 @@ def describe_plan(cfg: RunConfig, first_step: int = 0, stop_after: int | None = 
         )
     lines.append(f"output_dir       {cfg.output_dir}")
     return "\n".join(lines)
+
+
+def _estimated_train_tokens(cfg: RunConfig) -> tuple[int, str] | None:
+    """An epoch run's tokens, estimated from its `fimtune data build` folder's stats.json (the
+    training split's bytes, at the characters per token its table assumes), and the words saying so;
+    None where that is not known (a Hub dataset, a folder without stats)."""
+    import json
+
+    from fimtune.corpus.stats import CHARS_PER_TOKEN_ESTIMATE
+
+    if not cfg.data.path:
+        return None
+    try:
+        stats = json.loads((Path(cfg.data.path) / "stats.json").read_text(encoding="utf-8"))
+        train_bytes = int(stats["splits"]["train"]["bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    tokens = int(train_bytes / CHARS_PER_TOKEN_ESTIMATE)
+    return tokens, (
+        f"; train.num_epochs={cfg.train.num_epochs:g} of about {tokens:,} tokens (the training split's bytes / "
+        f"{CHARS_PER_TOKEN_ESTIMATE:g}; the run counts its packed rows)"
+    )
 
 
 def _duration(seconds: float) -> str:
