@@ -103,3 +103,16 @@ def test_report_notes_name_the_interval_of_every_paired_delta():
     note = notes({"model": object()})[0]
     assert "Newcombe's paired interval for tuned − base of exact match, parse rate and pass@k" in note
     assert "paired (same rows / holes / problems) for every figure but perplexity" in note
+
+
+def test_eval_of_a_run_whose_metrics_log_ends_in_a_cut_line(tmp_path, tiny_run, token_cache, capsys):
+    """A run killed while appending to metrics.jsonl (or still training) leaves a cut last line:
+    the loss curves read it as JSON and the eval failed after its tasks, the figures lost."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, symlinks=True, ignore=shutil.ignore_patterns("eval"))
+    with (run / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write('{"step": 17, "lo')
+    assert main(["eval", str(run), "--tasks", "loss", "--limit", "1", "--out", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "loss_curves.png").is_file() and (tmp_path / "eval" / "report.json").is_file()
