@@ -116,3 +116,20 @@ def test_eval_of_a_run_whose_metrics_log_ends_in_a_cut_line(tmp_path, tiny_run, 
         f.write('{"step": 17, "lo')
     assert main(["eval", str(run), "--tasks", "loss", "--limit", "1", "--out", str(tmp_path / "eval")]) == 0
     assert (tmp_path / "eval" / "loss_curves.png").is_file() and (tmp_path / "eval" / "report.json").is_file()
+
+
+def test_eval_refuses_infill_when_no_hole_can_be_cut(tmp_path, tiny_run, token_cache, capsys):
+    """Validation files too short for any hole gave a report of 0 holes, its table empty, and exit 0."""
+    import re
+    import shutil
+
+    from tests.conftest import corpus_texts, write_dataset_dir
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, symlinks=True, ignore=shutil.ignore_patterns("eval"))
+    data = write_dataset_dir(tmp_path / "data", corpus_texts(4), ["abc", "x=1\n"])
+    config = run / "config.yaml"
+    config.write_text(re.sub(r"(?m)^  path: .*$", f"  path: {data}", config.read_text()))
+    assert main(["eval", str(run), "--tasks", "infill", "--holes", "3", "--out", str(tmp_path / "eval")]) == 2
+    assert "no infill hole could be cut in the 2 validation file(s)" in capsys.readouterr().err
+    assert not (tmp_path / "eval" / "report.json").exists()

@@ -26,7 +26,8 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
-from fimtune.evaluate.holes import KINDS, Hole, SourceFile, draw_holes
+from fimtune.errors import FimtuneError
+from fimtune.evaluate.holes import KINDS, LINE_MIN_CHARS, SPAN_MIN_CHARS, Hole, SourceFile, draw_holes
 from fimtune.evaluate.stats import mean_estimate, paired_difference, proportion
 from fimtune.evaluate.syntax import cut_at_dedent, left_block, parser_for, parses, truncate_block
 from fimtune.evaluate.variants import VARIANTS, generate, variant
@@ -204,6 +205,11 @@ def evaluate(
     Returns ``{"holes", "mode", "kinds": {kind|all: {"n", "base", "tuned", "delta"}}, "samples"}``.
     """
     holes = draw_holes(files, n_holes, seed)
+    if not holes:  # a report without a figure would pass for one of no difference
+        raise FimtuneError(
+            f"no infill hole could be cut in the {len(files)} validation file(s): a line hole needs a line of "
+            f"{LINE_MIN_CHARS} non-blank characters, a span {SPAN_MIN_CHARS}: add longer validation files"
+        )
     original_parses = parse_checker()
 
     completions, scores = {}, {}
