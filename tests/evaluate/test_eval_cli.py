@@ -133,3 +133,21 @@ def test_eval_refuses_infill_when_no_hole_can_be_cut(tmp_path, tiny_run, token_c
     assert main(["eval", str(run), "--tasks", "infill", "--holes", "3", "--out", str(tmp_path / "eval")]) == 2
     assert "no infill hole could be cut in the 2 validation file(s)" in capsys.readouterr().err
     assert not (tmp_path / "eval" / "report.json").exists()
+
+
+def test_eval_interrupted_while_writing_leaves_the_earlier_report(tmp_path, tiny_run, token_cache, monkeypatch, capsys):
+    """The report was written in place, file by file: an interrupt (or a failure) while drawing the
+    plots left the new report.json beside the earlier report.md, samples and plots."""
+    from fimtune.evaluate import report
+
+    out = tmp_path / "eval"
+    args = ["eval", str(tiny_run), "--limit", "1", "--holes", "3", "--out", str(out)]
+    assert main([*args, "--tasks", "loss,infill"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "bar_panels", interrupted)
+    assert main([*args, "--tasks", "loss", "--limit", "2"]) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

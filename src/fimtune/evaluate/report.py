@@ -12,6 +12,9 @@ HumanEval) and a 95% interval; each task records its wall time. Plots (matplotli
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -128,14 +131,35 @@ def task_details(tasks: dict[str, Any]) -> list[str]:
     return out
 
 
-def write_report(out: Path, report: dict[str, Any], metrics_path: Path | None) -> list[str]:
-    """Write report.json, the plots and report.md into ``out``; return the plot file names."""
+def write_report(
+    out: Path,
+    report: dict[str, Any],
+    metrics_path: Path | None,
+    samples: dict[str, list[dict[str, Any]]] | None = None,
+    stale: tuple[str, ...] = (),
+) -> list[str]:
+    """Write report.json, the plots, report.md and ``samples`` (file name -> records) into ``out``;
+    return the plot file names.
+
+    Whole or not at all: every file is written into a folder of its own inside ``out`` first, then
+    all are moved in (renames), so a failure or an interrupt while writing leaves the earlier report
+    as it was. Plots, and the files named in ``stale``, of an earlier report that this one has not
+    are removed: they would pass for this one's.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    (out / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    plots = write_plots(out, report, metrics_path)
-    for name in set(PLOTS) - set(plots):  # an earlier report's plot in this folder would pass for this one's
-        (out / name).unlink(missing_ok=True)
-    (out / REPORT_MD).write_text(markdown(report, plots), encoding="utf-8")
+    stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    try:
+        for name, records in (samples or {}).items():
+            write_jsonl(stage / name, records)
+        (stage / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        plots = write_plots(stage, report, metrics_path)
+        (stage / REPORT_MD).write_text(markdown(report, plots), encoding="utf-8")
+        for path in sorted(stage.iterdir(), key=lambda p: p.name == REPORT_MD):  # report.md, which shows the rest, last
+            os.replace(path, out / path.name)
+        for name in (set(PLOTS) - set(plots)) | set(stale):
+            (out / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return plots
 
 

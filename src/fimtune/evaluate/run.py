@@ -185,7 +185,7 @@ def notes(ctx: dict[str, Any]) -> list[str]:
 
 def main(ns: argparse.Namespace) -> int:
     """Evaluate ``ns.run`` on ``ns.tasks``; write the report to ``ns.out`` (default RUN/eval); print the table."""
-    from fimtune.evaluate.report import format_table, write_jsonl, write_report
+    from fimtune.evaluate.report import format_table, write_report
 
     check_args(ns)
     tasks, run = parse_tasks(ns.tasks), Path(ns.run)
@@ -200,11 +200,7 @@ def main(ns: argparse.Namespace) -> int:
         results[task] = RUNNERS[task](ctx, ns)
         results[task]["wall_s"] = round(time.perf_counter() - t, 2)
         print(f"{task}: done in {results[task]['wall_s']:.1f} s", file=sys.stderr, flush=True)
-    for task, (name, key) in SAMPLE_FILES.items():
-        if task in results:
-            write_jsonl(out / name, results[task].pop(key))
-        else:  # an earlier eval's samples in this folder would pass for this one's
-            (out / name).unlink(missing_ok=True)
+    samples = {name: results[task].pop(key) for task, (name, key) in SAMPLE_FILES.items() if task in results}
     report = {
         "run": str(run),
         "base_model": ctx["cfg"].model.name_or_path,
@@ -222,7 +218,8 @@ def main(ns: argparse.Namespace) -> int:
         "notes": notes(ctx),
         "tasks": results,
     }
-    plots = write_report(out, report, run / "metrics.jsonl")
+    stale = tuple(name for name, _ in SAMPLE_FILES.values() if name not in samples)  # an earlier eval's
+    plots = write_report(out, report, run / "metrics.jsonl", samples, stale)
     print(format_table(report))
     print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {len(plots)} plots")
     return 0
