@@ -167,8 +167,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM ends a training run as Ctrl-C does: the progress bar closed, the checkpoint it keeps
-    and `--resume` said. Python's default ends the process on the spot, without a word. Checkpoints
-    are written whole or not at all, so one being written when it comes is simply not there."""
+    and `--resume` said (an eval: the finished tasks' figures kept, and said). Python's default ends
+    the process on the spot, without a word. Checkpoints are written whole or not at all, so one being
+    written when it comes is simply not there."""
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield
         return
@@ -186,7 +187,8 @@ def _sigterm_as_interrupt():
 def cmd_eval(ns: argparse.Namespace) -> int:
     from fimtune.evaluate.run import main as evaluate
 
-    return evaluate(ns)
+    with _sigterm_as_interrupt():  # the finished tasks' figures kept, as on Ctrl-C
+        return evaluate(ns)
 
 
 def cmd_complete(ns: argparse.Namespace) -> int:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
 from fimtune.cli import main
+from fimtune.errors import FimtuneError
 
 PLOTS = ("loss_curves.png", "loss.png", "infill.png", "humaneval.png")
 
@@ -151,3 +154,36 @@ def test_eval_interrupted_while_writing_leaves_the_earlier_report(tmp_path, tiny
     monkeypatch.setattr(report, "bar_panels", interrupted)
     assert main([*args, "--tasks", "loss", "--limit", "2"]) == 130
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("stop", "code", "said"),
+    [
+        (KeyboardInterrupt, 130, "interrupted: the figures"),
+        ("SIGTERM", 143, "terminated: the figures"),
+        (FimtuneError("no sandbox"), 2, "error: no sandbox"),
+    ],
+)
+def test_eval_stopped_mid_way_keeps_the_finished_tasks(tmp_path, tiny_run, token_cache, monkeypatch, capsys, stop,
+                                                       code, said):  # fmt: skip
+    """A task failing or interrupted after others had finished (hours, on a CPU) lost their figures:
+    nothing was written, and Ctrl-C said only "interrupted"."""
+    from fimtune.evaluate import humaneval
+
+    def stopped(*_args, **_kwargs):
+        if stop != "SIGTERM":
+            raise stop
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "SIGTERM would end the eval without a word"
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler raises Terminated here
+
+    monkeypatch.setattr(humaneval, "run_programs", stopped)
+    out = tmp_path / "eval"
+    args = ["--tasks", "loss,infill,humaneval", "--limit", "1", "--holes", "3", "--out", str(out)]
+    assert main(["eval", str(tiny_run), *args]) == code
+    err = capsys.readouterr().err
+    assert f"the figures of loss, infill are kept in {out / 'report.json'}; humaneval did not finish" in err
+    assert said in err
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["tasks"]) == ["loss", "infill"] and report["unfinished"] == ["humaneval"]
+    assert "humaneval did not finish" in (out / "report.md").read_text()
+    assert (out / "infill_samples.jsonl").is_file() and not (out / "humaneval_samples.jsonl").exists()

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fimtune.errors import FimtuneError
+from fimtune.errors import FimtuneError, Terminated
 
 TASKS = ("loss", "infill", "humaneval")
 EVAL_DIR = "eval"
@@ -184,9 +184,11 @@ def notes(ctx: dict[str, Any]) -> list[str]:
 
 
 def main(ns: argparse.Namespace) -> int:
-    """Evaluate ``ns.run`` on ``ns.tasks``; write the report to ``ns.out`` (default RUN/eval); print the table."""
-    from fimtune.evaluate.report import format_table, write_report
+    """Evaluate ``ns.run`` on ``ns.tasks``; write the report to ``ns.out`` (default RUN/eval); print the table.
 
+    A task that fails or is interrupted (Ctrl-C, SIGTERM) does not take the finished tasks' figures
+    with it: they are written as a report that says which tasks did not finish, and the error says so.
+    """
     check_args(ns)
     tasks, run = parse_tasks(ns.tasks), Path(ns.run)
     out = report_folder(Path(ns.out) if ns.out else run / EVAL_DIR)
@@ -194,14 +196,53 @@ def main(ns: argparse.Namespace) -> int:
     ctx = load(run)
     load_s = time.perf_counter() - t0
     results: dict[str, Any] = {}
-    for task in tasks:
-        print(f"{task}: running", file=sys.stderr, flush=True)
-        t = time.perf_counter()
-        results[task] = RUNNERS[task](ctx, ns)
-        results[task]["wall_s"] = round(time.perf_counter() - t, 2)
-        print(f"{task}: done in {results[task]['wall_s']:.1f} s", file=sys.stderr, flush=True)
-    samples = {name: results[task].pop(key) for task, (name, key) in SAMPLE_FILES.items() if task in results}
-    report = {
+    try:
+        for task in tasks:
+            print(f"{task}: running", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            result = RUNNERS[task](ctx, ns)
+            result["wall_s"] = round(time.perf_counter() - t, 2)
+            print(f"{task}: done in {result['wall_s']:.1f} s", file=sys.stderr, flush=True)
+            results[task] = result  # last: a task in `results` is a finished one (an interrupt may come anywhere)
+    except BaseException as e:
+        if not results:
+            raise
+        kept = keep_finished(ns, run, ctx, tasks, results, load_s, out, e)
+        if isinstance(e, KeyboardInterrupt):
+            raise type(e)(kept) from None
+        print(kept, file=sys.stderr, flush=True)
+        raise
+    write(out, run, make_report(ns, run, ctx, tasks, results, load_s))
+    return 0
+
+
+def keep_finished(
+    ns: argparse.Namespace, run: Path, ctx: dict[str, Any], tasks: list[str], results: dict[str, Any],
+    load_s: float, out: Path, e: BaseException,
+) -> str:  # fmt: skip
+    """Write the report of the tasks that finished before ``e`` stopped the eval; say what was kept."""
+    unfinished = [t for t in tasks if t not in results]
+    report = make_report(ns, run, ctx, tasks, results, load_s)
+    report["unfinished"] = unfinished
+    report["notes"].append(f"{', '.join(unfinished)} did not finish ({stopped_by(e)}): this report has the "
+                           f"figures of {', '.join(results)} alone.")  # fmt: skip
+    write(out, run, report)
+    return (
+        f"the figures of {', '.join(results)} are kept in {out / 'report.json'}; {', '.join(unfinished)} did not finish"
+    )
+
+
+def stopped_by(e: BaseException) -> str:
+    """What ended a task, in a few words."""
+    if isinstance(e, KeyboardInterrupt):
+        return "terminated" if isinstance(e, Terminated) else "interrupted"
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def make_report(
+    ns: argparse.Namespace, run: Path, ctx: dict[str, Any], tasks: list[str], results: dict[str, Any], load_s: float
+) -> dict[str, Any]:
+    return {
         "run": str(run),
         "base_model": ctx["cfg"].model.name_or_path,
         "device": ctx["device"],
@@ -218,8 +259,15 @@ def main(ns: argparse.Namespace) -> int:
         "notes": notes(ctx),
         "tasks": results,
     }
+
+
+def write(out: Path, run: Path, report: dict[str, Any]) -> None:
+    """Write ``report`` (its tasks' completions into their sample files) to ``out``; print the table."""
+    from fimtune.evaluate.report import format_table, write_report
+
+    results = report["tasks"]
+    samples = {name: results[task].pop(key) for task, (name, key) in SAMPLE_FILES.items() if task in results}
     stale = tuple(name for name, _ in SAMPLE_FILES.values() if name not in samples)  # an earlier eval's
     plots = write_report(out, report, run / "metrics.jsonl", samples, stale)
     print(format_table(report))
     print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {len(plots)} plots")
-    return 0
