@@ -187,3 +187,11 @@ def test_eval_stopped_mid_way_keeps_the_finished_tasks(tmp_path, tiny_run, token
     assert list(report["tasks"]) == ["loss", "infill"] and report["unfinished"] == ["humaneval"]
     assert "humaneval did not finish" in (out / "report.md").read_text()
     assert (out / "infill_samples.jsonl").is_file() and not (out / "humaneval_samples.jsonl").exists()
+
+
+def test_eval_report_names_the_checkpoint_it_measured(tmp_path, tiny_run, token_cache, capsys):
+    """A run still training links `adapter` to a newer checkpoint at each save: the report said
+    nothing of which one it measured, and read as the eval of the finished run."""
+    assert main(["eval", str(tiny_run), "--tasks", "loss", "--limit", "1", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["checkpoint"] == "step-000016"
+    assert "(the adapter of checkpoint step-000016)" in (tmp_path / "report.md").read_text()

@@ -92,8 +92,9 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     lines = [
         f"# Evaluation of `{report['run']}`",
         "",
-        f"Base model `{report['base_model']}` with adapters disabled vs the same model tuned; "
-        f"device {report['device']}, {report['created']}.",
+        f"Base model `{report['base_model']}` with adapters disabled vs the same model tuned"
+        + (f" (the adapter of checkpoint {report['checkpoint']})" if report.get("checkpoint") else "")
+        + f"; device {report['device']}, {report['created']}.",
         f"Settings: tasks {', '.join(report['tasks'])}; limit {s['limit']}; holes {s['holes']}; "
         f"batch size {s['batch_size']}; samples {s['samples']}; seed {s['seed']}.",
         "",
