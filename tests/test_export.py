@@ -153,6 +153,30 @@ def test_a_failed_write_leaves_no_file(tmp_path, tiny_tokenizer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
+# the process sends itself SIGTERM (`timeout`, `docker stop`, a job's time limit) once the header is written
+TERMINATED_MIDWAY = """
+import os, signal, sys
+import gguf
+from fimtune.cli import main
+written = gguf.GGUFWriter.write_kv_data_to_file
+def write_then_terminate(self):
+    written(self)
+    os.kill(os.getpid(), signal.SIGTERM)
+gguf.GGUFWriter.write_kv_data_to_file = write_then_terminate
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_terminated_export_leaves_no_file(tmp_path, tiny_tokenizer):
+    """SIGTERM midway ends the export as Ctrl-C does: neither the .gguf nor its temporary file is left."""
+    folder = tiny.save_model_folder(tiny.llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "merged")
+    cmd = [sys.executable, "-c", TERMINATED_MIDWAY, "export", str(folder), "--out", str(tmp_path / "mine.gguf")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 143 and "terminated" in res.stderr, res.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
 def test_a_run_on_a_gguf_base_keeps_the_base_tokenizer_metadata(
     tmp_path, tiny_tokenizer_without_fim, repetitive_data, token_cache
 ):

@@ -172,6 +172,37 @@ def test_a_full_disk_while_merging_is_told_and_leaves_the_old_merge(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == []
 
 
+# the process sends itself SIGTERM (`timeout`, `docker stop`, a job's time limit) once the folder is written
+TERMINATED_MIDWAY = """
+import os, signal, sys
+import fimtune.model
+from fimtune.cli import main
+written = fimtune.model.write_json
+def write_then_terminate(*args, **kwargs):
+    written(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+fimtune.model.write_json = write_then_terminate
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_terminated_merge_leaves_no_temporary_folder_and_the_old_merge(
+    tmp_path, tiny_tokenizer, repetitive_data, token_cache
+):
+    """SIGTERM midway ends the merge as Ctrl-C does: the temporary folder goes and an old merge stays."""
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    run = quiet_fit(run_config(tmp_path, base, repetitive_data, "run", "train.max_steps=2", "train.eval_every=0"))
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # an old merge that --overwrite would replace
+    cmd = [sys.executable, "-c", TERMINATED_MIDWAY, "merge", str(run), "--out", str(out), "--overwrite"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 143 and "terminated" in res.stderr, res.stderr[-2000:]
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == []
+
+
 def test_a_merged_run_completes_as_the_run_does(tmp_path, tiny_tokenizer, repetitive_data, token_cache, capsys):
     """A run that trained on SPM examples completes with SPM prompts (`--mode auto`); its merged folder
     gave PSM prompts, and so other text for the same hole, from `complete` and `serve` alike."""

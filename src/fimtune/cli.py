@@ -166,10 +166,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM ends a training run as Ctrl-C does: the progress bar closed, the checkpoint it keeps
-    and `--resume` said (an eval: the finished tasks' figures kept, and said). Python's default ends
-    the process on the spot, without a word. Checkpoints are written whole or not at all, so one being
-    written when it comes is simply not there."""
+    """SIGTERM ends a training run, an eval, a merge or an export as Ctrl-C does: the progress bar
+    closed, the checkpoint it keeps and `--resume` said (an eval: the finished tasks' figures kept,
+    and said), a temporary folder or file removed. Python's default ends the process on the spot,
+    without a word, and leaves them behind. Checkpoints, merged folders and GGUF files are written
+    whole or not at all, so one being written when it comes is simply not there."""
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield
         return
@@ -206,7 +207,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 def cmd_merge(ns: argparse.Namespace) -> int:
     from fimtune.merge import merge_run
 
-    out = merge_run(Path(ns.run), Path(ns.out), dtype=ns.dtype, overwrite=ns.overwrite)
+    with _sigterm_as_interrupt():  # a kill mid-write removes the temporary folder, as Ctrl-C does
+        out = merge_run(Path(ns.run), Path(ns.out), dtype=ns.dtype, overwrite=ns.overwrite)
     print(f"merged model written to {out} (loads with AutoModelForCausalLM.from_pretrained)")
     return 0
 
@@ -214,7 +216,8 @@ def cmd_merge(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     from fimtune.export import export_gguf
 
-    out = export_gguf(Path(ns.run), Path(ns.out), dtype=ns.dtype, overwrite=ns.overwrite, progress=not ns.quiet)
+    with _sigterm_as_interrupt():  # a kill mid-write removes the temporary file, as Ctrl-C does
+        out = export_gguf(Path(ns.run), Path(ns.out), dtype=ns.dtype, overwrite=ns.overwrite, progress=not ns.quiet)
     print(f"GGUF model written to {out} (llama.cpp: llama-server -m {out})")
     return 0
 
