@@ -626,6 +626,10 @@ def test_complete_compare_base_prints_base_and_tuned(tmp_path, tiny_tokenizer, r
     hole, params = [("def f(x):\n    ", "")], GenerationParams(max_new_tokens=5, mode="spm")  # the run's layout
     [expected] = complete_batch(plain, FimPrompter(tiny_tokenizer), hole, params)
     assert base_text == expected.text
+    # a model folder (merged, or a base) has no base to compare: said, not a tuned completion alone
+    assert main(["complete", str(base_dir), "--prefix", "x", "--compare-base"]) == 2
+    captured = capsys.readouterr()
+    assert "--compare-base" in captured.err and "not a run folder" in captured.err and not captured.out
 
 
 def test_the_base_of_a_run_that_added_fim_tokens_is_its_base_model_at_every_load(

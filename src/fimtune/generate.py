@@ -734,8 +734,13 @@ def params_from_args(ns: Any) -> GenerationParams:
 def main(ns: Any) -> int:
     """`fimtune complete`: print one completion of the hole between --prefix and --suffix."""
     from fimtune.evaluate.variants import context_length, fit_params
-    from fimtune.model import load_for_inference
+    from fimtune.model import is_run_dir, load_for_inference
 
+    if getattr(ns, "compare_base", False) and not is_run_dir(ns.target):
+        raise FimtuneError(
+            f"--compare-base: '{ns.target}' is not a run folder (a merged or base model has no adapter to "
+            "turn off): pass the run folder, or drop --compare-base"
+        )
     if getattr(ns, "at", None):
         if ns.suffix or ns.suffix_file:
             raise FimtuneError("--at takes the suffix from its file (the code after the cursor): drop --suffix")
