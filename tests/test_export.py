@@ -108,9 +108,10 @@ def test_other_architectures_and_sentencepiece_tokenizers_are_refused_before_loa
     bigcode = tiny.save_model_folder(tiny.gpt_bigcode(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "bigcode")
     (bigcode / "model.safetensors").unlink()
     out = tmp_path / "out.gguf"
-    assert main(["export", str(bigcode), "--out", str(out)]) == 2
+    assert main(["export", str(bigcode), "--out", str(tmp_path / "new" / "out.gguf")]) == 2
     err = capsys.readouterr().err
     assert "gpt_bigcode" in err and "convert_hf_to_gguf.py" in err and "fimtune merge" in err
+    assert not (tmp_path / "new").exists()  # --out's folder is made only to write the file
     sp = train_sentencepiece_style_tokenizer()
     llama2 = tiny.save_model_folder(tiny.llama(len(sp)), sp, tmp_path / "llama2")
     assert main(["export", str(llama2), "--out", str(out)]) == 2

@@ -73,6 +73,7 @@ def export_gguf(
     tmp = out.parent / f".{out.name}.{secrets.token_hex(8)}.tmp"
     writer = GGUFWriter(tmp, ARCHITECTURE)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # here, not before the checks: a refusal makes no folder
         add_model_metadata(writer, model, dtype, name=source.resolve().name)
         add_tokenizer_metadata(writer, tokenizer, model.get_input_embeddings().weight.shape[0], base_gguf)
         add_tensors(writer, model, dtype, progress)
@@ -96,16 +97,15 @@ def export_gguf(
 
 
 def checked_gguf_out(out: Path, overwrite: bool) -> Path:
-    """``out`` as an absolute path once it is a `.gguf` file the export may write (its folder made)."""
+    """``out`` as an absolute path once it is a `.gguf` file the export may write (its folder is made
+    when the file is written)."""
     if out.suffix != ".gguf":
         raise FimtuneError(f"--out '{out}' must name a .gguf file (e.g. {out.with_suffix('.gguf').name})")
     if out.is_dir():
         raise FimtuneError(f"--out '{out}' is a folder: name a .gguf file")
     if out.exists() and not overwrite:
         raise FimtuneError(f"'{out}' exists: choose another --out or pass --overwrite")
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
+    return out.resolve()
 
 
 def _source(source: Path) -> tuple[Any, Any, Path | None, Any]:
