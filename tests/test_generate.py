@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -529,6 +530,35 @@ def test_complete_command_prints_the_completion(tmp_path, tiny_tokenizer, capsys
     for flag, value in (("--max-input-tokens", "0"), ("--max-new-tokens", "0"), ("--top-p", "0")):
         assert main(["complete", str(folder), "--prefix", "x", flag, value]) == 2
         assert capsys.readouterr().err.startswith(f"error: {flag} must be")
+
+
+def test_a_sampling_seed_draws_the_same_completion_whatever_torch_s_random_state(tmp_path, tiny_tokenizer, capsys):
+    """`GenerationParams.seed` (`complete --seed`) makes sampled completions repeat, whatever torch's random
+    stream held, and leaves that stream as it was; without one, they follow the stream."""
+    from fimtune.cli import main
+
+    model, pr = tiny_model("llama", tiny_tokenizer), FimPrompter(tiny_tokenizer)
+    sampled = GenerationParams(max_new_tokens=12, temperature=1.0, max_input_tokens=BUDGET)
+    texts = {}
+    for seed in (None, 3):
+        for state in (1, 2):
+            torch.manual_seed(state)
+            untouched = torch.rand(1).item()
+            torch.manual_seed(state)
+            texts[seed, state] = [c.text for c in complete_batch(model, pr, holes(2), replace(sampled, seed=seed))]
+            assert (torch.rand(1).item() == untouched) == (seed is not None)  # a seeded call leaves the stream
+    assert texts[None, 1] != texts[None, 2]
+    assert texts[3, 1] == texts[3, 2]
+    folder = tiny.save_model_folder(model, tiny_tokenizer, tmp_path / "base")
+    outputs = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        args = ["--prefix", SOURCE[:150], "--temperature", "1", "--seed", "3", "--max-new-tokens", "12"]
+        assert main(["complete", str(folder), *args]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    assert main(["complete", str(folder), "--prefix", "x", "--seed", "-1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --seed must be")
 
 
 def test_complete_at_a_cursor_in_a_file_cuts_it_there(tmp_path, tiny_tokenizer, capsys):

@@ -368,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-p", type=float, default=0.95, help="sample among the likeliest tokens of this total probability"
     )
     comp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)")
+    comp.add_argument("--seed", type=int, help="sampling seed: the same completion each time (default: random)")
     comp.add_argument("--max-input-tokens", type=int, default=2048, help="fit the prompt to this many tokens")
     comp.add_argument(
         "--mode",

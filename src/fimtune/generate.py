@@ -33,10 +33,11 @@ worse on the demo run: most answers came back empty. `benchmarks/cursor_indent.p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -482,7 +483,8 @@ def complete_prompts(
     with without_cudnn_attention():  # each batch's width, and each step's keys, a new shape
         if sample:  # one call: the rows draw from one random stream, which a smaller batch would shift
             stopping = StoppingCriteriaList(criteria)
-            out = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=stopping, **options)
+            with seeded(params.seed, device):
+                out = model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=stopping, **options)
             news = [row[width:].tolist() for row in out]
         else:
             news = _greedy_rows(model, ids, mask, criteria, prompter.end_ids, options)
@@ -490,6 +492,18 @@ def complete_prompts(
         _completion(prompter, new, len(p), replace(params, after_indent=indent), prompter.starts_document(p))
         for new, p, indent in zip(news, prompts, after_indents, strict=True)
     ]
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """``generate``'s draws from ``seed`` (None: from torch's random stream as it is); the stream is
+    left as it was, so a seeded call changes no later draw."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 class RowsDone:
@@ -717,6 +731,7 @@ def params_from_args(ns: Any) -> GenerationParams:
         single_line=ns.single_line,
         mode=ns.mode,
         max_input_tokens=DEFAULT_MAX_INPUT_TOKENS if max_input_tokens is None else max_input_tokens,
+        seed=getattr(ns, "seed", None),
     )
     checks = [
         (params.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
@@ -724,6 +739,7 @@ def params_from_args(ns: Any) -> GenerationParams:
         (0 < params.top_p <= 1, "--top-p must be in (0, 1]"),
         (params.top_k >= 0, "--top-k must be 0 (off) or more"),
         (params.max_input_tokens > FIM_OVERHEAD, f"--max-input-tokens must be more than {FIM_OVERHEAD}"),
+        (params.seed is None or 0 <= params.seed < 2**63, "--seed must be 0 or more, below 2**63"),
     ]
     for ok, message in checks:
         if not ok:
