@@ -502,7 +502,9 @@ def test_end_token_and_cancellation_stop_a_row(tiny_tokenizer):
     assert cut.completion_tokens == len(streamed) < 20
 
 
-def test_complete_command_prints_the_completion(tmp_path, tiny_tokenizer, capsys):
+def test_complete_command_prints_the_completion(tmp_path, tiny_tokenizer, capsys, monkeypatch):
+    import io
+
     from fimtune.cli import main
 
     model = tiny_model("llama", tiny_tokenizer)
@@ -526,7 +528,11 @@ def test_complete_command_prints_the_completion(tmp_path, tiny_tokenizer, capsys
     assert out.out == expected.text + "\n"
     assert "new tokens" in out.err
     assert main(["complete", str(folder), "--prefix-file", str(tmp_path / "missing.py")]) == 2
-    assert "--prefix-file" in capsys.readouterr().err
+    assert "missing.py: cannot read it (No such file or directory)" in capsys.readouterr().err  # not "as UTF-8"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"def f(x):\n    ")))  # `-`: the standard input
+    assert main([*args[:3], "-", *args[4:]]) == 0 and capsys.readouterr().out == expected.text + "\n"
+    assert main(["complete", str(folder), "--prefix-file", "-", "--suffix-file", "-"]) == 2
+    assert "one standard input" in capsys.readouterr().err
     for flag, value in (("--max-input-tokens", "0"), ("--max-new-tokens", "0"), ("--top-p", "0")):
         assert main(["complete", str(folder), "--prefix", "x", flag, value]) == 2
         assert capsys.readouterr().err.startswith(f"error: {flag} must be")

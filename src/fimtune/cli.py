@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("target", help="a run folder, or a base model (`embedded`, Hub id, folder, .gguf)")
     src = comp.add_mutually_exclusive_group(required=True)
     src.add_argument("--prefix", help="the code before the cursor")
-    src.add_argument("--prefix-file", help="a file holding the code before the cursor")
+    src.add_argument("--prefix-file", help="a file holding the code before the cursor (-: the standard input)")
     src.add_argument(
         "--at",
         metavar="FILE:LINE[:COL]",
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     suf = comp.add_mutually_exclusive_group()
     suf.add_argument("--suffix", default="", help="the code after the cursor")
-    suf.add_argument("--suffix-file", help="a file holding the code after the cursor")
+    suf.add_argument("--suffix-file", help="a file holding the code after the cursor (-: the standard input)")
     comp.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     comp.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     comp.add_argument(

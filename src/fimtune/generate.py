@@ -644,9 +644,10 @@ def _read_text(text: str | None, path: str | None, flag: str) -> str:
     if path is None:
         return text or ""
     try:
-        read, why = decode(Path(path).read_bytes())
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()  # `-`: the standard input
     except OSError as e:
-        read, why = None, e.__class__.__name__
+        raise FimtuneError(f"{flag} {path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    read, why = decode(data)
     if read is None:
         raise FimtuneError(f"{flag} {path}: cannot read it as UTF-8 text ({why})")
     return read
@@ -762,6 +763,8 @@ def main(ns: Any) -> int:
             raise FimtuneError("--at takes the suffix from its file (the code after the cursor): drop --suffix")
         prefix, suffix = _read_at(ns.at)
     else:
+        if ns.prefix_file == ns.suffix_file == "-":
+            raise FimtuneError("--prefix-file - and --suffix-file -: there is one standard input; give a file for one")
         prefix = _read_text(ns.prefix, ns.prefix_file, "--prefix-file")
         suffix = _read_text(ns.suffix, ns.suffix_file, "--suffix-file")
     params = params_from_args(ns)
