@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--at",
         metavar="FILE:LINE[:COL]",
         help="a cursor in a file: the code before it is the prefix, the code after it the suffix "
-        "(LINE and COL count from 1; without COL, the cursor is at the start of LINE)",
+        "(LINE and COL count from 1, COL in characters: a tab is one; without COL, the cursor is at the "
+        "start of LINE)",
     )
     suf = comp.add_mutually_exclusive_group()
     suf.add_argument("--suffix", default="", help="the code after the cursor")
