@@ -798,3 +798,20 @@ def test_complete_at_a_cursor_after_indentation_keeps_the_prompt_and_answers_fro
         [code] = complete_batch(model, pr, [(prefix + "y", "\n")], params)  # after code: as written
         assert code.text == complete_prompts(model, pr, [pr.build(prefix + "y", "\n", "psm")], params)[0].text
     assert written  # the model wrote " return" first somewhere, and its space went
+
+
+def test_a_models_own_generation_settings_do_not_change_completions(tiny_tokenizer):
+    """`generate` fills what it is not told from the model's `generation_config`: a base that sets a
+    repetition penalty or a no-repeat n-gram size completed otherwise in `complete` and `eval` than in
+    the server, whose decoder applies neither. Greedy and seeded sampling alike; the config stays."""
+    model = tiny_model("llama", tiny_tokenizer)
+    pr = FimPrompter(tiny_tokenizer)
+    holes = [("def f(x):\n    ", "\n"), ("class A:\n    def g(self):\n        ", "\n")]
+    settings = [GenerationParams(max_new_tokens=12), GenerationParams(max_new_tokens=12, temperature=0.9, seed=3)]
+    plain = [[c.text for c in complete_batch(model, pr, holes, params)] for params in settings]
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.no_repeat_ngram_size = 1
+    assert [[c.text for c in complete_batch(model, pr, holes, params)] for params in settings] == plain
+    assert model.generation_config.repetition_penalty == 5.0
+    greedy = Decoder(model, pr).run([Row(pr.build(*holes[0]), settings[0])])[0].text
+    assert greedy == plain[0][0]  # as the server's decoder answers

@@ -480,7 +480,8 @@ def complete_prompts(
         eos_token_id=prompter.end_ids,
         pad_token_id=pad,
     )
-    with without_cudnn_attention():  # each batch's width, and each step's keys, a new shape
+    # each batch's width, and each step's keys, a new shape
+    with without_cudnn_attention(), transformers_defaults(model):
         if sample:  # one call: the rows draw from one random stream, which a smaller batch would shift
             stopping = StoppingCriteriaList(criteria)
             with seeded(params.seed, device):
@@ -492,6 +493,25 @@ def complete_prompts(
         _completion(prompter, new, len(p), replace(params, after_indent=indent), prompter.starts_document(p))
         for new, p, indent in zip(news, prompts, after_indents, strict=True)
     ]
+
+
+@contextlib.contextmanager
+def transformers_defaults(model: Any) -> Iterator[None]:
+    """``generate`` with transformers' defaults for what it is not told: it fills those from the model's
+    `generation_config` (a base's repetition penalty, no-repeat n-gram size, minimum length, suppressed
+    tokens), which the server's decoder applies none of, so `complete` and `eval` answered otherwise
+    than the server on such a base."""
+    from transformers import GenerationConfig
+
+    from fimtune.model import base_model
+
+    inner = base_model(model)  # a PEFT model generates through the transformers model's `generate`
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
 
 
 @contextlib.contextmanager
