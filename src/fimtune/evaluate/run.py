@@ -46,6 +46,8 @@ def check_args(ns: argparse.Namespace) -> None:
     from fimtune.model import require_run_dir
 
     require_run_dir(ns.run)
+    if {"loss", "infill"} & set(parse_tasks(ns.tasks)):  # their data, before the model loads
+        check_run_data(Path(ns.run))
     if "humaneval" in parse_tasks(ns.tasks):  # before the tasks (which may take hours), not after them
         from fimtune.evaluate.humaneval import data_file
 
@@ -54,6 +56,23 @@ def check_args(ns: argparse.Namespace) -> None:
                         ("--samples", ns.samples)):  # fmt: skip
         if value is not None and value < 1:
             raise FimtuneError(f"{flag} must be at least 1, got {value}")
+
+
+def check_run_data(run: Path) -> None:
+    """The run's `data.path` is a dataset folder; the error says the path comes from the run's config."""
+    from fimtune.config import load_run_config
+    from fimtune.dataset import check_folder
+    from fimtune.errors import DataError
+
+    cfg = load_run_config(run / "config.yaml")
+    if not cfg.data.path:
+        return
+    try:
+        check_folder(Path(cfg.data.path))
+    except DataError as e:
+        raise DataError(
+            f"{e}\n(the run's data, `data.path` in {run / 'config.yaml'}: if the data moved, set its new place there)"
+        ) from None
 
 
 def report_folder(out: Path) -> Path:
