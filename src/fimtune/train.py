@@ -1208,17 +1208,8 @@ def describe_plan(cfg: RunConfig, first_step: int = 0, stop_after: int | None = 
         f"x {world} x {cfg.packing.seq_length})",
     ]
     if steps:
-        end = min(stop_after or steps, steps)
-        start = min(first_step, end)
-        now = ""
-        if (start, end) != (0, steps):
-            why = [
-                f"--resume from step {first_step}" if first_step else "",
-                f"--stop-after {end}" if end < steps else "",
-            ]
-            now = f"; this call runs steps {start + 1}-{end} ({', '.join(w for w in why if w)})" if end > start else ""
-            now = now or f"; none left (its checkpoint is at step {first_step}): its final validation runs again"
-        seconds = (end - start) * tokens_per_step * flops_per_token / (ASSUMED_FLOPS.get(klass, 20e12) * world)
+        n_now, now = _this_call(steps, first_step, stop_after)
+        seconds = n_now * tokens_per_step * flops_per_token / (ASSUMED_FLOPS.get(klass, 20e12) * world)
         lines.append(
             f"steps            {'about ' if about else ''}{steps} ({steps * tokens_per_step:,} tokens){now}{about}"
         )
@@ -1233,6 +1224,23 @@ def describe_plan(cfg: RunConfig, first_step: int = 0, stop_after: int | None = 
         )
     lines.append(f"output_dir       {cfg.output_dir}")
     return "\n".join(lines)
+
+
+def _this_call(steps: int, first_step: int, stop_after: int | None) -> tuple[int, str]:
+    """How many of a run's ``steps`` a call resuming at ``first_step`` and stopping after ``stop_after``
+    runs, and the words saying which ("" for the whole run).
+
+    >>> _this_call(100, 40, 60)
+    (20, '; this call runs steps 41-60 (--resume from step 40, --stop-after 60)')
+    """
+    end = min(stop_after or steps, steps)
+    start = min(first_step, end)
+    if (start, end) == (0, steps):
+        return steps, ""
+    if end == start:
+        return 0, f"; none left (its checkpoint is at step {first_step}): its final validation runs again"
+    why = [f"--resume from step {first_step}" if first_step else "", f"--stop-after {end}" if end < steps else ""]
+    return end - start, f"; this call runs steps {start + 1}-{end} ({', '.join(w for w in why if w)})"
 
 
 def _estimated_train_tokens(cfg: RunConfig) -> tuple[int, str] | None:
