@@ -165,3 +165,22 @@ def test_wrong_api_key_is_401_json(tiny_run):
             )
             assert r.status_code == 401 and "error" in r.json()
         assert c.get("/health").status_code == 200
+
+
+def test_a_failed_generation_is_tgis_generation_error(tiny_run):
+    """TGI names a generation that failed `generation` (huggingface_hub raises its GenerationError for
+    that name only), answered or streamed; the OpenAI routes answer the same failure in their own shape."""
+
+    def fail() -> None:
+        raise RuntimeError("device fault")
+
+    app = make_app(tiny_run)
+    app.state.service.engine.decoder.step_hook = fail
+    body = {"inputs": "<fim_prefix>x<fim_suffix>y<fim_middle>", "parameters": {"max_new_tokens": 2}}
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        answered = c.post("/generate", json=body)
+        assert answered.status_code == 500 and answered.json()["error_type"] == "generation", answered.text
+        streamed = c.post("/generate_stream", json=body)
+        assert json.loads(streamed.text.split("data:")[-1])["error_type"] == "generation", streamed.text
+        openai = c.post("/v1/completions", json={"prompt": "x", "suffix": "y", "max_tokens": 2})
+        assert openai.status_code == 500 and "generation" in openai.json()["error"]["message"], openai.text

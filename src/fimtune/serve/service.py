@@ -227,8 +227,9 @@ def job_error(e: Exception, limits: Limits) -> ApiError:
         return ApiError(503, "the request was cancelled (server stopping)", None, "cancelled")
     if isinstance(e, EngineGone):
         return ApiError(503, f"{e}; the server cannot generate until it is restarted", None, "engine_gone")
-    # an error raised in the engine's process arrives as a RemoteError carrying its type's name
-    return ApiError(500, f"generation failed: {getattr(e, 'name', type(e).__name__)}", None, "generation_error")
+    # an error raised in the engine's process arrives as a RemoteError carrying its type's name; "generation"
+    # is TGI's error_type for it (huggingface_hub raises its GenerationError for that name only)
+    return ApiError(500, f"generation failed: {getattr(e, 'name', type(e).__name__)}", None, "generation")
 
 
 def timing_headers(jobs: list[Job], done: list[Completion]) -> tuple[dict[str, float], dict[str, str]]:
