@@ -186,6 +186,7 @@ def test_timeout_is_408_naming_timeout_s(tiny_run):
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         r = c.post("/generate", json={"inputs": psm("x = "), "parameters": {"max_new_tokens": 60}})
         assert r.status_code == 408 and error_field(r.json()) == "timeout_s"
+        assert r.headers["x-should-retry"] == "false"  # the OpenAI clients retry a 408 twice unless told not to
         assert app.state.service.engine.counters.timeouts == 1
 
 

@@ -184,3 +184,5 @@ def test_a_failed_generation_is_tgis_generation_error(tiny_run):
         assert json.loads(streamed.text.split("data:")[-1])["error_type"] == "generation", streamed.text
         openai = c.post("/v1/completions", json={"prompt": "x", "suffix": "y", "max_tokens": 2})
         assert openai.status_code == 500 and "generation" in openai.json()["error"]["message"], openai.text
+        # the OpenAI clients retry a 5xx twice unless told not to: the same request fails again
+        assert answered.headers["x-should-retry"] == openai.headers["x-should-retry"] == "false"

@@ -214,6 +214,11 @@ async def _final(job: Job, tokens: list[Event] | None = None) -> Completion:
     raise JobCancelled()
 
 
+# The OpenAI clients (llama.vscode's and Continue's among them) retry a 408 or a 5xx twice on their own
+# unless told not to: the same request would run past the timeout again, or fail again, each time.
+NO_RETRY = {"x-should-retry": "false"}
+
+
 def job_error(e: Exception, limits: Limits) -> ApiError:
     """The HTTP error for a job that ended without a completion."""
     if isinstance(e, JobTimeout):
@@ -222,6 +227,7 @@ def job_error(e: Exception, limits: Limits) -> ApiError:
             f"generation ran past the server's timeout of {limits.timeout_s:g} s (timeout_s); ask for fewer tokens",
             "timeout_s",
             "timeout",
+            NO_RETRY,
         )
     if isinstance(e, JobCancelled):
         return ApiError(503, "the request was cancelled (server stopping)", None, "cancelled")
@@ -229,7 +235,7 @@ def job_error(e: Exception, limits: Limits) -> ApiError:
         return ApiError(503, f"{e}; the server cannot generate until it is restarted", None, "engine_gone")
     # an error raised in the engine's process arrives as a RemoteError carrying its type's name; "generation"
     # is TGI's error_type for it (huggingface_hub raises its GenerationError for that name only)
-    return ApiError(500, f"generation failed: {getattr(e, 'name', type(e).__name__)}", None, "generation")
+    return ApiError(500, f"generation failed: {getattr(e, 'name', type(e).__name__)}", None, "generation", NO_RETRY)
 
 
 def timing_headers(jobs: list[Job], done: list[Completion]) -> tuple[dict[str, float], dict[str, str]]:
