@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,39 @@ def test_a_resume_whose_processes_see_different_checkpoints_is_refused(setup_dir
     assert res.returncode != 0
     assert "process 0: step-000003, process 1: none" in res.stderr, res.stderr[-3000:]
     assert "a folder all machines share" in res.stderr
+
+
+def test_sigterm_to_the_launcher_stops_both_processes_and_says_the_checkpoint_once(setup_dirs):
+    """SIGTERM to `accelerate launch` (a scheduler's preemption): the launcher passes it to both
+    processes, which stop; the kept checkpoint and `--resume` are said once, by the main process."""
+    args = [
+        "train",
+        f"model.name_or_path={setup_dirs / 'base'}",
+        f"data.path={setup_dirs / 'data'}",
+        f"output_dir={setup_dirs / 'stopped'}",
+        "packing.seq_length=64",
+        "train.batch_size=2",
+        "train.max_steps=100000",
+        "train.eval_every=0",
+        "train.log_every=1",
+        "train.save_every=2",
+    ]
+    launch = ["--multi_gpu", "--mixed_precision", "no", "--num_processes", "2", "--num_machines", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", *launch, "--dynamo_backend", "no"]
+        + ["--main_process_port", "0", "-m", "fimtune", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "FIMTUNE_CACHE": str(setup_dirs / "cache"), "OMP_NUM_THREADS": "1"},
+    )
+    metrics, deadline = setup_dirs / "stopped" / "metrics.jsonl", time.monotonic() + 120
+    while proc.poll() is None and len(records(setup_dirs / "stopped", "loss") if metrics.exists() else {}) < 3:
+        assert time.monotonic() < deadline, "the run logged no 3 steps in 2 minutes"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    told = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("terminated: ")]
+    assert len(told) == 1, stderr[-3000:]
+    assert "is kept in" in told[0] and "--resume continues" in told[0]

@@ -142,7 +142,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         check_resumed_config(resolved_paths(cfg), Path(cfg.output_dir))
     if ns.stop_after is not None and ns.stop_after <= first:
         raise FimtuneError(f"--stop-after {ns.stop_after}: the run is at step {first} already (its last checkpoint)")
-    main_process = os.environ.get("RANK", "0") == "0"  # under `accelerate launch`, one plan, not one per process
+    main_process = _main_process()  # under `accelerate launch`, one plan, not one per process
     if main_process:
         print(describe_plan(cfg, first, ns.stop_after))
     if ns.dry_run:
@@ -579,7 +579,12 @@ def _show_logs() -> None:
         return
     logger.addHandler(_Stderr())
     if logger.level == logging.NOTSET:
-        logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+        logger.setLevel(logging.INFO if _main_process() else logging.WARNING)
+
+
+def _main_process() -> bool:
+    """Whether this is the first process of a launcher's (`accelerate launch`, torchrun), or runs alone."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -622,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except KeyboardInterrupt as e:
         said = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print(f"{said}: {e}" if str(e) else said, file=sys.stderr)
+        if _main_process():  # a launcher stops every process (Ctrl-C, SIGTERM): the first one says it
+            print(f"{said}: {e}" if str(e) else said, file=sys.stderr)
         return EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
 
 
