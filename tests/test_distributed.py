@@ -102,6 +102,9 @@ def test_two_processes_match_one_with_the_same_global_batch(setup_dirs):
         assert PRINTED["one"].count(line) == PRINTED["two"].count(line) == 1, PRINTED["two"]
     # the warning of 6 steps under train.warmup_steps=30: the main process gives it, once
     assert WARNED["one"].count("train.warmup_steps=") == WARNED["two"].count("train.warmup_steps=") == 1
+    # and the progress bar of the model's loading (transformers'), once
+    loaded = [WARNED[run].count("Loading weights: 100%") for run in ("one", "two")]
+    assert loaded[0] == loaded[1] >= 1, WARNED["two"][-3000:]
 
 
 def test_two_process_checkpoint_resumes_exactly(setup_dirs):
