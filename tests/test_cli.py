@@ -189,6 +189,27 @@ def test_dry_run_and_config_refuse_what_a_run_would(capsys):
     assert main(["config", "lora.r=0"]) == 2 and "'lora.r' must be at least 1" in capsys.readouterr().err
 
 
+def test_accelerate_launch_cpu_that_started_one_process_of_several_is_said(monkeypatch, capsys):
+    """`accelerate launch --cpu --num_processes 2` starts one process (Accelerate 1.x runs several CPU
+    processes only under mpirun), which trained alone with half the global batch, its plan's `cpu x1`
+    the only hint. It is said, with the command that starts them."""
+    demo = ["train", "--config", "configs/smollm2-demo.yaml", "--dry-run"]
+    for name in ("WORLD_SIZE", "RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu` sets
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert main(demo) == 0
+    assert "--cpu" not in capsys.readouterr().err  # --cpu and one process: as asked
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # ... and this with --num_processes 2
+    assert main(demo) == 0
+    err = capsys.readouterr().err
+    assert "`accelerate launch --cpu` started this process alone" in err and "cpu-2proc.yaml" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under mpirun (--mpirun_hostfile), or torchrun: several
+    monkeypatch.setenv("RANK", "0")
+    assert main(demo) == 0
+    assert "--cpu" not in capsys.readouterr().err
+
+
 def test_dry_run_refuses_rows_past_learned_positions(tmp_path, tiny_tokenizer, tiny_dataset_dir, capsys):
     """A GPT-BigCode model's rows longer than its learned positions were refused only once the run
     had loaded the model (minutes for StarCoderBase-1B); `--dry-run` printed the plan and exit 0."""

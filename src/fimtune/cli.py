@@ -145,6 +145,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
     main_process = _main_process()  # under `accelerate launch`, one plan, not one per process
     if main_process:
         print(describe_plan(cfg, first, ns.stop_after))
+        if _launched_alone_on_cpu():
+            print(
+                "warning: `accelerate launch --cpu` started this process alone, whatever --num_processes says "
+                "(Accelerate starts several CPU processes only under mpirun, --mpirun_hostfile): it trains on its "
+                "own, with its own batch as the global batch. Several processes on this machine: accelerate launch "
+                "--config_file configs/accelerate/cpu-2proc.yaml (or --multi_gpu --num_processes N, without --cpu: "
+                "fimtune trains on the CPU where there is no CUDA GPU)",
+                file=sys.stderr,
+            )
     if ns.dry_run:
         if main_process and cfg.data.path:  # the plan reads no data; the run would refuse a missing folder
             from fimtune.dataset import check_folder
@@ -580,6 +589,18 @@ def _show_logs() -> None:
     logger.addHandler(_Stderr())
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO if _main_process() else logging.WARNING)
+
+
+# Where launchers give a process the number of processes: torchrun (and `accelerate launch`), and the
+# MPI implementations Accelerate's CPU runs use (Intel MPI and MPICH, Open MPI, MVAPICH).
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _launched_alone_on_cpu() -> bool:
+    """Whether `accelerate launch --cpu` was asked for several processes (--num_processes or --num_machines
+    above 1: it then sets MASTER_ADDR) and started this one alone, as it does without mpirun."""
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return on_cpu and "MASTER_ADDR" in os.environ and not any(v in os.environ for v in WORLD_SIZE_VARIABLES)
 
 
 def _main_process() -> bool:
