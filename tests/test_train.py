@@ -211,7 +211,7 @@ def test_resume_refuses_settings_that_change_the_run(tmp_path, tiny_tokenizer, r
     assert [r["step"] for r in metrics(run) if "val_loss" in r][-1] == 8
 
 
-def test_resume_refuses_another_number_of_processes(tmp_path, tiny_tokenizer, repetitive_data, token_cache):
+def test_resume_refuses_another_number_of_processes(tmp_path, tiny_tokenizer, repetitive_data, token_cache, capsys):
     """Each process's place in its share of the rows is saved: on another number of processes the
     same place is other rows (run 2 x 2 rows, resumed on 1 x 4, repeated and skipped data)."""
     import json
@@ -225,6 +225,12 @@ def test_resume_refuses_another_number_of_processes(tmp_path, tiny_tokenizer, re
     meta_file.write_text(json.dumps({**meta, "processes": 2}))  # as a two-process run writes it
     with pytest.raises(FimtuneError, match="written by 2 process.*this run has 1"):
         quiet_fit(cfg, resume=True)
+    # refused before the model loads (minutes for a 1B model), as the plan prints: `--dry-run` too
+    from fimtune.cli import main
+
+    config = tmp_path / "procs" / "config.yaml"
+    assert main(["train", "--config", str(config), "--resume", "--dry-run"]) == 2
+    assert "written by 2 process(es) and this run has 1" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_training_split_rebuilt_at_the_same_path(

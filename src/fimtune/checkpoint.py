@@ -281,12 +281,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainer_state.json, training_state.pt) of checkpoint folder ``ckpt``."""
+    meta = load_meta(ckpt)
     try:
-        meta = json.loads((ckpt / "state" / "trainer_state.json").read_text(encoding="utf-8"))
         tensors = torch.load(ckpt / "state" / "training_state.pt", map_location="cpu", weights_only=False)
     except _UNREADABLE as e:
         raise _unreadable(ckpt, e) from None
     return meta, tensors
+
+
+def load_meta(ckpt: Path) -> dict[str, Any]:
+    """trainer_state.json of checkpoint folder ``ckpt``: its step, data position, processes."""
+    try:
+        return json.loads((ckpt / "state" / "trainer_state.json").read_text(encoding="utf-8"))
+    except _UNREADABLE as e:
+        raise _unreadable(ckpt, e) from None
 
 
 def load_adapter(ckpt: Path) -> dict[str, torch.Tensor]:

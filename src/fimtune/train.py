@@ -1007,13 +1007,7 @@ def restore(s: Setup, run_dir: Path) -> int:
     meta, state = checkpoint.load_state(ckpt)
     sharding = optimizer_sharding(acc)
     check_same_sharding(ckpt, meta, sharding, acc.num_processes)
-    processes = meta.get("processes", acc.num_processes)  # not recorded before: as this run
-    if processes != acc.num_processes:
-        raise FimtuneError(
-            f"checkpoint '{ckpt}' was written by {processes} process(es) and this run has {acc.num_processes}: "
-            "each process's place in its share of the data was saved; resume with the number of processes "
-            "it was trained with"
-        )
+    check_same_processes(ckpt, meta, acc.num_processes)
     weights = checkpoint.load_adapter(ckpt)
     with whole_parameters(acc, s.model) as model:
         loaded = set_peft_model_state_dict(model, weights)
@@ -1037,6 +1031,17 @@ def restore(s: Setup, run_dir: Path) -> int:
     s.train_rows.load_state_dict(meta["data"])
     s.resumed_window = meta.get("log_window", {})
     return int(meta["step"])
+
+
+def check_same_processes(ckpt: Path, meta: dict[str, Any], processes: int) -> None:
+    """Refuse a checkpoint written by another number of processes: each saved its place in its share of the rows."""
+    saved = meta.get("processes", processes)  # not recorded before: as this run
+    if saved != processes:
+        raise FimtuneError(
+            f"checkpoint '{ckpt}' was written by {saved} process(es) and this run has {processes}: "
+            "each process's place in its share of the data was saved; resume with the number of processes "
+            "it was trained with"
+        )
 
 
 def check_same_split(ckpt: Path, saved: dict[str, Any] | None, split: dict[str, Any]) -> None:
