@@ -465,9 +465,12 @@ def fit(cfg: RunConfig, resume: bool = False, stop_after: int | None = None) -> 
     run_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
     if not accelerator.is_main_process:  # the main process warns for all: each warning once a run, not once a process
+        import warnings
+
         from transformers.utils import logging as transformers_logging
 
         logging.getLogger("fimtune").setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")  # Python's warnings too (a LoRA target that matches no module)
         transformers_logging.disable_progress_bar()  # and shows the model's loading, once
     from_checkpoint = prepare_run_dir(run_dir, resume)  # every process checks before any writes
     if resume:
