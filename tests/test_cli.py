@@ -189,11 +189,17 @@ def test_dry_run_and_config_refuse_what_a_run_would(capsys):
     assert main(["config", "lora.r=0"]) == 2 and "'lora.r' must be at least 1" in capsys.readouterr().err
 
 
-def test_accelerate_launch_cpu_that_started_one_process_of_several_is_said(monkeypatch, capsys):
+def test_accelerate_launch_cpu_that_started_one_process_of_several_is_said(
+    tmp_path, tiny_tokenizer, tiny_dataset_dir, monkeypatch, capsys
+):
     """`accelerate launch --cpu --num_processes 2` starts one process (Accelerate 1.x runs several CPU
     processes only under mpirun), which trained alone with half the global batch, its plan's `cpu x1`
     the only hint. It is said, with the command that starts them."""
-    demo = ["train", "--config", "configs/smollm2-demo.yaml", "--dry-run"]
+    from tests.runs import model_dir
+
+    base = model_dir(tmp_path, tiny_tokenizer, "llama")
+    demo = ["train", f"model.name_or_path={base}", f"data.path={tiny_dataset_dir}", f"output_dir={tmp_path / 'run'}"]
+    demo += ["train.batch_size=2", "packing.seq_length=512", "--dry-run"]
     for name in ("WORLD_SIZE", "RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu` sets
@@ -208,6 +214,11 @@ def test_accelerate_launch_cpu_that_started_one_process_of_several_is_said(monke
     monkeypatch.setenv("RANK", "0")
     assert main(demo) == 0
     assert "--cpu" not in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("PMI_SIZE", "2")  # Intel MPI's and MPICH's: the plan counts those processes too
+    assert main(demo) == 0
+    out = capsys.readouterr()
+    assert "--cpu" not in out.err and "device           cpu x2," in out.out and "(2 x 1 x 2 x 512)" in out.out
 
 
 def test_dry_run_refuses_rows_past_learned_positions(tmp_path, tiny_tokenizer, tiny_dataset_dir, capsys):

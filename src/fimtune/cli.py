@@ -137,12 +137,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
     first = checkpoint.step_of(ckpt) if ckpt else 0
     if ckpt:  # what the run refuses before loading its model, refused now (--dry-run too)
         from fimtune.config import resolved_paths
-        from fimtune.train import check_resumed_config, check_same_processes
+        from fimtune.train import check_resumed_config, check_same_processes, launched_processes
 
         check_resumed_config(resolved_paths(cfg), Path(cfg.output_dir))
         meta = checkpoint.load_meta(ckpt)
         if not meta.get("optimizer_sharding"):  # a split optimizer's: the run names its engine too
-            check_same_processes(ckpt, meta, _launched_processes())
+            check_same_processes(ckpt, meta, launched_processes())
     if ns.stop_after is not None and ns.stop_after <= first:
         raise FimtuneError(f"--stop-after {ns.stop_after}: the run is at step {first} already (its last checkpoint)")
     main_process = _main_process()  # under `accelerate launch`, one plan, not one per process
@@ -594,20 +594,12 @@ def _show_logs() -> None:
         logger.setLevel(logging.INFO if _main_process() else logging.WARNING)
 
 
-# Where launchers give a process the number of processes: torchrun (and `accelerate launch`), and the
-# MPI implementations Accelerate's CPU runs use (Intel MPI and MPICH, Open MPI, MVAPICH).
-WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-def _launched_processes() -> int:
-    """The number of processes a launcher started this one among (1: none did)."""
-    return next((int(os.environ[v]) for v in WORLD_SIZE_VARIABLES if os.environ.get(v, "").isdigit()), 1)
-
-
 def _launched_alone_on_cpu() -> bool:
     """Whether `accelerate launch --cpu` was asked for several processes (--num_processes or --num_machines
     above 1: it then sets MASTER_ADDR) and started this one alone, as it does without mpirun."""
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    from fimtune.train import WORLD_SIZE_VARIABLES
+
     return on_cpu and "MASTER_ADDR" in os.environ and not any(v in os.environ for v in WORLD_SIZE_VARIABLES)
 
 

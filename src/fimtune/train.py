@@ -1175,13 +1175,21 @@ def preflight(cfg: RunConfig) -> None:
         raise FimtuneError(f"train.cuda_graphs: {why}; drop train.cuda_graphs")
 
 
+# Where launchers give a process the number of processes: torchrun (and `accelerate launch`), and the
+# MPI implementations Accelerate's CPU runs use (Intel MPI and MPICH, Open MPI, MVAPICH).
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_processes() -> int:
+    """The number of processes a launcher started this one among (1: none did)."""
+    return next((int(os.environ[v]) for v in WORLD_SIZE_VARIABLES if os.environ.get(v, "").isdigit()), 1)
+
+
 def describe_plan(cfg: RunConfig, first_step: int = 0, stop_after: int | None = None) -> str:
     """What `fimtune train` will do: trainable parameters, tokens per step, device, dtype, duration.
 
     A call that resumes at ``first_step`` or stops after ``stop_after`` says which steps it runs, and
     its estimate is for those."""
-    import os
-
     from fimtune.model import KNOWN_CONFIGS, plan, resolve_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1193,7 +1201,7 @@ def describe_plan(cfg: RunConfig, first_step: int = 0, stop_after: int | None = 
 
         added = missing_fim_tokens(load_tokenizer(cfg.model.name_or_path))
     p = plan(cfg.model, cfg.lora, added)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_processes()  # under mpirun too (Accelerate's several CPU processes)
     tokens_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world * cfg.packing.seq_length
     steps, about = cfg.train.max_steps, ""
     if steps is None and (data := _estimated_train_tokens(cfg)):  # by epochs: the rows are packed at the run
