@@ -242,8 +242,10 @@ def test_a_clones_symlinks_are_followed_inside_it_only(tmp_path):
 
 def test_clone_failure_names_the_url(tmp_path):
     url = (tmp_path / "nowhere").as_uri()
-    with pytest.raises(DataError, match=f"cannot clone '{url}'"), ExitStack() as stack:
+    with pytest.raises(DataError, match=f"cannot clone '{url}'") as info, ExitStack() as stack:
         resolve_path(url, stack)
+    # git's reason, not the last line of its advice (`and the repository exists.`)
+    assert str(info.value).endswith("does not appear to be a git repository"), info.value
 
 
 def test_git_url_names():

@@ -180,8 +180,11 @@ def clone(url: str, stack: ExitStack) -> str:
             f"cloning '{url}' took more than {CLONE_TIMEOUT_S} s; clone it yourself and pass the folder"
         ) from None
     if res.returncode != 0:
-        lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
-        detail = lines[-1] if lines else f"exit code {res.returncode}"
+        # git's first words say why (`fatal: '...' does not appear to be a git repository`, `ssh: Could not
+        # resolve hostname`); its last are advice (`... and the repository exists.`)
+        lines = [line.strip() for line in res.stderr.splitlines() if line.strip()]
+        said = [line for line in lines if not line.startswith("warning:")] or lines
+        detail = said[0] if said else f"exit code {res.returncode}"
         raise DataError(f"cannot clone '{url}': {detail}")
     return dest
 
