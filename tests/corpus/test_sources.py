@@ -342,3 +342,15 @@ def test_a_notebook_rows_size_limit_is_for_its_code_as_in_a_folder(tmp_path):
     too_small = resolve_path(str(tmp_path / "rows.jsonl"), ExitStack())
     assert docs_of(too_small, text_column="text", max_file_size=400) == []  # its code is over the limit
     assert too_small.tally.skipped_files == {"too_large": 1}
+
+
+def test_git_lfs_pointer_files_are_counted_not_read_as_code(tmp_path):
+    """A repository cloned without git-lfs holds, for each LFS file, a small pointer text (a version
+    line, an oid, a size): a .json, .py or .ipynb of those is no code to train on."""
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "4d7a" * 16 + "\nsize 12345\n"
+    files = {"a.py": code("a"), "data.json": pointer, "big.py": pointer, "nb.ipynb": pointer}
+    upstream = git_repo(tmp_path / "upstream", {**files, ".gitattributes": "*.json filter=lfs diff=lfs -text\n"})
+    with ExitStack() as stack:
+        for source in (resolve_path(str(upstream), stack), resolve_path(upstream.as_uri(), stack)):
+            assert [d.file_path for d in docs_of(source)] == ["a.py"]
+            assert source.tally.skipped_files["lfs_pointer"] == 3

@@ -25,6 +25,7 @@ from fimtune.corpus.filters import (
     VCS_DIRS,
     decode,
     dir_reason,
+    lfs_pointer_reason,
     quality_reason,
     secret_name_reason,
     size_reason,
@@ -375,6 +376,7 @@ def read_file(path: str, rel: str, repo_id: str, cfg: CorpusConfig, tally: Tally
         return tally.skip(reason)
     tally.bytes_read += len(data)
     text, reason = decode(data)
+    reason = reason or lfs_pointer_reason(text)
     if reason:
         return tally.skip(reason)
     if is_notebook:

@@ -43,6 +43,7 @@ REASONS: dict[str, str] = {
     "too_large": "larger than --max-file-size (checked before reading; for a notebook, its code)",
     "binary": "holds NUL bytes (or, in UTF-16 text, NUL characters)",
     "undecodable": "not valid UTF-8, nor UTF-16 after a byte order mark",
+    "lfs_pointer": "a Git LFS pointer file (the file itself is not in the repository)",
     "malformed_notebook": "a .ipynb that is not a readable notebook",
     "malformed_row": "a parquet/jsonl row without text in --text-column",
     "empty": "empty or whitespace only (a notebook: no code cells left)",
@@ -54,6 +55,7 @@ REASONS: dict[str, str] = {
     "near_duplicate": "near-duplicate of an earlier file (MinHash LSH, Jaccard >= --near-dedup-threshold)",
 }
 
+LFS_POINTER_PREFIXES = ("version https://git-lfs.github.com/spec/", "version https://hawser.github.com/spec/")
 VCS_DIRS = frozenset({".git", ".hg", ".svn"})
 VIRTUALENV_DIRS = frozenset({".venv", "venv"})
 XCODE_SUFFIXES = (".xcodeproj", ".xcworkspace")
@@ -217,6 +219,18 @@ def _decode_utf16(data: bytes) -> tuple[str | None, str | None]:
     except UnicodeDecodeError:  # an odd length, half a surrogate pair
         return None, "undecodable"
     return (None, "binary") if "\0" in text else (text, None)
+
+
+def lfs_pointer_reason(text: str) -> str | None:
+    """`lfs_pointer` when ``text`` is a Git LFS pointer (a clone without git-lfs, or `GIT_LFS_SKIP_SMUDGE`,
+    holds these small texts in place of the files: a version line, an oid, a size).
+
+    >>> lfs_pointer_reason("version https://git-lfs.github.com/spec/v1\\noid sha256:4d7a\\nsize 12345\\n")
+    'lfs_pointer'
+    >>> lfs_pointer_reason("version = '1.0'\\n") is None
+    True
+    """
+    return "lfs_pointer" if text.startswith(LFS_POINTER_PREFIXES) else None
 
 
 def secret_reason(text: str) -> str | None:
