@@ -41,6 +41,9 @@ def test_package_source_reads_its_file_list():
 def test_missing_package():
     with pytest.raises(DataError, match="package 'no-such-package-xyz' is not installed"):
         resolve_package("no-such-package-xyz")
+    # an import name is no distribution's: the error names the one that installs it, not `pip install yaml`
+    with pytest.raises(DataError, match="'yaml' is the import name of PyYAML: pass --package PyYAML"):
+        resolve_package("yaml")
 
 
 def test_jsonl_table(tmp_path):

@@ -196,6 +196,13 @@ def resolve_package(name: str) -> Source:
     try:
         dist = importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
+        # `yaml` is imported, `PyYAML` installed: --package takes the distribution's name
+        owners = sorted(set(importlib.metadata.packages_distributions().get(name, [])))
+        if owners:
+            raise DataError(
+                f"--package takes a distribution's name, and '{name}' is the import name of "
+                f"{' and '.join(owners)}: pass --package {owners[0]}"
+            ) from None
         raise DataError(
             f"package '{name}' is not installed here (pip install {name}), so --package cannot read it"
         ) from None
