@@ -98,15 +98,16 @@ def cmd_data_build(ns: argparse.Namespace) -> int:
     cfg: CorpusConfig = dataclass_from_args(CorpusConfig, ns, ns.config)
     if not (ns.sources or ns.package or ns.hf):
         raise FimtuneError("no sources given: name folders, git repos, parquet/jsonl files, --package NAME or --hf ID")
-    stats = build_corpus(
-        paths=ns.sources,
-        packages=ns.package,
-        hf=ns.hf,
-        cfg=cfg,
-        out=Path(ns.out),
-        overwrite=ns.overwrite,
-        progress=not ns.quiet,
-    )
+    with _sigterm_as_interrupt():  # a kill removes the clones and the half-written output, as Ctrl-C does
+        stats = build_corpus(
+            paths=ns.sources,
+            packages=ns.package,
+            hf=ns.hf,
+            cfg=cfg,
+            out=Path(ns.out),
+            overwrite=ns.overwrite,
+            progress=not ns.quiet,
+        )
     print(format_stats(stats))
     print(f"wrote {ns.out}")
     return 0
@@ -178,7 +179,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM ends a training run, an eval, a merge or an export as Ctrl-C does: the progress bar
+    """SIGTERM ends a data build, a training run, an eval, a merge or an export as Ctrl-C does: the progress bar
     closed, the checkpoint it keeps and `--resume` said (an eval: the finished tasks' figures kept,
     and said), a temporary folder or file removed. Python's default ends the process on the spot,
     without a word, and leaves them behind. Checkpoints, merged folders and GGUF files are written

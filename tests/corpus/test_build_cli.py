@@ -290,3 +290,20 @@ def test_hf_offline_mode_without_a_cached_copy(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "could not load its train split" in res.stderr and "only a cached copy" in res.stderr
+
+
+def test_sigterm_during_a_build_removes_its_clone_as_ctrl_c_does(tmp_path):
+    """`kill` (or `docker stop`) during a build ends it as Ctrl-C does: the clone's temporary folder
+    is removed, not left in /tmp for each killed build."""
+    upstream = git_repo(tmp_path / "upstream", {"lib/x.py": code("x")})
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    probe = (
+        "import os, signal, sys; from fimtune.cli import main; from fimtune.corpus import build; "
+        "build.scan = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM); "
+        f"sys.exit(main(['data', 'build', '--quiet', {upstream.as_uri()!r}, '--out', {str(tmp_path / 'out')!r}]))"
+    )
+    env = {**os.environ, "TMPDIR": str(temp)}
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 143 and "terminated" in res.stderr, (res.returncode, res.stderr)
+    assert os.listdir(temp) == [] and not (tmp_path / "out").exists()
