@@ -218,6 +218,9 @@ def test_clone_by_file_url_and_bare_repo(tmp_path):
         log = subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=clone_root, capture_output=True, text=True)
         assert log.stdout.strip() == "1"  # --depth 1
     assert not os.path.exists(clone_root)  # removed with the stack
+    spaced = git_repo(tmp_path / "my project", {"a.py": code("spaced")})
+    with ExitStack() as stack:  # as_uri() writes the space as %20: the id is the folder's name
+        assert resolve_path(spaced.as_uri(), stack).repo_id == "my project"
     bare = tmp_path / "bare.git"
     subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(bare)], check=True, env={**os.environ, **GIT_ENV})
     with ExitStack() as stack:

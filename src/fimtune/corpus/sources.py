@@ -103,7 +103,7 @@ def distinct_repo_ids(sources: list[Source]) -> list[Source]:
     `--split-by repo`. The same repository given twice keeps its one id."""
     groups: dict[str, dict[str, list[Source]]] = {}
     for s in sources:
-        where = s.label if s.cloned and is_git_url(s.label) else os.path.realpath(s.root)
+        where = unquote(s.label) if s.cloned and is_git_url(s.label) else os.path.realpath(s.root)
         groups.setdefault(s.repo_id, {}).setdefault(where, []).append(s)
     for places in groups.values():
         if len(places) < 2:
@@ -140,8 +140,8 @@ def repo_name(url_or_path: str) -> str:
 
 def resolve_path(text: str, stack: ExitStack) -> Source:
     """A folder, a git repo (local, bare, or URL) or a parquet/jsonl/json file."""
-    if is_git_url(text):
-        return Source("git", text, repo_name(text), clone(text, stack), cloned=True)
+    if is_git_url(text):  # a URL's `%20` is a space in the repository's name
+        return Source("git", text, repo_name(unquote(text)), clone(text, stack), cloned=True)
     path = Path(text).expanduser()
     try:
         path.stat()
