@@ -179,11 +179,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM ends a data build, a training run, an eval, a merge or an export as Ctrl-C does: the progress bar
-    closed, the checkpoint it keeps and `--resume` said (an eval: the finished tasks' figures kept,
-    and said), a temporary folder or file removed. Python's default ends the process on the spot,
-    without a word, and leaves them behind. Checkpoints, merged folders and GGUF files are written
-    whole or not at all, so one being written when it comes is simply not there."""
+    """SIGTERM ends a data build, a training run, an eval, a merge or an export as Ctrl-C does: the
+    progress bar closed, the checkpoint it keeps and `--resume` said (an eval: the finished tasks'
+    figures kept, and said), a temporary folder or file removed. Python's default ends the process
+    on the spot, without a word, and leaves them behind. Checkpoints, merged folders and GGUF files
+    are written whole or not at all, so one being written when it comes is simply not there."""
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield
         return
