@@ -350,6 +350,18 @@ def test_a_gguf_file_cut_short_is_a_clear_error(tmp_path, monkeypatch, size):
         model_config(str(cut))
 
 
+def test_a_gguf_config_is_read_once_a_process_and_handed_out_as_a_copy():
+    """The GGUF reader parses the whole vocabulary to reach the config (4 s for the embedded SmolLM2),
+    and `train --dry-run` asked twice a call: once a process now, each caller its own copy."""
+    from fimtune import model as model_module
+
+    first = model_module.model_config("embedded")
+    hits = model_module._gguf_config.cache_info().hits
+    first.vocab_size = 1
+    again = model_module.model_config("embedded")
+    assert model_module._gguf_config.cache_info().hits == hits + 1 and again.vocab_size == 49152
+
+
 def test_a_dequantized_gguf_copy_damaged_since_is_written_again_or_named(tmp_path, tiny_tokenizer, monkeypatch):
     """A file of the cached copy deleted since (a cleanup) counted as cached while config.json stood:
     a missing model.safetensors was an error naming a folder the user never gave, a missing config.json

@@ -8,11 +8,14 @@ base (Hub id | folder | .gguf | embedded) -> dtype / attention / 4-bit or 8-bit
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import importlib.util
 import inspect
 import json
 import logging
+import os
 import secrets
 import shutil
 import struct
@@ -428,14 +431,30 @@ def model_config(name_or_path: str) -> Any:
         return CONFIG_MAPPING[values.pop("model_type")](**values)
     src = resolve_model(name_or_path)
     if src.gguf_file:  # GGUF metadata only: no weights are read
+        gguf = Path(src.name_or_path) / src.gguf_file
         try:
-            return AutoConfig.from_pretrained(src.name_or_path, gguf_file=src.gguf_file)
-        except (OSError, ValueError, struct.error) as e:
+            st = gguf.stat()
+        except OSError as e:
             raise gguf_error(Path(src.label), e) from None
+        return copy.deepcopy(_gguf_config(str(gguf.resolve()), st.st_size, st.st_mtime_ns, src.label))
     try:
         return AutoConfig.from_pretrained(src.name_or_path if src.is_local else offline_path(src.name_or_path))
     except OSError as e:
         raise hub_error(name_or_path, e) from None
+
+
+@functools.cache
+def _gguf_config(path: str, size: int, mtime_ns: int, label: str) -> Any:
+    """The config in a GGUF file's metadata, read once a process for the file as it is (``size`` and
+    ``mtime_ns`` part of the key): its reader parses the whole vocabulary to get there (4 s for the
+    embedded SmolLM2), and `train --dry-run` asks twice (its checks, its plan)."""
+    from transformers import AutoConfig
+
+    folder, name = os.path.split(path)
+    try:
+        return AutoConfig.from_pretrained(folder, gguf_file=name)
+    except (OSError, ValueError, struct.error) as e:
+        raise gguf_error(Path(label), e) from None
 
 
 def stated_positions(name_or_path: str) -> tuple[int | None, bool]:
