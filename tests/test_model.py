@@ -591,6 +591,40 @@ def test_a_runs_adapter_with_weights_its_base_lacks_or_lacking_some_is_refused(t
         load_run(tmp_path / "run", torch.device("cpu"))
 
 
+def test_a_run_saving_while_it_loads_gives_one_checkpoints_adapter_and_names_it(tmp_path, tiny_tokenizer, monkeypatch):
+    """A run still training moves its `adapter` link on at each save: `load_run` read the link three
+    times (biases, PEFT's config, its weights), so a save meanwhile loaded another checkpoint's weights
+    than the one the eval's report named. The link is resolved once, and the load says which it is."""
+    import peft
+    from safetensors.torch import load_file
+
+    from fimtune import model as model_module
+    from fimtune.evaluate.run import adapter_checkpoint
+
+    base = tiny.save_model_folder(tiny.llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "base")
+    run = tiny.save_run(tmp_path / "run", base, tiny_tokenizer)
+    steps = [run / "checkpoints" / f"step-00000{i}" / "adapter" for i in (1, 2)]
+    for seed, folder in enumerate(steps):
+        torch.manual_seed(seed)
+        cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+        peft.get_peft_model(tiny.llama(len(tiny_tokenizer)), cfg).save_pretrained(folder)
+    (run / "adapter").symlink_to(steps[0].relative_to(run))
+    attach = model_module.attach_adapter
+
+    def saved_meanwhile(model, folder, name="default"):  # the run saves step 2 while step 1 loads
+        (run / "adapter").unlink()
+        (run / "adapter").symlink_to(steps[1].relative_to(run))
+        return attach(model, folder, name)
+
+    monkeypatch.setattr(model_module, "attach_adapter", saved_meanwhile)
+    loaded = model_module.load_run(run, torch.device("cpu"))
+    first = load_file(steps[0] / "adapter_model.safetensors")
+    key = next(k for k in first if "lora_A" in k)
+    loaded_a = dict(loaded.model.named_parameters())[key.replace("lora_A.weight", "lora_A.default.weight")]
+    assert torch.equal(loaded_a, first[key]) and loaded.adapter == steps[0].resolve()
+    assert adapter_checkpoint(run, loaded.adapter) == "step-000001"
+
+
 def test_a_runs_missing_or_damaged_tokenizer_is_one_error_saying_how_to_write_it_again(tmp_path, tiny_tokenizer):
     """A run's `tokenizer/` folder missing went to the Hub as an id (a minute of retries offline);
     cut short, it was a JSON traceback. Each is one line naming the folder and the way back."""

@@ -499,6 +499,7 @@ class Loaded:
     tokenizer: Any
     name: str
     run_dir: Path | None = None
+    adapter: Path | None = None  # the adapter folder loaded (a run's `adapter` link, resolved once)
 
 
 def position_limit(model: Any) -> tuple[int | None, bool]:
@@ -667,16 +668,18 @@ def load_run(
     maybe = len(tokenizer) < rows + len(names) and set(last) & set(names)
     add_token_rows(base, tokenizer, _added_fim_tokens(model_cfg.name_or_path) if maybe else [])
     biases = None
-    if (run_dir / "adapter" / "adapter_config.json").is_file() and trained_biases(run_dir / "adapter") != "none":
+    # the link resolved once: a run still training moves it on at each save, and PEFT reads the folder twice
+    adapter = (run_dir / "adapter").resolve()
+    if (adapter / "adapter_config.json").is_file() and trained_biases(adapter) != "none":
         biases = {
             m: m.bias.detach().clone()
             for m in base.modules()
             if isinstance(getattr(m, "bias", None), torch.nn.Parameter)
         }
     try:
-        model, unfit = attach_adapter(base, run_dir / "adapter")
+        model, unfit = attach_adapter(base, adapter)
     except SafetensorError as e:
-        raise FimtuneError(damaged_weights(run_dir / "adapter", e)) from None
+        raise FimtuneError(damaged_weights(adapter, e)) from None
     except torch.OutOfMemoryError:  # a RuntimeError, but no sign of another model
         raise
     except (ValueError, RuntimeError, KeyError) as e:  # no such modules, other shapes: another model there
@@ -694,7 +697,7 @@ def load_run(
         )
     if biases:
         setattr(model, BASE_BIASES, biases)  # the base's, for `as_base`
-    return Loaded(model.eval(), tokenizer, run_dir.resolve().name, run_dir)  # `.`: the folder's own name
+    return Loaded(model.eval(), tokenizer, run_dir.resolve().name, run_dir, adapter)  # `.`: the folder's own name
 
 
 def run_tokenizer(run_dir: Path) -> Any:

@@ -176,20 +176,20 @@ def load(run: Path) -> dict[str, Any]:
         torch.set_num_threads(cpu_threads(torch.get_num_threads()))
     # Rows of tokens the run added start random in the base: seed them, so reports repeat.
     torch.manual_seed(cfg.seed)
-    checkpoint = adapter_checkpoint(run)  # before loading: a run still training moves `adapter` on
     loaded = load_run(run, device)
+    checkpoint = adapter_checkpoint(run, loaded.adapter)  # the one loaded: a run still training moves `adapter` on
     return {"cfg": cfg, "model": loaded.model, "tokenizer": loaded.tokenizer, "checkpoint": checkpoint,
             "prompter": FimPrompter(loaded.tokenizer),
             "device": str(device) + (f" ({_threads(torch.get_num_threads())})" if device.type == "cpu" else "")}  # fmt: skip
 
 
-def adapter_checkpoint(run: Path) -> str | None:
-    """The checkpoint whose adapter ``RUN/adapter`` links to (``step-000100``), None for a folder of its own:
-    a run still training links a newer one at each save, so the report says which it measured."""
+def adapter_checkpoint(run: Path, adapter: Path | None) -> str | None:
+    """The checkpoint (``step-000100``) of ``run`` whose adapter folder ``adapter`` is, None for a folder of
+    its own: a run still training links a newer one at each save, so the report says which it measured."""
     from fimtune.checkpoint import CHECKPOINTS
 
-    folder = (run / "adapter").resolve().parent
-    return folder.name if folder.parent == (run / CHECKPOINTS).resolve() else None
+    folder = adapter.parent if adapter is not None else None
+    return folder.name if folder is not None and folder.parent == (run / CHECKPOINTS).resolve() else None
 
 
 def _threads(n: int) -> str:
