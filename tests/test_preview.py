@@ -127,3 +127,29 @@ def test_a_sentencepiece_style_row_shows_each_part_with_its_spaces(spm):
         assert render_ids(row, tokenizer, marks, False) == one
         # two examples in a row, the second right after the first
         assert render_ids(np.concatenate([row, row]), tokenizer, marks, False) == one * 2
+
+
+def test_rows_cut_inside_documents_show_their_text_with_its_spaces():
+    """A row that begins inside a document goes on from the row before: shown with its leading
+    space, where a SentencePiece-style decoder drops a text's first one (a row cut before
+    "▁Gregor" showed "Gregor"). Rendered one after another, the rows give back the documents."""
+    from fimtune.packing import Documents, PackSpec, pack_epoch
+    from fimtune.preview import _marks, _row_starts_document, render_ids
+    from fimtune.tokenization import encode_flat
+    from fimtune.tokens import document_separator_id, ensure_fim_tokens, find_fim_tokens
+    from tests.conftest import code_samples, train_sentencepiece_style_tokenizer
+
+    tokenizer = train_sentencepiece_style_tokenizer()
+    fim, _ = ensure_fim_tokens(tokenizer)
+    separator = document_separator_id(tokenizer)
+    texts = [code_samples()[0][:600], "    x = 1\n", code_samples()[1][:400]]
+    ids, lengths = encode_flat(tokenizer, texts)
+    docs = Documents(ids, np.concatenate([[0], np.cumsum(lengths)]))
+    packed = pack_epoch(docs, PackSpec(fim, separator, seq_length=7, fim_rate=0.0, shuffle=False), 0)
+    marks = _marks(tokenizer, find_fim_tokens(tokenizer), fim, separator)
+    shown = "".join(
+        render_ids(packed.row(k)["input_ids"], tokenizer, marks, False, starts=_row_starts_document(k, packed))
+        for k in range(len(packed))
+    )
+    whole = "".join(f"{text}⟦{tokenizer.convert_ids_to_tokens(separator)}⟧" for text in texts)
+    assert len(packed.tail) and whole.startswith(shown) and len(shown) > len(whole) - 40

@@ -63,7 +63,8 @@ def inspect_dataset(
     if split == "train" and cfg.packing.shuffle:
         lines[-1] += "; rows shuffled"
     for k in range(min(n, len(packed))):
-        lines += ["", _row_title(k, n, packed), render_ids(packed.row(k)["input_ids"], tokenizer, marks, color)]
+        ids, starts = packed.row(k)["input_ids"], _row_starts_document(k, packed)
+        lines += ["", _row_title(k, n, packed), render_ids(ids, tokenizer, marks, color, starts=starts)]
     return "\n".join(lines)
 
 
@@ -136,12 +137,22 @@ def _row_title(k: int, n: int, packed: Any) -> str:
     return f"{RULE} sample {k + 1} of {min(n, len(packed))}: row {int(packed.order[k])} of {len(packed)}, {inside} document start(s) {RULE}"
 
 
-def render_ids(ids: np.ndarray, tokenizer: Any, marks: dict[int, tuple[str, str]], color: bool) -> str:
+def _row_starts_document(k: int, packed: Any) -> bool:
+    """Whether the k-th row served begins with a document's first token (else inside a document)."""
+    start = int(packed.order[k]) * packed.seq_length
+    i = int(np.searchsorted(packed.doc_starts, start))
+    return i < len(packed.doc_starts) and int(packed.doc_starts[i]) == start
+
+
+def render_ids(
+    ids: np.ndarray, tokenizer: Any, marks: dict[int, tuple[str, str]], color: bool, *, starts: bool = True
+) -> str:
     """Decode ``ids``, showing each marked id (FIM tokens, separator) as a highlighted name.
 
-    A run of text that starts a text (a row's first, after a separator, a prefix: PSM's after its
-    mark, SPM's after the middle mark) decodes as a text; the others (a suffix, PSM's middle) go
-    on from text before them, as training encoded them, so they decode with their leading spaces
+    A run of text that starts a text (a row's first when ``starts``: the row begins a document;
+    after a separator; a prefix: PSM's after its mark, SPM's after the middle mark) decodes as a
+    text; the others (a suffix, PSM's middle, the first run of a row that begins inside a document)
+    go on from text before them, as training encoded them, so they decode with their leading spaces
     (a SentencePiece-style decoder drops a text's first space).
     """
     from fimtune.tokenization import continuation_text_backend
@@ -153,8 +164,8 @@ def render_ids(ids: np.ndarray, tokenizer: Any, marks: dict[int, tuple[str, str]
 
     def flush() -> None:
         if run:
-            starts = last in (None, "separator", "prefix") or (last == "middle" and spm)
-            out.append(tokenizer.decode(run) if starts else going_on.decode(run, skip_special_tokens=False))
+            begins = (last is None and starts) or last in ("separator", "prefix") or (last == "middle" and spm)
+            out.append(tokenizer.decode(run) if begins else going_on.decode(run, skip_special_tokens=False))
             run.clear()
 
     for t in np.asarray(ids).tolist():
