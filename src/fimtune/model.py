@@ -219,7 +219,7 @@ def quantization_config(kind: str, device: torch.device) -> Any:
     """bitsandbytes config for QLoRA: 4-bit NF4 with double quantization, or 8-bit."""
     if device.type != "cuda":
         raise FimtuneError(
-            f"model.quantization={kind} needs a CUDA GPU (bitsandbytes); on this {device.type} use quantization=none"
+            f"model.quantization={kind} needs a CUDA GPU (bitsandbytes); on this {device.type} pass model.quantization=none"
         )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise FimtuneError("model.quantization needs bitsandbytes: pip install 'fimtune[gpu]'")
