@@ -815,3 +815,23 @@ def test_a_models_own_generation_settings_do_not_change_completions(tiny_tokeniz
     assert model.generation_config.repetition_penalty == 5.0
     greedy = Decoder(model, pr).run([Row(pr.build(*holes[0]), settings[0])])[0].text
     assert greedy == plain[0][0]  # as the server's decoder answers
+
+
+def test_completions_keep_their_spaces_before_punctuation_whatever_the_tokenizer_config_says():
+    """A tokenizer config's `clean_up_tokenization_spaces` (StarCoder's says true) makes transformers'
+    `decode` strip spaces before punctuation where it applies it (this version skips it for BPE, not
+    for other models): a completion's `f(a , b)` would reach the editor as `f(a, b)`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "[UNK]"]
+    vocab = {w: i for i, w in enumerate([*names, "f", "(", "a", ",", "b", ")", "x", "=", "."])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece(cleanup=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", clean_up_tokenization_spaces=True
+    )
+    tok.add_special_tokens({"additional_special_tokens": names[1:5]})
+    ids = tok("x = f ( a , b ) .", add_special_tokens=False).input_ids
+    assert tok.decode(ids) == "x = f ( a, b )."  # what the config asks of `decode`
+    assert FimPrompter(tok).decode(ids) == FimPrompter(tok).decode(ids, True) == "x = f ( a , b ) ."

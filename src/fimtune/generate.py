@@ -162,8 +162,11 @@ class FimPrompter:
         return text
 
     def _decode(self, ids: list[int], starts: bool = False) -> str:
-        backend = self._continued if self._continued is not self._plain and not starts else self.tokenizer
-        return backend.decode(ids, skip_special_tokens=False)
+        if self._continued is not self._plain and not starts:
+            return self._continued.decode(ids, skip_special_tokens=False)
+        # code keeps its spaces before punctuation: no "clean-up" (a config's `clean_up_tokenization_spaces`,
+        # StarCoder's among them, would make `f(a , b)` into `f(a, b)` where transformers applies it)
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def build(
         self,
