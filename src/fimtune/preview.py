@@ -165,7 +165,11 @@ def render_ids(
     def flush() -> None:
         if run:
             begins = (last is None and starts) or last in ("separator", "prefix") or (last == "middle" and spm)
-            out.append(tokenizer.decode(run) if begins else going_on.decode(run, skip_special_tokens=False))
+            out.append(
+                tokenizer.decode(run, clean_up_tokenization_spaces=False)  # code's spaces as they are
+                if begins
+                else going_on.decode(run, skip_special_tokens=False)
+            )
             run.clear()
 
     for t in np.asarray(ids).tolist():
