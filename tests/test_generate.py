@@ -835,3 +835,6 @@ def test_completions_keep_their_spaces_before_punctuation_whatever_the_tokenizer
     ids = tok("x = f ( a , b ) .", add_special_tokens=False).input_ids
     assert tok.decode(ids) == "x = f ( a, b )."  # what the config asks of `decode`
     assert FimPrompter(tok).decode(ids) == FimPrompter(tok).decode(ids, True) == "x = f ( a , b ) ."
+    from fimtune.preview import render_ids
+
+    assert render_ids(ids, tok, {}, color=False) == "x = f ( a , b ) ."  # `data inspect` alike
