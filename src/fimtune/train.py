@@ -86,7 +86,8 @@ def check_positions(limit: int | None, learned: bool, seq_length: int) -> None:
 
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices, none on norms, biases and embeddings rows (1-D).
+    """AdamW groups: decay on matrices (LoRA's, and the rows of added tokens), none on norms, biases
+    and other 1-D parameters (the Trainer's groups for LoRA; it would decay DoRA's magnitude vector).
 
     An empty group is left out (LoRA alone has no 1-D parameters): DeepSpeed drops empty groups,
     and the learning-rate schedule, built on the optimizer's groups, would then have one too many.
@@ -810,8 +811,8 @@ def _finish(pending: _Pending | None, s: Setup, tc: Any, metrics: Any, bar: Any,
     if grad_norm is not None:
         window.norms.append(grad_norm)
     if pending.done % tc.log_every == 0 or pending.done == s.max_steps:
-        # the means over the steps since the last line, as transformers' Trainer logs them; the
-        # learning rate the last step used
+        # the means over the steps since the last line: the loss as transformers' Trainer logs it, the
+        # gradient norm too (the Trainer logs the last step's); the learning rate the last step used
         loss_mean = sum(window.losses) / len(window.losses)
         rec = {"step": pending.done, "loss": loss_mean, "lr": lr, "tokens_per_s": window.tokens / window.seconds}
         metrics.write({**rec, "grad_norm": sum(window.norms) / len(window.norms)} if window.norms else rec)
