@@ -411,11 +411,15 @@ def test_the_dequantized_gguf_copy_is_readable_as_the_umask_allows(tmp_path, tin
         transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny.gpt_bigcode(len(tiny_tokenizer))
     )
     monkeypatch.setattr(model_module, "load_tokenizer", lambda _: tiny_tokenizer)
+    killed = tmp_path / "cache" / "models" / ".m-0123456789abcdef.0123456789abcdef"  # a killed writer's, a day old
+    killed.mkdir(parents=True)
+    os.utime(killed, (0, 0))
     old = os.umask(0o022)
     try:
         out = model_module.materialize_gguf(ModelSource(str(tmp_path), "m.gguf"))
     finally:
         os.umask(old)
+    assert not killed.exists()  # a whole model's size, which nothing reads
     assert out.stat().st_mode & 0o777 == 0o755
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
         ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"],

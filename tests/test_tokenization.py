@@ -78,6 +78,22 @@ def test_cache_is_written_atomically(tiny_tokenizer, texts, tmp_path):
     assert sorted(p.name for p in out.path.iterdir()) == ["meta.json", "offsets.npy", "tokens.bin"]
 
 
+def test_a_killed_writers_temporary_folder_is_removed_once_a_day_old(tiny_tokenizer, texts, tmp_path):
+    """A writer killed mid-write (`kill -9`) leaves a hidden temporary folder nothing reads: the next
+    write removes those over a day old, and leaves a younger one (another process's, still writing)."""
+    import os
+    import time
+
+    old, young = tmp_path / ".entry.0123456789abcdef", tmp_path / ".entry.fedcba9876543210"
+    for folder in (old, young):
+        folder.mkdir()
+        (folder / "tokens.bin").write_bytes(b"\0" * 8)
+    day_ago = time.time() - 25 * 3600
+    os.utime(old, (day_ago, day_ago))
+    out = tokenize_split(split(texts), tiny_tokenizer, cache_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.path.name, young.name])
+
+
 @pytest.mark.parametrize(
     "damage",
     ["tokens.bin cut", "tokens.bin deleted", "offsets.npy cut", "offsets.npy deleted", "meta.json cut"],

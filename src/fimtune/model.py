@@ -34,7 +34,7 @@ from fimtune.config import LoraConfig, ModelConfig
 from fimtune.errors import FimtuneError
 from fimtune.fim import FimTokens
 from fimtune.hub import ModelSource, gguf_error, hub_error, load_tokenizer, offline_path, resolve_model
-from fimtune.tokenization import CACHE_ENV, cache_home
+from fimtune.tokenization import CACHE_ENV, cache_home, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ def materialize_gguf(src: ModelSource) -> Path:
     tmp: Path | None = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out.parent)  # a copy a killed process left half-written: a whole model's size
         # a folder of its own: another process's (another container's pid 1 too) is never touched;
         # not tempfile.mkdtemp: its folders are 0700, and a cache shared by a team is read by the others
         tmp = out.parent / f".{out.name}.{secrets.token_hex(8)}"

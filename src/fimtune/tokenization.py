@@ -335,11 +335,27 @@ def tokenize_split(
     return _load_cache(folder, from_cache=False)
 
 
+STALE_TEMPORARY_S = 24 * 3600  # a writer's temporary folder this old is a killed writer's (a live one's: minutes)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the hidden temporary folders in cache ``folder`` older than a day: what a writer killed
+    mid-write (`kill -9`, a power cut) left, never read (a dequantized GGUF copy's holds a whole model)."""
+    import time
+
+    now = time.time()
+    for path in folder.glob(".*"):
+        with contextlib.suppress(OSError):  # another process's, just removed or renamed
+            if path.is_dir() and not path.is_symlink() and now - path.stat().st_mtime > STALE_TEMPORARY_S:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def _write_cache(ds: Any, tokenizer: Any, column: str, folder: Path, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder.parent)
         # not tempfile.mkdtemp: its folders are 0700, and a cache shared by a team is read by the others
         tmp = folder.parent / f".{folder.name}.{secrets.token_hex(8)}"
         tmp.mkdir()  # the mode the umask gives, like the files written in it
