@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import struct
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from fimtune.config import LoraConfig, ModelConfig
 from fimtune.errors import FimtuneError
 from fimtune.fim import FimTokens
 from fimtune.hub import ModelSource, gguf_error, hub_error, load_tokenizer, offline_path, resolve_model
-from fimtune.tokenization import CACHE_ENV, cache_home, remove_stale_temporaries
+from fimtune.tokenization import CACHE_ENV, cache_home, discard_entry, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +117,8 @@ def materialize_gguf(src: ModelSource) -> Path:
     out = cache_home() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
-    if out.exists():  # a file of it deleted since (a user's cleanup): out of the way, renamed first
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.damaged.", dir=out.parent))
-        with contextlib.suppress(FileNotFoundError):  # another process took it away first
-            out.rename(aside / out.name)
-        shutil.rmtree(aside, ignore_errors=True)
+    if out.exists():  # a file of it deleted since (a user's cleanup)
+        discard_entry(out)
     from transformers import AutoModelForCausalLM
 
     log.info("dequantizing %s once into %s", gguf, out)

@@ -27,6 +27,7 @@ import logging
 import os
 import secrets
 import shutil
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -330,7 +331,7 @@ def tokenize_split(
             return _load_cache(folder, from_cache=True)
         except DamagedCache as e:  # a file cut short or deleted (a full disk, a user's cleanup): write it again
             log.warning("the token cache %s is damaged (%s): tokenizing again", folder, e)
-            _discard(folder)
+            discard_entry(folder)
     _write_cache(ds, tokenizer, column, folder, progress)
     return _load_cache(folder, from_cache=False)
 
@@ -341,8 +342,6 @@ STALE_TEMPORARY_S = 24 * 3600  # a writer's temporary folder this old is a kille
 def remove_stale_temporaries(folder: Path) -> None:
     """Remove the hidden temporary folders in cache ``folder`` older than a day: what a writer killed
     mid-write (`kill -9`, a power cut) left, never read (a dequantized GGUF copy's holds a whole model)."""
-    import time
-
     now = time.time()
     for path in folder.glob(".*"):
         with contextlib.suppress(OSError):  # another process's, just removed or renamed
@@ -412,15 +411,16 @@ class DamagedCache(Exception):
     """A cache entry whose files do not agree with its meta.json (cut short, deleted, unparsable)."""
 
 
-def _discard(folder: Path) -> None:
-    """Take a damaged cache entry out of the way: renamed first, so no reader finds it half deleted."""
+def discard_entry(folder: Path) -> None:
+    """Take a damaged cache entry (token cache, dequantized GGUF copy) out of the way: renamed first,
+    so no reader finds it half deleted."""
     aside = folder.parent / f".{folder.name}.damaged.{secrets.token_hex(8)}"
     try:
         folder.rename(aside)
     except FileNotFoundError:  # another process took it away first
         return
     except OSError as e:
-        raise FimtuneError(f"the token cache {folder} is damaged and could not be removed ({e}); delete it") from None
+        raise FimtuneError(f"the cache entry {folder} is damaged and could not be removed ({e}); delete it") from None
     shutil.rmtree(aside, ignore_errors=True)
 
 

@@ -1093,6 +1093,18 @@ def drop_empty_groups(optimizer_state: dict[str, Any], scheduler_state: dict[str
             scheduler_state[key] = [scheduler_state[key][i] for i in keep]
 
 
+def metrics_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's `metrics.jsonl`; a line that is not JSON is skipped: the last one of a
+    run killed while writing it, or of a run still training (the log is appended to as it goes)."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 class MetricsLog:
     """Append-only `metrics.jsonl` (and TensorBoard when installed)."""
 
@@ -1105,14 +1117,11 @@ class MetricsLog:
         """Keep the events before ``step`` (and the training log of ``step`` itself); atomic."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a line cut by a crash
-                continue
-            if rec.get("step", 0) < step or (rec.get("step") == step and "loss" in rec):
-                kept.append(line + "\n")
+        kept = [
+            json.dumps(rec) + "\n"  # as `write` wrote it
+            for rec in metrics_records(self.path)
+            if rec.get("step", 0) < step or (rec.get("step") == step and "loss" in rec)
+        ]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, self.path)
@@ -1267,8 +1276,6 @@ def _estimated_train_tokens(cfg: RunConfig) -> tuple[int, str] | None:
     """An epoch run's tokens, estimated from its `fimtune data build` folder's stats.json (the
     training split's bytes, at the characters per token its table assumes), and the words saying so;
     None where that is not known (a Hub dataset, a folder without stats)."""
-    import json
-
     from fimtune.corpus.stats import CHARS_PER_TOKEN_ESTIMATE
 
     if not cfg.data.path:

@@ -210,17 +210,10 @@ def write_plots(out: Path, report: dict[str, Any], metrics_path: Path | None) ->
 
 
 def loss_curves(metrics_path: Path, path: Path) -> bool:
-    """Training and validation loss by step; False when the log holds neither.
+    """Training and validation loss by step (a cut last line skipped); False when the log holds neither."""
+    from fimtune.train import metrics_records
 
-    A line that is not JSON is skipped: the last one of a run killed while writing it, or of a run
-    still training (the log is appended to as it goes).
-    """
-    records = []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:  # a line cut by a crash, or being written
-            continue
+    records = metrics_records(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"], r.get("val_tokens")) for r in records if "val_loss" in r]
     if not train and not val:

@@ -663,7 +663,6 @@ def check_adapter_run(name: str, folder: Path, base_name: str, tokenizer: Any) -
     than ``base_name`` (the served run's base, or the served base model), or with another vocabulary
     than ``tokenizer``'s (other token ids, FIM tokens added elsewhere): its weights load all the same
     where their shapes fit, and its requests are answered by a model it was never trained on."""
-
     from fimtune.model import is_run_dir, run_tokenizer
 
     run = folder.parent
