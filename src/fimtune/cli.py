@@ -598,9 +598,9 @@ def _show_logs() -> None:
 def _launched_alone_on_cpu() -> bool:
     """Whether `accelerate launch --cpu` was asked for several processes (--num_processes or --num_machines
     above 1: it then sets MASTER_ADDR) and started this one alone, as it does without mpirun."""
-    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     from fimtune.train import WORLD_SIZE_VARIABLES
 
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     return on_cpu and "MASTER_ADDR" in os.environ and not any(v in os.environ for v in WORLD_SIZE_VARIABLES)
 
 
